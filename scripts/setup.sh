@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Install and start everything vpnnat's demo and tests need on a fresh Debian 12
+# machine. Idempotent: a second run installs nothing and only makes sure that
+# PostgreSQL is running. Run as root.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh: run as root (it installs Debian packages and starts PostgreSQL)" >&2
+  exit 1
+fi
+
+packages=(
+  iproute2 iputils-ping nftables procps psmisc curl ca-certificates
+  wireguard-go wireguard-tools iperf3
+  postgresql
+  # strongSwan with userspace ESP (kernel-libipsec), as in shared/interop/README.md
+  charon-systemd strongswan-swanctl libcharon-extra-plugins
+  libstrongswan-standard-plugins libstrongswan-extra-plugins
+  chromium chromium-driver
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup.sh: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# PostgreSQL: the Debian cluster "15 main", started without systemd.
+if ! pg_lsclusters -h 2>/dev/null | grep -q '^15 *main'; then
+  pg_createcluster 15 main >/dev/null
+fi
+if ! pg_lsclusters -h | awk '$1==15 && $2=="main"{print $4}' | grep -q online; then
+  pg_ctlcluster 15 main start
+fi
+# Tests connect as the superuser "postgres" over the unix socket and create one
+# database per test. A password lets the URL form postgres://postgres:postgres@localhost work too.
+su postgres -c "psql -qAtc \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null
+
+# cargo-nextest is not needed; the tests run with plain `cargo test`.
+echo "setup.sh: prerequisites ready"

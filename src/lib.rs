@@ -1,0 +1,18 @@
+//! Sans-IO core of vpnnat.
+//!
+//! This crate holds everything that decides what happens to a packet or a
+//! control-plane message, and nothing that performs IO: no sockets, no files,
+//! no async runtime, no clock. Time comes in as a `now` parameter, randomness
+//! as a seed, and outputs are drained by the caller (`poll_*`). The three
+//! programs (`gateway`, `router-agent`, `maintenance-server`) are the thin IO
+//! shells around it.
+//!
+//! - [`messages`]: the control-plane protocol shared by all three programs.
+//! - [`backoff`]: reconnection delays for the control-plane clients.
+//! - [`config`]: layering of TOML text and `VPNNAT_*` overrides into typed settings.
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod backoff;
+pub mod config;
+pub mod messages;
