@@ -10,9 +10,11 @@
 //! - [`messages`]: the control-plane protocol shared by all three programs.
 //! - [`backoff`]: reconnection delays for the control-plane clients.
 //! - [`config`]: layering of TOML text and `VPNNAT_*` overrides into typed settings.
+//! - [`wg`]: WireGuard tunnels on boringtun's noise layer (shared by gateway and agent).
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod backoff;
 pub mod config;
 pub mod messages;
+pub mod wg;
