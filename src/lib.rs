@@ -10,11 +10,13 @@
 //! - [`messages`]: the control-plane protocol shared by all three programs.
 //! - [`backoff`]: reconnection delays for the control-plane clients.
 //! - [`config`]: layering of TOML text and `VPNNAT_*` overrides into typed settings.
+//! - [`gateway`]: the gateway's sans-IO packet logic (many peers, one socket, NAT-address routing).
 //! - [`wg`]: WireGuard tunnels on boringtun's noise layer (shared by gateway and agent).
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod backoff;
 pub mod config;
+pub mod gateway;
 pub mod messages;
 pub mod wg;

@@ -1,0 +1,723 @@
+//! In-memory tests: a `GatewayState` and plain boringtun `Tunn` clients (as a
+//! customer's standard WireGuard client would be) exchange real WireGuard
+//! messages; nothing touches a socket.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Instant;
+
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519;
+use proptest::prelude::*;
+
+use super::*;
+use crate::messages::{GatewayDesiredState, GatewayId, GatewayPeer, SiteId};
+use crate::wg::PrivateKey;
+
+const GW_KEY: [u8; 32] = [0x42; 32];
+
+fn gw_config() -> GatewayConfig {
+    GatewayConfig {
+        pool: Some("10.64.0.0/16".parse().unwrap()),
+        ..GatewayConfig::new(PrivateKey::from_bytes(GW_KEY))
+    }
+}
+
+fn gateway(now: Instant) -> GatewayState {
+    GatewayState::new(gw_config(), now)
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// A customer's WireGuard client: a plain boringtun `Tunn`.
+struct Client {
+    key: [u8; 32],
+    tunn: Tunn,
+    endpoint: SocketAddr,
+}
+
+impl Client {
+    fn new(seed: u8, endpoint: &str) -> Self {
+        let key = [seed; 32];
+        let gw_public = x25519::PublicKey::from(&x25519::StaticSecret::from(GW_KEY));
+        let tunn = Tunn::new(
+            x25519::StaticSecret::from(key),
+            gw_public,
+            None,
+            Some(25),
+            u32::from(seed),
+            None,
+        );
+        Self {
+            key,
+            tunn,
+            endpoint: addr(endpoint),
+        }
+    }
+
+    fn public_key(&self) -> PublicKey {
+        PrivateKey::from_bytes(self.key).public_key()
+    }
+
+    fn peer(&self, site: u64, nat: &[&str]) -> GatewayPeer {
+        GatewayPeer {
+            site_id: SiteId(site),
+            public_key: self.public_key(),
+            nat_addresses: nat.iter().map(|a| ip(a)).collect(),
+        }
+    }
+
+    /// Encrypts `packet` (after a handshake) and returns the datagram.
+    fn send(&mut self, packet: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0; packet.len() + 200];
+        match self.tunn.encapsulate(packet, &mut buf) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("client could not send: {other:?}"),
+        }
+    }
+
+    /// Decrypts a datagram from the gateway; returns an inner packet if any.
+    fn receive(&mut self, datagram: &[u8]) -> Option<Vec<u8>> {
+        let mut buf = vec![0; datagram.len() + 200];
+        match self.tunn.decapsulate(None, datagram, &mut buf) {
+            TunnResult::WriteToTunnelV4(p, _) => Some(p.to_vec()),
+            TunnResult::Done => None,
+            other => panic!("client could not receive: {other:?}"),
+        }
+    }
+}
+
+fn desired(version: u64, peers: Vec<GatewayPeer>) -> GatewayDesiredState {
+    GatewayDesiredState {
+        version,
+        gateway_id: GatewayId(1),
+        peers,
+    }
+}
+
+fn udp(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    etherparse::PacketBuilder::ipv4(ip(src).octets(), ip(dst).octets(), 64)
+        .udp(40000, 7)
+        .write(&mut p, payload)
+        .unwrap();
+    p
+}
+
+/// Runs the client's handshake through the gateway.
+fn connect(gw: &mut GatewayState, c: &mut Client, now: Instant) {
+    let mut buf = vec![0; 256];
+    let TunnResult::WriteToNetwork(init) = c.tunn.format_handshake_initiation(&mut buf, true)
+    else {
+        panic!("no initiation");
+    };
+    let init = init.to_vec();
+    gw.handle_network_input(c.endpoint, &init, now).unwrap();
+    let t = gw.poll_transmit().expect("handshake response");
+    assert_eq!(t.dst, c.endpoint);
+    let mut out = vec![0; 256];
+    let TunnResult::WriteToNetwork(keepalive) = c.tunn.decapsulate(None, &t.payload, &mut out)
+    else {
+        panic!("client rejected the response");
+    };
+    let keepalive = keepalive.to_vec();
+    gw.handle_network_input(c.endpoint, &keepalive, now)
+        .unwrap();
+}
+
+fn drain_events(gw: &mut GatewayState) -> Vec<GatewayEvent> {
+    std::iter::from_fn(|| gw.poll_event()).collect()
+}
+
+#[test]
+fn gateway_and_a_boringtun_client_handshake_and_exchange_packets() {
+    let now = Instant::now();
+    let mut gw = gateway(now);
+    let mut c = Client::new(1, "198.51.100.7:40000");
+    let applied = gw
+        .handle_control(&desired(1, vec![c.peer(3, &["10.64.0.5"])]), now)
+        .unwrap();
+    assert_eq!(applied.version, 1);
+    assert!(applied.errors.is_empty());
+    assert_eq!(
+        drain_events(&mut gw),
+        vec![
+            GatewayEvent::PeerAdded { site_id: SiteId(3) },
+            GatewayEvent::AddressAdded {
+                address: ip("10.64.0.5")
+            },
+        ]
+    );
+    connect(&mut gw, &mut c, now);
+    assert_eq!(
+        drain_events(&mut gw),
+        vec![GatewayEvent::HandshakeCompleted {
+            site_id: SiteId(3),
+            endpoint: c.endpoint
+        }]
+    );
+
+    // Customer PC (as its NAT address) → technician.
+    let up = udp("10.64.0.5", "172.16.0.50", b"hello center");
+    let d = c.send(&up);
+    gw.handle_network_input(c.endpoint, &d, now).unwrap();
+    assert_eq!(gw.poll_tun_output().unwrap(), up);
+
+    // Technician → customer PC.
+    let down = udp("172.16.0.50", "10.64.0.5", b"hello site");
+    gw.handle_tun_input(&down, now).unwrap();
+    let t = gw.poll_transmit().unwrap();
+    assert_eq!(t.dst, c.endpoint);
+    assert_eq!(c.receive(&t.payload).unwrap(), down);
+
+    let peer = gw.peers().next().unwrap();
+    assert_eq!(peer.site_id, SiteId(3));
+    assert_eq!(peer.endpoint, Some(c.endpoint));
+    assert_eq!(peer.stats.handshakes, 1);
+    assert_eq!(peer.stats.rx_packets, 1);
+    assert_eq!(peer.stats.tx_packets, 1);
+    assert_eq!(peer.stats.rx_bytes, up.len() as u64);
+    assert_eq!(gw.counters().drops.total(), 0);
+}
+
+#[test]
+fn the_fast_path_writes_into_the_callers_buffers() {
+    let now = Instant::now();
+    let mut gw = gateway(now);
+    let mut c = Client::new(1, "198.51.100.7:40000");
+    gw.handle_control(&desired(1, vec![c.peer(3, &["10.64.0.5"])]), now);
+    connect(&mut gw, &mut c, now);
+    let mut out = vec![0; 2048];
+    let up = udp("10.64.0.5", "172.16.0.50", &[1; 1000]);
+    let d = c.send(&up);
+    match gw.handle_network_input_into(c.endpoint, &d, &mut out, now) {
+        NetworkOutcome::Tunnel(p) => assert_eq!(p, &up[..]),
+        other => panic!("{other:?}"),
+    }
+    let down = udp("172.16.0.50", "10.64.0.5", &[2; 1000]);
+    let d = match gw.handle_tun_input_into(&down, &mut out, now) {
+        TunOutcome::Send { dst, datagram } => {
+            assert_eq!(dst, c.endpoint);
+            datagram.to_vec()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(c.receive(&d).unwrap(), down);
+    let mut small = vec![0; 100];
+    assert_eq!(
+        gw.handle_tun_input_into(&down, &mut small, now),
+        TunOutcome::Dropped(DropReason::BufferTooSmall)
+    );
+}
+
+#[test]
+fn the_endpoint_follows_the_last_authenticated_datagram() {
+    let now = Instant::now();
+    let mut gw = gateway(now);
+    let mut c = Client::new(1, "198.51.100.7:40000");
+    gw.handle_control(&desired(1, vec![c.peer(3, &["10.64.0.5"])]), now);
+    connect(&mut gw, &mut c, now);
+    drain_events(&mut gw);
+
+    // The customer's NAT rebinds: same client, new address and port.
+    let new_ep = addr("203.0.113.9:51000");
+    let d = c.send(&udp("10.64.0.5", "172.16.0.50", b"after roaming"));
+    gw.handle_network_input(new_ep, &d, now).unwrap();
+    assert_eq!(
+        drain_events(&mut gw),
+        vec![GatewayEvent::EndpointChanged {
+            site_id: SiteId(3),
+            from: c.endpoint,
+            to: new_ep
+        }]
+    );
+    let down = udp("172.16.0.50", "10.64.0.5", b"reply");
+    gw.handle_tun_input(&down, now).unwrap();
+    let t = gw.poll_transmit().unwrap();
+    assert_eq!(t.dst, new_ep);
+    assert_eq!(c.receive(&t.payload).unwrap(), down);
+
+    // A replayed datagram from elsewhere is not authenticated: no roaming.
+    let evil = addr("198.51.100.66:1");
+    assert_eq!(
+        gw.handle_network_input(evil, &d, now),
+        Err(DropReason::Replay)
+    );
+    gw.handle_tun_input(&down, now).unwrap();
+    assert_eq!(gw.poll_transmit().unwrap().dst, new_ep);
+    // Nor is a forged datagram with a fresh counter.
+    let mut forged = c.send(&udp("10.64.0.5", "172.16.0.50", b"forged"));
+    forged[20] ^= 0xff;
+    assert_eq!(
+        gw.handle_network_input(evil, &forged, now),
+        Err(DropReason::AuthenticationFailed)
+    );
+    assert!(drain_events(&mut gw).is_empty());
+}
+
+#[test]
+fn a_spoofed_inner_source_is_dropped_and_counted() {
+    let now = Instant::now();
+    let mut gw = gateway(now);
+    let mut a = Client::new(1, "198.51.100.7:40000");
+    let b = Client::new(2, "203.0.113.8:40000");
+    gw.handle_control(
+        &desired(
+            1,
+            vec![a.peer(3, &["10.64.0.5"]), b.peer(4, &["10.64.0.9"])],
+        ),
+        now,
+    );
+    connect(&mut gw, &mut a, now);
+    for src in ["192.168.1.10", "10.64.0.9", "10.64.0.6", "172.16.0.1"] {
+        let d = a.send(&udp(src, "172.16.0.50", b"spoof"));
+        assert_eq!(
+            gw.handle_network_input(a.endpoint, &d, now),
+            Err(DropReason::SpoofedSource),
+            "{src}"
+        );
+    }
+    assert!(gw.poll_tun_output().is_none());
+    assert_eq!(gw.counters().drops.get(DropReason::SpoofedSource), 4);
+    let peer_a = gw.peers().find(|p| p.site_id == SiteId(3)).unwrap();
+    assert_eq!(peer_a.drops.get(DropReason::SpoofedSource), 4);
+    // An IPv6 inner packet is refused too.
+    let mut v6 = Vec::new();
+    etherparse::PacketBuilder::ipv6([1; 16], [2; 16], 64)
+        .udp(1, 2)
+        .write(&mut v6, b"x")
+        .unwrap();
+    let d = a.send(&v6);
+    assert_eq!(
+        gw.handle_network_input(a.endpoint, &d, now),
+        Err(DropReason::NotIpv4)
+    );
+}
+
+#[test]
+fn one_site_cannot_send_into_another_sites_tunnel() {
+    let now = Instant::now();
+    let mut gw = gateway(now);
+    let mut a = Client::new(1, "198.51.100.7:40000");
+    let mut b = Client::new(2, "203.0.113.8:40000");
+    gw.handle_control(
+        &desired(
+            1,
+            vec![a.peer(3, &["10.64.0.5"]), b.peer(4, &["10.64.0.9"])],
+        ),
+        now,
+    );
+    connect(&mut gw, &mut a, now);
+    connect(&mut gw, &mut b, now);
+    // A addresses B's NAT address, or anything else in the pool.
+    for dst in ["10.64.0.9", "10.64.7.7"] {
+        let d = a.send(&udp("10.64.0.5", dst, b"to site B"));
+        assert_eq!(
+            gw.handle_network_input(a.endpoint, &d, now),
+            Err(DropReason::CrossSite),
+            "{dst}"
+        );
+    }
+    assert!(gw.poll_tun_output().is_none());
+    // A hairpinned packet from the TUN with a pool source is refused as well.
+    assert_eq!(
+        gw.handle_tun_input(&udp("10.64.0.5", "10.64.0.9", b"hairpin"), now),
+        Err(DropReason::CrossSite)
+    );
+    // Center traffic for B goes to B only, encrypted for B.
+    let down = udp("172.16.0.50", "10.64.0.9", b"for B");
+    gw.handle_tun_input(&down, now).unwrap();
+    let t = gw.poll_transmit().unwrap();
+    assert_eq!(t.dst, b.endpoint);
+    assert_eq!(b.receive(&t.payload).unwrap(), down);
+    let mut buf = vec![0; 512];
+    assert!(matches!(
+        a.tunn.decapsulate(None, &t.payload, &mut buf),
+        TunnResult::Err(_)
+    ));
+    assert_eq!(gw.counters().drops.get(DropReason::CrossSite), 3);
+}
+
+#[test]
+fn an_unheld_nat_address_is_answered_with_icmp_host_unreachable() {
+    let now = Instant::now();
+    let mut gw = gateway(now);
+    let c = Client::new(1, "198.51.100.7:40000");
+    gw.handle_control(&desired(1, vec![c.peer(3, &["10.64.0.5"])]), now);
+    let probe = udp("172.16.0.50", "10.64.0.77", b"anyone?");
+    assert_eq!(gw.handle_tun_input(&probe, now), Err(DropReason::NoPeer));
+    let icmp = gw.poll_tun_output().expect("an ICMP error");
+    let s = etherparse::SlicedPacket::from_ip(&icmp).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(h)) = &s.net else {
+        panic!()
+    };
+    assert_eq!(h.header().source(), [10, 64, 0, 77]);
+    assert_eq!(h.header().destination(), [172, 16, 0, 50]);
+    let Some(etherparse::TransportSlice::Icmpv4(i)) = &s.transport else {
+        panic!()
+    };
+    assert_eq!(i.type_u8(), 3);
+    assert_eq!(i.code_u8(), 1);
+    assert_eq!(&icmp[28..], &probe[..]);
+    assert_eq!(gw.counters().icmp_unreachable_sent, 1);
+    assert_eq!(gw.counters().drops.get(DropReason::NoPeer), 1);
+    assert!(gw.poll_transmit().is_none());
+
+    // Rate limited, and never about an ICMP error.
+    let mut config = gw_config();
+    config.icmp_rate_per_s = 2;
+    let mut gw = GatewayState::new(config, now);
+    for _ in 0..5 {
+        let _ = gw.handle_tun_input(&probe, now);
+    }
+    assert_eq!(gw.counters().icmp_unreachable_sent, 2);
+    let later = now + std::time::Duration::from_secs(1);
+    let _ = gw.handle_tun_input(&probe, later);
+    assert_eq!(gw.counters().icmp_unreachable_sent, 3);
+    let _ = gw.handle_tun_input(&icmp_error_about(&probe), later);
+    assert_eq!(gw.counters().icmp_unreachable_sent, 3);
+}
+
+fn icmp_error_about(p: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ipv4([172, 16, 0, 50], [10, 64, 0, 77], 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        ))
+        .write(&mut out, &p[..28])
+        .unwrap();
+    out
+}
+
+#[test]
+fn removing_a_peer_stops_its_traffic_and_leaves_the_others_alone() {
+    let now = Instant::now();
+    let mut gw = gateway(now);
+    let mut a = Client::new(1, "198.51.100.7:40000");
+    let mut b = Client::new(2, "203.0.113.8:40000");
+    gw.handle_control(
+        &desired(
+            1,
+            vec![a.peer(3, &["10.64.0.5"]), b.peer(4, &["10.64.0.9"])],
+        ),
+        now,
+    );
+    connect(&mut gw, &mut a, now);
+    connect(&mut gw, &mut b, now);
+    drain_events(&mut gw);
+
+    let applied = gw
+        .handle_control(
+            &desired(2, vec![b.peer(4, &["10.64.0.9", "10.64.0.10"])]),
+            now,
+        )
+        .unwrap();
+    assert!(applied.errors.is_empty());
+    assert_eq!(
+        drain_events(&mut gw),
+        vec![
+            GatewayEvent::PeerRemoved { site_id: SiteId(3) },
+            GatewayEvent::AddressRemoved {
+                address: ip("10.64.0.5")
+            },
+            GatewayEvent::AddressAdded {
+                address: ip("10.64.0.10")
+            },
+        ]
+    );
+    // A's session is gone in both directions.
+    let d = a.send(&udp("10.64.0.5", "172.16.0.50", b"still there?"));
+    assert_eq!(
+        gw.handle_network_input(a.endpoint, &d, now),
+        Err(DropReason::UnknownIndex)
+    );
+    assert_eq!(
+        gw.handle_tun_input(&udp("172.16.0.50", "10.64.0.5", b"x"), now),
+        Err(DropReason::NoPeer)
+    );
+    assert!(gw.poll_transmit().is_none());
+    let icmp = gw.poll_tun_output().expect("host unreachable");
+    assert_eq!(icmp[20], 3);
+    // A cannot even handshake again.
+    let mut buf = vec![0; 256];
+    let TunnResult::WriteToNetwork(init) = a.tunn.format_handshake_initiation(&mut buf, true)
+    else {
+        panic!()
+    };
+    let init = init.to_vec();
+    assert_eq!(
+        gw.handle_network_input(a.endpoint, &init, now),
+        Err(DropReason::UnknownPeer)
+    );
+    // B keeps its session (no new handshake) and gained an address.
+    for src in ["10.64.0.9", "10.64.0.10"] {
+        let up = udp(src, "172.16.0.50", b"B");
+        let d = b.send(&up);
+        gw.handle_network_input(b.endpoint, &d, now).unwrap();
+        assert_eq!(gw.poll_tun_output().unwrap(), up);
+    }
+    let peer_b = gw.peers().next().unwrap();
+    assert_eq!(peer_b.stats.handshakes, 1);
+    assert_eq!(gw.peer_count(), 1);
+}
+
+#[test]
+fn a_new_key_replaces_the_tunnel() {
+    let now = Instant::now();
+    let mut gw = gateway(now);
+    let mut old = Client::new(1, "198.51.100.7:40000");
+    let mut new = Client::new(5, "198.51.100.7:40001");
+    gw.handle_control(&desired(1, vec![old.peer(3, &["10.64.0.5"])]), now);
+    connect(&mut gw, &mut old, now);
+    drain_events(&mut gw);
+    gw.handle_control(&desired(2, vec![new.peer(3, &["10.64.0.5"])]), now);
+    assert_eq!(
+        drain_events(&mut gw),
+        vec![GatewayEvent::PeerRekeyed { site_id: SiteId(3) }]
+    );
+    let d = old.send(&udp("10.64.0.5", "172.16.0.50", b"old"));
+    assert_eq!(
+        gw.handle_network_input(old.endpoint, &d, now),
+        Err(DropReason::UnknownIndex)
+    );
+    connect(&mut gw, &mut new, now);
+    let up = udp("10.64.0.5", "172.16.0.50", b"new");
+    let d = new.send(&up);
+    gw.handle_network_input(new.endpoint, &d, now).unwrap();
+    assert_eq!(gw.poll_tun_output().unwrap(), up);
+}
+
+#[test]
+fn packets_before_the_first_handshake_wait_for_it() {
+    let now = Instant::now();
+    let mut gw = gateway(now);
+    let mut c = Client::new(1, "198.51.100.7:40000");
+    gw.handle_control(&desired(1, vec![c.peer(3, &["10.64.0.5"])]), now);
+    // Nobody has connected: no endpoint to send a handshake to, so the
+    // packet waits in the tunnel.
+    let early = udp("172.16.0.50", "10.64.0.5", b"early");
+    gw.handle_tun_input(&early, now).unwrap();
+    assert!(gw.poll_transmit().is_none());
+    connect(&mut gw, &mut c, now);
+    // It follows the client's first keepalive.
+    let t = gw.poll_transmit().expect("the queued packet");
+    assert_eq!(t.dst, c.endpoint);
+    assert_eq!(c.receive(&t.payload).unwrap(), early);
+    assert!(gw.poll_transmit().is_none());
+    assert_eq!(gw.counters().drops.total(), 0);
+}
+
+#[test]
+fn desired_state_is_validated_and_old_versions_are_ignored() {
+    let now = Instant::now();
+    let mut gw = gateway(now);
+    let a = Client::new(1, "198.51.100.7:40000");
+    let b = Client::new(2, "203.0.113.8:40000");
+    let own = GatewayPeer {
+        site_id: SiteId(9),
+        public_key: gw.public_key(),
+        nat_addresses: vec![ip("10.64.0.20")],
+    };
+    let mut dup_key = a.peer(7, &["10.64.0.21"]);
+    dup_key.site_id = SiteId(7);
+    let applied = gw
+        .handle_control(
+            &desired(
+                5,
+                vec![
+                    own,
+                    b.peer(4, &["10.64.0.9", "10.64.0.5", "192.168.1.10", "10.64.0.9"]),
+                    a.peer(3, &["10.64.0.5", "255.255.255.255"]),
+                    dup_key,
+                ],
+            ),
+            now,
+        )
+        .unwrap();
+    assert_eq!(
+        applied.errors,
+        vec![
+            "site 3: 255.255.255.255 is not a unicast address".to_owned(),
+            "site 4: 10.64.0.5 is held by another site".to_owned(),
+            "site 4: 192.168.1.10 is outside the pool 10.64.0.0/16".to_owned(),
+            format!(
+                "site 7: public key {} already belongs to another site",
+                a.public_key()
+            ),
+            "site 9: public key is the gateway's own".to_owned(),
+        ]
+    );
+    let peers: Vec<_> = gw.peers().map(|p| (p.site_id, p.nat_addresses)).collect();
+    assert_eq!(
+        peers,
+        vec![
+            (SiteId(3), vec![ip("10.64.0.5")]),
+            (SiteId(4), vec![ip("10.64.0.9")]),
+        ]
+    );
+    assert!(gw.handle_control(&desired(4, vec![]), now).is_none());
+    assert_eq!(gw.peer_count(), 2);
+    assert_eq!(gw.applied_version(), Some(5));
+
+    let mut small = gw_config();
+    small.max_tunnels = 1;
+    let mut gw = GatewayState::new(small, now);
+    let applied = gw
+        .handle_control(
+            &desired(
+                1,
+                vec![a.peer(3, &["10.64.0.5"]), b.peer(4, &["10.64.0.9"])],
+            ),
+            now,
+        )
+        .unwrap();
+    assert_eq!(
+        applied.errors,
+        vec!["site 4: over capacity (max_tunnels = 1)".to_owned()]
+    );
+}
+
+#[test]
+fn shards_hand_off_what_belongs_to_another_worker() {
+    let now = Instant::now();
+    let shard = |index| {
+        let mut c = gw_config();
+        c.shard = Shard { index, count: 2 };
+        GatewayState::new(c, now)
+    };
+    let (mut s0, mut s1) = (shard(0), shard(1));
+    let mut c = Client::new(1, "198.51.100.7:40000");
+    // Site 3 belongs to shard 1.
+    let d = desired(1, vec![c.peer(3, &["10.64.0.5"])]);
+    s0.handle_control(&d, now);
+    s1.handle_control(&d, now);
+    assert_eq!(s0.peer_count(), 0);
+    assert_eq!(s1.peer_count(), 1);
+    assert!(drain_events(&mut s0).is_empty(), "shard 0 routes nothing");
+
+    let mut buf = vec![0; 256];
+    let TunnResult::WriteToNetwork(init) = c.tunn.format_handshake_initiation(&mut buf, false)
+    else {
+        panic!()
+    };
+    let init = init.to_vec();
+    let mut out = vec![0; BUF_LEN];
+    assert_eq!(
+        s0.handle_network_input_into(c.endpoint, &init, &mut out, now),
+        NetworkOutcome::Handoff(1)
+    );
+    connect(&mut s1, &mut c, now);
+    let d = c.send(&udp("10.64.0.5", "172.16.0.50", b"x"));
+    assert_eq!(
+        s0.handle_network_input_into(c.endpoint, &d, &mut out, now),
+        NetworkOutcome::Handoff(1)
+    );
+    assert!(matches!(
+        s1.handle_network_input_into(c.endpoint, &d, &mut out, now),
+        NetworkOutcome::Tunnel(_)
+    ));
+    let down = udp("172.16.0.50", "10.64.0.5", b"y");
+    assert_eq!(
+        s0.handle_tun_input_into(&down, &mut out, now),
+        TunOutcome::Handoff(1)
+    );
+    assert!(matches!(
+        s1.handle_tun_input_into(&down, &mut out, now),
+        TunOutcome::Send { .. }
+    ));
+}
+
+#[test]
+fn under_load_initiations_get_cookie_replies() {
+    let now = Instant::now();
+    let mut config = gw_config();
+    config.handshake_limit = 0;
+    let mut gw = GatewayState::new(config, now);
+    let mut c = Client::new(1, "198.51.100.7:40000");
+    gw.handle_control(&desired(1, vec![c.peer(3, &["10.64.0.5"])]), now);
+    let mut buf = vec![0; 256];
+    let TunnResult::WriteToNetwork(init) = c.tunn.format_handshake_initiation(&mut buf, false)
+    else {
+        panic!()
+    };
+    let init = init.to_vec();
+    gw.handle_network_input(c.endpoint, &init, now).unwrap();
+    let cookie = gw.poll_transmit().unwrap();
+    assert_eq!(cookie.dst, c.endpoint);
+    assert_eq!(cookie.payload[0], 3, "a cookie reply");
+    assert_eq!(gw.counters().cookie_replies_sent, 1);
+    assert!(c.receive(&cookie.payload).is_none());
+    // The client's retry carries mac2 and completes the handshake.
+    let TunnResult::WriteToNetwork(init) = c.tunn.format_handshake_initiation(&mut buf, true)
+    else {
+        panic!()
+    };
+    let init = init.to_vec();
+    gw.handle_network_input(c.endpoint, &init, now).unwrap();
+    let resp = gw.poll_transmit().unwrap();
+    assert_eq!(resp.payload[0], 2, "a handshake response");
+    assert!(gw.peers().next().unwrap().endpoint.is_some());
+}
+
+#[test]
+fn timers_are_polled_only_with_peers() {
+    let now = Instant::now();
+    let mut gw = gateway(now);
+    assert_eq!(gw.poll_timeout(), None);
+    let c = Client::new(1, "198.51.100.7:40000");
+    gw.handle_control(&desired(1, vec![c.peer(3, &["10.64.0.5"])]), now);
+    let t = gw.poll_timeout().unwrap();
+    gw.handle_timeout(t);
+    assert!(gw.poll_timeout().unwrap() > t);
+    assert!(gw.poll_transmit().is_none());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn arbitrary_datagrams_never_panic_and_are_counted(
+        data in proptest::collection::vec(any::<u8>(), 0..400),
+        kind in 0u8..6,
+    ) {
+        let now = Instant::now();
+        let mut gw = gateway(now);
+        let c = Client::new(1, "198.51.100.7:40000");
+        gw.handle_control(&desired(1, vec![c.peer(3, &["10.64.0.5"])]), now);
+        let mut d = data;
+        if let Some(first) = d.first_mut() {
+            *first = kind;
+        }
+        let before = gw.counters().drops.total();
+        match gw.handle_network_input(c.endpoint, &d, now) {
+            Ok(()) => {}
+            Err(_) => prop_assert_eq!(gw.counters().drops.total(), before + 1),
+        }
+        prop_assert!(gw.poll_tun_output().is_none());
+    }
+
+    #[test]
+    fn arbitrary_tun_packets_never_panic(
+        mut data in proptest::collection::vec(any::<u8>(), 0..200),
+        to_peer in any::<bool>(),
+    ) {
+        let now = Instant::now();
+        let mut gw = gateway(now);
+        let c = Client::new(1, "198.51.100.7:40000");
+        gw.handle_control(&desired(1, vec![c.peer(3, &["10.64.0.5"])]), now);
+        if to_peer && data.len() >= 20 {
+            data[0] = 0x45;
+            data[16..20].copy_from_slice(&[10, 64, 0, 5]);
+        }
+        let _ = gw.handle_tun_input(&data, now);
+        while let Some(p) = gw.poll_tun_output() {
+            // Whatever comes back is a well-formed IPv4 packet.
+            prop_assert!(super::ipv4::parse(&p).is_some());
+        }
+    }
+}
