@@ -1,12 +1,400 @@
-//! `gateway`: see ../README.md.
+//! `gateway`: terminates many sites' WireGuard tunnels on one UDP socket and
+//! routes their pooled NAT addresses to and from the center LAN.
+//!
+//! The packet logic is `vpnnat::gateway` (sans-IO); this binary is the IO
+//! shell: the data-plane worker (`dataplane`), routes and proxy ARP
+//! (`routes`, `garp`), the control-plane client (`control`), and the HTTP
+//! listener for metrics and status (`http`, `status`).
 
-use clap::Parser;
+mod app;
+mod control;
+mod dataplane;
+mod garp;
+mod http;
+mod routes;
+mod settings;
+mod status;
 
-/// vpnnat gateway.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {}
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
-fn main() {
-    let _cli = Cli::parse();
+use anyhow::{Context as _, anyhow};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use vpnnat::gateway::{GatewayConfig, GatewayState};
+use vpnnat::messages::GatewayDesiredState;
+use vpnnat::wg::PrivateKey;
+
+use crate::app::{App, ControlState};
+use crate::settings::Settings;
+
+/// vpnnat gateway: userspace WireGuard for many customer sites, routing their
+/// pooled NAT addresses to the center LAN.
+///
+/// Without a subcommand it runs the gateway. The configuration is layered:
+/// defaults, the TOML file, then VPNNAT_<SECTION>__<KEY> environment overrides
+/// (see `gateway --print-example-config`).
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Configuration file. Without this option /etc/vpnnat/gateway.toml is
+    /// read when it exists.
+    #[arg(short, long, env = "VPNNAT_GATEWAY_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    /// Standalone mode: apply this desired state (a GatewayDesiredState JSON
+    /// document) instead of following a maintenance server. Re-read on SIGHUP.
+    #[arg(long, env = "VPNNAT_GATEWAY_PEERS", value_name = "FILE")]
+    peers: Option<PathBuf>,
+
+    /// Log format on stderr.
+    #[arg(long, env = "VPNNAT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Print the commented example configuration and exit.
+    #[arg(long)]
+    print_example_config: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the running gateway's peers the way `wg show` does.
+    Status {
+        /// The gateway's HTTP listener; default: `metrics.listen` from the configuration.
+        #[arg(long, env = "VPNNAT_GATEWAY_URL", value_name = "URL")]
+        url: Option<String>,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the gateway's public key (from `wireguard.private_key_file`).
+    Pubkey,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "gateway failed");
+            eprintln!("gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    // boringtun logs an idle responder's session expiry at ERROR; it is routine here.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,boringtun=warn,boringtun::noise::timers=off")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    if cli.print_example_config {
+        print!("{}", settings::EXAMPLE);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let settings = load_settings(cli.config.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("gateway-control")
+        .build()
+        .context("tokio runtime")?;
+    match cli.command {
+        Some(Command::Status { url, json }) => runtime.block_on(async {
+            let url = url.unwrap_or_else(|| format!("http://{}", settings.metrics.listen));
+            let s = status::fetch(&url).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", status::render(&s, SystemTime::now()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
+        Some(Command::Pubkey) => {
+            let key = load_or_create_key(&settings.wireguard.private_key_file)?;
+            println!("{}", key.public_key());
+            Ok(ExitCode::SUCCESS)
+        }
+        None => runtime.block_on(run(settings, cli.peers)),
+    }
+}
+
+fn load_settings(path: Option<&Path>) -> anyhow::Result<Settings> {
+    // Every setting lives in a section, so overrides are VPNNAT_<SECTION>__<KEY>;
+    // other VPNNAT_* variables (this program's CLI fallbacks, test harness
+    // switches) are not configuration.
+    let env = std::env::vars().filter(|(k, _)| k.contains("__"));
+    let (source, text) = match path {
+        Some(p) => (
+            p.display().to_string(),
+            Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading configuration {}", p.display()))?,
+            ),
+        ),
+        None => match std::fs::read_to_string(settings::DEFAULT_PATH) {
+            Ok(t) => (settings::DEFAULT_PATH.to_owned(), Some(t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ("defaults".to_owned(), None),
+            Err(e) => return Err(e).context(settings::DEFAULT_PATH),
+        },
+    };
+    let s: Settings = vpnnat::config::load(text.as_deref().map(|t| (source.as_str(), t)), env)
+        .map_err(|e| anyhow!("{e}"))?;
+    s.validate(&source).map_err(|e| anyhow!("{e}"))?;
+    Ok(s)
+}
+
+/// Reads the private key, or creates it (0600, like `wg genkey > file` under umask 077).
+fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text.parse().map_err(|_| {
+            anyhow!(
+                "{}: wireguard.private_key_file: not a base64 WireGuard key",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let mut bytes = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+            let key = PrivateKey::from_bytes(bytes);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            writeln!(f, "{}", key.to_base64())
+                .with_context(|| format!("writing {}", path.display()))?;
+            tracing::info!(path = %path.display(), public_key = %key.public_key(), "generated a private key");
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn read_peers(path: &Path) -> anyhow::Result<GatewayDesiredState> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --peers {}", path.display()))?;
+    let mut de = serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))
+}
+
+async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let key = load_or_create_key(&settings.wireguard.private_key_file)?;
+    let public_key = key.public_key();
+    let credential = if settings.server.url.is_empty() {
+        None
+    } else {
+        let path = &settings.server.credential_file;
+        let c = std::fs::read_to_string(path)
+            .with_context(|| format!("server.credential_file {}", path.display()))?;
+        Some(c.trim().to_owned())
+    };
+    if peers_file.is_none() && credential.is_none() {
+        tracing::warn!("no server.url and no --peers: running with no peers");
+    }
+    let initial = peers_file.as_deref().map(read_peers).transpose()?;
+
+    let socket = std::net::UdpSocket::bind(settings.wireguard.listen)
+        .with_context(|| format!("binding wireguard.listen {}", settings.wireguard.listen))?;
+    let listen_port = socket.local_addr().context("UDP socket")?.port();
+    let state = GatewayState::new(
+        GatewayConfig {
+            pool: Some(settings.center.pool),
+            max_tunnels: settings.wireguard.max_tunnels,
+            handshake_limit: settings.wireguard.handshake_limit,
+            icmp_source: settings.center.icmp_source,
+            ..GatewayConfig::new(key)
+        },
+        Instant::now(),
+    );
+    let tun_name = settings.center.tun_name.clone();
+    let mtu = settings.center.tun_mtu;
+    let tun_builder = {
+        let tun_name = tun_name.clone();
+        Box::new(move || {
+            let build = |offload: bool| {
+                tun_rs::DeviceBuilder::new()
+                    .name(tun_name.clone())
+                    .mtu(mtu)
+                    .offload(offload)
+                    .build_async()
+            };
+            build(true).or_else(|e| {
+                tracing::warn!(error = %e, "TUN offload unavailable; continuing without it");
+                build(false)
+            })
+        })
+    };
+    let (dataplane, worker) = dataplane::spawn(
+        "gateway-dataplane".to_owned(),
+        dataplane::WorkerSetup {
+            state,
+            socket,
+            tun: tun_builder,
+        },
+    )?;
+    let routes =
+        routes::Routes::new(&tun_name, &settings.center.interface, settings.center.pool).await?;
+    let mode = match (&peers_file, &credential) {
+        (Some(p), _) => format!("peers file {}", p.display()),
+        (None, Some(_)) => settings.server.url.clone(),
+        (None, None) => "standalone".to_owned(),
+    };
+    let app = Arc::new(App {
+        dataplane,
+        routes: tokio::sync::Mutex::new(routes),
+        public_key,
+        listen_port,
+        tun_name,
+        max_tunnels: settings.wireguard.max_tunnels,
+        control: Mutex::new(ControlState {
+            connected: peers_file.is_some() || credential.is_none(),
+            mode,
+            ..ControlState::default()
+        }),
+        route_errors: Mutex::new(Vec::new()),
+    });
+    tracing::info!(
+        public_key = %public_key,
+        listen = %settings.wireguard.listen,
+        tun = %app.tun_name,
+        pool = %settings.center.pool,
+        center = %settings.center.interface,
+        "gateway started"
+    );
+
+    let result = serve(app.clone(), settings, peers_file, initial, credential).await;
+
+    tracing::info!("shutting down: removing routes and proxy-ARP entries");
+    app.routes.lock().await.remove_all().await;
+    app.dataplane.shutdown().await;
+    let joined = tokio::task::spawn_blocking(move || worker.join()).await;
+    match (result, joined) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Ok(Ok(Ok(())))) => Ok(ExitCode::SUCCESS),
+        (Ok(()), Ok(Ok(Err(e)))) => Err(e.context("data plane")),
+        (Ok(()), _) => Err(anyhow!("data plane panicked")),
+    }
+}
+
+/// Runs the HTTP listener and the control plane until SIGTERM/SIGINT.
+async fn serve(
+    app: Arc<App>,
+    settings: Settings,
+    peers_file: Option<PathBuf>,
+    initial: Option<GatewayDesiredState>,
+    credential: Option<String>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(settings.metrics.listen)
+        .await
+        .with_context(|| format!("binding metrics.listen {}", settings.metrics.listen))?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let http = {
+        let mut rx = shutdown_rx.clone();
+        let router = http::router(app.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.changed().await;
+                })
+                .await;
+        })
+    };
+    if let Some(desired) = initial {
+        apply_logged(&app, desired).await;
+    }
+    let control = credential.map(|credential| {
+        tokio::spawn(control::run(
+            app.clone(),
+            settings.clone(),
+            credential,
+            shutdown_rx.clone(),
+        ))
+    });
+    let retry = {
+        let app = app.clone();
+        let mut rx = shutdown_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => app.retry_routes().await,
+                    _ = rx.changed() => return,
+                }
+            }
+        })
+    };
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                if let Some(path) = &peers_file {
+                    match read_peers(path) {
+                        Ok(d) => apply_logged(&app, d).await,
+                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "--peers not reloaded"),
+                    }
+                }
+            }
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    let _ = http.await;
+    let _ = retry.await;
+    if let Some(c) = control {
+        let _ = c.await;
+    }
+    Ok(())
+}
+
+async fn apply_logged(app: &App, desired: GatewayDesiredState) {
+    match app.apply(desired).await {
+        Ok(Some(a)) if a.errors.is_empty() => {
+            tracing::info!(version = a.version, "peers file applied");
+        }
+        Ok(Some(a)) => {
+            for e in &a.errors {
+                tracing::warn!(version = a.version, error = %e, "peers file applied in part");
+            }
+        }
+        Ok(None) => tracing::warn!("peers file is older than the running state; ignored"),
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "data plane gone"),
+    }
 }

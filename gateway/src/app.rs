@@ -1,0 +1,131 @@
+//! What the control plane, the HTTP listener and shutdown share: the data
+//! plane's handle, the route manager, and the control-plane connection state.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use vpnnat::gateway::GatewayEvent;
+use vpnnat::messages::{
+    AppliedState, GatewayDesiredState, GatewayId, Health, PublicKey, UnixMillis,
+};
+
+use crate::dataplane::{self, Snapshot};
+use crate::routes::Routes;
+
+/// The control-plane connection as the status page shows it.
+#[derive(Debug, Clone, Default)]
+pub struct ControlState {
+    /// `standalone`, `peers-file` or the server URL.
+    pub mode: String,
+    /// Whether the last exchange with the server succeeded.
+    pub connected: bool,
+    /// The id the server gave us.
+    pub gateway_id: Option<GatewayId>,
+    /// The last control-plane error.
+    pub last_error: Option<String>,
+}
+
+/// Shared by every task of the process.
+#[derive(Debug)]
+pub struct App {
+    /// The data-plane worker.
+    pub dataplane: dataplane::Handle,
+    /// Routes and proxy-ARP entries.
+    pub routes: tokio::sync::Mutex<Routes>,
+    /// The gateway's WireGuard public key.
+    pub public_key: PublicKey,
+    /// The UDP port of the WireGuard socket.
+    pub listen_port: u16,
+    /// The TUN device.
+    pub tun_name: String,
+    /// Capacity announced to the server.
+    pub max_tunnels: u32,
+    /// Control-plane connection state.
+    pub control: Mutex<ControlState>,
+    /// Errors of the last route reconciliation (non-empty → degraded).
+    pub route_errors: Mutex<Vec<String>>,
+}
+
+impl App {
+    /// Applies a desired state to the data plane, then the kernel routes.
+    /// `None` when the document is older than the running one.
+    ///
+    /// # Errors
+    /// When the data plane has stopped.
+    pub async fn apply(
+        &self,
+        desired: GatewayDesiredState,
+    ) -> anyhow::Result<Option<AppliedState>> {
+        let result = self.dataplane.apply(desired).await?;
+        let mut routes = self.routes.lock().await;
+        for e in &result.events {
+            match e {
+                GatewayEvent::AddressAdded { address } => routes.want(*address),
+                GatewayEvent::AddressRemoved { address } => routes.unwant(*address),
+                GatewayEvent::PeerAdded { .. }
+                | GatewayEvent::PeerRekeyed { .. }
+                | GatewayEvent::PeerRemoved { .. }
+                | GatewayEvent::HandshakeCompleted { .. }
+                | GatewayEvent::EndpointChanged { .. } => {}
+            }
+        }
+        let route_errors = routes.reconcile().await;
+        drop(routes);
+        *self.route_errors.lock().unwrap_or_else(|e| e.into_inner()) = route_errors.clone();
+        Ok(result.applied.map(|mut a| {
+            a.errors.extend(route_errors);
+            a
+        }))
+    }
+
+    /// Retries routes that failed (called periodically).
+    pub async fn retry_routes(&self) {
+        let mut routes = self.routes.lock().await;
+        let errors = routes.reconcile().await;
+        *self.route_errors.lock().unwrap_or_else(|e| e.into_inner()) = errors;
+    }
+
+    /// Healthy unless routes could not be installed.
+    pub fn health(&self) -> Health {
+        if self
+            .route_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            Health::Healthy
+        } else {
+            Health::Degraded
+        }
+    }
+
+    /// A copy of the control-plane state.
+    pub fn control_state(&self) -> ControlState {
+        self.control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Updates the control-plane state.
+    pub fn update_control(&self, f: impl FnOnce(&mut ControlState)) {
+        f(&mut self.control.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// The data plane's counters and peers.
+    ///
+    /// # Errors
+    /// When the data plane has stopped.
+    pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        self.dataplane.snapshot().await
+    }
+}
+
+/// Converts a monotonic instant of a snapshot to wall-clock milliseconds.
+pub fn unix_millis(at: Instant, snapshot_at: Instant) -> UnixMillis {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    let ago = snapshot_at.saturating_duration_since(at);
+    UnixMillis(u64::try_from(now.saturating_sub(ago).as_millis()).unwrap_or(u64::MAX))
+}

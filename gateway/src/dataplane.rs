@@ -1,0 +1,579 @@
+//! The data plane: a worker thread that pumps packets between the gateway's
+//! UDP socket and its TUN device through [`GatewayState`].
+//!
+//! IO is batched both ways and nothing is allocated per packet:
+//! - TUN → UDP: `recv_multiple` returns the segments of a TCP/UDP GSO
+//!   super-packet (TUN offload); each is encrypted straight into one
+//!   contiguous send buffer, and runs of equal-size datagrams to the same
+//!   peer leave as one `sendmsg` with UDP GSO (quinn-udp).
+//! - UDP → TUN: `recvmmsg` with UDP GRO (quinn-udp) returns many datagrams per
+//!   call; each is decrypted straight into a TUN buffer after the virtio
+//!   header room, and `send_multiple` coalesces TCP segments back into
+//!   super-packets (TUN GRO) before writing.
+//!
+//! The event loop follows STYLE.md §2: commands from the control plane, then
+//! ready IO (bounded work per wake-up), then due timers, then queued outputs.
+
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tun_rs::{AsyncDevice, GROTable};
+use vpnnat::gateway::{
+    GatewayCounters, GatewayEvent, GatewayState, NetworkOutcome, PeerView, TunOutcome,
+};
+use vpnnat::messages::{AppliedState, GatewayDesiredState};
+use vpnnat::wg;
+
+/// Headroom before each packet written to the TUN device (virtio-net header).
+const TUN_OFFSET: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+/// Segment buffers for one TUN read (a 64 KiB super-packet at MTU 1280 is ~50).
+const TUN_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
+/// Bytes per segment buffer: any MTU-sized packet.
+const SEGMENT_BUF: usize = 4096;
+/// Datagram buffers per `recvmmsg`; each takes a GRO train of up to 64 KiB.
+const UDP_BATCH: usize = if quinn_udp::BATCH_SIZE < 16 {
+    quinn_udp::BATCH_SIZE
+} else {
+    16
+};
+const UDP_BUF: usize = 65536;
+/// A UDP GSO train stays under the 64 KiB UDP limit.
+const MAX_GSO_BYTES: usize = 65000;
+/// Reads per source per wake-up before yielding to the other source.
+const BUDGET: usize = 32;
+
+/// A request from the control plane.
+#[derive(Debug)]
+pub enum Command {
+    /// Reconcile to a desired state.
+    Apply(Box<GatewayDesiredState>, oneshot::Sender<ApplyResult>),
+    /// Report counters and peers.
+    Snapshot(oneshot::Sender<Snapshot>),
+    /// Stop the worker.
+    Shutdown,
+}
+
+/// What applying a desired state did.
+#[derive(Debug)]
+pub struct ApplyResult {
+    /// `None` when the document was older than the running one.
+    pub applied: Option<AppliedState>,
+    /// Address events for the route manager, in order.
+    pub events: Vec<GatewayEvent>,
+}
+
+/// The worker's state as the metrics and `gateway status` show it.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// When it was taken.
+    pub at: Instant,
+    /// Peers by site.
+    pub peers: Vec<PeerView>,
+    /// Drops and generated messages.
+    pub counters: GatewayCounters,
+    /// The desired-state version applied.
+    pub applied_version: Option<u64>,
+    /// IO batching counters.
+    pub io: IoCounters,
+}
+
+/// How well batching works.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IoCounters {
+    /// TUN reads.
+    pub tun_reads: u64,
+    /// Packets those reads returned (after GSO split).
+    pub tun_packets: u64,
+    /// `sendmsg` calls on the UDP socket.
+    pub udp_sends: u64,
+    /// Datagrams those calls carried.
+    pub udp_datagrams_sent: u64,
+    /// `recvmmsg` calls that returned data.
+    pub udp_recvs: u64,
+    /// Datagrams received.
+    pub udp_datagrams_received: u64,
+    /// TUN write batches.
+    pub tun_write_batches: u64,
+    /// Packets written to the TUN device (before GRO coalescing).
+    pub tun_packets_written: u64,
+    /// IO errors (logged).
+    pub io_errors: u64,
+}
+
+/// The handle the control plane keeps.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl Handle {
+    /// Applies a desired state and waits for the result.
+    ///
+    /// # Errors
+    /// When the worker has stopped.
+    pub async fn apply(&self, desired: GatewayDesiredState) -> anyhow::Result<ApplyResult> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Apply(Box::new(desired), tx))
+            .await
+            .context("data plane stopped")?;
+        rx.await.context("data plane stopped")
+    }
+
+    /// The worker's counters and peers.
+    ///
+    /// # Errors
+    /// When the worker has stopped.
+    pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Snapshot(tx))
+            .await
+            .context("data plane stopped")?;
+        rx.await.context("data plane stopped")
+    }
+
+    /// Asks the worker to stop.
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown).await;
+    }
+}
+
+/// What a worker needs to start.
+pub struct WorkerSetup {
+    /// The sans-IO gateway.
+    pub state: GatewayState,
+    /// The bound UDP socket (non-blocking).
+    pub socket: std::net::UdpSocket,
+    /// Builds this worker's TUN queue inside the worker's runtime.
+    pub tun: Box<dyn FnOnce() -> io::Result<AsyncDevice> + Send>,
+}
+
+/// Starts a worker thread. Returns once its TUN device exists (or failed).
+///
+/// # Errors
+/// When the thread, its runtime or its TUN device cannot be created.
+pub fn spawn(
+    name: String,
+    setup: WorkerSetup,
+) -> anyhow::Result<(Handle, std::thread::JoinHandle<anyhow::Result<()>>)> {
+    let (tx, rx) = mpsc::channel(16);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let thread = std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || -> anyhow::Result<()> {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!("runtime: {e}")));
+                    return Err(e.into());
+                }
+            };
+            rt.block_on(async move {
+                let worker = match Worker::new(setup, rx) {
+                    Ok(w) => {
+                        let _ = ready_tx.send(Ok(()));
+                        w
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::anyhow!("{e:#}")));
+                        return Err(e);
+                    }
+                };
+                worker.run().await
+            })
+        })
+        .with_context(|| format!("starting thread {name}"))?;
+    ready_rx
+        .recv()
+        .context("data plane thread ended during start")??;
+    Ok((Handle { tx }, thread))
+}
+
+struct Worker {
+    state: GatewayState,
+    udp: UdpSocket,
+    udp_state: quinn_udp::UdpSocketState,
+    tun: Arc<AsyncDevice>,
+    cmds: mpsc::Receiver<Command>,
+}
+
+impl Worker {
+    fn new(setup: WorkerSetup, cmds: mpsc::Receiver<Command>) -> anyhow::Result<Self> {
+        let tun = (setup.tun)().context("creating the TUN device")?;
+        setup
+            .socket
+            .set_nonblocking(true)
+            .context("UDP socket non-blocking")?;
+        let udp_state =
+            quinn_udp::UdpSocketState::new((&setup.socket).into()).context("UDP socket options")?;
+        // Large socket buffers absorb bursts between wake-ups.
+        let _ = udp_state.set_recv_buffer_size((&setup.socket).into(), 8 << 20);
+        let _ = udp_state.set_send_buffer_size((&setup.socket).into(), 8 << 20);
+        let udp = UdpSocket::from_std(setup.socket).context("registering the UDP socket")?;
+        tracing::info!(
+            tcp_gso = tun.tcp_gso(),
+            udp_gso_tun = tun.udp_gso(),
+            udp_gso_segments = udp_state.max_gso_segments(),
+            udp_gro_segments = udp_state.gro_segments(),
+            "data plane ready"
+        );
+        Ok(Self {
+            state: setup.state,
+            udp,
+            udp_state,
+            tun: Arc::new(tun),
+            cmds,
+        })
+    }
+
+    async fn run(self) -> anyhow::Result<()> {
+        let Worker {
+            mut state,
+            udp,
+            udp_state,
+            tun,
+            mut cmds,
+        } = self;
+        let mut io = IoCounters::default();
+
+        // TUN → UDP buffers.
+        let mut tun_orig = vec![0u8; TUN_OFFSET + 65535];
+        let mut tun_in: Vec<Vec<u8>> = (0..TUN_BATCH)
+            .map(|i| vec![0u8; if i == 0 { 65535 } else { SEGMENT_BUF }])
+            .collect();
+        let mut tun_sizes = vec![0usize; TUN_BATCH];
+        let mut udp_out = vec![0u8; TUN_BATCH * (SEGMENT_BUF + wg::DATA_OVERHEAD) + 65535 + 64];
+
+        // UDP → TUN buffers.
+        let mut udp_in: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; UDP_BUF]).collect();
+        let mut metas = [quinn_udp::RecvMeta::default(); UDP_BATCH];
+        let mut tun_out: Vec<Vec<u8>> = Vec::new();
+        let mut gro = GROTable::default();
+
+        loop {
+            let deadline = state.poll_timeout();
+            tokio::select! {
+                biased;
+                cmd = cmds.recv() => {
+                    match cmd {
+                        None | Some(Command::Shutdown) => break,
+                        Some(Command::Apply(desired, reply)) => {
+                            let applied = state.handle_control(&desired, Instant::now());
+                            let events = std::iter::from_fn(|| state.poll_event()).collect();
+                            let _ = reply.send(ApplyResult { applied, events });
+                        }
+                        Some(Command::Snapshot(reply)) => {
+                            let _ = reply.send(Snapshot {
+                                at: Instant::now(),
+                                peers: state.peers().collect(),
+                                counters: state.counters(),
+                                applied_version: state.applied_version(),
+                                io,
+                            });
+                        }
+                    }
+                }
+                r = udp.readable() => {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "UDP socket");
+                        io.io_errors += 1;
+                    }
+                    for _ in 0..BUDGET {
+                        let n = {
+                            let mut iovs: [IoSliceMut<'_>; UDP_BATCH] =
+                                udp_in.each_mut_array().map(|b| IoSliceMut::new(&mut b[..]));
+                            match udp.try_io(Interest::READABLE, || {
+                                udp_state.recv((&udp).into(), &mut iovs, &mut metas)
+                            }) {
+                                Ok(n) => n,
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "UDP receive");
+                                    io.io_errors += 1;
+                                    break;
+                                }
+                            }
+                        };
+                        io.udp_recvs += 1;
+                        let now = Instant::now();
+                        let mut k = 0;
+                        for (meta, buf) in metas[..n].iter().zip(udp_in.iter()) {
+                            let stride = meta.stride.max(1);
+                            for dgram in buf[..meta.len].chunks(stride) {
+                                io.udp_datagrams_received += 1;
+                                if k == tun_out.len() {
+                                    tun_out.push(Vec::with_capacity(TUN_OFFSET + SEGMENT_BUF));
+                                }
+                                let b = &mut tun_out[k];
+                                let need = TUN_OFFSET + wg::buffer_len(dgram.len());
+                                if b.len() < need {
+                                    b.resize(need, 0);
+                                }
+                                match state.handle_network_input_into(
+                                    meta.addr,
+                                    dgram,
+                                    &mut b[TUN_OFFSET..need],
+                                    now,
+                                ) {
+                                    NetworkOutcome::Tunnel(p) => {
+                                        let len = p.len();
+                                        b.truncate(TUN_OFFSET + len);
+                                        k += 1;
+                                    }
+                                    NetworkOutcome::Consumed
+                                    | NetworkOutcome::Dropped(_)
+                                    | NetworkOutcome::Handoff(_) => {}
+                                }
+                            }
+                        }
+                        k = queue_tun_outputs(&mut state, &mut tun_out, k);
+                        write_tun(&tun, &mut gro, &mut tun_out[..k], &mut io).await;
+                        send_transmits(&mut state, &udp, &udp_state, &mut io).await;
+                    }
+                }
+                r = tun.recv_multiple(&mut tun_orig, &mut tun_in, &mut tun_sizes, 0) => {
+                    let mut result = r;
+                    for round in 0..BUDGET {
+                        let n = match result {
+                            Ok(n) => n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "TUN read");
+                                io.io_errors += 1;
+                                break;
+                            }
+                        };
+                        io.tun_reads += 1;
+                        io.tun_packets += n as u64;
+                        let now = Instant::now();
+                        encrypt_and_send(
+                            &mut state,
+                            tun_in.iter().zip(tun_sizes.iter()).take(n).map(|(b, s)| &b[..*s]),
+                            &mut udp_out,
+                            &udp,
+                            &udp_state,
+                            now,
+                            &mut io,
+                        )
+                        .await;
+                        let k = queue_tun_outputs(&mut state, &mut tun_out, 0);
+                        write_tun(&tun, &mut gro, &mut tun_out[..k], &mut io).await;
+                        send_transmits(&mut state, &udp, &udp_state, &mut io).await;
+                        if round + 1 < BUDGET {
+                            result = tun.try_recv_multiple(
+                                &mut tun_orig,
+                                &mut tun_in,
+                                &mut tun_sizes,
+                                0,
+                            );
+                        }
+                    }
+                }
+                () = sleep_until(deadline) => {
+                    state.handle_timeout(Instant::now());
+                    let k = queue_tun_outputs(&mut state, &mut tun_out, 0);
+                    write_tun(&tun, &mut gro, &mut tun_out[..k], &mut io).await;
+                    send_transmits(&mut state, &udp, &udp_state, &mut io).await;
+                }
+            }
+        }
+        tracing::info!("data plane stopped");
+        Ok(())
+    }
+}
+
+/// Arrays of `IoSliceMut` without allocating.
+trait EachMutArray {
+    fn each_mut_array(&mut self) -> [&mut Vec<u8>; UDP_BATCH];
+}
+
+impl EachMutArray for Vec<Vec<u8>> {
+    fn each_mut_array(&mut self) -> [&mut Vec<u8>; UDP_BATCH] {
+        let mut it = self.iter_mut();
+        std::array::from_fn(|_| it.next().expect("UDP_BATCH buffers allocated"))
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Appends packets the state queued for the TUN device (ICMP errors) after the
+/// first `k` buffers; returns the new count.
+fn queue_tun_outputs(state: &mut GatewayState, bufs: &mut Vec<Vec<u8>>, mut k: usize) -> usize {
+    while let Some(p) = state.poll_tun_output() {
+        if k == bufs.len() {
+            bufs.push(Vec::with_capacity(TUN_OFFSET + SEGMENT_BUF));
+        }
+        let b = &mut bufs[k];
+        b.clear();
+        b.resize(TUN_OFFSET, 0);
+        b.extend_from_slice(&p);
+        state.recycle(p);
+        k += 1;
+    }
+    k
+}
+
+async fn write_tun(
+    tun: &AsyncDevice,
+    gro: &mut GROTable,
+    bufs: &mut [Vec<u8>],
+    io: &mut IoCounters,
+) {
+    if bufs.is_empty() {
+        return;
+    }
+    io.tun_write_batches += 1;
+    io.tun_packets_written += bufs.len() as u64;
+    if let Err(e) = tun.send_multiple(gro, bufs, TUN_OFFSET).await {
+        tracing::debug!(error = %e, "TUN write");
+        io.io_errors += 1;
+    }
+}
+
+/// A run of datagrams to one destination in the send buffer.
+struct Train {
+    dst: SocketAddr,
+    segment: usize,
+    start: usize,
+    end: usize,
+    count: usize,
+    /// A shorter datagram ended the train (only the last may be shorter).
+    closed: bool,
+}
+
+async fn encrypt_and_send<'a>(
+    state: &mut GatewayState,
+    packets: impl Iterator<Item = &'a [u8]>,
+    out: &mut [u8],
+    udp: &UdpSocket,
+    udp_state: &quinn_udp::UdpSocketState,
+    now: Instant,
+    io: &mut IoCounters,
+) {
+    let max_segments = udp_state.max_gso_segments().max(1);
+    let mut pos = 0;
+    let mut train: Option<Train> = None;
+    for packet in packets {
+        let need = wg::buffer_len(packet.len());
+        if pos + need > out.len() {
+            if let Some(t) = train.take() {
+                send_train(udp, udp_state, &out[t.start..t.end], &t, io).await;
+            }
+            pos = 0;
+        }
+        let (dst, len) = match state.handle_tun_input_into(packet, &mut out[pos..pos + need], now) {
+            TunOutcome::Send { dst, datagram } => (dst, datagram.len()),
+            TunOutcome::Queued | TunOutcome::Dropped(_) | TunOutcome::Handoff(_) => continue,
+        };
+        let extends = train.as_ref().is_some_and(|t| {
+            t.dst == dst
+                && !t.closed
+                && len <= t.segment
+                && t.count < max_segments
+                && t.end == pos
+                && t.end + len - t.start <= MAX_GSO_BYTES
+        });
+        if extends {
+            if let Some(t) = train.as_mut() {
+                t.end += len;
+                t.count += 1;
+                t.closed = len < t.segment;
+            }
+        } else {
+            if let Some(t) = train.take() {
+                send_train(udp, udp_state, &out[t.start..t.end], &t, io).await;
+            }
+            train = Some(Train {
+                dst,
+                segment: len,
+                start: pos,
+                end: pos + len,
+                count: 1,
+                closed: false,
+            });
+        }
+        pos += len;
+    }
+    if let Some(t) = train.take() {
+        send_train(udp, udp_state, &out[t.start..t.end], &t, io).await;
+    }
+}
+
+async fn send_train(
+    udp: &UdpSocket,
+    udp_state: &quinn_udp::UdpSocketState,
+    contents: &[u8],
+    t: &Train,
+    io: &mut IoCounters,
+) {
+    let transmit = quinn_udp::Transmit {
+        destination: t.dst,
+        ecn: None,
+        contents,
+        segment_size: (t.count > 1).then_some(t.segment),
+        src_ip: None,
+    };
+    io.udp_sends += 1;
+    io.udp_datagrams_sent += t.count as u64;
+    send_one(udp, udp_state, &transmit, io).await;
+}
+
+async fn send_one(
+    udp: &UdpSocket,
+    udp_state: &quinn_udp::UdpSocketState,
+    transmit: &quinn_udp::Transmit<'_>,
+    io: &mut IoCounters,
+) {
+    loop {
+        match udp.try_io(Interest::WRITABLE, || udp_state.send(udp.into(), transmit)) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if udp.writable().await.is_err() {
+                    io.io_errors += 1;
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, dst = %transmit.destination, "UDP send");
+                io.io_errors += 1;
+                return;
+            }
+        }
+    }
+}
+
+async fn send_transmits(
+    state: &mut GatewayState,
+    udp: &UdpSocket,
+    udp_state: &quinn_udp::UdpSocketState,
+    io: &mut IoCounters,
+) {
+    while let Some(t) = state.poll_transmit() {
+        let transmit = quinn_udp::Transmit {
+            destination: t.dst,
+            ecn: None,
+            contents: &t.payload,
+            segment_size: None,
+            src_ip: None,
+        };
+        io.udp_sends += 1;
+        io.udp_datagrams_sent += 1;
+        send_one(udp, udp_state, &transmit, io).await;
+        state.recycle(t.payload);
+    }
+}

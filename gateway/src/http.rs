@@ -1,0 +1,331 @@
+//! The gateway's HTTP listener: Prometheus `/metrics`, `/healthz`, and
+//! `/api/v1/status` (the JSON that `gateway status` prints like `wg show`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use vpnnat::messages::{ApiError, GatewayId, Health, PublicKey, SiteId, UnixMillis, paths};
+
+use crate::app::{App, unix_millis};
+
+/// The route of the status document.
+pub const STATUS_PATH: &str = "/api/v1/status";
+
+/// What `gateway status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    /// The gateway's public key.
+    pub public_key: PublicKey,
+    /// Its UDP port.
+    pub listen_port: u16,
+    /// Its TUN device.
+    pub tun: String,
+    /// Its health.
+    pub health: Health,
+    /// The desired-state version it runs.
+    pub applied_version: Option<u64>,
+    /// `standalone`, `peers-file …` or the server URL.
+    pub control: String,
+    /// Whether the server is reachable.
+    pub connected: bool,
+    /// The id the server gave it.
+    pub gateway_id: Option<GatewayId>,
+    /// The last control-plane error.
+    pub last_error: Option<String>,
+    /// NAT addresses routed here.
+    pub routed_addresses: Vec<Ipv4Addr>,
+    /// Drops by reason (non-zero only).
+    pub drops: BTreeMap<String, u64>,
+    /// The peers.
+    pub peers: Vec<PeerStatusView>,
+}
+
+/// One peer in [`StatusView`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatusView {
+    /// Its site.
+    pub site_id: SiteId,
+    /// Its key.
+    pub public_key: PublicKey,
+    /// Its last authenticated endpoint.
+    pub endpoint: Option<SocketAddr>,
+    /// Its NAT addresses.
+    pub nat_addresses: Vec<Ipv4Addr>,
+    /// The last completed handshake.
+    pub latest_handshake: Option<UnixMillis>,
+    /// Handshakes completed.
+    pub handshakes: u64,
+    /// Inner bytes received.
+    pub rx_bytes: u64,
+    /// Inner bytes sent.
+    pub tx_bytes: u64,
+    /// Inner packets received.
+    pub rx_packets: u64,
+    /// Inner packets sent.
+    pub tx_packets: u64,
+    /// Drops by reason (non-zero only).
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// The router.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route(paths::METRICS, get(metrics))
+        .route(paths::HEALTH, get(health))
+        .route(STATUS_PATH, get(status))
+        .with_state(app)
+}
+
+async fn health() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+fn unavailable(e: &anyhow::Error) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(ApiError {
+            error: "unavailable".to_owned(),
+            message: format!("{e:#}"),
+            field: None,
+        }),
+    )
+        .into_response()
+}
+
+async fn status(State(app): State<Arc<App>>) -> Response {
+    match status_view(&app).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => unavailable(&e),
+    }
+}
+
+async fn status_view(app: &App) -> anyhow::Result<StatusView> {
+    let snap = app.snapshot().await?;
+    let control = app.control_state();
+    let routed = app
+        .routes
+        .lock()
+        .await
+        .installed()
+        .iter()
+        .copied()
+        .collect();
+    let nonzero = |d: &vpnnat::gateway::DropCounters| {
+        d.iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| (r.as_str().to_owned(), n))
+            .collect()
+    };
+    Ok(StatusView {
+        public_key: app.public_key,
+        listen_port: app.listen_port,
+        tun: app.tun_name.clone(),
+        health: app.health(),
+        applied_version: snap.applied_version,
+        control: control.mode,
+        connected: control.connected,
+        gateway_id: control.gateway_id,
+        last_error: control.last_error,
+        routed_addresses: routed,
+        drops: nonzero(&snap.counters.drops),
+        peers: snap
+            .peers
+            .iter()
+            .map(|p| PeerStatusView {
+                site_id: p.site_id,
+                public_key: p.public_key,
+                endpoint: p.endpoint,
+                nat_addresses: p.nat_addresses.clone(),
+                latest_handshake: p.stats.last_handshake.map(|t| unix_millis(t, snap.at)),
+                handshakes: p.stats.handshakes,
+                rx_bytes: p.stats.rx_bytes,
+                tx_bytes: p.stats.tx_bytes,
+                rx_packets: p.stats.rx_packets,
+                tx_packets: p.stats.tx_packets,
+                drops: nonzero(&p.drops),
+            })
+            .collect(),
+    })
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    match render_metrics(&app).await {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => unavailable(&e),
+    }
+}
+
+/// Prometheus text exposition (format 0.0.4): each family's `HELP` and
+/// `TYPE`, then its samples.
+struct Exposition(String);
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP vpnnat_gateway_{name} {help}");
+        let _ = writeln!(self.0, "# TYPE vpnnat_gateway_{name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        let _ = write!(self.0, "vpnnat_gateway_{name}");
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                // Label values here are numbers and fixed names: no escaping needed.
+                let _ = write!(self.0, "{k}=\"{v}\"");
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+}
+
+async fn render_metrics(app: &App) -> anyhow::Result<String> {
+    let snap = app.snapshot().await?;
+    let control = app.control_state();
+    let routed = app.routes.lock().await.installed().len();
+    let mut m = Exposition(String::with_capacity(8192));
+    m.family("peers", "gauge", "Peers (sites) configured.");
+    m.sample("peers", &[], snap.peers.len());
+    m.family(
+        "routed_addresses",
+        "gauge",
+        "NAT addresses routed to this gateway.",
+    );
+    m.sample("routed_addresses", &[], routed);
+    m.family("applied_version", "gauge", "Desired-state version applied.");
+    m.sample("applied_version", &[], snap.applied_version.unwrap_or(0));
+    m.family(
+        "control_connected",
+        "gauge",
+        "1 when the maintenance server is reachable.",
+    );
+    m.sample("control_connected", &[], u8::from(control.connected));
+    m.family("healthy", "gauge", "1 when healthy, 0 when degraded.");
+    m.sample("healthy", &[], u8::from(app.health() == Health::Healthy));
+    m.family("drops_total", "counter", "Packets dropped, by reason.");
+    for (reason, n) in snap.counters.drops.iter() {
+        m.sample("drops_total", &[("reason", reason.as_str())], n);
+    }
+    m.family(
+        "icmp_unreachable_sent_total",
+        "counter",
+        "ICMP host-unreachable messages sent.",
+    );
+    m.sample(
+        "icmp_unreachable_sent_total",
+        &[],
+        snap.counters.icmp_unreachable_sent,
+    );
+    m.family(
+        "cookie_replies_sent_total",
+        "counter",
+        "WireGuard cookie replies sent under load.",
+    );
+    m.sample(
+        "cookie_replies_sent_total",
+        &[],
+        snap.counters.cookie_replies_sent,
+    );
+
+    let sites: Vec<String> = snap.peers.iter().map(|p| p.site_id.to_string()).collect();
+    type Field = fn(&vpnnat::wg::TunnelStats) -> u64;
+    let per_peer: [(&str, &str, Field); 5] = [
+        (
+            "peer_rx_bytes_total",
+            "Inner bytes received from a peer.",
+            |s| s.rx_bytes,
+        ),
+        ("peer_tx_bytes_total", "Inner bytes sent to a peer.", |s| {
+            s.tx_bytes
+        }),
+        (
+            "peer_rx_packets_total",
+            "Inner packets received from a peer.",
+            |s| s.rx_packets,
+        ),
+        (
+            "peer_tx_packets_total",
+            "Inner packets sent to a peer.",
+            |s| s.tx_packets,
+        ),
+        (
+            "peer_handshakes_total",
+            "Handshakes completed with a peer.",
+            |s| s.handshakes,
+        ),
+    ];
+    for (name, help, field) in per_peer {
+        m.family(name, "counter", help);
+        for (p, site) in snap.peers.iter().zip(&sites) {
+            m.sample(name, &[("site", site)], field(&p.stats));
+        }
+    }
+    m.family(
+        "peer_last_handshake_seconds",
+        "gauge",
+        "Unix time of a peer's last handshake.",
+    );
+    for (p, site) in snap.peers.iter().zip(&sites) {
+        if let Some(t) = p.stats.last_handshake {
+            let UnixMillis(ms) = unix_millis(t, snap.at);
+            m.sample(
+                "peer_last_handshake_seconds",
+                &[("site", site)],
+                format_args!("{}.{:03}", ms / 1000, ms % 1000),
+            );
+        }
+    }
+    m.family(
+        "peer_drops_total",
+        "counter",
+        "Packets from or to a peer dropped, by reason.",
+    );
+    for (p, site) in snap.peers.iter().zip(&sites) {
+        for (reason, n) in p.drops.iter().filter(|(_, n)| *n > 0) {
+            m.sample(
+                "peer_drops_total",
+                &[("site", site), ("reason", reason.as_str())],
+                n,
+            );
+        }
+    }
+    m.family(
+        "io_total",
+        "counter",
+        "Data-plane IO operations and packets, by kind.",
+    );
+    let io = snap.io;
+    for (kind, n) in [
+        ("tun_reads", io.tun_reads),
+        ("tun_packets_read", io.tun_packets),
+        ("tun_write_batches", io.tun_write_batches),
+        ("tun_packets_written", io.tun_packets_written),
+        ("udp_sends", io.udp_sends),
+        ("udp_datagrams_sent", io.udp_datagrams_sent),
+        ("udp_recvs", io.udp_recvs),
+        ("udp_datagrams_received", io.udp_datagrams_received),
+        ("errors", io.io_errors),
+    ] {
+        m.sample("io_total", &[("kind", kind)], n);
+    }
+    Ok(m.0)
+}

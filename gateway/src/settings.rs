@@ -1,0 +1,211 @@
+//! The gateway's configuration: defaults, `/etc/vpnnat/gateway.toml` (or
+//! `--config PATH`), then `VPNNAT_<SECTION>__<KEY>` overrides
+//! ([`vpnnat::config::load`]). The commented example is `config/gateway.toml`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer};
+use vpnnat::gateway::Prefix;
+
+/// The commented example configuration, embedded so that `--help` can point
+/// at it and a test can check that it parses.
+pub const EXAMPLE: &str = include_str!("../../config/gateway.toml");
+
+/// The default configuration file.
+pub const DEFAULT_PATH: &str = "/etc/vpnnat/gateway.toml";
+
+/// All settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// `[wireguard]`
+    pub wireguard: Wireguard,
+    /// `[center]`
+    pub center: Center,
+    /// `[server]`
+    pub server: Server,
+    /// `[metrics]`
+    pub metrics: Metrics,
+}
+
+/// `[wireguard]`: the tunnel side.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Wireguard {
+    /// UDP bind address.
+    pub listen: SocketAddr,
+    /// Endpoints announced to the server.
+    pub endpoints: Vec<SocketAddr>,
+    /// Private key file (base64), generated 0600 when absent.
+    pub private_key_file: PathBuf,
+    /// Capacity in sites.
+    pub max_tunnels: u32,
+    /// Handshake messages per second before cookies are required.
+    pub handshake_limit: u64,
+}
+
+impl Default for Wireguard {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 51820)),
+            endpoints: Vec::new(),
+            private_key_file: PathBuf::from("/var/lib/vpnnat/gateway.key"),
+            max_tunnels: 1000,
+            handshake_limit: vpnnat::wg::Responder::DEFAULT_HANDSHAKE_LIMIT,
+        }
+    }
+}
+
+/// `[center]`: the center-LAN side.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Center {
+    /// TUN device name.
+    pub tun_name: String,
+    /// TUN MTU.
+    pub tun_mtu: u16,
+    /// NAT pool.
+    #[serde(deserialize_with = "prefix")]
+    pub pool: Prefix,
+    /// Center-LAN interface for proxy ARP; empty for none.
+    pub interface: String,
+    /// ICMP error source; `None` = the unreachable address.
+    #[serde(deserialize_with = "optional_ipv4")]
+    pub icmp_source: Option<Ipv4Addr>,
+}
+
+impl Default for Center {
+    fn default() -> Self {
+        Self {
+            tun_name: "vpnnat0".to_owned(),
+            tun_mtu: 1420,
+            pool: Prefix::new(Ipv4Addr::new(10, 64, 0, 0), 16).expect("valid default pool"),
+            interface: String::new(),
+            icmp_source: None,
+        }
+    }
+}
+
+/// `[server]`: the control plane.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// Base URL; empty = standalone.
+    pub url: String,
+    /// Bearer credential file.
+    pub credential_file: PathBuf,
+    /// Long-poll wait.
+    pub poll_wait_ms: u64,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            credential_file: PathBuf::from("/etc/vpnnat/gateway.credential"),
+            poll_wait_ms: 25_000,
+        }
+    }
+}
+
+/// `[metrics]`: the HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Listen address.
+    pub listen: SocketAddr,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
+        }
+    }
+}
+
+fn prefix<'de, D: Deserializer<'de>>(d: D) -> Result<Prefix, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+fn optional_ipv4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.trim().parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+impl Settings {
+    /// Checks what serde cannot.
+    ///
+    /// # Errors
+    /// A message naming the key.
+    pub fn validate(&self, source: &str) -> Result<(), String> {
+        let err = |key: &str, msg: &str| Err(format!("{source}: {key}: {msg}"));
+        if self.wireguard.max_tunnels == 0 || self.wireguard.max_tunnels > 1_000_000 {
+            return err("wireguard.max_tunnels", "must be 1 to 1000000");
+        }
+        if self.center.tun_name.is_empty() || self.center.tun_name.len() > 15 {
+            return err("center.tun_name", "must be 1 to 15 characters");
+        }
+        if self.center.tun_mtu < 576 {
+            return err("center.tun_mtu", "must be at least 576");
+        }
+        if !self.server.url.is_empty() {
+            if !(self.server.url.starts_with("http://") || self.server.url.starts_with("https://"))
+            {
+                return err("server.url", "must start with http:// or https://");
+            }
+            if self.wireguard.endpoints.is_empty() {
+                return err(
+                    "wireguard.endpoints",
+                    "must name at least one public endpoint when a server is configured",
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_example_parses_and_matches_the_defaults_where_it_says_so() {
+        let s: Settings =
+            vpnnat::config::load(Some(("config/gateway.toml", EXAMPLE)), Vec::new()).unwrap();
+        s.validate("config/gateway.toml").unwrap();
+        let d = Settings::default();
+        assert_eq!(s.wireguard.listen, d.wireguard.listen);
+        assert_eq!(s.wireguard.max_tunnels, d.wireguard.max_tunnels);
+        assert_eq!(s.center.pool, d.center.pool);
+        assert_eq!(s.center.tun_mtu, 1420);
+        assert_eq!(s.metrics.listen, d.metrics.listen);
+        assert_eq!(s.wireguard.endpoints.len(), 1);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = vpnnat::config::load::<Settings>(
+            Some(("g.toml", "[center]\npool = \"10.64.0.0\"\n")),
+            Vec::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "center.pool");
+        let e = vpnnat::config::load::<Settings>(
+            None,
+            vec![("VPNNAT_WIREGUARD__LISTEN".into(), "nowhere".into())],
+        )
+        .unwrap_err();
+        assert_eq!(e.source, "VPNNAT_WIREGUARD__LISTEN");
+        let s: Settings =
+            vpnnat::config::load(None, vec![("VPNNAT_SERVER__URL".into(), "ftp://x".into())])
+                .unwrap();
+        assert!(s.validate("env").unwrap_err().contains("server.url"));
+    }
+}
