@@ -1,0 +1,273 @@
+//! The real `gateway` binary in network namespaces: kernel routes and proxy
+//! ARP follow the desired state, sites are isolated from each other and from
+//! spoofing, unknown NAT addresses are answered with ICMP host unreachable,
+//! and a clean shutdown leaves nothing behind.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+mod gateway_support;
+
+use std::time::Duration;
+
+use common::{require, wait_until};
+use gateway_support::{PREREQS, World, ping_within, rand_bytes};
+use vpnnat::messages::{GatewayDesiredState, GatewayId, GatewayPeer, SiteId};
+use vpnnat::wg::PrivateKey;
+
+fn peer(site: u64, nat: &[&str]) -> GatewayPeer {
+    GatewayPeer {
+        site_id: SiteId(site),
+        public_key: PrivateKey::from_bytes(rand_bytes()).public_key(),
+        nat_addresses: nat.iter().map(|a| a.parse().unwrap()).collect(),
+    }
+}
+
+fn desired(version: u64, peers: Vec<GatewayPeer>) -> GatewayDesiredState {
+    GatewayDesiredState {
+        version,
+        gateway_id: GatewayId(1),
+        peers,
+    }
+}
+
+/// Our /32 routes (protocol 118) in the gateway namespace.
+fn routes(w: &World) -> Vec<String> {
+    let out = w.gw.sh("ip -4 route show proto 118");
+    let mut v: Vec<String> = out
+        .lines()
+        .filter(|l| l.contains("dev vpnnat0") && !l.contains('/'))
+        .map(|l| l.split_whitespace().next().unwrap().to_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Proxy-ARP entries on the center interface.
+fn proxies(w: &World) -> Vec<String> {
+    let out = w.gw.sh("ip -4 neigh show proxy dev lan0");
+    let mut v: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    v.sort();
+    v
+}
+
+fn gw_mac(w: &World) -> String {
+    w.gw.sh("cat /sys/class/net/lan0/address").trim().to_owned()
+}
+
+/// The MAC the technician's ARP cache holds for `ip`, if any.
+fn tech_arp(w: &World, ip: &str) -> Option<String> {
+    let out = w.tech.sh(&format!("ip neigh show {ip} dev eth0"));
+    let mut words = out.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "lladdr" {
+            return words.next().map(str::to_owned);
+        }
+    }
+    None
+}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[test]
+fn netns_gateway_routes_and_proxy_arp_follow_the_desired_state() {
+    if !require(PREREQS) {
+        return;
+    }
+    let mut w = World::new("nr", "dev eth0");
+    // Let the technician's kernel learn from gratuitous ARP (RFC 5227 announcements).
+    w.tech.sh("sysctl -qw net.ipv4.conf.eth0.arp_accept=1");
+    w.set_peers(&desired(
+        1,
+        vec![
+            peer(3, &["10.64.0.5", "10.64.0.6"]),
+            peer(4, &["10.64.0.9"]),
+        ],
+    ));
+    w.start_gateway();
+    let mac = gw_mac(&w);
+    wait_until("routes for version 1", Duration::from_secs(10), || {
+        routes(&w) == strs(&["10.64.0.5", "10.64.0.6", "10.64.0.9"])
+    });
+    assert_eq!(proxies(&w), strs(&["10.64.0.5", "10.64.0.6", "10.64.0.9"]));
+    assert!(
+        w.gw.sh("ip -4 route show proto 118")
+            .contains("10.64.0.0/16 dev vpnnat0")
+    );
+    // The gratuitous ARP reached the technician without any traffic.
+    wait_until(
+        "gratuitous ARP for 10.64.0.9",
+        Duration::from_secs(5),
+        || tech_arp(&w, "10.64.0.9").as_deref() == Some(mac.as_str()),
+    );
+    // Proxy ARP answers for a held address, and only for held ones.
+    w.tech.sh("ip neigh flush dev eth0");
+    let _ = w.tech.try_sh("ping -c 1 -W 1 10.64.0.6");
+    assert_eq!(tech_arp(&w, "10.64.0.6").as_deref(), Some(mac.as_str()));
+    let _ = w.tech.try_sh("ping -c 1 -W 1 10.64.0.77");
+    assert_eq!(
+        tech_arp(&w, "10.64.0.77"),
+        None,
+        "an unheld address is not answered"
+    );
+
+    // Version 2: site 3 trades .5 for .7, site 4 goes away.
+    w.set_peers(&desired(2, vec![peer(3, &["10.64.0.6", "10.64.0.7"])]));
+    wait_until("routes for version 2", Duration::from_secs(10), || {
+        routes(&w) == strs(&["10.64.0.6", "10.64.0.7"])
+    });
+    assert_eq!(proxies(&w), strs(&["10.64.0.6", "10.64.0.7"]));
+    wait_until(
+        "gratuitous ARP for 10.64.0.7",
+        Duration::from_secs(5),
+        || tech_arp(&w, "10.64.0.7").as_deref() == Some(mac.as_str()),
+    );
+    assert_eq!(w.metric("vpnnat_gateway_routed_addresses"), 2);
+    assert_eq!(w.metric("vpnnat_gateway_applied_version"), 2);
+    assert_eq!(w.status()["peers"].as_array().unwrap().len(), 1);
+
+    // An older document is ignored.
+    w.set_peers(&desired(1, vec![]));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(routes(&w), strs(&["10.64.0.6", "10.64.0.7"]));
+    assert!(w.gateway_log().contains("older than the running state"));
+}
+
+#[test]
+fn netns_gateway_isolates_sites_and_answers_unknown_addresses() {
+    if !require(PREREQS) {
+        return;
+    }
+    // A single-gateway center: the technician routes the pool via the gateway.
+    let mut w = World::new("ni", "via 172.16.0.1");
+    let a = w.add_site(&["10.64.0.5"]);
+    let b = w.add_site(&["10.64.0.9"]);
+    w.set_peers(&w.desired(1, &[(&a, 3), (&b, 4)]));
+    w.start_gateway();
+    for nat in ["10.64.0.5", "10.64.0.9"] {
+        assert!(
+            ping_within(&w.tech, nat, Duration::from_secs(20)),
+            "ping {nat} failed; gateway log:\n{}",
+            w.gateway_log()
+        );
+    }
+
+    // Spoofing: site A's router sends with site B's NAT address as source.
+    w.tech.sh(
+        "nft add table ip watch && nft add chain ip watch in '{ type filter hook input priority 0; }' \
+         && nft add rule ip watch in ip saddr 10.64.0.9 icmp type echo-request counter",
+    );
+    a.router
+        .sh(&format!("ip addr add 10.64.0.9/32 dev {}", a.wg));
+    assert!(!a.router.try_sh("ping -c 2 -W 1 -I 10.64.0.9 172.16.0.50"));
+    wait_until(
+        "the spoofed packets to be counted",
+        Duration::from_secs(5),
+        || w.metric("vpnnat_gateway_peer_drops_total{site=\"3\",reason=\"spoofed_source\"}") >= 2,
+    );
+    let seen = w.tech.sh("nft list chain ip watch in");
+    assert!(
+        seen.contains("packets 0 "),
+        "the technician saw spoofed packets: {seen}"
+    );
+    a.router
+        .sh(&format!("ip addr del 10.64.0.9/32 dev {}", a.wg));
+
+    // Cross-site: site A addresses site B's NAT address through the gateway.
+    b.pc.sh(
+        "nft add table ip watch && nft add chain ip watch in '{ type filter hook input priority 0; }' \
+         && nft add rule ip watch in ip saddr 10.64.0.5 counter",
+    );
+    a.router
+        .sh(&format!("ip route add 10.64.0.9/32 dev {}", a.wg));
+    assert!(!a.router.try_sh("ping -c 2 -W 1 -I 10.64.0.5 10.64.0.9"));
+    wait_until(
+        "the cross-site packets to be counted",
+        Duration::from_secs(5),
+        || w.metric("vpnnat_gateway_drops_total{reason=\"cross_site\"}") >= 2,
+    );
+    let seen = b.pc.sh("nft list chain ip watch in");
+    assert!(
+        seen.contains("packets 0 "),
+        "site B's PC saw site A: {seen}"
+    );
+
+    // A NAT address nobody holds: ICMP host unreachable from the gateway.
+    let out = w
+        .tech
+        .command("ping")
+        .args(["-c", "1", "-W", "2", "10.64.0.77"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("From 10.64.0.77") && text.contains("Destination Host Unreachable"),
+        "{text}"
+    );
+    assert!(w.metric("vpnnat_gateway_icmp_unreachable_sent_total") >= 1);
+    assert!(w.metric("vpnnat_gateway_drops_total{reason=\"no_peer\"}") >= 1);
+
+    // Both sites still work.
+    for nat in ["10.64.0.5", "10.64.0.9"] {
+        assert!(ping_within(&w.tech, nat, Duration::from_secs(5)), "{nat}");
+    }
+
+    // Removing site A stops its traffic and leaves site B alone.
+    w.set_peers(&w.desired(2, &[(&b, 4)]));
+    wait_until("site A's route to go", Duration::from_secs(10), || {
+        routes(&w) == strs(&["10.64.0.9"])
+    });
+    let out = w
+        .tech
+        .command("ping")
+        .args(["-c", "1", "-W", "2", "10.64.0.5"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Destination Host Unreachable"),
+        "site A still reachable"
+    );
+    assert!(ping_within(&w.tech, "10.64.0.9", Duration::from_secs(5)));
+}
+
+#[test]
+fn netns_gateway_clean_shutdown_removes_routes_and_arp_entries() {
+    if !require(PREREQS) {
+        return;
+    }
+    let mut w = World::new("ns", "dev eth0");
+    w.set_peers(&desired(1, vec![peer(3, &["10.64.0.5", "10.64.0.6"])]));
+    w.start_gateway();
+    wait_until("routes", Duration::from_secs(10), || {
+        routes(&w) == strs(&["10.64.0.5", "10.64.0.6"])
+    });
+    assert_eq!(proxies(&w), strs(&["10.64.0.5", "10.64.0.6"]));
+    let pid = w.gw_pid.take().unwrap();
+    let status =
+        w.gw.terminate(pid, Duration::from_secs(10))
+            .expect("exits on SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", w.gateway_log());
+    assert!(w.gw.sh("ip -4 route show proto 118").is_empty());
+    assert!(proxies(&w).is_empty());
+    assert!(!w.gw.try_sh("ip link show vpnnat0"));
+    assert!(w.gateway_log().contains("NAT address released"));
+
+    // After a crash (SIGKILL) the proxy entries stay behind; the next start
+    // finds them by their protocol number and removes what it no longer holds.
+    w.start_gateway();
+    wait_until("routes again", Duration::from_secs(10), || {
+        routes(&w).len() == 2
+    });
+    let pid = w.gw_pid.take().unwrap();
+    w.gw.kill(pid);
+    assert_eq!(proxies(&w), strs(&["10.64.0.5", "10.64.0.6"]));
+    w.set_peers(&desired(2, vec![peer(3, &["10.64.0.6"])]));
+    w.start_gateway();
+    wait_until("stale entries to go", Duration::from_secs(10), || {
+        proxies(&w) == strs(&["10.64.0.6"]) && routes(&w) == strs(&["10.64.0.6"])
+    });
+}
