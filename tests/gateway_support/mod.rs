@@ -55,6 +55,13 @@ pub struct Site {
     pub wg: String,
 }
 
+impl Drop for Site {
+    fn drop(&mut self) {
+        // wireguard-go leaves its control socket behind when it is killed.
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.wg));
+    }
+}
+
 static WG_COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 fn wg_name() -> String {

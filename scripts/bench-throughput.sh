@@ -1,0 +1,276 @@
+#!/usr/bin/env bash
+# Throughput benchmark of the WireGuard data path, in network namespaces.
+#
+#   technician (iperf3 client) ── [near tunnel end] ══ WireGuard ══ [far tunnel end] ── PC (iperf3 server)
+#   172.16.0.50                    172.16.0.1 / 198.51.100.1        198.51.100.2 / 192.168.1.1   192.168.1.10
+#
+# The technician addresses the PC by its NAT address 10.64.0.5; the far end
+# maps it 1:1 onto 192.168.1.10 (the router agent in its packet mode; nft
+# DNAT/SNAT in front of the stock implementations, as a customer with only a
+# standard WireGuard client would do).
+#
+# Pairs (near ↔ far), measured interleaved, REPS rounds, medians reported:
+#   gateway-agent   vpnnat gateway ↔ vpnnat router-agent (packet mode)   [when router-agent has a packet mode]
+#   gateway-wggo    vpnnat gateway ↔ wireguard-go
+#   wggo-wggo       wireguard-go ↔ wireguard-go (Debian's)
+#   boringtun       boringtun-cli ↔ boringtun-cli (`cargo install boringtun-cli` into $CACHE)
+# Each: iperf3 TCP 1 stream and 4 streams, UDP packet rate (64-byte payloads,
+# unlimited offered load, packets received per second), ping RTT.
+#
+# The last line compares our pair's single-stream TCP median with
+# wireguard-go's: "throughput ratio vs wireguard-go: X.XX". Our pair is
+# gateway-agent when available, else gateway-wggo (said in the output).
+#
+# Usage: sudo scripts/bench-throughput.sh   (env: REPS=3 DURATION=10 PAIRS="..." CACHE=...)
+# Network safety: every address exists only inside the namespaces created
+# here; none has a default route; all are removed on exit (trap).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+umask 077
+
+REPS=${REPS:-3}
+DURATION=${DURATION:-10}
+CACHE=${CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vpnnat-bench}
+MTU=1420
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "bench-throughput.sh: run as root (network namespaces, TUN devices)" >&2
+  exit 1
+fi
+for p in ip iperf3 wireguard-go wg nft ping python3; do
+  command -v "$p" >/dev/null || { echo "bench-throughput.sh: needs $p (scripts/setup.sh)" >&2; exit 1; }
+done
+
+log() { printf '%s\n' "$*" >&2; }
+
+log "==> building release binaries"
+have_agent=0
+if cargo metadata --no-deps --format-version 1 2>/dev/null | grep -q '"name":"router-agent"' \
+   && grep -rqs -- "packet" router-agent/src 2>/dev/null && [ "${NO_AGENT:-0}" != 1 ]; then
+  cargo build --release --locked -p gateway -p router-agent >&2
+  have_agent=1
+else
+  cargo build --release --locked -p gateway >&2
+fi
+GATEWAY=$PWD/target/release/gateway
+AGENT=$PWD/target/release/router-agent
+
+if [ ! -x "$CACHE/bin/boringtun-cli" ]; then
+  log "==> cargo install boringtun-cli into $CACHE (once)"
+  cargo install --quiet --root "$CACHE" boringtun-cli >&2
+fi
+BORINGTUN=$CACHE/bin/boringtun-cli
+
+default_pairs="gateway-wggo wggo-wggo boringtun"
+[ "$have_agent" = 1 ] && default_pairs="gateway-agent $default_pairs"
+PAIRS=${PAIRS:-$default_pairs}
+
+tag="vb$$"
+C=${tag}c; G=${tag}g; R=${tag}r; S=${tag}s
+WORK=$(mktemp -d /tmp/vpnnat-bench.XXXXXX)
+RESULTS=$WORK/results.tsv
+: > "$RESULTS"
+
+cleanup() {
+  set +e
+  for ns in $C $G $R $S; do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
+    ip netns del "$ns" 2>/dev/null
+  done
+  rm -f /var/run/wireguard/${tag}*.sock
+  if [ -z "${KEEP:-}" ]; then rm -rf "$WORK"; else log "kept $WORK"; fi
+}
+trap cleanup EXIT
+trap "exit 143" INT TERM
+
+nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+
+log "==> namespaces $C $G $R $S"
+for ns in $C $G $R $S; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+ip -n $C link add eth0 type veth peer name lan0 netns $G
+ip -n $G link add wan0 type veth peer name wan0 netns $R
+ip -n $R link add lan0 type veth peer name eth0 netns $S
+ip -n $C addr add 172.16.0.50/24 dev eth0
+ip -n $G addr add 172.16.0.1/24 dev lan0
+ip -n $G addr add 198.51.100.1/24 dev wan0
+ip -n $R addr add 198.51.100.2/24 dev wan0
+ip -n $R addr add 192.168.1.1/24 dev lan0
+ip -n $S addr add 192.168.1.10/24 dev eth0
+ip -n $C link set eth0 up; ip -n $G link set lan0 up; ip -n $G link set wan0 up
+ip -n $R link set wan0 up; ip -n $R link set lan0 up; ip -n $S link set eth0 up
+ip -n $C route add 10.64.0.0/16 via 172.16.0.1
+ip -n $S route add 172.16.0.0/24 via 192.168.1.1
+nsx $G sysctl -qw net.ipv4.ip_forward=1
+nsx $R sysctl -qw net.ipv4.ip_forward=1
+nsx $S iperf3 -s -D --pidfile "$WORK/iperf3.pid" >/dev/null
+
+keyfile() { local f=$WORK/$1.key; [ -f "$f" ] || wg genkey > "$f"; echo "$f"; }
+pub() { wg pubkey < "$(keyfile "$1")"; }
+
+# A stock userspace implementation ($1 = wireguard-go | boringtun) as the far
+# end: interface, peer = near end, NAT address 10.64.0.5 mapped onto the PC.
+far_stock() {
+  local impl=$1 ifc=${tag}f
+  start_stock "$R" "$impl" "$ifc"
+  nsx $R wg set "$ifc" private-key "$(keyfile far)" listen-port 51821 \
+    peer "$(pub near)" endpoint 198.51.100.1:51820 allowed-ips 172.16.0.0/24 persistent-keepalive 25
+  ip -n $R addr add 10.64.0.5/32 dev "$ifc"
+  ip -n $R link set "$ifc" mtu $MTU up
+  ip -n $R route add 172.16.0.0/24 dev "$ifc"
+  nsx $R nft -f - <<EOF
+table ip bench {
+  chain pre { type nat hook prerouting priority -100; iifname "$ifc" ip daddr 10.64.0.5 dnat to 192.168.1.10; }
+  chain post { type nat hook postrouting priority 100; oifname "$ifc" ip saddr 192.168.1.10 snat to 10.64.0.5; }
+}
+EOF
+}
+
+near_stock() {
+  local impl=$1 ifc=${tag}n
+  start_stock "$G" "$impl" "$ifc"
+  nsx $G wg set "$ifc" private-key "$(keyfile near)" listen-port 51820 \
+    peer "$(pub far)" endpoint 198.51.100.2:51821 allowed-ips 10.64.0.0/16
+  ip -n $G link set "$ifc" mtu $MTU up
+  ip -n $G route add 10.64.0.0/16 dev "$ifc"
+}
+
+start_stock() {
+  local ns=$1 impl=$2 ifc=$3
+  case $impl in
+    wireguard-go) nsx "$ns" env WG_PROCESS_FOREGROUND=1 wireguard-go "$ifc" >"$WORK/$ifc.log" 2>&1 & ;;
+    boringtun) nsx "$ns" env WG_LOG_LEVEL=error "$BORINGTUN" --foreground --disable-drop-privileges "$ifc" >"$WORK/$ifc.log" 2>&1 & ;;
+  esac
+  for _ in $(seq 100); do ip -n "$ns" link show "$ifc" >/dev/null 2>&1 && [ -S "/var/run/wireguard/$ifc.sock" ] && return 0; sleep 0.05; done
+  log "$impl did not create $ifc"; cat "$WORK/$ifc.log" >&2; return 1
+}
+
+near_gateway() {
+  cat > "$WORK/gateway.toml" <<EOF
+[wireguard]
+listen = "198.51.100.1:51820"
+private_key_file = "$(keyfile near)"
+[center]
+tun_name = "${tag}gw"
+tun_mtu = $MTU
+interface = "lan0"
+[metrics]
+listen = "127.0.0.1:9101"
+EOF
+  cat > "$WORK/peers.json" <<EOF
+{"version":1,"gateway_id":1,"peers":[{"site_id":1,"public_key":"$(pub far)","nat_addresses":["10.64.0.5"]}]}
+EOF
+  nsx $G env RUST_LOG=warn "$GATEWAY" --config "$WORK/gateway.toml" --peers "$WORK/peers.json" >"$WORK/gateway.log" 2>&1 &
+  for _ in $(seq 100); do nsx $G curl -sf http://127.0.0.1:9101/healthz >/dev/null 2>&1 && return 0; sleep 0.05; done
+  log "gateway did not start"; cat "$WORK/gateway.log" >&2; return 1
+}
+
+far_agent() {
+  # The router agent's standalone packet mode (its own brief): a static desired
+  # state instead of a server, LAN 192.168.1.0/24, the PC named pc-1.
+  cat > "$WORK/agent.json" <<EOF
+{"version":1,"site_id":1,"tunnel":{"gateway_id":1,"kind":"wireguard","endpoint":"198.51.100.1:51820","public_key":"$(pub near)","persistent_keepalive_s":25},"mappings":[{"nat_address":"10.64.0.5","terminal":"pc-1","request_id":1,"expires_at":4102444800000}]}
+EOF
+  echo "192.168.1.10 pc-1" > "$WORK/hosts"
+  nsx $R env RUST_LOG=warn "$AGENT" --mode packet --private-key-file "$(keyfile far)" \
+    --desired "$WORK/agent.json" --hosts "$WORK/hosts" >"$WORK/agent.log" 2>&1 &
+}
+
+stop_pair() {
+  for ns in $G $R; do
+    for pid in $(ip netns pids "$ns"); do kill "$pid" 2>/dev/null || true; done
+  done
+  sleep 0.3
+  for ns in $G $R; do
+    for pid in $(ip netns pids "$ns"); do kill -9 "$pid" 2>/dev/null || true; done
+    nsx "$ns" nft delete table ip bench 2>/dev/null || true
+  done
+  ip -n $G route del 10.64.0.0/16 2>/dev/null || true
+  sleep 0.2
+}
+
+start_pair() {
+  case $1 in
+    gateway-agent) near_gateway; far_agent ;;
+    gateway-wggo) near_gateway; far_stock wireguard-go ;;
+    wggo-wggo) near_stock wireguard-go; far_stock wireguard-go ;;
+    boringtun) near_stock boringtun; far_stock boringtun ;;
+    *) log "unknown pair $1"; return 1 ;;
+  esac
+  for _ in $(seq 100); do nsx $C ping -c 1 -W 1 10.64.0.5 >/dev/null 2>&1 && return 0; sleep 0.1; done
+  log "pair $1: no path to 10.64.0.5"; return 1
+}
+
+# iperf3 JSON → one number.
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+
+# CPU time (clock ticks) of every process in a namespace so far.
+cpu_ticks() {
+  local t=0 pid
+  for pid in $(ip netns pids "$1"); do
+    t=$((t + $(awk '{print $14+$15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo $t
+}
+
+measure() {
+  local pair=$1 rep=$2 v g0 r0 t0 g1 r1 t1 hz
+  hz=$(getconf CLK_TCK)
+  g0=$(cpu_ticks $G); r0=$(cpu_ticks $R); t0=$(date +%s.%N)
+  v=$(nsx $C iperf3 -c 10.64.0.5 -t "$DURATION" -O 1 -J | json "d['end']['sum_received']['bits_per_second']/1e6")
+  g1=$(cpu_ticks $G); r1=$(cpu_ticks $R); t1=$(date +%s.%N)
+  printf '%s\t%s\ttcp1_mbit\t%s\n' "$pair" "$rep" "$v" >> "$RESULTS"
+  # CPU use of the tunnel ends during the single-stream test (100 % = one core).
+  printf '%s\t%s\tnear_cpu_pct\t%s\n' "$pair" "$rep" \
+    "$(python3 -c "print(($g1-$g0)/$hz/($t1-$t0)*100)")" >> "$RESULTS"
+  printf '%s\t%s\tfar_cpu_pct\t%s\n' "$pair" "$rep" \
+    "$(python3 -c "print(($r1-$r0)/$hz/($t1-$t0)*100)")" >> "$RESULTS"
+  v=$(nsx $C iperf3 -c 10.64.0.5 -t "$DURATION" -O 1 -P 4 -J | json "d['end']['sum_received']['bits_per_second']/1e6")
+  printf '%s\t%s\ttcp4_mbit\t%s\n' "$pair" "$rep" "$v" >> "$RESULTS"
+  v=$(nsx $C iperf3 -c 10.64.0.5 -t "$DURATION" -u -b 0 -l 64 -J \
+      | json "(d['end']['sum']['packets']-d['end']['sum']['lost_packets'])/d['end']['sum']['seconds']/1e3")
+  printf '%s\t%s\tudp64_kpps\t%s\n' "$pair" "$rep" "$v" >> "$RESULTS"
+  v=$(nsx $C ping -c 50 -i 0.02 -q 10.64.0.5 | awk -F/ '/^rtt/ {print $5*1000}')
+  printf '%s\t%s\tping_us\t%s\n' "$pair" "$rep" "$v" >> "$RESULTS"
+  log "    $(awk -F'\t' -v p="$pair" -v r="$rep" '$1==p && $2==r {printf "%s=%.1f ", $3, $4}' "$RESULTS")"
+}
+
+for rep in $(seq "$REPS"); do
+  for pair in $PAIRS; do
+    log "==> round $rep/$REPS: $pair"
+    start_pair "$pair"
+    measure "$pair" "$rep"
+    stop_pair
+  done
+done
+
+python3 - "$RESULTS" "$PAIRS" "$REPS" "$DURATION" <<'EOF'
+import statistics, sys
+from collections import defaultdict
+path, pairs, reps, duration = sys.argv[1], sys.argv[2].split(), sys.argv[3], sys.argv[4]
+vals = defaultdict(list)
+for line in open(path):
+    pair, rep, metric, v = line.rstrip("\n").split("\t")
+    vals[(pair, metric)].append(float(v))
+metrics = [("tcp1_mbit", "TCP 1 stream Mbit/s"), ("tcp4_mbit", "TCP 4 streams Mbit/s"),
+           ("udp64_kpps", "UDP 64 B kpps rcvd"), ("ping_us", "ping RTT µs"),
+           ("near_cpu_pct", "near end CPU % (TCP 1)"), ("far_cpu_pct", "far end CPU % (TCP 1)"),
+           ("near_cpu_per_gbit", "near end CPU % per Gbit/s"), ("far_cpu_per_gbit", "far end CPU % per Gbit/s")]
+med = {k: statistics.median(v) for k, v in vals.items()}
+for p in pairs:
+    # Efficiency of each end, independent of which end limits the pair.
+    for end in ("near", "far"):
+        cpu, mbit = med.get((p, f"{end}_cpu_pct")), med.get((p, "tcp1_mbit"))
+        if cpu is not None and mbit:
+            med[(p, f"{end}_cpu_per_gbit")] = cpu / (mbit / 1000)
+print(f"median of {reps} interleaved rounds, {duration} s each")
+print(f"| pair | " + " | ".join(m[1] for m in metrics) + " |")
+print("|---|" + "---|" * len(metrics))
+for p in pairs:
+    print(f"| {p} | " + " | ".join(f"{med.get((p, m[0]), float('nan')):.0f}" for m in metrics) + " |")
+ours = "gateway-agent" if "gateway-agent" in pairs else "gateway-wggo"
+base = med.get(("wggo-wggo", "tcp1_mbit"))
+mine = med.get((ours, "tcp1_mbit"))
+if base and mine:
+    print(f"ours = {ours}")
+    print(f"throughput ratio vs wireguard-go: {mine / base:.2f}")
+EOF
