@@ -1,6 +1,8 @@
 //! What the control plane, the HTTP listener and shutdown share: the data
 //! plane's handle, the route manager, and the control-plane connection state.
 
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,8 +30,8 @@ pub struct ControlState {
 /// Shared by every task of the process.
 #[derive(Debug)]
 pub struct App {
-    /// The data-plane worker.
-    pub dataplane: dataplane::Handle,
+    /// The data-plane workers.
+    pub dataplane: dataplane::Dataplane,
     /// Routes and proxy-ARP entries.
     pub routes: tokio::sync::Mutex<Routes>,
     /// The gateway's WireGuard public key.
@@ -57,16 +59,28 @@ impl App {
         desired: GatewayDesiredState,
     ) -> anyhow::Result<Option<AppliedState>> {
         let result = self.dataplane.apply(desired).await?;
-        let mut routes = self.routes.lock().await;
+        // Net change per address over all workers: one that moves between
+        // sites of two workers is removed by one and added by the other.
+        let mut delta: BTreeMap<Ipv4Addr, i32> = BTreeMap::new();
         for e in &result.events {
             match e {
-                GatewayEvent::AddressAdded { address } => routes.want(*address),
-                GatewayEvent::AddressRemoved { address } => routes.unwant(*address),
+                GatewayEvent::AddressAdded { address } => *delta.entry(*address).or_default() += 1,
+                GatewayEvent::AddressRemoved { address } => {
+                    *delta.entry(*address).or_default() -= 1;
+                }
                 GatewayEvent::PeerAdded { .. }
                 | GatewayEvent::PeerRekeyed { .. }
                 | GatewayEvent::PeerRemoved { .. }
                 | GatewayEvent::HandshakeCompleted { .. }
                 | GatewayEvent::EndpointChanged { .. } => {}
+            }
+        }
+        let mut routes = self.routes.lock().await;
+        for (address, d) in delta {
+            match d.cmp(&0) {
+                std::cmp::Ordering::Greater => routes.want(address),
+                std::cmp::Ordering::Less => routes.unwant(address),
+                std::cmp::Ordering::Equal => {}
             }
         }
         let route_errors = routes.reconcile().await;

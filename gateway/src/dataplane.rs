@@ -13,6 +13,16 @@
 //!
 //! The event loop follows STYLE.md §2: commands from the control plane, then
 //! ready IO (bounded work per wake-up), then due timers, then queued outputs.
+//!
+//! **Workers.** With several workers, each owns the peers of one shard (by
+//! site id, [`vpnnat::gateway::Shard`]), its own `SO_REUSEPORT` socket and its
+//! own queue of a multi-queue TUN device, so all cores forward. The kernel
+//! steers a peer's datagrams to its owner by receiver index (`reuseport`),
+//! and a TUN flow to the queue that last wrote it (tun's automq), i.e. to
+//! the owner once the peer has answered. What still arrives at the wrong
+//! worker (handshake initiations, the first packets of a flow opened from the
+//! center) is handed to the owner over a channel, in buffers that travel back
+//! to the sender for reuse.
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
@@ -23,7 +33,7 @@ use anyhow::Context as _;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
-use tun_rs::{AsyncDevice, GROTable};
+use tun_rs::{AsyncDevice, GROTable, SyncDevice};
 use vpnnat::gateway::{
     GatewayCounters, GatewayEvent, GatewayState, NetworkOutcome, PeerView, TunOutcome,
 };
@@ -104,11 +114,34 @@ pub struct IoCounters {
     pub tun_packets_written: u64,
     /// IO errors (logged).
     pub io_errors: u64,
+    /// Packets handed to another worker.
+    pub handoffs_sent: u64,
+    /// Packets taken over from another worker.
+    pub handoffs_received: u64,
+    /// Handoffs dropped (queue full).
+    pub handoff_dropped: u64,
 }
 
-/// The handle the control plane keeps.
+impl IoCounters {
+    fn merge(&mut self, o: &IoCounters) {
+        self.tun_reads += o.tun_reads;
+        self.tun_packets += o.tun_packets;
+        self.udp_sends += o.udp_sends;
+        self.udp_datagrams_sent += o.udp_datagrams_sent;
+        self.udp_recvs += o.udp_recvs;
+        self.udp_datagrams_received += o.udp_datagrams_received;
+        self.tun_write_batches += o.tun_write_batches;
+        self.tun_packets_written += o.tun_packets_written;
+        self.io_errors += o.io_errors;
+        self.handoffs_sent += o.handoffs_sent;
+        self.handoffs_received += o.handoffs_received;
+        self.handoff_dropped += o.handoff_dropped;
+    }
+}
+
+/// The handle of one worker.
 #[derive(Debug, Clone)]
-pub struct Handle {
+struct Handle {
     tx: mpsc::Sender<Command>,
 }
 
@@ -117,7 +150,7 @@ impl Handle {
     ///
     /// # Errors
     /// When the worker has stopped.
-    pub async fn apply(&self, desired: GatewayDesiredState) -> anyhow::Result<ApplyResult> {
+    async fn apply(&self, desired: GatewayDesiredState) -> anyhow::Result<ApplyResult> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Command::Apply(Box::new(desired), tx))
@@ -130,7 +163,7 @@ impl Handle {
     ///
     /// # Errors
     /// When the worker has stopped.
-    pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
+    async fn snapshot(&self) -> anyhow::Result<Snapshot> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Command::Snapshot(tx))
@@ -140,28 +173,173 @@ impl Handle {
     }
 
     /// Asks the worker to stop.
-    pub async fn shutdown(&self) {
+    async fn shutdown(&self) {
         let _ = self.tx.send(Command::Shutdown).await;
+    }
+}
+
+/// All workers, as the control plane sees them.
+#[derive(Debug, Clone)]
+pub struct Dataplane {
+    workers: Vec<Handle>,
+}
+
+impl Dataplane {
+    /// Applies a desired state on every worker. Address events of all
+    /// workers are returned together (an address moving between two sites of
+    /// different workers is removed by one and added by the other).
+    ///
+    /// # Errors
+    /// When a worker has stopped.
+    pub async fn apply(&self, desired: GatewayDesiredState) -> anyhow::Result<ApplyResult> {
+        let mut applied = None;
+        let mut events = Vec::new();
+        for (i, w) in self.workers.iter().enumerate() {
+            let r = w.apply(desired.clone()).await?;
+            // Every worker validates the same document the same way.
+            if i == 0 {
+                applied = r.applied;
+            }
+            events.extend(r.events);
+        }
+        Ok(ApplyResult { applied, events })
+    }
+
+    /// Counters and peers of all workers together.
+    ///
+    /// # Errors
+    /// When a worker has stopped.
+    pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let mut all: Option<Snapshot> = None;
+        for w in &self.workers {
+            let s = w.snapshot().await?;
+            match &mut all {
+                None => all = Some(s),
+                Some(a) => {
+                    a.peers.extend(s.peers);
+                    a.counters.drops.merge(&s.counters.drops);
+                    a.counters.icmp_unreachable_sent += s.counters.icmp_unreachable_sent;
+                    a.counters.cookie_replies_sent += s.counters.cookie_replies_sent;
+                    a.io.merge(&s.io);
+                    a.applied_version = a.applied_version.min(s.applied_version);
+                }
+            }
+        }
+        let mut all = all.context("no data-plane workers")?;
+        all.peers.sort_by_key(|p| p.site_id);
+        Ok(all)
+    }
+
+    /// Stops every worker.
+    pub async fn shutdown(&self) {
+        for w in &self.workers {
+            w.shutdown().await;
+        }
+    }
+}
+
+/// A datagram (`from` set) or TUN packet (`from` unset) for another worker.
+#[derive(Debug)]
+struct Handoff {
+    from: Option<SocketAddr>,
+    buf: Vec<u8>,
+    origin: usize,
+}
+
+/// A worker's links to the others.
+struct Mesh {
+    me: usize,
+    to: Vec<mpsc::Sender<Handoff>>,
+    rx: mpsc::Receiver<Handoff>,
+    recycle_to: Vec<std::sync::mpsc::Sender<Vec<u8>>>,
+    recycled: std::sync::mpsc::Receiver<Vec<u8>>,
+    free: Vec<Vec<u8>>,
+}
+
+impl Mesh {
+    fn send(&mut self, to: u16, from: Option<SocketAddr>, bytes: &[u8], io: &mut IoCounters) {
+        let Some(tx) = self.to.get(usize::from(to)) else {
+            io.handoff_dropped += 1;
+            return;
+        };
+        let mut buf = self
+            .free
+            .pop()
+            .or_else(|| self.recycled.try_recv().ok())
+            .unwrap_or_else(|| Vec::with_capacity(SEGMENT_BUF));
+        buf.clear();
+        buf.extend_from_slice(bytes);
+        match tx.try_send(Handoff {
+            from,
+            buf,
+            origin: self.me,
+        }) {
+            Ok(()) => io.handoffs_sent += 1,
+            Err(e) => {
+                io.handoff_dropped += 1;
+                let (mpsc::error::TrySendError::Full(h) | mpsc::error::TrySendError::Closed(h)) = e;
+                self.free.push(h.buf);
+            }
+        }
+    }
+
+    fn give_back(&mut self, h: Handoff) {
+        if h.origin == self.me {
+            self.free.push(h.buf);
+        } else if let Some(tx) = self.recycle_to.get(h.origin) {
+            let _ = tx.send(h.buf);
+        }
     }
 }
 
 /// What a worker needs to start.
 pub struct WorkerSetup {
-    /// The sans-IO gateway.
+    /// The sans-IO gateway, owning this worker's shard of peers.
     pub state: GatewayState,
-    /// The bound UDP socket (non-blocking).
+    /// The bound UDP socket.
     pub socket: std::net::UdpSocket,
-    /// Builds this worker's TUN queue inside the worker's runtime.
-    pub tun: Box<dyn FnOnce() -> io::Result<AsyncDevice> + Send>,
+    /// This worker's queue of the TUN device.
+    pub tun: SyncDevice,
 }
 
-/// Starts a worker thread. Returns once its TUN device exists (or failed).
+/// Starts one thread per worker. Returns once every worker runs (or one failed).
 ///
 /// # Errors
-/// When the thread, its runtime or its TUN device cannot be created.
+/// When a thread, its runtime or its TUN queue cannot be set up.
 pub fn spawn(
+    setups: Vec<WorkerSetup>,
+) -> anyhow::Result<(Dataplane, Vec<std::thread::JoinHandle<anyhow::Result<()>>>)> {
+    let n = setups.len();
+    let (handoff_tx, handoff_rx): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::channel(4096)).unzip();
+    let (recycle_tx, recycle_rx): (Vec<_>, Vec<_>) =
+        (0..n).map(|_| std::sync::mpsc::channel()).unzip();
+    let mut workers = Vec::new();
+    let mut threads = Vec::new();
+    for (i, ((setup, rx), recycled)) in setups
+        .into_iter()
+        .zip(handoff_rx)
+        .zip(recycle_rx)
+        .enumerate()
+    {
+        let mesh = Mesh {
+            me: i,
+            to: handoff_tx.clone(),
+            rx,
+            recycle_to: recycle_tx.clone(),
+            recycled,
+            free: Vec::new(),
+        };
+        let (handle, thread) = spawn_one(format!("gateway-dp{i}"), setup, mesh)?;
+        workers.push(handle);
+        threads.push(thread);
+    }
+    Ok((Dataplane { workers }, threads))
+}
+
+fn spawn_one(
     name: String,
     setup: WorkerSetup,
+    mesh: Mesh,
 ) -> anyhow::Result<(Handle, std::thread::JoinHandle<anyhow::Result<()>>)> {
     let (tx, rx) = mpsc::channel(16);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
@@ -179,7 +357,7 @@ pub fn spawn(
                 }
             };
             rt.block_on(async move {
-                let worker = match Worker::new(setup, rx) {
+                let worker = match Worker::new(setup, rx, mesh) {
                     Ok(w) => {
                         let _ = ready_tx.send(Ok(()));
                         w
@@ -205,11 +383,12 @@ struct Worker {
     udp_state: quinn_udp::UdpSocketState,
     tun: Arc<AsyncDevice>,
     cmds: mpsc::Receiver<Command>,
+    mesh: Mesh,
 }
 
 impl Worker {
-    fn new(setup: WorkerSetup, cmds: mpsc::Receiver<Command>) -> anyhow::Result<Self> {
-        let tun = (setup.tun)().context("creating the TUN device")?;
+    fn new(setup: WorkerSetup, cmds: mpsc::Receiver<Command>, mesh: Mesh) -> anyhow::Result<Self> {
+        let tun = AsyncDevice::new(setup.tun).context("registering the TUN queue")?;
         setup
             .socket
             .set_nonblocking(true)
@@ -221,6 +400,7 @@ impl Worker {
         let _ = udp_state.set_send_buffer_size((&setup.socket).into(), 8 << 20);
         let udp = UdpSocket::from_std(setup.socket).context("registering the UDP socket")?;
         tracing::info!(
+            worker = mesh.me,
             tcp_gso = tun.tcp_gso(),
             udp_gso_tun = tun.udp_gso(),
             udp_gso_segments = udp_state.max_gso_segments(),
@@ -233,6 +413,7 @@ impl Worker {
             udp_state,
             tun: Arc::new(tun),
             cmds,
+            mesh,
         })
     }
 
@@ -243,6 +424,7 @@ impl Worker {
             udp_state,
             tun,
             mut cmds,
+            mut mesh,
         } = self;
         let mut io = IoCounters::default();
 
@@ -259,6 +441,8 @@ impl Worker {
         let mut metas = [quinn_udp::RecvMeta::default(); UDP_BATCH];
         let mut tun_out: Vec<Vec<u8>> = Vec::new();
         let mut gro = GROTable::default();
+        // TUN packets handed over by other workers, waiting for encryption.
+        let mut handed_tun: Vec<Handoff> = Vec::new();
 
         loop {
             let deadline = state.poll_timeout();
@@ -330,9 +514,10 @@ impl Worker {
                                         b.truncate(TUN_OFFSET + len);
                                         k += 1;
                                     }
-                                    NetworkOutcome::Consumed
-                                    | NetworkOutcome::Dropped(_)
-                                    | NetworkOutcome::Handoff(_) => {}
+                                    NetworkOutcome::Handoff(owner) => {
+                                        mesh.send(owner, Some(meta.addr), dgram, &mut io);
+                                    }
+                                    NetworkOutcome::Consumed | NetworkOutcome::Dropped(_) => {}
                                 }
                             }
                         }
@@ -362,6 +547,7 @@ impl Worker {
                             &mut udp_out,
                             &udp,
                             &udp_state,
+                            Some(&mut mesh),
                             now,
                             &mut io,
                         )
@@ -378,6 +564,69 @@ impl Worker {
                             );
                         }
                     }
+                }
+                Some(first) = mesh.rx.recv() => {
+                    let now = Instant::now();
+                    let mut next = Some(first);
+                    let mut k = 0;
+                    let mut budget = BUDGET * 4;
+                    while let Some(h) = next.take() {
+                        if let Some(from) = h.from {
+                            if k == tun_out.len() {
+                                tun_out.push(Vec::with_capacity(TUN_OFFSET + SEGMENT_BUF));
+                            }
+                            let b = &mut tun_out[k];
+                            let need = TUN_OFFSET + wg::buffer_len(h.buf.len());
+                            if b.len() < need {
+                                b.resize(need, 0);
+                            }
+                            match state.handle_network_input_into(
+                                from,
+                                &h.buf,
+                                &mut b[TUN_OFFSET..need],
+                                now,
+                            ) {
+                                NetworkOutcome::Tunnel(p) => {
+                                    let len = p.len();
+                                    b.truncate(TUN_OFFSET + len);
+                                    k += 1;
+                                }
+                                // Owners never disagree (site id % workers), so a
+                                // second handoff cannot happen; drop rather than loop.
+                                NetworkOutcome::Handoff(_) => io.handoff_dropped += 1,
+                                NetworkOutcome::Consumed | NetworkOutcome::Dropped(_) => {}
+                            }
+                            mesh.give_back(h);
+                        } else {
+                            handed_tun.push(h);
+                        }
+                        budget -= 1;
+                        if budget > 0 {
+                            next = mesh.rx.try_recv().ok();
+                        }
+                    }
+                    io.handoffs_received += (BUDGET * 4 - budget) as u64;
+                    let k = queue_tun_outputs(&mut state, &mut tun_out, k);
+                    write_tun(&tun, &mut gro, &mut tun_out[..k], &mut io).await;
+                    if !handed_tun.is_empty() {
+                        encrypt_and_send(
+                            &mut state,
+                            handed_tun.iter().map(|h| &h.buf[..]),
+                            &mut udp_out,
+                            &udp,
+                            &udp_state,
+                            None,
+                            now,
+                            &mut io,
+                        )
+                        .await;
+                        for h in handed_tun.drain(..) {
+                            mesh.give_back(h);
+                        }
+                        let k = queue_tun_outputs(&mut state, &mut tun_out, 0);
+                        write_tun(&tun, &mut gro, &mut tun_out[..k], &mut io).await;
+                    }
+                    send_transmits(&mut state, &udp, &udp_state, &mut io).await;
                 }
                 () = sleep_until(deadline) => {
                     state.handle_timeout(Instant::now());
@@ -456,12 +705,17 @@ struct Train {
     closed: bool,
 }
 
+/// Encrypts TUN packets and sends them in GSO trains. Packets of another
+/// worker's peers are handed to it through `mesh` (or dropped when `mesh` is
+/// `None`: they were handed over already).
+#[allow(clippy::too_many_arguments)]
 async fn encrypt_and_send<'a>(
     state: &mut GatewayState,
     packets: impl Iterator<Item = &'a [u8]>,
     out: &mut [u8],
     udp: &UdpSocket,
     udp_state: &quinn_udp::UdpSocketState,
+    mut mesh: Option<&mut Mesh>,
     now: Instant,
     io: &mut IoCounters,
 ) {
@@ -478,7 +732,14 @@ async fn encrypt_and_send<'a>(
         }
         let (dst, len) = match state.handle_tun_input_into(packet, &mut out[pos..pos + need], now) {
             TunOutcome::Send { dst, datagram } => (dst, datagram.len()),
-            TunOutcome::Queued | TunOutcome::Dropped(_) | TunOutcome::Handoff(_) => continue,
+            TunOutcome::Handoff(owner) => {
+                match mesh.as_deref_mut() {
+                    Some(m) => m.send(owner, None, packet, io),
+                    None => io.handoff_dropped += 1,
+                }
+                continue;
+            }
+            TunOutcome::Queued | TunOutcome::Dropped(_) => continue,
         };
         let extends = train.as_ref().is_some_and(|t| {
             t.dst == dst

@@ -324,6 +324,9 @@ async fn render_metrics(app: &App) -> anyhow::Result<String> {
         ("udp_recvs", io.udp_recvs),
         ("udp_datagrams_received", io.udp_datagrams_received),
         ("errors", io.io_errors),
+        ("handoffs_sent", io.handoffs_sent),
+        ("handoffs_received", io.handoffs_received),
+        ("handoffs_dropped", io.handoff_dropped),
     ] {
         m.sample("io_total", &[("kind", kind)], n);
     }

@@ -11,11 +11,13 @@ mod control;
 mod dataplane;
 mod garp;
 mod http;
+mod reuseport;
 mod routes;
 mod settings;
 mod status;
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,7 +28,7 @@ use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use vpnnat::gateway::{GatewayConfig, GatewayState};
+use vpnnat::gateway::{GatewayConfig, GatewayState, Shard};
 use vpnnat::messages::GatewayDesiredState;
 use vpnnat::wg::PrivateKey;
 
@@ -229,45 +231,39 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
     }
     let initial = peers_file.as_deref().map(read_peers).transpose()?;
 
-    let socket = std::net::UdpSocket::bind(settings.wireguard.listen)
-        .with_context(|| format!("binding wireguard.listen {}", settings.wireguard.listen))?;
-    let listen_port = socket.local_addr().context("UDP socket")?.port();
-    let state = GatewayState::new(
-        GatewayConfig {
-            pool: Some(settings.center.pool),
-            max_tunnels: settings.wireguard.max_tunnels,
-            handshake_limit: settings.wireguard.handshake_limit,
-            icmp_source: settings.center.icmp_source,
-            ..GatewayConfig::new(key)
-        },
-        Instant::now(),
-    );
+    let workers = match settings.wireguard.workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    }
+    .min(64);
+    let sockets = bind_sockets(settings.wireguard.listen, workers)?;
+    let listen_port = sockets[0].local_addr().context("UDP socket")?.port();
+    let queues = tun_queues(&settings.center.tun_name, settings.center.tun_mtu, workers)?;
     let tun_name = settings.center.tun_name.clone();
-    let mtu = settings.center.tun_mtu;
-    let tun_builder = {
-        let tun_name = tun_name.clone();
-        Box::new(move || {
-            let build = |offload: bool| {
-                tun_rs::DeviceBuilder::new()
-                    .name(tun_name.clone())
-                    .mtu(mtu)
-                    .offload(offload)
-                    .build_async()
-            };
-            build(true).or_else(|e| {
-                tracing::warn!(error = %e, "TUN offload unavailable; continuing without it");
-                build(false)
-            })
-        })
-    };
-    let (dataplane, worker) = dataplane::spawn(
-        "gateway-dataplane".to_owned(),
-        dataplane::WorkerSetup {
-            state,
+    let setups = sockets
+        .into_iter()
+        .zip(queues)
+        .enumerate()
+        .map(|(i, (socket, tun))| dataplane::WorkerSetup {
+            state: GatewayState::new(
+                GatewayConfig {
+                    pool: Some(settings.center.pool),
+                    max_tunnels: settings.wireguard.max_tunnels,
+                    handshake_limit: settings.wireguard.handshake_limit,
+                    icmp_source: settings.center.icmp_source,
+                    shard: Shard {
+                        index: i as u16,
+                        count: workers as u16,
+                    },
+                    ..GatewayConfig::new(key.clone())
+                },
+                Instant::now(),
+            ),
             socket,
-            tun: tun_builder,
-        },
-    )?;
+            tun,
+        })
+        .collect();
+    let (dataplane, threads) = dataplane::spawn(setups)?;
     let routes =
         routes::Routes::new(&tun_name, &settings.center.interface, settings.center.pool).await?;
     let mode = match (&peers_file, &credential) {
@@ -293,6 +289,7 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
         public_key = %public_key,
         listen = %settings.wireguard.listen,
         tun = %app.tun_name,
+        workers,
         pool = %settings.center.pool,
         center = %settings.center.interface,
         "gateway started"
@@ -303,13 +300,73 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
     tracing::info!("shutting down: removing routes and proxy-ARP entries");
     app.routes.lock().await.remove_all().await;
     app.dataplane.shutdown().await;
-    let joined = tokio::task::spawn_blocking(move || worker.join()).await;
-    match (result, joined) {
-        (Err(e), _) => Err(e),
-        (Ok(()), Ok(Ok(Ok(())))) => Ok(ExitCode::SUCCESS),
-        (Ok(()), Ok(Ok(Err(e)))) => Err(e.context("data plane")),
-        (Ok(()), _) => Err(anyhow!("data plane panicked")),
+    let joined = tokio::task::spawn_blocking(move || {
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(anyhow!("data plane panicked")))
+            })
+            .collect::<anyhow::Result<Vec<()>>>()
+    })
+    .await
+    .context("joining the data plane")?;
+    result?;
+    joined.context("data plane")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One UDP socket per worker, all bound to `listen` (`SO_REUSEPORT`), with
+/// datagrams steered to the worker that owns their peer.
+fn bind_sockets(listen: SocketAddr, workers: usize) -> anyhow::Result<Vec<std::net::UdpSocket>> {
+    let mut sockets = Vec::with_capacity(workers);
+    let mut addr = listen;
+    for _ in 0..workers {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .context("UDP socket")?;
+        if workers > 1 {
+            s.set_reuse_port(true).context("SO_REUSEPORT")?;
+        }
+        s.bind(&addr.into())
+            .with_context(|| format!("binding wireguard.listen {listen}"))?;
+        let s: std::net::UdpSocket = s.into();
+        // With port 0 the first socket picks the port the others share.
+        addr = s.local_addr().context("UDP socket")?;
+        sockets.push(s);
     }
+    if workers > 1 {
+        reuseport::attach(&sockets[0], workers as u16)
+            .context("attaching the reuseport steering program")?;
+    }
+    Ok(sockets)
+}
+
+/// The TUN device with one queue per worker, with offload when the kernel has it.
+fn tun_queues(name: &str, mtu: u16, workers: usize) -> anyhow::Result<Vec<tun_rs::SyncDevice>> {
+    let build = |offload: bool| {
+        tun_rs::DeviceBuilder::new()
+            .name(name.to_owned())
+            .mtu(mtu)
+            .offload(offload)
+            .multi_queue(workers > 1)
+            .build_sync()
+    };
+    let first = build(true)
+        .or_else(|e| {
+            tracing::warn!(error = %e, "TUN offload unavailable; continuing without it");
+            build(false)
+        })
+        .with_context(|| format!("creating TUN device {name}"))?;
+    let mut queues = Vec::with_capacity(workers);
+    for _ in 1..workers {
+        queues.push(first.try_clone().context("adding a TUN queue")?);
+    }
+    queues.insert(0, first);
+    Ok(queues)
 }
 
 /// Runs the HTTP listener and the control plane until SIGTERM/SIGINT.

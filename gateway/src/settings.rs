@@ -43,6 +43,8 @@ pub struct Wireguard {
     pub max_tunnels: u32,
     /// Handshake messages per second before cookies are required.
     pub handshake_limit: u64,
+    /// Data-plane workers; 0 = one per core.
+    pub workers: usize,
 }
 
 impl Default for Wireguard {
@@ -53,6 +55,7 @@ impl Default for Wireguard {
             private_key_file: PathBuf::from("/var/lib/vpnnat/gateway.key"),
             max_tunnels: 1000,
             handshake_limit: vpnnat::wg::Responder::DEFAULT_HANDSHAKE_LIMIT,
+            workers: 0,
         }
     }
 }
@@ -147,6 +150,9 @@ impl Settings {
         let err = |key: &str, msg: &str| Err(format!("{source}: {key}: {msg}"));
         if self.wireguard.max_tunnels == 0 || self.wireguard.max_tunnels > 1_000_000 {
             return err("wireguard.max_tunnels", "must be 1 to 1000000");
+        }
+        if self.wireguard.workers > 64 {
+            return err("wireguard.workers", "must be 0 (one per core) to 64");
         }
         if self.center.tun_name.is_empty() || self.center.tun_name.len() > 15 {
             return err("center.tun_name", "must be 1 to 15 characters");
