@@ -532,6 +532,14 @@ impl Worker {
                         let n = match result {
                             Ok(n) => n,
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) if e.raw_os_error().is_some_and(|c| {
+                                c == libc::EBADFD || c == libc::ENODEV || c == libc::EBADF
+                            }) =>
+                            {
+                                // The device is gone (deleted under us): stop, and
+                                // let the process exit and be restarted.
+                                return Err(e).context("TUN device");
+                            }
                             Err(e) => {
                                 tracing::debug!(error = %e, "TUN read");
                                 io.io_errors += 1;

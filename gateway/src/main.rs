@@ -295,7 +295,15 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
         "gateway started"
     );
 
-    let result = serve(app.clone(), settings, peers_file, initial, credential).await;
+    let result = serve(
+        app.clone(),
+        settings,
+        peers_file,
+        initial,
+        credential,
+        &threads,
+    )
+    .await;
 
     tracing::info!("shutting down: removing routes and proxy-ARP entries");
     app.routes.lock().await.remove_all().await;
@@ -311,8 +319,9 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
     })
     .await
     .context("joining the data plane")?;
-    result?;
+    // A worker's own error says more than "a worker stopped".
     joined.context("data plane")?;
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -376,6 +385,7 @@ async fn serve(
     peers_file: Option<PathBuf>,
     initial: Option<GatewayDesiredState>,
     credential: Option<String>,
+    workers: &[std::thread::JoinHandle<anyhow::Result<()>>],
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.metrics.listen)
         .await
@@ -418,10 +428,18 @@ async fn serve(
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut watchdog = tokio::time::interval(Duration::from_secs(1));
+    let mut failed = None;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = watchdog.tick() => {
+                if workers.iter().any(std::thread::JoinHandle::is_finished) {
+                    failed = Some(anyhow!("a data-plane worker stopped"));
+                    break;
+                }
+            }
             _ = hup.recv() => {
                 if let Some(path) = &peers_file {
                     match read_peers(path) {
@@ -438,7 +456,10 @@ async fn serve(
     if let Some(c) = control {
         let _ = c.await;
     }
-    Ok(())
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 async fn apply_logged(app: &App, desired: GatewayDesiredState) {
