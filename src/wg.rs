@@ -350,6 +350,7 @@ pub struct TunnelStats {
 
 const TYPE_HANDSHAKE_INIT: u8 = 1;
 const TYPE_HANDSHAKE_RESPONSE: u8 = 2;
+const TYPE_DATA: u8 = 4;
 const HANDSHAKE_RESPONSE_LEN: usize = 92;
 /// Bound on undrained events: a slow consumer loses old events, never memory.
 const MAX_EVENTS: usize = 16;
@@ -484,19 +485,22 @@ impl Tunnel {
             self.redial_at = None;
             self.next_tick = self.next_tick.min(now + TIMER_TICK);
         }
-        let had_session = self.has_session();
-        if !had_session {
-            self.queued_max = Some(self.queued_max.unwrap_or(0).max(packet.len()));
-        }
         match self.tunn.encapsulate(packet, buf) {
-            TunnResult::WriteToNetwork(p) => {
-                if had_session {
-                    self.stats.tx_bytes += packet.len() as u64;
-                    self.stats.tx_packets += 1;
-                }
+            // With a session boringtun returns a data message (type 4);
+            // without one it queued the packet and returns an initiation.
+            TunnResult::WriteToNetwork(p) if p.first() == Some(&TYPE_DATA) => {
+                self.stats.tx_bytes += packet.len() as u64;
+                self.stats.tx_packets += 1;
                 Ok(Encapsulated::Network(p))
             }
-            TunnResult::Done => Ok(Encapsulated::Queued),
+            TunnResult::WriteToNetwork(p) => {
+                self.note_queued(packet.len());
+                Ok(Encapsulated::Network(p))
+            }
+            TunnResult::Done => {
+                self.note_queued(packet.len());
+                Ok(Encapsulated::Queued)
+            }
             TunnResult::Err(e) => Err(e.into()),
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
                 Ok(Encapsulated::Queued)
@@ -640,6 +644,10 @@ impl Tunnel {
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<TunnelEvent> {
         self.events.pop_front()
+    }
+
+    fn note_queued(&mut self, len: usize) {
+        self.queued_max = Some(self.queued_max.unwrap_or(0).max(len));
     }
 
     fn on_handshake(&mut self, now: Instant) {
