@@ -175,12 +175,24 @@ fn load_settings(path: Option<&Path>) -> anyhow::Result<Settings> {
 /// Reads the private key, or creates it (0600, like `wg genkey > file` under umask 077).
 fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
     match std::fs::read_to_string(path) {
-        Ok(text) => text.parse().map_err(|_| {
-            anyhow!(
-                "{}: wireguard.private_key_file: not a base64 WireGuard key",
-                path.display()
-            )
-        }),
+        Ok(text) => {
+            use std::os::unix::fs::PermissionsExt as _;
+            if let Ok(meta) = std::fs::metadata(path)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                    "the private key file is readable by others; chmod 600 it"
+                );
+            }
+            text.parse().map_err(|_| {
+                anyhow!(
+                    "{}: wireguard.private_key_file: not a base64 WireGuard key",
+                    path.display()
+                )
+            })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::DirBuilder::new()

@@ -89,6 +89,11 @@ impl World {
         let dir = common::temp_dir(tag);
         let gw_key = PrivateKey::from_bytes(rand_bytes());
         std::fs::write(dir.path().join("gw.key"), gw_key.to_base64()).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("gw.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         let config = dir.path().join("gateway.toml");
         std::fs::write(
             &config,
