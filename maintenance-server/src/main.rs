@@ -1,12 +1,319 @@
-//! `maintenance-server`: see ../README.md.
+//! `maintenance-server`: the vpnnat control plane (see ../README.md).
+//!
+//! `serve` (the default) runs the API and the technician console; the other
+//! subcommands work directly on the database, no running server needed.
 
-use clap::Parser;
+use std::io::{BufRead as _, IsTerminal as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-/// vpnnat maintenance-server.
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use maintenance_server::db::{now_ms, ops, views};
+use maintenance_server::settings::Settings;
+use vpnnat::messages::{GatewayId, SiteId};
+
+/// vpnnat maintenance-server: enrollment, maintenance requests, the
+/// NAT-address pool, gateway selection and failover, technician console.
 #[derive(Parser)]
 #[command(version, about)]
-struct Cli {}
+struct Cli {
+    /// Configuration file (default /etc/vpnnat/maintenance-server.toml, used when present).
+    #[arg(long, global = true, env = "VPNNAT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-fn main() {
-    let _cli = Cli::parse();
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API and the console (the default).
+    Serve,
+    /// Customer sites.
+    #[command(subcommand)]
+    Site(SiteCmd),
+    /// Gateways.
+    #[command(subcommand)]
+    Gateway(GatewayCmd),
+    /// Technicians (console users).
+    #[command(subcommand)]
+    Technician(TechnicianCmd),
+    /// Print the operator token (generating it on first use).
+    OperatorToken,
+}
+
+#[derive(Subcommand)]
+enum SiteCmd {
+    /// Create a site; prints its id and one-time enrollment token.
+    Add {
+        /// The site's name.
+        name: String,
+    },
+    /// List sites.
+    List,
+    /// A new enrollment token for a site (re-enrollment rotates its credential).
+    Token {
+        /// The site id.
+        id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum GatewayCmd {
+    /// Create a gateway identity; prints its credential once.
+    Add {
+        /// The gateway's name.
+        name: String,
+    },
+    /// List gateways.
+    List,
+    /// Drain a gateway (it keeps its sites, takes no new ones).
+    Drain {
+        /// The gateway id.
+        id: u64,
+        /// End draining.
+        #[arg(long)]
+        off: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TechnicianCmd {
+    /// Add a technician, or set the password of an existing one.
+    Add {
+        /// The login name.
+        name: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("maintenance-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("maintenance-server: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command.unwrap_or(Command::Serve), settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("maintenance-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => serve(settings).await,
+        Command::OperatorToken => print_line(&maintenance_server::operator_token(&settings)?),
+        Command::Site(c) => site(c, &settings).await,
+        Command::Gateway(c) => gateway(c, &settings).await,
+        Command::Technician(c) => technician(c, &settings).await,
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn print_line(s: &str) -> anyhow::Result<()> {
+    println!("{s}");
+    Ok(())
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let addr = settings
+        .listen()
+        .map_err(|e| anyhow::anyhow!("http.listen: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    maintenance_server::launch_with_listener(settings, listener, shutdown).await
+}
+
+async fn open(settings: &Settings) -> anyhow::Result<maintenance_server::db::Database> {
+    if settings.database.url.is_empty() {
+        std::fs::create_dir_all(&settings.state.dir)
+            .with_context(|| format!("creating {}", settings.state.dir.display()))?;
+    }
+    maintenance_server::open_database(settings).await
+}
+
+async fn site(c: SiteCmd, settings: &Settings) -> anyhow::Result<()> {
+    let db = open(settings).await?;
+    let notifier = maintenance_server::notify::Notifier::default();
+    let policy = ops::Policy::new(settings);
+    match c {
+        SiteCmd::Add { name } => {
+            vpnnat::messages::NewSite { name: name.clone() }
+                .validate()
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut tx = db.begin().await?;
+            let r = ops::create_site(&mut tx, name.trim(), "operator", now_ms(), &policy).await?;
+            tx.commit(&notifier).await?;
+            print_line(&format!(
+                "site {}: {}\nenrollment token (shown once, valid until {} ms since epoch):\n{}",
+                r.site_id, r.name, r.token_expires_at.0, r.enrollment_token
+            ))
+        }
+        SiteCmd::List => {
+            let mut c = db.reader().acquire().await?;
+            let sites = views::sites(&mut c).await?;
+            let mut out = format!(
+                "{:>6}  {:<30}  {:<8}  {:<7}  NAT addresses",
+                "ID", "NAME", "ENROLLED", "GATEWAY"
+            );
+            for s in sites {
+                out.push_str(&format!(
+                    "\n{:>6}  {:<30}  {:<8}  {:<7}  {}",
+                    s.site_id,
+                    s.name,
+                    if s.enrolled { "yes" } else { "no" },
+                    s.gateway_id.map_or("-".into(), |g| g.to_string()),
+                    s.nat_addresses
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ));
+            }
+            print_line(&out)
+        }
+        SiteCmd::Token { id } => {
+            let mut tx = db.begin().await?;
+            let r = ops::new_site_token(&mut tx, SiteId(id), "operator", now_ms(), &policy).await?;
+            tx.commit(&notifier).await?;
+            print_line(&format!(
+                "site {}: {}\nenrollment token (shown once):\n{}",
+                r.site_id, r.name, r.enrollment_token
+            ))
+        }
+    }
+}
+
+async fn gateway(c: GatewayCmd, settings: &Settings) -> anyhow::Result<()> {
+    let db = open(settings).await?;
+    let notifier = maintenance_server::notify::Notifier::default();
+    match c {
+        GatewayCmd::Add { name } => {
+            vpnnat::messages::NewGateway { name: name.clone() }
+                .validate()
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut tx = db.begin().await?;
+            let r = ops::create_gateway(&mut tx, name.trim(), "operator", now_ms()).await?;
+            tx.commit(&notifier).await?;
+            print_line(&format!(
+                "gateway {}: {}\ncredential (shown once; put it into the gateway's credential file):\n{}",
+                r.gateway_id, r.name, r.credential
+            ))
+        }
+        GatewayCmd::List => {
+            let mut c = db.reader().acquire().await?;
+            let gws = views::gateways(&mut c, None).await?;
+            let mut out = format!(
+                "{:>4}  {:<20}  {:<8}  {:<5}  {:>7}  {:<24}  LAST HEARTBEAT (ms)",
+                "ID", "NAME", "HEALTH", "DRAIN", "TUNNELS", "ENDPOINT"
+            );
+            for g in gws {
+                out.push_str(&format!(
+                    "\n{:>4}  {:<20}  {:<8}  {:<5}  {:>7}  {:<24}  {}",
+                    g.gateway_id,
+                    g.name,
+                    views::enum_str(&g.health),
+                    if g.drain { "yes" } else { "no" },
+                    format!("{}/{}", g.tunnels, g.max_tunnels),
+                    g.endpoints.first().map_or("-".into(), ToString::to_string),
+                    g.last_heartbeat.map_or("-".into(), |t| t.0.to_string()),
+                ));
+            }
+            print_line(&out)
+        }
+        GatewayCmd::Drain { id, off } => {
+            let mut tx = db.begin().await?;
+            ops::drain(&mut tx, GatewayId(id), !off, "operator", now_ms()).await?;
+            tx.commit(&notifier).await?;
+            print_line(&format!(
+                "gateway {id}: {}",
+                if off {
+                    "takes new sites again"
+                } else {
+                    "draining (takes no new sites)"
+                }
+            ))
+        }
+    }
+}
+
+async fn technician(c: TechnicianCmd, settings: &Settings) -> anyhow::Result<()> {
+    let TechnicianCmd::Add {
+        name,
+        password_stdin,
+    } = c;
+    if name.trim().is_empty() || name.len() > 100 {
+        anyhow::bail!("NAME: 1 to 100 characters");
+    }
+    let password = read_password(password_stdin)?;
+    if password.len() < 8 {
+        anyhow::bail!("the password must have at least 8 characters");
+    }
+    let hash =
+        tokio::task::spawn_blocking(move || maintenance_server::auth::hash_password(&password))
+            .await
+            .context("hashing")??;
+    let db = open(settings).await?;
+    let notifier = maintenance_server::notify::Notifier::default();
+    let mut tx = db.begin().await?;
+    ops::upsert_technician(&mut tx, name.trim(), &hash, "operator", now_ms()).await?;
+    tx.commit(&notifier).await?;
+    print_line(&format!("technician {}: password set", name.trim()))
+}
+
+fn read_password(from_stdin: bool) -> anyhow::Result<String> {
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    if !from_stdin && !tty {
+        anyhow::bail!("no terminal to prompt on: pass --password-stdin");
+    }
+    if !from_stdin {
+        eprint!("password: ");
+        // Hide the typed password.
+        let _ = std::process::Command::new("stty").arg("-echo").status();
+    }
+    let mut line = String::new();
+    let r = stdin.lock().read_line(&mut line);
+    if !from_stdin {
+        let _ = std::process::Command::new("stty").arg("echo").status();
+        eprintln!();
+    }
+    r.context("reading the password")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
 }

@@ -1,0 +1,384 @@
+//! The database: SQLite (default, one file, WAL) or PostgreSQL, through sqlx's
+//! `Any` driver so that one set of queries serves both. Queries use `$N`
+//! placeholders, which both backends accept; the few dialect differences
+//! (row locks) are explicit on [`DbKind`].
+//!
+//! Concurrency: on SQLite all writes go through one connection (a pool of
+//! one), so write transactions are serialized and can never hit
+//! `SQLITE_BUSY`; reads use their own connections and see committed
+//! snapshots (WAL). On PostgreSQL every write transaction first locks the
+//! row of the site it touches (`SELECT … FOR UPDATE`), and NAT addresses are
+//! claimed with `FOR UPDATE SKIP LOCKED` from a pre-populated table whose
+//! primary key is the address: two replicas can never hand out one address twice.
+
+pub mod ops;
+pub mod views;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Row as _, Transaction};
+use vpnnat::messages::{GatewayId, SiteId};
+
+use crate::notify::{Notifier, Topic};
+use crate::settings::PoolPrefix;
+
+/// Which SQL backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    /// One file.
+    Sqlite,
+    /// Shared by replicas.
+    Postgres,
+}
+
+/// A database failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// No such row.
+    #[error("not found")]
+    NotFound,
+    /// Anything else.
+    #[error(transparent)]
+    Other(#[from] sqlx::Error),
+}
+
+/// Result of a database operation.
+pub type DbResult<T> = Result<T, DbError>;
+
+/// The connection pools.
+#[derive(Clone)]
+pub struct Database {
+    /// The backend.
+    pub kind: DbKind,
+    write: AnyPool,
+    read: AnyPool,
+    url: String,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Database {
+    /// Connects, creating the SQLite file when needed, and runs the migrations.
+    ///
+    /// # Errors
+    /// When the database cannot be reached or migrated.
+    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        sqlx::any::install_default_drivers();
+        let kind = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            DbKind::Postgres
+        } else {
+            DbKind::Sqlite
+        };
+        let (write, read) = match kind {
+            DbKind::Sqlite => {
+                let path = url
+                    .trim_start_matches("sqlite://")
+                    .trim_start_matches("sqlite:");
+                let path = path.split('?').next().unwrap_or(path);
+                if let Some(dir) = std::path::Path::new(path).parent()
+                    && !dir.as_os_str().is_empty()
+                {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                }
+                let url = format!("sqlite://{path}?mode=rwc");
+                let opts = || {
+                    AnyPoolOptions::new()
+                        .acquire_timeout(Duration::from_secs(30))
+                        .after_connect(|conn, _| {
+                            Box::pin(async move {
+                                for pragma in [
+                                    "PRAGMA journal_mode = WAL",
+                                    "PRAGMA synchronous = NORMAL",
+                                    "PRAGMA busy_timeout = 10000",
+                                    "PRAGMA foreign_keys = ON",
+                                ] {
+                                    sqlx::Executor::execute(&mut *conn, pragma).await?;
+                                }
+                                Ok(())
+                            })
+                        })
+                };
+                let write = opts()
+                    .max_connections(1)
+                    .connect(&url)
+                    .await
+                    .with_context(|| format!("opening SQLite database {path}"))?;
+                let read = opts()
+                    .max_connections(max_connections.max(2))
+                    .connect(&url)
+                    .await
+                    .with_context(|| format!("opening SQLite database {path}"))?;
+                (write, read)
+            }
+            DbKind::Postgres => {
+                let pool = AnyPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect(url)
+                    .await
+                    .context("connecting to PostgreSQL")?;
+                (pool.clone(), pool)
+            }
+        };
+        let db = Self {
+            kind,
+            write,
+            read,
+            url: url.to_owned(),
+        };
+        match kind {
+            DbKind::Sqlite => sqlx::migrate!("migrations/sqlite").run(&db.write).await,
+            DbKind::Postgres => sqlx::migrate!("migrations/postgres").run(&db.write).await,
+        }
+        .context("running database migrations")?;
+        Ok(db)
+    }
+
+    /// The URL it was opened with (PostgreSQL `LISTEN` needs it).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The pool for reads.
+    pub fn reader(&self) -> &AnyPool {
+        &self.read
+    }
+
+    /// Starts a write transaction.
+    ///
+    /// # Errors
+    /// When no connection can be had.
+    pub async fn begin(&self) -> DbResult<Tx> {
+        Ok(Tx {
+            inner: self.write.begin().await?,
+            kind: self.kind,
+            changes: Changes::default(),
+        })
+    }
+
+    /// Makes the `nat_addresses` table hold exactly the usable addresses of
+    /// `prefix`: adds missing ones, removes free ones outside it (held ones
+    /// outside it stay until released). Safe to run from several replicas at once.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn sync_pool(&self, prefix: PoolPrefix) -> DbResult<()> {
+        let (first, last) = prefix.usable();
+        let (first, last) = (i64::from(first), i64::from(last));
+        let mut tx = self.begin().await?;
+        let count: i64 =
+            sqlx::query("SELECT COUNT(*) FROM nat_addresses WHERE address >= $1 AND address <= $2")
+                .bind(first)
+                .bind(last)
+                .fetch_one(&mut *tx.inner)
+                .await?
+                .try_get(0)?;
+        if count != last - first + 1 {
+            let fill = match self.kind {
+                DbKind::Postgres => {
+                    "INSERT INTO nat_addresses (address) SELECT a FROM generate_series($1::BIGINT, $2::BIGINT) AS a \
+                     ON CONFLICT DO NOTHING"
+                }
+                DbKind::Sqlite => {
+                    "WITH RECURSIVE seq(a) AS (SELECT $1 UNION ALL SELECT a + 1 FROM seq WHERE a < $2) \
+                     INSERT INTO nat_addresses (address) SELECT a FROM seq WHERE true ON CONFLICT DO NOTHING"
+                }
+            };
+            sqlx::query(fill)
+                .bind(first)
+                .bind(last)
+                .execute(&mut *tx.inner)
+                .await?;
+        }
+        sqlx::query(
+            "DELETE FROM nat_addresses WHERE site_id IS NULL AND (address < $1 OR address > $2)",
+        )
+        .bind(first)
+        .bind(last)
+        .execute(&mut *tx.inner)
+        .await?;
+        tx.inner.commit().await?;
+        Ok(())
+    }
+}
+
+/// Document versions a transaction changed; announced after the commit.
+#[derive(Debug, Default, Clone)]
+pub struct Changes {
+    /// Sites whose desired state changed.
+    pub sites: BTreeSet<SiteId>,
+    /// Gateways whose desired state changed.
+    pub gateways: BTreeSet<GatewayId>,
+    /// Whether the console feed changed.
+    pub console: bool,
+}
+
+impl Changes {
+    fn topics(&self) -> Vec<Topic> {
+        let mut t: Vec<Topic> = self.sites.iter().map(|s| Topic::Site(*s)).collect();
+        t.extend(self.gateways.iter().map(|g| Topic::Gateway(*g)));
+        if self.console {
+            t.push(Topic::Console);
+        }
+        t
+    }
+}
+
+/// A write transaction that remembers which documents it changed.
+pub struct Tx {
+    /// The sqlx transaction.
+    pub inner: Transaction<'static, Any>,
+    /// The backend (for dialect differences).
+    pub kind: DbKind,
+    /// What to announce after the commit.
+    pub changes: Changes,
+}
+
+impl Tx {
+    /// Bumps a site's desired-state version.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn bump_site(&mut self, site: SiteId) -> DbResult<()> {
+        sqlx::query("UPDATE sites SET version = version + 1 WHERE id = $1")
+            .bind(id64(site.0))
+            .execute(&mut *self.inner)
+            .await?;
+        self.changes.sites.insert(site);
+        Ok(())
+    }
+
+    /// Bumps a gateway's desired-state version.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn bump_gateway(&mut self, gw: GatewayId) -> DbResult<()> {
+        sqlx::query("UPDATE gateways SET version = version + 1 WHERE id = $1")
+            .bind(id64(gw.0))
+            .execute(&mut *self.inner)
+            .await?;
+        self.changes.gateways.insert(gw);
+        Ok(())
+    }
+
+    /// Marks the console feed changed (bumped once, at commit).
+    pub fn touch_console(&mut self) {
+        self.changes.console = true;
+    }
+
+    /// Locks a site's row until the commit (PostgreSQL; SQLite writers are
+    /// serialized anyway). Every transaction that changes a site's addresses,
+    /// tunnel or requests takes this lock first, so they cannot interleave.
+    ///
+    /// # Errors
+    /// [`DbError::NotFound`] when the site does not exist.
+    pub async fn lock_site(&mut self, site: SiteId) -> DbResult<()> {
+        let sql = match self.kind {
+            DbKind::Postgres => "SELECT id FROM sites WHERE id = $1 FOR UPDATE",
+            DbKind::Sqlite => "SELECT id FROM sites WHERE id = $1",
+        };
+        sqlx::query(sql)
+            .bind(id64(site.0))
+            .fetch_optional(&mut *self.inner)
+            .await?
+            .ok_or(DbError::NotFound)?;
+        Ok(())
+    }
+
+    /// Appends to the audit log.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn audit(
+        &mut self,
+        now: i64,
+        actor: &str,
+        action: &str,
+        object: &str,
+        detail: &str,
+    ) -> DbResult<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, object, detail) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(now)
+        .bind(actor)
+        .bind(action)
+        .bind(object)
+        .bind(detail)
+        .execute(&mut *self.inner)
+        .await?;
+        self.changes.console = true;
+        Ok(())
+    }
+
+    /// Commits and wakes every long-poll waiting on a changed document, in
+    /// this process directly and in other replicas through `NOTIFY`.
+    ///
+    /// # Errors
+    /// When the commit fails (nothing is announced then).
+    pub async fn commit(mut self, notifier: &Notifier) -> DbResult<()> {
+        if self.changes.console {
+            // Last statement: on PostgreSQL this hot row stays locked only until the commit.
+            sqlx::query("UPDATE counters SET value = value + 1 WHERE name = 'console'")
+                .execute(&mut *self.inner)
+                .await?;
+        }
+        let topics = self.changes.topics();
+        if self.kind == DbKind::Postgres && !topics.is_empty() {
+            // Delivered at commit, to every listening replica (this one too).
+            let payload = topics
+                .iter()
+                .map(Topic::encode)
+                .collect::<Vec<_>>()
+                .join(",");
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(crate::notify::CHANNEL)
+                .bind(payload)
+                .execute(&mut *self.inner)
+                .await?;
+        }
+        self.inner.commit().await?;
+        for t in topics {
+            notifier.wake(t);
+        }
+        Ok(())
+    }
+}
+
+/// An id as stored (ids are positive and far below 2^63).
+pub fn id64(id: u64) -> i64 {
+    i64::try_from(id).unwrap_or(i64::MAX)
+}
+
+/// A stored id or counter back to `u64`.
+pub fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// Reads column `name` of `row`.
+///
+/// # Errors
+/// When the column is missing or has another type.
+pub fn col<'r, T>(row: &'r AnyRow, name: &str) -> DbResult<T>
+where
+    T: sqlx::Decode<'r, Any> + sqlx::Type<Any>,
+{
+    Ok(row.try_get(name)?)
+}

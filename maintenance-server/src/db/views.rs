@@ -1,0 +1,564 @@
+//! The read side: documents and lists built from the tables.
+//!
+//! A desired-state document reads its version first and its content after,
+//! so the content is never older than the version it is labelled with.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::AnyConnection;
+use sqlx::any::AnyRow;
+use vpnnat::messages::{
+    AgentDesiredState, AgentMapping, AgentTunnel, AuditEntry, FailureView, GatewayDesiredState,
+    GatewayId, GatewayPeer, GatewayView, MaintenanceRequestView, PublicKey, RequestId,
+    RequestState, SiteId, SiteView, TerminalAssignment, TerminalName, TunnelKind, UnixMillis,
+};
+
+use super::{DbError, DbResult, col, id64, u64_of};
+
+/// A serde unit-variant enum as its wire string (`"in_progress"` → `in_progress`).
+pub fn enum_str<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+/// The inverse of [`enum_str`].
+///
+/// # Errors
+/// When the stored text is not a variant (a corrupted row).
+pub fn enum_parse<T: DeserializeOwned>(s: &str) -> DbResult<T> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|e| DbError::Other(sqlx::Error::Decode(Box::new(e))))
+}
+
+fn decode_err(e: impl std::error::Error + Send + Sync + 'static) -> DbError {
+    DbError::Other(sqlx::Error::Decode(Box::new(e)))
+}
+
+/// An address as stored.
+pub fn addr_to_i64(a: Ipv4Addr) -> i64 {
+    i64::from(u32::from(a))
+}
+
+/// A stored address.
+pub fn addr_of(v: i64) -> Ipv4Addr {
+    Ipv4Addr::from(u32::try_from(v).unwrap_or(0))
+}
+
+fn opt_ms(v: Option<i64>) -> Option<UnixMillis> {
+    v.map(|t| UnixMillis(u64_of(t)))
+}
+
+fn ms(v: i64) -> UnixMillis {
+    UnixMillis(u64_of(v))
+}
+
+/// The acceptance number the customer quotes: `YYYYMMDD-NNNNNN` (UTC date of receipt, request id).
+pub fn acceptance_number(id: RequestId, received_at_ms: i64) -> String {
+    let days = received_at_ms.div_euclid(86_400_000);
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}{m:02}{d:02}-{:06}", id.0)
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// The agent's desired state, or `NotFound`.
+///
+/// # Errors
+/// Database failures.
+pub async fn agent_state(
+    conn: &mut AnyConnection,
+    site: SiteId,
+    keepalive_s: u16,
+) -> DbResult<AgentDesiredState> {
+    let row = sqlx::query("SELECT version, problem FROM sites WHERE id = $1")
+        .bind(id64(site.0))
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(DbError::NotFound)?;
+    let version = u64_of(col(&row, "version")?);
+    let problem: Option<String> = col(&row, "problem")?;
+    let tunnel = sqlx::query(
+        "SELECT g.id, g.endpoints, g.public_key FROM tunnels t JOIN gateways g ON g.id = t.gateway_id \
+         WHERE t.site_id = $1",
+    )
+    .bind(id64(site.0))
+    .fetch_optional(&mut *conn)
+    .await?;
+    let tunnel = match tunnel {
+        Some(r) => {
+            let endpoints: Vec<std::net::SocketAddr> =
+                serde_json::from_str(&col::<String>(&r, "endpoints")?).map_err(decode_err)?;
+            let key: Option<String> = col(&r, "public_key")?;
+            match (
+                endpoints.first(),
+                key.and_then(|k| k.parse::<PublicKey>().ok()),
+            ) {
+                (Some(ep), Some(key)) => Some(AgentTunnel {
+                    gateway_id: GatewayId(u64_of(col(&r, "id")?)),
+                    kind: TunnelKind::Wireguard,
+                    endpoint: *ep,
+                    public_key: key,
+                    persistent_keepalive_s: keepalive_s,
+                }),
+                _ => None,
+            }
+        }
+        None => None,
+    };
+    let rows = sqlx::query(
+        "SELECT n.address, n.terminal, MAX(r.expires_at) AS expires_at, MAX(r.id) AS request_id \
+         FROM nat_addresses n \
+         JOIN request_terminals rt ON rt.nat_address = n.address \
+         JOIN requests r ON r.id = rt.request_id AND r.site_id = n.site_id \
+              AND r.state IN ('waiting', 'in_progress') \
+         WHERE n.site_id = $1 GROUP BY n.address, n.terminal ORDER BY n.address",
+    )
+    .bind(id64(site.0))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut mappings = Vec::with_capacity(rows.len());
+    for r in rows {
+        mappings.push(AgentMapping {
+            nat_address: addr_of(col(&r, "address")?),
+            terminal: TerminalName::new(col::<String>(&r, "terminal")?).map_err(decode_err)?,
+            request_id: RequestId(u64_of(col(&r, "request_id")?)),
+            expires_at: ms(col(&r, "expires_at")?),
+        });
+    }
+    Ok(AgentDesiredState {
+        version,
+        site_id: site,
+        tunnel,
+        mappings,
+        problem,
+    })
+}
+
+/// The gateway's desired state, or `NotFound`.
+///
+/// # Errors
+/// Database failures.
+pub async fn gateway_state(
+    conn: &mut AnyConnection,
+    gw: GatewayId,
+) -> DbResult<GatewayDesiredState> {
+    let version: i64 = sqlx::query("SELECT version FROM gateways WHERE id = $1")
+        .bind(id64(gw.0))
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(DbError::NotFound)
+        .and_then(|r| col(&r, "version"))?;
+    let rows = sqlx::query(
+        "SELECT s.id, s.public_key, n.address FROM tunnels t JOIN sites s ON s.id = t.site_id \
+         LEFT JOIN nat_addresses n ON n.site_id = s.id \
+         WHERE t.gateway_id = $1 AND s.public_key IS NOT NULL ORDER BY s.id, n.address",
+    )
+    .bind(id64(gw.0))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut peers: Vec<GatewayPeer> = Vec::new();
+    for r in rows {
+        let site = SiteId(u64_of(col(&r, "id")?));
+        let addr: Option<i64> = col(&r, "address")?;
+        if peers.last().is_none_or(|p| p.site_id != site) {
+            let key: String = col(&r, "public_key")?;
+            peers.push(GatewayPeer {
+                site_id: site,
+                public_key: key.parse().map_err(decode_err)?,
+                nat_addresses: Vec::new(),
+            });
+        }
+        if let (Some(a), Some(p)) = (addr, peers.last_mut()) {
+            p.nat_addresses.push(addr_of(a));
+        }
+    }
+    Ok(GatewayDesiredState {
+        version: u64_of(version),
+        gateway_id: gw,
+        peers,
+    })
+}
+
+/// Which requests to list.
+#[derive(Debug, Clone, Default)]
+pub struct RequestFilter {
+    /// Only this state.
+    pub state: Option<RequestState>,
+    /// Only this site.
+    pub site: Option<SiteId>,
+    /// Only this request.
+    pub id: Option<RequestId>,
+    /// At most this many (newest first).
+    pub limit: Option<u32>,
+}
+
+/// Requests, newest first.
+///
+/// # Errors
+/// Database failures.
+pub async fn requests(
+    conn: &mut AnyConnection,
+    filter: &RequestFilter,
+) -> DbResult<Vec<MaintenanceRequestView>> {
+    let mut sql = String::from(
+        "SELECT r.id, r.site_id, s.name AS site_name, r.global_address, r.requester_name, r.level, \
+         r.urgency, r.phone, r.content, r.state, t.gateway_id, r.received_at, r.started_at, \
+         r.ended_at, r.expires_at FROM requests r JOIN sites s ON s.id = r.site_id \
+         LEFT JOIN tunnels t ON t.site_id = r.site_id WHERE 1 = 1",
+    );
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        n
+    };
+    if filter.state.is_some() {
+        sql.push_str(&format!(" AND r.state = ${}", next()));
+    }
+    if filter.site.is_some() {
+        sql.push_str(&format!(" AND r.site_id = ${}", next()));
+    }
+    if filter.id.is_some() {
+        sql.push_str(&format!(" AND r.id = ${}", next()));
+    }
+    sql.push_str(" ORDER BY r.id DESC");
+    if filter.limit.is_some() {
+        sql.push_str(&format!(" LIMIT ${}", next()));
+    }
+    let mut q = sqlx::query(&sql);
+    if let Some(s) = filter.state {
+        q = q.bind(enum_str(&s));
+    }
+    if let Some(s) = filter.site {
+        q = q.bind(id64(s.0));
+    }
+    if let Some(id) = filter.id {
+        q = q.bind(id64(id.0));
+    }
+    if let Some(l) = filter.limit {
+        q = q.bind(i64::from(l));
+    }
+    let rows = q.fetch_all(&mut *conn).await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = rows
+        .iter()
+        .map(|r| col::<i64>(r, "id"))
+        .collect::<DbResult<_>>()?;
+    let mut terminals: BTreeMap<i64, Vec<TerminalAssignment>> = BTreeMap::new();
+    for chunk in ids.chunks(500) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT request_id, terminal, nat_address FROM request_terminals \
+             WHERE request_id IN ({}) ORDER BY request_id, position",
+            placeholders.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            let nat: Option<i64> = col(&r, "nat_address")?;
+            terminals
+                .entry(col(&r, "request_id")?)
+                .or_default()
+                .push(TerminalAssignment {
+                    name: TerminalName::new(col::<String>(&r, "terminal")?).map_err(decode_err)?,
+                    nat_address: nat.map(addr_of),
+                });
+        }
+    }
+    rows.iter()
+        .map(|r| request_from_row(r, &mut terminals))
+        .collect()
+}
+
+fn request_from_row(
+    r: &AnyRow,
+    terminals: &mut BTreeMap<i64, Vec<TerminalAssignment>>,
+) -> DbResult<MaintenanceRequestView> {
+    let id: i64 = col(r, "id")?;
+    let received: i64 = col(r, "received_at")?;
+    let state: RequestState = enum_parse(&col::<String>(r, "state")?)?;
+    let global: Option<String> = col(r, "global_address")?;
+    let gw: Option<i64> = col(r, "gateway_id")?;
+    Ok(MaintenanceRequestView {
+        id: RequestId(u64_of(id)),
+        acceptance_number: acceptance_number(RequestId(u64_of(id)), received),
+        site_id: SiteId(u64_of(col(r, "site_id")?)),
+        site_name: col(r, "site_name")?,
+        global_address: global.and_then(|g| g.parse::<IpAddr>().ok()),
+        requester_name: col(r, "requester_name")?,
+        level: enum_parse(&col::<String>(r, "level")?)?,
+        urgency: enum_parse(&col::<String>(r, "urgency")?)?,
+        phone: col(r, "phone")?,
+        content: col(r, "content")?,
+        terminals: terminals.remove(&id).unwrap_or_default(),
+        state,
+        gateway_id: gw.filter(|_| state.is_open()).map(|g| GatewayId(u64_of(g))),
+        received_at: ms(received),
+        started_at: opt_ms(col(r, "started_at")?),
+        ended_at: opt_ms(col(r, "ended_at")?),
+        expires_at: ms(col(r, "expires_at")?),
+    })
+}
+
+/// One request.
+///
+/// # Errors
+/// `NotFound` or database failures.
+pub async fn request(conn: &mut AnyConnection, id: RequestId) -> DbResult<MaintenanceRequestView> {
+    requests(
+        conn,
+        &RequestFilter {
+            id: Some(id),
+            ..RequestFilter::default()
+        },
+    )
+    .await?
+    .into_iter()
+    .next()
+    .ok_or(DbError::NotFound)
+}
+
+/// All sites.
+///
+/// # Errors
+/// Database failures.
+pub async fn sites(conn: &mut AnyConnection) -> DbResult<Vec<SiteView>> {
+    let rows = sqlx::query(
+        "SELECT s.id, s.name, s.public_key, s.created_at, t.gateway_id FROM sites s \
+         LEFT JOIN tunnels t ON t.site_id = s.id ORDER BY s.id",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut addrs: BTreeMap<i64, Vec<Ipv4Addr>> = BTreeMap::new();
+    for r in sqlx::query(
+        "SELECT site_id, address FROM nat_addresses WHERE site_id IS NOT NULL ORDER BY address",
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        addrs
+            .entry(col(&r, "site_id")?)
+            .or_default()
+            .push(addr_of(col(&r, "address")?));
+    }
+    rows.iter()
+        .map(|r| {
+            let id: i64 = col(r, "id")?;
+            let key: Option<String> = col(r, "public_key")?;
+            let gw: Option<i64> = col(r, "gateway_id")?;
+            Ok(SiteView {
+                site_id: SiteId(u64_of(id)),
+                name: col(r, "name")?,
+                enrolled: key.is_some(),
+                gateway_id: gw.map(|g| GatewayId(u64_of(g))),
+                nat_addresses: addrs.remove(&id).unwrap_or_default(),
+                created_at: ms(col(r, "created_at")?),
+            })
+        })
+        .collect()
+}
+
+/// All gateways (or one).
+///
+/// # Errors
+/// Database failures.
+pub async fn gateways(
+    conn: &mut AnyConnection,
+    only: Option<GatewayId>,
+) -> DbResult<Vec<GatewayView>> {
+    let sql = "SELECT id, name, endpoints, public_key, tunnel_kinds, max_tunnels, tunnels, health, \
+               drain, last_heartbeat FROM gateways WHERE ($1 = 0 OR id = $1) ORDER BY id";
+    let rows = sqlx::query(sql)
+        .bind(only.map_or(0, |g| id64(g.0)))
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let key: Option<String> = col(r, "public_key")?;
+            Ok(GatewayView {
+                gateway_id: GatewayId(u64_of(col(r, "id")?)),
+                name: col(r, "name")?,
+                endpoints: serde_json::from_str(&col::<String>(r, "endpoints")?)
+                    .map_err(decode_err)?,
+                public_key: key.and_then(|k| k.parse().ok()),
+                tunnel_kinds: serde_json::from_str(&col::<String>(r, "tunnel_kinds")?)
+                    .map_err(decode_err)?,
+                max_tunnels: u32::try_from(col::<i64>(r, "max_tunnels")?).unwrap_or(0),
+                tunnels: u32::try_from(col::<i64>(r, "tunnels")?).unwrap_or(0),
+                health: enum_parse(&col::<String>(r, "health")?)?,
+                drain: col::<i64>(r, "drain")? != 0,
+                last_heartbeat: opt_ms(col(r, "last_heartbeat")?),
+            })
+        })
+        .collect()
+}
+
+/// Failure reports, newest first.
+///
+/// # Errors
+/// Database failures.
+pub async fn failures(conn: &mut AnyConnection, limit: u32) -> DbResult<Vec<FailureView>> {
+    let rows = sqlx::query(
+        "SELECT f.id, f.site_id, s.name AS site_name, f.code, f.detail, f.terminal, f.received_at, \
+         f.request_id FROM failures f JOIN sites s ON s.id = f.site_id ORDER BY f.id DESC LIMIT $1",
+    )
+    .bind(i64::from(limit))
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let terminal: Option<String> = col(r, "terminal")?;
+            let req: Option<i64> = col(r, "request_id")?;
+            Ok(FailureView {
+                id: u64_of(col(r, "id")?),
+                site_id: SiteId(u64_of(col(r, "site_id")?)),
+                site_name: col(r, "site_name")?,
+                code: enum_parse(&col::<String>(r, "code")?)?,
+                detail: col(r, "detail")?,
+                terminal: terminal.and_then(|t| TerminalName::new(t).ok()),
+                received_at: ms(col(r, "received_at")?),
+                request_id: req.map(|q| RequestId(u64_of(q))),
+            })
+        })
+        .collect()
+}
+
+/// Audit entries with id < `before` (all when `None`), newest first.
+///
+/// # Errors
+/// Database failures.
+pub async fn audit(
+    conn: &mut AnyConnection,
+    before: Option<u64>,
+    limit: u32,
+) -> DbResult<Vec<AuditEntry>> {
+    let rows = sqlx::query(
+        "SELECT id, at, actor, action, object, detail FROM audit_log WHERE id < $1 \
+         ORDER BY id DESC LIMIT $2",
+    )
+    .bind(before.map_or(i64::MAX, id64))
+    .bind(i64::from(limit))
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(AuditEntry {
+                id: u64_of(col(r, "id")?),
+                at: ms(col(r, "at")?),
+                actor: col(r, "actor")?,
+                action: col(r, "action")?,
+                object: col(r, "object")?,
+                detail: col(r, "detail")?,
+            })
+        })
+        .collect()
+}
+
+/// The console feed's version.
+///
+/// # Errors
+/// Database failures.
+pub async fn console_version(conn: &mut AnyConnection) -> DbResult<u64> {
+    let r = sqlx::query("SELECT value FROM counters WHERE name = 'console'")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(u64_of(col(&r, "value")?))
+}
+
+/// Counts for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// Requests per state.
+    pub requests: Vec<(String, i64)>,
+    /// Gateways per health.
+    pub gateways: Vec<(String, i64)>,
+    /// Free pool addresses.
+    pub pool_free: i64,
+    /// Held pool addresses.
+    pub pool_used: i64,
+    /// Sites.
+    pub sites: i64,
+}
+
+/// Counts for `/metrics`.
+///
+/// # Errors
+/// Database failures.
+pub async fn counts(conn: &mut AnyConnection) -> DbResult<Counts> {
+    let mut c = Counts::default();
+    for r in sqlx::query("SELECT state, COUNT(*) AS n FROM requests GROUP BY state ORDER BY state")
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        c.requests.push((col(&r, "state")?, col(&r, "n")?));
+    }
+    for r in
+        sqlx::query("SELECT health, COUNT(*) AS n FROM gateways GROUP BY health ORDER BY health")
+            .fetch_all(&mut *conn)
+            .await?
+    {
+        c.gateways.push((col(&r, "health")?, col(&r, "n")?));
+    }
+    let r = sqlx::query("SELECT COUNT(*) AS total, COUNT(site_id) AS used FROM nat_addresses")
+        .fetch_one(&mut *conn)
+        .await?;
+    let total: i64 = col(&r, "total")?;
+    c.pool_used = col(&r, "used")?;
+    c.pool_free = total - c.pool_used;
+    let r = sqlx::query("SELECT COUNT(*) AS n FROM sites")
+        .fetch_one(&mut *conn)
+        .await?;
+    c.sites = col(&r, "n")?;
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acceptance_numbers_carry_the_utc_date() {
+        // 2023-11-14T22:13:20Z
+        assert_eq!(
+            acceptance_number(RequestId(17), 1_700_000_000_000),
+            "20231114-000017"
+        );
+        assert_eq!(acceptance_number(RequestId(1), 0), "19700101-000001");
+        // 2024-02-29 (leap day) 12:00
+        assert_eq!(
+            acceptance_number(RequestId(1_234_567), 1_709_208_000_000),
+            "20240229-1234567"
+        );
+    }
+
+    #[test]
+    fn enums_use_their_wire_names() {
+        assert_eq!(enum_str(&RequestState::InProgress), "in_progress");
+        assert_eq!(
+            enum_parse::<RequestState>("in_progress").ok(),
+            Some(RequestState::InProgress)
+        );
+        assert!(enum_parse::<RequestState>("bogus").is_err());
+    }
+}

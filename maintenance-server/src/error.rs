@@ -1,0 +1,225 @@
+//! Errors as HTTP answers: every 4xx/5xx carries a JSON [`ApiError`], naming
+//! the field at fault when there is one. Also the JSON body extractor that
+//! produces such errors (axum's own rejections are plain text).
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use vpnnat::messages::{ApiError, FieldError};
+
+use crate::db::DbError;
+use crate::db::ops::OpError;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct AppError {
+    /// The status.
+    pub status: StatusCode,
+    /// The body.
+    pub body: ApiError,
+}
+
+impl AppError {
+    /// Any status with a code and message.
+    pub fn new(status: StatusCode, error: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ApiError {
+                error: error.to_owned(),
+                message: message.into(),
+                field: None,
+            },
+        }
+    }
+
+    /// 400/422 naming a field.
+    pub fn field(status: StatusCode, field: &str, message: impl Into<String>) -> Self {
+        let mut e = Self::new(status, "invalid_field", message);
+        e.body.field = Some(field.to_owned());
+        e
+    }
+
+    /// 401.
+    pub fn unauthorized(message: &str) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// 403.
+    pub fn forbidden(message: &str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// 404.
+    pub fn not_found(what: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
+    }
+
+    /// 500; the cause is logged, not shown.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error (logged on the server)",
+        )
+    }
+}
+
+impl From<FieldError> for AppError {
+    fn from(e: FieldError) -> Self {
+        Self {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            body: e.into(),
+        }
+    }
+}
+
+impl From<DbError> for AppError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::NotFound => Self::not_found("object"),
+            DbError::Other(e) => Self::internal(e),
+        }
+    }
+}
+
+impl From<OpError> for AppError {
+    fn from(e: OpError) -> Self {
+        match e {
+            OpError::Db(e) => e.into(),
+            OpError::NotFound(what) => Self::not_found(what),
+            OpError::Conflict { field, message } => {
+                let mut e = Self::new(StatusCode::CONFLICT, "conflict", message);
+                e.body.field = Some(field.to_owned());
+                e
+            }
+            OpError::NoCapacity => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_capacity",
+                "no gateway has a free tunnel slot; nothing was allocated, try again later",
+            ),
+            OpError::PoolExhausted => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "pool_exhausted",
+                "the NAT-address pool is exhausted; nothing was allocated, try again later",
+            ),
+            OpError::InvalidState(m) => Self::new(StatusCode::CONFLICT, "invalid_state", m),
+            OpError::BadToken => {
+                let mut e = Self::unauthorized("the enrollment token is unknown, used or expired");
+                e.body.field = Some("token".to_owned());
+                e
+            }
+            OpError::NotRegistered => Self::new(
+                StatusCode::NOT_FOUND,
+                "not_registered",
+                "register first (POST /api/v1/gateway/register)",
+            ),
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body)).into_response()
+    }
+}
+
+/// A JSON body; malformed → 400, wrong shape or value → 422, too big → 413,
+/// each as an [`ApiError`] naming the field.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the request body is larger than the server accepts",
+                )
+            } else {
+                AppError::new(StatusCode::BAD_REQUEST, "bad_body", e.body_text())
+            }
+        })?;
+        parse_json(&bytes).map(Self)
+    }
+}
+
+/// Deserializes `bytes`, naming the field at fault.
+///
+/// # Errors
+/// 400 for malformed JSON, 422 for a wrong field.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = inner.to_string();
+        if inner.is_syntax() || inner.is_eof() {
+            return AppError::field(
+                StatusCode::BAD_REQUEST,
+                "body",
+                format!("malformed JSON: {msg}"),
+            );
+        }
+        // `missing field `x`` and `unknown field `x`` name the field in the message.
+        let named = msg
+            .split('`')
+            .nth(1)
+            .filter(|_| msg.starts_with("missing field") || msg.starts_with("unknown field"));
+        let field = match (path.as_str(), named) {
+            (".", Some(n)) => n.to_owned(),
+            (p, Some(n)) => format!("{p}.{n}"),
+            (".", None) => "body".to_owned(),
+            (p, None) => p.to_owned(),
+        };
+        // `terminals[0]` → the field is `terminals`.
+        AppError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &field,
+            format!("{field}: {msg}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use vpnnat::messages::{EnrollRequest, NewMaintenanceRequest};
+
+    #[test]
+    fn parse_errors_name_the_field() {
+        let e = parse_json::<EnrollRequest>(b"{").unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let e = parse_json::<EnrollRequest>(br#"{"token":"t"}"#).unwrap_err();
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(e.body.field.as_deref(), Some("public_key"));
+        let e = parse_json::<EnrollRequest>(br#"{"token":"t","public_key":"AAAA"}"#).unwrap_err();
+        assert_eq!(e.body.field.as_deref(), Some("public_key"));
+        let e = parse_json::<NewMaintenanceRequest>(
+            br#"{"requester_name":"a","level":"boss","urgency":"low","phone":"1","content":"","terminals":["pc"]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.body.field.as_deref(), Some("level"));
+        let e = parse_json::<NewMaintenanceRequest>(
+            br#"{"requester_name":"a","level":"general","urgency":"low","phone":"1","content":"","terminals":["-x"]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.body.field.as_deref(), Some("terminals[0]"));
+        let e = parse_json::<EnrollRequest>(
+            br#"{"token":"t","public_key":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","extra":1}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.body.field.as_deref(), Some("extra"));
+    }
+}

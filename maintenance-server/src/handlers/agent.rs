@@ -1,0 +1,257 @@
+//! Router-agent endpoints, authenticated by the site credential
+//! (enrollment by the one-time token in its body). A site only ever sees
+//! and changes its own requests and state.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use vpnnat::messages::{
+    AgentDesiredState, AppliedState, EnrollRequest, EnrollResponse, FailureAccepted, FailureReport,
+    Level, MaintenanceRequestView, NewMaintenanceRequest, RequestId, RequestState, Urgency,
+};
+
+use super::{long_poll, only_params, poll_params, read, write};
+use crate::auth::SiteAuth;
+use crate::db::ops::{self, Origin};
+use crate::db::{now_ms, views};
+use crate::error::{ApiJson, AppError};
+use crate::notify::Topic;
+use crate::{AppState, PeerAddr};
+
+/// Parses a `{id}` path segment.
+///
+/// # Errors
+/// 400 naming `id`.
+pub fn path_id(raw: &str) -> Result<u64, AppError> {
+    raw.parse::<u64>().ok().filter(|v| *v > 0).ok_or_else(|| {
+        AppError::field(
+            StatusCode::BAD_REQUEST,
+            "id",
+            "id: expected a positive integer",
+        )
+    })
+}
+
+/// `POST /api/v1/enroll`
+pub async fn enroll(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<EnrollRequest>,
+) -> Result<Json<EnrollResponse>, AppError> {
+    if body.token.is_empty() || body.token.len() > 200 {
+        return Err(AppError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "token",
+            "token: expected the enrollment token",
+        ));
+    }
+    let now = now_ms();
+    let r = write(&state, async |tx| {
+        ops::enroll(tx, &body.token, body.public_key, now).await
+    })
+    .await?;
+    tracing::info!(site.id = %r.site_id, "site enrolled");
+    Ok(Json(r))
+}
+
+/// Opens a request and answers with its view; on no capacity records the
+/// problem for the agent (in a separate transaction) and nothing else.
+pub async fn open_request(
+    state: &AppState,
+    site: vpnnat::messages::SiteId,
+    body: &NewMaintenanceRequest,
+    origin: &Origin,
+) -> Result<MaintenanceRequestView, AppError> {
+    let now = now_ms();
+    let policy = state.policy.clone();
+    let r = write(state, async |tx| {
+        ops::new_request(tx, site, body, origin, now, &policy).await
+    })
+    .await;
+    let id = match r {
+        Ok(id) => id,
+        Err(e) if matches!(e.body.error.as_str(), "no_capacity" | "pool_exhausted") => {
+            let msg = e.body.message.clone();
+            write(state, async |tx| ops::set_problem(tx, site, &msg).await).await?;
+            tracing::warn!(site.id = %site, error = %e.body.error, "maintenance request refused");
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    tracing::info!(site.id = %site, request.id = %id, "maintenance request accepted");
+    read(state, async |c| views::request(c, id).await).await
+}
+
+/// `POST /api/v1/agent/requests`
+pub async fn create(
+    State(state): State<AppState>,
+    auth: SiteAuth,
+    ConnectInfo(peer): ConnectInfo<PeerAddr>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<NewMaintenanceRequest>,
+) -> Result<(StatusCode, Json<MaintenanceRequestView>), AppError> {
+    body.validate()?;
+    let origin = Origin {
+        actor: format!("site:{}", auth.site),
+        global_address: Some(state.client_address(peer.0, &headers)),
+        failure_id: None,
+    };
+    let view = open_request(&state, auth.site, &body, &origin).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// `GET /api/v1/agent/requests`: the site's own requests, newest first.
+pub async fn list(
+    State(state): State<AppState>,
+    auth: SiteAuth,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<MaintenanceRequestView>>, AppError> {
+    only_params(&q, &[])?;
+    let filter = views::RequestFilter {
+        site: Some(auth.site),
+        limit: Some(500),
+        ..Default::default()
+    };
+    Ok(Json(
+        read(&state, async |c| views::requests(c, &filter).await).await?,
+    ))
+}
+
+/// `POST /api/v1/agent/requests/{id}/revoke`: the customer ends access.
+pub async fn revoke(
+    State(state): State<AppState>,
+    auth: SiteAuth,
+    Path(id): Path<String>,
+) -> Result<Json<MaintenanceRequestView>, AppError> {
+    let id = RequestId(path_id(&id)?);
+    let now = now_ms();
+    let actor = format!("site:{}", auth.site);
+    write(&state, async |tx| {
+        ops::close_request(tx, id, RequestState::Revoked, Some(auth.site), &actor, now).await
+    })
+    .await?;
+    Ok(Json(
+        read(&state, async |c| views::request(c, id).await).await?,
+    ))
+}
+
+/// `POST /api/v1/agent/failures`
+pub async fn failure(
+    State(state): State<AppState>,
+    auth: SiteAuth,
+    ConnectInfo(peer): ConnectInfo<PeerAddr>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<FailureReport>,
+) -> Result<(StatusCode, Json<FailureAccepted>), AppError> {
+    body.validate()?;
+    let now = now_ms();
+    let site = auth.site;
+    let failure_id = write(&state, async |tx| {
+        ops::store_failure(tx, site, &body, now).await
+    })
+    .await?;
+    tracing::info!(site.id = %site, failure.id = failure_id, code = ?body.code, "failure reported");
+    let mut request = None;
+    if body.open_request || state.policy.failure_opens_request {
+        let terminal = state.policy.router_terminal.clone();
+        let req = NewMaintenanceRequest {
+            requester_name: "automatic (failure report)".to_owned(),
+            level: Level::Administrator,
+            urgency: Urgency::High,
+            phone: String::new(),
+            content: format!(
+                "failure {}: {}",
+                views::enum_str(&body.code),
+                body.detail.chars().take(3900).collect::<String>()
+            ),
+            terminals: vec![terminal],
+        };
+        let origin = Origin {
+            actor: format!("site:{site}"),
+            global_address: Some(state.client_address(peer.0, &headers)),
+            failure_id: Some(failure_id),
+        };
+        // The report is stored whatever happens to the request.
+        match open_request(&state, site, &req, &origin).await {
+            Ok(view) => {
+                let rid = view.id;
+                write(&state, async |tx| {
+                    ops::link_failure(tx, failure_id, rid).await
+                })
+                .await?;
+                request = Some(view);
+            }
+            Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(FailureAccepted {
+            failure_id,
+            request,
+        }),
+    ))
+}
+
+/// `GET /api/v1/agent/state?after=V&wait_ms=N` (long-poll).
+pub async fn state(
+    State(state): State<AppState>,
+    auth: SiteAuth,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<AgentDesiredState>, AppError> {
+    only_params(&q, &["after", "wait_ms"])?;
+    let params = poll_params(&q)?;
+    let keepalive = state.policy.persistent_keepalive_s;
+    let doc = long_poll(&state, Topic::Site(auth.site), params, || {
+        let state = state.clone();
+        async move {
+            read(&state, async |c| {
+                views::agent_state(c, auth.site, keepalive).await
+            })
+            .await
+        }
+    })
+    .await?;
+    Ok(Json(doc))
+}
+
+/// `POST /api/v1/agent/applied`
+pub async fn applied(
+    State(state): State<AppState>,
+    auth: SiteAuth,
+    ApiJson(body): ApiJson<AppliedState>,
+) -> Result<StatusCode, AppError> {
+    check_applied(&body)?;
+    if !body.errors.is_empty() {
+        tracing::warn!(site.id = %auth.site, version = body.version, errors = ?body.errors, "agent could not apply everything");
+    }
+    write(&state, async |tx| {
+        ops::site_applied(tx, auth.site, body.version, &body.errors).await
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Bounds on an applied-state report.
+///
+/// # Errors
+/// 422 naming `errors`.
+pub fn check_applied(a: &AppliedState) -> Result<(), AppError> {
+    if a.errors.len() > 1000 || a.errors.iter().any(|e| e.len() > 1000) {
+        return Err(AppError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "errors",
+            "errors: at most 1000 messages of 1000 bytes",
+        ));
+    }
+    if a.version > i64::MAX as u64 {
+        return Err(AppError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "version",
+            "version: out of range",
+        ));
+    }
+    Ok(())
+}

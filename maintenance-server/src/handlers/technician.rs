@@ -1,0 +1,317 @@
+//! Technician endpoints: login (rate-limited), logout, the request list,
+//! start / end, failures, the audit log and the console's live feed. Reads
+//! need the session cookie; changes need the cookie and `X-CSRF-Token`.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use vpnnat::messages::{
+    AuditEntry, ConsoleEvents, FailureView, Login, LoginResponse, MaintenanceRequestView,
+    RequestId, RequestState, SiteId,
+};
+
+use super::agent::path_id;
+use super::{long_poll, only_params, poll_params, query_u64, read, write};
+use crate::auth::{
+    SESSION_COOKIE, Secret, SecretKind, Technician, TechnicianWrite, hash_password, verify_password,
+};
+use crate::db::{col, now_ms, ops, views};
+use crate::error::{ApiJson, AppError};
+use crate::notify::Topic;
+use crate::{AppState, PeerAddr};
+
+/// Requests the console shows at most.
+pub const CONSOLE_REQUESTS: u32 = 300;
+/// Failures the console shows at most.
+pub const CONSOLE_FAILURES: u32 = 100;
+
+fn dummy_hash() -> &'static str {
+    static H: OnceLock<String> = OnceLock::new();
+    H.get_or_init(|| hash_password("not a password of anyone").unwrap_or_default())
+}
+
+/// `POST /api/v1/login`
+pub async fn login(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerAddr>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Login>,
+) -> Result<Response, AppError> {
+    if body.name.trim().is_empty() || body.name.len() > 100 {
+        return Err(AppError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "name",
+            "name: 1 to 100 characters",
+        ));
+    }
+    if body.password.is_empty() || body.password.len() > 1024 {
+        return Err(AppError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "password",
+            "password: 1 to 1024 characters",
+        ));
+    }
+    let ip_key = format!("ip:{}", state.client_address(peer.0, &headers));
+    let name_key = format!("name:{}", body.name);
+    let now = Instant::now();
+    let limiter = &state.login_limiter;
+    if limiter.blocked(&ip_key, now) || limiter.blocked(&name_key, now) {
+        return Err(AppError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many failed logins; wait a minute",
+        ));
+    }
+    let name = body.name.clone();
+    let row = read(&state, async |c| {
+        Ok(
+            sqlx::query("SELECT id, password_hash FROM technicians WHERE name = $1")
+                .bind(&name)
+                .fetch_optional(&mut *c)
+                .await?,
+        )
+    })
+    .await?;
+    let (id, hash) = match &row {
+        Some(r) => (
+            Some(col::<i64>(r, "id")?),
+            col::<String>(r, "password_hash")?,
+        ),
+        None => (None, dummy_hash().to_owned()),
+    };
+    let password = body.password.clone();
+    // argon2 is deliberately slow: keep it off the async workers. An unknown
+    // name is checked against a dummy hash so both take the same time.
+    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .map_err(AppError::internal)?;
+    let Some(id) = id.filter(|_| ok) else {
+        limiter.fail(&ip_key, now);
+        limiter.fail(&name_key, now);
+        tracing::warn!(technician = %body.name, "failed login");
+        return Err(AppError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_credentials",
+            "wrong name or password",
+        ));
+    };
+    let session = Secret::generate(SecretKind::Session);
+    let csrf = Secret::generate(SecretKind::Csrf);
+    let t = now_ms();
+    let lifetime_ms =
+        i64::try_from(state.settings.technicians.session_hours * 3_600_000).unwrap_or(i64::MAX / 4);
+    let actor = format!("technician:{}", body.name);
+    write(&state, async |tx| {
+        sqlx::query(
+            "INSERT INTO technician_sessions (token_hash, technician_id, csrf_hash, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(session.hash())
+        .bind(id)
+        .bind(csrf.hash())
+        .bind(t)
+        .bind(t.saturating_add(lifetime_ms))
+        .execute(&mut *tx.inner)
+        .await
+        .map_err(ops::OpError::from)?;
+        tx.audit(t, &actor, "technician.login", &actor, "").await?;
+        Ok::<_, ops::OpError>(())
+    })
+    .await?;
+    let secure = if state.settings.tls.enabled() {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!(
+        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+        session.expose(),
+        lifetime_ms / 1000
+    );
+    let mut resp = Json(LoginResponse {
+        name: body.name.clone(),
+        csrf_token: csrf.expose().to_owned(),
+    })
+    .into_response();
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie).map_err(AppError::internal)?,
+    );
+    Ok(resp)
+}
+
+/// `POST /api/v1/logout`
+pub async fn logout(
+    State(state): State<AppState>,
+    TechnicianWrite(t): TechnicianWrite,
+) -> Result<Response, AppError> {
+    let now = now_ms();
+    let actor = t.actor();
+    write(&state, async |tx| {
+        sqlx::query("DELETE FROM technician_sessions WHERE token_hash = $1")
+            .bind(&t.session_hash)
+            .execute(&mut *tx.inner)
+            .await
+            .map_err(ops::OpError::from)?;
+        tx.audit(now, &actor, "technician.logout", &actor, "")
+            .await?;
+        Ok::<_, ops::OpError>(())
+    })
+    .await?;
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("vpnnat_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+    );
+    Ok(resp)
+}
+
+/// Who is logged in.
+#[derive(Debug, Serialize)]
+pub struct Me {
+    /// The technician's name.
+    pub name: String,
+}
+
+/// `GET /api/v1/me`
+pub async fn me(t: Technician) -> Json<Me> {
+    Json(Me { name: t.name })
+}
+
+/// `GET /api/v1/requests?state=&site=&limit=`
+pub async fn requests(
+    State(state): State<AppState>,
+    _t: Technician,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<MaintenanceRequestView>>, AppError> {
+    only_params(&q, &["state", "site", "limit"])?;
+    let filter_state = match q.get("state").map(String::as_str) {
+        None | Some("") => None,
+        Some(s) => Some(views::enum_parse::<RequestState>(s).map_err(|_| {
+            AppError::field(
+                StatusCode::BAD_REQUEST,
+                "state",
+                "state: one of waiting, in_progress, ended, revoked, expired",
+            )
+        })?),
+    };
+    let site = query_u64(&q, "site")?.map(SiteId);
+    let limit = query_u64(&q, "limit")?.unwrap_or(500).clamp(1, 1000);
+    let filter = views::RequestFilter {
+        state: filter_state,
+        site,
+        id: None,
+        limit: Some(u32::try_from(limit).unwrap_or(1000)),
+    };
+    Ok(Json(
+        read(&state, async |c| views::requests(c, &filter).await).await?,
+    ))
+}
+
+/// `POST /api/v1/requests/{id}/start`
+pub async fn start(
+    State(state): State<AppState>,
+    TechnicianWrite(t): TechnicianWrite,
+    Path(id): Path<String>,
+) -> Result<Json<MaintenanceRequestView>, AppError> {
+    let id = RequestId(path_id(&id)?);
+    let now = now_ms();
+    let actor = t.actor();
+    write(&state, async |tx| {
+        ops::start_request(tx, id, &actor, now).await
+    })
+    .await?;
+    tracing::info!(request.id = %id, technician = %t.name, "maintenance started");
+    Ok(Json(
+        read(&state, async |c| views::request(c, id).await).await?,
+    ))
+}
+
+/// `POST /api/v1/requests/{id}/end`
+pub async fn end(
+    State(state): State<AppState>,
+    TechnicianWrite(t): TechnicianWrite,
+    Path(id): Path<String>,
+) -> Result<Json<MaintenanceRequestView>, AppError> {
+    let id = RequestId(path_id(&id)?);
+    let now = now_ms();
+    let actor = t.actor();
+    write(&state, async |tx| {
+        ops::close_request(tx, id, RequestState::Ended, None, &actor, now).await
+    })
+    .await?;
+    tracing::info!(request.id = %id, technician = %t.name, "maintenance ended");
+    Ok(Json(
+        read(&state, async |c| views::request(c, id).await).await?,
+    ))
+}
+
+/// `GET /api/v1/failures?limit=`
+pub async fn failures(
+    State(state): State<AppState>,
+    _t: Technician,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<FailureView>>, AppError> {
+    only_params(&q, &["limit"])?;
+    let limit = query_u64(&q, "limit")?.unwrap_or(200).clamp(1, 1000);
+    let limit = u32::try_from(limit).unwrap_or(1000);
+    Ok(Json(
+        read(&state, async |c| views::failures(c, limit).await).await?,
+    ))
+}
+
+/// `GET /api/v1/audit?before=ID&limit=N`
+pub async fn audit(
+    State(state): State<AppState>,
+    _t: Technician,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<AuditEntry>>, AppError> {
+    only_params(&q, &["before", "limit"])?;
+    let before = query_u64(&q, "before")?;
+    let limit = query_u64(&q, "limit")?.unwrap_or(100).clamp(1, 500);
+    let limit = u32::try_from(limit).unwrap_or(500);
+    Ok(Json(
+        read(&state, async |c| views::audit(c, before, limit).await).await?,
+    ))
+}
+
+/// `GET /api/v1/events?after=V&wait_ms=N` (long-poll for the console).
+pub async fn events(
+    State(state): State<AppState>,
+    _t: Technician,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<ConsoleEvents>, AppError> {
+    only_params(&q, &["after", "wait_ms"])?;
+    let params = poll_params(&q)?;
+    let doc = long_poll(&state, Topic::Console, params, || {
+        let state = state.clone();
+        async move {
+            read(&state, async |c| {
+                let version = views::console_version(c).await?;
+                let requests = views::requests(
+                    c,
+                    &views::RequestFilter {
+                        limit: Some(CONSOLE_REQUESTS),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+                let failures = views::failures(c, CONSOLE_FAILURES).await?;
+                Ok(ConsoleEvents {
+                    version,
+                    requests,
+                    failures,
+                })
+            })
+            .await
+        }
+    })
+    .await?;
+    Ok(Json(doc))
+}

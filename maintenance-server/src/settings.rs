@@ -1,0 +1,517 @@
+//! The server's settings: defaults, `/etc/vpnnat/maintenance-server.toml`
+//! (or `--config PATH`), then `VPNNAT_<SECTION>__<KEY>` overrides, layered by
+//! [`vpnnat::config::load`]. The commented example is `config/maintenance-server.toml`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The commented example configuration (also the documentation of every key).
+pub const EXAMPLE: &str = include_str!("../../config/maintenance-server.toml");
+
+/// The default configuration file.
+pub const DEFAULT_PATH: &str = "/etc/vpnnat/maintenance-server.toml";
+
+/// Everything the server can be configured with.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// The listener.
+    pub http: Http,
+    /// HTTPS.
+    pub tls: Tls,
+    /// The state directory.
+    pub state: State,
+    /// The database.
+    pub database: DatabaseSettings,
+    /// The operator credential.
+    pub operator: Operator,
+    /// The NAT-address pool.
+    pub pool: Pool,
+    /// Maintenance requests.
+    pub maintenance: Maintenance,
+    /// Gateway heartbeats and failover.
+    pub gateways: Gateways,
+    /// Enrollment tokens.
+    pub enrollment: Enrollment,
+    /// Technician logins.
+    pub technicians: Technicians,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http {
+    /// Empty: 127.0.0.1:8080, or 0.0.0.0:8443 with TLS.
+    pub listen: String,
+    /// Largest request body, bytes.
+    pub body_limit_bytes: usize,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            body_limit_bytes: 65536,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// PEM certificate chain file.
+    pub cert: String,
+    /// PEM private key file.
+    pub key: String,
+}
+
+impl Tls {
+    /// Whether HTTPS is configured.
+    pub fn enabled(&self) -> bool {
+        !self.cert.is_empty() && !self.key.is_empty()
+    }
+}
+
+/// `[state]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct State {
+    /// The state directory.
+    pub dir: PathBuf,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/vpnnat"),
+        }
+    }
+}
+
+/// `[database]`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// Empty: SQLite in the state directory.
+    pub url: String,
+    /// Pool size.
+    pub max_connections: u32,
+}
+
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("DatabaseSettings")
+            .field("url", &redact_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://<redacted>{}", &url[..s], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            max_connections: 8,
+        }
+    }
+}
+
+/// `[operator]`
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Operator {
+    /// Empty: generated into the state directory.
+    pub token: String,
+}
+
+impl std::fmt::Debug for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Operator")
+            .field(
+                "token",
+                &if self.token.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .finish()
+    }
+}
+
+/// `[pool]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pool {
+    /// `a.b.c.d/len`
+    pub prefix: String,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self {
+            prefix: "10.64.0.0/16".to_owned(),
+        }
+    }
+}
+
+/// `[maintenance]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Maintenance {
+    /// Lease length.
+    pub max_duration_s: u64,
+    /// Failure report → request for the router.
+    pub failure_opens_request: bool,
+    /// The router's terminal name.
+    pub router_terminal: String,
+    /// Expiry scan interval.
+    pub expiry_check_ms: u64,
+}
+
+impl Default for Maintenance {
+    fn default() -> Self {
+        Self {
+            max_duration_s: 14_400,
+            failure_opens_request: false,
+            router_terminal: "router".to_owned(),
+            expiry_check_ms: 1000,
+        }
+    }
+}
+
+/// `[gateways]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Gateways {
+    /// Heartbeat interval told to gateways.
+    pub heartbeat_interval_ms: u64,
+    /// Missing heartbeats for this long → down.
+    pub down_after_ms: u64,
+    /// Agents' keepalive.
+    pub persistent_keepalive_s: u16,
+}
+
+impl Default for Gateways {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 5000,
+            down_after_ms: 15000,
+            persistent_keepalive_s: 25,
+        }
+    }
+}
+
+/// `[enrollment]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Enrollment {
+    /// Token lifetime.
+    pub token_lifetime_hours: u64,
+}
+
+impl Default for Enrollment {
+    fn default() -> Self {
+        Self {
+            token_lifetime_hours: 72,
+        }
+    }
+}
+
+/// `[technicians]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Technicians {
+    /// Failed logins per minute per address and per name.
+    pub login_attempts_per_minute: u32,
+    /// Session lifetime.
+    pub session_hours: u64,
+}
+
+impl Default for Technicians {
+    fn default() -> Self {
+        Self {
+            login_attempts_per_minute: 10,
+            session_hours: 12,
+        }
+    }
+}
+
+/// A validated pool prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolPrefix {
+    /// The network address.
+    pub network: Ipv4Addr,
+    /// The prefix length.
+    pub len: u8,
+}
+
+impl PoolPrefix {
+    /// The addresses handed out: all but the network and broadcast address
+    /// (for /31 and /32 every address, RFC 3021).
+    pub fn usable(&self) -> (u32, u32) {
+        let base = u32::from(self.network);
+        let size = 1u64 << (32 - u32::from(self.len));
+        let last = base + (size - 1) as u32;
+        if self.len >= 31 {
+            (base, last)
+        } else {
+            (base + 1, last - 1)
+        }
+    }
+
+    /// Whether `a` lies in the prefix.
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        let mask = if self.len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.len))
+        };
+        u32::from(a) & mask == u32::from(self.network)
+    }
+}
+
+impl std::fmt::Display for PoolPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.len)
+    }
+}
+
+impl Settings {
+    /// Loads the settings from `path` (or the default file when it exists) and the environment.
+    ///
+    /// # Errors
+    /// One line naming the file or variable and the key.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let (path, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => Some(t),
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => anyhow::bail!("{}: {e}", path.display()),
+        };
+        let shown = path.display().to_string();
+        let settings: Self = vpnnat::config::load(
+            text.as_deref().map(|t| (shown.as_str(), t)),
+            std::env::vars(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        settings
+            .validate()
+            .map_err(|(key, msg)| anyhow::anyhow!("{shown}: {key}: {msg}"))?;
+        Ok(settings)
+    }
+
+    /// Checks values that parse but cannot work; returns the key at fault.
+    ///
+    /// # Errors
+    /// `(key, message)`.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        self.pool_prefix().map_err(|m| ("pool.prefix", m))?;
+        self.listen().map_err(|m| ("http.listen", m))?;
+        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
+            return Err((
+                "tls.cert",
+                "set both tls.cert and tls.key, or neither".into(),
+            ));
+        }
+        if self.http.body_limit_bytes < 1024 {
+            return Err(("http.body_limit_bytes", "at least 1024".into()));
+        }
+        if self.maintenance.max_duration_s == 0 {
+            return Err(("maintenance.max_duration_s", "at least 1".into()));
+        }
+        vpnnat::messages::TerminalName::new(self.maintenance.router_terminal.clone())
+            .map_err(|e| ("maintenance.router_terminal", e.message))?;
+        if self.gateways.heartbeat_interval_ms == 0
+            || self.gateways.down_after_ms <= self.gateways.heartbeat_interval_ms
+        {
+            return Err((
+                "gateways.down_after_ms",
+                "must be greater than gateways.heartbeat_interval_ms (> 0)".into(),
+            ));
+        }
+        if self.enrollment.token_lifetime_hours == 0 {
+            return Err(("enrollment.token_lifetime_hours", "at least 1".into()));
+        }
+        if self.technicians.login_attempts_per_minute == 0 {
+            return Err(("technicians.login_attempts_per_minute", "at least 1".into()));
+        }
+        if self.database.max_connections == 0 {
+            return Err(("database.max_connections", "at least 1".into()));
+        }
+        let url = &self.database.url;
+        if !(url.is_empty()
+            || url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err((
+                "database.url",
+                "expected empty, sqlite://PATH or postgres://…".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The listen address.
+    ///
+    /// # Errors
+    /// When `http.listen` is not `IP:PORT`.
+    pub fn listen(&self) -> Result<SocketAddr, String> {
+        if self.http.listen.is_empty() {
+            return Ok(if self.tls.enabled() {
+                SocketAddr::from(([0, 0, 0, 0], 8443))
+            } else {
+                SocketAddr::from(([127, 0, 0, 1], 8080))
+            });
+        }
+        self.http
+            .listen
+            .parse()
+            .map_err(|_| format!("expected IP:PORT, got {:?}", self.http.listen))
+    }
+
+    /// The parsed pool prefix.
+    ///
+    /// # Errors
+    /// When `pool.prefix` is not an IPv4 prefix with host bits clear and length 8–32.
+    pub fn pool_prefix(&self) -> Result<PoolPrefix, String> {
+        parse_prefix(&self.pool.prefix)
+    }
+
+    /// The database URL with the SQLite default filled in.
+    pub fn database_url(&self) -> String {
+        if self.database.url.is_empty() {
+            format!(
+                "sqlite://{}",
+                self.state.dir.join("maintenance-server.db").display()
+            )
+        } else {
+            self.database.url.clone()
+        }
+    }
+}
+
+/// Parses `a.b.c.d/len` (8 ≤ len ≤ 32, host bits zero).
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn parse_prefix(s: &str) -> Result<PoolPrefix, String> {
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("expected a.b.c.d/len, got {s:?}"))?;
+    let network: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+    let len: u8 = len
+        .parse()
+        .map_err(|_| format!("{len:?} is not a prefix length"))?;
+    if !(8..=32).contains(&len) {
+        return Err("the prefix length must be 8 to 32".to_owned());
+    }
+    let p = PoolPrefix { network, len };
+    let host_mask = if len == 32 { 0 } else { u32::MAX >> len };
+    if u32::from(network) & host_mask != 0 {
+        return Err(format!("{s} has host bits set"));
+    }
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_example_parses_and_matches_the_defaults() {
+        let s: Settings =
+            vpnnat::config::load(Some(("maintenance-server.toml", EXAMPLE)), Vec::new()).unwrap();
+        s.validate().unwrap();
+        let d = Settings::default();
+        assert_eq!(s.listen(), d.listen());
+        assert_eq!(s.listen().unwrap(), "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(s.pool.prefix, d.pool.prefix);
+        assert_eq!(s.state.dir, d.state.dir);
+        assert_eq!(s.http.body_limit_bytes, d.http.body_limit_bytes);
+        assert_eq!(s.maintenance.max_duration_s, d.maintenance.max_duration_s);
+        assert_eq!(s.gateways.down_after_ms, d.gateways.down_after_ms);
+        assert_eq!(
+            s.database_url(),
+            "sqlite:///var/lib/vpnnat/maintenance-server.db"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e =
+            vpnnat::config::load::<Settings>(Some(("f.toml", "[pool]\nprefix = 5\n")), Vec::new())
+                .unwrap_err();
+        assert_eq!(e.key, "pool.prefix");
+        let s: Settings = vpnnat::config::load(
+            Some(("f.toml", "[pool]\nprefix = \"10.64.0.1/16\"\n")),
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(s.validate().unwrap_err().0, "pool.prefix");
+        let s: Settings = vpnnat::config::load(
+            None,
+            vec![("VPNNAT_DATABASE__URL".into(), "mysql://x".into())],
+        )
+        .unwrap();
+        assert_eq!(s.validate().unwrap_err().0, "database.url");
+    }
+
+    #[test]
+    fn tls_moves_the_default_port() {
+        let mut s = Settings::default();
+        s.tls.cert = "c.pem".into();
+        s.tls.key = "k.pem".into();
+        assert_eq!(s.listen().unwrap(), "0.0.0.0:8443".parse().unwrap());
+    }
+
+    #[test]
+    fn prefixes() {
+        let p = parse_prefix("10.64.0.0/16").unwrap();
+        assert_eq!(
+            p.usable(),
+            (
+                u32::from(Ipv4Addr::new(10, 64, 0, 1)),
+                u32::from(Ipv4Addr::new(10, 64, 255, 254))
+            )
+        );
+        assert!(p.contains(Ipv4Addr::new(10, 64, 9, 9)));
+        assert!(!p.contains(Ipv4Addr::new(10, 65, 0, 1)));
+        assert!(parse_prefix("10.64.0.0").is_err());
+        assert!(parse_prefix("10.64.0.0/33").is_err());
+        assert_eq!(
+            parse_prefix("10.64.0.8/32").unwrap().usable().0,
+            0x0a40_0008
+        );
+    }
+
+    #[test]
+    fn database_url_is_redacted_in_debug() {
+        let d = DatabaseSettings {
+            url: "postgres://u:secret@h/db".into(),
+            max_connections: 1,
+        };
+        assert!(!format!("{d:?}").contains("secret"));
+    }
+}
