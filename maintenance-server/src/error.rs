@@ -159,18 +159,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 /// # Errors
 /// 400 for malformed JSON, 422 for a wrong field.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
+    // Syntax first, so that malformed JSON is always a 400 whatever field
+    // the typed parse would have stumbled on first.
+    if let Err(e) = serde_json::from_slice::<&serde_json::value::RawValue>(bytes) {
+        return Err(AppError::field(
+            StatusCode::BAD_REQUEST,
+            "body",
+            format!("malformed JSON: {e}"),
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
-        let msg = inner.to_string();
-        if inner.is_syntax() || inner.is_eof() {
-            return AppError::field(
-                StatusCode::BAD_REQUEST,
-                "body",
-                format!("malformed JSON: {msg}"),
-            );
-        }
+        // The syntax is known good here: whatever fails is a field's value
+        // (serde_json calls some type mismatches "expected value").
+        let msg = e.into_inner().to_string();
         // `missing field `x`` and `unknown field `x`` name the field in the message.
         let named = msg
             .split('`')
@@ -178,11 +181,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
             .filter(|_| msg.starts_with("missing field") || msg.starts_with("unknown field"));
         let field = match (path.as_str(), named) {
             (".", Some(n)) => n.to_owned(),
+            (p, Some(n)) if p == n || p.ends_with(&format!(".{n}")) => p.to_owned(),
             (p, Some(n)) => format!("{p}.{n}"),
             (".", None) => "body".to_owned(),
             (p, None) => p.to_owned(),
         };
-        // `terminals[0]` → the field is `terminals`.
         AppError::field(
             StatusCode::UNPROCESSABLE_ENTITY,
             &field,
@@ -199,6 +202,11 @@ mod tests {
 
     #[test]
     fn parse_errors_name_the_field() {
+        let e = parse_json::<NewMaintenanceRequest>(
+            br#"{"requester_name":"a","level":"general","urgency":7,"phone":"1","content":"","terminals":["pc"]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.body.field.as_deref(), Some("urgency"));
         let e = parse_json::<EnrollRequest>(b"{").unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         let e = parse_json::<EnrollRequest>(br#"{"token":"t"}"#).unwrap_err();
