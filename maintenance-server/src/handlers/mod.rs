@@ -62,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/me", get(technician::me))
         .route(paths::HEALTH, get(misc::health))
         .route(paths::METRICS, get(misc::metrics))
+        .merge(crate::console::routes())
         .fallback(misc::not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(
