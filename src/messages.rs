@@ -84,6 +84,7 @@ pub mod paths {
 /// Milliseconds since the Unix epoch (UTC). The core never reads a clock; the
 /// IO shells convert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(transparent)]
 pub struct UnixMillis(pub u64);
 
@@ -91,6 +92,7 @@ macro_rules! id_type {
     ($(#[$m:meta])* $name:ident) => {
         $(#[$m])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
         #[serde(transparent)]
         pub struct $name(pub u64);
 
@@ -159,6 +161,24 @@ impl FromStr for PublicKey {
     }
 }
 
+/// Schema: standard base64 of 32 bytes.
+#[cfg(feature = "schemars")]
+impl schemars::JsonSchema for PublicKey {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PublicKey".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "format": "byte",
+            "minLength": 44,
+            "maxLength": 44,
+            "description": "A 32-byte Curve25519 (WireGuard) public key, standard base64 as `wg pubkey` prints it.",
+        })
+    }
+}
+
 impl Serialize for PublicKey {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.to_base64())
@@ -213,6 +233,24 @@ impl TerminalName {
     }
 }
 
+/// Schema: the accepted names.
+#[cfg(feature = "schemars")]
+impl schemars::JsonSchema for TerminalName {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "TerminalName".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 63,
+            "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+            "description": "A terminal (PC) on the customer LAN, by name; the agent resolves it locally.",
+        })
+    }
+}
+
 impl fmt::Display for TerminalName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -228,6 +266,7 @@ impl<'de> Deserialize<'de> for TerminalName {
 
 /// Which tunnel protocol carries a site's traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TunnelKind {
     /// WireGuard over UDP (boringtun's noise layer).
@@ -236,6 +275,7 @@ pub enum TunnelKind {
 
 /// The error body of every 4xx/5xx answer of the API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct ApiError {
     /// A stable machine-readable code, e.g. `invalid_field`, `unauthorized`, `no_capacity`.
     pub error: String,
@@ -308,6 +348,7 @@ fn check_text(
 /// An agent's first contact: the one-time token the operator handed out and
 /// the agent's tunnel public key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
     /// The one-time enrollment token (`maintenance-server site add`).
@@ -318,6 +359,7 @@ pub struct EnrollRequest {
 
 /// The site identity the agent stores (0600) and uses from then on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct EnrollResponse {
     /// The site this agent now speaks for.
     pub site_id: SiteId,
@@ -331,6 +373,7 @@ pub struct EnrollResponse {
 
 /// Operator: create a site.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewSite {
     /// A unique, human-chosen name (1–100 characters).
@@ -347,6 +390,7 @@ impl NewSite {
 
 /// A site and its one-time enrollment token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct SiteCreated {
     /// The new site.
     pub site_id: SiteId,
@@ -360,6 +404,7 @@ pub struct SiteCreated {
 
 /// A site as the operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct SiteView {
     /// The site.
     pub site_id: SiteId,
@@ -377,6 +422,7 @@ pub struct SiteView {
 
 /// Operator: create a gateway identity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewGateway {
     /// A unique name (1–100 characters).
@@ -393,6 +439,7 @@ impl NewGateway {
 
 /// A gateway identity and its credential (shown once).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct GatewayCreated {
     /// The gateway.
     pub gateway_id: GatewayId,
@@ -404,6 +451,7 @@ pub struct GatewayCreated {
 
 /// Operator: put a gateway into (or out of) drain mode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DrainGateway {
     /// `true`: take no new sites.
@@ -412,6 +460,7 @@ pub struct DrainGateway {
 
 /// The health a gateway reports, and the server's view of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
     /// Forwarding and accepting new sites.
@@ -424,6 +473,7 @@ pub enum Health {
 
 /// A gateway as the operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct GatewayView {
     /// The gateway.
     pub gateway_id: GatewayId,
@@ -451,6 +501,7 @@ pub struct GatewayView {
 
 /// A gateway announces itself (at start and after the server lost it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GatewayRegistration {
     /// Where agents dial it (its public UDP endpoints).
@@ -494,6 +545,7 @@ impl GatewayRegistration {
 
 /// The server's answer to a registration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct GatewayRegistered {
     /// The gateway's id (the one its credential belongs to).
     pub gateway_id: GatewayId,
@@ -503,6 +555,7 @@ pub struct GatewayRegistered {
 
 /// Per-peer counters a gateway reports with its heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct PeerStatus {
     /// The site of this peer.
     pub site_id: SiteId,
@@ -518,6 +571,7 @@ pub struct PeerStatus {
 
 /// The periodic sign of life of a gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GatewayHeartbeat {
     /// Its capacity (may change at restart).
@@ -555,6 +609,7 @@ impl GatewayHeartbeat {
 
 /// The answer to a heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct HeartbeatAck {
     /// The newest desired-state version for this gateway.
     pub desired_version: u64,
@@ -564,6 +619,7 @@ pub struct HeartbeatAck {
 
 /// One site's tunnel on a gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct GatewayPeer {
     /// The site.
     pub site_id: SiteId,
@@ -576,6 +632,7 @@ pub struct GatewayPeer {
 
 /// Everything a gateway should be doing, as one versioned document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct GatewayDesiredState {
     /// Increases on every change; a gateway ignores a document older than what it runs.
     pub version: u64,
@@ -587,6 +644,7 @@ pub struct GatewayDesiredState {
 
 /// What a gateway or agent reports after reconciling to a desired state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AppliedState {
     /// The version it now runs.
@@ -600,6 +658,7 @@ pub struct AppliedState {
 
 /// The agent's tunnel to its gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct AgentTunnel {
     /// The gateway the server chose.
     pub gateway_id: GatewayId,
@@ -615,6 +674,7 @@ pub struct AgentTunnel {
 
 /// One 1:1 static NAT mapping the agent must install.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct AgentMapping {
     /// The pooled VPN-NAT address the technician connects to.
     pub nat_address: Ipv4Addr,
@@ -629,6 +689,7 @@ pub struct AgentMapping {
 
 /// Everything an agent should be doing, as one versioned document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct AgentDesiredState {
     /// Increases on every change.
     pub version: u64,
@@ -645,6 +706,7 @@ pub struct AgentDesiredState {
 
 /// The requester's authority at the customer (the patent's "level").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Level {
     /// An ordinary user.
@@ -655,6 +717,7 @@ pub enum Level {
 
 /// How urgent the customer says it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Urgency {
     /// Whenever convenient.
@@ -669,6 +732,7 @@ pub enum Urgency {
 
 /// The customer's request, sent by the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewMaintenanceRequest {
     /// Who asks (1–100 characters).
@@ -718,6 +782,7 @@ impl NewMaintenanceRequest {
 
 /// Where a maintenance request is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RequestState {
     /// Accepted, mappings installed, no technician yet.
@@ -741,6 +806,7 @@ impl RequestState {
 
 /// A terminal of a request and the NAT address it got.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct TerminalAssignment {
     /// The terminal.
     pub name: TerminalName,
@@ -750,6 +816,7 @@ pub struct TerminalAssignment {
 
 /// A maintenance request as the customer's page and the technician console show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct MaintenanceRequestView {
     /// The request.
     pub id: RequestId,
@@ -789,6 +856,7 @@ pub struct MaintenanceRequestView {
 
 /// A failure code the agent reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FailureCode {
     /// The agent's LAN interface lost its link.
@@ -803,6 +871,7 @@ pub enum FailureCode {
 
 /// A failure report from an agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FailureReport {
     /// What failed.
@@ -828,6 +897,7 @@ impl FailureReport {
 
 /// The server's answer to a failure report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct FailureAccepted {
     /// The stored report.
     pub failure_id: u64,
@@ -837,6 +907,7 @@ pub struct FailureAccepted {
 
 /// A stored failure report, as technicians see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct FailureView {
     /// The report.
     pub id: u64,
@@ -860,6 +931,7 @@ pub struct FailureView {
 
 /// Technician login.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Login {
     /// The technician's name.
@@ -879,6 +951,7 @@ impl fmt::Debug for Login {
 
 /// The answer to a login; the session itself is an `HttpOnly` cookie.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct LoginResponse {
     /// The technician.
     pub name: String,
@@ -888,6 +961,7 @@ pub struct LoginResponse {
 
 /// One line of the append-only audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct AuditEntry {
     /// Increasing id.
     pub id: u64,
@@ -905,6 +979,7 @@ pub struct AuditEntry {
 
 /// The console's live feed: the current version and everything it shows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct ConsoleEvents {
     /// Increases on every change a technician can see.
     pub version: u64,

@@ -17,6 +17,7 @@ pub mod error;
 pub mod handlers;
 pub mod metrics;
 pub mod notify;
+pub mod openapi;
 
 pub mod settings;
 pub mod tasks;

@@ -1,0 +1,626 @@
+//! The OpenAPI 3.0 document served at `/api/openapi.json`, generated from
+//! the code: the routes are the `vpnnat::messages::paths` constants the
+//! router uses, the schemas are derived from the `vpnnat::messages` types
+//! (their `schemars` feature), so the document cannot drift from what the
+//! server and its clients (de)serialize.
+
+use schemars::generate::{SchemaGenerator, SchemaSettings};
+use schemars::{JsonSchema, Schema};
+use serde_json::{Map, Value, json};
+use vpnnat::messages::*;
+
+/// Who may call an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    /// Anyone (authenticated by something in the body, or public).
+    Public,
+    /// A router agent's site credential.
+    Site,
+    /// A gateway credential.
+    Gateway,
+    /// The operator token.
+    Operator,
+    /// A technician session (reads).
+    Session,
+    /// A technician session and the CSRF header (changes).
+    SessionCsrf,
+}
+
+/// Query parameters of an operation.
+#[derive(Debug, Clone, Copy)]
+pub enum Query {
+    /// None.
+    None,
+    /// `after`, `wait_ms`.
+    LongPoll,
+    /// `state`, `site`, `limit`.
+    RequestFilter,
+    /// `before`, `limit`.
+    Audit,
+    /// `limit`.
+    Limit,
+}
+
+/// One documented operation.
+pub struct Operation {
+    /// HTTP method.
+    pub method: &'static str,
+    /// The route (a `paths` constant).
+    pub path: &'static str,
+    /// Who may call it.
+    pub auth: Auth,
+    /// One line.
+    pub summary: &'static str,
+    /// Query parameters.
+    pub query: Query,
+    /// The success status.
+    pub status: u16,
+    request: Option<fn(&mut SchemaGenerator) -> Schema>,
+    response: Option<fn(&mut SchemaGenerator) -> Schema>,
+}
+
+fn s<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
+    g.subschema_for::<T>()
+}
+
+macro_rules! op {
+    ($m:literal, $path:expr, $auth:ident, $query:ident, $status:literal, $req:ty, $resp:ty, $summary:literal) => {
+        Operation {
+            method: $m,
+            path: $path,
+            auth: Auth::$auth,
+            summary: $summary,
+            query: Query::$query,
+            status: $status,
+            request: op!(@f $req),
+            response: op!(@f $resp),
+        }
+    };
+    (@f ()) => { None };
+    (@f $t:ty) => { Some(s::<$t>) };
+}
+
+/// Every operation of the API, as the router serves it.
+pub fn operations() -> Vec<Operation> {
+    vec![
+        op!(
+            "post",
+            paths::ENROLL,
+            Public,
+            None,
+            200,
+            EnrollRequest,
+            EnrollResponse,
+            "Agent: redeem a one-time enrollment token; returns the site credential"
+        ),
+        op!(
+            "post",
+            paths::AGENT_REQUESTS,
+            Site,
+            None,
+            201,
+            NewMaintenanceRequest,
+            MaintenanceRequestView,
+            "Agent: request maintenance (allocates NAT addresses; 503 no_capacity / pool_exhausted allocates nothing)"
+        ),
+        op!(
+            "get",
+            paths::AGENT_REQUESTS,
+            Site,
+            None,
+            200,
+            (),
+            Vec<MaintenanceRequestView>,
+            "Agent: the site's own requests, newest first"
+        ),
+        op!(
+            "post",
+            paths::AGENT_REVOKE,
+            Site,
+            None,
+            200,
+            (),
+            MaintenanceRequestView,
+            "Agent: the customer ends access (addresses return to the pool)"
+        ),
+        op!(
+            "post",
+            paths::AGENT_FAILURES,
+            Site,
+            None,
+            201,
+            FailureReport,
+            FailureAccepted,
+            "Agent: report a failure (may open a request for the router itself)"
+        ),
+        op!(
+            "get",
+            paths::AGENT_STATE,
+            Site,
+            LongPoll,
+            200,
+            (),
+            AgentDesiredState,
+            "Agent: desired state, long-poll (answered when version > after, or after wait_ms ≤ 60000)"
+        ),
+        op!(
+            "post",
+            paths::AGENT_APPLIED,
+            Site,
+            None,
+            204,
+            AppliedState,
+            (),
+            "Agent: report the applied version"
+        ),
+        op!(
+            "post",
+            paths::GATEWAY_REGISTER,
+            Gateway,
+            None,
+            200,
+            GatewayRegistration,
+            GatewayRegistered,
+            "Gateway: announce endpoints, key, capacity"
+        ),
+        op!(
+            "post",
+            paths::GATEWAY_HEARTBEAT,
+            Gateway,
+            None,
+            200,
+            GatewayHeartbeat,
+            HeartbeatAck,
+            "Gateway: heartbeat (capacity, load, health); 404 not_registered before registering"
+        ),
+        op!(
+            "get",
+            paths::GATEWAY_STATE,
+            Gateway,
+            LongPoll,
+            200,
+            (),
+            GatewayDesiredState,
+            "Gateway: desired state (peers and their NAT addresses), long-poll"
+        ),
+        op!(
+            "post",
+            paths::GATEWAY_APPLIED,
+            Gateway,
+            None,
+            204,
+            AppliedState,
+            (),
+            "Gateway: report the applied version"
+        ),
+        op!(
+            "post",
+            paths::SITES,
+            Operator,
+            None,
+            201,
+            NewSite,
+            SiteCreated,
+            "Operator: create a site and its one-time enrollment token"
+        ),
+        op!(
+            "get",
+            paths::SITES,
+            Operator,
+            None,
+            200,
+            (),
+            Vec<SiteView>,
+            "Operator: list sites"
+        ),
+        op!(
+            "post",
+            paths::SITE_TOKEN,
+            Operator,
+            None,
+            200,
+            (),
+            SiteCreated,
+            "Operator: a fresh enrollment token (re-enrollment rotates the credential)"
+        ),
+        op!(
+            "post",
+            paths::GATEWAYS,
+            Operator,
+            None,
+            201,
+            NewGateway,
+            GatewayCreated,
+            "Operator: create a gateway identity; its credential is shown once"
+        ),
+        op!(
+            "get",
+            paths::GATEWAYS,
+            Operator,
+            None,
+            200,
+            (),
+            Vec<GatewayView>,
+            "Operator: list gateways"
+        ),
+        op!(
+            "post",
+            paths::GATEWAY_DRAIN,
+            Operator,
+            None,
+            200,
+            DrainGateway,
+            GatewayView,
+            "Operator: drain a gateway (keeps its sites, takes no new ones) or end draining"
+        ),
+        op!(
+            "post",
+            paths::LOGIN,
+            Public,
+            None,
+            200,
+            Login,
+            LoginResponse,
+            "Technician: sign in; sets the HttpOnly session cookie (rate-limited: 429)"
+        ),
+        op!(
+            "post",
+            paths::LOGOUT,
+            SessionCsrf,
+            None,
+            204,
+            (),
+            (),
+            "Technician: sign out"
+        ),
+        op!(
+            "get",
+            paths::REQUESTS,
+            Session,
+            RequestFilter,
+            200,
+            (),
+            Vec<MaintenanceRequestView>,
+            "Technician: requests, newest first"
+        ),
+        op!(
+            "post",
+            paths::REQUEST_START,
+            SessionCsrf,
+            None,
+            200,
+            (),
+            MaintenanceRequestView,
+            "Technician: start work (waiting → in progress)"
+        ),
+        op!(
+            "post",
+            paths::REQUEST_END,
+            SessionCsrf,
+            None,
+            200,
+            (),
+            MaintenanceRequestView,
+            "Technician: end (addresses return to the pool; the tunnel slot is freed with the last one)"
+        ),
+        op!(
+            "get",
+            paths::FAILURES,
+            Session,
+            Limit,
+            200,
+            (),
+            Vec<FailureView>,
+            "Technician: failure reports, newest first"
+        ),
+        op!(
+            "get",
+            paths::AUDIT,
+            Session,
+            Audit,
+            200,
+            (),
+            Vec<AuditEntry>,
+            "Technician: the append-only audit log, newest first"
+        ),
+        op!(
+            "get",
+            paths::CONSOLE_EVENTS,
+            Session,
+            LongPoll,
+            200,
+            (),
+            ConsoleEvents,
+            "Technician: the console feed, long-poll"
+        ),
+        op!(
+            "get",
+            paths::HEALTH,
+            Public,
+            None,
+            200,
+            (),
+            (),
+            "Liveness and database reachability"
+        ),
+        op!(
+            "get",
+            paths::METRICS,
+            Public,
+            None,
+            200,
+            (),
+            (),
+            "Prometheus text exposition"
+        ),
+    ]
+}
+
+fn param(name: &str, place: &str, ty: &str, desc: &str) -> Value {
+    json!({
+        "name": name, "in": place, "required": place == "path",
+        "description": desc, "schema": { "type": ty },
+    })
+}
+
+fn error_response(desc: &str) -> Value {
+    json!({ "description": desc, "content": { "application/json": {
+        "schema": { "$ref": "#/components/schemas/ApiError" } } } })
+}
+
+/// The document.
+pub fn document() -> Value {
+    let mut g = SchemaSettings::openapi3().into_generator();
+    g.subschema_for::<ApiError>();
+    let mut paths_obj: Map<String, Value> = Map::new();
+    for op in operations() {
+        let mut o = Map::new();
+        o.insert("summary".into(), op.summary.into());
+        let mut params = Vec::new();
+        if op.path.contains("{id}") {
+            params.push(param("id", "path", "integer", "the object's id"));
+        }
+        match op.query {
+            Query::None => {}
+            Query::LongPoll => {
+                params.push(param(
+                    "after",
+                    "query",
+                    "integer",
+                    "answer as soon as the version exceeds this (default 0)",
+                ));
+                params.push(param(
+                    "wait_ms",
+                    "query",
+                    "integer",
+                    "hold the request at most this long (default 0, at most 60000)",
+                ));
+            }
+            Query::RequestFilter => {
+                params.push(param(
+                    "state",
+                    "query",
+                    "string",
+                    "waiting, in_progress, ended, revoked or expired",
+                ));
+                params.push(param("site", "query", "integer", "only this site"));
+                params.push(param(
+                    "limit",
+                    "query",
+                    "integer",
+                    "at most this many (1–1000, default 500)",
+                ));
+            }
+            Query::Audit => {
+                params.push(param(
+                    "before",
+                    "query",
+                    "integer",
+                    "only entries with a smaller id (paging)",
+                ));
+                params.push(param(
+                    "limit",
+                    "query",
+                    "integer",
+                    "at most this many (1–500, default 100)",
+                ));
+            }
+            Query::Limit => {
+                params.push(param(
+                    "limit",
+                    "query",
+                    "integer",
+                    "at most this many (1–1000)",
+                ));
+            }
+        }
+        if !params.is_empty() {
+            o.insert("parameters".into(), Value::Array(params));
+        }
+        if let Some(req) = op.request {
+            o.insert(
+                "requestBody".into(),
+                json!({ "required": true, "content": { "application/json": { "schema": req(&mut g) } } }),
+            );
+        }
+        let mut responses = Map::new();
+        let ok = match (op.response, op.path) {
+            (Some(resp), _) => json!({ "description": "success",
+                "content": { "application/json": { "schema": resp(&mut g) } } }),
+            (None, paths::METRICS) => json!({ "description": "metrics",
+                "content": { "text/plain": { "schema": { "type": "string" } } } }),
+            (None, paths::HEALTH) => json!({ "description": "ok",
+                "content": { "application/json": { "schema": { "type": "object" } } } }),
+            (None, _) => json!({ "description": "done, no content" }),
+        };
+        responses.insert(op.status.to_string(), ok);
+        if op.request.is_some() || op.path.contains("{id}") || !matches!(op.query, Query::None) {
+            responses.insert(
+                "400".into(),
+                error_response("malformed JSON, path id or query parameter (`field` names it)"),
+            );
+        }
+        if op.request.is_some() {
+            responses.insert(
+                "413".into(),
+                error_response("body larger than http.body_limit_bytes"),
+            );
+            responses.insert(
+                "422".into(),
+                error_response("a field is invalid (`field` names it)"),
+            );
+        }
+        if op.auth != Auth::Public || op.path == paths::ENROLL {
+            responses.insert("401".into(), error_response("no or an unknown credential"));
+        }
+        if op.auth != Auth::Public {
+            responses.insert(
+                "403".into(),
+                error_response("a credential of another kind (or a missing CSRF header)"),
+            );
+        }
+        if op.path.contains("{id}") {
+            responses.insert(
+                "404".into(),
+                error_response("no such object (or not the caller's)"),
+            );
+        }
+        if matches!(
+            op.path,
+            paths::AGENT_REVOKE
+                | paths::REQUEST_START
+                | paths::REQUEST_END
+                | paths::SITES
+                | paths::GATEWAYS
+                | paths::ENROLL
+        ) && op.method == "post"
+        {
+            responses.insert(
+                "409".into(),
+                error_response(
+                    "conflict (taken name or key, or a request not in a state that allows this)",
+                ),
+            );
+        }
+        if op.path == paths::LOGIN {
+            responses.insert("429".into(), error_response("too many failed logins"));
+        }
+        if op.path == paths::AGENT_REQUESTS && op.method == "post"
+            || op.path == paths::AGENT_FAILURES
+        {
+            responses.insert(
+                "503".into(),
+                error_response("no_capacity or pool_exhausted: nothing was allocated"),
+            );
+        }
+        o.insert("responses".into(), Value::Object(responses));
+        let security = match op.auth {
+            Auth::Public => json!([]),
+            Auth::Site => json!([{ "siteCredential": [] }]),
+            Auth::Gateway => json!([{ "gatewayCredential": [] }]),
+            Auth::Operator => json!([{ "operatorToken": [] }]),
+            Auth::Session => json!([{ "technicianSession": [] }]),
+            Auth::SessionCsrf => json!([{ "technicianSession": [], "csrfToken": [] }]),
+        };
+        o.insert("security".into(), security);
+        let entry = paths_obj
+            .entry(op.path.to_owned())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(m) = entry {
+            m.insert(op.method.to_owned(), Value::Object(o));
+        }
+    }
+    let schemas = g.take_definitions(true);
+    let bearer = |desc: &str| json!({ "type": "http", "scheme": "bearer", "description": desc });
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "vpnnat maintenance-server",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Control plane of vpnnat: enrollment, maintenance requests, the VPN-NAT address pool, \
+                gateway desired state, technician console. Errors are ApiError JSON. Desired-state \
+                endpoints are long-polls (`after`, `wait_ms`).",
+        },
+        "paths": paths_obj,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "siteCredential": bearer("`vnsite_…` from POST /api/v1/enroll"),
+                "gatewayCredential": bearer("`vngw_…` from `maintenance-server gateway add` or POST /api/v1/gateways"),
+                "operatorToken": bearer("`vnop_…` from `maintenance-server operator-token`"),
+                "technicianSession": { "type": "apiKey", "in": "cookie", "name": crate::auth::SESSION_COOKIE },
+                "csrfToken": { "type": "apiKey", "in": "header", "name": "X-CSRF-Token" },
+            },
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_and_message_is_documented() {
+        let doc = document();
+        let paths_doc = doc["paths"].as_object().unwrap();
+        for p in [
+            paths::ENROLL,
+            paths::AGENT_REQUESTS,
+            paths::AGENT_REVOKE,
+            paths::AGENT_FAILURES,
+            paths::AGENT_STATE,
+            paths::AGENT_APPLIED,
+            paths::GATEWAY_REGISTER,
+            paths::GATEWAY_HEARTBEAT,
+            paths::GATEWAY_STATE,
+            paths::GATEWAY_APPLIED,
+            paths::SITES,
+            paths::SITE_TOKEN,
+            paths::GATEWAYS,
+            paths::GATEWAY_DRAIN,
+            paths::LOGIN,
+            paths::LOGOUT,
+            paths::REQUESTS,
+            paths::REQUEST_START,
+            paths::REQUEST_END,
+            paths::FAILURES,
+            paths::AUDIT,
+            paths::CONSOLE_EVENTS,
+            paths::HEALTH,
+            paths::METRICS,
+        ] {
+            assert!(paths_doc.contains_key(p), "{p} undocumented");
+        }
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for name in [
+            "ApiError",
+            "EnrollRequest",
+            "NewMaintenanceRequest",
+            "MaintenanceRequestView",
+            "AgentDesiredState",
+            "GatewayDesiredState",
+            "GatewayRegistration",
+            "PublicKey",
+            "TerminalName",
+            "RequestState",
+            "ConsoleEvents",
+        ] {
+            assert!(
+                schemas.contains_key(name),
+                "{name} missing: {:?}",
+                schemas.keys()
+            );
+        }
+        // Every reference resolves.
+        let text = doc.to_string();
+        for r in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+            let name = r.split('"').next().unwrap();
+            assert!(schemas.contains_key(name), "dangling $ref {name}");
+        }
+        let state = &doc["paths"][paths::AGENT_STATE]["get"];
+        assert_eq!(state["parameters"][0]["name"], "after");
+        assert_eq!(state["security"][0]["siteCredential"], json!([]));
+        let st = schemas["RequestState"].to_string();
+        assert!(st.contains("in_progress"), "{st}");
+    }
+}
