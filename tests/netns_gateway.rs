@@ -271,3 +271,188 @@ fn netns_gateway_clean_shutdown_removes_routes_and_arp_entries() {
         proxies(&w) == strs(&["10.64.0.6"]) && routes(&w) == strs(&["10.64.0.6"])
     });
 }
+
+/// Runs `maintenance-server --config CONFIG ARGS` (the CLI works on the database).
+fn server_cli(config: &std::path::Path, args: &[&str]) -> String {
+    let out = common::run(
+        std::process::Command::new(common::bin("maintenance-server"))
+            // The server reads every VPNNAT_* variable as configuration.
+            .env_remove("VPNNAT_KEEP_TEST_DIRS")
+            .arg("--config")
+            .arg(config)
+            .args(args),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `curl` inside the technician's namespace, where the server runs; returns the body.
+fn api(w: &World, method: &str, path: &str, bearer: &str, body: Option<&str>) -> String {
+    let mut cmd = format!(
+        "curl -sf -X {method} -H 'Authorization: Bearer {bearer}' http://172.16.0.50:8080{path}"
+    );
+    if let Some(b) = body {
+        cmd.push_str(&format!(
+            " -H 'Content-Type: application/json' --data '{b}'"
+        ));
+    }
+    w.tech.sh(&cmd)
+}
+
+fn start_server(w: &mut World, config: &std::path::Path) -> u32 {
+    let mut cmd = w.tech.command(common::bin("maintenance-server"));
+    cmd.arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .env_remove("VPNNAT_KEEP_TEST_DIRS");
+    let pid = w
+        .tech
+        .spawn(&mut cmd, Some(&w.dir.path().join("server.log")));
+    let tech = &w.tech;
+    wait_until("the maintenance server", Duration::from_secs(20), || {
+        tech.try_sh("curl -sf http://172.16.0.50:8080/healthz")
+    });
+    pid
+}
+
+#[test]
+fn netns_gateway_registers_with_a_real_server_and_follows_its_desired_state() {
+    if !require(PREREQS) {
+        return;
+    }
+    let mut w = World::new("nv", "dev eth0");
+    // The maintenance server on the center LAN (in the technician's namespace).
+    let config = w.dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[http]\nlisten = \"172.16.0.50:8080\"\n[state]\ndir = \"{}\"\n\
+             [gateways]\nheartbeat_interval_ms = 500\ndown_after_ms = 30000\n",
+            w.dir.path().join("server-state").display()
+        ),
+    )
+    .unwrap();
+    let site_out = server_cli(&config, &["site", "add", "Bakery Schmidt"]);
+    let token = site_out
+        .lines()
+        .find(|l| l.starts_with("vnenroll_"))
+        .unwrap()
+        .to_owned();
+    let gw_out = server_cli(&config, &["gateway", "add", "gw1"]);
+    let gw_cred = gw_out
+        .lines()
+        .find(|l| l.starts_with("vngw_"))
+        .unwrap()
+        .to_owned();
+    let operator = server_cli(&config, &["operator-token"]).trim().to_owned();
+    let server_pid = start_server(&mut w, &config);
+
+    w.use_server("http://172.16.0.50:8080", &gw_cred);
+    w.start_gateway();
+    wait_until("the gateway to register", Duration::from_secs(15), || {
+        let s = w.status();
+        s["connected"] == true && s["gateway_id"].is_u64()
+    });
+    let gateways: serde_json::Value =
+        serde_json::from_str(&api(&w, "GET", "/api/v1/gateways", &operator, None)).unwrap();
+    assert_eq!(
+        gateways[0]["endpoints"][0], "198.51.100.1:51820",
+        "{gateways}"
+    );
+    assert_eq!(
+        gateways[0]["public_key"],
+        w.gw_key.public_key().to_base64(),
+        "{gateways}"
+    );
+    wait_until("a heartbeat", Duration::from_secs(10), || {
+        let g: serde_json::Value =
+            serde_json::from_str(&api(&w, "GET", "/api/v1/gateways", &operator, None)).unwrap();
+        g[0]["last_heartbeat"].is_u64()
+    });
+
+    // The customer's agent enrolls its key and asks for maintenance of pc-1.
+    let site_key = PrivateKey::from_bytes(rand_bytes());
+    let enrolled: serde_json::Value = serde_json::from_str(&api(
+        &w,
+        "POST",
+        "/api/v1/enroll",
+        "none",
+        Some(&format!(
+            r#"{{"token":"{token}","public_key":"{}"}}"#,
+            site_key.public_key()
+        )),
+    ))
+    .unwrap();
+    let credential = enrolled["credential"].as_str().unwrap().to_owned();
+    let site_id = enrolled["site_id"].as_u64().unwrap();
+    let request: serde_json::Value = serde_json::from_str(&api(
+        &w,
+        "POST",
+        "/api/v1/agent/requests",
+        &credential,
+        Some(
+            r#"{"requester_name":"A. Schmidt","level":"general","urgency":"normal","phone":"0301234","content":"printer","terminals":["pc-1"]}"#,
+        ),
+    ))
+    .unwrap();
+    let nat = request["terminals"][0]["nat_address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let request_id = request["id"].as_u64().unwrap();
+
+    // The gateway receives the site's peer from the long-poll and routes its address.
+    wait_until(
+        "the desired state to arrive",
+        Duration::from_secs(10),
+        || {
+            let s = w.status();
+            s["peers"][0]["site_id"] == site_id && routes(&w) == vec![nat.clone()]
+        },
+    );
+    assert_eq!(proxies(&w), vec![nat.clone()]);
+    // A stock WireGuard client with the enrolled key reaches the center through it.
+    let site = w.add_site_with_key(site_key, &[nat.as_str()]);
+    assert!(
+        ping_within(&w.tech, &nat, Duration::from_secs(20)),
+        "ping {nat} failed; gateway log:\n{}",
+        w.gateway_log()
+    );
+    wait_until(
+        "the heartbeat to report the peer",
+        Duration::from_secs(10),
+        || {
+            let g: serde_json::Value =
+                serde_json::from_str(&api(&w, "GET", "/api/v1/gateways", &operator, None)).unwrap();
+            g[0]["tunnels"] == 1 && g[0]["health"] == "healthy"
+        },
+    );
+
+    // The server goes away: forwarding continues; the gateway notices and reconnects.
+    w.tech.kill(server_pid);
+    wait_until("the gateway to notice", Duration::from_secs(15), || {
+        w.status()["connected"] == false
+    });
+    assert!(ping_within(&w.tech, &nat, Duration::from_secs(5)));
+    let _server_pid = start_server(&mut w, &config);
+    wait_until("the gateway to reconnect", Duration::from_secs(20), || {
+        w.status()["connected"] == true
+    });
+    assert!(ping_within(&w.tech, &nat, Duration::from_secs(5)));
+
+    // The customer revokes: the NAT address and the peer leave the gateway.
+    api(
+        &w,
+        "POST",
+        &format!("/api/v1/agent/requests/{request_id}/revoke"),
+        &credential,
+        None,
+    );
+    wait_until(
+        "the revocation to reach the gateway",
+        Duration::from_secs(10),
+        || routes(&w).is_empty() && w.status()["peers"].as_array().is_some_and(Vec::is_empty),
+    );
+    assert!(proxies(&w).is_empty());
+    assert!(!w.tech.try_sh(&format!("ping -c 1 -W 1 {nat}")));
+    drop(site);
+}

@@ -39,6 +39,8 @@ pub struct World {
     pub gw_pid: Option<u32>,
     pub config: PathBuf,
     pub peers: PathBuf,
+    /// `Some` when the gateway follows a maintenance server instead of `peers`.
+    pub server: Option<(String, PathBuf)>,
     sites: u8,
 }
 
@@ -114,13 +116,37 @@ impl World {
             gw_pid: None,
             config,
             peers,
+            server: None,
             sites: 0,
         }
+    }
+
+    /// Makes the gateway follow the maintenance server at `url` with the
+    /// bearer `credential`, announcing 198.51.100.1:51820.
+    pub fn use_server(&mut self, url: &str, credential: &str) {
+        let cred = self.dir.path().join("gateway.credential");
+        std::fs::write(&cred, credential).unwrap();
+        let mut config = std::fs::read_to_string(&self.config).unwrap();
+        config = config.replace(
+            "[wireguard]\n",
+            "[wireguard]\nendpoints = [\"198.51.100.1:51820\"]\n",
+        );
+        config.push_str(&format!(
+            "[server]\nurl = \"{url}\"\ncredential_file = \"{}\"\npoll_wait_ms = 5000\n",
+            cred.display()
+        ));
+        std::fs::write(&self.config, config).unwrap();
+        self.server = Some((url.to_owned(), cred));
     }
 
     /// A site router (wireguard-go configured by `wg`, 1:1 NAT with nft) and
     /// its PC (192.168.1.10, serving `scripts/lan-pc.py`: HTTP on 80, echo on 7).
     pub fn add_site(&mut self, nat: &[&str]) -> Site {
+        self.add_site_with_key(PrivateKey::from_bytes(rand_bytes()), nat)
+    }
+
+    /// [`Self::add_site`] with a given WireGuard key (e.g. one already enrolled).
+    pub fn add_site_with_key(&mut self, key: PrivateKey, nat: &[&str]) -> Site {
         self.sites += 1;
         let n = self.sites;
         let mut router = Netns::new(&format!("r{n}"));
@@ -148,7 +174,6 @@ impl World {
         let mut cmd = pc.command("python3");
         cmd.arg(&lan_pc).arg(format!("site {n}"));
         pc.spawn(&mut cmd, Some(&self.dir.path().join(format!("pc{n}.log"))));
-        let key = PrivateKey::from_bytes(rand_bytes());
         let nat: Vec<String> = nat.iter().map(|s| (*s).to_owned()).collect();
         let wg = wg_name();
         self.start_wireguard_go(&mut router, &wg, &key, &nat, n);
@@ -230,15 +255,17 @@ impl World {
         }
     }
 
-    /// Starts the real `gateway` binary in the gateway namespace (standalone,
-    /// `--peers`), and waits for its HTTP listener.
+    /// Starts the real `gateway` binary in the gateway namespace (standalone
+    /// with `--peers`, or following a server after [`Self::use_server`]), and
+    /// waits for its HTTP listener.
     pub fn start_gateway(&mut self) {
         let mut cmd = self.gw.command(common::bin("gateway"));
         cmd.arg("--config")
             .arg(&self.config)
-            .arg("--peers")
-            .arg(&self.peers)
             .env("RUST_LOG", "info,vpnnat=debug");
+        if self.server.is_none() {
+            cmd.arg("--peers").arg(&self.peers);
+        }
         let pid = self
             .gw
             .spawn(&mut cmd, Some(&self.dir.path().join("gateway.log")));
