@@ -250,6 +250,9 @@ async fn a_request_reaches_the_agent_and_the_gateway_and_ends_cleanly(b: Backend
         own.iter().map(|r| r.id).collect::<Vec<_>>(),
         vec![r2.id, r1.id]
     );
+    // What the POST answered is what is stored.
+    assert_eq!(own[1], r1);
+    assert_eq!(own[0], r2);
 
     // Revoking the first frees only what the second does not use.
     let revoked: MaintenanceRequestView = site

@@ -287,19 +287,21 @@ impl Tx {
     /// serialized anyway). Every transaction that changes a site's addresses,
     /// tunnel or requests takes this lock first, so they cannot interleave.
     ///
+    /// Returns the site's name.
+    ///
     /// # Errors
     /// [`DbError::NotFound`] when the site does not exist.
-    pub async fn lock_site(&mut self, site: SiteId) -> DbResult<()> {
+    pub async fn lock_site(&mut self, site: SiteId) -> DbResult<String> {
         let sql = match self.kind {
-            DbKind::Postgres => "SELECT id FROM sites WHERE id = $1 FOR UPDATE",
-            DbKind::Sqlite => "SELECT id FROM sites WHERE id = $1",
+            DbKind::Postgres => "SELECT name FROM sites WHERE id = $1 FOR UPDATE",
+            DbKind::Sqlite => "SELECT name FROM sites WHERE id = $1",
         };
-        sqlx::query(sql)
+        let row = sqlx::query(sql)
             .bind(id64(site.0))
             .fetch_optional(&mut *self.inner)
             .await?
             .ok_or(DbError::NotFound)?;
-        Ok(())
+        col(&row, "name")
     }
 
     /// Appends to the audit log.

@@ -7,8 +7,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use sqlx::Row as _;
 use vpnnat::messages::{
     EnrollResponse, FailureReport, GatewayCreated, GatewayHeartbeat, GatewayId, GatewayRegistered,
-    GatewayRegistration, Health, HeartbeatAck, NewMaintenanceRequest, PublicKey, RequestId,
-    RequestState, SiteCreated, SiteId, TerminalName, UnixMillis,
+    GatewayRegistration, Health, HeartbeatAck, MaintenanceRequestView, NewMaintenanceRequest,
+    PublicKey, RequestId, RequestState, SiteCreated, SiteId, TerminalAssignment, TerminalName,
+    UnixMillis,
 };
 
 use super::views::{addr_of, addr_to_i64, enum_str};
@@ -634,9 +635,12 @@ async fn allocate(
                               ORDER BY released_at, address LIMIT 1 FOR UPDATE SKIP LOCKED) \
              AND site_id IS NULL RETURNING address"
         }
+        // Without the hint SQLite walks the (site_id, terminal) index over
+        // every free address and sorts them (milliseconds per claim).
         DbKind::Sqlite => {
             "UPDATE nat_addresses SET site_id = $1, terminal = $2, allocated_at = $3 \
-             WHERE address = (SELECT address FROM nat_addresses WHERE site_id IS NULL \
+             WHERE address = (SELECT address FROM nat_addresses INDEXED BY nat_addresses_free \
+                              WHERE site_id IS NULL \
                               ORDER BY released_at, address LIMIT 1) \
              AND site_id IS NULL RETURNING address"
         }
@@ -677,7 +681,8 @@ pub struct Origin {
 
 /// Accepts a maintenance request: a gateway slot (sticky), one NAT address
 /// per terminal (a terminal that holds one keeps it), the request row, and
-/// new versions for the agent's and the gateway's documents.
+/// new versions for the agent's and the gateway's documents. Returns the
+/// request as the API shows it.
 ///
 /// # Errors
 /// `NoCapacity` / `PoolExhausted` (the caller rolls back: nothing is allocated).
@@ -688,8 +693,8 @@ pub async fn new_request(
     origin: &Origin,
     now: i64,
     policy: &Policy,
-) -> OpResult<RequestId> {
-    tx.lock_site(site).await?;
+) -> OpResult<MaintenanceRequestView> {
+    let site_name = tx.lock_site(site).await?;
     let (gw, _new_tunnel) = ensure_tunnel(tx, site, now).await?;
     let expires = now.saturating_add(policy.max_duration_ms);
     let row = sqlx::query(
@@ -712,6 +717,7 @@ pub async fn new_request(
     .await?;
     let id = RequestId(u64_of(col(&row, "id")?));
     let mut assigned = Vec::with_capacity(req.terminals.len());
+    let mut terminals = Vec::with_capacity(req.terminals.len());
     for (pos, terminal) in req.terminals.iter().enumerate() {
         let held =
             sqlx::query("SELECT address FROM nat_addresses WHERE site_id = $1 AND terminal = $2")
@@ -733,6 +739,10 @@ pub async fn new_request(
         .execute(&mut *tx.inner)
         .await?;
         assigned.push(format!("{terminal}={addr}"));
+        terminals.push(TerminalAssignment {
+            name: terminal.clone(),
+            nat_address: Some(addr),
+        });
     }
     sqlx::query("UPDATE sites SET problem = NULL WHERE id = $1 AND problem IS NOT NULL")
         .bind(id64(site.0))
@@ -748,7 +758,26 @@ pub async fn new_request(
     )
     .await?;
     tx.bump_gateway(gw).await?;
-    Ok(id)
+    // Everything the view shows is known here: no need to read it back.
+    Ok(MaintenanceRequestView {
+        id,
+        acceptance_number: super::views::acceptance_number(id, now),
+        site_id: site,
+        site_name,
+        global_address: origin.global_address,
+        requester_name: req.requester_name.clone(),
+        level: req.level,
+        urgency: req.urgency,
+        phone: req.phone.clone(),
+        content: req.content.clone(),
+        terminals,
+        state: RequestState::Waiting,
+        gateway_id: Some(gw),
+        received_at: UnixMillis(u64_of(now)),
+        started_at: None,
+        ended_at: None,
+        expires_at: UnixMillis(u64_of(expires)),
+    })
 }
 
 /// Records (in its own transaction) that a site asked for maintenance and

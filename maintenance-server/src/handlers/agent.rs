@@ -69,8 +69,8 @@ pub async fn open_request(
         ops::new_request(tx, site, body, origin, now, &policy).await
     })
     .await;
-    let id = match r {
-        Ok(id) => id,
+    let view = match r {
+        Ok(v) => v,
         Err(e) if matches!(e.body.error.as_str(), "no_capacity" | "pool_exhausted") => {
             let msg = e.body.message.clone();
             write(state, async |tx| ops::set_problem(tx, site, &msg).await).await?;
@@ -79,8 +79,8 @@ pub async fn open_request(
         }
         Err(e) => return Err(e),
     };
-    tracing::info!(site.id = %site, request.id = %id, "maintenance request accepted");
-    read(state, async |c| views::request(c, id).await).await
+    tracing::info!(site.id = %site, request.id = %view.id, "maintenance request accepted");
+    Ok(view)
 }
 
 /// `POST /api/v1/agent/requests`
