@@ -11,10 +11,12 @@
 //! - [`backoff`]: reconnection delays for the control-plane clients.
 //! - [`config`]: layering of TOML text and `VPNNAT_*` overrides into typed settings.
 //! - [`gateway`]: the gateway's sans-IO packet logic (many peers, one socket, NAT-address routing).
+//! - [`agent`]: the router agent's sans-IO state (tunnel to its gateway, consent, 1:1 NAT).
 //! - [`wg`]: WireGuard tunnels on boringtun's noise layer (shared by gateway and agent).
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod agent;
 pub mod backoff;
 pub mod config;
 pub mod gateway;

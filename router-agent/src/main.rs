@@ -1,12 +1,559 @@
-//! `router-agent`: see ../README.md.
+//! `router-agent`: the customer side of vpnnat. Enrolls once, serves the
+//! customer's maintenance page on the LAN, dials the gateway the server
+//! chose and installs the 1:1 NAT mappings of accepted requests until they
+//! end, are revoked or expire.
+//!
+//! The packet logic is `vpnnat::agent` (sans-IO); this binary is the IO
+//! shell: the data-plane worker (`dataplane`, `netstack`), the kernel side
+//! of packet mode (`lan`), the control-plane client (`control`, `client`),
+//! the page and API (`web`), names (`names`), health checks and failure
+//! reports (`health`, `probe`).
 
-use clap::Parser;
+mod app;
+mod client;
+mod control;
+mod dataplane;
+mod health;
+mod identity;
+mod lan;
+mod names;
+mod netstack;
+mod probe;
+mod settings;
+mod web;
 
-/// vpnnat router-agent.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {}
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-fn main() {
-    let _cli = Cli::parse();
+use anyhow::{Context as _, anyhow};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use vpnnat::agent::{AgentConfig, AgentState, DataMode};
+use vpnnat::gateway::Prefix;
+use vpnnat::messages::AgentDesiredState;
+
+use crate::app::App;
+use crate::identity::Identity;
+use crate::settings::{Mode, Settings};
+
+/// vpnnat router-agent: the customer's maintenance button, the tunnel to the
+/// maintenance center, and the 1:1 NAT that lets a technician reach exactly
+/// the computers the customer chose, for as long as the customer allows.
+///
+/// Without a subcommand it runs the agent (enroll first). The configuration
+/// is layered: defaults, the TOML file, then VPNNAT_<SECTION>__<KEY>
+/// environment overrides (see `router-agent --print-example-config`).
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Configuration file. Without this option /etc/vpnnat/router-agent.toml
+    /// is read when it exists.
+    #[arg(short, long, env = "VPNNAT_AGENT_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    /// Netstack mode: no root, no TUN device; connections to NAT addresses
+    /// are relayed through ordinary sockets (overrides agent.mode).
+    #[arg(long, env = "VPNNAT_AGENT_NETSTACK")]
+    netstack: bool,
+
+    /// Standalone mode: follow this desired state (an AgentDesiredState JSON
+    /// document) instead of a maintenance server. Re-read on SIGHUP.
+    #[arg(long, env = "VPNNAT_AGENT_DESIRED", value_name = "FILE")]
+    desired: Option<PathBuf>,
+
+    /// Log format on stderr.
+    #[arg(long, env = "VPNNAT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Print the commented example configuration and exit.
+    #[arg(long)]
+    print_example_config: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enroll this agent with the maintenance server (once per site): creates
+    /// the tunnel key pair and stores the site identity (mode 0600).
+    Enroll {
+        /// The maintenance server's URL, e.g. https://center.example:8443.
+        #[arg(long, env = "VPNNAT_ENROLL_SERVER", value_name = "URL")]
+        server: String,
+        /// The one-time enrollment token from the operator.
+        #[arg(long, env = "VPNNAT_ENROLL_TOKEN", value_name = "TOKEN")]
+        token: String,
+        /// Replace an existing identity (re-enrollment with a new token).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the running agent's tunnel and mappings the way `wg show` does.
+    Status {
+        /// The agent's page; default: derived from the configuration.
+        #[arg(long, env = "VPNNAT_AGENT_URL", value_name = "URL")]
+        url: Option<String>,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the customer page's password.
+    Password,
+    /// Print the tunnel public key (creating a key-only identity for
+    /// standalone mode when none exists).
+    Pubkey,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "router-agent failed");
+            eprintln!("router-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    // boringtun logs routine session expiry at ERROR.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,boringtun=warn,boringtun::noise::timers=off")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    if cli.print_example_config {
+        print!("{}", settings::EXAMPLE);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let settings = Settings::load(cli.config.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("agent-control")
+        .build()
+        .context("tokio runtime")?;
+    match cli.command {
+        Some(Command::Enroll {
+            server,
+            token,
+            force,
+        }) => runtime.block_on(async {
+            let client = identity::http_client(&settings.server.ca_file, Duration::from_secs(30))?;
+            let id = identity::enroll(
+                &client,
+                &server,
+                &token,
+                &settings.agent.identity_file,
+                force,
+            )
+            .await?;
+            println!(
+                "enrolled as site {} ({}); identity stored in {}",
+                id.site_id,
+                id.site_name,
+                settings.agent.identity_file.display()
+            );
+            println!("tunnel public key: {}", id.key()?.public_key());
+            Ok(ExitCode::SUCCESS)
+        }),
+        Some(Command::Status { url, json }) => runtime.block_on(async {
+            let url = match url {
+                Some(u) => u,
+                None => format!(
+                    "http://{}",
+                    web_listen(&settings, lan_info(&settings).await.0)
+                ),
+            };
+            let password = page_password(&settings, false)?;
+            let s = web::fetch_status(&url, &password).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", web::render_status(&s, dataplane::wall_now()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
+        Some(Command::Password) => {
+            println!("{}", page_password(&settings, false)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Pubkey) => {
+            let path = &settings.agent.identity_file;
+            let id = match Identity::load(path) {
+                Ok(id) => id,
+                Err(_) if !path.exists() => {
+                    let mut bytes = [0u8; 32];
+                    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+                    let key = vpnnat::wg::PrivateKey::from_bytes(bytes);
+                    let id = Identity {
+                        site_id: vpnnat::messages::SiteId(0),
+                        site_name: "standalone".to_owned(),
+                        server_url: String::new(),
+                        credential: String::new(),
+                        private_key: key.to_base64(),
+                    };
+                    id.store(path, false)?;
+                    tracing::info!(path = %path.display(), "created a key-only identity for standalone mode");
+                    id
+                }
+                Err(e) => return Err(e),
+            };
+            println!("{}", id.key()?.public_key());
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            let mut settings = settings;
+            if cli.netstack {
+                settings.agent.mode = Mode::Netstack;
+            }
+            runtime.block_on(run(settings, cli.desired))
+        }
+    }
+}
+
+/// The agent's LAN address and prefix: configured, or read from the interface.
+async fn lan_info(settings: &Settings) -> (Option<Ipv4Addr>, Option<Prefix>) {
+    let from_if = if settings.lan.interface.is_empty() {
+        None
+    } else {
+        match lan::interface_address(&settings.lan.interface).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "LAN address unknown");
+                None
+            }
+        }
+    };
+    let addr = settings.lan.address.or(from_if.map(|(a, _)| a));
+    (addr, from_if.map(|(_, p)| p))
+}
+
+fn web_listen(settings: &Settings, lan_address: Option<Ipv4Addr>) -> SocketAddr {
+    settings
+        .web
+        .listen
+        .unwrap_or_else(|| SocketAddr::from((lan_address.unwrap_or(Ipv4Addr::LOCALHOST), 8088)))
+}
+
+const PASSWORD_FILE: &str = "router-agent.password";
+
+/// The page password: configured, or generated once into the state directory.
+fn page_password(settings: &Settings, create: bool) -> anyhow::Result<String> {
+    if !settings.web.password.is_empty() {
+        return Ok(settings.web.password.clone());
+    }
+    let path = settings.agent.state_dir.join(PASSWORD_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(p) if !p.trim().is_empty() => return Ok(p.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    if !create {
+        anyhow::bail!(
+            "{}: no page password yet (it is generated at the agent's first start), \
+             and web.password is not set",
+            path.display()
+        );
+    }
+    // Unambiguous characters, grouped for reading it aloud on the phone.
+    const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyz23456789";
+    let mut rng = rand::rngs::OsRng;
+    let groups: Vec<String> = (0..4)
+        .map(|_| {
+            (0..4)
+                .map(|_| {
+                    let i = rand::Rng::gen_range(&mut rng, 0..ALPHABET.len());
+                    char::from(ALPHABET[i])
+                })
+                .collect()
+        })
+        .collect();
+    let password = groups.join("-");
+    names::write_private(&path, &format!("{password}\n"))
+        .with_context(|| format!("storing the page password in {}", path.display()))?;
+    eprintln!(
+        "router-agent: the customer page password is {password} (stored in {}; \
+         `router-agent password` prints it again)",
+        path.display()
+    );
+    tracing::warn!(path = %path.display(), "generated the customer page password");
+    Ok(password)
+}
+
+fn read_desired(path: &Path) -> anyhow::Result<AgentDesiredState> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --desired {}", path.display()))?;
+    let mut de = serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))
+}
+
+async fn run(settings: Settings, desired_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let id = Identity::load(&settings.agent.identity_file)?;
+    let key = id.key()?;
+    let initial = desired_file.as_deref().map(read_desired).transpose()?;
+    let site_id = initial.as_ref().map_or(id.site_id, |d| d.site_id);
+    let server = if desired_file.is_some() {
+        None
+    } else {
+        let url = if settings.server.url.is_empty() {
+            id.server_url.clone()
+        } else {
+            settings.server.url.clone()
+        };
+        if url.is_empty() {
+            anyhow::bail!(
+                "{}: no server URL (a key-only identity); enroll, set server.url, or use --desired",
+                settings.agent.identity_file.display()
+            );
+        }
+        let http = identity::http_client(&settings.server.ca_file, Duration::from_secs(30))?;
+        Some(client::ServerClient::new(http, &url, id.credential.clone()))
+    };
+
+    let (lan_address, lan_prefix) = lan_info(&settings).await;
+    let names = Arc::new(names::Names::new(
+        &settings,
+        lan_address,
+        Some(settings.agent.state_dir.join("router-agent.aliases.json")),
+    ));
+
+    let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, settings.tunnel.listen_port))
+        .with_context(|| format!("binding tunnel.listen_port {}", settings.tunnel.listen_port))?;
+    let mode = settings.agent.mode;
+    let masquerade = settings
+        .packet
+        .masquerade
+        .then_some(settings.packet.masquerade_address)
+        .flatten();
+    let (data_mode, lan_side) = match mode {
+        Mode::Packet => (
+            DataMode::Packet { masquerade },
+            dataplane::LanSide::Tun(lan::create_tun(
+                &settings.packet.tun_name,
+                settings.packet.tun_mtu,
+            )?),
+        ),
+        Mode::Netstack => (
+            DataMode::Netstack,
+            dataplane::LanSide::Netstack {
+                mtu: usize::from(settings.packet.tun_mtu),
+                tcp_buffer: settings.netstack.tcp_buffer,
+                udp_idle: Duration::from_secs(settings.netstack.udp_idle_s),
+            },
+        ),
+    };
+    let state = AgentState::new(
+        AgentConfig {
+            site_id,
+            private_key: key.clone(),
+            mode: data_mode,
+            seed: rand::random(),
+        },
+        Instant::now(),
+    );
+    let (dp, thread) = dataplane::spawn(state, socket, lan_side)?;
+
+    let mut routes = match mode {
+        Mode::Packet => {
+            let masq = masquerade.map(|a| (a, settings.lan.interface.as_str()));
+            if masq.is_some() && settings.lan.interface.is_empty() {
+                anyhow::bail!("lan.interface: must be set for packet.masquerade (proxy ARP)");
+            }
+            match lan::KernelRoutes::install(
+                &settings.packet.tun_name,
+                &settings.packet.center_prefixes,
+                masq,
+                settings.packet.ip_forward,
+            )
+            .await
+            {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    dp.shutdown().await;
+                    return Err(e);
+                }
+            }
+        }
+        Mode::Netstack => None,
+    };
+
+    let app = Arc::new(App {
+        settings: settings.clone(),
+        mode,
+        site_id,
+        site_name: id.site_name.clone(),
+        server,
+        names,
+        dataplane: dp,
+        lan_address,
+        control: Mutex::new(app::ControlState::default()),
+        failures: Mutex::new(app::FailureCounters::default()),
+    });
+    tracing::info!(
+        site.id = %site_id,
+        mode = ?mode,
+        public_key = %key.public_key(),
+        lan_address = ?lan_address,
+        control = app.server.as_ref().map_or("standalone", |s| s.base()),
+        "router agent started"
+    );
+
+    let result = serve(app.clone(), &settings, lan_prefix, desired_file, initial).await;
+
+    if let Some(r) = routes.as_mut() {
+        r.remove_all().await;
+    }
+    app.dataplane.shutdown().await;
+    let joined = tokio::task::spawn_blocking(move || {
+        thread
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("data plane panicked")))
+    })
+    .await
+    .context("joining the data plane")?;
+    result?;
+    joined.context("data plane")?;
+    tracing::info!("router agent stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the page, the control plane and the health checks until SIGTERM/SIGINT.
+async fn serve(
+    app: Arc<App>,
+    settings: &Settings,
+    lan_prefix: Option<Prefix>,
+    desired_file: Option<PathBuf>,
+    initial: Option<AgentDesiredState>,
+) -> anyhow::Result<()> {
+    let listen = web_listen(settings, app.lan_address);
+    let password = page_password(settings, true)?;
+    let allowed = if settings.web.allowed_clients.is_empty() {
+        let mut v = vec![Prefix::new(Ipv4Addr::new(127, 0, 0, 0), 8).expect("valid prefix")];
+        v.extend(lan_prefix);
+        v
+    } else {
+        settings.web.allowed_clients.clone()
+    };
+    let denied: Vec<Ipv4Addr> = settings.packet.masquerade_address.into_iter().collect();
+    let web = Arc::new(web::Web::new(app.clone(), &password, allowed, denied));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding web.listen {listen}"))?;
+    tracing::info!(%listen, "customer page listening");
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let http = {
+        let mut rx = shutdown_rx.clone();
+        let router = web::router(web);
+        tokio::spawn(async move {
+            let _ = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = rx.changed().await;
+            })
+            .await;
+        })
+    };
+    if let Some(d) = initial {
+        apply_file(&app, d).await;
+    }
+    let control = tokio::spawn(control::run(app.clone(), shutdown_rx.clone()));
+    let health = tokio::spawn(health::run(app.clone(), shutdown_rx.clone()));
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                if let Some(path) = &desired_file {
+                    match read_desired(path) {
+                        Ok(d) => apply_file(&app, d).await,
+                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "--desired not reloaded"),
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    let _ = http.await;
+    let _ = control.await;
+    let _ = health.await;
+    Ok(())
+}
+
+async fn apply_file(app: &App, desired: AgentDesiredState) {
+    match control::apply(app, desired).await {
+        Ok(Some(_)) => {}
+        Ok(None) => tracing::warn!("--desired is not newer than the running state; ignored"),
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "data plane gone"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_page_password_is_generated_once_and_kept_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Settings::default();
+        s.agent.state_dir = dir.path().join("state");
+        assert!(
+            page_password(&s, false).is_err(),
+            "not generated by readers"
+        );
+        let p = page_password(&s, true).unwrap();
+        assert_eq!(p.len(), 19, "{p}");
+        assert_eq!(page_password(&s, true).unwrap(), p, "stable");
+        assert_eq!(page_password(&s, false).unwrap(), p);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(s.agent.state_dir.join(PASSWORD_FILE))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        s.web.password = "configured".into();
+        assert_eq!(page_password(&s, true).unwrap(), "configured");
+    }
+
+    #[test]
+    fn the_page_listens_on_the_lan_address_by_default() {
+        let mut s = Settings::default();
+        assert_eq!(web_listen(&s, None).to_string(), "127.0.0.1:8088");
+        assert_eq!(
+            web_listen(&s, Some(Ipv4Addr::new(192, 168, 1, 1))).to_string(),
+            "192.168.1.1:8088"
+        );
+        s.web.listen = Some("10.0.0.1:9000".parse().unwrap());
+        assert_eq!(web_listen(&s, None).to_string(), "10.0.0.1:9000");
+    }
 }

@@ -1,0 +1,336 @@
+//! Terminal names → real LAN addresses, on the agent only (DESIGN.md: the
+//! server never learns real addresses).
+//!
+//! Order: the configured `[[terminals]]` table, the agent itself (`router`),
+//! aliases of addresses the customer typed, then DNS. A typed address gets a
+//! local alias name (`lan-host-N`, kept in the state directory so that it
+//! still resolves after a restart); the alias is what the server sees.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vpnnat::gateway::Prefix;
+use vpnnat::messages::TerminalName;
+
+use crate::settings::Settings;
+
+/// The name under which the agent's own LAN address is known.
+pub const ROUTER: &str = "router";
+const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a name or typed address cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// Neither a valid name nor an address.
+    #[error("{0:?} is neither a terminal name nor an IPv4 address")]
+    Invalid(String),
+    /// The name does not resolve (table, aliases, DNS).
+    #[error("{0} cannot be found on the LAN (not in the terminal list and no DNS answer)")]
+    Unresolved(String),
+    /// The address is not one a terminal may have.
+    #[error("{name} resolves to {addr}, which is not an allowed LAN address")]
+    NotAllowed {
+        /// What was asked.
+        name: String,
+        /// What it resolved to.
+        addr: Ipv4Addr,
+    },
+}
+
+/// The resolver. Cheap to share (`Arc`).
+#[derive(Debug)]
+pub struct Names {
+    table: BTreeMap<TerminalName, Ipv4Addr>,
+    dns_only: Vec<TerminalName>,
+    router: Option<Ipv4Addr>,
+    allowed: Vec<Prefix>,
+    dns: bool,
+    aliases: Mutex<BTreeMap<TerminalName, Ipv4Addr>>,
+    alias_file: Option<PathBuf>,
+}
+
+impl Names {
+    /// From the configuration; `router` is the agent's own LAN address.
+    pub fn new(settings: &Settings, router: Option<Ipv4Addr>, alias_file: Option<PathBuf>) -> Self {
+        let mut table = BTreeMap::new();
+        let mut dns_only = Vec::new();
+        for t in &settings.terminals {
+            match t.address {
+                Some(a) => {
+                    table.insert(t.name.clone(), a);
+                }
+                None => dns_only.push(t.name.clone()),
+            }
+        }
+        let aliases = alias_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str::<BTreeMap<TerminalName, Ipv4Addr>>(&t).ok())
+            .unwrap_or_default();
+        Self {
+            table,
+            dns_only,
+            router,
+            allowed: settings.lan.allowed_prefixes.clone(),
+            dns: settings.lan.dns,
+            aliases: Mutex::new(aliases),
+            alias_file,
+        }
+    }
+
+    /// Whether a terminal may have `addr`: unicast, inside the allowed
+    /// prefixes when some are configured. Loopback only when an allowed
+    /// prefix names it explicitly: in netstack mode it would expose the
+    /// agent host's own services.
+    pub fn allowed(&self, addr: Ipv4Addr) -> bool {
+        let unicast = !(addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast());
+        let listed = self.allowed.iter().any(|p| p.contains(addr));
+        if addr.is_loopback() {
+            return self
+                .allowed
+                .iter()
+                .any(|p| p.prefix_len() > 0 && p.contains(addr));
+        }
+        unicast && (self.allowed.is_empty() || listed)
+    }
+
+    fn local(&self, name: &TerminalName) -> Option<Ipv4Addr> {
+        if let Some(a) = self.table.get(name) {
+            return Some(*a);
+        }
+        if name.as_str() == ROUTER
+            && let Some(a) = self.router
+        {
+            return Some(a);
+        }
+        self.aliases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .copied()
+    }
+
+    /// Resolves a terminal name: table, router, aliases, then DNS.
+    ///
+    /// # Errors
+    /// [`NameError::Unresolved`] or [`NameError::NotAllowed`].
+    pub async fn resolve(&self, name: &TerminalName) -> Result<Ipv4Addr, NameError> {
+        let addr = match self.local(name) {
+            Some(a) => a,
+            None if self.dns => dns(name.as_str())
+                .await
+                .ok_or_else(|| NameError::Unresolved(name.to_string()))?,
+            None => return Err(NameError::Unresolved(name.to_string())),
+        };
+        if !self.allowed(addr) {
+            return Err(NameError::NotAllowed {
+                name: name.to_string(),
+                addr,
+            });
+        }
+        Ok(addr)
+    }
+
+    /// Resolves every name it can (for a desired-state document); the others
+    /// are left out and reported by the data plane.
+    pub async fn resolve_all(&self, names: &[TerminalName]) -> BTreeMap<TerminalName, Ipv4Addr> {
+        let mut out = BTreeMap::new();
+        for n in names {
+            if out.contains_key(n) {
+                continue;
+            }
+            match self.resolve(n).await {
+                Ok(a) => {
+                    out.insert(n.clone(), a);
+                }
+                Err(e) => tracing::warn!(terminal = %n, error = %e, "terminal not resolved"),
+            }
+        }
+        out
+    }
+
+    /// What the customer typed or ticked: a terminal name, or an IPv4 address
+    /// (which gets an alias name). Returns the name to send and the address.
+    ///
+    /// # Errors
+    /// A [`NameError`] saying what is wrong with the entry.
+    pub async fn resolve_input(&self, input: &str) -> Result<(TerminalName, Ipv4Addr), NameError> {
+        let input = input.trim();
+        if let Ok(ip) = input.parse::<IpAddr>() {
+            let IpAddr::V4(addr) = ip else {
+                return Err(NameError::Invalid(input.to_owned()));
+            };
+            if !self.allowed(addr) {
+                return Err(NameError::NotAllowed {
+                    name: input.to_owned(),
+                    addr,
+                });
+            }
+            return Ok((self.alias_for(addr), addr));
+        }
+        let name = TerminalName::new(input).map_err(|_| NameError::Invalid(input.to_owned()))?;
+        let addr = self.resolve(&name).await?;
+        Ok((name, addr))
+    }
+
+    /// The name for a typed address: a configured terminal's name when one
+    /// has it, else an alias (created and stored when new).
+    fn alias_for(&self, addr: Ipv4Addr) -> TerminalName {
+        if let Some((n, _)) = self.table.iter().find(|(_, a)| **a == addr) {
+            return n.clone();
+        }
+        let mut aliases = self
+            .aliases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((n, _)) = aliases.iter().find(|(_, a)| **a == addr) {
+            return n.clone();
+        }
+        let name = (1..)
+            .map(|i| TerminalName::new(format!("lan-host-{i}")).expect("a valid name"))
+            .find(|n| !aliases.contains_key(n) && !self.table.contains_key(n))
+            .expect("an unused alias");
+        aliases.insert(name.clone(), addr);
+        if let Some(path) = &self.alias_file {
+            let write = serde_json::to_string_pretty(&*aliases)
+                .map_err(std::io::Error::other)
+                .and_then(|json| write_private(path, &json));
+            if let Err(e) = write {
+                tracing::warn!(path = %path.display(), error = %e, "aliases not stored");
+            }
+        }
+        name
+    }
+
+    /// The configured terminals (name, address when configured), for the page.
+    pub fn configured(&self) -> impl Iterator<Item = (&TerminalName, Option<Ipv4Addr>)> {
+        self.table
+            .iter()
+            .map(|(n, a)| (n, Some(*a)))
+            .chain(self.dns_only.iter().map(|n| (n, None)))
+    }
+}
+
+/// Writes `text` to `path` with mode 0600 (replacing it atomically).
+pub fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+async fn dns(name: &str) -> Option<Ipv4Addr> {
+    let lookup = tokio::net::lookup_host((name, 0));
+    let addrs = tokio::time::timeout(DNS_TIMEOUT, lookup).await.ok()?.ok()?;
+    addrs.into_iter().find_map(|a| match a.ip() {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn settings() -> Settings {
+        vpnnat::config::load(
+            Some((
+                "t.toml",
+                "[lan]\ndns = false\nallowed_prefixes = [\"192.168.1.0/24\"]\n\
+                 [[terminals]]\nname = \"pc-1\"\naddress = \"192.168.1.10\"\n",
+            )),
+            Vec::new(),
+        )
+        .unwrap()
+    }
+
+    fn name(s: &str) -> TerminalName {
+        TerminalName::new(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn table_then_router_then_aliases() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("aliases.json");
+        let names = Names::new(
+            &settings(),
+            Some(Ipv4Addr::new(192, 168, 1, 1)),
+            Some(file.clone()),
+        );
+        assert_eq!(
+            names.resolve(&name("pc-1")).await.unwrap(),
+            Ipv4Addr::new(192, 168, 1, 10)
+        );
+        assert_eq!(
+            names.resolve(&name("router")).await.unwrap(),
+            Ipv4Addr::new(192, 168, 1, 1)
+        );
+        // A typed address of a configured terminal uses its name.
+        let (n, a) = names.resolve_input("192.168.1.10").await.unwrap();
+        assert_eq!((n.as_str(), a), ("pc-1", Ipv4Addr::new(192, 168, 1, 10)));
+        // Another typed address gets an alias that hides it, stable and stored.
+        let (n, _) = names.resolve_input(" 192.168.1.77 ").await.unwrap();
+        assert_eq!(n.as_str(), "lan-host-1");
+        assert!(!n.as_str().contains("77"));
+        let (again, _) = names.resolve_input("192.168.1.77").await.unwrap();
+        assert_eq!(again, n);
+        let (second, _) = names.resolve_input("192.168.1.78").await.unwrap();
+        assert_eq!(second.as_str(), "lan-host-2");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&file).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        let reloaded = Names::new(&settings(), None, Some(file));
+        assert_eq!(
+            reloaded.resolve(&name("lan-host-1")).await.unwrap(),
+            Ipv4Addr::new(192, 168, 1, 77)
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_entries_are_rejected_before_anything_is_sent() {
+        let names = Names::new(&settings(), None, None);
+        assert!(matches!(
+            names.resolve_input("10.0.0.1").await,
+            Err(NameError::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            names.resolve_input("127.0.0.1").await,
+            Err(NameError::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            names.resolve_input("pc 1").await,
+            Err(NameError::Invalid(_))
+        ));
+        assert!(matches!(
+            names.resolve_input("::1").await,
+            Err(NameError::Invalid(_))
+        ));
+        // Not in the table (DNS is off here: unit tests send nothing).
+        assert!(matches!(
+            names.resolve_input("nothing-here.invalid").await,
+            Err(NameError::Unresolved(_))
+        ));
+        // `router` without a LAN address does not resolve either.
+        assert!(names.resolve(&name("router")).await.is_err());
+        let all = names
+            .resolve_all(&[name("pc-1"), name("nothing-here.invalid")])
+            .await;
+        assert_eq!(all.len(), 1);
+    }
+}

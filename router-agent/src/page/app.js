@@ -1,0 +1,279 @@
+// The customer's maintenance page. Talks only to this router's JSON API;
+// every text from the API is inserted with textContent (never as HTML).
+"use strict";
+
+const state = { csrf: null, poll: null, pending: null, terminals: [] };
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v;
+    else if (k === "text") e.textContent = v;
+    else e.setAttribute(k, v);
+  }
+  for (const c of children) if (c) e.append(c);
+  return e;
+}
+
+async function api(method, path, body) {
+  const opts = { method, credentials: "same-origin", headers: {} };
+  if (state.csrf && method !== "GET") opts.headers["X-CSRF-Token"] = state.csrf;
+  if (body !== undefined) {
+    opts.headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  const resp = await fetch(path, opts);
+  let data = null;
+  try { data = await resp.json(); } catch (_) { /* empty body */ }
+  if (resp.status === 401 && path !== "/api/login") showLogin();
+  return { ok: resp.ok, status: resp.status, data };
+}
+
+function show(id, text) {
+  const e = $(id);
+  if (text) { e.textContent = text; e.hidden = false; } else { e.hidden = true; e.textContent = ""; }
+}
+
+function showLogin() {
+  state.csrf = null;
+  if (state.poll) { clearInterval(state.poll); state.poll = null; }
+  $("main").hidden = true;
+  $("login").hidden = false;
+  $("password").focus();
+}
+
+function showMain(info) {
+  state.csrf = info.csrf_token;
+  $("site-name").textContent = info.site_name || "";
+  $("login").hidden = true;
+  $("main").hidden = false;
+  refresh();
+  if (!state.poll) state.poll = setInterval(refresh, 2000);
+}
+
+const STATE_TEXT = {
+  waiting: "Waiting for a technician",
+  in_progress: "A technician is working",
+  ended: "Finished",
+  revoked: "Ended by you",
+  expired: "Time is up",
+};
+
+const URGENCY_TEXT = {
+  low: "whenever convenient", normal: "today", high: "as soon as possible", emergency: "work has stopped",
+};
+
+function time(ms) {
+  return new Date(ms).toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
+}
+
+function renderRequest(r) {
+  const box = el("div", { class: "request", "data-request-id": String(r.id) });
+  box.append(
+    el("p", { class: "number-label", text: "Your request number (please quote it on the phone):" }),
+    el("p", { class: "acceptance-number", text: r.acceptance_number }),
+    el("span", { class: "request-state state " + r.state, text: STATE_TEXT[r.state] || r.state }),
+  );
+  const table = el("table", { class: "terminals" });
+  table.append(el("tr", {},
+    el("th", { text: "Computer" }),
+    el("th", { text: "Its address here" }),
+    el("th", { text: "Address for the technician" }),
+    el("th", { text: "Reachable now" })));
+  for (const t of r.local) {
+    const row = el("tr", { "data-terminal": t.name });
+    row.append(
+      el("td", { class: "terminal-name", text: t.name }),
+      el("td", { class: "muted", text: t.address || "?" }),
+      el("td", { class: "nat-address", text: t.nat_address || "-" }),
+      el("td", { class: "active", text: t.active ? "yes" : "not yet" }));
+    table.append(row);
+  }
+  box.append(table);
+  box.append(el("p", { class: "muted", text:
+    "Asked by " + r.requester_name + " on " + time(r.received_at) +
+    " (" + (URGENCY_TEXT[r.urgency] || r.urgency) + "). Access ends by itself at " + time(r.expires_at) + "." }));
+  const end = el("button", { type: "button", class: "danger end-access", id: "end-access-" + r.id,
+                             text: "End access now" });
+  end.addEventListener("click", () => revoke(r, end));
+  box.append(el("div", { class: "actions" }, end));
+  return box;
+}
+
+function renderHistory(list) {
+  const ul = $("history");
+  ul.replaceChildren();
+  for (const r of list) {
+    ul.append(el("li", { "data-request-id": String(r.id) },
+      el("strong", { text: r.acceptance_number }),
+      document.createTextNode(" \u2014 " + (STATE_TEXT[r.state] || r.state) + ", " + time(r.received_at))));
+  }
+  $("history-card").hidden = list.length === 0;
+}
+
+function renderTerminals(terminals) {
+  const key = JSON.stringify(terminals.map((t) => t.name));
+  if (key === state.terminalsKey) return;
+  state.terminalsKey = key;
+  const box = $("terminal-list");
+  const checked = new Set([...box.querySelectorAll("input:checked")].map((i) => i.value));
+  box.replaceChildren();
+  for (const t of terminals) {
+    const input = el("input", { type: "checkbox", name: "terminal", value: t.name, id: "terminal-" + t.name });
+    input.checked = checked.has(t.name);
+    const label = el("label", { for: "terminal-" + t.name }, input,
+      el("span", { text: t.description ? t.description + " (" + t.name + ")" : t.name }),
+      t.address ? el("span", { class: "addr", text: t.address }) : null);
+    box.append(label);
+  }
+  if (terminals.length === 0) {
+    box.append(el("p", { class: "muted", text: "No computers are configured; type a name or address below." }));
+  }
+}
+
+async function refresh() {
+  const r = await api("GET", "/api/overview");
+  if (!r.ok) return;
+  const o = r.data;
+  $("site-name").textContent = o.site_name;
+  if (o.standalone) {
+    show("connection", "This router runs without a maintenance center: requests cannot be sent from here.");
+  } else if (!o.server_connected) {
+    show("connection", "The maintenance center cannot be reached at the moment. Access you already allowed still ends on time.");
+  } else {
+    show("connection", null);
+  }
+  show("problem", o.problem ? "The maintenance center says: " + o.problem : null);
+  renderTerminals(o.terminals);
+  const open = o.requests.filter((q) => q.state === "waiting" || q.state === "in_progress");
+  const closed = o.requests.filter((q) => !(q.state === "waiting" || q.state === "in_progress"));
+  const box = $("open-requests");
+  box.replaceChildren(...open.map(renderRequest));
+  $("current").hidden = open.length === 0;
+  renderHistory(closed);
+}
+
+function chosenTerminals() {
+  const ticked = [...document.querySelectorAll("#terminal-list input:checked")].map((i) => i.value);
+  const typed = $("other_terminals").value.split(",").map((s) => s.trim()).filter((s) => s.length > 0);
+  return ticked.concat(typed);
+}
+
+function formBody() {
+  return {
+    requester_name: $("requester_name").value,
+    level: $("level").value,
+    urgency: $("urgency").value,
+    phone: $("phone").value,
+    content: $("content").value,
+    terminals: chosenTerminals(),
+  };
+}
+
+const FIELD_IDS = { requester_name: "requester_name", phone: "phone", content: "content",
+                    terminals: "other_terminals", level: "level", urgency: "urgency" };
+
+function showError(r) {
+  const msg = (r.data && r.data.message) || ("Something went wrong (HTTP " + r.status + ").");
+  show("request-error", msg);
+  const field = r.data && r.data.field;
+  if (field && FIELD_IDS[field]) $(FIELD_IDS[field]).focus();
+}
+
+function busy(on) {
+  $("submit-request").disabled = on;
+  $("send-anyway").disabled = on;
+}
+
+async function submitRequest(ev) {
+  ev.preventDefault();
+  show("request-error", null);
+  show("notice", null);
+  $("check-warning").hidden = true;
+  const body = formBody();
+  if (!body.requester_name.trim()) { show("request-error", "Please enter your name."); $("requester_name").focus(); return; }
+  if (!body.phone.trim()) { show("request-error", "Please enter a phone number."); $("phone").focus(); return; }
+  if (body.terminals.length === 0) { show("request-error", "Please choose at least one computer."); return; }
+  busy(true);
+  try {
+    const c = await api("POST", "/api/check", { terminals: body.terminals });
+    if (!c.ok) { showError(c); return; }
+    const silent = c.data.terminals.filter((t) => !t.answers);
+    if (silent.length > 0) {
+      state.pending = body;
+      $("check-warning-text").textContent = silent.map((t) =>
+        t.name + " (" + t.address + ") does not answer on the local network right now. " +
+        "Please make sure it is switched on and connected.").join("\n") +
+        "\nSend the request anyway?";
+      $("check-warning").hidden = false;
+      $("send-anyway").focus();
+      return;
+    }
+    await send(body);
+  } finally {
+    busy(false);
+  }
+}
+
+async function send(body) {
+  busy(true);
+  try {
+    const r = await api("POST", "/api/requests", body);
+    if (!r.ok) { showError(r); return; }
+    const req = r.data.request;
+    show("notice", "Thank you. Your request number is " + req.acceptance_number +
+      ". A technician will contact you at " + req.phone + ".");
+    $("request-form").reset();
+    $("content").value = "";
+    await refresh();
+    $("current").scrollIntoView({ behavior: "smooth" });
+  } finally {
+    busy(false);
+  }
+}
+
+async function revoke(r, button) {
+  button.disabled = true;
+  button.textContent = "Ending access\u2026";
+  const res = await api("POST", "/api/requests/" + r.id + "/revoke");
+  if (res.ok) {
+    show("notice", (res.data && res.data.message) ||
+      "Access for request " + r.acceptance_number + " has ended. The technician cannot reach your computers any more.");
+  } else {
+    show("notice", null);
+    show("connection", (res.data && res.data.message) || "Could not end access (HTTP " + res.status + ").");
+  }
+  await refresh();
+}
+
+async function login(ev) {
+  ev.preventDefault();
+  show("login-error", null);
+  const r = await api("POST", "/api/login", { password: $("password").value });
+  if (r.ok) {
+    $("password").value = "";
+    showMain(r.data);
+  } else {
+    show("login-error", (r.data && r.data.message) || "Login failed.");
+  }
+}
+
+async function logout() {
+  await api("POST", "/api/logout");
+  showLogin();
+}
+
+document.addEventListener("DOMContentLoaded", async () => {
+  $("login-form").addEventListener("submit", login);
+  $("request-form").addEventListener("submit", submitRequest);
+  $("send-anyway").addEventListener("click", async () => {
+    $("check-warning").hidden = true;
+    if (state.pending) { const b = state.pending; state.pending = null; await send(b); }
+  });
+  $("send-cancel").addEventListener("click", () => { $("check-warning").hidden = true; state.pending = null; });
+  $("logout").addEventListener("click", logout);
+  const s = await api("GET", "/api/session");
+  if (s.ok) showMain(s.data); else showLogin();
+});

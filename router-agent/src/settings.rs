@@ -1,0 +1,473 @@
+//! The agent's configuration: defaults, `/etc/vpnnat/router-agent.toml` (or
+//! `--config PATH`), then `VPNNAT_<SECTION>__<KEY>` overrides
+//! ([`vpnnat::config::load`]). The commented example is `config/router-agent.toml`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, anyhow};
+use serde::{Deserialize, Deserializer};
+use vpnnat::gateway::Prefix;
+use vpnnat::messages::TerminalName;
+
+/// The commented example configuration, embedded for `--print-example-config`
+/// and checked by a test.
+pub const EXAMPLE: &str = include_str!("../../config/router-agent.toml");
+
+/// The default configuration file.
+pub const DEFAULT_PATH: &str = "/etc/vpnnat/router-agent.toml";
+
+/// All settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// `[agent]`
+    pub agent: Agent,
+    /// `[server]`
+    pub server: Server,
+    /// `[tunnel]`
+    pub tunnel: TunnelSettings,
+    /// `[lan]`
+    pub lan: Lan,
+    /// `[packet]`
+    pub packet: Packet,
+    /// `[netstack]`
+    pub netstack: Netstack,
+    /// `[web]`
+    pub web: Web,
+    /// `[[terminals]]`
+    pub terminals: Vec<Terminal>,
+    /// `[failures]`
+    pub failures: Failures,
+}
+
+/// Packet or netstack mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// TUN device + kernel forwarding (root).
+    #[default]
+    Packet,
+    /// smoltcp + OS sockets (no privileges).
+    Netstack,
+}
+
+/// `[agent]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Agent {
+    /// The identity file written by `enroll`.
+    pub identity_file: PathBuf,
+    /// Generated password, aliases.
+    pub state_dir: PathBuf,
+    /// The data mode.
+    pub mode: Mode,
+}
+
+impl Default for Agent {
+    fn default() -> Self {
+        Self {
+            identity_file: PathBuf::from("/var/lib/vpnnat/router-agent.identity"),
+            state_dir: PathBuf::from("/var/lib/vpnnat"),
+            mode: Mode::Packet,
+        }
+    }
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// Base URL; empty = the enrolled one.
+    pub url: String,
+    /// Extra CA (PEM).
+    pub ca_file: String,
+    /// Long-poll wait.
+    pub poll_wait_ms: u64,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            ca_file: String::new(),
+            poll_wait_ms: 25_000,
+        }
+    }
+}
+
+/// `[tunnel]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelSettings {
+    /// UDP source port; 0 = any.
+    pub listen_port: u16,
+}
+
+/// `[lan]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Lan {
+    /// The LAN interface.
+    pub interface: String,
+    /// The agent's LAN address; `None` = the interface's.
+    #[serde(deserialize_with = "optional_ipv4")]
+    pub address: Option<Ipv4Addr>,
+    /// Where terminals may be.
+    #[serde(deserialize_with = "prefixes")]
+    pub allowed_prefixes: Vec<Prefix>,
+    /// Ask DNS for names that are not in the terminal table.
+    pub dns: bool,
+}
+
+impl Default for Lan {
+    fn default() -> Self {
+        Self {
+            interface: String::new(),
+            address: None,
+            allowed_prefixes: Vec::new(),
+            dns: true,
+        }
+    }
+}
+
+/// `[packet]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Packet {
+    /// TUN device name.
+    pub tun_name: String,
+    /// TUN MTU.
+    pub tun_mtu: u16,
+    /// Routed into the TUN device.
+    #[serde(deserialize_with = "prefixes")]
+    pub center_prefixes: Vec<Prefix>,
+    /// Masquerade toward the LAN.
+    pub masquerade: bool,
+    /// The masquerade address.
+    #[serde(deserialize_with = "optional_ipv4")]
+    pub masquerade_address: Option<Ipv4Addr>,
+    /// Turn on IPv4 forwarding.
+    pub ip_forward: bool,
+}
+
+impl Default for Packet {
+    fn default() -> Self {
+        Self {
+            tun_name: "vpnnat-agent".to_owned(),
+            tun_mtu: 1420,
+            center_prefixes: vec![
+                Prefix::new(Ipv4Addr::new(172, 16, 0, 0), 24).expect("valid default prefix"),
+            ],
+            masquerade: false,
+            masquerade_address: None,
+            ip_forward: true,
+        }
+    }
+}
+
+/// `[netstack]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Netstack {
+    /// Per-connection TCP buffer.
+    pub tcp_buffer: usize,
+    /// UDP flow idle timeout.
+    pub udp_idle_s: u64,
+}
+
+impl Default for Netstack {
+    fn default() -> Self {
+        Self {
+            tcp_buffer: 256 * 1024,
+            udp_idle_s: 120,
+        }
+    }
+}
+
+/// `[web]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Web {
+    /// Listen address; `None` = derived.
+    #[serde(deserialize_with = "optional_socket")]
+    pub listen: Option<SocketAddr>,
+    /// The page password; empty = generated.
+    pub password: String,
+    /// Client prefixes; empty = derived.
+    #[serde(deserialize_with = "prefixes")]
+    pub allowed_clients: Vec<Prefix>,
+}
+
+/// One `[[terminals]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Terminal {
+    /// The name the server sees.
+    pub name: TerminalName,
+    /// Its real LAN address; `None` = resolved by DNS.
+    #[serde(default, deserialize_with = "optional_ipv4")]
+    pub address: Option<Ipv4Addr>,
+    /// For the customer.
+    #[serde(default)]
+    pub description: String,
+    /// How to check that it answers.
+    #[serde(default, deserialize_with = "check")]
+    pub check: Check,
+    /// Check periodically and report failures.
+    #[serde(default)]
+    pub watch: bool,
+}
+
+/// How a terminal is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Check {
+    /// Ping, falling back to a TCP probe when ICMP sockets are not allowed.
+    #[default]
+    Auto,
+    /// ICMP echo.
+    Ping,
+    /// A TCP connect to this port (a refusal counts as an answer).
+    Tcp(u16),
+}
+
+/// `[failures]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Failures {
+    /// Watch the LAN link.
+    pub link_watch: bool,
+    /// Seconds between checks.
+    pub check_interval_s: u64,
+    /// Failed checks before a report.
+    pub threshold: u32,
+    /// Ask for a request with each report.
+    pub open_request: bool,
+}
+
+impl Default for Failures {
+    fn default() -> Self {
+        Self {
+            link_watch: true,
+            check_interval_s: 30,
+            threshold: 3,
+            open_request: false,
+        }
+    }
+}
+
+fn optional_ipv4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.trim().parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+fn optional_socket<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.trim().parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+fn prefixes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Prefix>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    v.iter()
+        .map(|s| {
+            s.parse::<Prefix>()
+                .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+        })
+        .collect()
+}
+
+fn check<'de, D: Deserializer<'de>>(d: D) -> Result<Check, D::Error> {
+    let s = String::deserialize(d)?;
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(Check::Auto);
+    }
+    if s == "ping" {
+        return Ok(Check::Ping);
+    }
+    if let Some(port) = s.strip_prefix("tcp:")
+        && let Ok(p) = port.parse::<u16>()
+        && p != 0
+    {
+        return Ok(Check::Tcp(p));
+    }
+    Err(serde::de::Error::custom(
+        "expected \"ping\", \"tcp:PORT\" or \"\"",
+    ))
+}
+
+impl Settings {
+    /// Checks what serde cannot.
+    ///
+    /// # Errors
+    /// A message naming the file and the key.
+    pub fn validate(&self, source: &str) -> Result<(), String> {
+        let err = |key: &str, msg: &str| Err(format!("{source}: {key}: {msg}"));
+        let url = &self.server.url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+            return err("server.url", "must start with http:// or https://");
+        }
+        if self.packet.tun_name.is_empty() || self.packet.tun_name.len() > 15 {
+            return err("packet.tun_name", "must be 1 to 15 characters");
+        }
+        if self.packet.tun_mtu < 576 {
+            return err("packet.tun_mtu", "must be at least 576");
+        }
+        if self.packet.masquerade && self.packet.masquerade_address.is_none() {
+            return err(
+                "packet.masquerade_address",
+                "must be set (a free LAN address) when packet.masquerade = true",
+            );
+        }
+        if self.netstack.tcp_buffer < 4096 || self.netstack.tcp_buffer > 16 << 20 {
+            return err("netstack.tcp_buffer", "must be 4096 to 16777216");
+        }
+        if self.netstack.udp_idle_s == 0 {
+            return err("netstack.udp_idle_s", "must be at least 1");
+        }
+        if self.failures.check_interval_s == 0 {
+            return err("failures.check_interval_s", "must be at least 1");
+        }
+        if self.failures.threshold == 0 {
+            return err("failures.threshold", "must be at least 1");
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, t) in self.terminals.iter().enumerate() {
+            if !seen.insert(t.name.clone()) {
+                return Err(format!(
+                    "{source}: terminals[{i}].name: {} is listed twice",
+                    t.name
+                ));
+            }
+            let loopback_allowed = self
+                .lan
+                .allowed_prefixes
+                .iter()
+                .any(|p| p.prefix_len() > 0 && t.address.is_some_and(|a| p.contains(a)));
+            if let Some(a) = t.address
+                && ((a.is_loopback() && !loopback_allowed)
+                    || a.is_multicast()
+                    || a.is_unspecified()
+                    || a.is_broadcast())
+            {
+                return Err(format!(
+                    "{source}: terminals[{i}].address: {a} is not a unicast LAN address"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the file (or the default one when it exists) and the environment.
+    ///
+    /// # Errors
+    /// A one-line message naming the file or variable and the key.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        // Every setting lives in a section (`[[terminals]]` aside), so overrides
+        // are VPNNAT_<SECTION>__<KEY>; other VPNNAT_* variables are CLI fallbacks.
+        let env = std::env::vars().filter(|(k, _)| k.contains("__"));
+        let (source, text) = match path {
+            Some(p) => (
+                p.display().to_string(),
+                Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("reading configuration {}", p.display()))?,
+                ),
+            ),
+            None => match std::fs::read_to_string(DEFAULT_PATH) {
+                Ok(t) => (DEFAULT_PATH.to_owned(), Some(t)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => ("defaults".to_owned(), None),
+                Err(e) => return Err(e).context(DEFAULT_PATH),
+            },
+        };
+        let s: Settings = vpnnat::config::load(text.as_deref().map(|t| (source.as_str(), t)), env)
+            .map_err(|e| anyhow!("{e}"))?;
+        s.validate(&source).map_err(|e| anyhow!("{e}"))?;
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_example_parses() {
+        let s: Settings =
+            vpnnat::config::load(Some(("config/router-agent.toml", EXAMPLE)), Vec::new()).unwrap();
+        s.validate("config/router-agent.toml").unwrap();
+        let d = Settings::default();
+        assert_eq!(s.agent.identity_file, d.agent.identity_file);
+        assert_eq!(s.agent.mode, Mode::Packet);
+        assert_eq!(s.packet.tun_mtu, 1420);
+        assert_eq!(s.packet.center_prefixes, d.packet.center_prefixes);
+        assert_eq!(s.server.poll_wait_ms, d.server.poll_wait_ms);
+        assert_eq!(s.terminals.len(), 1);
+        assert_eq!(s.terminals[0].check, Check::Tcp(80));
+        assert_eq!(s.web.listen, None);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = vpnnat::config::load::<Settings>(
+            Some(("a.toml", "[packet]\ncenter_prefixes = [\"172.16.0.0\"]\n")),
+            Vec::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "packet.center_prefixes");
+        let e = vpnnat::config::load::<Settings>(
+            Some((
+                "a.toml",
+                "[[terminals]]\nname = \"pc 1\"\naddress = \"192.168.1.10\"\n",
+            )),
+            Vec::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "terminals[0].name");
+        let e = vpnnat::config::load::<Settings>(
+            Some((
+                "a.toml",
+                "[[terminals]]\nname = \"pc\"\ncheck = \"udp:5\"\n",
+            )),
+            Vec::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "terminals[0].check");
+        let e = vpnnat::config::load::<Settings>(
+            None,
+            vec![("VPNNAT_WEB__LISTEN".into(), "nowhere".into())],
+        )
+        .unwrap_err();
+        assert_eq!(e.source, "VPNNAT_WEB__LISTEN");
+        let s: Settings = vpnnat::config::load(
+            None,
+            vec![("VPNNAT_PACKET__MASQUERADE".into(), "true".into())],
+        )
+        .unwrap();
+        assert!(
+            s.validate("env")
+                .unwrap_err()
+                .contains("packet.masquerade_address")
+        );
+        let s: Settings = vpnnat::config::load(
+            Some((
+                "a.toml",
+                "[[terminals]]\nname = \"pc\"\naddress = \"127.0.0.1\"\n",
+            )),
+            Vec::new(),
+        )
+        .unwrap();
+        assert!(
+            s.validate("a.toml")
+                .unwrap_err()
+                .contains("terminals[0].address")
+        );
+    }
+}

@@ -1,0 +1,614 @@
+//! In-memory tests: the agent against a boringtun responder standing in for
+//! the gateway, and against the real [`crate::gateway::GatewayState`].
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::gateway::{GatewayConfig, GatewayState};
+use crate::messages::{AgentMapping, GatewayDesiredState, GatewayPeer, TunnelKind};
+use crate::wg::{Role, TunnelConfig};
+
+const GW: &str = "203.0.113.1:51820";
+const AGENT: &str = "198.51.100.11:40001";
+const NAT: Ipv4Addr = Ipv4Addr::new(10, 64, 0, 5);
+const REAL: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+const TECH: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 50);
+const WALL: UnixMillis = UnixMillis(1_700_000_000_000);
+
+fn gw_addr() -> SocketAddr {
+    GW.parse().unwrap()
+}
+
+fn agent_addr() -> SocketAddr {
+    AGENT.parse().unwrap()
+}
+
+fn name(s: &str) -> TerminalName {
+    TerminalName::new(s).unwrap()
+}
+
+fn keys() -> (PrivateKey, PrivateKey) {
+    (
+        PrivateKey::from_bytes([1; 32]),
+        PrivateKey::from_bytes([2; 32]),
+    )
+}
+
+fn agent(mode: DataMode, now: Instant) -> AgentState {
+    AgentState::new(
+        AgentConfig {
+            site_id: SiteId(3),
+            private_key: keys().0,
+            mode,
+            seed: 42,
+        },
+        now,
+    )
+}
+
+fn tunnel_to(endpoint: SocketAddr, key: PublicKey) -> AgentTunnel {
+    AgentTunnel {
+        gateway_id: GatewayId(1),
+        kind: TunnelKind::Wireguard,
+        endpoint,
+        public_key: key,
+        persistent_keepalive_s: 25,
+    }
+}
+
+fn desired(version: u64, mappings: &[(Ipv4Addr, &str, u64)]) -> AgentDesiredState {
+    AgentDesiredState {
+        version,
+        site_id: SiteId(3),
+        tunnel: (!mappings.is_empty()).then(|| tunnel_to(gw_addr(), keys().1.public_key())),
+        mappings: mappings
+            .iter()
+            .map(|(nat, terminal, expires_in_s)| AgentMapping {
+                nat_address: *nat,
+                terminal: name(terminal),
+                request_id: RequestId(17),
+                expires_at: UnixMillis(WALL.0 + expires_in_s * 1000),
+            })
+            .collect(),
+        problem: None,
+    }
+}
+
+fn names() -> BTreeMap<TerminalName, Ipv4Addr> {
+    [
+        (name("pc-1"), REAL),
+        (name("pc-2"), Ipv4Addr::new(192, 168, 1, 11)),
+    ]
+    .into_iter()
+    .collect()
+}
+
+fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
+        .udp(sport, dport)
+        .write(&mut p, payload)
+        .unwrap();
+    p
+}
+
+fn events(a: &mut AgentState) -> Vec<AgentEvent> {
+    std::iter::from_fn(|| a.poll_event()).collect()
+}
+
+fn transmits(a: &mut AgentState) -> Vec<Transmit> {
+    std::iter::from_fn(|| a.poll_transmit()).collect()
+}
+
+/// A boringtun responder with the gateway's key, and the agent connected to it.
+struct Pair {
+    agent: AgentState,
+    gw: Tunnel,
+    now: Instant,
+}
+
+impl Pair {
+    fn new(mode: DataMode) -> Self {
+        let now = Instant::now();
+        let mut agent = agent(mode, now);
+        let a = agent
+            .handle_desired_state(&desired(1, &[(NAT, "pc-1", 3600)]), &names(), now, WALL)
+            .unwrap();
+        assert!(a.errors.is_empty(), "{:?}", a.errors);
+        let gw = Tunnel::new(
+            TunnelConfig {
+                private_key: keys().1,
+                peer_public_key: keys().0.public_key(),
+                preshared_key: None,
+                role: Role::Responder,
+                index: 9,
+                limiter: None,
+            },
+            now,
+        );
+        let mut pair = Self { agent, gw, now };
+        pair.handshake();
+        pair
+    }
+
+    fn handshake(&mut self) {
+        let t = transmits(&mut self.agent);
+        assert_eq!(t.len(), 1, "one handshake initiation");
+        assert_eq!(t[0].dst, gw_addr());
+        let mut buf = vec![0; 2048];
+        let Decapsulated::Network(resp) = self
+            .gw
+            .decapsulate(None, &t[0].payload, &mut buf, self.now)
+            .unwrap()
+        else {
+            panic!("no handshake response")
+        };
+        let resp = resp.to_vec();
+        let mut out = vec![0; 2048];
+        let r = self
+            .agent
+            .handle_network_input_into(gw_addr(), &resp, &mut out, self.now);
+        assert_eq!(r, NetworkOutcome::Consumed);
+        // The agent confirms the session with a keepalive.
+        for t in transmits(&mut self.agent) {
+            let _ = self.gw.decapsulate(None, &t.payload, &mut buf, self.now);
+        }
+        assert!(self.agent.tunnel().unwrap().up);
+        assert!(events(&mut self.agent).contains(&AgentEvent::TunnelUp {
+            gateway_id: GatewayId(1)
+        }));
+    }
+
+    /// The gateway encrypts `inner`; the agent processes it.
+    fn gateway_sends(&mut self, inner: &[u8]) -> Result<Vec<u8>, DropReason> {
+        let mut buf = vec![0; 70000];
+        let Encapsulated::Network(d) = self.gw.encapsulate(inner, &mut buf, self.now).unwrap()
+        else {
+            panic!("gateway has no session")
+        };
+        let d = d.to_vec();
+        let mut out = vec![0; 70000];
+        match self
+            .agent
+            .handle_network_input_into(gw_addr(), &d, &mut out, self.now)
+        {
+            NetworkOutcome::Lan(p) => Ok(p.to_vec()),
+            NetworkOutcome::Dropped(r) => Err(r),
+            NetworkOutcome::Consumed => panic!("data consumed"),
+        }
+    }
+
+    /// The agent encrypts a LAN packet; the gateway decrypts it.
+    fn lan_sends(&mut self, lan: &[u8]) -> Result<Vec<u8>, DropReason> {
+        let mut p = lan.to_vec();
+        let mut out = vec![0; 70000];
+        match self.agent.handle_lan_input_into(&mut p, &mut out, self.now) {
+            LanOutcome::Send { dst, datagram } => {
+                assert_eq!(dst, gw_addr());
+                let d = datagram.to_vec();
+                let mut buf = vec![0; 70000];
+                match self.gw.decapsulate(None, &d, &mut buf, self.now).unwrap() {
+                    Decapsulated::Tunnel(p) => Ok(p.to_vec()),
+                    other => panic!("{other:?}"),
+                }
+            }
+            LanOutcome::Dropped(r) => Err(r),
+            LanOutcome::Queued => panic!("queued"),
+        }
+    }
+}
+
+#[test]
+fn mapping_is_installed_and_the_gateway_dialled() {
+    let now = Instant::now();
+    let mut a = agent(DataMode::Packet { masquerade: None }, now);
+    let applied = a
+        .handle_desired_state(&desired(4, &[(NAT, "pc-1", 60)]), &names(), now, WALL)
+        .unwrap();
+    assert_eq!(applied.version, 4);
+    assert!(applied.errors.is_empty());
+    assert_eq!(
+        events(&mut a),
+        vec![
+            AgentEvent::MappingInstalled {
+                nat: NAT,
+                real: REAL,
+                terminal: name("pc-1")
+            },
+            AgentEvent::TunnelDialled {
+                gateway_id: GatewayId(1),
+                endpoint: gw_addr()
+            },
+        ]
+    );
+    let t = transmits(&mut a);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].payload[0], 1, "a handshake initiation");
+    let m: Vec<_> = a.mappings().collect();
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].expires_at, UnixMillis(WALL.0 + 60_000));
+    assert!(a.is_mapped(NAT, now));
+    // The expiry is a timer.
+    assert!(a.poll_timeout().unwrap() <= now + Duration::from_secs(60));
+}
+
+#[test]
+fn packet_mode_rewrites_both_ways() {
+    let mut p = Pair::new(DataMode::Packet { masquerade: None });
+    let lan = p
+        .gateway_sends(&udp(TECH, NAT, 4000, 53, b"query"))
+        .unwrap();
+    assert_eq!(&lan[16..20], &REAL.octets(), "destination rewritten");
+    assert_eq!(&lan[12..16], &TECH.octets());
+    let back = p.lan_sends(&udp(REAL, TECH, 53, 4000, b"answer")).unwrap();
+    assert_eq!(&back[12..16], &NAT.octets(), "source rewritten");
+    let c = p.agent.counters();
+    assert_eq!((c.to_lan_packets, c.to_tunnel_packets), (1, 1));
+}
+
+#[test]
+fn unmapped_destinations_and_sources_are_dropped_and_counted() {
+    let mut p = Pair::new(DataMode::Packet { masquerade: None });
+    let other = Ipv4Addr::new(10, 64, 0, 6);
+    assert_eq!(
+        p.gateway_sends(&udp(TECH, other, 1, 2, b"x")),
+        Err(DropReason::NotMapped)
+    );
+    assert_eq!(
+        p.gateway_sends(&udp(TECH, REAL, 1, 2, b"x")),
+        Err(DropReason::NotMapped),
+        "a real LAN address is never reachable directly"
+    );
+    assert_eq!(
+        p.lan_sends(&udp(Ipv4Addr::new(192, 168, 1, 99), TECH, 1, 2, b"x")),
+        Err(DropReason::UnmappedSource)
+    );
+    assert_eq!(p.agent.counters().drops.get(DropReason::NotMapped), 2);
+    assert_eq!(p.agent.counters().drops.get(DropReason::UnmappedSource), 1);
+    // Still working.
+    assert!(p.gateway_sends(&udp(TECH, NAT, 1, 2, b"x")).is_ok());
+}
+
+#[test]
+fn malformed_tunnel_input_is_dropped_and_counted_without_harm() {
+    let mut p = Pair::new(DataMode::Packet { masquerade: None });
+    let mut out = vec![0; 4096];
+    let now = p.now;
+    // Garbage datagrams from the gateway's address.
+    for junk in [
+        &[][..],
+        &[4u8][..],
+        &[4, 0, 0, 0, 1, 2, 3][..],
+        &[0xa5; 200][..],
+    ] {
+        assert!(matches!(
+            p.agent
+                .handle_network_input_into(gw_addr(), junk, &mut out, now),
+            NetworkOutcome::Dropped(_)
+        ));
+    }
+    // From an unknown sender.
+    assert_eq!(
+        p.agent
+            .handle_network_input_into(agent_addr(), &[4u8; 64], &mut out, now),
+        NetworkOutcome::Dropped(DropReason::UnknownSender)
+    );
+    // Authenticated but nonsense inside: truncated IPv4, IPv6, bad header checksum.
+    let good = udp(TECH, NAT, 1, 2, b"hello");
+    assert!(p.gateway_sends(&good[..10]).is_err());
+    let mut v6 = vec![0u8; 40];
+    v6[0] = 0x60;
+    assert!(p.gateway_sends(&v6).is_err());
+    let mut bad_sum = good.clone();
+    bad_sum[10] ^= 0xff;
+    assert!(p.gateway_sends(&bad_sum).is_err());
+    let drops = p.agent.counters().drops.total();
+    assert!(drops >= 8, "{:?}", p.agent.counters());
+    // The tunnel and the mapping still work.
+    assert!(p.gateway_sends(&good).is_ok());
+}
+
+#[test]
+fn netstack_mode_keeps_addresses_and_checks_both_directions() {
+    let mut p = Pair::new(DataMode::Netstack);
+    let lan = p.gateway_sends(&udp(TECH, NAT, 4000, 53, b"q")).unwrap();
+    assert_eq!(
+        &lan[16..20],
+        &NAT.octets(),
+        "the userspace stack gets the NAT address"
+    );
+    assert_eq!(
+        p.gateway_sends(&udp(TECH, Ipv4Addr::new(10, 64, 0, 6), 1, 2, b"x")),
+        Err(DropReason::NotMapped)
+    );
+    let mut bad_sum = udp(TECH, NAT, 1, 2, b"x");
+    bad_sum[10] ^= 0xff;
+    assert_eq!(p.gateway_sends(&bad_sum), Err(DropReason::BadHeader));
+    assert!(p.lan_sends(&udp(NAT, TECH, 53, 4000, b"a")).is_ok());
+    assert_eq!(
+        p.lan_sends(&udp(REAL, TECH, 53, 4000, b"a")),
+        Err(DropReason::UnmappedSource)
+    );
+}
+
+#[test]
+fn expired_mapping_is_removed_by_the_agent_itself() {
+    let mut p = Pair::new(DataMode::Packet { masquerade: None });
+    let _ = events(&mut p.agent);
+    let expiry = p.now + Duration::from_secs(3600);
+    assert!(p.agent.poll_timeout().unwrap() <= expiry);
+    // No server involved: only time passes.
+    p.agent.handle_timeout(expiry - Duration::from_millis(1));
+    assert!(p.agent.is_mapped(NAT, expiry - Duration::from_millis(1)));
+    p.agent.handle_timeout(expiry);
+    let ev = events(&mut p.agent);
+    assert!(ev.contains(&AgentEvent::MappingRemoved {
+        nat: NAT,
+        real: REAL,
+        terminal: name("pc-1"),
+        because: RemovedBecause::Expired
+    }));
+    assert!(ev.contains(&AgentEvent::TunnelClosed {
+        gateway_id: GatewayId(1)
+    }));
+    assert_eq!(p.agent.mappings().count(), 0);
+    assert_eq!(p.agent.counters().mappings_expired, 1);
+    assert!(p.agent.tunnel().is_none());
+    let mut out = vec![0; 4096];
+    assert_eq!(
+        p.agent
+            .handle_network_input_into(gw_addr(), &[4; 64], &mut out, expiry),
+        NetworkOutcome::Dropped(DropReason::NoTunnel)
+    );
+}
+
+#[test]
+fn a_packet_after_expiry_is_dropped_even_before_the_timer_runs() {
+    let mut p = Pair::new(DataMode::Netstack);
+    p.now += Duration::from_secs(3601);
+    assert_eq!(
+        p.gateway_sends(&udp(TECH, NAT, 1, 2, b"x")),
+        Err(DropReason::Expired)
+    );
+}
+
+#[test]
+fn withdrawn_mappings_are_removed_and_the_tunnel_torn_down() {
+    let mut p = Pair::new(DataMode::Packet { masquerade: None });
+    let _ = events(&mut p.agent);
+    let now = p.now;
+    p.agent
+        .handle_desired_state(&desired(2, &[]), &names(), now, WALL)
+        .unwrap();
+    let ev = events(&mut p.agent);
+    assert_eq!(
+        ev,
+        vec![
+            AgentEvent::MappingRemoved {
+                nat: NAT,
+                real: REAL,
+                terminal: name("pc-1"),
+                because: RemovedBecause::Withdrawn
+            },
+            AgentEvent::TunnelClosed {
+                gateway_id: GatewayId(1)
+            },
+        ]
+    );
+    assert!(p.agent.tunnel().is_none());
+    assert_eq!(p.agent.poll_timeout(), None);
+}
+
+#[test]
+fn a_new_gateway_is_dialled_after_failover_and_mappings_stay() {
+    let mut p = Pair::new(DataMode::Packet { masquerade: None });
+    let _ = events(&mut p.agent);
+    let now = p.now;
+    let mut d = desired(2, &[(NAT, "pc-1", 3600)]);
+    let new_gw: SocketAddr = "203.0.113.2:51820".parse().unwrap();
+    d.tunnel = Some(AgentTunnel {
+        gateway_id: GatewayId(2),
+        ..tunnel_to(new_gw, PrivateKey::from_bytes([5; 32]).public_key())
+    });
+    p.agent
+        .handle_desired_state(&d, &names(), now, WALL)
+        .unwrap();
+    assert_eq!(
+        events(&mut p.agent),
+        vec![
+            AgentEvent::TunnelClosed {
+                gateway_id: GatewayId(1)
+            },
+            AgentEvent::TunnelDialled {
+                gateway_id: GatewayId(2),
+                endpoint: new_gw
+            },
+        ]
+    );
+    let t = transmits(&mut p.agent);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].dst, new_gw);
+    assert_eq!(p.agent.mappings().count(), 1);
+}
+
+#[test]
+fn stale_foreign_and_broken_documents() {
+    let now = Instant::now();
+    let mut a = agent(DataMode::Netstack, now);
+    assert!(
+        a.handle_desired_state(&desired(5, &[(NAT, "pc-1", 60)]), &names(), now, WALL)
+            .is_some()
+    );
+    assert!(
+        a.handle_desired_state(&desired(5, &[]), &names(), now, WALL)
+            .is_none(),
+        "same version"
+    );
+    assert!(
+        a.handle_desired_state(&desired(4, &[]), &names(), now, WALL)
+            .is_none(),
+        "older"
+    );
+    let mut foreign = desired(9, &[]);
+    foreign.site_id = SiteId(4);
+    assert!(
+        a.handle_desired_state(&foreign, &names(), now, WALL)
+            .is_none()
+    );
+    assert_eq!(a.mappings().count(), 1);
+    // An unresolvable terminal, a real address mapped twice, an expired one.
+    let applied = a
+        .handle_desired_state(
+            &desired(
+                6,
+                &[
+                    (NAT, "pc-1", 60),
+                    (Ipv4Addr::new(10, 64, 0, 7), "ghost", 60),
+                    (Ipv4Addr::new(10, 64, 0, 8), "pc-1", 60),
+                    (Ipv4Addr::new(10, 64, 0, 9), "pc-2", 0),
+                ],
+            ),
+            &names(),
+            now,
+            WALL,
+        )
+        .unwrap();
+    assert_eq!(applied.errors.len(), 2, "{:?}", applied.errors);
+    assert!(applied.errors[0].contains("ghost"));
+    let nats: Vec<_> = a.mappings().map(|m| m.nat).collect();
+    assert_eq!(nats, vec![NAT]);
+}
+
+#[test]
+fn a_terminal_that_moves_is_remapped() {
+    let now = Instant::now();
+    let mut a = agent(DataMode::Packet { masquerade: None }, now);
+    a.handle_desired_state(&desired(1, &[(NAT, "pc-1", 60)]), &names(), now, WALL)
+        .unwrap();
+    let _ = events(&mut a);
+    let mut moved = names();
+    moved.insert(name("pc-1"), Ipv4Addr::new(192, 168, 1, 50));
+    a.handle_desired_state(&desired(2, &[(NAT, "pc-1", 60)]), &moved, now, WALL)
+        .unwrap();
+    let ev = events(&mut a);
+    assert!(matches!(
+        ev[0],
+        AgentEvent::MappingRemoved {
+            because: RemovedBecause::Replaced,
+            ..
+        }
+    ));
+    assert!(
+        matches!(ev[1], AgentEvent::MappingInstalled { real, .. } if real == Ipv4Addr::new(192, 168, 1, 50))
+    );
+    // The tunnel stays.
+    assert!(a.tunnel().is_some());
+}
+
+#[test]
+fn through_the_real_gateway_state() {
+    let now = Instant::now();
+    let mut gw = GatewayState::new(GatewayConfig::new(keys().1), now);
+    gw.handle_control(
+        &GatewayDesiredState {
+            version: 1,
+            gateway_id: GatewayId(1),
+            peers: vec![GatewayPeer {
+                site_id: SiteId(3),
+                public_key: keys().0.public_key(),
+                nat_addresses: vec![NAT],
+            }],
+        },
+        now,
+    );
+    let mut a = agent(DataMode::Packet { masquerade: None }, now);
+    a.handle_desired_state(&desired(1, &[(NAT, "pc-1", 60)]), &names(), now, WALL)
+        .unwrap();
+    // Shuttle datagrams until both sides are quiet.
+    let shuttle = |a: &mut AgentState, gw: &mut GatewayState| {
+        let mut lan = Vec::new();
+        let mut center = Vec::new();
+        for _ in 0..10 {
+            let mut moved = false;
+            while let Some(t) = a.poll_transmit() {
+                moved = true;
+                let mut out = vec![0; 70000];
+                if let crate::gateway::NetworkOutcome::Tunnel(p) =
+                    gw.handle_network_input_into(agent_addr(), &t.payload, &mut out, now)
+                {
+                    center.push(p.to_vec());
+                }
+            }
+            while let Some(t) = gw.poll_transmit() {
+                moved = true;
+                let mut out = vec![0; 70000];
+                if let NetworkOutcome::Lan(p) =
+                    a.handle_network_input_into(gw_addr(), &t.payload, &mut out, now)
+                {
+                    lan.push(p.to_vec());
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        (lan, center)
+    };
+    shuttle(&mut a, &mut gw);
+    assert!(a.tunnel().unwrap().up);
+    // Technician → NAT address, through the gateway's TUN side.
+    let mut out = vec![0; 70000];
+    let request = udp(TECH, NAT, 5000, 7, b"ping");
+    let crate::gateway::TunOutcome::Send { datagram, .. } =
+        gw.handle_tun_input_into(&request, &mut out, now)
+    else {
+        panic!("gateway did not send")
+    };
+    let datagram = datagram.to_vec();
+    let mut lan_buf = vec![0; 70000];
+    let NetworkOutcome::Lan(lan) =
+        a.handle_network_input_into(gw_addr(), &datagram, &mut lan_buf, now)
+    else {
+        panic!("agent did not forward")
+    };
+    assert_eq!(&lan[16..20], &REAL.octets());
+    // The PC answers; the gateway accepts it as coming from the site's NAT address.
+    let mut reply = udp(REAL, TECH, 7, 5000, b"pong");
+    let mut enc = vec![0; 70000];
+    let LanOutcome::Send { datagram, .. } = a.handle_lan_input_into(&mut reply, &mut enc, now)
+    else {
+        panic!("agent did not send")
+    };
+    let datagram = datagram.to_vec();
+    let mut center = vec![0; 70000];
+    let crate::gateway::NetworkOutcome::Tunnel(p) =
+        gw.handle_network_input_into(agent_addr(), &datagram, &mut center, now)
+    else {
+        panic!("gateway refused the reply")
+    };
+    assert_eq!(&p[12..16], &NAT.octets());
+    assert_eq!(&p[16..20], &TECH.octets());
+}
+
+#[test]
+fn end_access_now_works_without_the_server_and_sticks() {
+    let mut p = Pair::new(DataMode::Packet { masquerade: None });
+    let _ = events(&mut p.agent);
+    let now = p.now;
+    assert_eq!(p.agent.revoke_request(RequestId(17), now), 1);
+    assert!(events(&mut p.agent).contains(&AgentEvent::MappingRemoved {
+        nat: NAT,
+        real: REAL,
+        terminal: name("pc-1"),
+        because: RemovedBecause::Revoked
+    }));
+    assert!(p.agent.tunnel().is_none());
+    // The server, not told yet, still lists the mapping: it stays off.
+    p.agent
+        .handle_desired_state(&desired(2, &[(NAT, "pc-1", 3600)]), &names(), now, WALL)
+        .unwrap();
+    assert_eq!(p.agent.mappings().count(), 0);
+    assert_eq!(p.agent.revoke_request(RequestId(99), now), 0);
+}
