@@ -22,6 +22,7 @@ CONCURRENCY=${CONCURRENCY:-8}
 DBS=${DBS:-"sqlite postgres"}
 LONG_POLLS=${LONG_POLLS:-"no yes"}
 PG_ADMIN=${PG_ADMIN:-postgres://postgres:postgres@localhost:5432/postgres}
+export PGOPTIONS="--client-min-messages=warning"
 
 cargo build --release --quiet -p maintenance-server --bin maintenance-server --example bench_control
 server_bin=target/release/maintenance-server
