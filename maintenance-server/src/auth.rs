@@ -187,7 +187,18 @@ impl FromRequestParts<AppState> for OperatorAuth {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        let token = check_kind(bearer(&parts.headers), SecretKind::Operator)?;
+        let token = bearer(&parts.headers)
+            .ok_or_else(|| AppError::unauthorized("a bearer credential is required"))?;
+        // A configured operator token may lack the `vnop_` prefix; a
+        // credential of another kind never passes.
+        match SecretKind::of(token) {
+            None | Some(SecretKind::Operator) => {}
+            Some(_) => {
+                return Err(AppError::forbidden(
+                    "this credential is not valid for this endpoint",
+                ));
+            }
+        }
         if Secret::hash_of(token) == state.operator_hash {
             Ok(Self)
         } else {

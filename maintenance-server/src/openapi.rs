@@ -335,6 +335,16 @@ pub fn operations() -> Vec<Operation> {
         ),
         op!(
             "get",
+            crate::handlers::technician::ME,
+            Session,
+            None,
+            200,
+            (),
+            crate::handlers::technician::Me,
+            "Technician: who is signed in"
+        ),
+        op!(
+            "get",
             paths::HEALTH,
             Public,
             None,

@@ -353,6 +353,18 @@ impl Settings {
         if self.technicians.login_attempts_per_minute == 0 {
             return Err(("technicians.login_attempts_per_minute", "at least 1".into()));
         }
+        let token = &self.operator.token;
+        if !token.is_empty()
+            && (token.len() < 16
+                || token.chars().any(|c| c.is_whitespace() || c.is_control())
+                || crate::auth::SecretKind::of(token)
+                    .is_some_and(|k| k != crate::auth::SecretKind::Operator))
+        {
+            return Err((
+                "operator.token",
+                "at least 16 characters, no spaces, and not another kind's prefix (or empty: generated)".into(),
+            ));
+        }
         if self.database.max_connections == 0 {
             return Err(("database.max_connections", "at least 1".into()));
         }

@@ -796,15 +796,17 @@ async fn long_polls_answer_on_change_and_on_timeout(b: Backend) {
         agent: site.agent.clone(),
         credential: site.credential.clone(),
     };
+    let t = Instant::now();
     let poll = tokio::spawn(async move { agent_state(&site2, s1.version, 1_500).await });
-    other
+    let other_req = other
         .agent
         .post(paths::AGENT_REQUESTS, &new_request(&["pc-1"]))
         .await;
-    let t = Instant::now();
+    assert_eq!(other_req.status, 201);
     let unchanged = poll.await.unwrap();
     assert_eq!(unchanged.version, s1.version);
-    assert!(t.elapsed() >= Duration::from_millis(500));
+    // It waited its full time: the other site's change did not answer it.
+    assert!(t.elapsed() >= Duration::from_millis(1_500));
     // wait_ms is capped and bad parameters are refused.
     site.agent
         .get(&format!("{}?after=x", paths::AGENT_STATE))

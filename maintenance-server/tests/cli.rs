@@ -186,6 +186,7 @@ fn bad_configuration_is_one_line_naming_file_and_key() {
             "gateways.down_after_ms",
         ),
         ("[nonsense]\nx = 1\n", "nonsense"),
+        ("[operator]\ntoken = \"short\"\n", "operator.token"),
     ] {
         std::fs::write(&config, text).unwrap();
         let out = bin()
@@ -400,4 +401,24 @@ async fn https_is_served_when_a_certificate_is_configured() {
     assert!(cookie.contains("; Secure"), "{cookie}");
     let _ = tx.send(());
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_operator_token_needs_no_prefix() {
+    let db = TestDb::new(Backend::Sqlite);
+    let mut s = db.settings();
+    s.operator.token = "a-configured-operator-secret".into();
+    let server = TestServer::start(s).await;
+    let op = server.operator();
+    assert_eq!(op.get(paths::SITES).await.status, 200);
+    op.with_bearer("a-configured-operator-secreT")
+        .get(paths::SITES)
+        .await
+        .error(401, None);
+    let site = add_site(&server, "A", 1).await;
+    op.with_bearer(&site.credential)
+        .get(paths::SITES)
+        .await
+        .error(403, None);
+    server.stop().await;
 }

@@ -59,7 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::FAILURES, get(technician::failures))
         .route(paths::AUDIT, get(technician::audit))
         .route(paths::CONSOLE_EVENTS, get(technician::events))
-        .route("/api/v1/me", get(technician::me))
+        .route(technician::ME, get(technician::me))
         .route(paths::OPENAPI, get(misc::openapi))
         .route(paths::HEALTH, get(misc::health))
         .route(paths::METRICS, get(misc::metrics))

@@ -172,8 +172,11 @@ pub async fn logout(
     Ok(resp)
 }
 
+/// `GET`: who is logged in (the console's check of its session).
+pub const ME: &str = "/api/v1/me";
+
 /// Who is logged in.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct Me {
     /// The technician's name.
     pub name: String,
