@@ -57,8 +57,27 @@ struct Cli {
 
     /// Netstack mode: no root, no TUN device; connections to NAT addresses
     /// are relayed through ordinary sockets (overrides agent.mode).
-    #[arg(long, env = "VPNNAT_AGENT_NETSTACK")]
+    #[arg(long, env = "VPNNAT_AGENT_NETSTACK", conflicts_with = "mode")]
     netstack: bool,
+
+    /// The data mode (overrides agent.mode; `--netstack` is `--mode netstack`).
+    #[arg(long, env = "VPNNAT_AGENT_MODE", value_enum)]
+    mode: Option<CliMode>,
+
+    /// Standalone mode only: the tunnel private key (base64, as `wg genkey`
+    /// writes it) instead of an enrolled identity.
+    #[arg(
+        long,
+        env = "VPNNAT_AGENT_PRIVATE_KEY_FILE",
+        value_name = "FILE",
+        requires = "desired"
+    )]
+    private_key_file: Option<PathBuf>,
+
+    /// Extra terminal names in /etc/hosts format ("192.168.1.10 pc-1"),
+    /// looked up after the [[terminals]] table (overrides lan.hosts_file).
+    #[arg(long, env = "VPNNAT_AGENT_HOSTS", value_name = "FILE")]
+    hosts: Option<PathBuf>,
 
     /// Standalone mode: follow this desired state (an AgentDesiredState JSON
     /// document) instead of a maintenance server. Re-read on SIGHUP.
@@ -75,6 +94,12 @@ struct Cli {
 
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CliMode {
+    Packet,
+    Netstack,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -225,10 +250,17 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         None => {
             let mut settings = settings;
-            if cli.netstack {
-                settings.agent.mode = Mode::Netstack;
+            match (cli.netstack, cli.mode) {
+                (true, _) | (false, Some(CliMode::Netstack)) => {
+                    settings.agent.mode = Mode::Netstack
+                }
+                (false, Some(CliMode::Packet)) => settings.agent.mode = Mode::Packet,
+                (false, None) => {}
             }
-            runtime.block_on(run(settings, cli.desired))
+            if let Some(h) = cli.hosts {
+                settings.lan.hosts_file = h;
+            }
+            runtime.block_on(run(settings, cli.desired, cli.private_key_file))
         }
     }
 }
@@ -311,9 +343,35 @@ fn read_desired(path: &Path) -> anyhow::Result<AgentDesiredState> {
         .map_err(|e| anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))
 }
 
-async fn run(settings: Settings, desired_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let id = Identity::load(&settings.agent.identity_file)?;
-    let key = id.key()?;
+async fn run(
+    settings: Settings,
+    desired_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let id = match &key_file {
+        // Standalone with a bare key: no enrollment, no server.
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --private-key-file {}", path.display()))?;
+            Identity {
+                site_id: vpnnat::messages::SiteId(0),
+                site_name: "standalone".to_owned(),
+                server_url: String::new(),
+                credential: String::new(),
+                private_key: text.trim().to_owned(),
+            }
+        }
+        None => Identity::load(&settings.agent.identity_file)?,
+    };
+    let key = id.key().with_context(|| {
+        format!(
+            "{}",
+            key_file
+                .as_deref()
+                .unwrap_or(&settings.agent.identity_file)
+                .display()
+        )
+    })?;
     let initial = desired_file.as_deref().map(read_desired).transpose()?;
     let site_id = initial.as_ref().map_or(id.site_id, |d| d.site_id);
     let server = if desired_file.is_some() {

@@ -65,6 +65,20 @@ impl Names {
                 None => dns_only.push(t.name.clone()),
             }
         }
+        if !settings.lan.hosts_file.as_os_str().is_empty() {
+            match std::fs::read_to_string(&settings.lan.hosts_file) {
+                Ok(text) => {
+                    for (name, addr) in parse_hosts(&text) {
+                        table.entry(name).or_insert(addr);
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    path = %settings.lan.hosts_file.display(),
+                    error = %e,
+                    "lan.hosts_file not read"
+                ),
+            }
+        }
         let aliases = alias_file
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
@@ -214,6 +228,25 @@ impl Names {
     }
 }
 
+/// Name → address pairs of an /etc/hosts-style text (IPv4 lines only;
+/// comments, IPv6 and invalid names are skipped).
+pub fn parse_hosts(text: &str) -> Vec<(TerminalName, Ipv4Addr)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        let mut words = line.split_whitespace();
+        let Some(Ok(addr)) = words.next().map(str::parse::<Ipv4Addr>) else {
+            continue;
+        };
+        for w in words {
+            if let Ok(n) = TerminalName::new(w) {
+                out.push((n, addr));
+            }
+        }
+    }
+    out
+}
+
 /// Writes `text` to `path` with mode 0600 (replacing it atomically).
 pub fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
@@ -299,6 +332,26 @@ mod tests {
         assert_eq!(
             reloaded.resolve(&name("lan-host-1")).await.unwrap(),
             Ipv4Addr::new(192, 168, 1, 77)
+        );
+    }
+
+    #[test]
+    fn hosts_files_are_read_like_etc_hosts() {
+        let h = parse_hosts(
+            "# the office\n192.168.1.10 pc-1 reception\n::1 localhost\n\nbad line\n192.168.1.11\tnas # disk\n",
+        );
+        let v: Vec<(String, String)> = h
+            .iter()
+            .map(|(n, a)| (n.to_string(), a.to_string()))
+            .collect();
+        assert_eq!(
+            v,
+            [
+                ("pc-1", "192.168.1.10"),
+                ("reception", "192.168.1.10"),
+                ("nas", "192.168.1.11")
+            ]
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
         );
     }
 

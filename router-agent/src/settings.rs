@@ -118,6 +118,8 @@ pub struct Lan {
     pub allowed_prefixes: Vec<Prefix>,
     /// Ask DNS for names that are not in the terminal table.
     pub dns: bool,
+    /// Extra names in /etc/hosts format; empty = none.
+    pub hosts_file: PathBuf,
 }
 
 impl Default for Lan {
@@ -127,6 +129,7 @@ impl Default for Lan {
             address: None,
             allowed_prefixes: Vec::new(),
             dns: true,
+            hosts_file: PathBuf::new(),
         }
     }
 }
