@@ -10,6 +10,9 @@
 //! - [`messages`]: the control-plane protocol shared by all three programs.
 //! - [`backoff`]: reconnection delays for the control-plane clients.
 //! - [`config`]: layering of TOML text and `VPNNAT_*` overrides into typed settings.
+//! - [`nat`]: the 1:1 static NAT (NAT address ↔ real LAN address), in-place IPv4
+//!   rewriting with incremental checksums, optional masquerade.
+//! - [`pool`]: the VPN-NAT address pool (allocation over any IPv4 prefix, reserved ranges).
 //! - [`gateway`]: the gateway's sans-IO packet logic (many peers, one socket, NAT-address routing).
 //! - [`agent`]: the router agent's sans-IO state (tunnel to its gateway, consent, 1:1 NAT).
 //! - [`wg`]: WireGuard tunnels on boringtun's noise layer (shared by gateway and agent).
@@ -21,4 +24,6 @@ pub mod backoff;
 pub mod config;
 pub mod gateway;
 pub mod messages;
+pub mod nat;
+pub mod pool;
 pub mod wg;

@@ -12,8 +12,9 @@
 //!
 //! Two data modes share this state (DESIGN.md, "Data plane"):
 //! - [`DataMode::Packet`]: decrypted packets are rewritten by a
-//!   [`PacketNat`] (by default [`AgentNat`]: destination NAT address → real
-//!   LAN address, and optionally the source to a masquerade address) and
+//!   [`PacketNat`] (by default [`AgentNat`], the core's
+//!   [`crate::nat::StaticNat`]: destination NAT address → real LAN address,
+//!   and optionally the source to a masquerade address) and
 //!   handed to the caller for its TUN device; replies take the reverse rewrite.
 //! - [`DataMode::Netstack`]: packets keep their NAT addresses and go to the
 //!   caller's userspace stack (smoltcp), which terminates them and relays to
@@ -135,9 +136,10 @@ drop_reasons! {
 
 const N_REASONS: usize = DropReason::ALL.len();
 
-/// The 1:1 NAT of packet mode, as [`AgentState`] uses it. [`AgentNat`] is
-/// the agent's own; another implementation (e.g. a shared core NAT) can be
-/// plugged in with [`AgentState::with_nat`].
+/// The 1:1 NAT of packet mode, as [`AgentState`] uses it. The default is
+/// the core's [`crate::nat::StaticNat`] ([`AgentNat`]); another
+/// implementation (e.g. a test double) can be plugged in with
+/// [`AgentState::with_nat`].
 pub trait PacketNat: Send + std::fmt::Debug {
     /// Maps `nat` ↔ `real` (replacing an older mapping of `nat`) until `expires_at`.
     ///
