@@ -22,6 +22,9 @@
 # gateway-agent when available, else gateway-wggo (said in the output).
 #
 # Usage: sudo scripts/bench-throughput.sh   (env: REPS=3 DURATION=10 PAIRS="..." CACHE=...)
+#   PERF_DIR=DIR also records `perf record -g` of each end during the
+#   single-stream test into DIR/PAIR-ROUND-{near,far}.data (skews its figures).
+#   CARGO_TARGET_DIR is honoured for the release binaries.
 # Network safety: every address exists only inside the namespaces created
 # here; none has a default route; all are removed on exit (trap).
 set -euo pipefail
@@ -52,18 +55,18 @@ if cargo metadata --no-deps --format-version 1 2>/dev/null | grep -q '"name":"ro
 else
   cargo build --release --locked -p gateway >&2
 fi
-GATEWAY=$PWD/target/release/gateway
-AGENT=$PWD/target/release/router-agent
-
-if [ ! -x "$CACHE/bin/boringtun-cli" ]; then
-  log "==> cargo install boringtun-cli into $CACHE (once)"
-  cargo install --quiet --root "$CACHE" boringtun-cli >&2
-fi
-BORINGTUN=$CACHE/bin/boringtun-cli
+GATEWAY=${CARGO_TARGET_DIR:-$PWD/target}/release/gateway
+AGENT=${CARGO_TARGET_DIR:-$PWD/target}/release/router-agent
 
 default_pairs="gateway-wggo wggo-wggo boringtun"
 [ "$have_agent" = 1 ] && default_pairs="gateway-agent $default_pairs"
 PAIRS=${PAIRS:-$default_pairs}
+
+BORINGTUN=$CACHE/bin/boringtun-cli
+if [[ " $PAIRS " == *" boringtun "* ]] && [ ! -x "$BORINGTUN" ]; then
+  log "==> cargo install boringtun-cli into $CACHE (once)"
+  cargo install --quiet --root "$CACHE" boringtun-cli >&2
+fi
 
 tag="vb$$"
 C=${tag}c; G=${tag}g; R=${tag}r; S=${tag}s
@@ -171,8 +174,31 @@ far_agent() {
 {"version":1,"site_id":1,"tunnel":{"gateway_id":1,"kind":"wireguard","endpoint":"198.51.100.1:51820","public_key":"$(pub near)","persistent_keepalive_s":25},"mappings":[{"nat_address":"10.64.0.5","terminal":"pc-1","request_id":1,"expires_at":4102444800000}]}
 EOF
   echo "192.168.1.10 pc-1" > "$WORK/hosts"
-  nsx $R env RUST_LOG=warn "$AGENT" --mode packet --private-key-file "$(keyfile far)" \
-    --desired "$WORK/agent.json" --hosts "$WORK/hosts" >"$WORK/agent.log" 2>&1 &
+  # Everything the agent writes stays in $WORK; no resolver, no link watch.
+  mkdir -p "$WORK/agent-state"
+  cat > "$WORK/agent.toml" <<EOF
+[agent]
+state_dir = "$WORK/agent-state"
+mode = "packet"
+[lan]
+interface = "lan0"
+allowed_prefixes = ["192.168.1.0/24"]
+dns = false
+[packet]
+tun_name = "${tag}ag"
+tun_mtu = $MTU
+center_prefixes = ["172.16.0.0/24"]
+[web]
+listen = "127.0.0.1:8088"
+password = "bench-password-not-used"
+[failures]
+link_watch = false
+EOF
+  nsx $R env RUST_LOG=warn "$AGENT" --config "$WORK/agent.toml" --mode packet \
+    --private-key-file "$(keyfile far)" --desired "$WORK/agent.json" --hosts "$WORK/hosts" \
+    >"$WORK/agent.log" 2>&1 &
+  for _ in $(seq 100); do nsx $R curl -sf http://127.0.0.1:8088/healthz >/dev/null 2>&1 && return 0; sleep 0.05; done
+  log "router-agent did not start"; cat "$WORK/agent.log" >&2; return 1
 }
 
 stop_pair() {
@@ -212,13 +238,40 @@ cpu_ticks() {
   echo $t
 }
 
+# Busy CPU time (clock ticks) of the whole machine so far (all but idle and iowait).
+busy_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9}' /proc/stat; }
+
 measure() {
-  local pair=$1 rep=$2 v g0 r0 t0 g1 r1 t1 hz
+  local pair=$1 rep=$2 v g0 r0 m0 t0 g1 r1 m1 t1 hz
   hz=$(getconf CLK_TCK)
-  g0=$(cpu_ticks $G); r0=$(cpu_ticks $R); t0=$(date +%s.%N)
-  v=$(nsx $C iperf3 -c 10.64.0.5 -t "$DURATION" -O 1 -J | json "d['end']['sum_received']['bits_per_second']/1e6")
-  g1=$(cpu_ticks $G); r1=$(cpu_ticks $R); t1=$(date +%s.%N)
+  local perf_pids=()
+  if [ -n "${PERF_DIR:-}" ]; then
+    # Profile each end during the single-stream test (perf record -g).
+    mkdir -p "$PERF_DIR"
+    local end ns pids
+    for end in near far; do
+      ns=$G; [ $end = far ] && ns=$R
+      pids=$(ip netns pids "$ns" | paste -sd, -)
+      perf record -q -g -p "$pids" -o "$PERF_DIR/$pair-$rep-$end.data" -- sleep "$((DURATION + 1))" \
+        >/dev/null 2>&1 &
+      perf_pids+=($!)
+    done
+  fi
+  g0=$(cpu_ticks $G); r0=$(cpu_ticks $R); m0=$(busy_ticks); t0=$(date +%s.%N)
+  nsx $C iperf3 -c 10.64.0.5 -t "$DURATION" -O 1 -J > "$WORK/tcp1.json"
+  g1=$(cpu_ticks $G); r1=$(cpu_ticks $R); m1=$(busy_ticks); t1=$(date +%s.%N)
+  [ ${#perf_pids[@]} -eq 0 ] || wait "${perf_pids[@]}" || true
+  v=$(json "d['end']['sum_received']['bits_per_second']/1e6" < "$WORK/tcp1.json")
   printf '%s\t%s\ttcp1_mbit\t%s\n' "$pair" "$rep" "$v" >> "$RESULTS"
+  # The rest of the 2-core budget: iperf3 client and server (as iperf3 reports
+  # them; the kernel's forwarding runs mostly in their send/receive calls) and
+  # the whole machine (other processes included).
+  printf '%s\t%s\tclient_cpu_pct\t%s\n' "$pair" "$rep" \
+    "$(json "d['end']['cpu_utilization_percent']['host_total']" < "$WORK/tcp1.json")" >> "$RESULTS"
+  printf '%s\t%s\tserver_cpu_pct\t%s\n' "$pair" "$rep" \
+    "$(json "d['end']['cpu_utilization_percent']['remote_total']" < "$WORK/tcp1.json")" >> "$RESULTS"
+  printf '%s\t%s\tmachine_busy_pct\t%s\n' "$pair" "$rep" \
+    "$(python3 -c "print(($m1-$m0)/$hz/($t1-$t0)*100)")" >> "$RESULTS"
   # CPU use of the tunnel ends during the single-stream test (100 % = one core).
   printf '%s\t%s\tnear_cpu_pct\t%s\n' "$pair" "$rep" \
     "$(python3 -c "print(($g1-$g0)/$hz/($t1-$t0)*100)")" >> "$RESULTS"
@@ -254,6 +307,8 @@ for line in open(path):
 metrics = [("tcp1_mbit", "TCP 1 stream Mbit/s"), ("tcp4_mbit", "TCP 4 streams Mbit/s"),
            ("udp64_kpps", "UDP 64 B kpps rcvd"), ("ping_us", "ping RTT µs"),
            ("near_cpu_pct", "near end CPU % (TCP 1)"), ("far_cpu_pct", "far end CPU % (TCP 1)"),
+           ("client_cpu_pct", "iperf3 client CPU %"), ("server_cpu_pct", "iperf3 server CPU %"),
+           ("machine_busy_pct", "machine busy % (all cores)"),
            ("near_cpu_per_gbit", "near end CPU % per Gbit/s"), ("far_cpu_per_gbit", "far end CPU % per Gbit/s")]
 med = {k: statistics.median(v) for k, v in vals.items()}
 for p in pairs:
