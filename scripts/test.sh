@@ -25,9 +25,15 @@ cargo fmt --all --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo build --workspace --bins"
+# The namespace, interop and e2e tests start the programs from target/debug/.
+# `cargo test` builds a package's binaries only for that package's own
+# integration tests, so on a fresh clone the root package's tests would find
+# no `gateway`: build every binary first (same profile, shared artifacts).
+cargo build --workspace --bins --locked
+
 step "cargo test --workspace"
-# One build serves unit, integration and e2e tests: the binaries the
-# namespace tests start are built by this same command (target/debug/).
-cargo test --workspace --locked -- --test-threads "${VPNNAT_TEST_THREADS:-4}"
+# --no-fail-fast: one failing test binary must not hide the others' results.
+cargo test --workspace --locked --no-fail-fast -- --test-threads "${VPNNAT_TEST_THREADS:-4}"
 
 printf '\n==> all checks passed in %ss\n' "$(( $(date +%s) - start ))"
