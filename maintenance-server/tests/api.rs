@@ -204,10 +204,9 @@ async fn a_request_reaches_the_agent_and_the_gateway_and_ends_cleanly(b: Backend
         .expect("the agent's long-poll answers on the change")
         .unwrap();
     assert!(s1.version > s0.version);
-    let tunnel = s1.tunnel.clone().unwrap();
-    assert_eq!(tunnel.gateway_id, gw.id);
-    assert_eq!(tunnel.endpoint, "203.0.113.1:51820".parse().unwrap());
-    assert_eq!(tunnel.public_key, key(201));
+    // The agent does not dial before the gateway holds its peer (its
+    // handshake would be dropped): no tunnel until the gateway applied.
+    assert!(s1.tunnel.is_none(), "{s1:?}");
     let mapped: BTreeSet<(Ipv4Addr, String)> = s1
         .mappings
         .iter()
@@ -235,6 +234,28 @@ async fn a_request_reaches_the_agent_and_the_gateway_and_ends_cleanly(b: Backend
     let mut sorted = addrs.clone();
     sorted.sort();
     assert_eq!(g1.peers[0].nat_addresses, sorted);
+    // The gateway reports it applied that document: the agent's long-poll
+    // answers with the tunnel to dial.
+    let agent_poll = {
+        let site = Site {
+            id: site.id,
+            agent: site.agent.clone(),
+            credential: site.credential.clone(),
+        };
+        let after = s1.version;
+        tokio::spawn(async move { agent_state(&site, after, 30_000).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(report_applied(&gw).await, g1.version);
+    let s1 = tokio::time::timeout(Duration::from_secs(10), agent_poll)
+        .await
+        .expect("the agent's long-poll answers when the gateway applied")
+        .unwrap();
+    let tunnel = s1.tunnel.clone().unwrap();
+    assert_eq!(tunnel.gateway_id, gw.id);
+    assert_eq!(tunnel.endpoint, "203.0.113.1:51820".parse().unwrap());
+    assert_eq!(tunnel.public_key, key(201));
+    assert_eq!(s1.mappings.len(), 2);
 
     // A terminal that holds an address keeps it; a new one gets a new one.
     let r2: MaintenanceRequestView = site
@@ -485,10 +506,12 @@ async fn failover_moves_sites_and_keeps_their_addresses(b: Backend) {
         .await
         .json();
     assert_eq!(r.gateway_id, Some(g1.id));
+    report_applied(&g1).await;
     let before = agent_state(&site, 0, 0).await;
     assert_eq!(before.tunnel.as_ref().unwrap().gateway_id, g1.id);
     let g2_before = gateway_state(&g2, 0, 0).await;
-    // The agent's long-poll answers when the site moves.
+    // The agent's long-poll answers when the site moves (and gw2, which
+    // follows its document, has applied it).
     let mut state = before.clone();
     let deadline = Instant::now() + Duration::from_secs(20);
     while state.tunnel.as_ref().is_none_or(|t| t.gateway_id == g1.id) {
@@ -496,7 +519,8 @@ async fn failover_moves_sites_and_keeps_their_addresses(b: Backend) {
             Instant::now() < deadline,
             "the site did not move: {state:?}"
         );
-        state = agent_state(&site, state.version, 5_000).await;
+        report_applied(&g2).await;
+        state = agent_state(&site, state.version, 500).await;
     }
     let tunnel = state.tunnel.clone().unwrap();
     assert_eq!(tunnel.gateway_id, g2.id);

@@ -156,9 +156,10 @@ async fn a_request_from_the_page_api_reaches_the_console_and_end_access_now_remo
     // The real address stays here: the page shows it, the server never saw it.
     assert_eq!(request["local"][0]["address"], "127.0.0.1");
 
+    // The mapping at once; the tunnel as soon as the gateway holds the peer.
     agent
-        .wait_status("the mapping", Duration::from_secs(2), |s| {
-            mappings(s) == 1 && s["mappings"][0]["nat"] == nat.as_str()
+        .wait_status("the mapping and the tunnel", Duration::from_secs(2), |s| {
+            mappings(s) == 1 && s["mappings"][0]["nat"] == nat.as_str() && s["tunnel"].is_object()
         })
         .await;
     let s = agent.status().await;

@@ -336,6 +336,17 @@ impl Tx {
     /// # Errors
     /// When the commit fails (nothing is announced then).
     pub async fn commit(mut self, notifier: &Notifier) -> DbResult<()> {
+        // A tunnel created or moved in this transaction becomes ready with
+        // the first version of its gateway's document that holds it: this one.
+        for gw in &self.changes.gateways {
+            sqlx::query(
+                "UPDATE tunnels SET ready_version = (SELECT version FROM gateways WHERE id = $1) \
+                 WHERE gateway_id = $1 AND ready_version = -1",
+            )
+            .bind(id64(gw.0))
+            .execute(&mut *self.inner)
+            .await?;
+        }
         if self.changes.console {
             // Last statement: on PostgreSQL this hot row stays locked only until the commit.
             sqlx::query("UPDATE counters SET value = value + 1 WHERE name = 'console'")

@@ -480,12 +480,33 @@ pub async fn gateway_applied(
     version: u64,
     errors: &[String],
 ) -> OpResult<()> {
+    let before = sqlx::query("SELECT applied_version FROM gateways WHERE id = $1")
+        .bind(id64(gw.0))
+        .fetch_optional(&mut *tx.inner)
+        .await?
+        .map(|r| col::<i64>(&r, "applied_version"))
+        .transpose()?
+        .unwrap_or(0);
     sqlx::query("UPDATE gateways SET applied_version = $1, applied_errors = $2 WHERE id = $3")
         .bind(id64(version))
         .bind(serde_json::to_string(errors).unwrap_or_default())
         .bind(id64(gw.0))
         .execute(&mut *tx.inner)
         .await?;
+    // Sites whose peer this gateway now holds for the first time: their
+    // agents get the tunnel (and dial) now, not before.
+    let ready = sqlx::query(
+        "SELECT site_id FROM tunnels WHERE gateway_id = $1 AND ready_version > $2 \
+         AND ready_version <= $3 ORDER BY site_id",
+    )
+    .bind(id64(gw.0))
+    .bind(before)
+    .bind(id64(version))
+    .fetch_all(&mut *tx.inner)
+    .await?;
+    for r in ready {
+        tx.bump_site(SiteId(u64_of(col(&r, "site_id")?))).await?;
+    }
     Ok(())
 }
 
@@ -573,7 +594,11 @@ async fn ensure_tunnel(tx: &mut Tx, site: SiteId, now: i64) -> OpResult<(Gateway
         return Ok((to, false));
     }
     let gw = claim_slot(tx, None).await?;
-    sqlx::query("INSERT INTO tunnels (site_id, gateway_id, created_at) VALUES ($1, $2, $3)")
+    // ready_version -1: announced to the agent once the gateway has applied
+    // the document that holds the peer (see `Tx::commit`, `gateway_applied`).
+    sqlx::query(
+        "INSERT INTO tunnels (site_id, gateway_id, created_at, ready_version) VALUES ($1, $2, $3, -1)",
+    )
         .bind(id64(site.0))
         .bind(id64(gw.0))
         .bind(now)
@@ -594,7 +619,9 @@ pub async fn move_site(
     now: i64,
 ) -> OpResult<GatewayId> {
     let to = claim_slot(tx, Some(from)).await?;
-    sqlx::query("UPDATE tunnels SET gateway_id = $1, created_at = $2 WHERE site_id = $3")
+    sqlx::query(
+        "UPDATE tunnels SET gateway_id = $1, created_at = $2, ready_version = -1 WHERE site_id = $3",
+    )
         .bind(id64(to.0))
         .bind(now)
         .bind(id64(site.0))

@@ -96,8 +96,10 @@ pub async fn agent_state(
     let version = u64_of(col(&row, "version")?);
     let problem: Option<String> = col(&row, "problem")?;
     let tunnel = sqlx::query(
+        // Only once the gateway has applied a document holding this peer:
+        // a handshake that arrived earlier would be dropped (unknown key).
         "SELECT g.id, g.endpoints, g.public_key FROM tunnels t JOIN gateways g ON g.id = t.gateway_id \
-         WHERE t.site_id = $1",
+         WHERE t.site_id = $1 AND t.ready_version >= 0 AND t.ready_version <= g.applied_version",
     )
     .bind(id64(site.0))
     .fetch_optional(&mut *conn)

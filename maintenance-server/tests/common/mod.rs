@@ -538,6 +538,24 @@ pub async fn agent_state(site: &Site, after: u64, wait_ms: u64) -> AgentDesiredS
         .json()
 }
 
+/// The gateway reports that it applied its current document (as a real
+/// gateway does after reconciling); returns that document's version.
+pub async fn report_applied(gw: &Gw) -> u64 {
+    let version = gateway_state(gw, 0, 0).await.version;
+    let r = gw
+        .api
+        .post(
+            paths::GATEWAY_APPLIED,
+            &vpnnat::messages::AppliedState {
+                version,
+                errors: vec![],
+            },
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    version
+}
+
 pub async fn gateway_state(gw: &Gw, after: u64, wait_ms: u64) -> GatewayDesiredState {
     gw.api
         .get(&format!(

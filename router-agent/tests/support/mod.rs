@@ -155,23 +155,54 @@ impl Center {
             .unwrap();
         assert!(r.status().is_success(), "register: {}", r.status());
         let http = self.http.clone();
-        let url = format!("{}{}", self.base, paths::GATEWAY_HEARTBEAT);
+        let base = self.base.clone();
         let cred = created.credential.clone();
+        // Heartbeats, and reports every new document as applied the way a
+        // real gateway does (the server announces a site's tunnel to its
+        // agent only once the gateway holds the peer).
         self.heartbeat = Some(tokio::spawn(async move {
+            let mut applied = 0;
             loop {
                 let _ = http
-                    .post(&url)
+                    .post(format!("{base}{}", paths::GATEWAY_HEARTBEAT))
                     .bearer_auth(&cred)
                     .json(&GatewayHeartbeat {
                         max_tunnels: 10,
                         active_tunnels: 0,
                         health: Health::Healthy,
-                        applied_version: 0,
+                        applied_version: applied,
                         peers: vec![],
                     })
                     .send()
                     .await;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                let state = http
+                    .get(format!(
+                        "{base}{}?after={applied}&wait_ms=200",
+                        paths::GATEWAY_STATE
+                    ))
+                    .bearer_auth(&cred)
+                    .send()
+                    .await;
+                let doc = match state {
+                    Ok(r) => r.json::<vpnnat::messages::GatewayDesiredState>().await.ok(),
+                    Err(_) => None,
+                };
+                match doc {
+                    Some(d) if d.version > applied => {
+                        applied = d.version;
+                        let _ = http
+                            .post(format!("{base}{}", paths::GATEWAY_APPLIED))
+                            .bearer_auth(&cred)
+                            .json(&vpnnat::messages::AppliedState {
+                                version: applied,
+                                errors: vec![],
+                            })
+                            .send()
+                            .await;
+                    }
+                    Some(_) => {}
+                    None => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
             }
         }));
     }
