@@ -1,0 +1,26 @@
+//! The acceptance test of the product: the whole mission of issue 6 in
+//! network namespaces, played by the real maintenance-server, two real
+//! gateways and three real router agents (two in packet mode on their
+//! routers, one in netstack mode behind its router's NAPT). The scenario is
+//! `tests/e2e/mission.rs`, shared with the demo (`scripts/demo.sh`).
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod common;
+#[path = "e2e/mission.rs"]
+mod mission;
+
+#[test]
+fn e2e_mission_three_sites_two_gateways_failover_and_restart() {
+    if !common::require(mission::PREREQS) {
+        return;
+    }
+    let outcome = mission::run(mission::Options::for_test());
+    assert_eq!(outcome.rows.len(), 3);
+    assert!(outcome.rows.iter().all(|r| r.reached));
+    let (p50, p99) = mission::percentiles(&outcome.press_to_tcp);
+    // Figures only: speed is measured by scripts/bench-e2e.sh, not asserted.
+    println!(
+        "button → TCP p50 {p50:?} p99 {p99:?}; end → gone {:?}; failover {:?}",
+        outcome.end_to_gone, outcome.failover
+    );
+}
