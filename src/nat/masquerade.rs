@@ -5,10 +5,10 @@
 //! Mappings are endpoint-independent (RFC 4787 REQ-1, RFC 5382 REQ-1): one
 //! technician (address, port) keeps one masquerade port whatever it talks
 //! to, and the port is the technician's own when it is free (port
-//! preservation, RFC 4787 REQ-3 allows it). Idle entries expire: UDP after
-//! 2 minutes (RFC 4787 REQ-5), established TCP after 2 h 4 min and a closing
-//! one after 4 minutes (RFC 5382 REQ-5), ICMP echo after 60 s (RFC 5508
-//! REQ-1).
+//! preservation, RFC 4787 §4.2.1). Idle entries expire: UDP after 2 minutes
+//! (RFC 4787 REQ-5), established TCP after 2 h 4 min and a closing one after
+//! 4 minutes (RFC 5382 REQ-5), ICMP echo after 60 s (the shortest query
+//! timeout RFC 5508 allows).
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -88,7 +88,9 @@ impl Masquerade {
 
     /// The masquerade port for a technician endpoint: its existing mapping,
     /// the technician's own port when free, or the next free one after it
-    /// (wrapping within 1024..=65535, so the choice is deterministic).
+    /// (wrapping within 1024..=65535, so the choice is deterministic; a
+    /// taken port below 1024 is replaced by one from 1024 up, which keeps
+    /// LAN hosts from mistaking it for a privileged source).
     pub(super) fn port_for(
         &mut self,
         proto: u8,

@@ -21,7 +21,7 @@
 //!   identifiers. **ICMP errors** (destination unreachable, time exceeded,
 //!   parameter problem) get the quoted datagram rewritten as well — its
 //!   addresses, ports and checksums — so "port unreachable" and traceroute
-//!   make sense on the other side (RFC 5508 REQ-4, RFC 3022 §4.3).
+//!   make sense on the other side (RFC 3022 §4.3, RFC 5508).
 //! - **Fragments**: every fragment's header is rewritten; ports and the
 //!   transport checksum only in the first (offset 0), which is the only one
 //!   carrying them. Masquerade cannot tell which technician a later reply
