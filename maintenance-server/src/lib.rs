@@ -282,6 +282,10 @@ pub async fn launch_with_listener(
     for b in background {
         let _ = tokio::time::timeout(Duration::from_secs(5), b).await;
     }
+    // Close the pools: SQLite checkpoints its WAL into the database file as
+    // the last connection closes, so the file alone is the whole state.
+    drop(state);
+    db.close().await;
     result.context("serving HTTP")
 }
 

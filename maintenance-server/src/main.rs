@@ -40,6 +40,22 @@ enum Command {
     Technician(TechnicianCmd),
     /// Print the operator token (generating it on first use).
     OperatorToken,
+    /// Write a consistent copy of the SQLite database to PATH while the
+    /// server keeps running. Restore: stop the server, put the copy in place
+    /// of the database file (removing its -wal and -shm files), start it.
+    Backup {
+        /// Where to write the copy (must not exist).
+        path: PathBuf,
+    },
+    /// Restore the SQLite database from a copy made by `backup` (the server
+    /// must be stopped), or, without PATH, finish a PostgreSQL `pg_restore`.
+    /// Either way every desired-state version is advanced past any version
+    /// gateways and agents have seen, so they take the restored state
+    /// instead of ignoring it as older.
+    Restore {
+        /// The copy to restore (SQLite); none after a `pg_restore`.
+        path: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -132,6 +148,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Site(c) => site(c, &settings).await,
         Command::Gateway(c) => gateway(c, &settings).await,
         Command::Technician(c) => technician(c, &settings).await,
+        Command::Backup { path } => {
+            let db = open(&settings).await?;
+            db.backup_sqlite(&path).await?;
+            print_line(&format!("backup written to {}", path.display()))
+        }
+        Command::Restore { path } => restore(path, &settings).await,
     }
 }
 
@@ -158,6 +180,58 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         tracing::info!("shutting down");
     };
     maintenance_server::launch_with_listener(settings, listener, shutdown).await
+}
+
+async fn restore(path: Option<PathBuf>, settings: &Settings) -> anyhow::Result<()> {
+    // A running server would keep writing to the file being replaced.
+    let addr = settings
+        .listen()
+        .map_err(|e| anyhow::anyhow!("http.listen: {e}"))?;
+    if std::net::TcpListener::bind(addr).is_err() {
+        anyhow::bail!(
+            "{addr} is in use: stop the maintenance server (every replica) before restoring"
+        );
+    }
+    if let Some(src) = path {
+        let url = settings.database_url();
+        let Some(file) = url.strip_prefix("sqlite://") else {
+            anyhow::bail!(
+                "the database is PostgreSQL: restore it with pg_restore, then run `maintenance-server restore` without PATH"
+            );
+        };
+        let file = PathBuf::from(file.split('?').next().unwrap_or(file));
+        let mut magic = [0u8; 16];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open(&src).with_context(|| format!("opening {}", src.display()))?,
+            &mut magic,
+        )
+        .with_context(|| format!("reading {}", src.display()))?;
+        if &magic != b"SQLite format 3\0" {
+            anyhow::bail!("{} is not an SQLite database", src.display());
+        }
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        // Copy next to the target, then rename: the database file is either
+        // the old one or the whole copy, never half of it.
+        let tmp = file.with_extension("db.restoring");
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::copy(&src, &tmp).with_context(|| format!("copying {}", src.display()))?;
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+        }
+        std::fs::rename(&tmp, &file).with_context(|| format!("replacing {}", file.display()))?;
+    }
+    let db = open(settings).await?;
+    let notifier = maintenance_server::notify::Notifier::default();
+    let mut tx = db.begin().await?;
+    let floor = ops::advance_versions(&mut tx, "operator", now_ms()).await?;
+    tx.commit(&notifier).await?;
+    db.close().await;
+    print_line(&format!(
+        "restored; desired-state versions advanced to at least {floor}: gateways and agents take the restored state when they next poll"
+    ))
 }
 
 async fn open(settings: &Settings) -> anyhow::Result<maintenance_server::db::Database> {

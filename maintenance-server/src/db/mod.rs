@@ -156,6 +156,56 @@ impl Database {
         &self.url
     }
 
+    /// Writes a consistent copy of the SQLite database to `dest` while the
+    /// server may keep running (`VACUUM INTO`: one read transaction, so the
+    /// copy is a snapshot; the result is a compact database without WAL).
+    /// PostgreSQL is backed up with its own tools (`pg_dump`).
+    ///
+    /// # Errors
+    /// PostgreSQL, an existing `dest`, or a failed copy.
+    pub async fn backup_sqlite(&self, dest: &std::path::Path) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        if self.kind != DbKind::Sqlite {
+            anyhow::bail!(
+                "the database is PostgreSQL: back it up with `pg_dump --format=custom` (see docs/OPERATIONS.md)"
+            );
+        }
+        if dest.exists() {
+            anyhow::bail!(
+                "{} exists already; refusing to overwrite it",
+                dest.display()
+            );
+        }
+        let path = dest
+            .to_str()
+            .ok_or_else(|| anyhow::anyhow!("{} is not valid UTF-8", dest.display()))?;
+        // The copy holds credential hashes: private from the start. VACUUM
+        // INTO accepts an empty file.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dest)
+            .with_context(|| format!("creating {}", dest.display()))?;
+        // VACUUM INTO takes a literal (no bind parameter); quotes are doubled.
+        let sql = format!("VACUUM INTO '{}'", path.replace('\'', "''"));
+        let r = sqlx::query(&sql)
+            .execute(&self.read)
+            .await
+            .with_context(|| format!("writing the backup to {}", dest.display()));
+        if r.is_err() {
+            let _ = std::fs::remove_file(dest);
+        }
+        r.map(|_| ())
+    }
+
+    /// Closes both pools, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.write.close().await;
+        self.read.close().await;
+    }
+
     /// The pool for reads.
     pub fn reader(&self) -> &AnyPool {
         &self.read
