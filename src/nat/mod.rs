@@ -227,9 +227,11 @@ impl Hasher for FastHasher {
 
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
+/// One side of a mapping: the address on the other side and the expiry.
+/// Both maps carry the expiry so that either direction needs one lookup.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
-    real: Ipv4Addr,
+    other: Ipv4Addr,
     expires_at: Option<Instant>,
 }
 
@@ -237,7 +239,7 @@ struct Entry {
 #[derive(Debug)]
 pub struct StaticNat {
     by_nat: FastMap<u32, Entry>,
-    by_real: FastMap<u32, Ipv4Addr>,
+    by_real: FastMap<u32, Entry>,
     masq: Option<Masquerade>,
     drops: DropCounters,
 }
@@ -270,35 +272,34 @@ impl StaticNat {
         real: Ipv4Addr,
         expires_at: Option<Instant>,
     ) -> Result<(), InsertError> {
-        if let Some(&other) = self.by_real.get(&real.to_bits())
-            && other != nat
+        if let Some(e) = self.by_real.get(&real.to_bits())
+            && e.other != nat
         {
-            return Err(InsertError::RealTaken(other));
+            return Err(InsertError::RealTaken(e.other));
         }
         if self.masq.as_ref().is_some_and(|m| m.addr == real) {
             return Err(InsertError::MasqueradeAddress(real));
         }
-        if let Some(old) = self
-            .by_nat
-            .insert(nat.to_bits(), Entry { real, expires_at })
-            && old.real != real
+        let entry = |other| Entry { other, expires_at };
+        if let Some(old) = self.by_nat.insert(nat.to_bits(), entry(real))
+            && old.other != real
         {
-            self.by_real.remove(&old.real.to_bits());
+            self.by_real.remove(&old.other.to_bits());
         }
-        self.by_real.insert(real.to_bits(), nat);
+        self.by_real.insert(real.to_bits(), entry(nat));
         Ok(())
     }
 
     /// Removes the mapping of `nat`; the real address it had.
     pub fn remove(&mut self, nat: Ipv4Addr) -> Option<Ipv4Addr> {
         let e = self.by_nat.remove(&nat.to_bits())?;
-        self.by_real.remove(&e.real.to_bits());
-        Some(e.real)
+        self.by_real.remove(&e.other.to_bits());
+        Some(e.other)
     }
 
     /// The real address `nat` is mapped to (expired or not).
     pub fn get(&self, nat: Ipv4Addr) -> Option<Ipv4Addr> {
-        self.by_nat.get(&nat.to_bits()).map(|e| e.real)
+        self.by_nat.get(&nat.to_bits()).map(|e| e.other)
     }
 
     /// Mappings in the table.
@@ -362,26 +363,32 @@ impl StaticNat {
         }
     }
 
-    fn live(&self, nat: Ipv4Addr, now: Instant) -> Result<Ipv4Addr, DropReason> {
-        match self.by_nat.get(&nat.to_bits()) {
-            None => Err(DropReason::NotMapped),
+    fn live(
+        map: &FastMap<u32, Entry>,
+        key: Ipv4Addr,
+        missing: DropReason,
+        now: Instant,
+    ) -> Result<Ipv4Addr, DropReason> {
+        match map.get(&key.to_bits()) {
+            None => Err(missing),
             Some(e) if e.expires_at.is_some_and(|t| now >= t) => Err(DropReason::Expired),
-            Some(e) => Ok(e.real),
+            Some(e) => Ok(e.other),
         }
     }
 
+    /// The real address of a live mapping of `nat`.
+    fn real_of(&self, nat: Ipv4Addr, now: Instant) -> Result<Ipv4Addr, DropReason> {
+        Self::live(&self.by_nat, nat, DropReason::NotMapped, now)
+    }
+
+    /// The NAT address of a live mapping of `real`.
     fn nat_of(&self, real: Ipv4Addr, now: Instant) -> Result<Ipv4Addr, DropReason> {
-        let nat = *self
-            .by_real
-            .get(&real.to_bits())
-            .ok_or(DropReason::UnmappedSource)?;
-        self.live(nat, now)?;
-        Ok(nat)
+        Self::live(&self.by_real, real, DropReason::UnmappedSource, now)
     }
 
     fn inbound(&mut self, p: &mut [u8], now: Instant) -> Result<(), DropReason> {
         let h = Header::parse(p)?;
-        let real = self.live(h.dst, now)?;
+        let real = self.real_of(h.dst, now)?;
         if h.is_icmp_error(p) {
             return self.inbound_icmp_error(p, &h, real);
         }
