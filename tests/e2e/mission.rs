@@ -1278,7 +1278,7 @@ fn print_keep_help(m: &Mission, world: &str) {
     );
     println!(
         "    in a browser on this machine, forward it to loopback first, e.g.\n    \
-         socat TCP-LISTEN:8080,bind=127.0.0.1,reuseaddr,fork EXEC:'ip netns exec {} socat STDIO TCP:127.0.0.1:8080'\n    \
+         socat TCP-LISTEN:8080,bind=127.0.0.1,reuseaddr,fork \"EXEC:ip netns exec {} socat STDIO TCP4\\:127.0.0.1\\:8080\"\n    \
          then open http://127.0.0.1:8080/",
         ns("server")
     );
