@@ -774,7 +774,6 @@ fn netns_agent_drops_malformed_tunnel_packets_and_keeps_working() {
 
 impl World {
     fn server(&self, args: &[&str], stdin: Option<&str>) -> String {
-        use std::io::Write as _;
         let config = self.dir.path().join("maintenance-server.toml");
         let mut cmd = self.gw.command(common::bin("maintenance-server"));
         // The server reads every VPNNAT_* variable as configuration.
@@ -782,20 +781,7 @@ impl World {
             .arg(&config)
             .args(args)
             .env_remove("VPNNAT_KEEP_TEST_DIRS");
-        cmd.stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        if let Some(s) = stdin {
-            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "maintenance-server {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = common::run_with_input(&mut cmd, stdin);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 

@@ -113,6 +113,27 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
+/// Runs a command with `stdin` (if any) as its standard input; panics with
+/// its stderr when it fails.
+pub fn run_with_input(cmd: &mut Command, stdin: Option<&str>) -> Output {
+    use std::io::Write as _;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A network namespace, deleted (with every process in it) on drop.
 pub struct Netns {
     pub name: String,

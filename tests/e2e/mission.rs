@@ -158,26 +158,25 @@ impl World {
         c
     }
 
-    /// `sh -c script` in a host; its stdout, or `None` when it failed.
-    fn try_sh(&self, host: &str, script: &str) -> Option<String> {
-        let out = self
-            .command(host, "sh")
+    /// `sh -c script` in a host: its output.
+    fn sh_output(&self, host: &str, script: &str) -> std::process::Output {
+        self.command(host, "sh")
             .args(["-c", script])
             .stdin(Stdio::null())
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// `sh -c script` in a host; its stdout, or `None` when it failed.
+    fn try_sh(&self, host: &str, script: &str) -> Option<String> {
+        let out = self.sh_output(host, script);
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     fn sh(&self, host: &str, script: &str) -> String {
-        let out = self
-            .command(host, "sh")
-            .args(["-c", script])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let out = self.sh_output(host, script);
         assert!(
             out.status.success(),
             "in {host}: {script}\n{}",
@@ -189,21 +188,8 @@ impl World {
     /// A workspace program run to completion in a host (a CLI call).
     fn run(&self, host: &str, program: &str, args: &[&str], stdin: Option<&str>) -> String {
         let mut cmd = self.command(host, common::bin(program));
-        cmd.args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        if let Some(s) = stdin {
-            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{program} {args:?} in {host}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        cmd.args(args);
+        let out = common::run_with_input(&mut cmd, stdin);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
