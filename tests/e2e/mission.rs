@@ -1201,6 +1201,14 @@ pub fn run(opts: Options) -> Outcome {
         p99.as_millis(),
         press_to_tcp.len()
     ));
+    detail(&format!(
+        "samples in order (ms): {}",
+        press_to_tcp
+            .iter()
+            .map(|d| d.as_millis().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
 
     // The final table.
     let nat1_now = m.site_view(1)["nat_addresses"][0]
