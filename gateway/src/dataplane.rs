@@ -5,7 +5,9 @@
 //! - TUN → UDP: `recv_multiple` returns the segments of a TCP/UDP GSO
 //!   super-packet (TUN offload); each is encrypted straight into one
 //!   contiguous send buffer, and runs of equal-size datagrams to the same
-//!   peer leave as one `sendmsg` with UDP GSO (quinn-udp).
+//!   peer leave as one `sendmsg` with UDP GSO (quinn-udp). A run stays open
+//!   across reads while the device has more ready, so small super-packets
+//!   still make long trains.
 //! - UDP → TUN: `recvmmsg` with UDP GRO (quinn-udp) returns many datagrams per
 //!   call; each is decrypted straight into a TUN buffer after the virtio
 //!   header room, and `send_multiple` coalesces TCP segments back into
@@ -528,6 +530,11 @@ impl Worker {
                 }
                 r = tun.recv_multiple(&mut tun_orig, &mut tun_in, &mut tun_sizes, 0) => {
                     let mut result = r;
+                    // The open GSO train carries over to the next read while
+                    // more is ready: one super-packet is often only a few
+                    // segments, and one train per read would mean one
+                    // `sendmsg` (and one skb through both kernels) for each.
+                    let mut open: Option<Train> = None;
                     for round in 0..BUDGET {
                         let n = match result {
                             Ok(n) => n,
@@ -553,6 +560,7 @@ impl Worker {
                             &mut state,
                             tun_in.iter().zip(tun_sizes.iter()).take(n).map(|(b, s)| &b[..*s]),
                             &mut udp_out,
+                            &mut open,
                             &udp,
                             &udp_state,
                             Some(&mut mesh),
@@ -572,6 +580,7 @@ impl Worker {
                             );
                         }
                     }
+                    flush_train(&udp, &udp_state, &udp_out, &mut open, &mut io).await;
                 }
                 Some(first) = mesh.rx.recv() => {
                     let now = Instant::now();
@@ -617,10 +626,12 @@ impl Worker {
                     let k = queue_tun_outputs(&mut state, &mut tun_out, k);
                     write_tun(&tun, &mut gro, &mut tun_out[..k], &mut io).await;
                     if !handed_tun.is_empty() {
+                        let mut open = None;
                         encrypt_and_send(
                             &mut state,
                             handed_tun.iter().map(|h| &h.buf[..]),
                             &mut udp_out,
+                            &mut open,
                             &udp,
                             &udp_state,
                             None,
@@ -628,6 +639,7 @@ impl Worker {
                             &mut io,
                         )
                         .await;
+                        flush_train(&udp, &udp_state, &udp_out, &mut open, &mut io).await;
                         for h in handed_tun.drain(..) {
                             mesh.give_back(h);
                         }
@@ -716,11 +728,16 @@ struct Train {
 /// Encrypts TUN packets and sends them in GSO trains. Packets of another
 /// worker's peers are handed to it through `mesh` (or dropped when `mesh` is
 /// `None`: they were handed over already).
+///
+/// The last train may stay open in `open` (its datagrams in `out`) so that
+/// the packets of the next call can extend it; the caller sends it with
+/// [`flush_train`] when nothing more is ready.
 #[allow(clippy::too_many_arguments)]
 async fn encrypt_and_send<'a>(
     state: &mut GatewayState,
     packets: impl Iterator<Item = &'a [u8]>,
     out: &mut [u8],
+    open: &mut Option<Train>,
     udp: &UdpSocket,
     udp_state: &quinn_udp::UdpSocketState,
     mut mesh: Option<&mut Mesh>,
@@ -728,8 +745,9 @@ async fn encrypt_and_send<'a>(
     io: &mut IoCounters,
 ) {
     let max_segments = udp_state.max_gso_segments().max(1);
-    let mut pos = 0;
-    let mut train: Option<Train> = None;
+    let mut train = open.take();
+    // Every datagram written so far belongs to the open train or was sent.
+    let mut pos = train.as_ref().map_or(0, |t| t.end);
     for packet in packets {
         let need = wg::buffer_len(packet.len());
         if pos + need > out.len() {
@@ -778,7 +796,18 @@ async fn encrypt_and_send<'a>(
         }
         pos += len;
     }
-    if let Some(t) = train.take() {
+    *open = train;
+}
+
+/// Sends the train [`encrypt_and_send`] left open, if any.
+async fn flush_train(
+    udp: &UdpSocket,
+    udp_state: &quinn_udp::UdpSocketState,
+    out: &[u8],
+    open: &mut Option<Train>,
+    io: &mut IoCounters,
+) {
+    if let Some(t) = open.take() {
         send_train(udp, udp_state, &out[t.start..t.end], &t, io).await;
     }
 }

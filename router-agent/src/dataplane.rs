@@ -10,7 +10,8 @@
 //!   back into super-packets (TUN GRO).
 //! - TUN → UDP: `recv_multiple` splits GSO super-packets (TUN offload); each
 //!   segment is rewritten in place, encrypted into one contiguous buffer, and
-//!   runs of equal-size datagrams leave as one `sendmsg` with UDP GSO.
+//!   runs of equal-size datagrams leave as one `sendmsg` with UDP GSO (a run
+//!   stays open across reads while the device has more ready).
 //!
 //! The loop order follows STYLE.md §2: commands, ready IO (bounded work per
 //! wake-up), due timers, then queued outputs and events.
@@ -504,6 +505,9 @@ async fn run_packet(
             }
             r = tun.recv_multiple(&mut tun_orig, &mut tun_in, &mut tun_sizes, 0) => {
                 let mut result = r;
+                // The open GSO train carries over to the next read while more
+                // is ready (see `encrypt_and_send`).
+                let mut open: Option<Train> = None;
                 for round in 0..BUDGET {
                     let n = match result {
                         Ok(n) => n,
@@ -521,6 +525,7 @@ async fn run_packet(
                         &mut state,
                         tun_in.iter_mut().zip(tun_sizes.iter()).take(n).map(|(b, s)| &mut b[..*s]),
                         &mut udp_out,
+                        &mut open,
                         &udp,
                         now,
                         &mut io,
@@ -530,6 +535,9 @@ async fn run_packet(
                     if round + 1 < BUDGET {
                         result = tun.try_recv_multiple(&mut tun_orig, &mut tun_in, &mut tun_sizes, 0);
                     }
+                }
+                if let Some(t) = open.take() {
+                    send_train(&udp, &udp_out[t.start..t.end], &t, &mut io).await;
                 }
             }
             () = sleep_until(deadline) => {
@@ -587,17 +595,25 @@ struct Train {
 }
 
 /// Rewrites and encrypts LAN packets and sends them in GSO trains.
+///
+/// The last train may stay open in `open` (its datagrams in `out`) so that
+/// the packets of the next TUN read can extend it: one super-packet is often
+/// only a few segments, and one train per read would mean one `sendmsg` (and
+/// one skb through both kernels) for each. The caller sends it when nothing
+/// more is ready.
 async fn encrypt_and_send<'a>(
     state: &mut AgentState,
     packets: impl Iterator<Item = &'a mut [u8]>,
     out: &mut [u8],
+    open: &mut Option<Train>,
     udp: &Udp,
     now: Instant,
     io: &mut IoCounters,
 ) {
     let max_segments = udp.state.max_gso_segments().max(1);
-    let mut pos = 0;
-    let mut train: Option<Train> = None;
+    let mut train = open.take();
+    // Every datagram written so far belongs to the open train or was sent.
+    let mut pos = train.as_ref().map_or(0, |t| t.end);
     for packet in packets {
         let need = wg::buffer_len(packet.len());
         if pos + need > out.len() {
@@ -639,9 +655,7 @@ async fn encrypt_and_send<'a>(
         }
         pos += len;
     }
-    if let Some(t) = train.take() {
-        send_train(udp, &out[t.start..t.end], &t, io).await;
-    }
+    *open = train;
 }
 
 async fn send_train(udp: &Udp, contents: &[u8], t: &Train, io: &mut IoCounters) {
