@@ -238,11 +238,14 @@ cpu_ticks() {
   echo $t
 }
 
-# Busy CPU time (clock ticks) of the whole machine so far (all but idle and iowait).
+# CPU time (clock ticks) of the whole machine so far: busy (all but idle and
+# iowait) and, of that, softirq (the kernel's packet processing: veth, TCP,
+# forwarding, UDP; accounted apart from the processes with IRQ time accounting).
 busy_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9}' /proc/stat; }
+softirq_ticks() { awk '/^cpu / {print $8}' /proc/stat; }
 
 measure() {
-  local pair=$1 rep=$2 v g0 r0 m0 t0 g1 r1 m1 t1 hz
+  local pair=$1 rep=$2 v g0 r0 m0 q0 t0 g1 r1 m1 q1 t1 hz
   hz=$(getconf CLK_TCK)
   local perf_pids=()
   if [ -n "${PERF_DIR:-}" ]; then
@@ -257,9 +260,9 @@ measure() {
       perf_pids+=($!)
     done
   fi
-  g0=$(cpu_ticks $G); r0=$(cpu_ticks $R); m0=$(busy_ticks); t0=$(date +%s.%N)
+  g0=$(cpu_ticks $G); r0=$(cpu_ticks $R); m0=$(busy_ticks); q0=$(softirq_ticks); t0=$(date +%s.%N)
   nsx $C iperf3 -c 10.64.0.5 -t "$DURATION" -O 1 -J > "$WORK/tcp1.json"
-  g1=$(cpu_ticks $G); r1=$(cpu_ticks $R); m1=$(busy_ticks); t1=$(date +%s.%N)
+  g1=$(cpu_ticks $G); r1=$(cpu_ticks $R); m1=$(busy_ticks); q1=$(softirq_ticks); t1=$(date +%s.%N)
   [ ${#perf_pids[@]} -eq 0 ] || wait "${perf_pids[@]}" || true
   v=$(json "d['end']['sum_received']['bits_per_second']/1e6" < "$WORK/tcp1.json")
   printf '%s\t%s\ttcp1_mbit\t%s\n' "$pair" "$rep" "$v" >> "$RESULTS"
@@ -272,6 +275,8 @@ measure() {
     "$(json "d['end']['cpu_utilization_percent']['remote_total']" < "$WORK/tcp1.json")" >> "$RESULTS"
   printf '%s\t%s\tmachine_busy_pct\t%s\n' "$pair" "$rep" \
     "$(python3 -c "print(($m1-$m0)/$hz/($t1-$t0)*100)")" >> "$RESULTS"
+  printf '%s\t%s\tsoftirq_pct\t%s\n' "$pair" "$rep" \
+    "$(python3 -c "print(($q1-$q0)/$hz/($t1-$t0)*100)")" >> "$RESULTS"
   # CPU use of the tunnel ends during the single-stream test (100 % = one core).
   printf '%s\t%s\tnear_cpu_pct\t%s\n' "$pair" "$rep" \
     "$(python3 -c "print(($g1-$g0)/$hz/($t1-$t0)*100)")" >> "$RESULTS"
@@ -308,7 +313,7 @@ metrics = [("tcp1_mbit", "TCP 1 stream Mbit/s"), ("tcp4_mbit", "TCP 4 streams Mb
            ("udp64_kpps", "UDP 64 B kpps rcvd"), ("ping_us", "ping RTT µs"),
            ("near_cpu_pct", "near end CPU % (TCP 1)"), ("far_cpu_pct", "far end CPU % (TCP 1)"),
            ("client_cpu_pct", "iperf3 client CPU %"), ("server_cpu_pct", "iperf3 server CPU %"),
-           ("machine_busy_pct", "machine busy % (all cores)"),
+           ("softirq_pct", "softirq CPU %"), ("machine_busy_pct", "machine busy % (all cores)"),
            ("near_cpu_per_gbit", "near end CPU % per Gbit/s"), ("far_cpu_per_gbit", "far end CPU % per Gbit/s")]
 med = {k: statistics.median(v) for k, v in vals.items()}
 for p in pairs:
