@@ -22,6 +22,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod config;
+mod drops;
 pub mod gateway;
 pub mod messages;
 pub mod nat;

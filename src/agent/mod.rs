@@ -77,24 +77,9 @@ pub struct AgentConfig {
     pub seed: u64,
 }
 
-macro_rules! drop_reasons {
-    ($($(#[$m:meta])* $name:ident = $label:literal,)*) => {
-        /// Why a packet or datagram was dropped. Every drop is counted.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        pub enum DropReason { $($(#[$m])* $name,)* }
-
-        impl DropReason {
-            /// Every reason, in counter order.
-            pub const ALL: &'static [DropReason] = &[$(DropReason::$name,)*];
-            /// The metrics label.
-            pub fn as_str(self) -> &'static str {
-                match self { $(DropReason::$name => $label,)* }
-            }
-        }
-    };
-}
-
-drop_reasons! {
+crate::drops::drop_reasons! {
+    /// Why a packet or datagram was dropped. Every drop is counted.
+    enum DropReason;
     /// A datagram from somewhere other than the gateway's endpoint.
     UnknownSender = "unknown_sender",
     /// A datagram while there is no tunnel.
@@ -133,8 +118,6 @@ drop_reasons! {
     /// The caller's output buffer was too small.
     BufferTooSmall = "buffer_too_small",
 }
-
-const N_REASONS: usize = DropReason::ALL.len();
 
 /// The 1:1 NAT of packet mode, as [`AgentState`] uses it. The default is
 /// the core's [`crate::nat::StaticNat`] ([`AgentNat`]); another
@@ -182,37 +165,6 @@ impl From<wg::Error> for DropReason {
             wg::Error::UnderLoad => Self::UnderLoad,
             wg::Error::UnknownPeer => Self::UnknownPeer,
         }
-    }
-}
-
-/// Drop counters by reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DropCounters([u64; N_REASONS]);
-
-impl Default for DropCounters {
-    fn default() -> Self {
-        Self([0; N_REASONS])
-    }
-}
-
-impl DropCounters {
-    /// The count for `reason`.
-    pub fn get(&self, reason: DropReason) -> u64 {
-        self.0[reason as usize]
-    }
-
-    /// `(reason, count)` for every reason, in a fixed order.
-    pub fn iter(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL.iter().map(|r| (*r, self.0[*r as usize]))
-    }
-
-    /// The sum over all reasons.
-    pub fn total(&self) -> u64 {
-        self.0.iter().sum()
-    }
-
-    fn add(&mut self, reason: DropReason) {
-        self.0[reason as usize] += 1;
     }
 }
 

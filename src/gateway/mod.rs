@@ -119,25 +119,10 @@ impl GatewayConfig {
     }
 }
 
-macro_rules! drop_reasons {
-    ($($(#[$m:meta])* $name:ident = $label:literal,)*) => {
-        /// Why a packet was dropped. Every drop is counted, per reason and, when
-        /// a peer is known, per peer.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        pub enum DropReason { $($(#[$m])* $name,)* }
-
-        impl DropReason {
-            /// Every reason, in counter order.
-            pub const ALL: &'static [DropReason] = &[$(DropReason::$name,)*];
-            /// The metrics label.
-            pub fn as_str(self) -> &'static str {
-                match self { $(DropReason::$name => $label,)* }
-            }
-        }
-    };
-}
-
-drop_reasons! {
+crate::drops::drop_reasons! {
+    /// Why a packet was dropped. Every drop is counted, per reason and, when
+    /// a peer is known, per peer.
+    enum DropReason;
     /// Not a WireGuard message, or an inner packet that is not well-formed IPv4.
     Malformed = "malformed",
     /// A handshake not addressed to this gateway's key (mac1).
@@ -172,8 +157,6 @@ drop_reasons! {
     BufferTooSmall = "buffer_too_small",
 }
 
-const N_REASONS: usize = DropReason::ALL.len();
-
 impl From<wg::Error> for DropReason {
     fn from(e: wg::Error) -> Self {
         match e {
@@ -185,44 +168,6 @@ impl From<wg::Error> for DropReason {
             wg::Error::NoSession => Self::NoSession,
             wg::Error::UnderLoad => Self::UnderLoad,
             wg::Error::UnknownPeer => Self::UnknownPeer,
-        }
-    }
-}
-
-/// Drop counters by reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DropCounters([u64; N_REASONS]);
-
-impl Default for DropCounters {
-    fn default() -> Self {
-        Self([0; N_REASONS])
-    }
-}
-
-impl DropCounters {
-    /// The count for `reason`.
-    pub fn get(&self, reason: DropReason) -> u64 {
-        self.0[reason as usize]
-    }
-
-    /// `(reason, count)` for every reason, in a fixed order.
-    pub fn iter(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL.iter().map(|r| (*r, self.0[*r as usize]))
-    }
-
-    /// The sum over all reasons.
-    pub fn total(&self) -> u64 {
-        self.0.iter().sum()
-    }
-
-    fn add(&mut self, reason: DropReason) {
-        self.0[reason as usize] += 1;
-    }
-
-    /// Adds `other` into `self` (aggregating shards).
-    pub fn merge(&mut self, other: &DropCounters) {
-        for (a, b) in self.0.iter_mut().zip(other.0.iter()) {
-            *a += b;
         }
     }
 }

@@ -83,24 +83,9 @@ pub struct NatConfig {
     pub masquerade: Option<Ipv4Addr>,
 }
 
-macro_rules! drop_reasons {
-    ($($(#[$m:meta])* $name:ident = $label:literal,)*) => {
-        /// Why the NAT refused a packet. Payload-free so it can index counters.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        pub enum DropReason { $($(#[$m])* $name,)* }
-
-        impl DropReason {
-            /// Every reason, in counter order.
-            pub const ALL: &'static [DropReason] = &[$(DropReason::$name,)*];
-            /// The metrics label.
-            pub fn as_str(self) -> &'static str {
-                match self { $(DropReason::$name => $label,)* }
-            }
-        }
-    };
-}
-
-drop_reasons! {
+crate::drops::drop_reasons! {
+    /// Why the NAT refused a packet. Payload-free so it can index counters.
+    enum DropReason;
     /// A zero-length packet.
     Empty = "empty",
     /// An IPv6 packet (the NAT pool is IPv4).
@@ -122,8 +107,6 @@ drop_reasons! {
     /// The masquerade table has no room for another entry.
     TableFull = "table_full",
 }
-
-const N_REASONS: usize = DropReason::ALL.len();
 
 impl std::fmt::Display for DropReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -151,37 +134,6 @@ impl Verdict {
             Self::Forward => Ok(()),
             Self::Drop(r) => Err(r),
         }
-    }
-}
-
-/// Drop counters by reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DropCounters([u64; N_REASONS]);
-
-impl Default for DropCounters {
-    fn default() -> Self {
-        Self([0; N_REASONS])
-    }
-}
-
-impl DropCounters {
-    /// The count for `reason`.
-    pub fn get(&self, reason: DropReason) -> u64 {
-        self.0[reason as usize]
-    }
-
-    /// `(reason, count)` for every reason, in a fixed order.
-    pub fn iter(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL.iter().map(|r| (*r, self.0[*r as usize]))
-    }
-
-    /// The sum over all reasons.
-    pub fn total(&self) -> u64 {
-        self.0.iter().sum()
-    }
-
-    fn add(&mut self, reason: DropReason) {
-        self.0[reason as usize] += 1;
     }
 }
 
