@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use tokio::net::{TcpStream, UdpSocket};
 
+use vpnnat::nat::checksum;
+
 use crate::settings::Check;
 
 /// Ports tried by the automatic check when ICMP sockets are not allowed.
@@ -45,22 +47,6 @@ pub fn echo_request(buf: &mut [u8], ident: u16, seq: u16, payload: &[u8]) -> usi
     let c = checksum(&buf[..len]);
     buf[2..4].copy_from_slice(&c.to_be_bytes());
     len
-}
-
-/// The Internet checksum (RFC 1071).
-pub fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [b] = chunks.remainder() {
-        sum += u32::from(*b) << 8;
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// One echo: `Ok(true)` when a reply came within `timeout`.

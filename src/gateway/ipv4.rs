@@ -48,21 +48,7 @@ pub(crate) fn dst_fast(packet: &[u8]) -> Option<Ipv4Addr> {
     }
 }
 
-/// RFC 1071 Internet checksum over `data`.
-pub(crate) fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        sum += u32::from(*last) << 8;
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
+pub(crate) use crate::nat::checksum;
 
 /// ICMP type 3 (destination unreachable).
 pub(crate) const ICMP_DEST_UNREACHABLE: u8 = 3;

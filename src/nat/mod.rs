@@ -72,6 +72,7 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use masquerade::Masquerade;
+pub use rewrite::checksum;
 use rewrite::{End, Header, PROTO_ICMP, Quoted, Rewrite};
 
 /// Settings of a [`StaticNat`].

@@ -62,9 +62,9 @@ impl Delta {
     }
 }
 
-/// The Internet checksum of `data` (RFC 1071), for building test packets.
-#[cfg(test)]
-pub(super) fn checksum(data: &[u8]) -> u16 {
+/// The Internet checksum of `data` (RFC 1071): for building packets (ICMP
+/// errors, echo probes, test packets); rewriting never recomputes one.
+pub fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     let mut chunks = data.chunks_exact(2);
     for c in &mut chunks {
