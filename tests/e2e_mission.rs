@@ -14,7 +14,11 @@ fn e2e_mission_three_sites_two_gateways_failover_and_restart() {
     if !common::require(mission::PREREQS) {
         return;
     }
-    let outcome = mission::run(mission::Options::for_test());
+    let outcome = mission::run(mission::Options {
+        world: format!("vne{}", std::process::id() % 100_000),
+        keep: false,
+        samples: 5,
+    });
     assert_eq!(outcome.rows.len(), 3);
     assert!(outcome.rows.iter().all(|r| r.reached));
     let (p50, p99) = mission::percentiles(&outcome.press_to_tcp);

@@ -41,8 +41,8 @@ enum Command {
     /// Print the operator token (generating it on first use).
     OperatorToken,
     /// Write a consistent copy of the SQLite database to PATH while the
-    /// server keeps running. Restore: stop the server, put the copy in place
-    /// of the database file (removing its -wal and -shm files), start it.
+    /// server keeps running (mode 0600; PATH must not exist). Bring it back
+    /// with `restore PATH`.
     Backup {
         /// Where to write the copy (must not exist).
         path: PathBuf,

@@ -113,6 +113,8 @@ crate::drops::drop_reasons! {
     Unsupported = "unsupported",
     /// A LAN-side packet while the tunnel is down.
     TunnelDown = "tunnel_down",
+    /// The masquerade table had no room for another connection.
+    MasqueradeFull = "masquerade_full",
     /// An internal output queue was full.
     QueueFull = "queue_full",
     /// The caller's output buffer was too small.

@@ -19,7 +19,7 @@ impl From<nat::DropReason> for DropReason {
             nat::DropReason::Expired => Self::Expired,
             nat::DropReason::UnmappedSource => Self::UnmappedSource,
             nat::DropReason::Unsupported => Self::Unsupported,
-            nat::DropReason::TableFull => Self::QueueFull,
+            nat::DropReason::TableFull => Self::MasqueradeFull,
         }
     }
 }

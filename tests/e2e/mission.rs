@@ -10,7 +10,7 @@
 //!
 //! Network safety: every address lives in the world's namespaces (none has a
 //! default route); everything this code sends goes through `ip netns exec`.
-#![allow(clippy::unwrap_used, clippy::print_stdout, dead_code)]
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -51,16 +51,6 @@ pub struct Options {
     pub keep: bool,
     /// Button press → first TCP connection samples (step 9).
     pub samples: usize,
-}
-
-impl Options {
-    pub fn for_test() -> Self {
-        Self {
-            world: format!("vne{}", std::process::id() % 100_000),
-            keep: false,
-            samples: 5,
-        }
-    }
 }
 
 /// One row of the final table.
@@ -357,8 +347,7 @@ struct Site {
     n: usize,
     name: String,
     id: u64,
-    /// Where its agent runs and where its page is.
-    agent_host: &'static str,
+    /// Where its agent's page is.
     page: &'static str,
     /// The LAN host the customer uses to open the page.
     lan_host: &'static str,
@@ -907,7 +896,6 @@ pub fn run(opts: Options) -> Outcome {
             n,
             name,
             id: v["site_id"].as_u64().unwrap(),
-            agent_host,
             page,
             lan_host,
         });

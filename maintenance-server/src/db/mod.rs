@@ -171,23 +171,26 @@ impl Database {
                 "the database is PostgreSQL: back it up with `pg_dump --format=custom` (see docs/OPERATIONS.md)"
             );
         }
-        if dest.exists() {
-            anyhow::bail!(
-                "{} exists already; refusing to overwrite it",
-                dest.display()
-            );
-        }
         let path = dest
             .to_str()
             .ok_or_else(|| anyhow::anyhow!("{} is not valid UTF-8", dest.display()))?;
         // The copy holds credential hashes: private from the start. VACUUM
         // INTO accepts an empty file.
-        std::fs::OpenOptions::new()
+        match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(dest)
-            .with_context(|| format!("creating {}", dest.display()))?;
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                anyhow::bail!(
+                    "{} exists already; refusing to overwrite it",
+                    dest.display()
+                )
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating {}", dest.display())),
+        }
         // VACUUM INTO takes a literal (no bind parameter); quotes are doubled.
         let sql = format!("VACUUM INTO '{}'", path.replace('\'', "''"));
         let r = sqlx::query(&sql)
@@ -278,6 +281,9 @@ pub struct Changes {
     pub gateways: BTreeSet<GatewayId>,
     /// Whether the console feed changed.
     pub console: bool,
+    /// Gateways that got a site's tunnel (new or moved) in this transaction:
+    /// its `ready_version` is set at the commit.
+    pub tunnels_placed: BTreeSet<GatewayId>,
 }
 
 impl Changes {
@@ -387,8 +393,9 @@ impl Tx {
     /// When the commit fails (nothing is announced then).
     pub async fn commit(mut self, notifier: &Notifier) -> DbResult<()> {
         // A tunnel created or moved in this transaction becomes ready with
-        // the first version of its gateway's document that holds it: this one.
-        for gw in &self.changes.gateways {
+        // the first version of its gateway's document that holds it: the one
+        // this transaction ends with.
+        for gw in &self.changes.tunnels_placed {
             sqlx::query(
                 "UPDATE tunnels SET ready_version = (SELECT version FROM gateways WHERE id = $1) \
                  WHERE gateway_id = $1 AND ready_version = -1",

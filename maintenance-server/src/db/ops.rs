@@ -634,6 +634,7 @@ async fn ensure_tunnel(tx: &mut Tx, site: SiteId, now: i64) -> OpResult<(Gateway
         .bind(now)
         .execute(&mut *tx.inner)
         .await?;
+    tx.changes.tunnels_placed.insert(gw);
     Ok((gw, true))
 }
 
@@ -657,6 +658,7 @@ pub async fn move_site(
         .bind(id64(site.0))
         .execute(&mut *tx.inner)
         .await?;
+    tx.changes.tunnels_placed.insert(to);
     release_slot(tx, from).await?;
     sqlx::query("UPDATE sites SET problem = NULL WHERE id = $1")
         .bind(id64(site.0))
