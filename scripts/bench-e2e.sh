@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Button press → the technician's first successful TCP connection, end to end
-# (issue 6, step 9): plays the whole mission in the namespace world and takes
+# Button press → the technician's first successful TCP connection, end to end:
+# plays the whole mission in the namespace world and takes
 # SAMPLES measurements in its last step. Each sample is a new request on a
 # site without a tunnel: the server allocates, the gateway and the agent get
 # their desired state by long-poll, the agent dials (WireGuard handshake), the

@@ -14,6 +14,8 @@
 #   gateway-wggo    vpnnat gateway ↔ wireguard-go
 #   wggo-wggo       wireguard-go ↔ wireguard-go (Debian's)
 #   boringtun       boringtun-cli ↔ boringtun-cli (`cargo install boringtun-cli` into $CACHE)
+#   baseline        gateway ↔ router-agent built from another commit: the binaries in
+#                   $BASELINE_BIN (set it to compare a change with its parent in one run)
 # Each: iperf3 TCP 1 stream and 4 streams, UDP packet rate (64-byte payloads,
 # unlimited offered load, packets received per second), ping RTT.
 #
@@ -22,6 +24,9 @@
 # gateway-agent when available, else gateway-wggo (said in the output).
 #
 # Usage: sudo scripts/bench-throughput.sh   (env: REPS=3 DURATION=10 PAIRS="..." CACHE=...)
+#   BASELINE_BIN=DIR adds the pair "baseline" (DIR/gateway, DIR/router-agent,
+#   e.g. target/release of a worktree at the parent commit) and ends with the
+#   line "throughput ratio vs baseline: X.XX".
 #   PERF_DIR=DIR also records `perf record -g` of each end during the
 #   single-stream test into DIR/PAIR-ROUND-{near,far}.data (skews its figures).
 #   CARGO_TARGET_DIR is honoured for the release binaries.
@@ -60,6 +65,12 @@ AGENT=${CARGO_TARGET_DIR:-$PWD/target}/release/router-agent
 
 default_pairs="gateway-wggo wggo-wggo boringtun"
 [ "$have_agent" = 1 ] && default_pairs="gateway-agent $default_pairs"
+if [ -n "${BASELINE_BIN:-}" ]; then
+  for b in gateway router-agent; do
+    [ -x "$BASELINE_BIN/$b" ] || { echo "bench-throughput.sh: BASELINE_BIN: no executable $BASELINE_BIN/$b" >&2; exit 1; }
+  done
+  default_pairs="gateway-agent baseline $default_pairs"
+fi
 PAIRS=${PAIRS:-$default_pairs}
 
 BORINGTUN=$CACHE/bin/boringtun-cli
@@ -162,13 +173,13 @@ EOF
   cat > "$WORK/peers.json" <<EOF
 {"version":1,"gateway_id":1,"peers":[{"site_id":1,"public_key":"$(pub far)","nat_addresses":["10.64.0.5"]}]}
 EOF
-  nsx $G env RUST_LOG=warn "$GATEWAY" --config "$WORK/gateway.toml" --peers "$WORK/peers.json" >"$WORK/gateway.log" 2>&1 &
+  nsx $G env RUST_LOG=warn "${1:-$GATEWAY}" --config "$WORK/gateway.toml" --peers "$WORK/peers.json" >"$WORK/gateway.log" 2>&1 &
   for _ in $(seq 100); do nsx $G curl -sf http://127.0.0.1:9101/healthz >/dev/null 2>&1 && return 0; sleep 0.05; done
   log "gateway did not start"; cat "$WORK/gateway.log" >&2; return 1
 }
 
 far_agent() {
-  # The router agent's standalone packet mode (its own brief): a static desired
+  # The router agent's standalone packet mode: a static desired
   # state instead of a server, LAN 192.168.1.0/24, the PC named pc-1.
   cat > "$WORK/agent.json" <<EOF
 {"version":1,"site_id":1,"tunnel":{"gateway_id":1,"kind":"wireguard","endpoint":"198.51.100.1:51820","public_key":"$(pub near)","persistent_keepalive_s":25},"mappings":[{"nat_address":"10.64.0.5","terminal":"pc-1","request_id":1,"expires_at":4102444800000}]}
@@ -194,7 +205,7 @@ password = "bench-password-not-used"
 [failures]
 link_watch = false
 EOF
-  nsx $R env RUST_LOG=warn "$AGENT" --config "$WORK/agent.toml" --mode packet \
+  nsx $R env RUST_LOG=warn "${1:-$AGENT}" --config "$WORK/agent.toml" --mode packet \
     --private-key-file "$(keyfile far)" --desired "$WORK/agent.json" --hosts "$WORK/hosts" \
     >"$WORK/agent.log" 2>&1 &
   for _ in $(seq 100); do nsx $R curl -sf http://127.0.0.1:8088/healthz >/dev/null 2>&1 && return 0; sleep 0.05; done
@@ -217,6 +228,7 @@ stop_pair() {
 start_pair() {
   case $1 in
     gateway-agent) near_gateway; far_agent ;;
+    baseline) near_gateway "$BASELINE_BIN/gateway"; far_agent "$BASELINE_BIN/router-agent" ;;
     gateway-wggo) near_gateway; far_stock wireguard-go ;;
     wggo-wggo) near_stock wireguard-go; far_stock wireguard-go ;;
     boringtun) near_stock boringtun; far_stock boringtun ;;
@@ -333,4 +345,8 @@ mine = med.get((ours, "tcp1_mbit"))
 if base and mine:
     print(f"ours = {ours}")
     print(f"throughput ratio vs wireguard-go: {mine / base:.2f}")
+old = med.get(("baseline", "tcp1_mbit"))
+now = med.get(("gateway-agent", "tcp1_mbit"))
+if old and now:
+    print(f"throughput ratio vs baseline: {now / old:.2f}")
 EOF

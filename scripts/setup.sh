@@ -13,7 +13,7 @@ packages=(
   iproute2 iputils-ping nftables procps psmisc curl ca-certificates python3 tcpdump socat
   wireguard-go wireguard-tools iperf3
   postgresql
-  # strongSwan with userspace ESP (kernel-libipsec), as in shared/interop/README.md
+  # strongSwan with userspace ESP (kernel-libipsec): the independent IPsec peer of the interop tests
   charon-systemd strongswan-swanctl libcharon-extra-plugins
   libstrongswan-standard-plugins libstrongswan-extra-plugins
   chromium chromium-driver

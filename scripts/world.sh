@@ -73,7 +73,7 @@ up() {
     link csw "c-$h" - "$h" eth0 "172.16.0.$i/24"
     port csw "c-$h" br0
   done
-  # The technician host treats the whole NAT pool as on-link (DESIGN.md):
+  # The technician host treats the whole NAT pool as on-link (docs/DESIGN.md, "Data plane"):
   # whichever gateway carries an address answers ARP for it.
   ip -n "$(ns tech)" route add 10.64.0.0/16 dev eth0
 
