@@ -121,9 +121,9 @@ impl<'de> Deserialize<'de> for PublicKey {
 
 /// The name of a terminal (a PC on the customer LAN) as the server knows it.
 ///
-/// The server never learns real LAN addresses (DESIGN.md): the agent resolves
-/// names locally. A name is 1–63 characters of `A–Z a–z 0–9 . _ -`, starting
-/// with a letter or digit.
+/// The server never learns real LAN addresses (docs/DESIGN.md, "Address
+/// plan"): the agent resolves names locally. A name is 1–63 characters of
+/// `A–Z a–z 0–9 . _ -`, starting with a letter or digit.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
 pub struct TerminalName(String);
