@@ -1,7 +1,7 @@
 //! The VPN-NAT address pool: which addresses of a configured IPv4 prefix
 //! are free to hand to a terminal for a maintenance, and which are taken.
 //!
-//! The pool is any prefix ("10.64.0.0/16" by default, DESIGN.md "Address
+//! The pool is any prefix ("10.64.0.0/16" by default, docs/DESIGN.md "Address
 //! plan"). Its network and broadcast addresses are never handed out; a /31
 //! has no such addresses (RFC 3021: both are hosts on a point-to-point
 //! link) and a /32 is its single address. Optional reserved ranges (e.g. a
@@ -14,8 +14,9 @@
 //! Allocation always takes the lowest free address, so the order is
 //! deterministic and the same sequence of calls gives the same addresses.
 //!
-//! This is the in-memory model; the maintenance server keeps the
-//! authoritative allocation in its database transactions.
+//! This is the in-memory model. The maintenance server checks its
+//! `pool.prefix` with it and keeps the authoritative allocation in its
+//! database transactions; its tests check that allocation against this model.
 
 use std::collections::BTreeMap;
 use std::fmt;

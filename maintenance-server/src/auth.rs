@@ -1,10 +1,5 @@
-//! Credentials and the extractors that check them.
-//!
-//! Every secret is 256 random bits, prefixed with its kind
-//! (`vnsite_…`, `vngw_…`, `vnop_…`, `vnenroll_…`, `vnsess_…`), so a
-//! gateway credential can never pass as a site credential or the other way
-//! round: the prefix decides which table is even consulted. Only SHA-256
-//! hashes are stored; technician passwords are argon2id hashes.
+//! The extractors that check credentials (the credentials themselves are
+//! in [`crate::secrets`]).
 //!
 //! Scopes: no or an unknown credential → 401; a valid-looking credential of
 //! another kind → 403.
@@ -12,103 +7,12 @@
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use rand::RngCore as _;
-use sha2::{Digest as _, Sha256};
 use vpnnat::messages::{GatewayId, SiteId};
 
-use crate::AppState;
 use crate::db::{col, u64_of};
 use crate::error::AppError;
-
-/// What a secret is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SecretKind {
-    /// An agent's site credential.
-    Site,
-    /// A gateway's credential.
-    Gateway,
-    /// The operator token.
-    Operator,
-    /// A one-time enrollment token.
-    Enrollment,
-    /// A technician's session cookie.
-    Session,
-    /// A technician's CSRF token.
-    Csrf,
-}
-
-impl SecretKind {
-    /// The prefix that marks this kind.
-    pub fn prefix(self) -> &'static str {
-        match self {
-            Self::Site => "vnsite_",
-            Self::Gateway => "vngw_",
-            Self::Operator => "vnop_",
-            Self::Enrollment => "vnenroll_",
-            Self::Session => "vnsess_",
-            Self::Csrf => "vncsrf_",
-        }
-    }
-
-    /// The kind a presented secret claims to be.
-    pub fn of(secret: &str) -> Option<Self> {
-        [
-            Self::Site,
-            Self::Gateway,
-            Self::Operator,
-            Self::Enrollment,
-            Self::Session,
-            Self::Csrf,
-        ]
-        .into_iter()
-        .find(|k| secret.starts_with(k.prefix()))
-    }
-}
-
-/// A freshly generated secret (shown once).
-pub struct Secret(String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl Secret {
-    /// 256 random bits from the OS, with the kind's prefix.
-    pub fn generate(kind: SecretKind) -> Self {
-        let mut bytes = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut bytes);
-        Self(format!(
-            "{}{}",
-            kind.prefix(),
-            URL_SAFE_NO_PAD.encode(bytes)
-        ))
-    }
-
-    /// The secret itself.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// What is stored.
-    pub fn hash(&self) -> String {
-        Self::hash_of(&self.0)
-    }
-
-    /// SHA-256 of a presented secret, hex. A plain hash suffices (no salt,
-    /// no stretching): the secrets are 256-bit random, not passwords.
-    pub fn hash_of(secret: &str) -> String {
-        let d = Sha256::digest(secret.as_bytes());
-        let mut s = String::with_capacity(64);
-        for b in d {
-            s.push_str(&format!("{b:02x}"));
-        }
-        s
-    }
-}
+pub use crate::secrets::{Secret, SecretKind, hash_password, verify_password};
+use crate::state::AppState;
 
 /// The bearer token of a request, if any.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -142,17 +46,33 @@ impl FromRequestParts<AppState> for SiteAuth {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        let token = check_kind(bearer(&parts.headers), SecretKind::Site)?;
-        let row = sqlx::query("SELECT id FROM sites WHERE credential_hash = $1")
-            .bind(Secret::hash_of(token))
-            .fetch_optional(state.db.reader())
-            .await
-            .map_err(AppError::internal)?
-            .ok_or_else(|| AppError::unauthorized("unknown credential"))?;
-        Ok(Self {
-            site: SiteId(u64_of(col(&row, "id").map_err(AppError::internal)?)),
-        })
+        let id = credential_owner(
+            parts,
+            state,
+            SecretKind::Site,
+            "SELECT id FROM sites WHERE credential_hash = $1",
+        )
+        .await?;
+        Ok(Self { site: SiteId(id) })
     }
+}
+
+/// The id of the row that `select_id` finds by the hash of the request's
+/// bearer credential of `kind`.
+async fn credential_owner(
+    parts: &Parts,
+    state: &AppState,
+    kind: SecretKind,
+    select_id: &'static str,
+) -> Result<u64, AppError> {
+    let token = check_kind(bearer(&parts.headers), kind)?;
+    let row = sqlx::query(select_id)
+        .bind(Secret::hash_of(token))
+        .fetch_optional(state.db.reader())
+        .await
+        .map_err(AppError::internal)?
+        .ok_or_else(|| AppError::unauthorized("unknown credential"))?;
+    Ok(u64_of(col(&row, "id").map_err(AppError::internal)?))
 }
 
 /// An authenticated gateway.
@@ -166,15 +86,15 @@ impl FromRequestParts<AppState> for GatewayAuth {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        let token = check_kind(bearer(&parts.headers), SecretKind::Gateway)?;
-        let row = sqlx::query("SELECT id FROM gateways WHERE credential_hash = $1")
-            .bind(Secret::hash_of(token))
-            .fetch_optional(state.db.reader())
-            .await
-            .map_err(AppError::internal)?
-            .ok_or_else(|| AppError::unauthorized("unknown credential"))?;
+        let id = credential_owner(
+            parts,
+            state,
+            SecretKind::Gateway,
+            "SELECT id FROM gateways WHERE credential_hash = $1",
+        )
+        .await?;
         Ok(Self {
-            gateway: GatewayId(u64_of(col(&row, "id").map_err(AppError::internal)?)),
+            gateway: GatewayId(id),
         })
     }
 }
@@ -304,48 +224,10 @@ impl FromRequestParts<AppState> for TechnicianWrite {
     }
 }
 
-/// Hashes a password with argon2id (default parameters, random salt).
-///
-/// # Errors
-/// When hashing fails.
-pub fn hash_password(password: &str) -> anyhow::Result<String> {
-    use argon2::password_hash::{PasswordHasher as _, SaltString};
-    let salt = SaltString::generate(&mut rand::rngs::OsRng);
-    argon2::Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| anyhow::anyhow!("argon2: {e}"))
-}
-
-/// Checks a password against a stored argon2 hash.
-pub fn verify_password(password: &str, hash: &str) -> bool {
-    use argon2::password_hash::{PasswordHash, PasswordVerifier as _};
-    PasswordHash::new(hash).is_ok_and(|h| {
-        argon2::Argon2::default()
-            .verify_password(password.as_bytes(), &h)
-            .is_ok()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn secrets_carry_their_kind_and_hash_stably() {
-        let s = Secret::generate(SecretKind::Gateway);
-        assert_eq!(SecretKind::of(s.expose()), Some(SecretKind::Gateway));
-        assert_eq!(s.hash(), Secret::hash_of(s.expose()));
-        assert_eq!(s.hash().len(), 64);
-        assert_ne!(
-            Secret::generate(SecretKind::Site).expose(),
-            Secret::generate(SecretKind::Site).expose()
-        );
-        assert!(!format!("{s:?}").contains(s.expose()));
-        assert_eq!(SecretKind::of("vnsite_abc"), Some(SecretKind::Site));
-        assert_eq!(SecretKind::of("abc"), None);
-    }
 
     #[test]
     fn bearer_and_cookie_parsing() {
@@ -359,14 +241,5 @@ mod tests {
         assert_eq!(session_cookie(&h), Some("vnsess_y"));
         h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
         assert_eq!(bearer(&h), None);
-    }
-
-    #[test]
-    fn passwords_verify() {
-        let h = hash_password("correct horse").unwrap();
-        assert!(h.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse", &h));
-        assert!(!verify_password("wrong", &h));
-        assert!(!verify_password("x", "not a hash"));
     }
 }

@@ -1,5 +1,7 @@
 //! Errors as HTTP answers: every 4xx/5xx carries a JSON [`ApiError`], naming
-//! the field at fault when there is one. Also the JSON body extractor that
+//! the field at fault when there is one. This is the one place where the
+//! typed errors of the database layer ([`DbError`], [`OpError`]) become a
+//! status and a code. Also the JSON body extractor that
 //! produces such errors (axum's own rejections are plain text).
 
 use axum::body::Bytes;
@@ -9,8 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use vpnnat::messages::{ApiError, FieldError};
 
-use crate::db::DbError;
-use crate::db::ops::OpError;
+use crate::db::{DbError, OpError};
 
 /// An error answer.
 #[derive(Debug)]
@@ -91,6 +92,7 @@ impl From<DbError> for AppError {
 
 impl From<OpError> for AppError {
     fn from(e: OpError) -> Self {
+        let message = e.to_string();
         match e {
             OpError::Db(e) => e.into(),
             OpError::NotFound(what) => Self::not_found(what),
@@ -99,16 +101,12 @@ impl From<OpError> for AppError {
                 e.body.field = Some(field.to_owned());
                 e
             }
-            OpError::NoCapacity => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_capacity",
-                "no gateway has a free tunnel slot; nothing was allocated, try again later",
-            ),
-            OpError::PoolExhausted => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "pool_exhausted",
-                "the NAT-address pool is exhausted; nothing was allocated, try again later",
-            ),
+            OpError::NoCapacity => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", message)
+            }
+            OpError::PoolExhausted => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "pool_exhausted", message)
+            }
             OpError::InvalidState(m) => Self::new(StatusCode::CONFLICT, "invalid_state", m),
             OpError::BadToken => {
                 let mut e = Self::unauthorized("the enrollment token is unknown, used or expired");

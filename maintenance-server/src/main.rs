@@ -248,9 +248,7 @@ async fn site(c: SiteCmd, settings: &Settings) -> anyhow::Result<()> {
     let policy = ops::Policy::new(settings);
     match c {
         SiteCmd::Add { name } => {
-            vpnnat::messages::NewSite { name: name.clone() }
-                .validate()
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            vpnnat::messages::NewSite { name: name.clone() }.validate()?;
             let mut tx = db.begin().await?;
             let r = ops::create_site(&mut tx, name.trim(), "operator", now_ms(), &policy).await?;
             tx.commit(&notifier).await?;
@@ -299,9 +297,7 @@ async fn gateway(c: GatewayCmd, settings: &Settings) -> anyhow::Result<()> {
     let notifier = maintenance_server::notify::Notifier::default();
     match c {
         GatewayCmd::Add { name } => {
-            vpnnat::messages::NewGateway { name: name.clone() }
-                .validate()
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            vpnnat::messages::NewGateway { name: name.clone() }.validate()?;
             let mut tx = db.begin().await?;
             let r = ops::create_gateway(&mut tx, name.trim(), "operator", now_ms()).await?;
             tx.commit(&notifier).await?;

@@ -4,6 +4,8 @@
 //! (their `schemars` feature), so the document cannot drift from what the
 //! server and its clients (de)serialize.
 
+use axum::http::header;
+use axum::response::IntoResponse;
 use schemars::generate::{SchemaGenerator, SchemaSettings};
 use schemars::{JsonSchema, Schema};
 use serde_json::{Map, Value, json};
@@ -563,6 +565,13 @@ pub fn document() -> Value {
             },
         },
     })
+}
+
+/// `GET /api/openapi.json`: the document, generated once.
+pub async fn serve() -> impl IntoResponse {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let doc = DOC.get_or_init(|| document().to_string());
+    ([(header::CONTENT_TYPE, "application/json")], doc.as_str())
 }
 
 #[cfg(test)]

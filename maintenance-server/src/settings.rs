@@ -357,8 +357,8 @@ impl Settings {
         if !token.is_empty()
             && (token.len() < 16
                 || token.chars().any(|c| c.is_whitespace() || c.is_control())
-                || crate::auth::SecretKind::of(token)
-                    .is_some_and(|k| k != crate::auth::SecretKind::Operator))
+                || crate::secrets::SecretKind::of(token)
+                    .is_some_and(|k| k != crate::secrets::SecretKind::Operator))
         {
             return Err((
                 "operator.token",

@@ -8,9 +8,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use vpnnat::messages::RequestState;
 
-use crate::AppState;
 use crate::db::now_ms;
 use crate::db::ops::{self, OpError};
+use crate::state::AppState;
 
 /// Runs until `shutdown` turns true.
 pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
@@ -117,10 +117,7 @@ pub async fn failover(state: &AppState) -> Result<(), OpError> {
 
 async fn cleanup(state: &AppState, now: i64) -> Result<(), OpError> {
     let mut tx = state.db.begin().await?;
-    sqlx::query("DELETE FROM technician_sessions WHERE expires_at <= $1")
-        .bind(now)
-        .execute(&mut *tx.inner)
-        .await?;
+    ops::delete_expired_sessions(&mut tx, now).await?;
     tx.commit(&state.notifier).await?;
     Ok(())
 }

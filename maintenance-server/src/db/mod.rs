@@ -11,7 +11,16 @@
 //! claimed with `FOR UPDATE SKIP LOCKED` from a pre-populated table whose
 //! primary key is the address: two replicas can never hand out one address twice.
 
+pub mod addresses;
+mod error;
+mod gateways;
 pub mod ops;
+mod policy;
+mod requests;
+mod restore;
+mod sites;
+mod technicians;
+mod tunnels;
 pub mod views;
 
 use std::collections::BTreeSet;
@@ -21,8 +30,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row as _, Transaction};
 use vpnnat::messages::{GatewayId, SiteId};
 
+pub use self::error::{DbError, DbResult, OpError, OpResult};
 use crate::notify::{Notifier, Topic};
-use crate::settings::PoolPrefix;
 
 /// Which SQL backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,20 +41,6 @@ pub enum DbKind {
     /// Shared by replicas.
     Postgres,
 }
-
-/// A database failure.
-#[derive(Debug, thiserror::Error)]
-pub enum DbError {
-    /// No such row.
-    #[error("not found")]
-    NotFound,
-    /// Anything else.
-    #[error(transparent)]
-    Other(#[from] sqlx::Error),
-}
-
-/// Result of a database operation.
-pub type DbResult<T> = Result<T, DbError>;
 
 /// The connection pools.
 #[derive(Clone)]
@@ -224,51 +219,6 @@ impl Database {
             kind: self.kind,
             changes: Changes::default(),
         })
-    }
-
-    /// Makes the `nat_addresses` table hold exactly the usable addresses of
-    /// `prefix`: adds missing ones, removes free ones outside it (held ones
-    /// outside it stay until released). Safe to run from several replicas at once.
-    ///
-    /// # Errors
-    /// Database failures.
-    pub async fn sync_pool(&self, prefix: PoolPrefix) -> DbResult<()> {
-        let (first, last) = prefix.usable();
-        let (first, last) = (i64::from(first), i64::from(last));
-        let mut tx = self.begin().await?;
-        let count: i64 =
-            sqlx::query("SELECT COUNT(*) FROM nat_addresses WHERE address >= $1 AND address <= $2")
-                .bind(first)
-                .bind(last)
-                .fetch_one(&mut *tx.inner)
-                .await?
-                .try_get(0)?;
-        if count != last - first + 1 {
-            let fill = match self.kind {
-                DbKind::Postgres => {
-                    "INSERT INTO nat_addresses (address) SELECT a FROM generate_series($1::BIGINT, $2::BIGINT) AS a \
-                     ON CONFLICT DO NOTHING"
-                }
-                DbKind::Sqlite => {
-                    "WITH RECURSIVE seq(a) AS (SELECT $1 UNION ALL SELECT a + 1 FROM seq WHERE a < $2) \
-                     INSERT INTO nat_addresses (address) SELECT a FROM seq WHERE true ON CONFLICT DO NOTHING"
-                }
-            };
-            sqlx::query(fill)
-                .bind(first)
-                .bind(last)
-                .execute(&mut *tx.inner)
-                .await?;
-        }
-        sqlx::query(
-            "DELETE FROM nat_addresses WHERE site_id IS NULL AND (address < $1 OR address > $2)",
-        )
-        .bind(first)
-        .bind(last)
-        .execute(&mut *tx.inner)
-        .await?;
-        tx.inner.commit().await?;
-        Ok(())
     }
 }
 
@@ -451,4 +401,14 @@ where
     T: sqlx::Decode<'r, Any> + sqlx::Type<Any>,
 {
     Ok(row.try_get(name)?)
+}
+
+/// Column `name` of every row, as ids made by `make`.
+///
+/// # Errors
+/// When a row lacks the column.
+pub fn ids_of<T>(rows: &[AnyRow], name: &str, make: impl Fn(u64) -> T) -> DbResult<Vec<T>> {
+    rows.iter()
+        .map(|r| Ok(make(u64_of(col(r, name)?))))
+        .collect()
 }

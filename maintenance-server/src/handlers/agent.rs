@@ -12,27 +12,13 @@ use vpnnat::messages::{
     Level, MaintenanceRequestView, NewMaintenanceRequest, RequestId, RequestState, Urgency,
 };
 
-use super::{long_poll, only_params, poll_params, read, write};
+use super::{check_applied, long_poll, only_params, path_id, poll_params, read, write};
 use crate::auth::SiteAuth;
-use crate::db::ops::{self, Origin};
+use crate::db::ops::{self, OpError, Origin};
 use crate::db::{now_ms, views};
 use crate::error::{ApiJson, AppError};
 use crate::notify::Topic;
-use crate::{AppState, PeerAddr};
-
-/// Parses a `{id}` path segment.
-///
-/// # Errors
-/// 400 naming `id`.
-pub fn path_id(raw: &str) -> Result<u64, AppError> {
-    raw.parse::<u64>().ok().filter(|v| *v > 0).ok_or_else(|| {
-        AppError::field(
-            StatusCode::BAD_REQUEST,
-            "id",
-            "id: expected a positive integer",
-        )
-    })
-}
+use crate::state::{AppState, PeerAddr};
 
 /// `POST /api/v1/enroll`
 pub async fn enroll(
@@ -55,32 +41,38 @@ pub async fn enroll(
     Ok(Json(r))
 }
 
-/// Opens a request and answers with its view; on no capacity records the
-/// problem for the agent (in a separate transaction) and nothing else.
+/// Opens a request and answers with its view. When there is no capacity
+/// (no gateway slot, no pool address) nothing is allocated; the refusal is
+/// recorded as the site's problem (in a separate transaction) for the agent
+/// to show, and returned.
+///
+/// # Errors
+/// The refusal, or a database failure.
 pub async fn open_request(
     state: &AppState,
     site: vpnnat::messages::SiteId,
     body: &NewMaintenanceRequest,
     origin: &Origin,
-) -> Result<MaintenanceRequestView, AppError> {
+) -> Result<MaintenanceRequestView, OpError> {
     let now = now_ms();
     let policy = state.policy.clone();
     let r = write(state, async |tx| {
         ops::new_request(tx, site, body, origin, now, &policy).await
     })
     .await;
-    let view = match r {
-        Ok(v) => v,
-        Err(e) if matches!(e.body.error.as_str(), "no_capacity" | "pool_exhausted") => {
-            let msg = e.body.message.clone();
-            write(state, async |tx| ops::set_problem(tx, site, &msg).await).await?;
-            tracing::warn!(site.id = %site, error = %e.body.error, "maintenance request refused");
-            return Err(e);
+    match r {
+        Ok(view) => {
+            tracing::info!(site.id = %site, request.id = %view.id, "maintenance request accepted");
+            Ok(view)
         }
-        Err(e) => return Err(e),
-    };
-    tracing::info!(site.id = %site, request.id = %view.id, "maintenance request accepted");
-    Ok(view)
+        Err(e) if e.is_capacity() => {
+            let problem = e.to_string();
+            write(state, async |tx| ops::set_problem(tx, site, &problem).await).await?;
+            tracing::warn!(site.id = %site, error = %e, "maintenance request refused");
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `POST /api/v1/agent/requests`
@@ -182,8 +174,8 @@ pub async fn failure(
                 .await?;
                 request = Some(view);
             }
-            Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {}
-            Err(e) => return Err(e),
+            Err(e) if e.is_capacity() => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok((
@@ -232,26 +224,4 @@ pub async fn applied(
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Bounds on an applied-state report.
-///
-/// # Errors
-/// 422 naming `errors`.
-pub fn check_applied(a: &AppliedState) -> Result<(), AppError> {
-    if a.errors.len() > 1000 || a.errors.iter().any(|e| e.len() > 1000) {
-        return Err(AppError::field(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "errors",
-            "errors: at most 1000 messages of 1000 bytes",
-        ));
-    }
-    if a.version > i64::MAX as u64 {
-        return Err(AppError::field(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "version",
-            "version: out of range",
-        ));
-    }
-    Ok(())
 }

@@ -10,13 +10,12 @@ use vpnnat::messages::{
     HeartbeatAck,
 };
 
-use super::agent::check_applied;
-use super::{long_poll, only_params, poll_params, read, write};
-use crate::AppState;
+use super::{check_applied, long_poll, only_params, poll_params, read, write};
 use crate::auth::GatewayAuth;
 use crate::db::{now_ms, ops, views};
 use crate::error::{ApiJson, AppError};
 use crate::notify::Topic;
+use crate::state::AppState;
 
 /// `POST /api/v1/gateway/register`
 pub async fn register(

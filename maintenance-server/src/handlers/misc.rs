@@ -1,4 +1,4 @@
-//! Health, metrics, the OpenAPI document and the JSON 404.
+//! Health, metrics and the JSON 404.
 
 use axum::Json;
 use axum::extract::State;
@@ -7,9 +7,9 @@ use axum::response::IntoResponse;
 use serde_json::json;
 
 use super::read;
-use crate::AppState;
 use crate::db::views;
 use crate::error::AppError;
+use crate::state::AppState;
 
 /// `GET /healthz`: the process serves and its database answers.
 pub async fn health(State(state): State<AppState>) -> Result<impl IntoResponse, AppError> {
@@ -24,13 +24,6 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::render(&counts, state.notifier.waiting()),
     ))
-}
-
-/// `GET /api/openapi.json`
-pub async fn openapi() -> impl IntoResponse {
-    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let doc = DOC.get_or_init(|| crate::openapi::document().to_string());
-    ([(header::CONTENT_TYPE, "application/json")], doc.as_str())
 }
 
 /// Unknown routes.

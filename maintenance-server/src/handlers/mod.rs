@@ -1,5 +1,7 @@
-//! The HTTP API: routes (`vpnnat::messages::paths`), long-polls, and the
-//! small helpers handlers share.
+//! The HTTP handlers, by caller (agent, gateway, operator, technician, and
+//! the unauthenticated rest), and the small helpers they share: long-polls,
+//! query parameters, and running reads and write transactions. The routes
+//! that lead to them are in [`crate::routes`].
 
 pub mod agent;
 pub mod gateway;
@@ -11,74 +13,17 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use sqlx::AnyConnection;
-use tower_http::trace::TraceLayer;
-use vpnnat::messages::paths;
+use vpnnat::messages::AppliedState;
 
-use crate::AppState;
-use crate::db::{DbResult, Tx};
+use crate::db::{DbError, DbResult, Tx};
 use crate::error::AppError;
 use crate::notify::Topic;
+use crate::state::AppState;
 
 /// The longest a long-poll is held.
 pub const MAX_WAIT_MS: u64 = 60_000;
-
-/// All routes.
-pub fn router(state: AppState) -> Router {
-    let limit = state.settings.http.body_limit_bytes;
-    Router::new()
-        .route(paths::ENROLL, post(agent::enroll))
-        .route(paths::AGENT_REQUESTS, post(agent::create).get(agent::list))
-        .route(paths::AGENT_REVOKE, post(agent::revoke))
-        .route(paths::AGENT_FAILURES, post(agent::failure))
-        .route(paths::AGENT_STATE, get(agent::state))
-        .route(paths::AGENT_APPLIED, post(agent::applied))
-        .route(paths::GATEWAY_REGISTER, post(gateway::register))
-        .route(paths::GATEWAY_HEARTBEAT, post(gateway::heartbeat))
-        .route(paths::GATEWAY_STATE, get(gateway::state))
-        .route(paths::GATEWAY_APPLIED, post(gateway::applied))
-        .route(
-            paths::SITES,
-            post(operator::create_site).get(operator::sites),
-        )
-        .route(paths::SITE_TOKEN, post(operator::site_token))
-        .route(
-            paths::GATEWAYS,
-            post(operator::create_gateway).get(operator::gateways),
-        )
-        .route(paths::GATEWAY_DRAIN, post(operator::drain))
-        .route(paths::LOGIN, post(technician::login))
-        .route(paths::LOGOUT, post(technician::logout))
-        .route(paths::REQUESTS, get(technician::requests))
-        .route(paths::REQUEST_START, post(technician::start))
-        .route(paths::REQUEST_END, post(technician::end))
-        .route(paths::FAILURES, get(technician::failures))
-        .route(paths::AUDIT, get(technician::audit))
-        .route(paths::CONSOLE_EVENTS, get(technician::events))
-        .route(technician::ME, get(technician::me))
-        .route(paths::OPENAPI, get(misc::openapi))
-        .route(paths::HEALTH, get(misc::health))
-        .route(paths::METRICS, get(misc::metrics))
-        .merge(crate::console::routes())
-        .fallback(misc::not_found)
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
-                // Low cardinality: the matched route, not the raw path.
-                let route = req
-                    .extensions()
-                    .get::<axum::extract::MatchedPath>()
-                    .map_or("-", axum::extract::MatchedPath::as_str)
-                    .to_owned();
-                tracing::debug_span!("http", method = %req.method(), route)
-            }),
-        )
-        .with_state(state)
-}
 
 /// `after` and `wait_ms` of a long-poll.
 #[derive(Debug, Clone, Copy)]
@@ -116,6 +61,17 @@ pub fn query_u64(q: &HashMap<String, String>, name: &str) -> Result<Option<u64>,
             })
         })
         .transpose()
+}
+
+/// The `limit` query parameter: `default` when absent, else clamped to `1..=max`.
+///
+/// # Errors
+/// 400 naming `limit`.
+pub fn limit_param(q: &HashMap<String, String>, default: u32, max: u32) -> Result<u32, AppError> {
+    let limit = query_u64(q, "limit")?.map_or(default, |l| {
+        u32::try_from(l.clamp(1, u64::from(max))).unwrap_or(max)
+    });
+    Ok(limit)
 }
 
 /// Rejects unknown query parameters.
@@ -164,16 +120,16 @@ impl Versioned for vpnnat::messages::ConsoleEvents {
 ///
 /// # Errors
 /// Whatever `load` fails with.
-pub async fn long_poll<T, F, Fut>(
+pub async fn long_poll<T, E, F, Fut>(
     state: &AppState,
     topic: Topic,
     params: PollParams,
     mut load: F,
-) -> Result<T, AppError>
+) -> Result<T, E>
 where
     T: Versioned,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, AppError>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(params.wait_ms);
     let _waiting = state.notifier.waiting_guard();
@@ -199,25 +155,22 @@ where
 ///
 /// # Errors
 /// When none can be had.
-pub async fn reader(state: &AppState) -> Result<sqlx::pool::PoolConnection<sqlx::Any>, AppError> {
-    state
-        .db
-        .reader()
-        .acquire()
-        .await
-        .map_err(AppError::internal)
+pub async fn reader(state: &AppState) -> DbResult<sqlx::pool::PoolConnection<sqlx::Any>> {
+    Ok(state.db.reader().acquire().await?)
 }
 
 /// Runs `f` in a write transaction and commits it (announcing its changes).
+/// The error stays `f`'s own type (an [`crate::db::OpError`] or a
+/// [`DbError`]); handlers turn it into an HTTP answer.
 ///
 /// # Errors
 /// `f`'s error (then nothing is committed) or a failed commit.
 pub async fn write<T, E>(
     state: &AppState,
     f: impl AsyncFnOnce(&mut Tx) -> Result<T, E>,
-) -> Result<T, AppError>
+) -> Result<T, E>
 where
-    AppError: From<E>,
+    E: From<DbError>,
 {
     let mut tx = state.db.begin().await?;
     let out = f(&mut tx).await?;
@@ -225,14 +178,50 @@ where
     Ok(out)
 }
 
-/// Convenience for reads that map `DbError` to `AppError`.
+/// Runs `f` on a reader connection.
 ///
 /// # Errors
 /// Database failures.
 pub async fn read<T>(
     state: &AppState,
     f: impl AsyncFnOnce(&mut AnyConnection) -> DbResult<T>,
-) -> Result<T, AppError> {
+) -> DbResult<T> {
     let mut conn = reader(state).await?;
-    Ok(f(&mut conn).await?)
+    f(&mut conn).await
+}
+
+/// Parses a `{id}` path segment.
+///
+/// # Errors
+/// 400 naming `id`.
+pub fn path_id(raw: &str) -> Result<u64, AppError> {
+    raw.parse::<u64>().ok().filter(|v| *v > 0).ok_or_else(|| {
+        AppError::field(
+            StatusCode::BAD_REQUEST,
+            "id",
+            "id: expected a positive integer",
+        )
+    })
+}
+
+/// Bounds on an applied-state report.
+///
+/// # Errors
+/// 422 naming `errors`.
+pub fn check_applied(a: &AppliedState) -> Result<(), AppError> {
+    if a.errors.len() > 1000 || a.errors.iter().any(|e| e.len() > 1000) {
+        return Err(AppError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "errors",
+            "errors: at most 1000 messages of 1000 bytes",
+        ));
+    }
+    if a.version > i64::MAX as u64 {
+        return Err(AppError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "version",
+            "version: out of range",
+        ));
+    }
+    Ok(())
 }

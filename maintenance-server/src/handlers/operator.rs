@@ -11,12 +11,11 @@ use vpnnat::messages::{
     SiteView,
 };
 
-use super::agent::path_id;
-use super::{only_params, read, write};
-use crate::AppState;
+use super::{only_params, path_id, read, write};
 use crate::auth::OperatorAuth;
 use crate::db::{now_ms, ops, views};
 use crate::error::{ApiJson, AppError};
+use crate::state::AppState;
 
 const ACTOR: &str = "operator";
 

@@ -16,15 +16,14 @@ use vpnnat::messages::{
     RequestId, RequestState, SiteId,
 };
 
-use super::agent::path_id;
-use super::{long_poll, only_params, poll_params, query_u64, read, write};
+use super::{limit_param, long_poll, only_params, path_id, poll_params, query_u64, read, write};
 use crate::auth::{
     SESSION_COOKIE, Secret, SecretKind, Technician, TechnicianWrite, hash_password, verify_password,
 };
-use crate::db::{col, now_ms, ops, views};
+use crate::db::{now_ms, ops, views};
 use crate::error::{ApiJson, AppError};
 use crate::notify::Topic;
-use crate::{AppState, PeerAddr};
+use crate::state::{AppState, PeerAddr};
 
 /// Requests the console shows at most.
 pub const CONSOLE_REQUESTS: u32 = 300;
@@ -69,20 +68,9 @@ pub async fn login(
         ));
     }
     let name = body.name.clone();
-    let row = read(&state, async |c| {
-        Ok(
-            sqlx::query("SELECT id, password_hash FROM technicians WHERE name = $1")
-                .bind(&name)
-                .fetch_optional(&mut *c)
-                .await?,
-        )
-    })
-    .await?;
-    let (id, hash) = match &row {
-        Some(r) => (
-            Some(col::<i64>(r, "id")?),
-            col::<String>(r, "password_hash")?,
-        ),
+    let found = read(&state, async |c| ops::password_of(c, &name).await).await?;
+    let (id, hash) = match found {
+        Some((id, hash)) => (Some(id), hash),
         None => (None, dummy_hash().to_owned()),
     };
     let password = body.password.clone();
@@ -107,21 +95,14 @@ pub async fn login(
     let lifetime_ms =
         i64::try_from(state.settings.technicians.session_hours * 3_600_000).unwrap_or(i64::MAX / 4);
     let actor = format!("technician:{}", body.name);
+    let new_session = ops::NewSession {
+        technician_id: id,
+        token_hash: &session.hash(),
+        csrf_hash: &csrf.hash(),
+        expires_at: t.saturating_add(lifetime_ms),
+    };
     write(&state, async |tx| {
-        sqlx::query(
-            "INSERT INTO technician_sessions (token_hash, technician_id, csrf_hash, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(session.hash())
-        .bind(id)
-        .bind(csrf.hash())
-        .bind(t)
-        .bind(t.saturating_add(lifetime_ms))
-        .execute(&mut *tx.inner)
-        .await
-        .map_err(ops::OpError::from)?;
-        tx.audit(t, &actor, "technician.login", &actor, "").await?;
-        Ok::<_, ops::OpError>(())
+        ops::open_session(tx, new_session, &actor, t).await
     })
     .await?;
     let secure = if state.settings.tls.enabled() {
@@ -154,14 +135,7 @@ pub async fn logout(
     let now = now_ms();
     let actor = t.actor();
     write(&state, async |tx| {
-        sqlx::query("DELETE FROM technician_sessions WHERE token_hash = $1")
-            .bind(&t.session_hash)
-            .execute(&mut *tx.inner)
-            .await
-            .map_err(ops::OpError::from)?;
-        tx.audit(now, &actor, "technician.logout", &actor, "")
-            .await?;
-        Ok::<_, ops::OpError>(())
+        ops::close_session(tx, &t.session_hash, &actor, now).await
     })
     .await?;
     let mut resp = StatusCode::NO_CONTENT.into_response();
@@ -205,12 +179,12 @@ pub async fn requests(
         })?),
     };
     let site = query_u64(&q, "site")?.map(SiteId);
-    let limit = query_u64(&q, "limit")?.unwrap_or(500).clamp(1, 1000);
+    let limit = limit_param(&q, 500, 1000)?;
     let filter = views::RequestFilter {
         state: filter_state,
         site,
         id: None,
-        limit: Some(u32::try_from(limit).unwrap_or(1000)),
+        limit: Some(limit),
     };
     Ok(Json(
         read(&state, async |c| views::requests(c, &filter).await).await?,
@@ -262,8 +236,7 @@ pub async fn failures(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Vec<FailureView>>, AppError> {
     only_params(&q, &["limit"])?;
-    let limit = query_u64(&q, "limit")?.unwrap_or(200).clamp(1, 1000);
-    let limit = u32::try_from(limit).unwrap_or(1000);
+    let limit = limit_param(&q, 200, 1000)?;
     Ok(Json(
         read(&state, async |c| views::failures(c, limit).await).await?,
     ))
@@ -277,8 +250,7 @@ pub async fn audit(
 ) -> Result<Json<Vec<AuditEntry>>, AppError> {
     only_params(&q, &["before", "limit"])?;
     let before = query_u64(&q, "before")?;
-    let limit = query_u64(&q, "limit")?.unwrap_or(100).clamp(1, 500);
-    let limit = u32::try_from(limit).unwrap_or(500);
+    let limit = limit_param(&q, 100, 500)?;
     Ok(Json(
         read(&state, async |c| views::audit(c, before, limit).await).await?,
     ))

@@ -1,0 +1,248 @@
+//! Gateways: identities, registration, heartbeats, what they applied, drain,
+//! and marking silent ones down.
+
+use vpnnat::messages::{
+    GatewayCreated, GatewayHeartbeat, GatewayId, GatewayRegistered, GatewayRegistration,
+    HeartbeatAck, SiteId,
+};
+
+use super::error::{OpError, OpResult};
+use super::policy::Policy;
+use super::tunnels::gateway_sites;
+use super::views::enum_str;
+use super::{Tx, col, id64, ids_of, u64_of};
+use crate::secrets::{Secret, SecretKind};
+
+/// Creates a gateway identity.
+///
+/// # Errors
+/// `Conflict` on a taken name.
+pub async fn create_gateway(
+    tx: &mut Tx,
+    name: &str,
+    actor: &str,
+    now: i64,
+) -> OpResult<GatewayCreated> {
+    let taken = sqlx::query("SELECT id FROM gateways WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut *tx.inner)
+        .await?;
+    if taken.is_some() {
+        return Err(OpError::Conflict {
+            field: "name",
+            message: format!("a gateway named {name:?} exists"),
+        });
+    }
+    let credential = Secret::generate(SecretKind::Gateway);
+    let row = sqlx::query(
+        "INSERT INTO gateways (name, credential_hash, created_at) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(name)
+    .bind(credential.hash())
+    .bind(now)
+    .fetch_one(&mut *tx.inner)
+    .await?;
+    let gw = GatewayId(u64_of(col(&row, "id")?));
+    tx.audit(now, actor, "gateway.create", &format!("gateway:{gw}"), name)
+        .await?;
+    Ok(GatewayCreated {
+        gateway_id: gw,
+        name: name.to_owned(),
+        credential: credential.expose().to_owned(),
+    })
+}
+
+/// A gateway (re-)announces itself. A changed key or endpoint reaches its
+/// sites' agents through their desired state.
+///
+/// # Errors
+/// `NotFound` for a deleted gateway.
+pub async fn register_gateway(
+    tx: &mut Tx,
+    gw: GatewayId,
+    reg: &GatewayRegistration,
+    now: i64,
+    policy: &Policy,
+) -> OpResult<GatewayRegistered> {
+    let row = sqlx::query("SELECT endpoints, public_key FROM gateways WHERE id = $1")
+        .bind(id64(gw.0))
+        .fetch_optional(&mut *tx.inner)
+        .await?
+        .ok_or(OpError::NotFound("gateway"))?;
+    let old_endpoints: String = col(&row, "endpoints")?;
+    let old_key: Option<String> = col(&row, "public_key")?;
+    let endpoints = serde_json::to_string(&reg.endpoints).unwrap_or_else(|_| "[]".into());
+    let kinds = serde_json::to_string(&reg.tunnel_kinds).unwrap_or_else(|_| "[]".into());
+    let key = reg.public_key.to_base64();
+    // Sites first, then the gateway row: the lock order of every other transaction.
+    if old_endpoints != endpoints || old_key.as_deref() != Some(key.as_str()) {
+        for site in gateway_sites(tx, gw).await? {
+            tx.bump_site(site).await?;
+        }
+    }
+    sqlx::query(
+        "UPDATE gateways SET endpoints = $1, public_key = $2, tunnel_kinds = $3, max_tunnels = $4, \
+         software_version = $5, health = 'healthy', last_heartbeat = $6 WHERE id = $7",
+    )
+    .bind(&endpoints)
+    .bind(&key)
+    .bind(&kinds)
+    .bind(i64::from(reg.max_tunnels))
+    .bind(&reg.software_version)
+    .bind(now)
+    .bind(id64(gw.0))
+    .execute(&mut *tx.inner)
+    .await?;
+    tx.audit(
+        now,
+        &format!("gateway:{gw}"),
+        "gateway.register",
+        &format!("gateway:{gw}"),
+        &format!("endpoints {endpoints} max_tunnels {}", reg.max_tunnels),
+    )
+    .await?;
+    Ok(GatewayRegistered {
+        gateway_id: gw,
+        heartbeat_interval_ms: policy.heartbeat_interval_ms,
+    })
+}
+
+/// A heartbeat: capacity, load, health. A gateway that was marked down is back.
+///
+/// # Errors
+/// `NotRegistered` before the first registration.
+pub async fn heartbeat(
+    tx: &mut Tx,
+    gw: GatewayId,
+    hb: &GatewayHeartbeat,
+    now: i64,
+) -> OpResult<HeartbeatAck> {
+    let row = sqlx::query("SELECT public_key, health FROM gateways WHERE id = $1")
+        .bind(id64(gw.0))
+        .fetch_optional(&mut *tx.inner)
+        .await?
+        .ok_or(OpError::NotFound("gateway"))?;
+    if col::<Option<String>>(&row, "public_key")?.is_none() {
+        return Err(OpError::NotRegistered);
+    }
+    let old: String = col(&row, "health")?;
+    let health = enum_str(&hb.health);
+    let row = sqlx::query(
+        "UPDATE gateways SET last_heartbeat = $1, health = $2, max_tunnels = $3, active_tunnels = $4 \
+         WHERE id = $5 RETURNING version, drain",
+    )
+    .bind(now)
+    .bind(&health)
+    .bind(i64::from(hb.max_tunnels))
+    .bind(i64::from(hb.active_tunnels))
+    .bind(id64(gw.0))
+    .fetch_one(&mut *tx.inner)
+    .await?;
+    if old != health {
+        tx.audit(
+            now,
+            &format!("gateway:{gw}"),
+            "gateway.health",
+            &format!("gateway:{gw}"),
+            &format!("{old} => {health}"),
+        )
+        .await?;
+    }
+    Ok(HeartbeatAck {
+        desired_version: u64_of(col(&row, "version")?),
+        drain: col::<i64>(&row, "drain")? != 0,
+    })
+}
+
+/// Records what a gateway applied.
+///
+/// # Errors
+/// Database failures.
+pub async fn gateway_applied(
+    tx: &mut Tx,
+    gw: GatewayId,
+    version: u64,
+    errors: &[String],
+) -> OpResult<()> {
+    let before = sqlx::query("SELECT applied_version FROM gateways WHERE id = $1")
+        .bind(id64(gw.0))
+        .fetch_optional(&mut *tx.inner)
+        .await?
+        .map(|r| col::<i64>(&r, "applied_version"))
+        .transpose()?
+        .unwrap_or(0);
+    sqlx::query("UPDATE gateways SET applied_version = $1, applied_errors = $2 WHERE id = $3")
+        .bind(id64(version))
+        .bind(serde_json::to_string(errors).unwrap_or_default())
+        .bind(id64(gw.0))
+        .execute(&mut *tx.inner)
+        .await?;
+    // Sites whose peer this gateway now holds for the first time: their
+    // agents get the tunnel (and dial) now, not before.
+    let ready = sqlx::query(
+        "SELECT site_id FROM tunnels WHERE gateway_id = $1 AND ready_version > $2 \
+         AND ready_version <= $3 ORDER BY site_id",
+    )
+    .bind(id64(gw.0))
+    .bind(before)
+    .bind(id64(version))
+    .fetch_all(&mut *tx.inner)
+    .await?;
+    for site in ids_of(&ready, "site_id", SiteId)? {
+        tx.bump_site(site).await?;
+    }
+    Ok(())
+}
+
+/// Puts a gateway into (or out of) drain mode: it keeps its sites but takes no new ones.
+///
+/// # Errors
+/// `NotFound`.
+pub async fn drain(tx: &mut Tx, gw: GatewayId, on: bool, actor: &str, now: i64) -> OpResult<()> {
+    let r = sqlx::query("UPDATE gateways SET drain = $1 WHERE id = $2")
+        .bind(i64::from(on))
+        .bind(id64(gw.0))
+        .execute(&mut *tx.inner)
+        .await?;
+    if r.rows_affected() == 0 {
+        return Err(OpError::NotFound("gateway"));
+    }
+    tx.audit(
+        now,
+        actor,
+        if on {
+            "gateway.drain"
+        } else {
+            "gateway.undrain"
+        },
+        &format!("gateway:{gw}"),
+        "",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Marks gateways without a heartbeat since `cutoff` down; returns them.
+///
+/// # Errors
+/// Database failures.
+pub async fn mark_down(tx: &mut Tx, cutoff: i64, now: i64) -> OpResult<Vec<GatewayId>> {
+    let rows = sqlx::query(
+        "UPDATE gateways SET health = 'down' WHERE health <> 'down' AND last_heartbeat < $1 RETURNING id",
+    )
+    .bind(cutoff)
+    .fetch_all(&mut *tx.inner)
+    .await?;
+    let down = ids_of(&rows, "id", GatewayId)?;
+    for gw in &down {
+        tx.audit(
+            now,
+            "system",
+            "gateway.down",
+            &format!("gateway:{gw}"),
+            "missed its heartbeats",
+        )
+        .await?;
+    }
+    Ok(down)
+}

@@ -1,0 +1,299 @@
+//! Maintenance requests and failure reports: opening, starting, closing
+//! and expiring requests; storing failures and linking them to requests.
+
+use std::net::IpAddr;
+
+use vpnnat::messages::{
+    FailureReport, MaintenanceRequestView, NewMaintenanceRequest, RequestId, RequestState, SiteId,
+    TerminalAssignment, UnixMillis,
+};
+
+use super::addresses::{address_for, held_by, release};
+use super::error::{OpError, OpResult};
+use super::policy::Policy;
+use super::tunnels::{ensure_tunnel, release_slot, site_gateway};
+use super::views::{acceptance_number, addr_to_i64, enum_str};
+use super::{Tx, col, id64, ids_of, u64_of};
+
+/// Where a new request comes from.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// Audit actor.
+    pub actor: String,
+    /// The global address the request came from.
+    pub global_address: Option<IpAddr>,
+    /// The failure report that caused it.
+    pub failure_id: Option<u64>,
+}
+
+/// Accepts a maintenance request: a gateway slot (sticky), one NAT address
+/// per terminal (a terminal that holds one keeps it), the request row, and
+/// new versions for the agent's and the gateway's documents. Returns the
+/// request as the API shows it.
+///
+/// # Errors
+/// `NoCapacity` / `PoolExhausted` (the caller rolls back: nothing is allocated).
+pub async fn new_request(
+    tx: &mut Tx,
+    site: SiteId,
+    req: &NewMaintenanceRequest,
+    origin: &Origin,
+    now: i64,
+    policy: &Policy,
+) -> OpResult<MaintenanceRequestView> {
+    let site_name = tx.lock_site(site).await?;
+    let (gw, _new_tunnel) = ensure_tunnel(tx, site, now).await?;
+    let expires = now.saturating_add(policy.max_duration_ms);
+    let row = sqlx::query(
+        "INSERT INTO requests (site_id, global_address, requester_name, level, urgency, phone, content, \
+         state, gateway_id, received_at, expires_at, failure_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'waiting', $8, $9, $10, $11) RETURNING id",
+    )
+    .bind(id64(site.0))
+    .bind(origin.global_address.map(|a| a.to_string()))
+    .bind(&req.requester_name)
+    .bind(enum_str(&req.level))
+    .bind(enum_str(&req.urgency))
+    .bind(&req.phone)
+    .bind(&req.content)
+    .bind(id64(gw.0))
+    .bind(now)
+    .bind(expires)
+    .bind(origin.failure_id.map(id64))
+    .fetch_one(&mut *tx.inner)
+    .await?;
+    let id = RequestId(u64_of(col(&row, "id")?));
+    let mut assigned = Vec::with_capacity(req.terminals.len());
+    let mut terminals = Vec::with_capacity(req.terminals.len());
+    for (pos, terminal) in req.terminals.iter().enumerate() {
+        let addr = address_for(tx, site, terminal, now).await?;
+        sqlx::query(
+            "INSERT INTO request_terminals (request_id, position, terminal, nat_address) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id64(id.0))
+        .bind(i64::try_from(pos).unwrap_or(0))
+        .bind(terminal.as_str())
+        .bind(addr_to_i64(addr))
+        .execute(&mut *tx.inner)
+        .await?;
+        assigned.push(format!("{terminal}={addr}"));
+        terminals.push(TerminalAssignment {
+            name: terminal.clone(),
+            nat_address: Some(addr),
+        });
+    }
+    sqlx::query("UPDATE sites SET problem = NULL WHERE id = $1 AND problem IS NOT NULL")
+        .bind(id64(site.0))
+        .execute(&mut *tx.inner)
+        .await?;
+    tx.bump_site(site).await?;
+    tx.audit(
+        now,
+        &origin.actor,
+        "request.create",
+        &format!("request:{id}"),
+        &format!("site:{site} gateway:{gw} {}", assigned.join(" ")),
+    )
+    .await?;
+    tx.bump_gateway(gw).await?;
+    // Everything the view shows is known here: no need to read it back.
+    Ok(MaintenanceRequestView {
+        id,
+        acceptance_number: acceptance_number(id, now),
+        site_id: site,
+        site_name,
+        global_address: origin.global_address,
+        requester_name: req.requester_name.clone(),
+        level: req.level,
+        urgency: req.urgency,
+        phone: req.phone.clone(),
+        content: req.content.clone(),
+        terminals,
+        state: RequestState::Waiting,
+        gateway_id: Some(gw),
+        received_at: UnixMillis(u64_of(now)),
+        started_at: None,
+        ended_at: None,
+        expires_at: UnixMillis(u64_of(expires)),
+    })
+}
+
+/// The site a request belongs to.
+async fn request_site(tx: &mut Tx, id: RequestId) -> OpResult<SiteId> {
+    let r = sqlx::query("SELECT site_id FROM requests WHERE id = $1")
+        .bind(id64(id.0))
+        .fetch_optional(&mut *tx.inner)
+        .await?
+        .ok_or(OpError::NotFound("request"))?;
+    Ok(SiteId(u64_of(col(&r, "site_id")?)))
+}
+
+/// A technician starts work: waiting → in progress.
+///
+/// # Errors
+/// `NotFound`; `InvalidState` unless waiting.
+pub async fn start_request(tx: &mut Tx, id: RequestId, actor: &str, now: i64) -> OpResult<()> {
+    let site = request_site(tx, id).await?;
+    tx.lock_site(site).await?;
+    let r = sqlx::query(
+        "UPDATE requests SET state = 'in_progress', started_at = $1 WHERE id = $2 AND state = 'waiting'",
+    )
+    .bind(now)
+    .bind(id64(id.0))
+    .execute(&mut *tx.inner)
+    .await?;
+    if r.rows_affected() == 0 {
+        return Err(OpError::InvalidState(
+            "only a waiting request can be started".into(),
+        ));
+    }
+    tx.audit(now, actor, "request.start", &format!("request:{id}"), "")
+        .await?;
+    Ok(())
+}
+
+/// Ends, revokes or expires an open request: its addresses that no other
+/// open request of the site uses return to the pool, the gateway peer loses
+/// them, and when the site holds none any more its tunnel slot is freed.
+///
+/// `scope`: the site the caller speaks for; another site's request is `NotFound`.
+///
+/// # Errors
+/// `NotFound`; `InvalidState` when the request is not open.
+pub async fn close_request(
+    tx: &mut Tx,
+    id: RequestId,
+    to: RequestState,
+    scope: Option<SiteId>,
+    actor: &str,
+    now: i64,
+) -> OpResult<()> {
+    let site = request_site(tx, id).await?;
+    if scope.is_some_and(|s| s != site) {
+        return Err(OpError::NotFound("request"));
+    }
+    tx.lock_site(site).await?;
+    let r = sqlx::query(
+        "UPDATE requests SET state = $1, ended_at = $2 WHERE id = $3 AND state IN ('waiting', 'in_progress')",
+    )
+    .bind(enum_str(&to))
+    .bind(now)
+    .bind(id64(id.0))
+    .execute(&mut *tx.inner)
+    .await?;
+    if r.rows_affected() == 0 {
+        return Err(OpError::InvalidState("the request is not open".into()));
+    }
+    // Terminals of this request that no other open request of the site names.
+    let rows = sqlx::query(
+        "SELECT rt.terminal FROM request_terminals rt WHERE rt.request_id = $1 AND NOT EXISTS ( \
+           SELECT 1 FROM request_terminals o JOIN requests r ON r.id = o.request_id \
+           WHERE r.site_id = $2 AND r.id <> $1 AND r.state IN ('waiting', 'in_progress') \
+           AND o.terminal = rt.terminal)",
+    )
+    .bind(id64(id.0))
+    .bind(id64(site.0))
+    .fetch_all(&mut *tx.inner)
+    .await?;
+    let mut released = Vec::new();
+    for r in rows {
+        let terminal: String = col(&r, "terminal")?;
+        if let Some(a) = release(tx, site, &terminal, now).await? {
+            released.push(a);
+        }
+    }
+    sqlx::query("UPDATE request_terminals SET nat_address = NULL WHERE request_id = $1")
+        .bind(id64(id.0))
+        .execute(&mut *tx.inner)
+        .await?;
+    let gw = site_gateway(tx, site).await?;
+    let remaining = held_by(tx, site).await?;
+    let mut detail = released
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    if remaining == 0
+        && let Some(g) = gw
+    {
+        sqlx::query("DELETE FROM tunnels WHERE site_id = $1")
+            .bind(id64(site.0))
+            .execute(&mut *tx.inner)
+            .await?;
+        release_slot(tx, g).await?;
+        detail.push_str(&format!(" tunnel on gateway:{g} released"));
+    }
+    tx.bump_site(site).await?;
+    let action = match to {
+        RequestState::Revoked => "request.revoke",
+        RequestState::Expired => "request.expire",
+        _ => "request.end",
+    };
+    tx.audit(now, actor, action, &format!("request:{id}"), detail.trim())
+        .await?;
+    if let Some(g) = gw {
+        tx.bump_gateway(g).await?;
+    }
+    Ok(())
+}
+
+/// Open requests past their expiry.
+///
+/// # Errors
+/// Database failures.
+pub async fn due_requests(tx: &mut Tx, now: i64) -> OpResult<Vec<RequestId>> {
+    let rows = sqlx::query(
+        "SELECT id FROM requests WHERE state IN ('waiting', 'in_progress') AND expires_at <= $1 \
+         ORDER BY id LIMIT 500",
+    )
+    .bind(now)
+    .fetch_all(&mut *tx.inner)
+    .await?;
+    Ok(ids_of(&rows, "id", RequestId)?)
+}
+
+/// Stores a failure report.
+///
+/// # Errors
+/// Database failures.
+pub async fn store_failure(
+    tx: &mut Tx,
+    site: SiteId,
+    report: &FailureReport,
+    now: i64,
+) -> OpResult<u64> {
+    let row = sqlx::query(
+        "INSERT INTO failures (site_id, code, detail, terminal, received_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+    )
+    .bind(id64(site.0))
+    .bind(enum_str(&report.code))
+    .bind(&report.detail)
+    .bind(report.terminal.as_ref().map(|t| t.as_str().to_owned()))
+    .bind(now)
+    .fetch_one(&mut *tx.inner)
+    .await?;
+    let id = u64_of(col(&row, "id")?);
+    tx.audit(
+        now,
+        &format!("site:{site}"),
+        "failure.report",
+        &format!("failure:{id}"),
+        &format!("{} {}", enum_str(&report.code), report.detail),
+    )
+    .await?;
+    Ok(id)
+}
+
+/// Links a failure to the request opened for it.
+///
+/// # Errors
+/// Database failures.
+pub async fn link_failure(tx: &mut Tx, failure: u64, request: RequestId) -> OpResult<()> {
+    sqlx::query("UPDATE failures SET request_id = $1 WHERE id = $2")
+        .bind(id64(request.0))
+        .bind(id64(failure))
+        .execute(&mut *tx.inner)
+        .await?;
+    tx.touch_console();
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! Sites: creation, enrollment tokens, enrollment, what the agent applied,
+//! and the problem shown to the customer when a request could not be met.
+
+use vpnnat::messages::{EnrollResponse, PublicKey, SiteCreated, SiteId, UnixMillis};
+
+use super::error::{OpError, OpResult, is_unique_violation};
+use super::policy::Policy;
+use super::tunnels::site_gateway;
+use super::{Tx, col, id64, u64_of};
+use crate::secrets::{Secret, SecretKind};
+
+/// Creates a site and its first enrollment token.
+///
+/// # Errors
+/// `Conflict` on a taken name.
+pub async fn create_site(
+    tx: &mut Tx,
+    name: &str,
+    actor: &str,
+    now: i64,
+    policy: &Policy,
+) -> OpResult<SiteCreated> {
+    let taken = sqlx::query("SELECT id FROM sites WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut *tx.inner)
+        .await?;
+    if taken.is_some() {
+        return Err(OpError::Conflict {
+            field: "name",
+            message: format!("a site named {name:?} exists"),
+        });
+    }
+    let row = sqlx::query("INSERT INTO sites (name, created_at) VALUES ($1, $2) RETURNING id")
+        .bind(name)
+        .bind(now)
+        .fetch_one(&mut *tx.inner)
+        .await
+        .map_err(OpError::from)
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                OpError::Conflict {
+                    field: "name",
+                    message: format!("a site named {name:?} exists"),
+                }
+            } else {
+                e
+            }
+        })?;
+    let site = SiteId(u64_of(col(&row, "id")?));
+    let (token, expires) = insert_enrollment_token(tx, site, now, policy).await?;
+    tx.audit(now, actor, "site.create", &format!("site:{site}"), name)
+        .await?;
+    Ok(SiteCreated {
+        site_id: site,
+        name: name.to_owned(),
+        enrollment_token: token,
+        token_expires_at: UnixMillis(u64_of(expires)),
+    })
+}
+
+async fn insert_enrollment_token(
+    tx: &mut Tx,
+    site: SiteId,
+    now: i64,
+    policy: &Policy,
+) -> OpResult<(String, i64)> {
+    // Only the newest token is valid.
+    sqlx::query("UPDATE enrollment_tokens SET used_at = $1 WHERE site_id = $2 AND used_at IS NULL")
+        .bind(now)
+        .bind(id64(site.0))
+        .execute(&mut *tx.inner)
+        .await?;
+    let token = Secret::generate(SecretKind::Enrollment);
+    let expires = now.saturating_add(policy.token_lifetime_ms);
+    sqlx::query(
+        "INSERT INTO enrollment_tokens (token_hash, site_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(token.hash())
+    .bind(id64(site.0))
+    .bind(now)
+    .bind(expires)
+    .execute(&mut *tx.inner)
+    .await?;
+    Ok((token.expose().to_owned(), expires))
+}
+
+/// A fresh enrollment token for an existing site (re-enrollment).
+///
+/// # Errors
+/// `NotFound` for an unknown site.
+pub async fn new_site_token(
+    tx: &mut Tx,
+    site: SiteId,
+    actor: &str,
+    now: i64,
+    policy: &Policy,
+) -> OpResult<SiteCreated> {
+    let row = sqlx::query("SELECT name FROM sites WHERE id = $1")
+        .bind(id64(site.0))
+        .fetch_optional(&mut *tx.inner)
+        .await?
+        .ok_or(OpError::NotFound("site"))?;
+    let name: String = col(&row, "name")?;
+    let (token, expires) = insert_enrollment_token(tx, site, now, policy).await?;
+    tx.audit(now, actor, "site.token", &format!("site:{site}"), "")
+        .await?;
+    Ok(SiteCreated {
+        site_id: site,
+        name,
+        enrollment_token: token,
+        token_expires_at: UnixMillis(u64_of(expires)),
+    })
+}
+
+/// Redeems a one-time token: the site gets the agent's public key and a new
+/// credential (rotating any previous one).
+///
+/// # Errors
+/// `BadToken`; `Conflict` when another site uses the key.
+pub async fn enroll(
+    tx: &mut Tx,
+    token: &str,
+    key: PublicKey,
+    now: i64,
+) -> OpResult<EnrollResponse> {
+    let hash = Secret::hash_of(token);
+    let row = sqlx::query(
+        "SELECT site_id, expires_at, used_at FROM enrollment_tokens WHERE token_hash = $1",
+    )
+    .bind(&hash)
+    .fetch_optional(&mut *tx.inner)
+    .await?
+    .ok_or(OpError::BadToken)?;
+    let site = SiteId(u64_of(col(&row, "site_id")?));
+    let used: Option<i64> = col(&row, "used_at")?;
+    if used.is_some() || col::<i64>(&row, "expires_at")? <= now {
+        return Err(OpError::BadToken);
+    }
+    tx.lock_site(site).await?;
+    let key_b64 = key.to_base64();
+    let other = sqlx::query("SELECT id FROM sites WHERE public_key = $1 AND id <> $2")
+        .bind(&key_b64)
+        .bind(id64(site.0))
+        .fetch_optional(&mut *tx.inner)
+        .await?;
+    if other.is_some() {
+        return Err(OpError::Conflict {
+            field: "public_key",
+            message: "another site uses this public key".into(),
+        });
+    }
+    // Single use even when two enrollments race: only one update matches.
+    let claimed = sqlx::query(
+        "UPDATE enrollment_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL",
+    )
+    .bind(now)
+    .bind(&hash)
+    .execute(&mut *tx.inner)
+    .await?;
+    if claimed.rows_affected() != 1 {
+        return Err(OpError::BadToken);
+    }
+    let credential = Secret::generate(SecretKind::Site);
+    let row = sqlx::query(
+        "UPDATE sites SET public_key = $1, credential_hash = $2, enrolled_at = $3 WHERE id = $4 RETURNING name",
+    )
+    .bind(&key_b64)
+    .bind(credential.hash())
+    .bind(now)
+    .bind(id64(site.0))
+    .fetch_one(&mut *tx.inner)
+    .await?;
+    let name: String = col(&row, "name")?;
+    tx.bump_site(site).await?;
+    if let Some(gw) = site_gateway(tx, site).await? {
+        // The peer's key changed.
+        tx.bump_gateway(gw).await?;
+    }
+    tx.audit(
+        now,
+        &format!("site:{site}"),
+        "site.enroll",
+        &format!("site:{site}"),
+        &format!("public key {key_b64}"),
+    )
+    .await?;
+    Ok(EnrollResponse {
+        site_id: site,
+        site_name: name,
+        credential: credential.expose().to_owned(),
+    })
+}
+
+/// Records what an agent applied.
+///
+/// # Errors
+/// Database failures.
+pub async fn site_applied(
+    tx: &mut Tx,
+    site: SiteId,
+    version: u64,
+    errors: &[String],
+) -> OpResult<()> {
+    sqlx::query("UPDATE sites SET applied_version = $1, applied_errors = $2 WHERE id = $3")
+        .bind(id64(version))
+        .bind(serde_json::to_string(errors).unwrap_or_default())
+        .bind(id64(site.0))
+        .execute(&mut *tx.inner)
+        .await?;
+    Ok(())
+}
+
+/// Records (in its own transaction) that a site asked for maintenance and
+/// nothing could be allocated; the agent shows it to the customer.
+///
+/// # Errors
+/// Database failures.
+pub async fn set_problem(tx: &mut Tx, site: SiteId, problem: &str) -> OpResult<()> {
+    let r = sqlx::query(
+        "UPDATE sites SET problem = $1 WHERE id = $2 AND (problem IS NULL OR problem <> $1)",
+    )
+    .bind(problem)
+    .bind(id64(site.0))
+    .execute(&mut *tx.inner)
+    .await?;
+    if r.rows_affected() > 0 {
+        tx.bump_site(site).await?;
+    }
+    Ok(())
+}

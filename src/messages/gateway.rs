@@ -1,0 +1,163 @@
+//! The gateway: registration, heartbeats, its desired state and what it applied.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use super::common::{FieldError, GatewayId, PublicKey, SiteId, TunnelKind, UnixMillis, check_text};
+use super::operator::Health;
+
+/// A gateway announces itself (at start and after the server lost it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRegistration {
+    /// Where agents dial it (its public UDP endpoints).
+    pub endpoints: Vec<SocketAddr>,
+    /// Its WireGuard public key.
+    pub public_key: PublicKey,
+    /// The tunnel kinds it terminates.
+    pub tunnel_kinds: Vec<TunnelKind>,
+    /// How many sites (tunnels) it takes at most.
+    pub max_tunnels: u32,
+    /// The gateway program's version, for the operator.
+    pub software_version: String,
+}
+
+impl GatewayRegistration {
+    /// # Errors
+    /// A [`FieldError`] naming the first invalid field.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.endpoints.is_empty() || self.endpoints.len() > 16 {
+            return Err(FieldError::new("endpoints", "1 to 16 endpoints"));
+        }
+        if self
+            .endpoints
+            .iter()
+            .any(|e| e.port() == 0 || e.ip().is_unspecified())
+        {
+            return Err(FieldError::new(
+                "endpoints",
+                "an endpoint needs an address and a port",
+            ));
+        }
+        if self.tunnel_kinds.is_empty() {
+            return Err(FieldError::new("tunnel_kinds", "at least one tunnel kind"));
+        }
+        if self.max_tunnels == 0 || self.max_tunnels > 1_000_000 {
+            return Err(FieldError::new("max_tunnels", "1 to 1000000"));
+        }
+        check_text("software_version", &self.software_version, 64, false)
+    }
+}
+
+/// The server's answer to a registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub struct GatewayRegistered {
+    /// The gateway's id (the one its credential belongs to).
+    pub gateway_id: GatewayId,
+    /// How often to heartbeat.
+    pub heartbeat_interval_ms: u64,
+}
+
+/// Per-peer counters a gateway reports with its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub struct PeerStatus {
+    /// The site of this peer.
+    pub site_id: SiteId,
+    /// Last authenticated endpoint.
+    pub endpoint: Option<SocketAddr>,
+    /// Last completed handshake.
+    pub last_handshake: Option<UnixMillis>,
+    /// Bytes received from the peer (inner packets).
+    pub rx_bytes: u64,
+    /// Bytes sent to the peer (inner packets).
+    pub tx_bytes: u64,
+}
+
+/// The periodic sign of life of a gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct GatewayHeartbeat {
+    /// Its capacity (may change at restart).
+    pub max_tunnels: u32,
+    /// Peers configured now.
+    pub active_tunnels: u32,
+    /// Its own view of its health.
+    pub health: Health,
+    /// The desired-state version it runs.
+    pub applied_version: u64,
+    /// Per-peer counters.
+    #[serde(default)]
+    pub peers: Vec<PeerStatus>,
+}
+
+impl GatewayHeartbeat {
+    /// # Errors
+    /// A [`FieldError`] naming the first invalid field.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.max_tunnels == 0 || self.max_tunnels > 1_000_000 {
+            return Err(FieldError::new("max_tunnels", "1 to 1000000"));
+        }
+        if self.health == Health::Down {
+            return Err(FieldError::new(
+                "health",
+                "a gateway cannot report itself down",
+            ));
+        }
+        if self.peers.len() > 1_000_000 {
+            return Err(FieldError::new("peers", "too many peers"));
+        }
+        Ok(())
+    }
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub struct HeartbeatAck {
+    /// The newest desired-state version for this gateway.
+    pub desired_version: u64,
+    /// Whether the operator drains this gateway.
+    pub drain: bool,
+}
+
+/// One site's tunnel on a gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub struct GatewayPeer {
+    /// The site.
+    pub site_id: SiteId,
+    /// The site agent's WireGuard public key.
+    pub public_key: PublicKey,
+    /// The NAT addresses routed into this tunnel; also the only inner source
+    /// addresses accepted from it (anti-spoofing).
+    pub nat_addresses: Vec<Ipv4Addr>,
+}
+
+/// Everything a gateway should be doing, as one versioned document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub struct GatewayDesiredState {
+    /// Increases on every change; a gateway ignores a document older than what it runs.
+    pub version: u64,
+    /// The gateway this is for.
+    pub gateway_id: GatewayId,
+    /// Its peers, ordered by site id.
+    pub peers: Vec<GatewayPeer>,
+}
+
+/// What a gateway or agent reports after reconciling to a desired state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AppliedState {
+    /// The version it now runs.
+    pub version: u64,
+    /// Empty when everything was applied.
+    #[serde(default)]
+    pub errors: Vec<String>,
+}

@@ -1,0 +1,133 @@
+//! The operator: sites, enrollment tokens, gateway identities, drain.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use super::common::{FieldError, GatewayId, PublicKey, SiteId, TunnelKind, UnixMillis, check_text};
+
+/// Operator: create a site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewSite {
+    /// A unique, human-chosen name (1–100 characters).
+    pub name: String,
+}
+
+impl NewSite {
+    /// # Errors
+    /// A [`FieldError`] naming the first invalid field.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        check_text("name", &self.name, 100, true)
+    }
+}
+
+/// A site and its one-time enrollment token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub struct SiteCreated {
+    /// The new site.
+    pub site_id: SiteId,
+    /// Its name.
+    pub name: String,
+    /// Shown once; the server keeps only a hash.
+    pub enrollment_token: String,
+    /// After this the token is refused.
+    pub token_expires_at: UnixMillis,
+}
+
+/// A site as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub struct SiteView {
+    /// The site.
+    pub site_id: SiteId,
+    /// Its name.
+    pub name: String,
+    /// Whether an agent has enrolled.
+    pub enrolled: bool,
+    /// The gateway that carries its tunnel, if it has one.
+    pub gateway_id: Option<GatewayId>,
+    /// The NAT addresses it holds now.
+    pub nat_addresses: Vec<Ipv4Addr>,
+    /// When the site was created.
+    pub created_at: UnixMillis,
+}
+
+/// Operator: create a gateway identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewGateway {
+    /// A unique name (1–100 characters).
+    pub name: String,
+}
+
+impl NewGateway {
+    /// # Errors
+    /// A [`FieldError`] naming the first invalid field.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        check_text("name", &self.name, 100, true)
+    }
+}
+
+/// A gateway identity and its credential (shown once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub struct GatewayCreated {
+    /// The gateway.
+    pub gateway_id: GatewayId,
+    /// Its name.
+    pub name: String,
+    /// The bearer credential the gateway presents (`Authorization: Bearer …`).
+    pub credential: String,
+}
+
+/// Operator: put a gateway into (or out of) drain mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DrainGateway {
+    /// `true`: take no new sites.
+    pub drain: bool,
+}
+
+/// The health a gateway reports, and the server's view of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Forwarding and accepting new sites.
+    Healthy,
+    /// Forwarding, but something is wrong (e.g. a route could not be installed); takes no new sites.
+    Degraded,
+    /// Missed its heartbeats (server-side only).
+    Down,
+}
+
+/// A gateway as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub struct GatewayView {
+    /// The gateway.
+    pub gateway_id: GatewayId,
+    /// Its name.
+    pub name: String,
+    /// Its tunnel endpoints, once registered.
+    pub endpoints: Vec<SocketAddr>,
+    /// Its WireGuard public key, once registered.
+    pub public_key: Option<PublicKey>,
+    /// The tunnel kinds it terminates.
+    pub tunnel_kinds: Vec<TunnelKind>,
+    /// Its capacity.
+    pub max_tunnels: u32,
+    /// Sites it carries now.
+    pub tunnels: u32,
+    /// Its health.
+    pub health: Health,
+    /// Whether the operator drains it.
+    pub drain: bool,
+    /// The last heartbeat received.
+    pub last_heartbeat: Option<UnixMillis>,
+}

@@ -1,0 +1,56 @@
+//! HTTP routes of the maintenance server API, relative to its base URL.
+
+/// `POST` [`super::EnrollRequest`] → [`super::EnrollResponse`]. Authenticated by the token in the body.
+pub const ENROLL: &str = "/api/v1/enroll";
+/// `POST` [`super::NewMaintenanceRequest`] → [`super::MaintenanceRequestView`]; `GET` → `Vec<MaintenanceRequestView>` (the site's own).
+pub const AGENT_REQUESTS: &str = "/api/v1/agent/requests";
+/// `POST` (empty body) → [`super::MaintenanceRequestView`]. `{id}` is a [`super::RequestId`].
+pub const AGENT_REVOKE: &str = "/api/v1/agent/requests/{id}/revoke";
+/// `POST` [`super::FailureReport`] → [`super::FailureAccepted`].
+pub const AGENT_FAILURES: &str = "/api/v1/agent/failures";
+/// `GET ?after=VERSION&wait_ms=N` → [`super::AgentDesiredState`] (long-poll).
+pub const AGENT_STATE: &str = "/api/v1/agent/state";
+/// `POST` [`super::AppliedState`] → 204.
+pub const AGENT_APPLIED: &str = "/api/v1/agent/applied";
+
+/// `POST` [`super::GatewayRegistration`] → [`super::GatewayRegistered`].
+pub const GATEWAY_REGISTER: &str = "/api/v1/gateway/register";
+/// `POST` [`super::GatewayHeartbeat`] → [`super::HeartbeatAck`].
+pub const GATEWAY_HEARTBEAT: &str = "/api/v1/gateway/heartbeat";
+/// `GET ?after=VERSION&wait_ms=N` → [`super::GatewayDesiredState`] (long-poll).
+pub const GATEWAY_STATE: &str = "/api/v1/gateway/state";
+/// `POST` [`super::AppliedState`] → 204.
+pub const GATEWAY_APPLIED: &str = "/api/v1/gateway/applied";
+
+/// Operator: `POST` [`super::NewSite`] → [`super::SiteCreated`]; `GET` → `Vec<SiteView>`.
+pub const SITES: &str = "/api/v1/sites";
+/// Operator: `POST` → [`super::SiteCreated`] with a fresh enrollment token (re-enrollment).
+pub const SITE_TOKEN: &str = "/api/v1/sites/{id}/token";
+/// Operator: `POST` [`super::NewGateway`] → [`super::GatewayCreated`]; `GET` → `Vec<GatewayView>`.
+pub const GATEWAYS: &str = "/api/v1/gateways";
+/// Operator: `POST` [`super::DrainGateway`] → [`super::GatewayView`].
+pub const GATEWAY_DRAIN: &str = "/api/v1/gateways/{id}/drain";
+
+/// Technician: `POST` [`super::Login`] → [`super::LoginResponse`] + session cookie.
+pub const LOGIN: &str = "/api/v1/login";
+/// Technician: `POST` → 204, clears the session.
+pub const LOGOUT: &str = "/api/v1/logout";
+/// Technician: `GET ?state=&site=` → `Vec<MaintenanceRequestView>`.
+pub const REQUESTS: &str = "/api/v1/requests";
+/// Technician: `POST` → [`super::MaintenanceRequestView`].
+pub const REQUEST_START: &str = "/api/v1/requests/{id}/start";
+/// Technician: `POST` → [`super::MaintenanceRequestView`].
+pub const REQUEST_END: &str = "/api/v1/requests/{id}/end";
+/// Technician: `GET` → `Vec<FailureView>`.
+pub const FAILURES: &str = "/api/v1/failures";
+/// Technician: `GET ?before=ID&limit=N` → `Vec<AuditEntry>`.
+pub const AUDIT: &str = "/api/v1/audit";
+/// Technician: `GET ?after=VERSION&wait_ms=N` → [`super::ConsoleEvents`] (long-poll for live updates).
+pub const CONSOLE_EVENTS: &str = "/api/v1/events";
+
+/// The OpenAPI document of all of the above.
+pub const OPENAPI: &str = "/api/openapi.json";
+/// Liveness: `GET` → 200 `{"status":"ok"}`.
+pub const HEALTH: &str = "/healthz";
+/// Prometheus text exposition.
+pub const METRICS: &str = "/metrics";

@@ -1,0 +1,279 @@
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::*;
+
+fn round_trip<T: Serialize + DeserializeOwned + PartialEq + fmt::Debug>(value: &T) -> String {
+    let json = serde_json::to_string(value).unwrap();
+    let back: T = serde_json::from_str(&json).unwrap();
+    assert_eq!(&back, value, "{json}");
+    json
+}
+
+fn key(b: u8) -> PublicKey {
+    PublicKey([b; 32])
+}
+
+fn name(s: &str) -> TerminalName {
+    TerminalName::new(s).unwrap()
+}
+
+fn request_view() -> MaintenanceRequestView {
+    MaintenanceRequestView {
+        id: RequestId(17),
+        acceptance_number: "20261122-000017".into(),
+        site_id: SiteId(3),
+        site_name: "Bakery Schmidt".into(),
+        global_address: Some("198.51.100.7".parse().unwrap()),
+        requester_name: "A. Schmidt".into(),
+        level: Level::Administrator,
+        urgency: Urgency::High,
+        phone: "+49 30 1234".into(),
+        content: "printer offline".into(),
+        terminals: vec![TerminalAssignment {
+            name: name("pc-1"),
+            nat_address: Some(Ipv4Addr::new(10, 64, 0, 5)),
+        }],
+        state: RequestState::Waiting,
+        gateway_id: Some(GatewayId(1)),
+        received_at: UnixMillis(1_700_000_000_000),
+        started_at: None,
+        ended_at: None,
+        expires_at: UnixMillis(1_700_014_400_000),
+    }
+}
+
+#[test]
+fn every_message_round_trips_through_json() {
+    round_trip(&EnrollRequest {
+        token: "tok".into(),
+        public_key: key(1),
+    });
+    round_trip(&EnrollResponse {
+        site_id: SiteId(3),
+        site_name: "s".into(),
+        credential: "c".into(),
+    });
+    round_trip(&GatewayRegistration {
+        endpoints: vec!["203.0.113.1:51820".parse().unwrap()],
+        public_key: key(2),
+        tunnel_kinds: vec![TunnelKind::Wireguard],
+        max_tunnels: 2,
+        software_version: "0.1.0".into(),
+    });
+    round_trip(&GatewayRegistered {
+        gateway_id: GatewayId(1),
+        heartbeat_interval_ms: 1000,
+    });
+    round_trip(&GatewayHeartbeat {
+        max_tunnels: 2,
+        active_tunnels: 1,
+        health: Health::Healthy,
+        applied_version: 4,
+        peers: vec![PeerStatus {
+            site_id: SiteId(3),
+            endpoint: Some("198.51.100.7:40000".parse().unwrap()),
+            last_handshake: Some(UnixMillis(5)),
+            rx_bytes: 1,
+            tx_bytes: 2,
+        }],
+    });
+    round_trip(&HeartbeatAck {
+        desired_version: 4,
+        drain: false,
+    });
+    round_trip(&GatewayDesiredState {
+        version: 4,
+        gateway_id: GatewayId(1),
+        peers: vec![GatewayPeer {
+            site_id: SiteId(3),
+            public_key: key(3),
+            nat_addresses: vec![Ipv4Addr::new(10, 64, 0, 5)],
+        }],
+    });
+    round_trip(&AppliedState {
+        version: 4,
+        errors: vec!["route 10.64.0.5: EPERM".into()],
+    });
+    round_trip(&AgentDesiredState {
+        version: 9,
+        site_id: SiteId(3),
+        tunnel: Some(AgentTunnel {
+            gateway_id: GatewayId(1),
+            kind: TunnelKind::Wireguard,
+            endpoint: "203.0.113.1:51820".parse().unwrap(),
+            public_key: key(2),
+            persistent_keepalive_s: 25,
+        }),
+        mappings: vec![AgentMapping {
+            nat_address: Ipv4Addr::new(10, 64, 0, 5),
+            terminal: name("pc-1"),
+            request_id: RequestId(17),
+            expires_at: UnixMillis(1_700_014_400_000),
+        }],
+        problem: None,
+    });
+    round_trip(&NewMaintenanceRequest {
+        requester_name: "A. Schmidt".into(),
+        level: Level::General,
+        urgency: Urgency::Emergency,
+        phone: "+49 30 1234".into(),
+        content: "".into(),
+        terminals: vec![name("pc-1"), name("nas")],
+    });
+    round_trip(&request_view());
+    round_trip(&FailureReport {
+        code: FailureCode::LanLinkDown,
+        detail: "eth1 carrier lost".into(),
+        terminal: None,
+        open_request: true,
+    });
+    round_trip(&FailureAccepted {
+        failure_id: 1,
+        request: Some(request_view()),
+    });
+    round_trip(&Login {
+        name: "tech".into(),
+        password: "pw".into(),
+    });
+    round_trip(&ConsoleEvents {
+        version: 1,
+        requests: vec![request_view()],
+        failures: vec![],
+    });
+    round_trip(&ApiError {
+        error: "invalid_field".into(),
+        message: "phone: bad".into(),
+        field: Some("phone".into()),
+    });
+}
+
+#[test]
+fn wire_names_are_stable() {
+    let json = round_trip(&request_view());
+    for needle in [
+        "\"state\":\"waiting\"",
+        "\"level\":\"administrator\"",
+        "\"urgency\":\"high\"",
+        "\"nat_address\":\"10.64.0.5\"",
+        "\"received_at\":1700000000000",
+        "\"id\":17",
+    ] {
+        assert!(json.contains(needle), "{needle} not in {json}");
+    }
+    assert_eq!(
+        serde_json::to_string(&key(0)).unwrap(),
+        "\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\""
+    );
+}
+
+#[test]
+fn bad_keys_and_names_are_rejected_by_deserialization() {
+    assert!(serde_json::from_str::<PublicKey>("\"AAAA\"").is_err());
+    assert!(serde_json::from_str::<PublicKey>("\"not base64!\"").is_err());
+    assert!(serde_json::from_str::<TerminalName>("\"\"").is_err());
+    assert!(serde_json::from_str::<TerminalName>("\"-pc\"").is_err());
+    assert!(serde_json::from_str::<TerminalName>("\"pc 1\"").is_err());
+    assert!(serde_json::from_str::<TerminalName>(&format!("\"{}\"", "a".repeat(64))).is_err());
+    assert!(serde_json::from_str::<TerminalName>("\"pc-1.lan_2\"").is_ok());
+    let unknown =
+        r#"{"token":"t","public_key":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","x":1}"#;
+    assert!(serde_json::from_str::<EnrollRequest>(unknown).is_err());
+}
+
+#[test]
+fn request_validation_names_the_field() {
+    let good = NewMaintenanceRequest {
+        requester_name: "A".into(),
+        level: Level::General,
+        urgency: Urgency::Normal,
+        phone: "0301234".into(),
+        content: "x".into(),
+        terminals: vec![name("pc-1")],
+    };
+    assert_eq!(good.validate(), Ok(()));
+    let field = |r: NewMaintenanceRequest| r.validate().unwrap_err().field;
+    assert_eq!(
+        field(NewMaintenanceRequest {
+            requester_name: " ".into(),
+            ..good.clone()
+        }),
+        "requester_name"
+    );
+    assert_eq!(
+        field(NewMaintenanceRequest {
+            phone: "call me".into(),
+            ..good.clone()
+        }),
+        "phone"
+    );
+    assert_eq!(
+        field(NewMaintenanceRequest {
+            content: "x".repeat(4001),
+            ..good.clone()
+        }),
+        "content"
+    );
+    assert_eq!(
+        field(NewMaintenanceRequest {
+            terminals: vec![],
+            ..good.clone()
+        }),
+        "terminals"
+    );
+    assert_eq!(
+        field(NewMaintenanceRequest {
+            terminals: vec![name("a"), name("a")],
+            ..good.clone()
+        }),
+        "terminals"
+    );
+    let api: ApiError = good
+        .clone()
+        .validate()
+        .and(
+            NewMaintenanceRequest {
+                phone: "?".into(),
+                ..good
+            }
+            .validate(),
+        )
+        .unwrap_err()
+        .into();
+    assert_eq!(api.field.as_deref(), Some("phone"));
+    assert_eq!(api.error, "invalid_field");
+}
+
+#[test]
+fn gateway_registration_validation() {
+    let good = GatewayRegistration {
+        endpoints: vec!["203.0.113.1:51820".parse().unwrap()],
+        public_key: key(2),
+        tunnel_kinds: vec![TunnelKind::Wireguard],
+        max_tunnels: 2,
+        software_version: "0.1.0".into(),
+    };
+    assert_eq!(good.validate(), Ok(()));
+    let bad = GatewayRegistration {
+        max_tunnels: 0,
+        ..good.clone()
+    };
+    assert_eq!(bad.validate().unwrap_err().field, "max_tunnels");
+    let bad = GatewayRegistration {
+        endpoints: vec!["0.0.0.0:51820".parse().unwrap()],
+        ..good
+    };
+    assert_eq!(bad.validate().unwrap_err().field, "endpoints");
+}
+
+#[test]
+fn login_debug_redacts_the_password() {
+    let l = Login {
+        name: "t".into(),
+        password: "hunter2".into(),
+    };
+    assert!(!format!("{l:?}").contains("hunter2"));
+}
