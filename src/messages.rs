@@ -265,11 +265,15 @@ impl<'de> Deserialize<'de> for TerminalName {
 }
 
 /// Which tunnel protocol carries a site's traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// Documents that name none mean WireGuard.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TunnelKind {
     /// WireGuard over UDP (boringtun's noise layer).
+    #[default]
     Wireguard,
 }
 
@@ -628,6 +632,9 @@ pub struct GatewayPeer {
     /// The NAT addresses routed into this tunnel; also the only inner source
     /// addresses accepted from it (anti-spoofing).
     pub nat_addresses: Vec<Ipv4Addr>,
+    /// The protocol of this site's tunnel (absent: WireGuard).
+    #[serde(default)]
+    pub tunnel: TunnelKind,
 }
 
 /// Everything a gateway should be doing, as one versioned document.
@@ -662,7 +669,8 @@ pub struct AppliedState {
 pub struct AgentTunnel {
     /// The gateway the server chose.
     pub gateway_id: GatewayId,
-    /// The protocol.
+    /// The protocol (absent: WireGuard).
+    #[serde(default)]
     pub kind: TunnelKind,
     /// Where to dial.
     pub endpoint: SocketAddr,
@@ -1080,6 +1088,7 @@ mod tests {
                 site_id: SiteId(3),
                 public_key: key(3),
                 nat_addresses: vec![Ipv4Addr::new(10, 64, 0, 5)],
+                tunnel: TunnelKind::Wireguard,
             }],
         });
         round_trip(&AppliedState {
@@ -1137,6 +1146,27 @@ mod tests {
             message: "phone: bad".into(),
             field: Some("phone".into()),
         });
+    }
+
+    #[test]
+    fn documents_without_a_tunnel_kind_mean_wireguard() {
+        let peer: GatewayPeer = serde_json::from_str(&format!(
+            r#"{{"site_id":3,"public_key":"{}","nat_addresses":["10.64.0.5"]}}"#,
+            key(3)
+        ))
+        .unwrap();
+        assert_eq!(peer.tunnel, TunnelKind::Wireguard);
+        let tunnel: AgentTunnel = serde_json::from_str(&format!(
+            r#"{{"gateway_id":1,"endpoint":"203.0.113.1:51820","public_key":"{}","persistent_keepalive_s":25}}"#,
+            key(2)
+        ))
+        .unwrap();
+        assert_eq!(tunnel.kind, TunnelKind::Wireguard);
+        assert!(
+            serde_json::to_string(&peer)
+                .unwrap()
+                .contains("\"tunnel\":\"wireguard\"")
+        );
     }
 
     #[test]
