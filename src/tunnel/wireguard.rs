@@ -1,5 +1,6 @@
-//! WireGuard tunnels on top of boringtun's noise layer: the one wrapper around
-//! [`boringtun::noise::Tunn`] that the gateway and the router agent share.
+//! The WireGuard kind of [`super::Tunnel`], on top of boringtun's noise
+//! layer: the one wrapper around [`boringtun::noise::Tunn`] that the gateway
+//! and the router agent share.
 //!
 //! boringtun's `Tunn` is a point-to-point WireGuard state machine with a few
 //! rules a caller must know; this module keeps them in one place so that the
@@ -41,7 +42,7 @@
 //!
 //! ```
 //! use std::time::Instant;
-//! use vpnnat::wg::{buffer_len, PrivateKey, Role, Tunnel, TunnelConfig, Decapsulated, Encapsulated};
+//! use vpnnat::tunnel::wireguard::{buffer_len, PrivateKey, Role, Tunnel, TunnelConfig, Decapsulated, Encapsulated};
 //!
 //! let now = Instant::now();
 //! let (a_key, b_key) = (PrivateKey::from_bytes([1; 32]), PrivateKey::from_bytes([2; 32]));
@@ -78,6 +79,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 
+use super::{Decapsulated, Encapsulated, Error, Incoming, TunnelEvent, TunnelStats};
 use crate::messages::{InvalidKey, PublicKey};
 
 /// Bytes a data message adds to an IP packet: type, receiver index, counter
@@ -144,54 +146,6 @@ impl FromStr for PrivateKey {
         let bytes = BASE64.decode(s.trim()).map_err(|_| InvalidKey)?;
         let key: [u8; 32] = bytes.try_into().map_err(|_| InvalidKey)?;
         Ok(Self::from_bytes(key))
-    }
-}
-
-/// Why a tunnel operation produced no packet. Every variant is a reason to
-/// drop the input and count it; none is fatal to the tunnel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, thiserror::Error)]
-pub enum Error {
-    /// The caller's output buffer is shorter than [`buffer_len`] of the input.
-    #[error("output buffer too small")]
-    BufferTooSmall,
-    /// Not a WireGuard message (wrong type or length) or an inner packet that
-    /// is neither IPv4 nor IPv6.
-    #[error("malformed packet")]
-    Malformed,
-    /// mac1 did not verify: not addressed to our public key.
-    #[error("invalid mac1")]
-    InvalidMac,
-    /// Authentication of the message failed (AEAD tag, static key, timestamp).
-    #[error("authentication failed")]
-    AuthenticationFailed,
-    /// A replayed or too-old counter or handshake timestamp.
-    #[error("replayed message")]
-    Replay,
-    /// The message belongs to no current session or handshake of this tunnel.
-    #[error("no session for this message")]
-    NoSession,
-    /// Handshakes arrive faster than the rate limit and the sender has no address
-    /// to send a cookie to.
-    #[error("under load")]
-    UnderLoad,
-    /// The handshake's initiator key is not one we know.
-    #[error("unknown peer")]
-    UnknownPeer,
-}
-
-impl Error {
-    /// A short stable name for metrics labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::BufferTooSmall => "buffer_too_small",
-            Self::Malformed => "malformed",
-            Self::InvalidMac => "invalid_mac",
-            Self::AuthenticationFailed => "authentication_failed",
-            Self::Replay => "replay",
-            Self::NoSession => "no_session",
-            Self::UnderLoad => "under_load",
-            Self::UnknownPeer => "unknown_peer",
-        }
     }
 }
 
@@ -298,58 +252,9 @@ impl TunnelConfig {
     }
 }
 
-/// What [`Tunnel::decapsulate`] produced.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Decapsulated<'b> {
-    /// An IP packet (IPv4 or IPv6, trimmed to its total length) for the tunnel
-    /// interface. Mutable so that a NAT can rewrite it in place.
-    Tunnel(&'b mut [u8]),
-    /// A message to send back to the peer (handshake response, keepalive, cookie reply).
-    Network(&'b [u8]),
-    /// Nothing to send (a keepalive, a cookie reply we stored).
-    Nothing,
-}
-
-/// What [`Tunnel::encapsulate`] produced.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Encapsulated<'b> {
-    /// A datagram for the peer: the encrypted packet, or a handshake initiation
-    /// when there was no session yet (the packet is then queued and comes out of
-    /// [`Tunnel::poll_network`] once the handshake completes).
-    Network(&'b [u8]),
-    /// The packet was queued while a handshake is in progress.
-    Queued,
-}
-
-/// Something the control plane or the metrics want to know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TunnelEvent {
-    /// A handshake completed; a new session is in use.
-    HandshakeCompleted,
-    /// The tunnel has had no session for so long that it gave up (responder:
-    /// idle; initiator: the peer does not answer).
-    Expired,
-}
-
-/// Counters of one tunnel (inner bytes, as `wg show` reports transfer).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TunnelStats {
-    /// Inner bytes received (decrypted IP packets).
-    pub rx_bytes: u64,
-    /// Inner packets received.
-    pub rx_packets: u64,
-    /// Inner bytes sent.
-    pub tx_bytes: u64,
-    /// Inner packets sent.
-    pub tx_packets: u64,
-    /// Handshakes completed.
-    pub handshakes: u64,
-    /// When the last handshake completed (the caller's clock).
-    pub last_handshake: Option<Instant>,
-}
-
 const TYPE_HANDSHAKE_INIT: u8 = 1;
 const TYPE_HANDSHAKE_RESPONSE: u8 = 2;
+const TYPE_COOKIE_REPLY: u8 = 3;
 const TYPE_DATA: u8 = 4;
 const HANDSHAKE_RESPONSE_LEN: usize = 92;
 /// Bound on undrained events: a slow consumer loses old events, never memory.
@@ -666,6 +571,58 @@ impl Tunnel {
     }
 }
 
+impl super::Tunnel for Tunnel {
+    fn has_session(&self) -> bool {
+        Tunnel::has_session(self)
+    }
+    fn stats(&self) -> TunnelStats {
+        Tunnel::stats(self)
+    }
+    fn initiate_handshake<'b>(
+        &mut self,
+        buf: &'b mut [u8],
+        force: bool,
+        now: Instant,
+    ) -> Result<Option<&'b [u8]>, Error> {
+        Tunnel::initiate_handshake(self, buf, force, now)
+    }
+    #[inline]
+    fn encapsulate<'b>(
+        &mut self,
+        packet: &[u8],
+        buf: &'b mut [u8],
+        now: Instant,
+    ) -> Result<Encapsulated<'b>, Error> {
+        Tunnel::encapsulate(self, packet, buf, now)
+    }
+    #[inline]
+    fn decapsulate<'b>(
+        &mut self,
+        from: Option<IpAddr>,
+        datagram: &[u8],
+        buf: &'b mut [u8],
+        now: Instant,
+    ) -> Result<Decapsulated<'b>, Error> {
+        Tunnel::decapsulate(self, from, datagram, buf, now)
+    }
+    fn poll_network<'b>(&mut self, buf: &'b mut [u8]) -> Option<&'b [u8]> {
+        Tunnel::poll_network(self, buf)
+    }
+    fn poll_timeout(&self) -> Instant {
+        Tunnel::poll_timeout(self)
+    }
+    fn handle_timeout<'b>(
+        &mut self,
+        buf: &'b mut [u8],
+        now: Instant,
+    ) -> Result<Option<&'b [u8]>, Error> {
+        Tunnel::handle_timeout(self, buf, now)
+    }
+    fn poll_event(&mut self) -> Option<TunnelEvent> {
+        Tunnel::poll_event(self)
+    }
+}
+
 /// A rate limiter for handshakes, shared by every tunnel of one responder.
 #[derive(Clone)]
 pub struct HandshakeLimiter(Arc<RateLimiter>);
@@ -674,23 +631,6 @@ impl fmt::Debug for HandshakeLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("HandshakeLimiter")
     }
-}
-
-/// What [`Responder::classify`] found a datagram to be.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Incoming<'b> {
-    /// A handshake initiation from the holder of `peer_public_key`. Feed the
-    /// datagram to that peer's [`Tunnel::decapsulate`].
-    Initiation {
-        /// The initiator's static public key.
-        peer_public_key: PublicKey,
-    },
-    /// A message for the tunnel created with this index (handshake response,
-    /// cookie reply, data).
-    ForIndex(u32),
-    /// We are under load: send this cookie reply back to the sender and drop the
-    /// initiation (WireGuard paper §5.4.7).
-    CookieReply(&'b [u8]),
 }
 
 /// The responder side of many tunnels behind one socket: routes datagrams to
@@ -800,6 +740,13 @@ impl Responder {
         } else {
             None
         }
+    }
+
+    /// Whether a message the addressed tunnel accepted proves its sender:
+    /// every message but a cookie reply (which carries no authenticator of
+    /// the session, WireGuard paper §5.4.7).
+    pub fn proves_sender(datagram: &[u8]) -> bool {
+        datagram.first() != Some(&TYPE_COOKIE_REPLY)
     }
 
     fn reset_limiter(&mut self, now: Instant) {
