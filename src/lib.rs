@@ -10,12 +10,14 @@
 //! - [`messages`]: the control-plane protocol shared by all three programs.
 //! - [`backoff`]: reconnection delays for the control-plane clients.
 //! - [`config`]: layering of TOML text and `VPNNAT_*` overrides into typed settings.
+//! - [`ipv4`]: the IPv4 vocabulary: prefixes, a checked header view, a fast hasher.
 //! - [`nat`]: the 1:1 static NAT (NAT address ↔ real LAN address), in-place IPv4
 //!   rewriting with incremental checksums, optional masquerade.
 //! - [`pool`]: the VPN-NAT address pool (allocation over any IPv4 prefix, reserved ranges).
 //! - [`gateway`]: the gateway's sans-IO packet logic (many peers, one socket, NAT-address routing).
 //! - [`agent`]: the router agent's sans-IO state (tunnel to its gateway, consent, 1:1 NAT).
-//! - [`wg`]: WireGuard tunnels on boringtun's noise layer (shared by gateway and agent).
+//! - [`tunnel`]: the tunnel seam the packet logic talks to, and its kinds (WireGuard).
+//! - [`wg`]: the WireGuard kind under its former path (a re-export).
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -24,7 +26,9 @@ pub mod backoff;
 pub mod config;
 mod drops;
 pub mod gateway;
+pub mod ipv4;
 pub mod messages;
 pub mod nat;
 pub mod pool;
+pub mod tunnel;
 pub mod wg;

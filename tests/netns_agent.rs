@@ -439,6 +439,7 @@ fn standalone(tag: &str, mode: AgentMode) -> World {
             site_id: SiteId(1),
             public_key: agent_key,
             nat_addresses: vec![NAT.parse().unwrap(), "10.64.0.6".parse().unwrap()],
+            tunnel: TunnelKind::Wireguard,
         }],
     };
     let peers_file = w.dir.path().join("peers.json");

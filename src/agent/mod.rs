@@ -3,14 +3,15 @@
 //! expiry), and the 1:1 NAT between the tunnel and the LAN side.
 //!
 //! [`AgentState`] follows the desired-state document
-//! ([`AgentDesiredState`]): it dials the gateway it names (WireGuard
-//! initiator with persistent keepalive, [`crate::wg`]), re-dials when the
+//! ([`crate::messages::AgentDesiredState`]): it dials the gateway it names (an initiator of
+//! the tunnel kind the document names, with persistent keepalive,
+//! [`crate::tunnel`]), re-dials when the
 //! server moves the site to another gateway, and tears the tunnel down when
 //! no mapping is left. Every mapping carries the moment the customer's
 //! consent ends; the state removes it then by itself (driven by
 //! [`AgentState::handle_timeout`]), whether or not the server is reachable.
 //!
-//! Two data modes share this state (DESIGN.md, "Data plane"):
+//! Two data modes share this state (docs/DESIGN.md, "Data plane"):
 //! - [`DataMode::Packet`]: decrypted packets are rewritten by a
 //!   [`PacketNat`] (by default [`AgentNat`], the core's
 //!   [`crate::nat::StaticNat`]: destination NAT address → real LAN address,
@@ -32,11 +33,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::messages::{
-    AgentDesiredState, AgentTunnel, AppliedState, GatewayId, PublicKey, RequestId, SiteId,
-    TerminalName, UnixMillis,
+    AgentTunnel, GatewayId, PublicKey, RequestId, SiteId, TerminalName, UnixMillis,
 };
-use crate::wg::{self, Decapsulated, Encapsulated, PrivateKey, Tunnel, TunnelConfig, TunnelEvent};
+use crate::tunnel::{self, Builtin, Kinds, PrivateKey, Tunnel, TunnelStats};
 
+mod datapath;
+mod desired;
 pub mod nat;
 #[cfg(test)]
 mod tests;
@@ -155,17 +157,17 @@ pub trait PacketNat: Send + std::fmt::Debug {
     fn handle_timeout(&mut self, now: Instant);
 }
 
-impl From<wg::Error> for DropReason {
-    fn from(e: wg::Error) -> Self {
+impl From<tunnel::Error> for DropReason {
+    fn from(e: tunnel::Error) -> Self {
         match e {
-            wg::Error::BufferTooSmall => Self::BufferTooSmall,
-            wg::Error::Malformed => Self::Malformed,
-            wg::Error::InvalidMac => Self::InvalidMac,
-            wg::Error::AuthenticationFailed => Self::AuthenticationFailed,
-            wg::Error::Replay => Self::Replay,
-            wg::Error::NoSession => Self::NoSession,
-            wg::Error::UnderLoad => Self::UnderLoad,
-            wg::Error::UnknownPeer => Self::UnknownPeer,
+            tunnel::Error::BufferTooSmall => Self::BufferTooSmall,
+            tunnel::Error::Malformed => Self::Malformed,
+            tunnel::Error::InvalidMac => Self::InvalidMac,
+            tunnel::Error::AuthenticationFailed => Self::AuthenticationFailed,
+            tunnel::Error::Replay => Self::Replay,
+            tunnel::Error::NoSession => Self::NoSession,
+            tunnel::Error::UnderLoad => Self::UnderLoad,
+            tunnel::Error::UnknownPeer => Self::UnknownPeer,
         }
     }
 }
@@ -306,7 +308,7 @@ pub struct TunnelView {
     /// Whether a session is established.
     pub up: bool,
     /// Counters of the tunnel.
-    pub stats: wg::TunnelStats,
+    pub stats: TunnelStats,
 }
 
 struct Mapping {
@@ -317,13 +319,14 @@ struct Mapping {
     expires_at: Instant,
 }
 
-struct Peer {
+struct Peer<T> {
     desired: AgentTunnel,
-    tunnel: Tunnel,
+    tunnel: T,
 }
 
-/// The router agent's packet state. See the module documentation.
-pub struct AgentState {
+/// The router agent's packet state. See the module documentation. `K` is
+/// the set of tunnel kinds it can dial ([`Builtin`] in the product).
+pub struct AgentState<K: Kinds = Builtin> {
     site_id: SiteId,
     private_key: PrivateKey,
     mode: DataMode,
@@ -332,7 +335,7 @@ pub struct AgentState {
     /// The tunnel the server wants (kept while no mapping is live, so that it
     /// is dialled as soon as one is).
     desired_tunnel: Option<AgentTunnel>,
-    peer: Option<Peer>,
+    peer: Option<Peer<K::Tunnel>>,
     mappings: BTreeMap<Ipv4Addr, Mapping>,
     /// Requests the customer ended here ("end access now"): their mappings
     /// are never installed again, even if the server still lists them
@@ -346,7 +349,7 @@ pub struct AgentState {
     counters: AgentCounters,
 }
 
-impl std::fmt::Debug for AgentState {
+impl<K: Kinds> std::fmt::Debug for AgentState<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentState")
             .field("site_id", &self.site_id)
@@ -365,8 +368,17 @@ pub fn deadline(at: UnixMillis, now: Instant, wall: UnixMillis) -> Instant {
 }
 
 impl AgentState {
-    /// An agent with no tunnel and no mapping; packet mode uses [`AgentNat`].
+    /// An agent with no tunnel and no mapping, dialling the [`Builtin`]
+    /// tunnel kinds; packet mode uses [`AgentNat`].
     pub fn new(config: AgentConfig, now: Instant) -> Self {
+        Self::with_kinds(config, now)
+    }
+}
+
+impl<K: Kinds> AgentState<K> {
+    /// An agent with no tunnel and no mapping, dialling the tunnel kinds
+    /// `K`; packet mode uses [`AgentNat`].
+    pub fn with_kinds(config: AgentConfig, now: Instant) -> Self {
         let masquerade = match config.mode {
             DataMode::Packet { masquerade } => masquerade,
             DataMode::Netstack => None,
@@ -394,7 +406,7 @@ impl AgentState {
             nat,
             transmits: VecDeque::new(),
             free_bufs: Vec::new(),
-            scratch: vec![0; wg::buffer_len(MAX_PACKET)],
+            scratch: vec![0; K::buffer_len(MAX_PACKET)],
             events: VecDeque::new(),
             counters: AgentCounters::default(),
         }
@@ -442,403 +454,7 @@ impl AgentState {
         })
     }
 
-    /// Reconciles to `desired`. `names` holds the real address of every
-    /// terminal the caller could resolve; `now` and `wall` are the same moment
-    /// on the monotonic and the wall clock.
-    ///
-    /// Returns what was applied (errors name mappings that could not be
-    /// installed), or `None` when the document is not newer than the one in
-    /// force or is for another site (nothing changes then).
-    pub fn handle_desired_state(
-        &mut self,
-        desired: &AgentDesiredState,
-        names: &BTreeMap<TerminalName, Ipv4Addr>,
-        now: Instant,
-        wall: UnixMillis,
-    ) -> Option<AppliedState> {
-        if desired.site_id != self.site_id {
-            tracing::warn!(
-                site.id = %self.site_id,
-                document.site = %desired.site_id,
-                "desired state for another site ignored"
-            );
-            return None;
-        }
-        if self.applied_version.is_some_and(|v| desired.version <= v) {
-            return None;
-        }
-        let mut errors = Vec::new();
-        // What the document asks for, validated.
-        let mut wanted: BTreeMap<Ipv4Addr, Mapping> = BTreeMap::new();
-        let mut reals: BTreeMap<Ipv4Addr, Ipv4Addr> = BTreeMap::new();
-        for m in &desired.mappings {
-            if m.expires_at <= wall || self.revoked.contains(&m.request_id) {
-                // Consent already over: never install it.
-                continue;
-            }
-            if !is_unicast(m.nat_address) {
-                errors.push(format!("{}: not a unicast NAT address", m.nat_address));
-                continue;
-            }
-            let Some(&real) = names.get(&m.terminal) else {
-                errors.push(format!(
-                    "{}: terminal {} does not resolve on the LAN",
-                    m.nat_address, m.terminal
-                ));
-                continue;
-            };
-            if let Some(other) = reals.get(&real) {
-                errors.push(format!(
-                    "{}: terminal {} is already mapped as {other}",
-                    m.nat_address, m.terminal
-                ));
-                continue;
-            }
-            if wanted.contains_key(&m.nat_address) {
-                errors.push(format!("{}: listed twice", m.nat_address));
-                continue;
-            }
-            reals.insert(real, m.nat_address);
-            wanted.insert(
-                m.nat_address,
-                Mapping {
-                    real,
-                    terminal: m.terminal.clone(),
-                    request_id: m.request_id,
-                    expires_wall: m.expires_at,
-                    expires_at: deadline(m.expires_at, now, wall),
-                },
-            );
-        }
-
-        // Remove what is gone or changed first, so that a real address that
-        // moves to another NAT address is free when it is inserted again.
-        let stale: Vec<(Ipv4Addr, RemovedBecause)> = self
-            .mappings
-            .iter()
-            .filter_map(|(nat, old)| match wanted.get(nat) {
-                None => Some((*nat, RemovedBecause::Withdrawn)),
-                Some(new) if new.real != old.real => Some((*nat, RemovedBecause::Replaced)),
-                Some(_) => None,
-            })
-            .collect();
-        for (nat, because) in stale {
-            self.remove_mapping(nat, because);
-        }
-        for (nat, new) in wanted {
-            match self.mappings.get_mut(&nat) {
-                Some(old) => {
-                    // Same terminal and address: the expiry or request may move.
-                    if old.expires_at != new.expires_at {
-                        old.expires_at = new.expires_at;
-                        old.expires_wall = new.expires_wall;
-                        let _ = self.nat.remove(nat);
-                        if self.mode != DataMode::Netstack
-                            && let Err(e) = self.nat.insert(nat, old.real, Some(old.expires_at))
-                        {
-                            errors.push(format!("{nat}: {e}"));
-                        }
-                    }
-                    old.request_id = new.request_id;
-                    old.terminal = new.terminal;
-                }
-                None => {
-                    if self.mode != DataMode::Netstack
-                        && let Err(e) = self.nat.insert(nat, new.real, Some(new.expires_at))
-                    {
-                        errors.push(format!("{nat}: {e}"));
-                        continue;
-                    }
-                    tracing::info!(
-                        nat = %nat,
-                        terminal = %new.terminal,
-                        request.id = %new.request_id,
-                        "mapping installed"
-                    );
-                    tracing::debug!(nat = %nat, real = %new.real, "mapping target");
-                    self.push_event(AgentEvent::MappingInstalled {
-                        nat,
-                        real: new.real,
-                        terminal: new.terminal.clone(),
-                    });
-                    self.mappings.insert(nat, new);
-                }
-            }
-        }
-        self.desired_tunnel = desired.tunnel.clone();
-        self.reconcile_tunnel(now);
-        self.applied_version = Some(desired.version);
-        Some(AppliedState {
-            version: desired.version,
-            errors,
-        })
-    }
-
-    /// The customer ends access for request `id` here and now, whatever the
-    /// server says: its mappings are removed and never installed again.
-    /// Returns how many were removed.
-    pub fn revoke_request(&mut self, id: RequestId, now: Instant) -> usize {
-        self.revoked.insert(id);
-        let gone: Vec<Ipv4Addr> = self
-            .mappings
-            .iter()
-            .filter(|(_, m)| m.request_id == id)
-            .map(|(nat, _)| *nat)
-            .collect();
-        for nat in &gone {
-            self.remove_mapping(*nat, RemovedBecause::Revoked);
-        }
-        if !gone.is_empty() {
-            tracing::info!(request.id = %id, mappings = gone.len(), "access ended by the customer");
-            self.reconcile_tunnel(now);
-        }
-        gone.len()
-    }
-
-    /// Dials, re-dials or tears down the tunnel: up iff the server names a
-    /// gateway and at least one mapping is in force.
-    fn reconcile_tunnel(&mut self, now: Instant) {
-        let want = self
-            .desired_tunnel
-            .clone()
-            .filter(|_| !self.mappings.is_empty());
-        match (&self.peer, want) {
-            (Some(p), Some(w))
-                if p.desired.endpoint == w.endpoint
-                    && p.desired.public_key == w.public_key
-                    && p.desired.persistent_keepalive_s == w.persistent_keepalive_s =>
-            {
-                // Same gateway; the id may be renamed without a new handshake.
-                if let Some(p) = self.peer.as_mut() {
-                    p.desired.gateway_id = w.gateway_id;
-                }
-            }
-            (_, Some(w)) => {
-                self.close_tunnel();
-                self.dial(w, now);
-            }
-            (Some(_), None) => self.close_tunnel(),
-            (None, None) => {}
-        }
-    }
-
-    fn dial(&mut self, desired: AgentTunnel, now: Instant) {
-        let index = (self.next_random() as u32) & wg::MAX_INDEX;
-        let keepalive = Some(desired.persistent_keepalive_s).filter(|s| *s > 0);
-        let mut tunnel = Tunnel::new(
-            TunnelConfig::initiator(
-                self.private_key.clone(),
-                desired.public_key,
-                index,
-                keepalive,
-            ),
-            now,
-        );
-        tracing::info!(
-            gateway.id = %desired.gateway_id,
-            endpoint = %desired.endpoint,
-            "dialling the gateway"
-        );
-        self.push_event(AgentEvent::TunnelDialled {
-            gateway_id: desired.gateway_id,
-            endpoint: desired.endpoint,
-        });
-        let dst = desired.endpoint;
-        let mut scratch = std::mem::take(&mut self.scratch);
-        if let Ok(Some(init)) = tunnel.initiate_handshake(&mut scratch, true, now) {
-            self.queue_transmit(dst, init);
-        }
-        self.scratch = scratch;
-        self.peer = Some(Peer { desired, tunnel });
-    }
-
-    fn close_tunnel(&mut self) {
-        if let Some(p) = self.peer.take() {
-            tracing::info!(gateway.id = %p.desired.gateway_id, "tunnel closed");
-            self.push_event(AgentEvent::TunnelClosed {
-                gateway_id: p.desired.gateway_id,
-            });
-        }
-    }
-
-    fn remove_mapping(&mut self, nat: Ipv4Addr, because: RemovedBecause) {
-        let Some(m) = self.mappings.remove(&nat) else {
-            return;
-        };
-        let _ = self.nat.remove(nat);
-        tracing::info!(nat = %nat, terminal = %m.terminal, ?because, "mapping removed");
-        self.push_event(AgentEvent::MappingRemoved {
-            nat,
-            real: m.real,
-            terminal: m.terminal,
-            because,
-        });
-    }
-
-    /// Processes a datagram that arrived on the agent's socket from `from`,
-    /// writing a packet for the LAN side into `out` (which must hold
-    /// [`wg::buffer_len`]`(datagram.len())` bytes).
-    pub fn handle_network_input_into<'b>(
-        &mut self,
-        from: SocketAddr,
-        datagram: &[u8],
-        out: &'b mut [u8],
-        now: Instant,
-    ) -> NetworkOutcome<'b> {
-        let Some(peer) = self.peer.as_mut() else {
-            self.counters.drops.add(DropReason::NoTunnel);
-            return NetworkOutcome::Dropped(DropReason::NoTunnel);
-        };
-        if from != peer.desired.endpoint {
-            self.counters.drops.add(DropReason::UnknownSender);
-            tracing::trace!(%from, "datagram from an unknown sender");
-            return NetworkOutcome::Dropped(DropReason::UnknownSender);
-        }
-        let dst = peer.desired.endpoint;
-        let packet = match peer.tunnel.decapsulate(Some(from.ip()), datagram, out, now) {
-            Ok(Decapsulated::Tunnel(p)) => p,
-            Ok(Decapsulated::Network(reply)) => {
-                let reply: &[u8] = reply;
-                self.queue_transmit(dst, reply);
-                self.after_tunnel_activity();
-                return NetworkOutcome::Consumed;
-            }
-            Ok(Decapsulated::Nothing) => {
-                self.after_tunnel_activity();
-                return NetworkOutcome::Consumed;
-            }
-            Err(e) => {
-                let r = DropReason::from(e);
-                self.counters.drops.add(r);
-                tracing::trace!(reason = r.as_str(), "datagram dropped by the tunnel");
-                return NetworkOutcome::Dropped(r);
-            }
-        };
-        match self.inbound(packet, now) {
-            Ok(()) => {
-                self.counters.to_lan_packets += 1;
-                self.counters.to_lan_bytes += packet.len() as u64;
-                NetworkOutcome::Lan(packet)
-            }
-            Err(r) => {
-                self.counters.drops.add(r);
-                tracing::trace!(reason = r.as_str(), "tunnel packet dropped");
-                NetworkOutcome::Dropped(r)
-            }
-        }
-    }
-
-    /// Tunnel → LAN: consent check and (packet mode) the NAT rewrite.
-    fn inbound(&mut self, packet: &mut [u8], now: Instant) -> Result<(), DropReason> {
-        let dst = ipv4_dst(packet)?;
-        match self.mappings.get(&dst) {
-            None => return Err(DropReason::NotMapped),
-            Some(m) if now >= m.expires_at => return Err(DropReason::Expired),
-            Some(_) => {}
-        }
-        match self.mode {
-            DataMode::Packet { .. } => self.nat.translate_inbound(packet, now),
-            DataMode::Netstack => {
-                ipv4_check(packet)?;
-                Ok(())
-            }
-        }
-    }
-
-    /// Processes a packet from the LAN side (the TUN device or the userspace
-    /// stack), rewriting it in place (packet mode) and writing the datagram to
-    /// send into `out` (which must hold [`wg::buffer_len`]`(packet.len())` bytes).
-    pub fn handle_lan_input_into<'b>(
-        &mut self,
-        packet: &mut [u8],
-        out: &'b mut [u8],
-        now: Instant,
-    ) -> LanOutcome<'b> {
-        if let Err(r) = self.outbound(packet, now) {
-            self.counters.drops.add(r);
-            tracing::trace!(reason = r.as_str(), "LAN packet dropped");
-            return LanOutcome::Dropped(r);
-        }
-        let Some(peer) = self.peer.as_mut() else {
-            self.counters.drops.add(DropReason::TunnelDown);
-            return LanOutcome::Dropped(DropReason::TunnelDown);
-        };
-        match peer.tunnel.encapsulate(packet, out, now) {
-            Ok(Encapsulated::Network(d)) => {
-                self.counters.to_tunnel_packets += 1;
-                self.counters.to_tunnel_bytes += packet.len() as u64;
-                LanOutcome::Send {
-                    dst: peer.desired.endpoint,
-                    datagram: d,
-                }
-            }
-            Ok(Encapsulated::Queued) => {
-                self.counters.to_tunnel_packets += 1;
-                self.counters.to_tunnel_bytes += packet.len() as u64;
-                LanOutcome::Queued
-            }
-            Err(e) => {
-                let r = DropReason::from(e);
-                self.counters.drops.add(r);
-                LanOutcome::Dropped(r)
-            }
-        }
-    }
-
-    /// LAN → tunnel: (packet mode) the reverse NAT rewrite; (netstack) the
-    /// source must be a mapped NAT address.
-    fn outbound(&mut self, packet: &mut [u8], now: Instant) -> Result<(), DropReason> {
-        match self.mode {
-            DataMode::Packet { .. } => self.nat.translate_outbound(packet, now),
-            DataMode::Netstack => {
-                let src = ipv4_src(packet)?;
-                match self.mappings.get(&src) {
-                    Some(m) if now < m.expires_at => Ok(()),
-                    Some(_) => Err(DropReason::Expired),
-                    None => Err(DropReason::UnmappedSource),
-                }
-            }
-        }
-    }
-
-    /// Queues packets the tunnel held back and reports handshake events.
-    fn after_tunnel_activity(&mut self) {
-        let Some(peer) = self.peer.as_mut() else {
-            return;
-        };
-        let dst = peer.desired.endpoint;
-        let gateway_id = peer.desired.gateway_id;
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let mut up = false;
-        {
-            let tunnel = &mut peer.tunnel;
-            while let Some(d) = tunnel.poll_network(&mut scratch) {
-                if self.transmits.len() >= MAX_QUEUE {
-                    self.counters.drops.add(DropReason::QueueFull);
-                    continue;
-                }
-                let mut buf = self.free_bufs.pop().unwrap_or_default();
-                buf.clear();
-                buf.extend_from_slice(d);
-                self.transmits.push_back(Transmit { dst, payload: buf });
-            }
-            while let Some(e) = tunnel.poll_event() {
-                match e {
-                    TunnelEvent::HandshakeCompleted => up = true,
-                    TunnelEvent::Expired => {
-                        tracing::warn!(gateway.id = %gateway_id, "the gateway does not answer");
-                    }
-                }
-            }
-        }
-        self.scratch = scratch;
-        if up {
-            tracing::debug!(gateway.id = %gateway_id, "handshake completed");
-            self.push_event(AgentEvent::TunnelUp { gateway_id });
-        }
-    }
-
-    /// Runs timers: WireGuard's (keepalive, rekey, retransmission) and the
+    /// Runs timers: the tunnel's (keepalive, rekey, retransmission) and the
     /// expiry of mappings.
     pub fn handle_timeout(&mut self, now: Instant) {
         let expired: Vec<Ipv4Addr> = self
@@ -917,34 +533,4 @@ impl AgentState {
         self.rng ^= self.rng >> 27;
         self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
-}
-
-fn is_unicast(a: Ipv4Addr) -> bool {
-    !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback())
-}
-
-fn ipv4_dst(p: &[u8]) -> Result<Ipv4Addr, DropReason> {
-    match p.first().map(|b| b >> 4) {
-        Some(4) if p.len() >= 20 => Ok(Ipv4Addr::new(p[16], p[17], p[18], p[19])),
-        Some(6) => Err(DropReason::NotIpv4),
-        _ => Err(DropReason::Malformed),
-    }
-}
-
-fn ipv4_src(p: &[u8]) -> Result<Ipv4Addr, DropReason> {
-    match p.first().map(|b| b >> 4) {
-        Some(4) if p.len() >= 20 => Ok(Ipv4Addr::new(p[12], p[13], p[14], p[15])),
-        Some(6) => Err(DropReason::NotIpv4),
-        _ => Err(DropReason::Malformed),
-    }
-}
-
-/// The IPv4 header checks the NAT makes in packet mode, for netstack mode:
-/// version, IHL, total length within the buffer, header checksum.
-fn ipv4_check(p: &[u8]) -> Result<(), DropReason> {
-    let packet = smoltcp::wire::Ipv4Packet::new_checked(p).map_err(|_| DropReason::BadHeader)?;
-    if !packet.verify_checksum() {
-        return Err(DropReason::BadHeader);
-    }
-    Ok(())
 }

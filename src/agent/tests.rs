@@ -1,5 +1,7 @@
-//! In-memory tests: the agent against a boringtun responder standing in for
-//! the gateway, and against the real [`crate::gateway::GatewayState`].
+//! In-memory tests: the agent against a responder tunnel standing in for
+//! the gateway, and against the real [`crate::gateway::GatewayState`]. Every
+//! test runs once per tunnel kind ([`crate::tunnel::testing`]): WireGuard and
+//! the test-only null kind.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -7,8 +9,13 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::gateway::{GatewayConfig, GatewayState};
-use crate::messages::{AgentMapping, GatewayDesiredState, GatewayPeer, TunnelKind};
-use crate::wg::{Role, TunnelConfig};
+use crate::messages::{
+    AgentDesiredState, AgentMapping, GatewayDesiredState, GatewayPeer, TunnelKind,
+};
+use crate::tunnel::Responder;
+use crate::tunnel::testing::{TestKinds, for_each_kind};
+use crate::tunnel::wireguard::Responder as WireguardResponder;
+use crate::tunnel::{Decapsulated, Encapsulated};
 
 const GW: &str = "203.0.113.1:51820";
 const AGENT: &str = "198.51.100.11:40001";
@@ -36,8 +43,8 @@ fn keys() -> (PrivateKey, PrivateKey) {
     )
 }
 
-fn agent(mode: DataMode, now: Instant) -> AgentState {
-    AgentState::new(
+fn agent<K: TestKinds>(mode: DataMode, now: Instant) -> AgentState<K> {
+    AgentState::with_kinds(
         AgentConfig {
             site_id: SiteId(3),
             private_key: keys().0,
@@ -94,38 +101,33 @@ fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> 
     p
 }
 
-fn events(a: &mut AgentState) -> Vec<AgentEvent> {
+fn events<K: Kinds>(a: &mut AgentState<K>) -> Vec<AgentEvent> {
     std::iter::from_fn(|| a.poll_event()).collect()
 }
 
-fn transmits(a: &mut AgentState) -> Vec<Transmit> {
+fn transmits<K: Kinds>(a: &mut AgentState<K>) -> Vec<Transmit> {
     std::iter::from_fn(|| a.poll_transmit()).collect()
 }
 
-/// A boringtun responder with the gateway's key, and the agent connected to it.
-struct Pair {
-    agent: AgentState,
-    gw: Tunnel,
+/// A responder tunnel with the gateway's key, and the agent connected to it.
+struct Pair<K: TestKinds> {
+    agent: AgentState<K>,
+    gw: K::Tunnel,
     now: Instant,
 }
 
-impl Pair {
+impl<K: TestKinds> Pair<K> {
     fn new(mode: DataMode) -> Self {
         let now = Instant::now();
-        let mut agent = agent(mode, now);
+        let mut agent = agent::<K>(mode, now);
         let a = agent
             .handle_desired_state(&desired(1, &[(NAT, "pc-1", 3600)]), &names(), now, WALL)
             .unwrap();
         assert!(a.errors.is_empty(), "{:?}", a.errors);
-        let gw = Tunnel::new(
-            TunnelConfig {
-                private_key: keys().1,
-                peer_public_key: keys().0.public_key(),
-                preshared_key: None,
-                role: Role::Responder,
-                index: 9,
-                limiter: None,
-            },
+        let gw = K::Responder::new(keys().1, WireguardResponder::DEFAULT_HANDSHAKE_LIMIT).tunnel(
+            TunnelKind::Wireguard,
+            keys().0.public_key(),
+            9,
             now,
         );
         let mut pair = Self { agent, gw, now };
@@ -200,10 +202,9 @@ impl Pair {
     }
 }
 
-#[test]
-fn mapping_is_installed_and_the_gateway_dialled() {
+fn mapping_is_installed_and_the_gateway_dialled<K: TestKinds>() {
     let now = Instant::now();
-    let mut a = agent(DataMode::Packet { masquerade: None }, now);
+    let mut a = agent::<K>(DataMode::Packet { masquerade: None }, now);
     let applied = a
         .handle_desired_state(&desired(4, &[(NAT, "pc-1", 60)]), &names(), now, WALL)
         .unwrap();
@@ -234,9 +235,8 @@ fn mapping_is_installed_and_the_gateway_dialled() {
     assert!(a.poll_timeout().unwrap() <= now + Duration::from_secs(60));
 }
 
-#[test]
-fn packet_mode_rewrites_both_ways() {
-    let mut p = Pair::new(DataMode::Packet { masquerade: None });
+fn packet_mode_rewrites_both_ways<K: TestKinds>() {
+    let mut p = Pair::<K>::new(DataMode::Packet { masquerade: None });
     let lan = p
         .gateway_sends(&udp(TECH, NAT, 4000, 53, b"query"))
         .unwrap();
@@ -248,9 +248,8 @@ fn packet_mode_rewrites_both_ways() {
     assert_eq!((c.to_lan_packets, c.to_tunnel_packets), (1, 1));
 }
 
-#[test]
-fn unmapped_destinations_and_sources_are_dropped_and_counted() {
-    let mut p = Pair::new(DataMode::Packet { masquerade: None });
+fn unmapped_destinations_and_sources_are_dropped_and_counted<K: TestKinds>() {
+    let mut p = Pair::<K>::new(DataMode::Packet { masquerade: None });
     let other = Ipv4Addr::new(10, 64, 0, 6);
     assert_eq!(
         p.gateway_sends(&udp(TECH, other, 1, 2, b"x")),
@@ -271,9 +270,8 @@ fn unmapped_destinations_and_sources_are_dropped_and_counted() {
     assert!(p.gateway_sends(&udp(TECH, NAT, 1, 2, b"x")).is_ok());
 }
 
-#[test]
-fn malformed_tunnel_input_is_dropped_and_counted_without_harm() {
-    let mut p = Pair::new(DataMode::Packet { masquerade: None });
+fn malformed_tunnel_input_is_dropped_and_counted_without_harm<K: TestKinds>() {
+    let mut p = Pair::<K>::new(DataMode::Packet { masquerade: None });
     let mut out = vec![0; 4096];
     let now = p.now;
     // Garbage datagrams from the gateway's address.
@@ -310,9 +308,8 @@ fn malformed_tunnel_input_is_dropped_and_counted_without_harm() {
     assert!(p.gateway_sends(&good).is_ok());
 }
 
-#[test]
-fn netstack_mode_keeps_addresses_and_checks_both_directions() {
-    let mut p = Pair::new(DataMode::Netstack);
+fn netstack_mode_keeps_addresses_and_checks_both_directions<K: TestKinds>() {
+    let mut p = Pair::<K>::new(DataMode::Netstack);
     let lan = p.gateway_sends(&udp(TECH, NAT, 4000, 53, b"q")).unwrap();
     assert_eq!(
         &lan[16..20],
@@ -333,9 +330,8 @@ fn netstack_mode_keeps_addresses_and_checks_both_directions() {
     );
 }
 
-#[test]
-fn expired_mapping_is_removed_by_the_agent_itself() {
-    let mut p = Pair::new(DataMode::Packet { masquerade: None });
+fn expired_mapping_is_removed_by_the_agent_itself<K: TestKinds>() {
+    let mut p = Pair::<K>::new(DataMode::Packet { masquerade: None });
     let _ = events(&mut p.agent);
     let expiry = p.now + Duration::from_secs(3600);
     assert!(p.agent.poll_timeout().unwrap() <= expiry);
@@ -364,9 +360,8 @@ fn expired_mapping_is_removed_by_the_agent_itself() {
     );
 }
 
-#[test]
-fn a_packet_after_expiry_is_dropped_even_before_the_timer_runs() {
-    let mut p = Pair::new(DataMode::Netstack);
+fn a_packet_after_expiry_is_dropped_even_before_the_timer_runs<K: TestKinds>() {
+    let mut p = Pair::<K>::new(DataMode::Netstack);
     p.now += Duration::from_secs(3601);
     assert_eq!(
         p.gateway_sends(&udp(TECH, NAT, 1, 2, b"x")),
@@ -374,9 +369,8 @@ fn a_packet_after_expiry_is_dropped_even_before_the_timer_runs() {
     );
 }
 
-#[test]
-fn withdrawn_mappings_are_removed_and_the_tunnel_torn_down() {
-    let mut p = Pair::new(DataMode::Packet { masquerade: None });
+fn withdrawn_mappings_are_removed_and_the_tunnel_torn_down<K: TestKinds>() {
+    let mut p = Pair::<K>::new(DataMode::Packet { masquerade: None });
     let _ = events(&mut p.agent);
     let now = p.now;
     p.agent
@@ -401,9 +395,8 @@ fn withdrawn_mappings_are_removed_and_the_tunnel_torn_down() {
     assert_eq!(p.agent.poll_timeout(), None);
 }
 
-#[test]
-fn a_new_gateway_is_dialled_after_failover_and_mappings_stay() {
-    let mut p = Pair::new(DataMode::Packet { masquerade: None });
+fn a_new_gateway_is_dialled_after_failover_and_mappings_stay<K: TestKinds>() {
+    let mut p = Pair::<K>::new(DataMode::Packet { masquerade: None });
     let _ = events(&mut p.agent);
     let now = p.now;
     let mut d = desired(2, &[(NAT, "pc-1", 3600)]);
@@ -433,10 +426,9 @@ fn a_new_gateway_is_dialled_after_failover_and_mappings_stay() {
     assert_eq!(p.agent.mappings().count(), 1);
 }
 
-#[test]
-fn stale_foreign_and_broken_documents() {
+fn stale_foreign_and_broken_documents<K: TestKinds>() {
     let now = Instant::now();
-    let mut a = agent(DataMode::Netstack, now);
+    let mut a = agent::<K>(DataMode::Netstack, now);
     assert!(
         a.handle_desired_state(&desired(5, &[(NAT, "pc-1", 60)]), &names(), now, WALL)
             .is_some()
@@ -481,10 +473,9 @@ fn stale_foreign_and_broken_documents() {
     assert_eq!(nats, vec![NAT]);
 }
 
-#[test]
-fn a_terminal_that_moves_is_remapped() {
+fn a_terminal_that_moves_is_remapped<K: TestKinds>() {
     let now = Instant::now();
-    let mut a = agent(DataMode::Packet { masquerade: None }, now);
+    let mut a = agent::<K>(DataMode::Packet { masquerade: None }, now);
     a.handle_desired_state(&desired(1, &[(NAT, "pc-1", 60)]), &names(), now, WALL)
         .unwrap();
     let _ = events(&mut a);
@@ -507,10 +498,9 @@ fn a_terminal_that_moves_is_remapped() {
     assert!(a.tunnel().is_some());
 }
 
-#[test]
-fn through_the_real_gateway_state() {
+fn through_the_real_gateway_state<K: TestKinds>() {
     let now = Instant::now();
-    let mut gw = GatewayState::new(GatewayConfig::new(keys().1), now);
+    let mut gw = GatewayState::<K>::with_kinds(GatewayConfig::new(keys().1), now);
     gw.handle_control(
         &GatewayDesiredState {
             version: 1,
@@ -519,15 +509,16 @@ fn through_the_real_gateway_state() {
                 site_id: SiteId(3),
                 public_key: keys().0.public_key(),
                 nat_addresses: vec![NAT],
+                tunnel: TunnelKind::Wireguard,
             }],
         },
         now,
     );
-    let mut a = agent(DataMode::Packet { masquerade: None }, now);
+    let mut a = agent::<K>(DataMode::Packet { masquerade: None }, now);
     a.handle_desired_state(&desired(1, &[(NAT, "pc-1", 60)]), &names(), now, WALL)
         .unwrap();
     // Shuttle datagrams until both sides are quiet.
-    let shuttle = |a: &mut AgentState, gw: &mut GatewayState| {
+    let shuttle = |a: &mut AgentState<K>, gw: &mut GatewayState<K>| {
         let mut lan = Vec::new();
         let mut center = Vec::new();
         for _ in 0..10 {
@@ -592,9 +583,8 @@ fn through_the_real_gateway_state() {
     assert_eq!(&p[16..20], &TECH.octets());
 }
 
-#[test]
-fn end_access_now_works_without_the_server_and_sticks() {
-    let mut p = Pair::new(DataMode::Packet { masquerade: None });
+fn end_access_now_works_without_the_server_and_sticks<K: TestKinds>() {
+    let mut p = Pair::<K>::new(DataMode::Packet { masquerade: None });
     let _ = events(&mut p.agent);
     let now = p.now;
     assert_eq!(p.agent.revoke_request(RequestId(17), now), 1);
@@ -611,4 +601,20 @@ fn end_access_now_works_without_the_server_and_sticks() {
         .unwrap();
     assert_eq!(p.agent.mappings().count(), 0);
     assert_eq!(p.agent.revoke_request(RequestId(99), now), 0);
+}
+
+for_each_kind! {
+    mapping_is_installed_and_the_gateway_dialled,
+    packet_mode_rewrites_both_ways,
+    unmapped_destinations_and_sources_are_dropped_and_counted,
+    malformed_tunnel_input_is_dropped_and_counted_without_harm,
+    netstack_mode_keeps_addresses_and_checks_both_directions,
+    expired_mapping_is_removed_by_the_agent_itself,
+    a_packet_after_expiry_is_dropped_even_before_the_timer_runs,
+    withdrawn_mappings_are_removed_and_the_tunnel_torn_down,
+    a_new_gateway_is_dialled_after_failover_and_mappings_stay,
+    stale_foreign_and_broken_documents,
+    a_terminal_that_moves_is_remapped,
+    through_the_real_gateway_state,
+    end_access_now_works_without_the_server_and_sticks,
 }

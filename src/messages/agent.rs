@@ -15,7 +15,8 @@ use super::common::{
 pub struct AgentTunnel {
     /// The gateway the server chose.
     pub gateway_id: GatewayId,
-    /// The protocol.
+    /// The protocol (absent: WireGuard).
+    #[serde(default)]
     pub kind: TunnelKind,
     /// Where to dial.
     pub endpoint: SocketAddr,

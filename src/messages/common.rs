@@ -192,11 +192,15 @@ impl<'de> Deserialize<'de> for TerminalName {
 }
 
 /// Which tunnel protocol carries a site's traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// Documents that name none mean WireGuard.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TunnelKind {
     /// WireGuard over UDP (boringtun's noise layer).
+    #[default]
     Wireguard,
 }
 

@@ -136,6 +136,9 @@ pub struct GatewayPeer {
     /// The NAT addresses routed into this tunnel; also the only inner source
     /// addresses accepted from it (anti-spoofing).
     pub nat_addresses: Vec<Ipv4Addr>,
+    /// The protocol of this site's tunnel (absent: WireGuard).
+    #[serde(default)]
+    pub tunnel: TunnelKind,
 }
 
 /// Everything a gateway should be doing, as one versioned document.

@@ -92,6 +92,7 @@ fn every_message_round_trips_through_json() {
             site_id: SiteId(3),
             public_key: key(3),
             nat_addresses: vec![Ipv4Addr::new(10, 64, 0, 5)],
+            tunnel: TunnelKind::Wireguard,
         }],
     });
     round_trip(&AppliedState {
@@ -149,6 +150,27 @@ fn every_message_round_trips_through_json() {
         message: "phone: bad".into(),
         field: Some("phone".into()),
     });
+}
+
+#[test]
+fn documents_without_a_tunnel_kind_mean_wireguard() {
+    let peer: GatewayPeer = serde_json::from_str(&format!(
+        r#"{{"site_id":3,"public_key":"{}","nat_addresses":["10.64.0.5"]}}"#,
+        key(3)
+    ))
+    .unwrap();
+    assert_eq!(peer.tunnel, TunnelKind::Wireguard);
+    let tunnel: AgentTunnel = serde_json::from_str(&format!(
+        r#"{{"gateway_id":1,"endpoint":"203.0.113.1:51820","public_key":"{}","persistent_keepalive_s":25}}"#,
+        key(2)
+    ))
+    .unwrap();
+    assert_eq!(tunnel.kind, TunnelKind::Wireguard);
+    assert!(
+        serde_json::to_string(&peer)
+            .unwrap()
+            .contains("\"tunnel\":\"wireguard\"")
+    );
 }
 
 #[test]

@@ -66,11 +66,11 @@ mod rewrite;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
+use crate::ipv4::FastMap;
 use masquerade::Masquerade;
 pub use rewrite::checksum;
 use rewrite::{End, Header, PROTO_ICMP, Quoted, Rewrite};
@@ -150,35 +150,6 @@ pub enum InsertError {
     #[error("{0} is the masquerade address")]
     MasqueradeAddress(Ipv4Addr),
 }
-
-/// A multiplicative (Fibonacci) hash of integer keys: one multiply and a
-/// rotation, so the low bits that pick a bucket depend on every key bit.
-#[derive(Debug, Clone, Copy, Default)]
-struct FastHasher(u64);
-
-impl Hasher for FastHasher {
-    /// The high half of the product is where every key bit has been mixed
-    /// in; rotating it down puts it in the bits that pick the bucket.
-    fn finish(&self) -> u64 {
-        self.0.rotate_left(32)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
 /// One side of a mapping: the address on the other side and the expiry.
 /// Both maps carry the expiry so that either direction needs one lookup.

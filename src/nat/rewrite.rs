@@ -1,8 +1,10 @@
 //! In-place IPv4 rewriting with incremental checksum updates.
 //!
-//! The outer packet is read and written through smoltcp's `wire` views
-//! (`Ipv4Packet`, `TcpPacket`, `UdpPacket`, `Icmpv4Packet`) once its lengths
-//! are known to be sufficient, so no accessor can panic. The datagram quoted
+//! The outer IPv4 header is checked once by the core's view
+//! ([`crate::ipv4::Ipv4Header`]); the packet is then read and written through
+//! smoltcp's `wire` views (`Ipv4Packet`, `TcpPacket`, `UdpPacket`,
+//! `Icmpv4Packet`), whose lengths are known to be sufficient, so no accessor
+//! can panic. The datagram quoted
 //! inside an ICMP error is usually truncated (RFC 792 only promises its IP
 //! header and 8 bytes), which smoltcp's checked views refuse, so the few fields
 //! of a quote are addressed by offset here instead.
@@ -18,12 +20,9 @@ use std::net::Ipv4Addr;
 use smoltcp::wire::{Icmpv4Packet, Ipv4Packet, TcpPacket, UdpPacket};
 
 use super::DropReason;
+use crate::ipv4::{HeaderError, Ipv4Header};
 
-pub(super) const PROTO_ICMP: u8 = 1;
-pub(super) const PROTO_TCP: u8 = 6;
-pub(super) const PROTO_UDP: u8 = 17;
-
-const IPV4_MIN_HEADER: usize = 20;
+pub(super) use crate::ipv4::{MIN_HEADER_LEN as IPV4_MIN_HEADER, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 const TCP_MIN_HEADER: usize = 20;
 const UDP_HEADER: usize = 8;
 const ICMP_HEADER: usize = 8;
@@ -111,35 +110,23 @@ impl Header {
     /// checksum sits at offset 16, and RFC 1858 ("tiny fragments") already
     /// advises dropping first fragments too short to hold it.
     pub(super) fn parse(p: &[u8]) -> Result<Self, DropReason> {
-        let Some(&vihl) = p.first() else {
-            return Err(DropReason::Empty);
-        };
-        match vihl >> 4 {
-            4 => {}
-            6 => return Err(DropReason::NotIpv4),
-            _ => return Err(DropReason::BadHeader),
-        }
-        if p.len() < IPV4_MIN_HEADER {
-            return Err(DropReason::Truncated);
-        }
-        let ip = Ipv4Packet::new_unchecked(p);
-        let (ihl, total) = (usize::from(ip.header_len()), usize::from(ip.total_len()));
-        if ihl < IPV4_MIN_HEADER || total < ihl {
-            return Err(DropReason::BadHeader);
-        }
-        if p.len() < ihl || p.len() < total {
-            return Err(DropReason::Truncated);
-        }
+        let ip = Ipv4Header::new_checked(p).map_err(|e| match e {
+            HeaderError::Empty => DropReason::Empty,
+            HeaderError::NotIpv4(6) => DropReason::NotIpv4,
+            HeaderError::NotIpv4(_) | HeaderError::BadLength => DropReason::BadHeader,
+            HeaderError::Truncated => DropReason::Truncated,
+        })?;
         if !ip.verify_checksum() {
             return Err(DropReason::BadHeader);
         }
+        let (ihl, total) = (ip.header_len(), ip.total_len());
         let h = Self {
             ihl,
             total,
-            proto: u8::from(ip.next_header()),
-            first: ip.frag_offset() == 0,
-            src: ip.src_addr(),
-            dst: ip.dst_addr(),
+            proto: ip.protocol(),
+            first: !ip.is_later_fragment(),
+            src: ip.src(),
+            dst: ip.dst(),
         };
         if h.first {
             let need = match h.proto {

@@ -240,6 +240,7 @@ impl World {
                     site_id: SiteId(*id),
                     public_key: s.key.public_key(),
                     nat_addresses: s.nat.iter().map(|a| a.parse().unwrap()).collect(),
+                    tunnel: vpnnat::messages::TunnelKind::Wireguard,
                 })
                 .collect(),
         }

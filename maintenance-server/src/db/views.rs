@@ -186,6 +186,7 @@ pub async fn gateway_state(
                 site_id: site,
                 public_key: key.parse().map_err(decode_err)?,
                 nat_addresses: Vec::new(),
+                tunnel: TunnelKind::Wireguard,
             });
         }
         if let (Some(a), Some(p)) = (addr, peers.last_mut()) {

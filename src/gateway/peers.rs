@@ -1,0 +1,216 @@
+//! The gateway's peer table: reconciling to a desired state, the slots that
+//! hold the own shard's peers and their tunnels, and the routing tables
+//! (every peer's key and NAT addresses, of all shards).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Instant;
+
+use super::{
+    DropCounters, DropReason, GatewayEvent, GatewayState, NetworkOutcome, Shard, validate_desired,
+};
+use crate::messages::{AppliedState, GatewayDesiredState, GatewayPeer, PublicKey, SiteId};
+use crate::tunnel::{Kinds, Responder, TunnelKind};
+
+/// Where a key or address leads: its site, the owning shard and, when the
+/// owner is this shard, the peer's slot.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Route {
+    pub(super) site: SiteId,
+    pub(super) owner: u16,
+    pub(super) slot: u32,
+}
+
+/// One own peer: its identity, its tunnel and where it is.
+pub(super) struct Peer<T> {
+    pub(super) site_id: SiteId,
+    pub(super) public_key: PublicKey,
+    pub(super) kind: TunnelKind,
+    pub(super) index: u32,
+    pub(super) tunnel: T,
+    pub(super) endpoint: Option<SocketAddr>,
+    pub(super) nat: BTreeSet<Ipv4Addr>,
+    pub(super) drops: DropCounters,
+}
+
+/// A tunnel index (24 bits, [`Kinds::MAX_INDEX`]) is a 4-bit slot generation
+/// above `slot * shards + shard` (20 bits: about a million tunnels).
+const INDEX_GENERATION_SHIFT: u32 = 20;
+const INDEX_BASE_MASK: u32 = (1 << INDEX_GENERATION_SHIFT) - 1;
+
+impl<K: Kinds> GatewayState<K> {
+    /// Reconciles to `desired`. Returns what was applied (errors name refused
+    /// peers and addresses), or `None` for a document older than the one
+    /// running (ignored).
+    pub fn handle_control(
+        &mut self,
+        desired: &GatewayDesiredState,
+        now: Instant,
+    ) -> Option<AppliedState> {
+        if self.applied_version.is_some_and(|v| desired.version < v) {
+            tracing::debug!(version = desired.version, "ignoring an older desired state");
+            return None;
+        }
+        let valid = validate_desired(desired, &self.public_key, self.pool, self.max_tunnels);
+        for e in &valid.errors {
+            tracing::warn!(version = valid.version, error = %e, "desired state refused in part");
+        }
+        let me = self.shard.index;
+        let count = self.shard.count;
+        let old_addresses: BTreeSet<Ipv4Addr> = self
+            .by_nat
+            .iter()
+            .filter(|(_, r)| r.owner == me)
+            .map(|(a, _)| *a)
+            .collect();
+
+        // Peers this shard no longer owns.
+        let wanted: BTreeMap<SiteId, &GatewayPeer> = valid
+            .peers
+            .iter()
+            .filter(|p| Shard::of(count, p.site_id) == me)
+            .map(|p| (p.site_id, p))
+            .collect();
+        let gone: Vec<SiteId> = self
+            .by_site
+            .keys()
+            .filter(|s| !wanted.contains_key(s))
+            .copied()
+            .collect();
+        for site in gone {
+            self.remove_peer(site);
+            tracing::info!(site.id = %site, "peer removed");
+            self.events
+                .push_back(GatewayEvent::PeerRemoved { site_id: site });
+        }
+        // Added or changed peers.
+        for (site, p) in &wanted {
+            match self.by_site.get(site).copied() {
+                Some(slot) => {
+                    let same_key = self.slots[slot as usize].as_ref().is_some_and(|peer| {
+                        peer.public_key == p.public_key && peer.kind == p.tunnel
+                    });
+                    if !same_key {
+                        self.remove_peer(*site);
+                        if self.add_peer(p, now) {
+                            tracing::info!(site.id = %site, key = %p.public_key, "peer re-keyed");
+                            self.events
+                                .push_back(GatewayEvent::PeerRekeyed { site_id: *site });
+                        }
+                    } else if let Some(peer) = self.slots[slot as usize].as_mut() {
+                        peer.nat = p.nat_addresses.iter().copied().collect();
+                    }
+                }
+                None => {
+                    if self.add_peer(p, now) {
+                        tracing::info!(site.id = %site, key = %p.public_key, "peer added");
+                        self.events
+                            .push_back(GatewayEvent::PeerAdded { site_id: *site });
+                    }
+                }
+            }
+        }
+        // Routing tables for every peer of every shard.
+        self.by_key.clear();
+        self.by_nat.clear();
+        for p in &valid.peers {
+            let owner = Shard::of(count, p.site_id);
+            let slot = if owner == me {
+                self.by_site.get(&p.site_id).copied().unwrap_or(u32::MAX)
+            } else {
+                u32::MAX
+            };
+            let route = Route {
+                site: p.site_id,
+                owner,
+                slot,
+            };
+            self.by_key.insert(p.public_key, route);
+            for a in &p.nat_addresses {
+                self.by_nat.insert(*a, route);
+            }
+        }
+        let new_addresses: BTreeSet<Ipv4Addr> = self
+            .by_nat
+            .iter()
+            .filter(|(_, r)| r.owner == me)
+            .map(|(a, _)| *a)
+            .collect();
+        for a in old_addresses.difference(&new_addresses) {
+            self.events
+                .push_back(GatewayEvent::AddressRemoved { address: *a });
+        }
+        for a in new_addresses.difference(&old_addresses) {
+            self.events
+                .push_back(GatewayEvent::AddressAdded { address: *a });
+        }
+        self.applied_version = Some(valid.version);
+        tracing::info!(
+            version = valid.version,
+            peers = self.by_site.len(),
+            errors = valid.errors.len(),
+            "desired state applied"
+        );
+        Some(AppliedState {
+            version: valid.version,
+            errors: valid.errors,
+        })
+    }
+
+    fn add_peer(&mut self, p: &GatewayPeer, now: Instant) -> bool {
+        let count = u32::from(self.shard.count);
+        let slot = match self.free_slots.pop_front() {
+            Some(s) => s,
+            None => {
+                let s = self.slots.len() as u32;
+                self.slots.push(None);
+                self.generations.push(0);
+                s
+            }
+        };
+        let base = slot * count + u32::from(self.shard.index);
+        if base > INDEX_BASE_MASK {
+            // 1M tunnels: beyond any `max_tunnels`; refuse rather than wrap.
+            self.free_slots.push_back(slot);
+            return false;
+        }
+        let generation = &mut self.generations[slot as usize];
+        *generation = generation.wrapping_add(1) & 0x0f;
+        let index = (u32::from(*generation) << INDEX_GENERATION_SHIFT) | base;
+        let tunnel = self.responder.tunnel(p.tunnel, p.public_key, index, now);
+        self.slots[slot as usize] = Some(Peer {
+            site_id: p.site_id,
+            public_key: p.public_key,
+            kind: p.tunnel,
+            index,
+            tunnel,
+            endpoint: None,
+            nat: p.nat_addresses.iter().copied().collect(),
+            drops: DropCounters::default(),
+        });
+        self.by_site.insert(p.site_id, slot);
+        true
+    }
+
+    fn remove_peer(&mut self, site: SiteId) {
+        if let Some(slot) = self.by_site.remove(&site) {
+            self.slots[slot as usize] = None;
+            // FIFO reuse: a slot (and its tunnel index) comes back as late as possible.
+            self.free_slots.push_back(slot);
+        }
+    }
+
+    pub(super) fn own_slot(&self, index: u32) -> Result<u32, NetworkOutcome<'static>> {
+        let count = u32::from(self.shard.count);
+        let base = index & INDEX_BASE_MASK;
+        let owner = (base % count) as u16;
+        if owner != self.shard.index {
+            return Err(NetworkOutcome::Handoff(owner));
+        }
+        let slot = base / count;
+        match self.slots.get(slot as usize) {
+            Some(Some(p)) if p.index == index => Ok(slot),
+            _ => Err(NetworkOutcome::Dropped(DropReason::UnknownIndex)),
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Validation of a gateway's desired state: what of a document this gateway
+//! will actually run.
+
+use std::collections::BTreeSet;
+
+use super::Prefix;
+use crate::messages::{GatewayDesiredState, GatewayPeer, PublicKey};
+
+/// A validated desired state: what a gateway will actually run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidatedState {
+    /// The document's version.
+    pub version: u64,
+    /// The peers that passed, by site id, with the addresses that passed.
+    pub peers: Vec<GatewayPeer>,
+    /// One line per refused peer or address.
+    pub errors: Vec<String>,
+}
+
+/// Checks a desired state against this gateway: refuses a peer whose key is
+/// the gateway's own or another peer's, peers beyond `max_tunnels`, and NAT
+/// addresses that are outside the pool, not unicast, or held by another peer.
+/// Deterministic (all shards reach the same result).
+pub fn validate_desired(
+    desired: &GatewayDesiredState,
+    own_key: &PublicKey,
+    pool: Option<Prefix>,
+    max_tunnels: u32,
+) -> ValidatedState {
+    let mut errors = Vec::new();
+    let mut sorted: Vec<&GatewayPeer> = desired.peers.iter().collect();
+    sorted.sort_by_key(|p| p.site_id);
+    let mut sites = BTreeSet::new();
+    let mut keys = BTreeSet::new();
+    let mut addresses = BTreeSet::new();
+    let mut peers = Vec::new();
+    for p in sorted {
+        let site = p.site_id;
+        if !sites.insert(site) {
+            errors.push(format!("site {site}: listed twice"));
+            continue;
+        }
+        if p.public_key == *own_key {
+            errors.push(format!("site {site}: public key is the gateway's own"));
+            continue;
+        }
+        if !keys.insert(p.public_key) {
+            errors.push(format!(
+                "site {site}: public key {} already belongs to another site",
+                p.public_key
+            ));
+            continue;
+        }
+        if peers.len() >= max_tunnels as usize {
+            errors.push(format!(
+                "site {site}: over capacity (max_tunnels = {max_tunnels})"
+            ));
+            continue;
+        }
+        let mut nat = BTreeSet::new();
+        for a in &p.nat_addresses {
+            if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+                errors.push(format!("site {site}: {a} is not a unicast address"));
+            } else if pool.is_some_and(|pool| !pool.contains(*a)) {
+                errors.push(format!(
+                    "site {site}: {a} is outside the pool {}",
+                    pool.map(|p| p.to_string()).unwrap_or_default()
+                ));
+            } else if nat.contains(a) {
+                // A repeated address within one peer is harmless.
+            } else if !addresses.insert(*a) {
+                errors.push(format!("site {site}: {a} is held by another site"));
+            } else {
+                nat.insert(*a);
+            }
+        }
+        peers.push(GatewayPeer {
+            site_id: site,
+            public_key: p.public_key,
+            nat_addresses: nat.into_iter().collect(),
+            tunnel: p.tunnel,
+        });
+    }
+    ValidatedState {
+        version: desired.version,
+        peers,
+        errors,
+    }
+}

@@ -1,0 +1,485 @@
+//! The tunnel seam: what the gateway's and the agent's packet logic need from
+//! "a tunnel", whatever protocol carries it.
+//!
+//! The packet logic ([`crate::gateway`], [`crate::agent`]) never names a
+//! protocol. It talks to:
+//!
+//! - [`Tunnel`]: one peer's session state machine: [`Tunnel::encapsulate`]
+//!   an IP packet, [`Tunnel::decapsulate`] a message from the peer, drain
+//!   [`Tunnel::poll_network`] (packets held back until a handshake
+//!   completed) and [`Tunnel::poll_event`], run [`Tunnel::handle_timeout`]
+//!   when [`Tunnel::poll_timeout`] says. Every output is a slice of a buffer
+//!   the caller passes in, so the per-packet path allocates nothing.
+//! - [`Responder`]: the gateway's side of one socket shared by many peers:
+//!   which peer a message is for ([`Responder::fast_index`] for the data fast
+//!   path, [`Responder::classify`] for the rest, including handshake rate
+//!   limiting), and a responder tunnel for a peer of a given kind.
+//! - [`Kinds`]: the set of tunnel kinds a program runs, as one type parameter
+//!   of [`crate::gateway::GatewayState`] and [`crate::agent::AgentState`]
+//!   (static dispatch: no trait object on the packet path). [`Builtin`] is
+//!   the product's set; the tests plug in a second one.
+//!
+//! **A kind per site.** The desired state names each peer's [`TunnelKind`]
+//! (`GatewayPeer::tunnel`, `AgentTunnel::kind`); [`Responder::tunnel`] and
+//! [`Kinds::initiator`] build the matching tunnel. [`Builtin`]'s tunnel is
+//! the enum [`AnyTunnel`] over the kinds, its responder [`Responders`] holds
+//! one classifier per kind.
+//!
+//! **Indices.** The gateway gives every peer a 24-bit index
+//! ([`Kinds::MAX_INDEX`]) that encodes its shard and slot; a kind must carry
+//! it back in every message after the first handshake message, so that
+//! [`Incoming::ForIndex`] routes without crypto. WireGuard puts `index << 8`
+//! in its receiver index; ESP would put it in the SPI the gateway chooses
+//! (and IKEv2 in its responder SPI).
+//!
+//! **Adding a kind** (ESP with IKEv2, a TLS stream carrier): a variant of
+//! [`TunnelKind`], of [`AnyTunnel`] and a classifier in [`Responders`]. The
+//! packet logic stays as it is.
+//!
+//! [`wireguard`] is the first kind: boringtun's noise layer.
+
+pub mod wireguard;
+
+#[cfg(test)]
+pub(crate) mod null;
+#[cfg(test)]
+pub(crate) mod testing;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+pub use self::wireguard::PrivateKey;
+use crate::messages::PublicKey;
+pub use crate::messages::TunnelKind;
+
+/// How a kind frames its messages on the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// One message per UDP datagram (WireGuard, ESP-in-UDP, IKEv2).
+    Datagram,
+    /// Messages inside a byte stream (a TLS carrier): the IO shell must cut
+    /// the stream into messages before [`Tunnel::decapsulate`].
+    Stream,
+}
+
+impl TunnelKind {
+    /// How this kind frames its messages.
+    pub fn framing(self) -> Framing {
+        match self {
+            TunnelKind::Wireguard => Framing::Datagram,
+        }
+    }
+}
+
+/// Why a tunnel operation produced no packet. Every variant is a reason to
+/// drop the input and count it; none is fatal to the tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, thiserror::Error)]
+pub enum Error {
+    /// The caller's output buffer is shorter than [`Kinds::buffer_len`] of the input.
+    #[error("output buffer too small")]
+    BufferTooSmall,
+    /// Not a message of the tunnel's kind (wrong type or length) or an inner
+    /// packet that is neither IPv4 nor IPv6.
+    #[error("malformed packet")]
+    Malformed,
+    /// mac1 did not verify: not addressed to our public key.
+    #[error("invalid mac1")]
+    InvalidMac,
+    /// Authentication of the message failed (AEAD tag, static key, timestamp).
+    #[error("authentication failed")]
+    AuthenticationFailed,
+    /// A replayed or too-old counter or handshake timestamp.
+    #[error("replayed message")]
+    Replay,
+    /// The message belongs to no current session or handshake of this tunnel.
+    #[error("no session for this message")]
+    NoSession,
+    /// Handshakes arrive faster than the rate limit and the sender has no address
+    /// to send a cookie to.
+    #[error("under load")]
+    UnderLoad,
+    /// The handshake's initiator key is not one we know.
+    #[error("unknown peer")]
+    UnknownPeer,
+}
+
+impl Error {
+    /// A short stable name for metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BufferTooSmall => "buffer_too_small",
+            Self::Malformed => "malformed",
+            Self::InvalidMac => "invalid_mac",
+            Self::AuthenticationFailed => "authentication_failed",
+            Self::Replay => "replay",
+            Self::NoSession => "no_session",
+            Self::UnderLoad => "under_load",
+            Self::UnknownPeer => "unknown_peer",
+        }
+    }
+}
+
+/// What [`Tunnel::decapsulate`] produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decapsulated<'b> {
+    /// An IP packet (IPv4 or IPv6, trimmed to its total length) for the tunnel
+    /// interface. Mutable so that a NAT can rewrite it in place.
+    Tunnel(&'b mut [u8]),
+    /// A message to send back to the peer (handshake response, keepalive, cookie reply).
+    Network(&'b [u8]),
+    /// Nothing to send (a keepalive, a cookie reply we stored).
+    Nothing,
+}
+
+/// What [`Tunnel::encapsulate`] produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Encapsulated<'b> {
+    /// A datagram for the peer: the encrypted packet, or a handshake initiation
+    /// when there was no session yet (the packet is then queued and comes out of
+    /// [`Tunnel::poll_network`] once the handshake completes).
+    Network(&'b [u8]),
+    /// The packet was queued while a handshake is in progress.
+    Queued,
+}
+
+/// Something the control plane or the metrics want to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEvent {
+    /// A handshake completed; a new session is in use.
+    HandshakeCompleted,
+    /// The tunnel has had no session for so long that it gave up (responder:
+    /// idle; initiator: the peer does not answer).
+    Expired,
+}
+
+/// Counters of one tunnel (inner bytes, as `wg show` reports transfer).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunnelStats {
+    /// Inner bytes received (decrypted IP packets).
+    pub rx_bytes: u64,
+    /// Inner packets received.
+    pub rx_packets: u64,
+    /// Inner bytes sent.
+    pub tx_bytes: u64,
+    /// Inner packets sent.
+    pub tx_packets: u64,
+    /// Handshakes completed.
+    pub handshakes: u64,
+    /// When the last handshake completed (the caller's clock).
+    pub last_handshake: Option<Instant>,
+}
+
+/// What [`Responder::classify`] found a datagram to be.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming<'b> {
+    /// A handshake initiation from the holder of `peer_public_key`. Feed the
+    /// datagram to that peer's [`Tunnel::decapsulate`].
+    Initiation {
+        /// The initiator's static public key.
+        peer_public_key: PublicKey,
+    },
+    /// A message for the tunnel created with this index (handshake response,
+    /// cookie reply, data).
+    ForIndex(u32),
+    /// We are under load: send this cookie reply back to the sender and drop the
+    /// initiation (WireGuard paper §5.4.7).
+    CookieReply(&'b [u8]),
+}
+
+/// One peer's tunnel: a session state machine of some kind.
+///
+/// Contract shared by all kinds: outputs are slices of the caller's buffer;
+/// a buffer shorter than [`Kinds::buffer_len`] of the input is
+/// [`Error::BufferTooSmall`], never a panic; after a handshake message the
+/// caller drains [`Self::poll_network`] and [`Self::poll_event`].
+pub trait Tunnel: fmt::Debug + Send {
+    /// Whether a session is established (data flows without a handshake).
+    fn has_session(&self) -> bool;
+
+    /// Counters so far.
+    fn stats(&self) -> TunnelStats;
+
+    /// Starts a handshake now unless one is in progress (`force` restarts
+    /// it). Returns the first handshake message to send.
+    ///
+    /// # Errors
+    /// [`Error::BufferTooSmall`] for a short `buf`.
+    fn initiate_handshake<'b>(
+        &mut self,
+        buf: &'b mut [u8],
+        force: bool,
+        now: Instant,
+    ) -> Result<Option<&'b [u8]>, Error>;
+
+    /// Protects one IP packet from the tunnel interface.
+    ///
+    /// # Errors
+    /// Why the packet was dropped.
+    fn encapsulate<'b>(
+        &mut self,
+        packet: &[u8],
+        buf: &'b mut [u8],
+        now: Instant,
+    ) -> Result<Encapsulated<'b>, Error>;
+
+    /// Processes one message from the peer. `from` is its source address
+    /// (for stateless replies under load), `None` when unknown.
+    ///
+    /// # Errors
+    /// Why the message was dropped.
+    fn decapsulate<'b>(
+        &mut self,
+        from: Option<IpAddr>,
+        datagram: &[u8],
+        buf: &'b mut [u8],
+        now: Instant,
+    ) -> Result<Decapsulated<'b>, Error>;
+
+    /// The next message held back until a session existed, if any.
+    fn poll_network<'b>(&mut self, buf: &'b mut [u8]) -> Option<&'b [u8]>;
+
+    /// When [`Self::handle_timeout`] wants to run next.
+    fn poll_timeout(&self) -> Instant;
+
+    /// Runs the kind's timers (rekey, keepalive, retransmission, expiry).
+    /// Returns a message to send, if any.
+    ///
+    /// # Errors
+    /// [`Error::BufferTooSmall`] for a short `buf`.
+    fn handle_timeout<'b>(
+        &mut self,
+        buf: &'b mut [u8],
+        now: Instant,
+    ) -> Result<Option<&'b [u8]>, Error>;
+
+    /// The next event, if any.
+    fn poll_event(&mut self) -> Option<TunnelEvent>;
+}
+
+/// The gateway's side of one socket shared by many peers: routes incoming
+/// messages to peers and builds responder tunnels.
+pub trait Responder: fmt::Debug + Send + Sized {
+    /// The tunnels it builds.
+    type Tunnel: Tunnel;
+
+    /// A responder for `private_key` that demands proof of return
+    /// reachability (cookies) above `handshake_limit` handshake messages per
+    /// second.
+    fn new(private_key: PrivateKey, handshake_limit: u64) -> Self;
+
+    /// The peer index of a data message, without any other check (the fast
+    /// path of a batch); `None` for anything else.
+    fn fast_index(datagram: &[u8]) -> Option<u32>;
+
+    /// Works out which peer a message is for (see [`Incoming`]).
+    ///
+    /// # Errors
+    /// Why the message was dropped before reaching any peer.
+    fn classify<'b>(
+        &mut self,
+        from: Option<IpAddr>,
+        datagram: &[u8],
+        buf: &'b mut [u8],
+        now: Instant,
+    ) -> Result<Incoming<'b>, Error>;
+
+    /// Whether a message that the addressed tunnel accepted proves that its
+    /// sender holds the session (so the peer's endpoint may move to it).
+    fn proves_sender(datagram: &[u8]) -> bool;
+
+    /// A responder tunnel of `kind` to the holder of `peer`, carrying `index`.
+    fn tunnel(&self, kind: TunnelKind, peer: PublicKey, index: u32, now: Instant) -> Self::Tunnel;
+}
+
+/// A set of tunnel kinds a program runs: the type parameter of the gateway's
+/// and the agent's state.
+pub trait Kinds: 'static {
+    /// A tunnel of any kind in the set.
+    type Tunnel: Tunnel;
+    /// The gateway-side classifier for every kind in the set.
+    type Responder: Responder<Tunnel = Self::Tunnel>;
+
+    /// How often the tunnels' timers want to run.
+    const TIMER_TICK: Duration;
+
+    /// The largest peer index a tunnel can carry.
+    const MAX_INDEX: u32;
+
+    /// The size of an output buffer that fits any result for an input of up
+    /// to `packet_len` bytes, for every kind in the set.
+    fn buffer_len(packet_len: usize) -> usize;
+
+    /// An initiator tunnel of `kind` to `peer` with an optional keepalive
+    /// interval (seconds).
+    fn initiator(
+        kind: TunnelKind,
+        private_key: PrivateKey,
+        peer: PublicKey,
+        index: u32,
+        keepalive_s: Option<u16>,
+        now: Instant,
+    ) -> Self::Tunnel;
+}
+
+/// The kinds the product runs (WireGuard today).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Builtin;
+
+/// A tunnel of one of the [`Builtin`] kinds.
+#[derive(Debug)]
+pub enum AnyTunnel {
+    /// WireGuard.
+    Wireguard(wireguard::Tunnel),
+}
+
+/// Forwards a call to the tunnel of whatever kind.
+macro_rules! any_tunnel {
+    ($self:expr, $t:ident => $e:expr) => {
+        match $self {
+            AnyTunnel::Wireguard($t) => $e,
+        }
+    };
+}
+
+impl Tunnel for AnyTunnel {
+    fn has_session(&self) -> bool {
+        any_tunnel!(self, t => t.has_session())
+    }
+    fn stats(&self) -> TunnelStats {
+        any_tunnel!(self, t => t.stats())
+    }
+    fn initiate_handshake<'b>(
+        &mut self,
+        buf: &'b mut [u8],
+        force: bool,
+        now: Instant,
+    ) -> Result<Option<&'b [u8]>, Error> {
+        any_tunnel!(self, t => t.initiate_handshake(buf, force, now))
+    }
+    #[inline]
+    fn encapsulate<'b>(
+        &mut self,
+        packet: &[u8],
+        buf: &'b mut [u8],
+        now: Instant,
+    ) -> Result<Encapsulated<'b>, Error> {
+        any_tunnel!(self, t => t.encapsulate(packet, buf, now))
+    }
+    #[inline]
+    fn decapsulate<'b>(
+        &mut self,
+        from: Option<IpAddr>,
+        datagram: &[u8],
+        buf: &'b mut [u8],
+        now: Instant,
+    ) -> Result<Decapsulated<'b>, Error> {
+        any_tunnel!(self, t => t.decapsulate(from, datagram, buf, now))
+    }
+    fn poll_network<'b>(&mut self, buf: &'b mut [u8]) -> Option<&'b [u8]> {
+        any_tunnel!(self, t => t.poll_network(buf))
+    }
+    fn poll_timeout(&self) -> Instant {
+        any_tunnel!(self, t => t.poll_timeout())
+    }
+    fn handle_timeout<'b>(
+        &mut self,
+        buf: &'b mut [u8],
+        now: Instant,
+    ) -> Result<Option<&'b [u8]>, Error> {
+        any_tunnel!(self, t => Tunnel::handle_timeout(t, buf, now))
+    }
+    fn poll_event(&mut self) -> Option<TunnelEvent> {
+        any_tunnel!(self, t => t.poll_event())
+    }
+}
+
+/// The [`Builtin`] kinds' classifiers for one gateway socket. Only WireGuard
+/// exists; a kind added later gets a field here and [`Self::classify`] picks
+/// the classifier by the message's shape (or the listener it came in on).
+#[derive(Debug)]
+pub struct Responders {
+    wireguard: wireguard::Responder,
+}
+
+impl Responders {
+    /// The WireGuard classifier.
+    pub fn wireguard(&self) -> &wireguard::Responder {
+        &self.wireguard
+    }
+}
+
+impl Responder for Responders {
+    type Tunnel = AnyTunnel;
+
+    fn new(private_key: PrivateKey, handshake_limit: u64) -> Self {
+        Self {
+            wireguard: wireguard::Responder::new(private_key, handshake_limit),
+        }
+    }
+
+    #[inline]
+    fn fast_index(datagram: &[u8]) -> Option<u32> {
+        wireguard::Responder::data_receiver_index(datagram)
+    }
+
+    fn classify<'b>(
+        &mut self,
+        from: Option<IpAddr>,
+        datagram: &[u8],
+        buf: &'b mut [u8],
+        now: Instant,
+    ) -> Result<Incoming<'b>, Error> {
+        self.wireguard.classify(from, datagram, buf, now)
+    }
+
+    #[inline]
+    fn proves_sender(datagram: &[u8]) -> bool {
+        wireguard::Responder::proves_sender(datagram)
+    }
+
+    fn tunnel(&self, kind: TunnelKind, peer: PublicKey, index: u32, now: Instant) -> AnyTunnel {
+        match kind {
+            TunnelKind::Wireguard => AnyTunnel::Wireguard(wireguard::Tunnel::new(
+                wireguard::TunnelConfig {
+                    limiter: Some(self.wireguard.limiter()),
+                    ..wireguard::TunnelConfig::responder(
+                        self.wireguard.private_key().clone(),
+                        peer,
+                        index,
+                    )
+                },
+                now,
+            )),
+        }
+    }
+}
+
+impl Kinds for Builtin {
+    type Tunnel = AnyTunnel;
+    type Responder = Responders;
+
+    const TIMER_TICK: Duration = wireguard::TIMER_TICK;
+    const MAX_INDEX: u32 = wireguard::MAX_INDEX;
+
+    #[inline]
+    fn buffer_len(packet_len: usize) -> usize {
+        wireguard::buffer_len(packet_len)
+    }
+
+    fn initiator(
+        kind: TunnelKind,
+        private_key: PrivateKey,
+        peer: PublicKey,
+        index: u32,
+        keepalive_s: Option<u16>,
+        now: Instant,
+    ) -> AnyTunnel {
+        match kind {
+            TunnelKind::Wireguard => AnyTunnel::Wireguard(wireguard::Tunnel::new(
+                wireguard::TunnelConfig::initiator(private_key, peer, index, keepalive_s),
+                now,
+            )),
+        }
+    }
+}
