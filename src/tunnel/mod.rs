@@ -36,7 +36,8 @@
 //! [`TunnelKind`], of [`AnyTunnel`] and a classifier in [`Responders`]. The
 //! packet logic stays as it is.
 //!
-//! [`wireguard`] is the first kind: boringtun's noise layer.
+//! [`wireguard`] is the first kind: boringtun's noise layer. The seam and
+//! the planned kinds are described in docs/DESIGN.md, "Tunnels".
 
 pub mod wireguard;
 
