@@ -27,6 +27,10 @@
 //! No IO and no clock: `now` comes in as a parameter. Wall-clock expiry times
 //! on the wire ([`UnixMillis`]) are converted once, when a document is
 //! applied, using the wall time the caller read together with `now`.
+//!
+//! Files: `desired` (following the desired state: mappings, revocations,
+//! dialling), `datapath` (the packet path in both directions), [`nat`] (the
+//! packet-mode NAT behind [`PacketNat`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};

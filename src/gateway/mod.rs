@@ -1,10 +1,9 @@
-//! The gateway's packet logic, sans-IO: many WireGuard peers (one per site)
-//! behind one UDP socket, and pooled NAT addresses routed between the center
-//! LAN (a TUN device, in the IO shell) and the right peer.
+//! The gateway's packet logic, sans-IO: many tunnel peers (one per site,
+//! WireGuard today) behind one UDP socket, and pooled NAT addresses routed
+//! between the center LAN (a TUN device, in the IO shell) and the right peer.
 //!
-//! Inputs are `handle_*(…, now)`, outputs are drained with `poll_*`
-//! The IO shell (`gateway/`) owns the socket, the TUN device
-//! and the clock.
+//! Inputs are `handle_*(…, now)`, outputs are drained with `poll_*`. The IO
+//! shell (`gateway/`) owns the socket, the TUN device and the clock.
 //!
 //! - **Network → TUN.** A datagram is routed to its peer without crypto when it
 //!   is a data message (it carries the peer's tunnel index, [`crate::tunnel`];
@@ -42,6 +41,10 @@
 //! ([`NetworkOutcome::Handoff`], [`TunOutcome::Handoff`]).
 //!
 //! State iterates in site order (`BTreeMap`); hash maps serve only lookups.
+//!
+//! Files: [`validate_desired`] (what of a document runs), `peers` (the peer
+//! table and reconciliation), `datapath` (the packet path, timers and output
+//! queues), `icmp` (host-unreachable errors).
 
 mod datapath;
 mod icmp;

@@ -36,7 +36,8 @@
 //! [`TunnelKind`], of [`AnyTunnel`] and a classifier in [`Responders`]. The
 //! packet logic stays as it is.
 //!
-//! [`wireguard`] is the first kind: boringtun's noise layer.
+//! [`wireguard`] is the first kind: boringtun's noise layer. The seam and
+//! the planned kinds are described in docs/DESIGN.md, "Tunnels".
 
 pub mod wireguard;
 
@@ -182,8 +183,10 @@ pub enum Incoming<'b> {
     /// A message for the tunnel created with this index (handshake response,
     /// cookie reply, data).
     ForIndex(u32),
-    /// We are under load: send this cookie reply back to the sender and drop the
-    /// initiation (WireGuard paper §5.4.7).
+    /// A stateless answer to send back to the sender, routing nothing: under
+    /// load, a cookie reply that makes the initiator prove its address
+    /// (WireGuard paper §5.4.7; IKEv2's COOKIE notification, RFC 7296
+    /// §2.6, would take the same path).
     CookieReply(&'b [u8]),
 }
 

@@ -42,7 +42,8 @@
 //!
 //! ```
 //! use std::time::Instant;
-//! use vpnnat::tunnel::wireguard::{buffer_len, PrivateKey, Role, Tunnel, TunnelConfig, Decapsulated, Encapsulated};
+//! use vpnnat::tunnel::wireguard::{buffer_len, PrivateKey, Tunnel, TunnelConfig};
+//! use vpnnat::tunnel::{Decapsulated, Encapsulated};
 //!
 //! let now = Instant::now();
 //! let (a_key, b_key) = (PrivateKey::from_bytes([1; 32]), PrivateKey::from_bytes([2; 32]));
