@@ -1,32 +1,21 @@
-//! Which gateway owns a NAT address, told to the kernel (DESIGN.md, "Data
-//! plane"): per address a /32 route to the TUN device and a proxy-ARP entry
-//! on the center-LAN interface, announced with a gratuitous ARP; all removed
-//! when the address is released and at shutdown. Everything goes through
-//! netlink (rtnetlink), one message per change, never a shell.
+//! Which gateway owns a NAT address, told to the kernel (docs/DESIGN.md,
+//! "Data plane"): per address a /32 route to the TUN device and a proxy-ARP
+//! entry on the center-LAN interface, announced with a gratuitous ARP; all
+//! removed when the address is released and at shutdown. Everything goes
+//! through the shared netlink helper ([`vpnnat_dataplane::netlink`]), one
+//! message per change, never a shell.
 //!
 //! Routes and proxy entries carry a protocol number of our own, so entries a
 //! crashed previous run left behind are found and removed at start.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, anyhow};
-use futures_util::TryStreamExt as _;
-use netlink_packet_route::AddressFamily;
-use netlink_packet_route::link::LinkAttribute;
-use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
-};
-use netlink_packet_route::route::{RouteProtocol, RouteScope};
-use rtnetlink::RouteMessageBuilder;
-
 use vpnnat::gateway::Prefix;
+use vpnnat_dataplane::netlink::{Netlink, sysctl};
 
 use crate::garp;
-
-/// The routing protocol number on our routes and proxy entries ("v"; 0–4
-/// and the named ones are taken, see /etc/iproute2/rt_protos).
-pub const PROTOCOL: RouteProtocol = RouteProtocol::Other(0x76);
 
 /// The center-LAN interface.
 #[derive(Debug, Clone)]
@@ -38,7 +27,7 @@ struct CenterIf {
 
 /// Installs and removes the kernel state for NAT addresses.
 pub struct Routes {
-    handle: rtnetlink::Handle,
+    netlink: Netlink,
     tun_index: u32,
     center: Option<CenterIf>,
     /// Addresses the gateway carries (from the data plane's events).
@@ -64,11 +53,12 @@ impl Routes {
     /// # Errors
     /// When netlink is unavailable or an interface does not exist.
     pub async fn new(tun_name: &str, center_if: &str, pool: Prefix) -> anyhow::Result<Self> {
-        let (conn, handle, _) = rtnetlink::new_connection().context("netlink socket")?;
-        tokio::spawn(conn);
-        let (tun_index, _) = link(&handle, tun_name)
+        let netlink = Netlink::connect()?;
+        let tun_index = netlink
+            .link(tun_name)
             .await
-            .with_context(|| format!("TUN device {tun_name}"))?;
+            .with_context(|| format!("TUN device {tun_name}"))?
+            .index;
         // Replies from the sites arrive on the TUN device and are forwarded
         // to the center LAN: the input device decides (ip_route_input_slow).
         sysctl(&format!("net/ipv4/conf/{tun_name}/forwarding"), "1")?;
@@ -77,23 +67,15 @@ impl Routes {
         // The whole pool leads to the TUN device too (below the /32s), so that a
         // packet for an address no site holds reaches the gateway and is
         // answered with ICMP host unreachable instead of leaving elsewhere.
-        let pool_route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(pool.addr(), pool.prefix_len())
-            .output_interface(tun_index)
-            .scope(RouteScope::Link)
-            .protocol(PROTOCOL)
-            .build();
-        handle
-            .route()
-            .add(pool_route)
-            .replace()
-            .execute()
+        netlink
+            .add_route(pool.addr(), pool.prefix_len(), tun_index)
             .await
             .map_err(|e| anyhow!("route {pool} dev {tun_name}: {e}"))?;
         let center = if center_if.is_empty() {
             None
         } else {
-            let (index, mac) = link(&handle, center_if)
+            let link = netlink
+                .link(center_if)
                 .await
                 .with_context(|| format!("center.interface {center_if}"))?;
             // Technicians' packets to NAT addresses arrive here and are
@@ -103,12 +85,12 @@ impl Routes {
             sysctl(&format!("net/ipv4/neigh/{center_if}/proxy_delay"), "0")?;
             Some(CenterIf {
                 name: center_if.to_owned(),
-                index,
-                mac,
+                index: link.index,
+                mac: link.mac,
             })
         };
         let mut routes = Self {
-            handle,
+            netlink,
             tun_index,
             center,
             target: BTreeSet::new(),
@@ -163,30 +145,13 @@ impl Routes {
     /// # Errors
     /// A message naming the address and the step that failed.
     async fn add(&mut self, ip: Ipv4Addr) -> anyhow::Result<()> {
-        let route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(ip, 32)
-            .output_interface(self.tun_index)
-            .scope(RouteScope::Link)
-            .protocol(PROTOCOL)
-            .build();
-        self.handle
-            .route()
-            .add(route)
-            .replace()
-            .execute()
+        self.netlink
+            .add_route(ip, 32, self.tun_index)
             .await
             .map_err(|e| anyhow!("route {ip}/32: {e}"))?;
         if let Some(center) = &self.center {
-            let mut req = self
-                .handle
-                .neighbours()
-                .add(center.index, IpAddr::V4(ip))
-                .flags(NeighbourFlags::Proxy)
-                .replace();
-            req.message_mut()
-                .attributes
-                .push(NeighbourAttribute::Protocol(PROTOCOL));
-            req.execute()
+            self.netlink
+                .add_proxy(center.index, ip)
                 .await
                 .map_err(|e| anyhow!("proxy ARP {ip} on {}: {e}", center.name))?;
             if let Some(mac) = center.mac
@@ -207,22 +172,12 @@ impl Routes {
     /// is not an error).
     async fn remove(&mut self, ip: Ipv4Addr) -> anyhow::Result<()> {
         let mut first_error = None;
-        if let Some(center) = &self.center {
-            let msg = proxy_message(center.index, ip);
-            if let Err(e) = self.handle.neighbours().del(msg).execute().await
-                && !is_not_found(&e)
-            {
-                first_error = Some(anyhow!("proxy ARP {ip} on {}: {e}", center.name));
-            }
+        if let Some(center) = &self.center
+            && let Err(e) = self.netlink.del_proxy(center.index, ip).await
+        {
+            first_error = Some(anyhow!("proxy ARP {ip} on {}: {e}", center.name));
         }
-        let route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(ip, 32)
-            .output_interface(self.tun_index)
-            .scope(RouteScope::Link)
-            .protocol(PROTOCOL)
-            .build();
-        if let Err(e) = self.handle.route().del(route).execute().await
-            && !is_not_found(&e)
+        if let Err(e) = self.netlink.del_route(ip, 32, self.tun_index).await
             && first_error.is_none()
         {
             first_error = Some(anyhow!("route {ip}/32: {e}"));
@@ -252,80 +207,9 @@ impl Routes {
         let Some(center) = self.center.clone() else {
             return;
         };
-        let mut stale = Vec::new();
-        let mut req = self.handle.neighbours().get().proxies();
-        req.message_mut().header.family = AddressFamily::Inet;
-        let mut stream = req.execute();
-        loop {
-            match stream.try_next().await {
-                Ok(Some(m)) => {
-                    let ours = m
-                        .attributes
-                        .contains(&NeighbourAttribute::Protocol(PROTOCOL));
-                    if m.header.ifindex == center.index && ours {
-                        for a in &m.attributes {
-                            if let NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) = a {
-                                stale.push(*ip);
-                            }
-                        }
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, "listing proxy entries");
-                    break;
-                }
-            }
-        }
-        for ip in stale {
+        for ip in self.netlink.our_proxies(center.index).await {
             tracing::info!(address = %ip, "removing a stale proxy-ARP entry");
-            let _ = self
-                .handle
-                .neighbours()
-                .del(proxy_message(center.index, ip))
-                .execute()
-                .await;
+            let _ = self.netlink.del_proxy(center.index, ip).await;
         }
     }
-}
-
-fn proxy_message(ifindex: u32, ip: Ipv4Addr) -> NeighbourMessage {
-    let mut m = NeighbourMessage::default();
-    m.header.family = AddressFamily::Inet;
-    m.header.ifindex = ifindex;
-    m.header.flags = NeighbourFlags::Proxy;
-    m.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
-    m
-}
-
-fn is_not_found(e: &rtnetlink::Error) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m)
-        if m.raw_code() == -libc::ENOENT || m.raw_code() == -libc::ESRCH)
-}
-
-async fn link(handle: &rtnetlink::Handle, name: &str) -> anyhow::Result<(u32, Option<[u8; 6]>)> {
-    let msg = handle
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
-        .await
-        .map_err(|e| anyhow!("{e}"))?
-        .ok_or_else(|| anyhow!("no such interface"))?;
-    let mac = msg.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Address(b) if b.len() == 6 => {
-            let mut m = [0u8; 6];
-            m.copy_from_slice(b);
-            Some(m)
-        }
-        _ => None,
-    });
-    Ok((msg.header.index, mac))
-}
-
-fn sysctl(path: &str, value: &str) -> anyhow::Result<()> {
-    let full = format!("/proc/sys/{path}");
-    std::fs::write(&full, value).with_context(|| format!("writing {value} to {full}"))
 }

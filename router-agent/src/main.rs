@@ -549,6 +549,12 @@ async fn serve(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            // The worker's own error (e.g. the TUN device gone) is returned
+            // by `run` after the cleanup.
+            () = app.dataplane.stopped() => {
+                tracing::error!("the data plane stopped");
+                break;
+            }
             _ = hup.recv() => {
                 if let Some(path) = &desired_file {
                     match read_desired(path) {

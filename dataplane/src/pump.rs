@@ -1,0 +1,251 @@
+//! The packet pump between one TUN queue and one UDP socket.
+//!
+//! IO is batched both ways and nothing is allocated per packet:
+//! - TUN → UDP: a read returns the segments of a GSO super-packet; each is
+//!   encapsulated straight into one contiguous send buffer, and runs of
+//!   equal-size datagrams to one destination leave as one `sendmsg` with
+//!   UDP GSO ([`crate::train`]).
+//! - UDP → TUN: `recvmmsg` with UDP GRO returns many datagrams per call; each
+//!   is decapsulated straight into a TUN buffer after the virtio header room,
+//!   and the batch is written with GRO.
+//!
+//! The program's packet logic plugs in as a [`PacketPath`] (a generic
+//! parameter: no dynamic call per packet).
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use tun_rs::AsyncDevice;
+
+use crate::counters::IoCounters;
+use crate::path::PacketPath;
+use crate::train::TrainSender;
+use crate::tun::{DeviceGone, SEGMENT_BUF, TUN_BATCH, TunReader, TunWriter, is_device_gone};
+use crate::udp::{RecvBatch, Udp};
+
+/// Reads (or `recvmmsg` calls) per source per wake-up before the event loop
+/// turns to its other sources.
+pub const BUDGET: usize = 32;
+
+/// Sends every datagram `path` generated, one `sendmsg` each.
+pub async fn send_transmits<P: PacketPath>(path: &mut P, udp: &Udp, io: &mut IoCounters) {
+    while let Some((dst, payload)) = path.poll_transmit() {
+        udp.send_one(dst, &payload, io).await;
+        path.recycle(payload);
+    }
+}
+
+/// What woke the pump.
+#[derive(Debug)]
+pub enum Ready {
+    /// The UDP socket may have data (or reported an error).
+    Udp(io::Result<()>),
+    /// A TUN read returned this many segments (or an error).
+    Tun(io::Result<usize>),
+}
+
+/// One TUN queue and one UDP socket with their buffers and counters.
+pub struct Pump {
+    /// The tunnel's socket.
+    pub udp: Udp,
+    tun: AsyncDevice,
+    reader: TunReader,
+    writer: TunWriter,
+    trains: TrainSender,
+    recv: RecvBatch,
+    /// Counters of this pump.
+    pub io: IoCounters,
+}
+
+impl std::fmt::Debug for Pump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pump")
+            .field("udp", &self.udp)
+            .field("io", &self.io)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pump {
+    /// A pump between `tun` and `udp`; `max_overhead` is the most bytes
+    /// encapsulation adds to a packet (sizes the send buffer).
+    pub fn new(udp: Udp, tun: AsyncDevice, max_overhead: usize) -> Self {
+        // Room for a whole read of full segments, plus a whole packet when
+        // the device has no offload.
+        let capacity = TUN_BATCH * (SEGMENT_BUF + max_overhead) + 65535 + 64;
+        Self {
+            trains: TrainSender::new(capacity, &udp),
+            udp,
+            tun,
+            reader: TunReader::new(),
+            writer: TunWriter::default(),
+            recv: RecvBatch::new(),
+            io: IoCounters::default(),
+        }
+    }
+
+    /// The TUN queue.
+    pub fn tun(&self) -> &AsyncDevice {
+        &self.tun
+    }
+
+    /// Waits until the socket may have data or a TUN read returns, the
+    /// socket first. Cancel-safe as a `select!` arm: a TUN read that has not
+    /// returned has taken nothing from the device.
+    pub async fn ready(&mut self) -> Ready {
+        tokio::select! {
+            biased;
+            r = self.udp.readable() => Ready::Udp(r),
+            r = self.reader.recv(&self.tun) => Ready::Tun(r),
+        }
+    }
+
+    /// Handles what [`Self::ready`] returned.
+    ///
+    /// # Errors
+    /// [`DeviceGone`] when the TUN device no longer exists.
+    pub async fn on_ready<P: PacketPath>(
+        &mut self,
+        path: &mut P,
+        ready: Ready,
+    ) -> Result<(), DeviceGone> {
+        match ready {
+            Ready::Udp(r) => {
+                self.on_udp_ready(path, r).await;
+                Ok(())
+            }
+            Ready::Tun(r) => self.on_tun_ready(path, r).await,
+        }
+    }
+
+    /// UDP → TUN: up to [`BUDGET`] `recvmmsg` calls, each batch decapsulated
+    /// and written, then what the logic generated.
+    pub async fn on_udp_ready<P: PacketPath>(&mut self, path: &mut P, readable: io::Result<()>) {
+        if let Err(e) = readable {
+            tracing::warn!(error = %e, "UDP socket");
+            self.io.io_errors += 1;
+        }
+        for _ in 0..BUDGET {
+            if !self.recv.fill(&self.udp, &mut self.io) {
+                break;
+            }
+            let now = Instant::now();
+            for (from, datagram) in self.recv.datagrams() {
+                decapsulate_one(path, &mut self.writer, from, datagram, now, &mut self.io);
+            }
+            self.flush_outputs(path).await;
+        }
+    }
+
+    /// TUN → UDP: the read that returned `first`, then up to [`BUDGET`] more
+    /// while the device has packets ready, encapsulated in GSO trains. The
+    /// open train carries over from one read to the next and leaves when
+    /// nothing more is ready.
+    ///
+    /// # Errors
+    /// [`DeviceGone`] when the TUN device no longer exists.
+    pub async fn on_tun_ready<P: PacketPath>(
+        &mut self,
+        path: &mut P,
+        first: io::Result<usize>,
+    ) -> Result<(), DeviceGone> {
+        let mut result = first;
+        for round in 0..BUDGET {
+            let n = match result {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if is_device_gone(&e) => {
+                    self.trains.flush(&self.udp, &mut self.io).await;
+                    return Err(DeviceGone(e));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "TUN read");
+                    self.io.io_errors += 1;
+                    break;
+                }
+            };
+            self.io.tun_reads += 1;
+            self.io.tun_packets += n as u64;
+            self.encapsulate(path, n).await;
+            self.flush_outputs(path).await;
+            if round + 1 < BUDGET {
+                result = self.reader.try_recv(&self.tun);
+            }
+        }
+        self.trains.flush(&self.udp, &mut self.io).await;
+        Ok(())
+    }
+
+    async fn encapsulate<P: PacketPath>(&mut self, path: &mut P, n: usize) {
+        let now = Instant::now();
+        let packets = self.reader.segments(n);
+        self.trains
+            .send(&self.udp, path, packets, now, &mut self.io)
+            .await;
+    }
+
+    /// Decapsulates one datagram (e.g. one handed over by another worker)
+    /// into the TUN batch; written by the next [`Self::flush_outputs`].
+    pub fn decapsulate<P: PacketPath>(
+        &mut self,
+        path: &mut P,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+    ) {
+        decapsulate_one(path, &mut self.writer, from, datagram, now, &mut self.io);
+    }
+
+    /// Encapsulates packets from elsewhere (e.g. handed over by another
+    /// worker) and sends them in GSO trains, all of them now.
+    pub async fn encapsulate_and_send<'p, P: PacketPath>(
+        &mut self,
+        path: &mut P,
+        packets: impl Iterator<Item = &'p mut [u8]>,
+        now: Instant,
+    ) {
+        self.trains
+            .send(&self.udp, path, packets, now, &mut self.io)
+            .await;
+        self.trains.flush(&self.udp, &mut self.io).await;
+    }
+
+    /// Writes the TUN batch with the packets the logic generated for the
+    /// device, then sends the datagrams it generated.
+    pub async fn flush_outputs<P: PacketPath>(&mut self, path: &mut P) {
+        self.write_tun(path).await;
+        self.send_transmits(path).await;
+    }
+
+    /// Writes the TUN batch ([`Self::decapsulate`]) with the packets the
+    /// logic generated for the device, in one batch.
+    pub async fn write_tun<P: PacketPath>(&mut self, path: &mut P) {
+        while let Some(p) = path.poll_tun_output() {
+            self.writer.push_copy(&p);
+            path.recycle(p);
+        }
+        self.writer.write(&self.tun, &mut self.io).await;
+    }
+
+    /// Lets the logic finish the batch ([`PacketPath::after_batch`]), then
+    /// sends the datagrams it generated.
+    pub async fn send_transmits<P: PacketPath>(&mut self, path: &mut P) {
+        path.after_batch();
+        send_transmits(path, &self.udp, &mut self.io).await;
+    }
+}
+
+fn decapsulate_one<P: PacketPath>(
+    path: &mut P,
+    writer: &mut TunWriter,
+    from: SocketAddr,
+    datagram: &[u8],
+    now: Instant,
+    io: &mut IoCounters,
+) {
+    let out = writer.next_buf(path.room(datagram.len()));
+    if let Some(len) = path.decapsulate(from, datagram, out, now, io) {
+        writer.commit(len);
+    }
+}
