@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::*;
 use fantoccini::Locator;
 use serde_json::json;
