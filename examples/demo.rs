@@ -1,15 +1,12 @@
 //! The demo (`scripts/demo.sh`, the README's first command): builds the
 //! namespace world, plays the whole mission with a short narrative per step,
 //! prints the final table and cleans up. The scenario is the same code as the
-//! end-to-end test (`tests/e2e/mission.rs`).
+//! end-to-end test (`vpnnat_test_support::mission`).
 //!
 //! Usage: demo [--keep] [--samples N] [--world PREFIX]
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "../tests/e2e/mission.rs"]
-mod mission;
+use vpnnat_test_support::{mission, require};
 
 fn usage() -> ! {
     eprintln!(
@@ -44,7 +41,7 @@ fn main() {
         }
     }
     // The demo needs what the test needs; missing pieces are named, not skipped.
-    if !common::require(mission::PREREQS) {
+    if !require(mission::PREREQS) {
         std::process::exit(1);
     }
     let outcome = mission::run(opts);

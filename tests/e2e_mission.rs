@@ -1,17 +1,15 @@
-//! The acceptance test of the product: the whole mission of issue 6 in
-//! network namespaces, played by the real maintenance-server, two real
+//! The acceptance test of the product: the whole mission in network
+//! namespaces, played by the real maintenance-server, two real
 //! gateways and three real router agents (two in packet mode on their
 //! routers, one in netstack mode behind its router's NAPT). The scenario is
-//! `tests/e2e/mission.rs`, shared with the demo (`scripts/demo.sh`).
+//! `vpnnat_test_support::mission`, shared with the demo (`scripts/demo.sh`).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
-mod common;
-#[path = "e2e/mission.rs"]
-mod mission;
+use vpnnat_test_support::mission;
 
 #[test]
 fn e2e_mission_three_sites_two_gateways_failover_and_restart() {
-    if !common::require(mission::PREREQS) {
+    if !vpnnat_test_support::require(mission::PREREQS) {
         return;
     }
     let outcome = mission::run(mission::Options {

@@ -4,13 +4,13 @@
 //! of its NAT address onto a PC behind it).
 #![allow(clippy::unwrap_used)]
 
-mod common;
 mod gateway_support;
 
 use std::time::Duration;
 
-use common::{require, wait_until};
-use gateway_support::{PREREQS, World, echo_transfer, ping_within};
+use gateway_support::{PREREQS, World};
+use vpnnat_test_support::echo::{ping_within, tcp_echo_transfer};
+use vpnnat_test_support::{require, wait_until};
 
 fn wait_for_handshake(w: &World) {
     wait_until(
@@ -44,10 +44,10 @@ fn interop_wireguard_go_handshake_ping_and_tcp_both_ways() {
     );
     let page = w.tech.sh("curl -sf --max-time 10 http://10.64.0.5/");
     assert!(page.contains("site 1"), "{page}");
-    echo_transfer(&w.tech, "10.64.0.5", 2 << 20);
+    tcp_echo_transfer(&w.tech, "10.64.0.5", 2 << 20);
 
     // The PC → a service on the technician's side.
-    let lan_pc = gateway_support::repo_path("scripts/lan-pc.py");
+    let lan_pc = vpnnat_test_support::repo_path("scripts/lan-pc.py");
     let mut svc = w.tech.command("python3");
     svc.arg(&lan_pc).arg("center");
     let log = w.dir.path().join("tech-svc.log");
@@ -57,7 +57,7 @@ fn interop_wireguard_go_handshake_ping_and_tcp_both_ways() {
         Duration::from_secs(10),
         || site.pc.try_sh("curl -sf --max-time 2 http://172.16.0.50/"),
     );
-    echo_transfer(&site.pc, "172.16.0.50", 2 << 20);
+    tcp_echo_transfer(&site.pc, "172.16.0.50", 2 << 20);
 
     let status = w.status();
     let peer = &status["peers"][0];
@@ -71,7 +71,7 @@ fn interop_wireguard_go_handshake_ping_and_tcp_both_ways() {
     // `gateway status` prints the peer like `wg show`.
     let out = w.gw.sh(&format!(
         "{} status --url http://127.0.0.1:9101",
-        common::bin("gateway").display()
+        vpnnat_test_support::bin("gateway").display()
     ));
     assert!(
         out.contains(&format!("peer: {}", site.key.public_key())),
@@ -115,7 +115,7 @@ fn interop_wireguard_go_peer_roams_and_traffic_continues() {
         "no traffic after roaming; gateway log:\n{}",
         w.gateway_log()
     );
-    echo_transfer(&w.tech, "10.64.0.5", 256 << 10);
+    tcp_echo_transfer(&w.tech, "10.64.0.5", 256 << 10);
     assert!(w.gateway_log().contains("peer endpoint changed"));
     // The session survived the move: no new handshake was needed for it.
     assert!(w.status()["peers"][0]["handshakes"].as_u64().unwrap() >= 1);

@@ -14,18 +14,17 @@
 //! Every address lives in namespaces created here; none has a default route.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
-mod common;
-
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Netns, Prereq, require, wait_until};
 use vpnnat::messages::{
     AgentDesiredState, AgentMapping, AgentTunnel, GatewayDesiredState, GatewayId, GatewayPeer,
     RequestId, SiteId, TerminalName, TunnelKind, UnixMillis,
 };
 use vpnnat::wg::{self, Decapsulated, Encapsulated, PrivateKey, Tunnel, TunnelConfig};
+use vpnnat_test_support::echo::{start_udp_responder, tcp_echo_transfer, udp_exchange};
+use vpnnat_test_support::{Netns, Prereq, rand_bytes, repo_path, require, wait_until};
 
 const PREREQS: &[Prereq] = &[
     Prereq::Root,
@@ -39,17 +38,6 @@ const PREREQS: &[Prereq] = &[
 
 const NAT: &str = "10.64.0.5";
 const PASSWORD: &str = "correct horse battery";
-
-fn repo_path(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-fn rand_bytes() -> [u8; 32] {
-    let mut b = [0u8; 32];
-    let mut f = std::fs::File::open("/dev/urandom").unwrap();
-    std::io::Read::read_exact(&mut f, &mut b).unwrap();
-    b
-}
 
 fn wall_ms() -> u64 {
     SystemTime::now()
@@ -90,7 +78,7 @@ impl World {
         let tech = Netns::new(&format!("{tag}tc"));
         let router = Netns::new(&format!("{tag}rt"));
         let mut pc = Netns::new(&format!("{tag}pc"));
-        common::veth(
+        vpnnat_test_support::veth(
             &gw,
             "lan0",
             Some("172.16.0.1/24"),
@@ -101,7 +89,7 @@ impl World {
         // The technician treats the pool as on-link; the gateway answers ARP.
         tech.sh("ip route add 10.64.0.0/16 dev eth0");
         gw.sh("ip link add inet type bridge && ip addr add 198.51.100.1/24 dev inet && ip link set inet up");
-        common::veth(
+        vpnnat_test_support::veth(
             &gw,
             "site1",
             None,
@@ -114,7 +102,7 @@ impl World {
             "ip link add lan0 type bridge && ip addr add 192.168.1.1/24 dev lan0 && ip link set lan0 up \
              && sysctl -qw net.ipv4.ip_forward=1",
         );
-        common::veth(&router, "l-pc", None, &pc, "eth0", Some("192.168.1.10/24"));
+        vpnnat_test_support::veth(&router, "l-pc", None, &pc, "eth0", Some("192.168.1.10/24"));
         router.sh("ip link set l-pc master lan0");
         pc.sh("ip addr add 192.168.1.11/24 dev eth0");
         // Replies to the center go through the router; deliberately no default route.
@@ -123,7 +111,14 @@ impl World {
             AgentMode::Packet => None,
             AgentMode::PacketMasquerade | AgentMode::Netstack => {
                 let ah = Netns::new(&format!("{tag}ah"));
-                common::veth(&router, "l-ah", None, &ah, "eth0", Some("192.168.1.20/24"));
+                vpnnat_test_support::veth(
+                    &router,
+                    "l-ah",
+                    None,
+                    &ah,
+                    "eth0",
+                    Some("192.168.1.20/24"),
+                );
                 router.sh("ip link set l-ah master lan0");
                 ah.sh("ip route add 198.51.100.0/24 via 192.168.1.1");
                 // A home router: NAPT to its WAN, no unsolicited inbound.
@@ -143,7 +138,7 @@ impl World {
                 Some(ah)
             }
         };
-        let dir = common::temp_dir(tag);
+        let dir = vpnnat_test_support::temp_dir(tag);
         let lan_pc = repo_path("scripts/lan-pc.py");
         let mut cmd = pc.command("python3");
         cmd.arg(&lan_pc).arg("site 1");
@@ -220,9 +215,9 @@ impl World {
 
     /// Creates a key-only identity (standalone mode) and returns its public key.
     fn agent_pubkey(&self, config: &Path) -> vpnnat::messages::PublicKey {
-        let out = common::run(
+        let out = vpnnat_test_support::run(
             self.agent_ns()
-                .command(common::bin("router-agent"))
+                .command(vpnnat_test_support::bin("router-agent"))
                 .arg("--config")
                 .arg(config)
                 .arg("pubkey"),
@@ -232,7 +227,9 @@ impl World {
 
     /// Starts the agent; waits for its page.
     fn start_agent(&mut self, config: &Path, desired: Option<&Path>) {
-        let mut cmd = self.agent_ns().command(common::bin("router-agent"));
+        let mut cmd = self
+            .agent_ns()
+            .command(vpnnat_test_support::bin("router-agent"));
         cmd.arg("--config")
             .arg(config)
             .env("RUST_LOG", "info,vpnnat=debug,router_agent=debug");
@@ -310,7 +307,7 @@ impl World {
 
     /// Starts the real gateway (standalone with `peers`, or following a server).
     fn start_gateway(&mut self, config: &Path, peers: Option<&Path>) {
-        let mut cmd = self.gw.command(common::bin("gateway"));
+        let mut cmd = self.gw.command(vpnnat_test_support::bin("gateway"));
         cmd.arg("--config").arg(config).env("RUST_LOG", "info");
         if let Some(p) = peers {
             cmd.arg("--peers").arg(p);
@@ -339,65 +336,6 @@ impl World {
 
     fn tech_ping(&self, addr: &str) -> bool {
         self.tech.try_sh(&format!("ping -c 1 -W 1 {addr}"))
-    }
-
-    /// Bytes through the TCP echo and back, compared by hash.
-    fn tech_echo(&self, addr: &str, bytes: usize) {
-        let script = format!(
-            r#"
-import hashlib, os, socket, threading
-data = os.urandom({bytes})
-s = socket.create_connection(("{addr}", 7), timeout=20)
-def send():
-    s.sendall(data)
-    s.shutdown(socket.SHUT_WR)
-t = threading.Thread(target=send); t.start()
-got = bytearray()
-while True:
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    got += chunk
-t.join()
-assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), (len(got), len(data))
-print("echo ok", len(got))
-"#
-        );
-        let out = self.tech.sh(&format!("python3 - <<'EOF'\n{script}\nEOF"));
-        assert!(out.contains(&format!("echo ok {bytes}")), "{out}");
-    }
-
-    /// A UDP exchange through the NAT address: the PC answers DNS-like
-    /// queries on port 5353 with a test responder started here.
-    fn tech_udp(&self, addr: &str) -> bool {
-        let script = format!(
-            r#"
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(2)
-s.sendto(b"hello-udp", ("{addr}", 5353))
-data, _ = s.recvfrom(2048)
-print("udp", data.decode())
-"#
-        );
-        self.tech
-            .command("sh")
-            .args(["-c", &format!("python3 - <<'EOF'\n{script}\nEOF")])
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("udp HELLO-UDP"))
-    }
-
-    /// A UDP responder on the PC (uppercases what it gets).
-    fn start_udp_responder(&mut self) {
-        let script = "import socket\n\
-                      s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-                      s.bind(('0.0.0.0', 5353))\n\
-                      while True:\n    d, a = s.recvfrom(2048)\n    s.sendto(d.upper(), a)\n";
-        let path = self.dir.path().join("udp-responder.py");
-        std::fs::write(&path, script).unwrap();
-        let mut cmd = self.pc.command("python3");
-        cmd.arg(&path);
-        self.pc.spawn(&mut cmd, None);
     }
 }
 
@@ -449,7 +387,7 @@ fn standalone(tag: &str, mode: AgentMode) -> World {
     let desired = desired_doc(1, &w.gw_key, &[(NAT, "pc-1")]);
     let desired_file = w.dir.path().join("desired.json");
     std::fs::write(&desired_file, serde_json::to_vec(&desired).unwrap()).unwrap();
-    w.start_udp_responder();
+    start_udp_responder(&mut w.pc, w.dir.path());
     w.start_agent(&config, Some(&desired_file));
     w
 }
@@ -469,8 +407,8 @@ fn check_reachability(w: &World) {
         w.agent_log()
     );
     assert!(w.tech_ping(NAT), "ping through the NAT address");
-    w.tech_echo(NAT, 300_000);
-    assert!(w.tech_udp(NAT), "UDP through the NAT address");
+    tcp_echo_transfer(&w.tech, NAT, 300_000);
+    assert!(udp_exchange(&w.tech, NAT), "UDP through the NAT address");
     // The other address the gateway routes here is not mapped by the agent.
     let before = w.agent_metric("vpnnat_agent_drops_total{reason=\"not_mapped\"}");
     assert!(!w.tech_ping("10.64.0.6"));
@@ -776,13 +714,15 @@ fn netns_agent_drops_malformed_tunnel_packets_and_keeps_working() {
 impl World {
     fn server(&self, args: &[&str], stdin: Option<&str>) -> String {
         let config = self.dir.path().join("maintenance-server.toml");
-        let mut cmd = self.gw.command(common::bin("maintenance-server"));
+        let mut cmd = self
+            .gw
+            .command(vpnnat_test_support::bin("maintenance-server"));
         // The server reads every VPNNAT_* variable as configuration.
         cmd.arg("--config")
             .arg(&config)
             .args(args)
             .env_remove("VPNNAT_KEEP_TEST_DIRS");
-        let out = common::run_with_input(&mut cmd, stdin);
+        let out = vpnnat_test_support::run_with_input(&mut cmd, stdin);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -812,7 +752,9 @@ impl World {
             &["technician", "add", "alice", "--password-stdin"],
             Some("tech password 1\n"),
         );
-        let mut cmd = self.gw.command(common::bin("maintenance-server"));
+        let mut cmd = self
+            .gw
+            .command(vpnnat_test_support::bin("maintenance-server"));
         cmd.arg("--config")
             .arg(&config)
             .arg("serve")
@@ -835,9 +777,9 @@ impl World {
             text.push_str(extra_terminals);
             std::fs::write(&agent_config, text).unwrap();
         }
-        let out = common::run(
+        let out = vpnnat_test_support::run(
             self.agent_ns()
-                .command(common::bin("router-agent"))
+                .command(vpnnat_test_support::bin("router-agent"))
                 .arg("--config")
                 .arg(&agent_config)
                 .args([
@@ -849,7 +791,7 @@ impl World {
                 ]),
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains("enrolled as site"));
-        self.start_udp_responder();
+        start_udp_responder(&mut self.pc, self.dir.path());
         self.start_agent(&agent_config, None);
     }
 
@@ -916,8 +858,8 @@ fn serve_a_request(w: &World) {
         w.agent_log()
     );
     assert!(w.tech_ping(&nat));
-    w.tech_echo(&nat, 1_000_000);
-    assert!(w.tech_udp(&nat));
+    tcp_echo_transfer(&w.tech, &nat, 1_000_000);
+    assert!(udp_exchange(&w.tech, &nat));
     // Nothing else on the LAN: another pool address, the real addresses.
     assert!(!w.tech_ping("10.64.0.200"));
     w.tech.sh("ip route add 192.168.1.0/24 via 172.16.0.1");

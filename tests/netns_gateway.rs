@@ -4,15 +4,16 @@
 //! and a clean shutdown leaves nothing behind.
 #![allow(clippy::unwrap_used)]
 
-mod common;
 mod gateway_support;
 
 use std::time::Duration;
 
-use common::{require, wait_until};
-use gateway_support::{PREREQS, World, ping_within, rand_bytes};
+use gateway_support::{PREREQS, World};
 use vpnnat::messages::{GatewayDesiredState, GatewayId, GatewayPeer, SiteId};
 use vpnnat::wg::PrivateKey;
+use vpnnat_test_support::echo::ping_within;
+use vpnnat_test_support::rand_bytes;
+use vpnnat_test_support::{require, wait_until};
 
 fn peer(site: u64, nat: &[&str]) -> GatewayPeer {
     GatewayPeer {
@@ -275,8 +276,8 @@ fn netns_gateway_clean_shutdown_removes_routes_and_arp_entries() {
 
 /// Runs `maintenance-server --config CONFIG ARGS` (the CLI works on the database).
 fn server_cli(config: &std::path::Path, args: &[&str]) -> String {
-    let out = common::run(
-        std::process::Command::new(common::bin("maintenance-server"))
+    let out = vpnnat_test_support::run(
+        std::process::Command::new(vpnnat_test_support::bin("maintenance-server"))
             // The server reads every VPNNAT_* variable as configuration.
             .env_remove("VPNNAT_KEEP_TEST_DIRS")
             .arg("--config")
@@ -300,7 +301,9 @@ fn api(w: &World, method: &str, path: &str, bearer: &str, body: Option<&str>) ->
 }
 
 fn start_server(w: &mut World, config: &std::path::Path) -> u32 {
-    let mut cmd = w.tech.command(common::bin("maintenance-server"));
+    let mut cmd = w
+        .tech
+        .command(vpnnat_test_support::bin("maintenance-server"));
     cmd.arg("--config")
         .arg(config)
         .env("RUST_LOG", "info")

@@ -2,11 +2,9 @@
 //! each other, have no default route, and vanish with their processes on drop.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{Netns, Prereq, require, veth};
 use std::process::Command;
 use std::time::Duration;
+use vpnnat_test_support::{Netns, Prereq, require, veth};
 
 #[test]
 fn netns_harness_connects_two_namespaces_and_cleans_up() {
@@ -58,7 +56,7 @@ fn netns_harness_connects_two_namespaces_and_cleans_up() {
     )
     .unwrap();
     assert!(!list.contains(&name_a) && !list.contains(&name_b), "{list}");
-    common::wait_until("the sleeper to be gone", Duration::from_secs(5), || {
+    vpnnat_test_support::wait_until("the sleeper to be gone", Duration::from_secs(5), || {
         !std::path::Path::new(&format!("/proc/{pid}")).exists()
     });
 }

@@ -8,155 +8,28 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use common::*;
-use fantoccini::{Client, ClientBuilder, Locator};
-use hyper_util::client::legacy::connect::HttpConnector;
+use fantoccini::Locator;
 use serde_json::json;
 use vpnnat::messages::*;
+use vpnnat_test_support::browser::{Browser, require_browser};
 
-const CHROMIUM: &str = "/usr/bin/chromium";
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-
-fn require_browser() -> bool {
-    for p in [CHROMIUM, CHROMEDRIVER] {
-        if !std::path::Path::new(p).is_file() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "prerequisite missing in CI: {p} (run scripts/setup.sh as root)"
-            );
-            eprintln!("SKIP: needs {p} (apt-get install chromium chromium-driver)");
-            return false;
-        }
-    }
-    true
-}
-
-/// chromedriver on a free loopback port and a fresh browser profile; both go away on drop.
-struct Browser {
-    driver: Child,
-    client: Option<Client>,
-    _profile: tempfile::TempDir,
-}
-
-impl Browser {
-    async fn start() -> Self {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let driver = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let profile = tempfile::tempdir().unwrap();
-        let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            json!({
-                "binary": CHROMIUM,
-                "args": [
-                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                    "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync",
-                    "--disable-dev-shm-usage", "--window-size=1500,900",
-                    format!("--user-data-dir={}", profile.path().display()),
-                ],
-            }),
-        );
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let client = loop {
-            match ClientBuilder::new(HttpConnector::new())
-                .capabilities(caps.clone())
-                .connect(&url)
-                .await
-            {
-                Ok(c) => break c,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "chromedriver: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        };
-        Self {
-            driver,
-            client: Some(client),
-            _profile: profile,
-        }
-    }
-
-    fn c(&self) -> &Client {
-        self.client.as_ref().unwrap()
-    }
-
-    async fn close(mut self) {
-        if let Some(c) = self.client.take() {
-            let _ = c.close().await;
-        }
-    }
-
-    async fn wait_for(&self, css: &str) -> fantoccini::elements::Element {
-        self.c()
-            .wait()
-            .at_most(Duration::from_secs(15))
-            .for_element(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("{css} did not appear: {e}"))
-    }
-
-    async fn wait_text(&self, css: &str, want: &str) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let text = match self.c().find(Locator::Css(css)).await {
-                Ok(e) => e.text().await.unwrap_or_default(),
-                Err(_) => String::new(),
-            };
-            if text.contains(want) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{css}: {text:?} never contained {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn screenshot(&self, name: &str) {
-        if let Some(dir) = std::env::var_os("VPNNAT_SCREENSHOT_DIR") {
-            let png = self.c().screenshot().await.unwrap();
-            std::fs::write(std::path::Path::new(&dir).join(format!("{name}.png")), png).unwrap();
-        }
-    }
-
-    async fn login(&self, base: &str, name: &str, password: &str) {
-        self.c().goto(base).await.unwrap();
-        let n = self.wait_for("#login-name").await;
-        n.clear().await.unwrap();
-        n.send_keys(name).await.unwrap();
-        let p = self.c().find(Locator::Id("login-password")).await.unwrap();
-        p.clear().await.unwrap();
-        p.send_keys(password).await.unwrap();
-        self.c()
-            .find(Locator::Id("login-submit"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-    }
+/// Signs in on the console at `base`.
+async fn login(b: &Browser, base: &str, name: &str, password: &str) {
+    b.c().goto(base).await.unwrap();
+    let n = b.wait_for("#login-name").await;
+    n.clear().await.unwrap();
+    n.send_keys(name).await.unwrap();
+    let p = b.c().find(Locator::Id("login-password")).await.unwrap();
+    p.clear().await.unwrap();
+    p.send_keys(password).await.unwrap();
+    b.c()
+        .find(Locator::Id("login-submit"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,8 +43,8 @@ async fn browser_technician_sees_a_new_request_live_then_starts_and_ends_it() {
     let site = add_site(&server, "Bakery Schmidt", 1).await;
     add_technician(&db, "alice", "correct horse").await;
 
-    let b = Browser::start().await;
-    b.login(&server.base, "alice", "correct horse").await;
+    let b = Browser::start(1500, 900).await;
+    login(&b, &server.base, "alice", "correct horse").await;
     b.wait_text("#who", "alice").await;
     b.wait_text("#live-text", "live").await;
     // Show every state, so the row stays visible after the end.
@@ -324,8 +197,8 @@ async fn browser_a_wrong_password_is_refused() {
     let db = TestDb::new(Backend::Sqlite);
     let server = TestServer::start(db.settings()).await;
     add_technician(&db, "alice", "correct horse").await;
-    let b = Browser::start().await;
-    b.login(&server.base, "alice", "wrong horse").await;
+    let b = Browser::start(1500, 900).await;
+    login(&b, &server.base, "alice", "wrong horse").await;
     b.wait_text("#login-error", "Wrong name or password").await;
     assert!(
         !b.c()
@@ -341,7 +214,7 @@ async fn browser_a_wrong_password_is_refused() {
     let cookies = b.c().get_all_cookies().await.unwrap();
     assert!(cookies.iter().all(|c| c.name() != "vpnnat_session"));
     // The right one works.
-    b.login(&server.base, "alice", "correct horse").await;
+    login(&b, &server.base, "alice", "correct horse").await;
     b.wait_text("#who", "alice").await;
     let cookies = b.c().get_all_cookies().await.unwrap();
     let session = cookies

@@ -5,13 +5,13 @@
 
 mod common;
 
-use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use common::*;
 use reqwest::Method;
 use vpnnat::messages::*;
+use vpnnat_test_support::run_with_input;
 
 both!(subcommands_work_directly_on_the_database);
 
@@ -22,26 +22,7 @@ fn bin() -> Command {
 }
 
 fn run(config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = bin()
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(s) = stdin {
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_with_input(bin().arg("--config").arg(config).args(args), stdin)
 }
 
 fn stdout(o: &Output) -> String {

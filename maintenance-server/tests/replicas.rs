@@ -70,16 +70,7 @@ impl Replica {
     }
 
     fn client(&self, bearer: Option<&str>) -> Api {
-        Api {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()
-                .unwrap(),
-            base: self.base.clone(),
-            bearer: bearer.map(str::to_owned),
-            cookie: None,
-            csrf: None,
-        }
+        Api::new(&self.base, bearer, Duration::from_secs(120))
     }
 }
 

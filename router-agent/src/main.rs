@@ -6,7 +6,7 @@
 //! The packet logic is `vpnnat::agent` (sans-IO); this binary is the IO
 //! shell: the data-plane worker (`dataplane`, `netstack`), the kernel side
 //! of packet mode (`lan`), the control-plane client (`control`, `client`),
-//! the page and API (`web`), names (`names`), health checks and failure
+//! the page and API (`web`), the `status` command (`status`), names (`names`), health checks and failure
 //! reports (`health`, `probe`).
 
 mod app;
@@ -20,6 +20,7 @@ mod names;
 mod netstack;
 mod probe;
 mod settings;
+mod status;
 mod web;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -212,11 +213,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 ),
             };
             let password = page_password(&settings, false)?;
-            let s = web::fetch_status(&url, &password).await?;
+            let s = status::fetch(&url, &password).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                print!("{}", web::render_status(&s, dataplane::wall_now()));
+                print!("{}", status::render(&s, dataplane::wall_now()));
             }
             Ok(ExitCode::SUCCESS)
         }),

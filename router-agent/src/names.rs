@@ -1,5 +1,5 @@
-//! Terminal names → real LAN addresses, on the agent only (DESIGN.md: the
-//! server never learns real addresses).
+//! Terminal names → real LAN addresses, on the agent only (`docs/DESIGN.md`,
+//! Roles: the server never learns real addresses).
 //!
 //! Order: the configured `[[terminals]]` table, the agent itself (`router`),
 //! aliases of addresses the customer typed, then DNS. A typed address gets a

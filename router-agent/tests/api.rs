@@ -24,13 +24,7 @@ async fn enroll_stores_a_private_identity_and_a_used_token_is_refused() {
     let agent = Agent::new(port);
     let site = center.add_site("Bakery").await;
     let _ = &mut center;
-    let ok = agent.run(&[
-        "enroll",
-        "--server",
-        &center.base,
-        "--token",
-        &site.enrollment_token,
-    ]);
+    let ok = agent.enroll(&center.base, &site.enrollment_token, false);
     assert!(
         ok.status.success(),
         "{}",
@@ -49,13 +43,7 @@ async fn enroll_stores_a_private_identity_and_a_used_token_is_refused() {
     assert!(!id["credential"].as_str().unwrap().is_empty());
 
     // Again without --force: refused before contacting the server.
-    let again = agent.run(&[
-        "enroll",
-        "--server",
-        &center.base,
-        "--token",
-        &site.enrollment_token,
-    ]);
+    let again = agent.enroll(&center.base, &site.enrollment_token, false);
     assert!(!again.status.success());
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(
@@ -63,14 +51,7 @@ async fn enroll_stores_a_private_identity_and_a_used_token_is_refused() {
         "{err}"
     );
     // With --force but the used token: a clear error, identity untouched.
-    let used = agent.run(&[
-        "enroll",
-        "--server",
-        &center.base,
-        "--token",
-        &site.enrollment_token,
-        "--force",
-    ]);
+    let used = agent.enroll(&center.base, &site.enrollment_token, true);
     assert!(!used.status.success());
     let err = String::from_utf8_lossy(&used.stderr);
     assert!(
@@ -79,23 +60,9 @@ async fn enroll_stores_a_private_identity_and_a_used_token_is_refused() {
     );
     assert_eq!(std::fs::read_to_string(&id_path).unwrap(), stored);
     // A nonsense token and an unreachable server are explained too.
-    let bad = agent.run(&[
-        "enroll",
-        "--server",
-        &center.base,
-        "--token",
-        "nonsense",
-        "--force",
-    ]);
+    let bad = agent.enroll(&center.base, "nonsense", true);
     assert!(!bad.status.success());
-    let down = agent.run(&[
-        "enroll",
-        "--server",
-        "http://127.0.0.1:9",
-        "--token",
-        "x",
-        "--force",
-    ]);
+    let down = agent.enroll("http://127.0.0.1:9", "x", true);
     let err = String::from_utf8_lossy(&down.stderr);
     assert!(err.contains("cannot reach the maintenance server"), "{err}");
 
@@ -111,14 +78,7 @@ async fn enroll_stores_a_private_identity_and_a_used_token_is_refused() {
         .await
         .unwrap();
     let fresh: vpnnat::messages::SiteCreated = r.json().await.unwrap();
-    let re = agent.run(&[
-        "enroll",
-        "--server",
-        &center.base,
-        "--token",
-        &fresh.enrollment_token,
-        "--force",
-    ]);
+    let re = agent.enroll(&center.base, &fresh.enrollment_token, true);
     assert!(
         re.status.success(),
         "{}",

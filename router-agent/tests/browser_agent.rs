@@ -10,154 +10,12 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fantoccini::{Client, ClientBuilder, Locator};
-use hyper_util::client::legacy::connect::HttpConnector;
-use serde_json::json;
+use fantoccini::Locator;
 use support::{Center, PASSWORD, enrolled, pc};
 use vpnnat::messages::RequestState;
-
-const CHROMIUM: &str = "/usr/bin/chromium";
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-
-fn require_browser() -> bool {
-    for p in [CHROMIUM, CHROMEDRIVER] {
-        if !std::path::Path::new(p).is_file() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "prerequisite missing in CI: {p} (run scripts/setup.sh as root)"
-            );
-            eprintln!("SKIP: needs {p} (apt-get install chromium chromium-driver)");
-            return false;
-        }
-    }
-    true
-}
-
-/// chromedriver on a free loopback port with a fresh profile; gone on drop.
-struct Browser {
-    driver: Child,
-    client: Option<Client>,
-    _profile: tempfile::TempDir,
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-    }
-}
-
-impl Browser {
-    async fn start() -> Self {
-        let port = support::free_port();
-        let driver = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let profile = tempfile::tempdir().unwrap();
-        let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            json!({
-                "binary": CHROMIUM,
-                "args": [
-                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                    "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync",
-                    "--disable-dev-shm-usage", "--window-size=1100,1400",
-                    format!("--user-data-dir={}", profile.path().display()),
-                ],
-            }),
-        );
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let client = loop {
-            match ClientBuilder::new(HttpConnector::new())
-                .capabilities(caps.clone())
-                .connect(&url)
-                .await
-            {
-                Ok(c) => break c,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "chromedriver: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        };
-        Self {
-            driver,
-            client: Some(client),
-            _profile: profile,
-        }
-    }
-
-    fn c(&self) -> &Client {
-        self.client.as_ref().unwrap()
-    }
-
-    async fn close(mut self) {
-        if let Some(c) = self.client.take() {
-            let _ = c.close().await;
-        }
-    }
-
-    async fn visible(&self, css: &str) -> fantoccini::elements::Element {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Ok(e) = self.c().find(Locator::Css(css)).await
-                && e.is_displayed().await.unwrap_or(false)
-            {
-                return e;
-            }
-            assert!(Instant::now() < deadline, "{css} never became visible");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn wait_text(&self, css: &str, want: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let text = match self.c().find(Locator::Css(css)).await {
-                Ok(e) => e.text().await.unwrap_or_default(),
-                Err(_) => String::new(),
-            };
-            if text.contains(want) {
-                return text;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{css}: {text:?} never contained {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn screenshot(&self, name: &str) {
-        if let Some(dir) = std::env::var_os("VPNNAT_SCREENSHOT_DIR") {
-            let png = self.c().screenshot().await.unwrap();
-            std::fs::write(std::path::Path::new(&dir).join(format!("{name}.png")), png).unwrap();
-        }
-    }
-
-    async fn type_into(&self, css: &str, text: &str) {
-        let e = self.visible(css).await;
-        e.clear().await.unwrap();
-        e.send_keys(text).await.unwrap();
-    }
-
-    async fn select(&self, css: &str, value: &str) {
-        self.visible(css)
-            .await
-            .select_by_value(value)
-            .await
-            .unwrap_or_else(|e| panic!("{css}={value}: {e}"));
-    }
-}
+use vpnnat_test_support::browser::{Browser, require_browser};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_customer_requests_maintenance_and_ends_access() {
@@ -168,7 +26,7 @@ async fn browser_customer_requests_maintenance_and_ends_access() {
     let (port, _pc) = pc().await;
     let mut agent = enrolled(&mut center, port).await;
     agent.start().await;
-    let b = Browser::start().await;
+    let b = Browser::start(1100, 1400).await;
     let page = format!("http://{}/", agent.web);
     b.c().goto(&page).await.unwrap();
 

@@ -1,4 +1,4 @@
-//! A small world for the gateway's namespace tests, built on `tests/common`:
+//! A small world for the gateway's namespace tests, built on `vpnnat_test_support`:
 //!
 //! ```text
 //!  tech (172.16.0.50) ──lan0── gateway ──inet (bridge 198.51.100.1/24)──┬── site A router (wireguard-go) ── PC 192.168.1.10
@@ -13,9 +13,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::{self, Netns, Prereq};
 use vpnnat::messages::{GatewayDesiredState, GatewayId, GatewayPeer, SiteId};
 use vpnnat::wg::PrivateKey;
+use vpnnat_test_support::{self as support, Netns, Prereq, rand_bytes, repo_path};
 
 /// Everything these tests need from the machine.
 pub const PREREQS: &[Prereq] = &[
@@ -78,7 +78,7 @@ impl World {
     pub fn new(tag: &str, tech_route: &str) -> Self {
         let gw = Netns::new(&format!("{tag}gw"));
         let tech = Netns::new(&format!("{tag}tc"));
-        common::veth(
+        support::veth(
             &gw,
             "lan0",
             Some("172.16.0.1/24"),
@@ -88,7 +88,7 @@ impl World {
         );
         tech.sh(&format!("ip route add 10.64.0.0/16 {tech_route}"));
         gw.sh("ip link add inet type bridge && ip addr add 198.51.100.1/24 dev inet && ip link set inet up");
-        let dir = common::temp_dir(tag);
+        let dir = support::temp_dir(tag);
         let gw_key = PrivateKey::from_bytes(rand_bytes());
         std::fs::write(dir.path().join("gw.key"), gw_key.to_base64()).unwrap();
         std::fs::set_permissions(
@@ -152,7 +152,7 @@ impl World {
         let mut router = Netns::new(&format!("r{n}"));
         let mut pc = Netns::new(&format!("p{n}"));
         let wan = format!("198.51.100.{}", 10 + n);
-        common::veth(
+        support::veth(
             &self.gw,
             &format!("site{n}"),
             None,
@@ -161,7 +161,7 @@ impl World {
             Some(&format!("{wan}/24")),
         );
         self.gw.sh(&format!("ip link set site{n} master inet"));
-        common::veth(
+        support::veth(
             &router,
             "lan0",
             Some("192.168.1.1/24"),
@@ -201,7 +201,7 @@ impl World {
         // The router namespace owns the process (killed on drop).
         router.spawn(&mut cmd, Some(&log));
         let site_router = &*router;
-        common::wait_until("wireguard-go's interface", Duration::from_secs(10), || {
+        support::wait_until("wireguard-go's interface", Duration::from_secs(10), || {
             site_router.try_sh(&format!("ip link show {wg}"))
         });
         let key_file = self.dir.path().join(format!("site{n}.key"));
@@ -260,7 +260,7 @@ impl World {
     /// with `--peers`, or following a server after [`Self::use_server`]), and
     /// waits for its HTTP listener.
     pub fn start_gateway(&mut self) {
-        let mut cmd = self.gw.command(common::bin("gateway"));
+        let mut cmd = self.gw.command(support::bin("gateway"));
         cmd.arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info,vpnnat=debug");
@@ -273,7 +273,7 @@ impl World {
         self.gw_pid = Some(pid);
         let gw = &self.gw;
         let dir = self.dir.path().to_owned();
-        common::wait_until(
+        support::wait_until(
             "the gateway's HTTP listener",
             Duration::from_secs(15),
             || {
@@ -310,55 +310,4 @@ impl World {
             .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
             .unwrap_or(0)
     }
-}
-
-/// A path inside the repository.
-pub fn repo_path(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-/// 32 random bytes from the kernel.
-pub fn rand_bytes() -> [u8; 32] {
-    let mut b = [0u8; 32];
-    let mut f = std::fs::File::open("/dev/urandom").unwrap();
-    std::io::Read::read_exact(&mut f, &mut b).unwrap();
-    b
-}
-
-/// Whether `ns` can ping `addr` within `timeout` (one probe per second).
-pub fn ping_within(ns: &Netns, addr: &str, timeout: Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if ns.try_sh(&format!("ping -c 1 -W 1 {addr}")) {
-            return true;
-        }
-    }
-    false
-}
-
-/// Sends `bytes` random bytes to the TCP echo at `addr`:7 and checks that the
-/// same bytes come back (data flows both ways on one connection).
-pub fn echo_transfer(ns: &Netns, addr: &str, bytes: usize) {
-    let script = format!(
-        r#"
-import hashlib, os, socket, threading
-data = os.urandom({bytes})
-s = socket.create_connection(("{addr}", 7), timeout=20)
-def send():
-    s.sendall(data)
-    s.shutdown(socket.SHUT_WR)
-t = threading.Thread(target=send); t.start()
-got = bytearray()
-while True:
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    got += chunk
-t.join()
-assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), (len(got), len(data))
-print("echo ok", len(got))
-"#
-    );
-    let out = ns.sh(&format!("python3 - <<'EOF'\n{script}\nEOF"));
-    assert!(out.contains(&format!("echo ok {bytes}")), "{out}");
 }

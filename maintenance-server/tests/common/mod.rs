@@ -17,6 +17,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sqlx::Row as _;
 use vpnnat::messages::*;
+use vpnnat_test_support::server::InProcessServer;
+use vpnnat_test_support::{Prereq, require};
 
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,33 +55,12 @@ macro_rules! both {
 /// Whether PostgreSQL is there. Outside CI a missing one skips with a
 /// one-line reason; with `CI` set it fails the test.
 pub fn require_postgres() -> bool {
-    let ok = Command::new("pg_isready")
-        .args(["-q", "-h", "/var/run/postgresql"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let reason = "needs a running PostgreSQL (pg_ctlcluster 15 main start)";
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "prerequisite missing in CI: {reason} (run scripts/setup.sh as root)"
-        );
-        eprintln!("SKIP: {reason}");
-    }
-    ok
+    require(&[Prereq::Postgres])
 }
 
 /// Whether a program is on PATH (same CI rule as above).
-pub fn require_program(name: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()));
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "prerequisite missing in CI: needs {name} on PATH (run scripts/setup.sh as root)"
-        );
-        eprintln!("SKIP: needs {name} on PATH");
-    }
-    found
+pub fn require_program(name: &'static str) -> bool {
+    require(&[Prereq::Program(name)])
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -209,88 +190,37 @@ fn psql(sql: &str) {
     );
 }
 
-/// A server running in this test's runtime.
+/// A server running in this test's runtime (stopped on drop).
 pub struct TestServer {
     pub addr: SocketAddr,
     pub base: String,
     pub operator: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    server: InProcessServer,
 }
 
 impl TestServer {
     pub async fn start(settings: Settings) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let operator = settings.operator.token.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(maintenance_server::launch_with_listener(
-            settings,
-            listener,
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        let base = format!("http://{addr}");
-        let http = reqwest::Client::new();
-        for _ in 0..200 {
-            if http
-                .get(format!("{base}/healthz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
-                break;
-            }
-            assert!(!task.is_finished(), "the server stopped while starting");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let server = InProcessServer::start(settings).await;
         Self {
-            addr,
-            base,
+            addr: server.addr,
+            base: server.base.clone(),
             operator,
-            stop: Some(tx),
-            task: Some(task),
+            server,
         }
     }
 
     /// Stops the server and waits for it.
     pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), t)
-                .await
-                .expect("server stops")
-                .unwrap()
-                .unwrap();
-        }
+        self.server.stop().await.expect("server stops");
     }
 
     pub fn client(&self, bearer: Option<&str>) -> Api {
-        Api {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(90))
-                .build()
-                .unwrap(),
-            base: self.base.clone(),
-            bearer: bearer.map(str::to_owned),
-            cookie: None,
-            csrf: None,
-        }
+        Api::new(&self.base, bearer, Duration::from_secs(90))
     }
 
     pub fn operator(&self) -> Api {
         self.client(Some(&self.operator))
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
     }
 }
 
@@ -330,6 +260,17 @@ impl Answer {
 }
 
 impl Api {
+    /// A client of `base` with a `timeout` per call.
+    pub fn new(base: &str, bearer: Option<&str>, timeout: Duration) -> Self {
+        Self {
+            http: reqwest::Client::builder().timeout(timeout).build().unwrap(),
+            base: base.to_owned(),
+            bearer: bearer.map(str::to_owned),
+            cookie: None,
+            csrf: None,
+        }
+    }
+
     pub async fn raw(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Answer {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(b) = &self.bearer {

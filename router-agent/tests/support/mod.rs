@@ -16,6 +16,7 @@ use vpnnat::messages::{
     GatewayCreated, GatewayHeartbeat, GatewayRegistration, Health, Login, LoginResponse,
     MaintenanceRequestView, NewGateway, NewSite, PublicKey, SiteCreated, TunnelKind, paths,
 };
+use vpnnat_test_support::server::InProcessServer;
 
 /// The page password of every test agent.
 pub const PASSWORD: &str = "test page password";
@@ -27,8 +28,7 @@ pub struct Center {
     pub dir: tempfile::TempDir,
     pub db_url: String,
     http: reqwest::Client,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    server: InProcessServer,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -36,9 +36,6 @@ impl Drop for Center {
     fn drop(&mut self) {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
-        }
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
         }
     }
 }
@@ -62,38 +59,14 @@ impl Center {
         s.maintenance.expiry_check_ms = 100;
         s.maintenance.max_duration_s = max_duration_s;
         let operator = s.operator.token.clone();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(maintenance_server::launch_with_listener(
-            s,
-            listener,
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        let base = format!("http://{addr}");
-        let http = reqwest::Client::new();
-        for _ in 0..400 {
-            if http
-                .get(format!("{base}{}", paths::HEALTH))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
-                break;
-            }
-            assert!(!task.is_finished(), "the server stopped while starting");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let server = InProcessServer::start(s).await;
         Self {
-            base,
+            base: server.base.clone(),
             operator,
             dir,
             db_url,
-            http,
-            stop: Some(tx),
-            task: Some(task),
+            http: reqwest::Client::new(),
+            server,
             heartbeat: None,
         }
     }
@@ -103,12 +76,7 @@ impl Center {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
         }
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
-        }
+        let _ = self.server.stop().await;
     }
 
     async fn operator_post<T: serde::Serialize>(&self, path: &str, body: &T) -> Value {
@@ -323,6 +291,16 @@ impl Agent {
             .unwrap()
     }
 
+    /// Runs `router-agent enroll --server SERVER --token TOKEN` (and
+    /// `--force`) to completion.
+    pub fn enroll(&self, server: &str, token: &str, force: bool) -> Output {
+        let mut args = vec!["enroll", "--server", server, "--token", token];
+        if force {
+            args.push("--force");
+        }
+        self.run(&args)
+    }
+
     pub fn identity_path(&self) -> PathBuf {
         self.dir.path().join("agent.identity")
     }
@@ -454,13 +432,7 @@ pub async fn enrolled(center: &mut Center, pc_port: u16) -> Agent {
             gw_key,
         )
         .await;
-    let out = agent.run(&[
-        "enroll",
-        "--server",
-        &center.base,
-        "--token",
-        &site.enrollment_token,
-    ]);
+    let out = agent.enroll(&center.base, &site.enrollment_token, false);
     assert!(
         out.status.success(),
         "enroll: {}",

@@ -1,24 +1,5 @@
-//! Netstack mode (`--netstack`, no privileges, any LAN host): a smoltcp
-//! interface holds the mapped NAT addresses; the "device" is the decrypted
-//! side of the tunnel. TCP connections and UDP flows to a NAT address are
-//! terminated here and relayed through ordinary OS sockets to the real
-//! address; an ICMP echo is answered when the real host answers one
-//! (unprivileged ICMP socket, `net.ipv4.ping_group_range`).
-//!
-//! TCP: the technician's SYN is held until the OS connect to the real host
-//! succeeds; only then does a smoltcp socket listen for it, so a closed port
-//! on the terminal is answered with a RST (smoltcp's answer to a segment no
-//! socket takes) rather than a connection that dies at once. Data moves
-//! through bounded channels in both directions, so a slow side slows the
-//! other down (TCP windows on the tunnel side, the kernel's on the LAN side).
-//!
-//! Only packets the agent state has already checked reach this module: the
-//! destination is a mapped NAT address. When a mapping goes away every
-//! connection and flow of its NAT address is dropped at once.
-
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -28,26 +9,15 @@ use smoltcp::wire::{
     HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint,
     IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket, UdpPacket,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use vpnnat::agent::AgentEvent;
 
+use super::relay::{CHUNK, DatagramRelay, EventSender, FromOs, RelayEvent, TcpRelay};
 use crate::probe;
 
-/// Bytes per chunk moved between a relay task and the stack.
-const CHUNK: usize = 16 * 1024;
-/// Chunks buffered per direction of a TCP relay.
-const CHANNEL_CHUNKS: usize = 8;
-/// How long the OS connect to a terminal may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Flows of ICMP echo are closed after this long without a request.
 const ICMP_IDLE: Duration = Duration::from_secs(30);
 /// Packets queued toward the tunnel at most (beyond: dropped, counted).
 const MAX_TX: usize = 4096;
-/// Relay events queued at most; datagrams beyond it are dropped.
-pub const EVENT_QUEUE: usize = 1024;
 /// TCP connections at most (each holds two buffers).
 const MAX_TCP: usize = 4096;
 
@@ -70,43 +40,6 @@ pub struct NetstackCounters {
     pub icmp_unavailable: u64,
     /// Packets dropped (unsupported protocol, malformed, full queues).
     pub dropped: u64,
-}
-
-/// What relay tasks tell the stack.
-#[derive(Debug)]
-pub enum RelayEvent {
-    /// The OS connect of a pending TCP connection finished.
-    TcpConnected {
-        /// The connection.
-        id: u64,
-        /// Whether the real host accepted.
-        ok: bool,
-    },
-    /// A TCP relay moved data (the stack checks every relay's channels).
-    TcpWake,
-    /// A TCP relay ended (error or both directions closed).
-    TcpDone {
-        /// The connection.
-        id: u64,
-        /// The OS side failed (reset): abort toward the technician.
-        reset: bool,
-    },
-    /// A datagram from the real host of a UDP flow.
-    UdpData {
-        /// The flow.
-        id: u64,
-        /// The payload.
-        data: Vec<u8>,
-    },
-    /// An echo reply from the real host.
-    IcmpReply {
-        /// The flow.
-        id: u64,
-        /// Its sequence number.
-        seq: u16,
-        /// Its payload.
-        data: Vec<u8>,
-    },
 }
 
 /// The tunnel side as a smoltcp device: packets in, packets out.
@@ -181,39 +114,36 @@ enum TcpPhase {
 struct TcpConn {
     key: FlowKey,
     phase: TcpPhase,
-    /// Stack → OS (None once the technician sent FIN).
-    to_os: Option<mpsc::Sender<Vec<u8>>>,
-    /// OS → stack.
-    from_os: mpsc::Receiver<Vec<u8>>,
+    /// The connection to the real host.
+    relay: TcpRelay,
     /// A chunk partly written into the smoltcp socket.
     pending: Option<(Vec<u8>, usize)>,
     /// The OS side sent EOF.
     os_eof: bool,
-    task: JoinHandle<()>,
 }
 
 struct UdpFlow {
     key: FlowKey,
-    os: Arc<UdpSocket>,
+    relay: DatagramRelay,
     last: Instant,
-    task: JoinHandle<()>,
 }
 
 struct IcmpFlow {
     nat: Ipv4Addr,
     tech: Ipv4Addr,
     ident: u16,
-    os: Arc<UdpSocket>,
+    relay: DatagramRelay,
     last: Instant,
-    task: JoinHandle<()>,
 }
 
-/// The netstack. Lives on the data-plane task; relay tasks run on the same runtime.
+/// The netstack. Lives on the data-plane task; relay tasks run on the same
+/// runtime. Reads no clock: every method that needs the time takes `now`.
 pub struct Netstack {
     iface: Interface,
     sockets: SocketSet<'static>,
     device: QueueDevice,
-    epoch: Instant,
+    /// The time smoltcp counts from: the first `now` this stack was given.
+    epoch: Option<Instant>,
     tcp_buffer: usize,
     udp_idle: Duration,
     /// NAT address → real address (from the agent's events).
@@ -229,7 +159,7 @@ pub struct Netstack {
     icmp_denied_logged: bool,
     /// Packets built here (echo replies) for the tunnel.
     direct_tx: VecDeque<Vec<u8>>,
-    events: mpsc::Sender<RelayEvent>,
+    events: EventSender,
     counters: NetstackCounters,
 }
 
@@ -256,7 +186,7 @@ impl Netstack {
         tcp_buffer: usize,
         udp_idle: Duration,
         seed: u64,
-        events: mpsc::Sender<RelayEvent>,
+        events: EventSender,
     ) -> Self {
         let mut device = QueueDevice {
             rx: VecDeque::new(),
@@ -264,7 +194,6 @@ impl Netstack {
             mtu,
             dropped: 0,
         };
-        let epoch = Instant::now();
         let mut config = Config::new(HardwareAddress::Ip);
         config.random_seed = seed;
         let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::ZERO);
@@ -279,7 +208,7 @@ impl Netstack {
             iface,
             sockets: SocketSet::new(Vec::new()),
             device,
-            epoch,
+            epoch: None,
             tcp_buffer,
             udp_idle,
             mappings: BTreeMap::new(),
@@ -298,10 +227,10 @@ impl Netstack {
         }
     }
 
-    fn ts(&self, now: Instant) -> smoltcp::time::Instant {
+    fn ts(&mut self, now: Instant) -> smoltcp::time::Instant {
+        let epoch = *self.epoch.get_or_insert(now);
         smoltcp::time::Instant::from_micros(
-            i64::try_from(now.saturating_duration_since(self.epoch).as_micros())
-                .unwrap_or(i64::MAX),
+            i64::try_from(now.saturating_duration_since(epoch).as_micros()).unwrap_or(i64::MAX),
         )
     }
 
@@ -356,16 +285,12 @@ impl Netstack {
             .map(|(id, _)| *id)
             .collect();
         for id in icmp {
-            if let Some(f) = self.icmp.remove(&id) {
-                f.task.abort();
-                self.icmp_by_key.remove(&(f.nat, f.tech, f.ident));
-            }
+            self.remove_icmp(id);
         }
     }
 
     fn remove_tcp(&mut self, id: u64) {
         if let Some(c) = self.tcp.remove(&id) {
-            c.task.abort();
             self.tcp_by_key.remove(&c.key);
             if let TcpPhase::Open { handle } = c.phase {
                 self.sockets.remove(handle);
@@ -375,7 +300,6 @@ impl Netstack {
 
     fn remove_udp(&mut self, id: u64) {
         if let Some(f) = self.udp.remove(&id) {
-            f.task.abort();
             self.udp_by_key.remove(&f.key);
             let port = f.key.port;
             if !self.udp.values().any(|o| o.key.port == port)
@@ -383,6 +307,13 @@ impl Netstack {
             {
                 self.sockets.remove(h);
             }
+        }
+    }
+
+    /// Removes an ICMP echo flow (its relay task ends with it).
+    fn remove_icmp(&mut self, id: u64) {
+        if let Some(f) = self.icmp.remove(&id) {
+            self.icmp_by_key.remove(&(f.nat, f.tech, f.ident));
         }
     }
 
@@ -470,22 +401,16 @@ impl Netstack {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let (to_os_tx, to_os_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_CHUNKS);
-        let (from_os_tx, from_os_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_CHUNKS);
-        let events = self.events.clone();
-        let target = SocketAddrV4::new(real, key.port);
-        let task = tokio::spawn(tcp_relay(id, target, to_os_rx, from_os_tx, events));
+        let relay = TcpRelay::spawn(id, SocketAddrV4::new(real, key.port), &self.events);
         self.tcp_by_key.insert(key, id);
         self.tcp.insert(
             id,
             TcpConn {
                 key,
                 phase: TcpPhase::Connecting { syn },
-                to_os: Some(to_os_tx),
-                from_os: from_os_rx,
+                relay,
                 pending: None,
                 os_eof: false,
-                task,
             },
         );
     }
@@ -516,8 +441,9 @@ impl Netstack {
         let id = match self.icmp_by_key.get(&key) {
             Some(id) => *id,
             None => {
-                let sock = match probe::ping_socket(real) {
-                    Ok(s) => Arc::new(s),
+                let id = self.next_id;
+                let relay = match DatagramRelay::icmp_echo(id, real, &self.events) {
+                    Ok(r) => r,
                     Err(e) => {
                         self.counters.icmp_unavailable += 1;
                         if !self.icmp_denied_logged {
@@ -532,19 +458,15 @@ impl Netstack {
                         return;
                     }
                 };
-                let id = self.next_id;
                 self.next_id += 1;
-                let events = self.events.clone();
-                let task = tokio::spawn(icmp_reader(id, sock.clone(), events));
                 self.icmp.insert(
                     id,
                     IcmpFlow {
                         nat,
                         tech,
                         ident,
-                        os: sock,
+                        relay,
                         last: now,
-                        task,
                     },
                 );
                 self.icmp_by_key.insert(key, id);
@@ -558,7 +480,7 @@ impl Netstack {
         let mut buf = vec![0u8; 8 + data.len()];
         let n = probe::echo_request(&mut buf, ident, seq_no, data);
         // Non-blocking: a full socket buffer loses this echo, as the network may.
-        if send_now(&flow.os, &buf[..n]) {
+        if flow.relay.send(&buf[..n]) {
             self.counters.icmp_echo_requests += 1;
         } else {
             self.counters.dropped += 1;
@@ -682,7 +604,7 @@ impl Netstack {
         for _ in 0..8 {
             let _ = self.iface.poll(ts, &mut self.device, &mut self.sockets);
             let moved = self.pump();
-            self.dispatch_udp();
+            self.dispatch_udp(now);
             if !moved && self.device.rx.is_empty() {
                 break;
             }
@@ -703,13 +625,14 @@ impl Netstack {
             let s = self.sockets.get_mut::<tcp::Socket>(handle);
             // Technician → terminal.
             while s.can_recv() {
-                let Some(tx) = &c.to_os else { break };
-                let Ok(permit) = tx.try_reserve() else { break };
+                if !c.relay.can_send() {
+                    break;
+                }
                 let mut chunk = vec![0u8; CHUNK.min(s.recv_queue())];
                 match s.recv_slice(&mut chunk) {
                     Ok(n) if n > 0 => {
                         chunk.truncate(n);
-                        permit.send(chunk);
+                        c.relay.send(chunk);
                         moved = true;
                     }
                     _ => break,
@@ -723,17 +646,17 @@ impl Netstack {
                     | tcp::State::TimeWait
                     | tcp::State::Closed
             );
-            if fin_received && !s.can_recv() && c.to_os.is_some() {
+            if fin_received && !s.can_recv() && c.relay.sending() {
                 // The technician closed its side: FIN to the terminal.
-                c.to_os = None;
+                c.relay.finish();
             }
             // Terminal → technician.
             loop {
                 if c.pending.is_none() {
-                    match c.from_os.try_recv() {
-                        Ok(chunk) => c.pending = Some((chunk, 0)),
-                        Err(mpsc::error::TryRecvError::Empty) => break,
-                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                    match c.relay.recv() {
+                        FromOs::Chunk(chunk) => c.pending = Some((chunk, 0)),
+                        FromOs::Empty => break,
+                        FromOs::Closed => {
                             c.os_eof = true;
                             break;
                         }
@@ -774,7 +697,7 @@ impl Netstack {
     }
 
     /// Datagrams the technician sent on UDP sockets → the relay flows.
-    fn dispatch_udp(&mut self) {
+    fn dispatch_udp(&mut self, now: Instant) {
         let handles: Vec<(u16, SocketHandle)> =
             self.udp_sockets.iter().map(|(p, h)| (*p, *h)).collect();
         for (port, h) in handles {
@@ -797,7 +720,7 @@ impl Netstack {
                 };
                 let id = match self.udp_by_key.get(&key) {
                     Some(id) => *id,
-                    None => match self.start_udp(key) {
+                    None => match self.start_udp(key, now) {
                         Some(id) => id,
                         None => {
                             self.counters.dropped += 1;
@@ -806,8 +729,8 @@ impl Netstack {
                     },
                 };
                 if let Some(f) = self.udp.get_mut(&id) {
-                    f.last = Instant::now();
-                    if !send_now(&f.os, &data) {
+                    f.last = now;
+                    if !f.relay.send(&data) {
                         self.counters.dropped += 1;
                     }
                 }
@@ -815,22 +738,17 @@ impl Netstack {
         }
     }
 
-    fn start_udp(&mut self, key: FlowKey) -> Option<u64> {
+    fn start_udp(&mut self, key: FlowKey, now: Instant) -> Option<u64> {
         let real = *self.mappings.get(&key.nat)?;
-        let std_sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
-        std_sock.set_nonblocking(true).ok()?;
-        std_sock.connect((real, key.port)).ok()?;
-        let sock = Arc::new(UdpSocket::from_std(std_sock).ok()?);
         let id = self.next_id;
+        let relay = DatagramRelay::udp(id, SocketAddrV4::new(real, key.port), &self.events).ok()?;
         self.next_id += 1;
-        let task = tokio::spawn(udp_reader(id, sock.clone(), self.events.clone()));
         self.udp.insert(
             id,
             UdpFlow {
                 key,
-                os: sock,
-                last: Instant::now(),
-                task,
+                relay,
+                last: now,
             },
         );
         self.udp_by_key.insert(key, id);
@@ -856,10 +774,7 @@ impl Netstack {
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
-            if let Some(f) = self.icmp.remove(&id) {
-                f.task.abort();
-                self.icmp_by_key.remove(&(f.nat, f.tech, f.ident));
-            }
+            self.remove_icmp(id);
         }
     }
 
@@ -881,261 +796,5 @@ impl Netstack {
         let flows =
             (!self.udp.is_empty() || !self.icmp.is_empty()).then(|| now + Duration::from_secs(5));
         [stack, flows].into_iter().flatten().min()
-    }
-}
-
-impl Drop for Netstack {
-    fn drop(&mut self) {
-        for c in self.tcp.values() {
-            c.task.abort();
-        }
-        for f in self.udp.values() {
-            f.task.abort();
-        }
-        for f in self.icmp.values() {
-            f.task.abort();
-        }
-    }
-}
-
-/// Sends on a non-blocking socket now. (tokio's `try_send` refuses until
-/// the reactor has seen the socket writable once, which would lose the
-/// first datagram of every new flow.)
-fn send_now(sock: &UdpSocket, data: &[u8]) -> bool {
-    socket2::SockRef::from(sock).send(data).is_ok()
-}
-
-async fn tcp_relay(
-    id: u64,
-    target: SocketAddrV4,
-    mut to_os: mpsc::Receiver<Vec<u8>>,
-    from_os: mpsc::Sender<Vec<u8>>,
-    events: mpsc::Sender<RelayEvent>,
-) {
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!(%target, error = %e, "terminal refused a relayed connection");
-            let _ = events
-                .send(RelayEvent::TcpConnected { id, ok: false })
-                .await;
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%target, "terminal did not answer a relayed connection");
-            let _ = events
-                .send(RelayEvent::TcpConnected { id, ok: false })
-                .await;
-            return;
-        }
-    };
-    let _ = stream.set_nodelay(true);
-    let _ = events.send(RelayEvent::TcpConnected { id, ok: true }).await;
-    let (mut rd, mut wr) = stream.into_split();
-    let ev = events.clone();
-    let ev2 = events.clone();
-    let reader = async move {
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) => return false,
-                Ok(n) => {
-                    if from_os.send(buf[..n].to_vec()).await.is_err() {
-                        return false;
-                    }
-                    // A lost wake-up is harmless: a full queue means the stack polls anyway.
-                    let _ = ev.try_send(RelayEvent::TcpWake);
-                }
-                Err(_) => return true,
-            }
-        }
-    };
-    let writer = async move {
-        while let Some(chunk) = to_os.recv().await {
-            if wr.write_all(&chunk).await.is_err() {
-                return true;
-            }
-            // Room in the channel again: the stack may move more.
-            let _ = ev2.try_send(RelayEvent::TcpWake);
-        }
-        let _ = wr.shutdown().await;
-        false
-    };
-    let (read_reset, write_reset) = tokio::join!(reader, writer);
-    let _ = events
-        .send(RelayEvent::TcpDone {
-            id,
-            reset: read_reset || write_reset,
-        })
-        .await;
-}
-
-async fn udp_reader(id: u64, sock: Arc<UdpSocket>, events: mpsc::Sender<RelayEvent>) {
-    let mut buf = vec![0u8; 65536];
-    loop {
-        match sock.recv(&mut buf).await {
-            Ok(n) => {
-                // A flood from the terminal loses datagrams, never memory.
-                let e = RelayEvent::UdpData {
-                    id,
-                    data: buf[..n].to_vec(),
-                };
-                if let Err(mpsc::error::TrySendError::Closed(_)) = events.try_send(e) {
-                    return;
-                }
-            }
-            // ICMP port unreachable from the terminal surfaces as an error; keep the flow.
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
-async fn icmp_reader(id: u64, sock: Arc<UdpSocket>, events: mpsc::Sender<RelayEvent>) {
-    let mut buf = vec![0u8; 65536];
-    loop {
-        match sock.recv(&mut buf).await {
-            Ok(n) if n >= 8 && buf[0] == 0 => {
-                let seq = u16::from_be_bytes([buf[6], buf[7]]);
-                let e = RelayEvent::IcmpReply {
-                    id,
-                    seq,
-                    data: buf[8..n].to_vec(),
-                };
-                if let Err(mpsc::error::TrySendError::Closed(_)) = events.try_send(e) {
-                    return;
-                }
-            }
-            Ok(_) => {}
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use vpnnat::messages::TerminalName;
-
-    const NAT: Ipv4Addr = Ipv4Addr::new(10, 64, 0, 5);
-    const TECH: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 50);
-
-    fn stack() -> (Netstack, mpsc::Receiver<RelayEvent>) {
-        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-        let mut n = Netstack::new(1420, 65536, Duration::from_secs(120), 1, tx);
-        n.on_agent_event(&AgentEvent::MappingInstalled {
-            nat: NAT,
-            real: Ipv4Addr::LOCALHOST,
-            terminal: TerminalName::new("pc-1").unwrap(),
-        });
-        (n, rx)
-    }
-
-    fn tcp(flags: &str, seq: u32, ack: u32, port: u16, payload: &[u8]) -> Vec<u8> {
-        let mut b = etherparse::PacketBuilder::ipv4(TECH.octets(), NAT.octets(), 64)
-            .tcp(40000, port, seq, 64000);
-        if flags.contains('S') {
-            b = b.syn();
-        }
-        if flags.contains('A') {
-            b = b.ack(ack);
-        }
-        if flags.contains('F') {
-            b = b.fin();
-        }
-        let mut p = Vec::new();
-        b.write(&mut p, payload).unwrap();
-        p
-    }
-
-    fn outputs(n: &mut Netstack) -> Vec<etherparse::TcpHeader> {
-        std::iter::from_fn(|| n.poll_output())
-            .filter_map(|p| {
-                let s = etherparse::SlicedPacket::from_ip(&p).ok()?;
-                match s.transport? {
-                    etherparse::TransportSlice::Tcp(t) => Some(t.to_header()),
-                    _ => None,
-                }
-            })
-            .collect()
-    }
-
-    async fn relay_until(
-        n: &mut Netstack,
-        rx: &mut mpsc::Receiver<RelayEvent>,
-        mut done: impl FnMut(&mut Netstack) -> bool,
-    ) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !done(n) {
-            let e = tokio::time::timeout_at(deadline, rx.recv())
-                .await
-                .expect("relay event in time")
-                .unwrap();
-            n.on_relay(e, Instant::now());
-            n.poll(Instant::now());
-        }
-    }
-
-    #[tokio::test]
-    async fn a_tcp_connection_is_relayed_to_the_real_host() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        let server = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut buf = [0u8; 5];
-            s.read_exact(&mut buf).await.unwrap();
-            s.write_all(b"world").await.unwrap();
-            buf
-        });
-        let (mut n, mut rx) = stack();
-        n.input(&tcp("S", 1000, 0, port, &[]), Instant::now());
-        n.poll(Instant::now());
-        assert!(
-            outputs(&mut n).is_empty(),
-            "the SYN waits for the real host"
-        );
-        let mut synack = None;
-        relay_until(&mut n, &mut rx, |n| {
-            synack = outputs(n).into_iter().find(|t| t.syn && t.ack);
-            synack.is_some()
-        })
-        .await;
-        let synack = synack.unwrap();
-        assert_eq!(synack.acknowledgment_number, 1001);
-        let isn = synack.sequence_number;
-        n.input(&tcp("A", 1001, isn + 1, port, b"hello"), Instant::now());
-        n.poll(Instant::now());
-        let mut data = Vec::new();
-        relay_until(&mut n, &mut rx, |n| {
-            for p in std::iter::from_fn(|| n.poll_output()) {
-                let s = etherparse::SlicedPacket::from_ip(&p).unwrap();
-                if let Some(etherparse::TransportSlice::Tcp(t)) = s.transport {
-                    data.extend_from_slice(t.payload());
-                }
-            }
-            data == b"world"
-        })
-        .await;
-        assert_eq!(&server.await.unwrap(), b"hello");
-        assert_eq!(n.counters().tcp_connections, 1);
-    }
-
-    #[tokio::test]
-    async fn a_closed_port_is_answered_with_a_reset() {
-        // Bind and drop: nothing listens there now.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let (mut n, mut rx) = stack();
-        n.input(&tcp("S", 1000, 0, port, &[]), Instant::now());
-        let mut rst = false;
-        relay_until(&mut n, &mut rx, |n| {
-            rst |= outputs(n).iter().any(|t| t.rst);
-            rst
-        })
-        .await;
-        assert_eq!(n.counters().tcp_refused, 1);
     }
 }

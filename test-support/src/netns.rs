@@ -1,97 +1,16 @@
-//! Shared harness of the root package's integration tests: prerequisites,
-//! the built binaries, and network namespaces that clean up after themselves.
+//! Network namespaces that clean up after themselves, veth pairs between
+//! them, and waiting for a condition.
 //!
 //! Network safety: every address used by a test exists only inside namespaces
 //! created here; none gets a default route; nothing is added to the root
 //! namespace. Namespace names carry the test process id and a counter, so
 //! parallel tests and parallel CI jobs never collide.
-#![allow(dead_code, clippy::unwrap_used, clippy::print_stdout)]
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// Something a test needs from the machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prereq {
-    Root,
-    Tun,
-    /// A program on `PATH`.
-    Program(&'static str),
-    Postgres,
-}
-
-/// Whether every prerequisite is there. Outside CI a missing one makes the
-/// test skip with a one-line reason (return `false`); with `CI` set it fails.
-pub fn require(prereqs: &[Prereq]) -> bool {
-    for p in prereqs {
-        if let Some(reason) = missing(*p) {
-            if std::env::var_os("CI").is_some() {
-                panic!("prerequisite missing in CI: {reason} (run scripts/setup.sh as root)");
-            }
-            eprintln!("SKIP: {reason}");
-            return false;
-        }
-    }
-    true
-}
-
-fn missing(p: Prereq) -> Option<String> {
-    match p {
-        Prereq::Root => (!is_root()).then(|| "needs root".to_owned()),
-        Prereq::Tun => (!std::path::Path::new("/dev/net/tun").exists())
-            .then(|| "needs /dev/net/tun".to_owned()),
-        Prereq::Program(name) => which(name)
-            .is_none()
-            .then(|| format!("needs {name} on PATH")),
-        Prereq::Postgres => {
-            let ok = Command::new("pg_isready")
-                .args(["-q", "-h", "/var/run/postgresql"])
-                .status()
-                .is_ok_and(|s| s.success());
-            (!ok).then(|| "needs a running PostgreSQL (pg_ctlcluster 15 main start)".to_owned())
-        }
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-pub fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// The path of a workspace binary (`gateway`, `router-agent`,
-/// `maintenance-server`), built by the same `cargo test` run.
-pub fn bin(name: &str) -> PathBuf {
-    let dir = match std::env::var_os("VPNNAT_BIN_DIR") {
-        Some(d) => PathBuf::from(d),
-        // target/<profile>/deps/<test-binary> → target/<profile>
-        None => std::env::current_exe()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .to_path_buf(),
-    };
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: build the workspace first (`cargo test --workspace` builds it)",
-        path.display()
-    );
-    path
-}
+use crate::process::run;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -101,41 +20,9 @@ pub fn unique(tag: &str) -> String {
     format!("vn{}-{n}-{tag}", std::process::id())
 }
 
-/// Runs a command and panics with its output when it fails.
-pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    out
-}
-
-/// Runs a command with `stdin` (if any) as its standard input; panics with
-/// its stderr when it fails.
-pub fn run_with_input(cmd: &mut Command, stdin: Option<&str>) -> Output {
-    use std::io::Write as _;
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    if let Some(s) = stdin {
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// A network namespace, deleted (with every process in it) on drop.
 pub struct Netns {
+    /// The namespace's name (`ip netns` and `ip -n`).
     pub name: String,
     children: Vec<Child>,
 }

@@ -1,0 +1,163 @@
+//! Netstack mode (`--netstack`, no privileges, any LAN host): a smoltcp
+//! interface holds the mapped NAT addresses; the "device" is the decrypted
+//! side of the tunnel. TCP connections and UDP flows to a NAT address are
+//! terminated here and relayed through ordinary OS sockets to the real
+//! address; an ICMP echo is answered when the real host answers one
+//! (unprivileged ICMP socket, `net.ipv4.ping_group_range`).
+//!
+//! TCP: the technician's SYN is held until the OS connect to the real host
+//! succeeds; only then does a smoltcp socket listen for it, so a closed port
+//! on the terminal is answered with a RST (smoltcp's answer to a segment no
+//! socket takes) rather than a connection that dies at once. Data moves
+//! through bounded channels in both directions, so a slow side slows the
+//! other down (TCP windows on the tunnel side, the kernel's on the LAN side).
+//!
+//! Only packets the agent state has already checked reach this module: the
+//! destination is a mapped NAT address. When a mapping goes away every
+//! connection and flow of its NAT address is dropped at once.
+//!
+//! `stack` is the smoltcp interface and the flow table: it takes the time
+//! as `now` and reads no clock. `relay` is the OS side: the tokio tasks with
+//! their sockets, which report back as [`RelayEvent`]s.
+
+mod relay;
+mod stack;
+
+pub use self::relay::{EVENT_QUEUE, RelayEvent};
+pub use self::stack::{Netstack, NetstackCounters};
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::net::Ipv4Addr;
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::sync::mpsc;
+    use vpnnat::agent::AgentEvent;
+    use vpnnat::messages::TerminalName;
+
+    use super::*;
+
+    const NAT: Ipv4Addr = Ipv4Addr::new(10, 64, 0, 5);
+    const TECH: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 50);
+
+    fn stack() -> (Netstack, mpsc::Receiver<RelayEvent>) {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let mut n = Netstack::new(1420, 65536, Duration::from_secs(120), 1, tx);
+        n.on_agent_event(&AgentEvent::MappingInstalled {
+            nat: NAT,
+            real: Ipv4Addr::LOCALHOST,
+            terminal: TerminalName::new("pc-1").unwrap(),
+        });
+        (n, rx)
+    }
+
+    fn tcp(flags: &str, seq: u32, ack: u32, port: u16, payload: &[u8]) -> Vec<u8> {
+        let mut b = etherparse::PacketBuilder::ipv4(TECH.octets(), NAT.octets(), 64)
+            .tcp(40000, port, seq, 64000);
+        if flags.contains('S') {
+            b = b.syn();
+        }
+        if flags.contains('A') {
+            b = b.ack(ack);
+        }
+        if flags.contains('F') {
+            b = b.fin();
+        }
+        let mut p = Vec::new();
+        b.write(&mut p, payload).unwrap();
+        p
+    }
+
+    fn outputs(n: &mut Netstack) -> Vec<etherparse::TcpHeader> {
+        std::iter::from_fn(|| n.poll_output())
+            .filter_map(|p| {
+                let s = etherparse::SlicedPacket::from_ip(&p).ok()?;
+                match s.transport? {
+                    etherparse::TransportSlice::Tcp(t) => Some(t.to_header()),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    async fn relay_until(
+        n: &mut Netstack,
+        rx: &mut mpsc::Receiver<RelayEvent>,
+        mut done: impl FnMut(&mut Netstack) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !done(n) {
+            let e = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .expect("relay event in time")
+                .unwrap();
+            n.on_relay(e, Instant::now());
+            n.poll(Instant::now());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tcp_connection_is_relayed_to_the_real_host() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(b"world").await.unwrap();
+            buf
+        });
+        let (mut n, mut rx) = stack();
+        n.input(&tcp("S", 1000, 0, port, &[]), Instant::now());
+        n.poll(Instant::now());
+        assert!(
+            outputs(&mut n).is_empty(),
+            "the SYN waits for the real host"
+        );
+        let mut synack = None;
+        relay_until(&mut n, &mut rx, |n| {
+            synack = outputs(n).into_iter().find(|t| t.syn && t.ack);
+            synack.is_some()
+        })
+        .await;
+        let synack = synack.unwrap();
+        assert_eq!(synack.acknowledgment_number, 1001);
+        let isn = synack.sequence_number;
+        n.input(&tcp("A", 1001, isn + 1, port, b"hello"), Instant::now());
+        n.poll(Instant::now());
+        let mut data = Vec::new();
+        relay_until(&mut n, &mut rx, |n| {
+            for p in std::iter::from_fn(|| n.poll_output()) {
+                let s = etherparse::SlicedPacket::from_ip(&p).unwrap();
+                if let Some(etherparse::TransportSlice::Tcp(t)) = s.transport {
+                    data.extend_from_slice(t.payload());
+                }
+            }
+            data == b"world"
+        })
+        .await;
+        assert_eq!(&server.await.unwrap(), b"hello");
+        assert_eq!(n.counters().tcp_connections, 1);
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_answered_with_a_reset() {
+        // Bind and drop: nothing listens there now.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (mut n, mut rx) = stack();
+        n.input(&tcp("S", 1000, 0, port, &[]), Instant::now());
+        let mut rst = false;
+        relay_until(&mut n, &mut rx, |n| {
+            rst |= outputs(n).iter().any(|t| t.rst);
+            rst
+        })
+        .await;
+        assert_eq!(n.counters().tcp_refused, 1);
+    }
+}

@@ -1,0 +1,465 @@
+//! The maintenance request flow: the overview of terminals and requests,
+//! the pre-request check (does each terminal answer on the LAN?), sending a
+//! request to the maintenance server, and ending access now (revoke).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use vpnnat::messages::{
+    ApiError, Level, MaintenanceRequestView, NewMaintenanceRequest, RequestId, TerminalName,
+    UnixMillis, Urgency,
+};
+
+use super::{Web, call_error, error, mode_name, parse};
+use crate::app::App;
+use crate::client::CallError;
+use crate::dataplane::Snapshot;
+use crate::probe;
+use crate::settings::Check;
+
+/// How long a terminal may take to answer the pre-request check.
+const CHECK_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// What the customer submits: like [`NewMaintenanceRequest`], but terminals
+/// may be typed addresses (resolved and aliased here).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalRequest {
+    requester_name: String,
+    level: Level,
+    urgency: Urgency,
+    phone: String,
+    #[serde(default)]
+    content: String,
+    terminals: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckBody {
+    terminals: Vec<String>,
+}
+
+/// One terminal in the answer of a check.
+#[derive(Debug, Serialize)]
+struct TerminalCheck {
+    /// What was typed or ticked.
+    input: String,
+    /// The name the server will see.
+    name: String,
+    /// The real address (this LAN only).
+    address: Ipv4Addr,
+    /// Whether it answered.
+    answers: bool,
+}
+
+/// A warning for the customer.
+#[derive(Debug, Serialize)]
+struct Warning {
+    terminal: String,
+    message: String,
+}
+
+/// A request as the page shows it.
+#[derive(Debug, Serialize)]
+struct RequestInfo {
+    #[serde(flatten)]
+    view: MaintenanceRequestView,
+    /// Per terminal: the real address here and whether its mapping is active on this router.
+    local: Vec<TerminalLocal>,
+}
+
+#[derive(Debug, Serialize)]
+struct TerminalLocal {
+    name: TerminalName,
+    address: Option<Ipv4Addr>,
+    nat_address: Option<Ipv4Addr>,
+    active: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Created {
+    request: RequestInfo,
+    warnings: Vec<Warning>,
+}
+
+fn no_terminal() -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+        "terminals: choose at least one computer",
+        Some("terminals"),
+    )
+}
+
+/// Resolves what the customer entered; the first bad entry is a 400 naming `terminals`.
+async fn resolve_entries(
+    web: &Web,
+    entries: &[String],
+) -> Result<Vec<(String, TerminalName, Ipv4Addr)>, Response> {
+    if entries.is_empty() {
+        return Err(no_terminal());
+    }
+    let mut out: Vec<(String, TerminalName, Ipv4Addr)> = Vec::new();
+    for e in entries {
+        let e = e.trim();
+        if e.is_empty() {
+            continue;
+        }
+        match web.app.names.resolve_input(e).await {
+            Ok((name, addr)) => {
+                if !out.iter().any(|(_, n, _)| *n == name) {
+                    out.push((e.to_owned(), name, addr));
+                }
+            }
+            Err(err) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_field",
+                    &format!("terminals: {err}"),
+                    Some("terminals"),
+                ));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(no_terminal());
+    }
+    Ok(out)
+}
+
+fn check_of(web: &Web, name: &TerminalName) -> Check {
+    web.app
+        .settings
+        .terminals
+        .iter()
+        .find(|t| t.name == *name)
+        .map_or(Check::Auto, |t| t.check)
+}
+
+async fn probe_all(web: &Web, resolved: &[(String, TerminalName, Ipv4Addr)]) -> Vec<bool> {
+    let probes = resolved
+        .iter()
+        .map(|(_, name, addr)| probe::answers(*addr, check_of(web, name), CHECK_TIMEOUT));
+    futures_util::future::join_all(probes).await
+}
+
+/// `POST /api/check`: resolves the entries and asks each terminal whether it answers.
+pub(super) async fn check(
+    State(web): State<Arc<Web>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = web.authorize(&method, &headers) {
+        return r;
+    }
+    let b: CheckBody = match parse(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let resolved = match resolve_entries(&web, &b.terminals).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let answers = probe_all(&web, &resolved).await;
+    let out: Vec<TerminalCheck> = resolved
+        .into_iter()
+        .zip(answers)
+        .map(|((input, name, address), answers)| TerminalCheck {
+            input,
+            name: name.to_string(),
+            address,
+            answers,
+        })
+        .collect();
+    axum::Json(serde_json::json!({ "terminals": out })).into_response()
+}
+
+/// `POST /api/requests`: checks the terminals, then sends the request to the server.
+pub(super) async fn create_request(
+    State(web): State<Arc<Web>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = web.authorize(&method, &headers) {
+        return r;
+    }
+    let Some(server) = web.app.server.clone() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standalone",
+            "this agent runs without a maintenance server (--desired); requests cannot be sent",
+            None,
+        );
+    };
+    let b: LocalRequest = match parse(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let resolved = match resolve_entries(&web, &b.terminals).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let request = NewMaintenanceRequest {
+        requester_name: b.requester_name.trim().to_owned(),
+        level: b.level,
+        urgency: b.urgency,
+        phone: b.phone.trim().to_owned(),
+        content: b.content,
+        terminals: resolved.iter().map(|(_, n, _)| n.clone()).collect(),
+    };
+    if let Err(e) = request.validate() {
+        let api: ApiError = e.into();
+        return (StatusCode::BAD_REQUEST, axum::Json(api)).into_response();
+    }
+    // Before anything is sent: does each terminal answer on the LAN?
+    let answers = probe_all(&web, &resolved).await;
+    let warnings: Vec<Warning> = resolved
+        .iter()
+        .zip(answers)
+        .filter(|(_, ok)| !ok)
+        .map(|((_, name, addr), _)| Warning {
+            terminal: name.to_string(),
+            message: format!(
+                "{name} ({addr}) does not answer on the local network right now. \
+                 Please make sure it is switched on and connected."
+            ),
+        })
+        .collect();
+    let view = match server.create_request(&request).await {
+        Ok(v) => v,
+        Err(e) => return call_error(e),
+    };
+    tracing::info!(
+        request.id = %view.id,
+        acceptance = %view.acceptance_number,
+        terminals = view.terminals.len(),
+        warnings = warnings.len(),
+        "maintenance request sent"
+    );
+    let snap = web.app.dataplane.snapshot().await.ok();
+    let info = request_info(&web, view, snap.as_ref()).await;
+    (
+        StatusCode::CREATED,
+        axum::Json(Created {
+            request: info,
+            warnings,
+        }),
+    )
+        .into_response()
+}
+
+async fn request_info(
+    web: &Web,
+    view: MaintenanceRequestView,
+    snap: Option<&Snapshot>,
+) -> RequestInfo {
+    let mut local = Vec::with_capacity(view.terminals.len());
+    for t in &view.terminals {
+        let mapped = snap.and_then(|s| {
+            s.mappings
+                .iter()
+                .find(|m| m.terminal == t.name && m.request_id == view.id)
+        });
+        let address = match mapped {
+            Some(m) => Some(m.real),
+            None => web.app.names.resolve(&t.name).await.ok(),
+        };
+        local.push(TerminalLocal {
+            name: t.name.clone(),
+            address,
+            nat_address: t.nat_address,
+            active: mapped.is_some(),
+        });
+    }
+    RequestInfo { view, local }
+}
+
+#[derive(Debug, Serialize)]
+struct Choice {
+    name: TerminalName,
+    description: String,
+    address: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Serialize)]
+struct Overview {
+    site_name: String,
+    mode: &'static str,
+    standalone: bool,
+    server_connected: bool,
+    server_error: Option<String>,
+    problem: Option<String>,
+    terminals: Vec<Choice>,
+    requests: Vec<RequestInfo>,
+    tunnel_up: bool,
+    now: UnixMillis,
+}
+
+/// `GET /api/overview`: the page's terminals and requests.
+pub(super) async fn overview(
+    State(web): State<Arc<Web>>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = web.authorize(&method, &headers) {
+        return r;
+    }
+    let app = &web.app;
+    let mut server_error = None;
+    let mut views = match &app.server {
+        Some(server) => {
+            match tokio::time::timeout(Duration::from_secs(3), server.requests()).await {
+                Ok(Ok(v)) => {
+                    app.update_control(|c| c.requests = v.clone());
+                    v
+                }
+                Ok(Err(e)) => {
+                    server_error = Some(e.to_string());
+                    app.control().requests
+                }
+                Err(_) => {
+                    server_error = Some("the maintenance center does not answer".to_owned());
+                    app.control().requests
+                }
+            }
+        }
+        None => Vec::new(),
+    };
+    // Open requests first, newest first; then the five latest closed ones.
+    views.sort_by(|a, b| {
+        b.state
+            .is_open()
+            .cmp(&a.state.is_open())
+            .then(b.received_at.cmp(&a.received_at))
+    });
+    let open = views.iter().filter(|v| v.state.is_open()).count();
+    views.truncate(open + 5);
+    let snap = app.dataplane.snapshot().await.ok();
+    let mut requests = Vec::with_capacity(views.len());
+    for v in views {
+        requests.push(request_info(&web, v, snap.as_ref()).await);
+    }
+    let descriptions: BTreeMap<&TerminalName, &str> = app
+        .settings
+        .terminals
+        .iter()
+        .map(|t| (&t.name, t.description.as_str()))
+        .collect();
+    let terminals = app
+        .names
+        .configured()
+        .map(|(n, a)| Choice {
+            name: n.clone(),
+            description: descriptions.get(n).copied().unwrap_or("").to_owned(),
+            address: a,
+        })
+        .collect();
+    let control = app.control();
+    axum::Json(Overview {
+        site_name: app.site_name.clone(),
+        mode: mode_name(app.mode),
+        standalone: app.server.is_none(),
+        server_connected: server_error.is_none() && (control.connected || app.server.is_none()),
+        server_error: server_error.or(control.last_error),
+        problem: control.problem,
+        terminals,
+        requests,
+        tunnel_up: snap
+            .as_ref()
+            .and_then(|s| s.tunnel.as_ref())
+            .is_some_and(|t| t.up),
+        now: crate::dataplane::wall_now(),
+    })
+    .into_response()
+}
+
+/// `POST /api/requests/{id}/revoke`: ends access here at once, then tells the server.
+pub(super) async fn revoke(
+    State(web): State<Arc<Web>>,
+    Path(id): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = web.authorize(&method, &headers) {
+        return r;
+    }
+    let Ok(id) = id.parse::<RequestId>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "id: not a request id",
+            Some("id"),
+        );
+    };
+    // Consent ends here first: whatever happens to the call below.
+    let removed = match web.app.dataplane.revoke(id).await {
+        Ok(n) => n,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &format!("{e:#}"),
+                None,
+            );
+        }
+    };
+    tracing::info!(request.id = %id, removed, "end access now");
+    let Some(server) = web.app.server.clone() else {
+        return axum::Json(serde_json::json!({ "ended_locally": true, "request": null }))
+            .into_response();
+    };
+    match server.revoke(id).await {
+        Ok(view) => {
+            let snap = web.app.dataplane.snapshot().await.ok();
+            let info = request_info(&web, view, snap.as_ref()).await;
+            axum::Json(serde_json::json!({ "ended_locally": true, "request": info }))
+                .into_response()
+        }
+        Err(CallError::Transport(detail)) => {
+            tracing::warn!(request.id = %id, error = %detail, "revoke not delivered; retrying in the background");
+            tokio::spawn(retry_revoke(web.app.clone(), id));
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(serde_json::json!({
+                    "ended_locally": true,
+                    "request": null,
+                    "message": "Access has ended on this router. The maintenance center will be told as soon as it can be reached.",
+                })),
+            )
+                .into_response()
+        }
+        Err(e) => call_error(e),
+    }
+}
+
+async fn retry_revoke(app: Arc<App>, id: RequestId) {
+    let Some(server) = app.server.clone() else {
+        return;
+    };
+    let mut backoff =
+        vpnnat::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30), id.0 | 1);
+    for _ in 0..1000 {
+        tokio::time::sleep(backoff.next_delay()).await;
+        match server.revoke(id).await {
+            Ok(_) => {
+                tracing::info!(request.id = %id, "revoke delivered");
+                return;
+            }
+            Err(CallError::Transport(_)) => {}
+            Err(e) => {
+                tracing::warn!(request.id = %id, error = %e, "revoke refused by the server");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The status document (`GET /api/status`): what `router-agent status`
+//! prints.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use vpnnat::messages::{PublicKey, UnixMillis};
+
+use super::{Web, error, mode_name};
+
+/// The status document (`GET /api/status`, printed by `router-agent status`).
+pub const STATUS_PATH: &str = "/api/status";
+
+/// The status document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    /// The site.
+    pub site_id: u64,
+    /// Its name.
+    pub site_name: String,
+    /// `packet` or `netstack`.
+    pub mode: String,
+    /// The server URL, or `standalone`.
+    pub server: String,
+    /// Whether the server is reachable.
+    pub connected: bool,
+    /// The last control-plane error.
+    pub last_error: Option<String>,
+    /// The desired-state version received.
+    pub desired_version: Option<u64>,
+    /// The version applied.
+    pub applied_version: Option<u64>,
+    /// The server's capacity note.
+    pub problem: Option<String>,
+    /// Errors of the last reconciliation.
+    pub apply_errors: Vec<String>,
+    /// The local UDP port of the tunnel.
+    pub local_port: u16,
+    /// The tunnel.
+    pub tunnel: Option<TunnelStatus>,
+    /// Mappings in force.
+    pub mappings: Vec<MappingStatus>,
+    /// Drops by reason (non-zero only).
+    pub drops: BTreeMap<String, u64>,
+    /// Packets into the LAN side.
+    pub to_lan_packets: u64,
+    /// Packets into the tunnel.
+    pub to_tunnel_packets: u64,
+    /// Mappings removed at their expiry by the agent itself.
+    pub mappings_expired: u64,
+    /// Failure reports accepted by the server.
+    pub failures_reported: u64,
+}
+
+/// The tunnel in [`StatusView`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TunnelStatus {
+    /// The gateway.
+    pub gateway_id: u64,
+    /// Its endpoint.
+    pub endpoint: SocketAddr,
+    /// Its key.
+    pub public_key: PublicKey,
+    /// Whether a session is established.
+    pub up: bool,
+    /// The last handshake.
+    pub latest_handshake: Option<UnixMillis>,
+    /// Handshakes completed.
+    pub handshakes: u64,
+    /// Inner bytes received.
+    pub rx_bytes: u64,
+    /// Inner bytes sent.
+    pub tx_bytes: u64,
+}
+
+/// A mapping in [`StatusView`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MappingStatus {
+    /// NAT address.
+    pub nat: Ipv4Addr,
+    /// Terminal.
+    pub terminal: String,
+    /// Real address.
+    pub real: Ipv4Addr,
+    /// Request.
+    pub request_id: u64,
+    /// Expiry.
+    pub expires_at: UnixMillis,
+}
+
+async fn status_view(web: &Web) -> anyhow::Result<StatusView> {
+    let app = &web.app;
+    let snap = app.dataplane.snapshot().await?;
+    let control = app.control();
+    Ok(StatusView {
+        site_id: app.site_id.0,
+        site_name: app.site_name.clone(),
+        mode: mode_name(app.mode).to_owned(),
+        server: app
+            .server
+            .as_ref()
+            .map_or_else(|| "standalone".to_owned(), |s| s.base().to_owned()),
+        connected: control.connected || app.server.is_none(),
+        last_error: control.last_error,
+        desired_version: control.desired_version,
+        applied_version: snap.applied_version,
+        problem: control.problem,
+        apply_errors: control.apply_errors,
+        local_port: snap.local_port,
+        tunnel: snap.tunnel.as_ref().map(|t| TunnelStatus {
+            gateway_id: t.gateway_id.0,
+            endpoint: t.endpoint,
+            public_key: t.public_key,
+            up: t.up,
+            latest_handshake: snap.last_handshake,
+            handshakes: t.stats.handshakes,
+            rx_bytes: t.stats.rx_bytes,
+            tx_bytes: t.stats.tx_bytes,
+        }),
+        mappings: snap
+            .mappings
+            .iter()
+            .map(|m| MappingStatus {
+                nat: m.nat,
+                terminal: m.terminal.to_string(),
+                real: m.real,
+                request_id: m.request_id.0,
+                expires_at: m.expires_at,
+            })
+            .collect(),
+        drops: snap
+            .counters
+            .drops
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| (r.as_str().to_owned(), n))
+            .collect(),
+        to_lan_packets: snap.counters.to_lan_packets,
+        to_tunnel_packets: snap.counters.to_tunnel_packets,
+        mappings_expired: snap.counters.mappings_expired,
+        failures_reported: app
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .reported,
+    })
+}
+
+/// `GET /api/status`.
+pub(super) async fn status(
+    State(web): State<Arc<Web>>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = web.authorize(&method, &headers) {
+        return r;
+    }
+    match status_view(&web).await {
+        Ok(s) => axum::Json(s).into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &format!("{e:#}"),
+            None,
+        ),
+    }
+}
