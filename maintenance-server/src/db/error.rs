@@ -58,6 +58,14 @@ impl From<sqlx::Error> for OpError {
 }
 
 impl OpError {
+    /// `Conflict` on `name`: a `what` of that name exists.
+    pub fn name_taken(what: &str, name: &str) -> Self {
+        Self::Conflict {
+            field: "name",
+            message: format!("a {what} named {name:?} exists"),
+        }
+    }
+
     /// Whether this is a refusal for want of capacity (a gateway slot or a
     /// pool address): the site is told, and the caller may try again later.
     pub fn is_capacity(&self) -> bool {

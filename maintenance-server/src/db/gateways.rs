@@ -23,16 +23,8 @@ pub async fn create_gateway(
     actor: &str,
     now: i64,
 ) -> OpResult<GatewayCreated> {
-    let taken = sqlx::query("SELECT id FROM gateways WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&mut *tx.inner)
+    tx.name_free("SELECT id FROM gateways WHERE name = $1", name, "gateway")
         .await?;
-    if taken.is_some() {
-        return Err(OpError::Conflict {
-            field: "name",
-            message: format!("a gateway named {name:?} exists"),
-        });
-    }
     let credential = Secret::generate(SecretKind::Gateway);
     let row = sqlx::query(
         "INSERT INTO gateways (name, credential_hash, created_at) VALUES ($1, $2, $3) RETURNING id",
@@ -64,11 +56,13 @@ pub async fn register_gateway(
     now: i64,
     policy: &Policy,
 ) -> OpResult<GatewayRegistered> {
-    let row = sqlx::query("SELECT endpoints, public_key FROM gateways WHERE id = $1")
-        .bind(id64(gw.0))
-        .fetch_optional(&mut *tx.inner)
-        .await?
-        .ok_or(OpError::NotFound("gateway"))?;
+    let row = tx
+        .row_by_id(
+            "SELECT endpoints, public_key FROM gateways WHERE id = $1",
+            gw.0,
+            "gateway",
+        )
+        .await?;
     let old_endpoints: String = col(&row, "endpoints")?;
     let old_key: Option<String> = col(&row, "public_key")?;
     let endpoints = serde_json::to_string(&reg.endpoints).unwrap_or_else(|_| "[]".into());
@@ -117,11 +111,13 @@ pub async fn heartbeat(
     hb: &GatewayHeartbeat,
     now: i64,
 ) -> OpResult<HeartbeatAck> {
-    let row = sqlx::query("SELECT public_key, health FROM gateways WHERE id = $1")
-        .bind(id64(gw.0))
-        .fetch_optional(&mut *tx.inner)
-        .await?
-        .ok_or(OpError::NotFound("gateway"))?;
+    let row = tx
+        .row_by_id(
+            "SELECT public_key, health FROM gateways WHERE id = $1",
+            gw.0,
+            "gateway",
+        )
+        .await?;
     if col::<Option<String>>(&row, "public_key")?.is_none() {
         return Err(OpError::NotRegistered);
     }

@@ -310,6 +310,44 @@ impl Tx {
         col(&row, "name")
     }
 
+    /// The row that `select` (whose one parameter `$1` is an id) finds for
+    /// `id`.
+    ///
+    /// # Errors
+    /// [`OpError::NotFound`] naming `what` when there is none.
+    pub async fn row_by_id(
+        &mut self,
+        select: &'static str,
+        id: u64,
+        what: &'static str,
+    ) -> OpResult<AnyRow> {
+        sqlx::query(select)
+            .bind(id64(id))
+            .fetch_optional(&mut *self.inner)
+            .await?
+            .ok_or(OpError::NotFound(what))
+    }
+
+    /// Checks that `select` (whose one parameter `$1` is a name) finds no row.
+    ///
+    /// # Errors
+    /// [`OpError::Conflict`] on `name` when it does.
+    pub async fn name_free(
+        &mut self,
+        select: &'static str,
+        name: &str,
+        what: &str,
+    ) -> OpResult<()> {
+        let taken = sqlx::query(select)
+            .bind(name)
+            .fetch_optional(&mut *self.inner)
+            .await?;
+        match taken {
+            Some(_) => Err(OpError::name_taken(what, name)),
+            None => Ok(()),
+        }
+    }
+
     /// Appends to the audit log.
     ///
     /// # Errors

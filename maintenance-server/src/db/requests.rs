@@ -120,11 +120,13 @@ pub async fn new_request(
 
 /// The site a request belongs to.
 async fn request_site(tx: &mut Tx, id: RequestId) -> OpResult<SiteId> {
-    let r = sqlx::query("SELECT site_id FROM requests WHERE id = $1")
-        .bind(id64(id.0))
-        .fetch_optional(&mut *tx.inner)
-        .await?
-        .ok_or(OpError::NotFound("request"))?;
+    let r = tx
+        .row_by_id(
+            "SELECT site_id FROM requests WHERE id = $1",
+            id.0,
+            "request",
+        )
+        .await?;
     Ok(SiteId(u64_of(col(&r, "site_id")?)))
 }
 

@@ -20,16 +20,8 @@ pub async fn create_site(
     now: i64,
     policy: &Policy,
 ) -> OpResult<SiteCreated> {
-    let taken = sqlx::query("SELECT id FROM sites WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&mut *tx.inner)
+    tx.name_free("SELECT id FROM sites WHERE name = $1", name, "site")
         .await?;
-    if taken.is_some() {
-        return Err(OpError::Conflict {
-            field: "name",
-            message: format!("a site named {name:?} exists"),
-        });
-    }
     let row = sqlx::query("INSERT INTO sites (name, created_at) VALUES ($1, $2) RETURNING id")
         .bind(name)
         .bind(now)
@@ -38,10 +30,7 @@ pub async fn create_site(
         .map_err(OpError::from)
         .map_err(|e| {
             if is_unique_violation(&e) {
-                OpError::Conflict {
-                    field: "name",
-                    message: format!("a site named {name:?} exists"),
-                }
+                OpError::name_taken("site", name)
             } else {
                 e
             }
@@ -95,11 +84,9 @@ pub async fn new_site_token(
     now: i64,
     policy: &Policy,
 ) -> OpResult<SiteCreated> {
-    let row = sqlx::query("SELECT name FROM sites WHERE id = $1")
-        .bind(id64(site.0))
-        .fetch_optional(&mut *tx.inner)
-        .await?
-        .ok_or(OpError::NotFound("site"))?;
+    let row = tx
+        .row_by_id("SELECT name FROM sites WHERE id = $1", site.0, "site")
+        .await?;
     let name: String = col(&row, "name")?;
     let (token, expires) = insert_enrollment_token(tx, site, now, policy).await?;
     tx.audit(now, actor, "site.token", &format!("site:{site}"), "")
