@@ -9,6 +9,7 @@
 //!
 //! - [`messages`]: the control-plane protocol shared by all three programs.
 //! - [`backoff`]: reconnection delays for the control-plane clients.
+//! - [`control`]: the desired-state follower the gateway and the agent drive.
 //! - [`config`]: layering of TOML text and `VPNNAT_*` overrides into typed settings.
 //! - [`nat`]: the 1:1 static NAT (NAT address ↔ real LAN address), in-place IPv4
 //!   rewriting with incremental checksums, optional masquerade.
@@ -22,6 +23,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod config;
+pub mod control;
 mod drops;
 pub mod gateway;
 pub mod messages;
