@@ -89,6 +89,22 @@ impl Exposition {
         self.sample(name, &[], value);
     }
 
+    /// A family with one sample per value of one label, e.g. packets by
+    /// `direction`.
+    pub fn labelled<'v, V: Display>(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        help: &str,
+        label: &str,
+        samples: impl IntoIterator<Item = (&'v str, V)>,
+    ) {
+        self.family(name, kind, help);
+        for (value, n) in samples {
+            self.sample(name, &[(label, value)], n);
+        }
+    }
+
     /// The text.
     pub fn finish(self) -> String {
         self.text
@@ -98,7 +114,8 @@ impl Exposition {
 /// Backslash and newline are escaped in help text; label values also escape
 /// the double quote.
 fn escape(s: &str, quote: bool) -> std::borrow::Cow<'_, str> {
-    if !s.contains(['\\', '\n']) && !(quote && s.contains('"')) {
+    let special = |c: char| c == '\\' || c == '\n' || (quote && c == '"');
+    if !s.contains(special) {
         return s.into();
     }
     let mut out = String::with_capacity(s.len() + 4);
@@ -128,6 +145,23 @@ mod tests {
             m.finish(),
             "# HELP x_up Whether it is up.\n# TYPE x_up gauge\nx_up 1\n\
              # HELP x_bytes_total Bytes.\n# TYPE x_bytes_total counter\nx_bytes_total 10\n"
+        );
+    }
+
+    #[test]
+    fn a_labelled_family_has_one_sample_per_value() {
+        let mut m = Exposition::new("a_");
+        m.labelled(
+            "io_total",
+            Kind::Counter,
+            "IO.",
+            "kind",
+            [("reads", 1), ("writes", 2)],
+        );
+        assert_eq!(
+            m.finish(),
+            "# HELP a_io_total IO.\n# TYPE a_io_total counter\n\
+             a_io_total{kind=\"reads\"} 1\na_io_total{kind=\"writes\"} 2\n"
         );
     }
 
