@@ -13,6 +13,12 @@
 //! read as a TOML value when it parses as one (`42`, `true`, `["a"]`) and as a
 //! string otherwise. Environment overrides win over the file so that a
 //! deployment can change one setting without editing it.
+//!
+//! Which variables are overrides is one rule for all three programs
+//! ([`env_overrides`]): those named `VPNNAT_…` that contain `__`. Every
+//! setting lives in a section, and the other `VPNNAT_*` variables are the
+//! programs' command-line fallbacks (`VPNNAT_LOG_FORMAT`, …) or test switches,
+//! not configuration.
 
 use std::fmt;
 
@@ -21,6 +27,74 @@ use toml::{Table, Value};
 
 /// The prefix of environment overrides.
 pub const ENV_PREFIX: &str = "VPNNAT_";
+
+/// The environment variables that are configuration overrides:
+/// `VPNNAT_<SECTION>__<KEY>` (the name starts with [`ENV_PREFIX`] and contains `__`).
+pub fn env_overrides(
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> impl Iterator<Item = (String, String)> {
+    vars.into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+}
+
+/// Field deserializers for settings written as strings in TOML: addresses,
+/// prefixes, anything with `FromStr`.
+pub mod de {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::{Deserialize, Deserializer};
+
+    /// A string parsed with `FromStr`.
+    ///
+    /// # Errors
+    /// The parser's message.
+    pub fn parsed<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr,
+        T::Err: Display,
+    {
+        let s = String::deserialize(d)?;
+        s.trim().parse().map_err(serde::de::Error::custom)
+    }
+
+    /// Like [`parsed`], with an empty string meaning `None`.
+    ///
+    /// # Errors
+    /// The parser's message.
+    pub fn optional<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr,
+        T::Err: Display,
+    {
+        let s = String::deserialize(d)?;
+        if s.trim().is_empty() {
+            return Ok(None);
+        }
+        s.trim().parse().map(Some).map_err(serde::de::Error::custom)
+    }
+
+    /// A list of strings, each parsed with `FromStr`; the message names the bad one.
+    ///
+    /// # Errors
+    /// The parser's message for the first bad element.
+    pub fn list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr,
+        T::Err: Display,
+    {
+        let v = Vec::<String>::deserialize(d)?;
+        v.iter()
+            .map(|s| {
+                s.parse::<T>()
+                    .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+            })
+            .collect()
+    }
+}
 
 /// A configuration that cannot be used, located by source and key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +306,55 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.source, "VPNNAT_DATABASE__MAX_CONNECTIONS");
         assert_eq!(e.key, "database.max_connections");
+    }
+
+    #[test]
+    fn only_sectioned_vpnnat_variables_are_overrides() {
+        let kept: Vec<String> = env_overrides(env(&[
+            ("VPNNAT_DATABASE__URL", "x"),
+            ("VPNNAT_LOG_FORMAT", "json"),
+            ("VPNNAT_GATEWAY_CONFIG", "/etc/x"),
+            ("OTHER__THING", "y"),
+            ("PATH", "/bin"),
+        ]))
+        .map(|(k, _)| k)
+        .collect();
+        assert_eq!(kept, vec!["VPNNAT_DATABASE__URL".to_owned()]);
+        // So a CLI fallback variable never trips deny_unknown_fields.
+        let s: Settings = load(None, env_overrides(env(&[("VPNNAT_LOG_FORMAT", "json")]))).unwrap();
+        assert_eq!(s, Settings::default());
+    }
+
+    #[test]
+    fn string_fields_parse_with_from_str() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Net {
+            #[serde(deserialize_with = "de::parsed")]
+            addr: std::net::Ipv4Addr,
+            #[serde(default, deserialize_with = "de::optional")]
+            gw: Option<std::net::Ipv4Addr>,
+            #[serde(deserialize_with = "de::list")]
+            more: Vec<std::net::Ipv4Addr>,
+        }
+        let n: Net = load(
+            Some((
+                "n.toml",
+                "addr = \"10.0.0.1\"\ngw = \"\"\nmore = [\"10.0.0.2\"]\n",
+            )),
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(n.addr, std::net::Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(n.gw, None);
+        assert_eq!(n.more.len(), 1);
+        let e = load::<Net>(
+            Some(("n.toml", "addr = \"10.0.0.1\"\nmore = [\"ten\"]\n")),
+            env(&[]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "more");
+        assert!(e.message.contains("\"ten\""), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!
 //! - [`messages`]: the control-plane protocol shared by all three programs.
 //! - [`backoff`]: reconnection delays for the control-plane clients.
+//! - [`control`]: the desired-state follower the gateway and the agent drive.
 //! - [`config`]: layering of TOML text and `VPNNAT_*` overrides into typed settings.
 //! - [`ipv4`]: the IPv4 vocabulary: prefixes, a checked header view, a fast hasher.
 //! - [`nat`]: the 1:1 static NAT (NAT address ↔ real LAN address), in-place IPv4
@@ -24,6 +25,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod config;
+pub mod control;
 mod drops;
 pub mod gateway;
 pub mod ipv4;

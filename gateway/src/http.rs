@@ -2,7 +2,6 @@
 //! `/api/v1/status` (the JSON that `gateway status` prints like `wg show`).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -14,6 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use vpnnat::messages::{ApiError, GatewayId, Health, PublicKey, SiteId, UnixMillis, paths};
+use vpnnat_shell::metrics::{
+    CONTENT_TYPE as METRICS_CONTENT_TYPE, Exposition, Kind::Counter, Kind::Gauge,
+};
 
 use crate::app::{App, unix_millis};
 
@@ -159,42 +161,8 @@ async fn status_view(app: &App) -> anyhow::Result<StatusView> {
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     match render_metrics(&app).await {
-        Ok(text) => (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
+        Ok(text) => ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response(),
         Err(e) => unavailable(&e),
-    }
-}
-
-/// Prometheus text exposition (format 0.0.4): each family's `HELP` and
-/// `TYPE`, then its samples.
-struct Exposition(String);
-
-impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP vpnnat_gateway_{name} {help}");
-        let _ = writeln!(self.0, "# TYPE vpnnat_gateway_{name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-        let _ = write!(self.0, "vpnnat_gateway_{name}");
-        if !labels.is_empty() {
-            self.0.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.0.push(',');
-                }
-                // Label values here are numbers and fixed names: no escaping needed.
-                let _ = write!(self.0, "{k}=\"{v}\"");
-            }
-            self.0.push('}');
-        }
-        let _ = writeln!(self.0, " {value}");
     }
 }
 
@@ -202,47 +170,54 @@ async fn render_metrics(app: &App) -> anyhow::Result<String> {
     let snap = app.snapshot().await?;
     let control = app.control_state();
     let routed = app.routes.lock().await.installed().len();
-    let mut m = Exposition(String::with_capacity(8192));
-    m.family("peers", "gauge", "Peers (sites) configured.");
-    m.sample("peers", &[], snap.peers.len());
-    m.family(
+    let mut m = Exposition::new("vpnnat_gateway_");
+    m.single(
+        "peers",
+        Gauge,
+        "Peers (sites) configured.",
+        snap.peers.len(),
+    );
+    m.single(
         "routed_addresses",
-        "gauge",
+        Gauge,
         "NAT addresses routed to this gateway.",
+        routed,
     );
-    m.sample("routed_addresses", &[], routed);
-    m.family("applied_version", "gauge", "Desired-state version applied.");
-    m.sample("applied_version", &[], snap.applied_version.unwrap_or(0));
-    m.family(
+    m.single(
+        "applied_version",
+        Gauge,
+        "Desired-state version applied.",
+        snap.applied_version.unwrap_or(0),
+    );
+    m.single(
         "control_connected",
-        "gauge",
+        Gauge,
         "1 when the maintenance server is reachable.",
+        u8::from(control.connected),
     );
-    m.sample("control_connected", &[], u8::from(control.connected));
-    m.family("healthy", "gauge", "1 when healthy, 0 when degraded.");
-    m.sample("healthy", &[], u8::from(app.health() == Health::Healthy));
-    m.family("drops_total", "counter", "Packets dropped, by reason.");
-    for (reason, n) in snap.counters.drops.iter() {
-        m.sample("drops_total", &[("reason", reason.as_str())], n);
-    }
-    m.family(
+    m.single(
+        "healthy",
+        Gauge,
+        "1 when healthy, 0 when degraded.",
+        u8::from(app.health() == Health::Healthy),
+    );
+    m.labelled(
+        "drops_total",
+        Counter,
+        "Packets dropped, by reason.",
+        "reason",
+        snap.counters.drops.iter().map(|(r, n)| (r.as_str(), n)),
+    );
+    m.single(
         "icmp_unreachable_sent_total",
-        "counter",
+        Counter,
         "ICMP host-unreachable messages sent.",
-    );
-    m.sample(
-        "icmp_unreachable_sent_total",
-        &[],
         snap.counters.icmp_unreachable_sent,
     );
-    m.family(
+    m.single(
         "cookie_replies_sent_total",
-        "counter",
+        Counter,
         "WireGuard cookie replies sent under load.",
-    );
-    m.sample(
-        "cookie_replies_sent_total",
-        &[],
         snap.counters.cookie_replies_sent,
     );
 
@@ -274,14 +249,14 @@ async fn render_metrics(app: &App) -> anyhow::Result<String> {
         ),
     ];
     for (name, help, field) in per_peer {
-        m.family(name, "counter", help);
+        m.family(name, Counter, help);
         for (p, site) in snap.peers.iter().zip(&sites) {
             m.sample(name, &[("site", site)], field(&p.stats));
         }
     }
     m.family(
         "peer_last_handshake_seconds",
-        "gauge",
+        Gauge,
         "Unix time of a peer's last handshake.",
     );
     for (p, site) in snap.peers.iter().zip(&sites) {
@@ -296,7 +271,7 @@ async fn render_metrics(app: &App) -> anyhow::Result<String> {
     }
     m.family(
         "peer_drops_total",
-        "counter",
+        Counter,
         "Packets from or to a peer dropped, by reason.",
     );
     for (p, site) in snap.peers.iter().zip(&sites) {
@@ -308,27 +283,26 @@ async fn render_metrics(app: &App) -> anyhow::Result<String> {
             );
         }
     }
-    m.family(
-        "io_total",
-        "counter",
-        "Data-plane IO operations and packets, by kind.",
-    );
     let io = snap.io;
-    for (kind, n) in [
-        ("tun_reads", io.tun_reads),
-        ("tun_packets_read", io.tun_packets),
-        ("tun_write_batches", io.tun_write_batches),
-        ("tun_packets_written", io.tun_packets_written),
-        ("udp_sends", io.udp_sends),
-        ("udp_datagrams_sent", io.udp_datagrams_sent),
-        ("udp_recvs", io.udp_recvs),
-        ("udp_datagrams_received", io.udp_datagrams_received),
-        ("errors", io.io_errors),
-        ("handoffs_sent", io.handoffs_sent),
-        ("handoffs_received", io.handoffs_received),
-        ("handoffs_dropped", io.handoff_dropped),
-    ] {
-        m.sample("io_total", &[("kind", kind)], n);
-    }
-    Ok(m.0)
+    m.labelled(
+        "io_total",
+        Counter,
+        "Data-plane IO operations and packets, by kind.",
+        "kind",
+        [
+            ("tun_reads", io.tun_reads),
+            ("tun_packets_read", io.tun_packets),
+            ("tun_write_batches", io.tun_write_batches),
+            ("tun_packets_written", io.tun_packets_written),
+            ("udp_sends", io.udp_sends),
+            ("udp_datagrams_sent", io.udp_datagrams_sent),
+            ("udp_recvs", io.udp_recvs),
+            ("udp_datagrams_received", io.udp_datagrams_received),
+            ("errors", io.io_errors),
+            ("handoffs_sent", io.handoffs_sent),
+            ("handoffs_received", io.handoffs_received),
+            ("handoffs_dropped", io.handoff_dropped),
+        ],
+    );
+    Ok(m.finish())
 }

@@ -1,8 +1,8 @@
-//! `gateway`: terminates many sites' WireGuard tunnels on one UDP socket and
-//! routes their pooled NAT addresses to and from the center LAN.
+//! `gateway`: terminates many sites' WireGuard tunnels and routes their
+//! pooled NAT addresses to and from the center LAN.
 //!
 //! The packet logic is `vpnnat::gateway` (sans-IO); this binary is the IO
-//! shell: the data-plane worker (`dataplane`), routes and proxy ARP
+//! shell: the data-plane workers (`dataplane`), routes and proxy ARP
 //! (`routes`, `garp`), the control-plane client (`control`), and the HTTP
 //! listener for metrics and status (`http`, `status`).
 
@@ -16,9 +16,7 @@ mod routes;
 mod settings;
 mod status;
 
-use std::io::Write as _;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -148,75 +146,17 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn load_settings(path: Option<&Path>) -> anyhow::Result<Settings> {
-    // Every setting lives in a section, so overrides are VPNNAT_<SECTION>__<KEY>;
-    // other VPNNAT_* variables (this program's CLI fallbacks, test harness
-    // switches) are not configuration.
-    let env = std::env::vars().filter(|(k, _)| k.contains("__"));
-    let (source, text) = match path {
-        Some(p) => (
-            p.display().to_string(),
-            Some(
-                std::fs::read_to_string(p)
-                    .with_context(|| format!("reading configuration {}", p.display()))?,
-            ),
-        ),
-        None => match std::fs::read_to_string(settings::DEFAULT_PATH) {
-            Ok(t) => (settings::DEFAULT_PATH.to_owned(), Some(t)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ("defaults".to_owned(), None),
-            Err(e) => return Err(e).context(settings::DEFAULT_PATH),
-        },
-    };
-    let s: Settings = vpnnat::config::load(text.as_deref().map(|t| (source.as_str(), t)), env)
+    let loaded = vpnnat_shell::settings::load::<Settings>(path, settings::DEFAULT_PATH)?;
+    loaded
+        .settings
+        .validate(&loaded.source)
         .map_err(|e| anyhow!("{e}"))?;
-    s.validate(&source).map_err(|e| anyhow!("{e}"))?;
-    Ok(s)
+    Ok(loaded.settings)
 }
 
 /// Reads the private key, or creates it (0600, like `wg genkey > file` under umask 077).
 fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            use std::os::unix::fs::PermissionsExt as _;
-            if let Ok(meta) = std::fs::metadata(path)
-                && meta.permissions().mode() & 0o077 != 0
-            {
-                tracing::warn!(
-                    path = %path.display(),
-                    mode = format!("{:o}", meta.permissions().mode() & 0o777),
-                    "the private key file is readable by others; chmod 600 it"
-                );
-            }
-            text.parse().map_err(|_| {
-                anyhow!(
-                    "{}: wireguard.private_key_file: not a base64 WireGuard key",
-                    path.display()
-                )
-            })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            let mut bytes = [0u8; 32];
-            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
-            let key = PrivateKey::from_bytes(bytes);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            writeln!(f, "{}", key.to_base64())
-                .with_context(|| format!("writing {}", path.display()))?;
-            tracing::info!(path = %path.display(), public_key = %key.public_key(), "generated a private key");
-            Ok(key)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    vpnnat_shell::keys::load_or_create_private_key(path).context("wireguard.private_key_file")
 }
 
 fn read_peers(path: &Path) -> anyhow::Result<GatewayDesiredState> {

@@ -1,11 +1,12 @@
 //! The gateway's configuration: defaults, `/etc/vpnnat/gateway.toml` (or
 //! `--config PATH`), then `VPNNAT_<SECTION>__<KEY>` overrides
-//! ([`vpnnat::config::load`]). The commented example is `config/gateway.toml`.
+//! ([`vpnnat_shell::settings::load`]). The commented example is `config/gateway.toml`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
+use vpnnat::config::de;
 use vpnnat::gateway::Prefix;
 
 /// The commented example configuration, embedded so that `--help` can point
@@ -69,12 +70,12 @@ pub struct Center {
     /// TUN MTU.
     pub tun_mtu: u16,
     /// NAT pool.
-    #[serde(deserialize_with = "prefix")]
+    #[serde(deserialize_with = "de::parsed")]
     pub pool: Prefix,
     /// Center-LAN interface for proxy ARP; empty for none.
     pub interface: String,
     /// ICMP error source; `None` = the unreachable address.
-    #[serde(deserialize_with = "optional_ipv4")]
+    #[serde(deserialize_with = "de::optional")]
     pub icmp_source: Option<Ipv4Addr>,
 }
 
@@ -126,19 +127,6 @@ impl Default for Metrics {
             listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
         }
     }
-}
-
-fn prefix<'de, D: Deserializer<'de>>(d: D) -> Result<Prefix, D::Error> {
-    let s = String::deserialize(d)?;
-    s.parse().map_err(serde::de::Error::custom)
-}
-
-fn optional_ipv4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
-    let s = String::deserialize(d)?;
-    if s.trim().is_empty() {
-        return Ok(None);
-    }
-    s.trim().parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 impl Settings {

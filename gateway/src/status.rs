@@ -4,31 +4,26 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
+use vpnnat_shell::http::{ApiClient, HttpOptions, http_client};
 
 use crate::http::{STATUS_PATH, StatusView};
 
-/// Fetches `base` + [`STATUS_PATH`] and renders it.
+/// Fetches `base` + [`STATUS_PATH`].
 ///
 /// # Errors
 /// When the gateway does not answer or answers something else.
 pub async fn fetch(base: &str) -> anyhow::Result<StatusView> {
-    let url = format!("{}{STATUS_PATH}", base.trim_end_matches('/'));
-    let resp = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .context("HTTP client")?
-        .get(&url)
-        .send()
+    let http = http_client(&HttpOptions {
+        timeout: Duration::from_secs(5),
+        ..HttpOptions::default()
+    })?;
+    let gateway = ApiClient::new(http, base, None);
+    let url = gateway.url(STATUS_PATH);
+    gateway
+        .get_json("status", STATUS_PATH)
         .await
-        .with_context(|| format!("no gateway answering at {url}"))?;
-    let status = resp.status();
-    if !status.is_success() {
-        return Err(anyhow!("{url}: HTTP {status}"));
-    }
-    resp.json()
-        .await
-        .with_context(|| format!("{url}: not a status document"))
+        .with_context(|| format!("no status from a gateway at {url}"))
 }
 
 /// Renders a status like `wg show`.

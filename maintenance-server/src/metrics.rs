@@ -1,53 +1,42 @@
 //! `/metrics`: Prometheus text exposition (format 0.0.4).
 
-use std::fmt::Write as _;
+use vpnnat_shell::metrics::{Exposition, Kind::Gauge};
 
 use crate::db::views::Counts;
 
-/// Renders the gauges.
+/// Renders the gauges; every labelled series is present, zero when nothing counts.
 pub fn render(c: &Counts, long_polls: i64) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "# HELP vpnnat_requests Maintenance requests by state.\n# TYPE vpnnat_requests gauge"
-    );
+    let count = |rows: &[(String, i64)], key: &str| {
+        rows.iter().find(|(k, _)| k == key).map_or(0, |(_, n)| *n)
+    };
+    let mut m = Exposition::new("vpnnat_");
+    m.family("requests", Gauge, "Maintenance requests by state.");
     for state in ["waiting", "in_progress", "ended", "revoked", "expired"] {
-        let n = c
-            .requests
-            .iter()
-            .find(|(k, _)| k == state)
-            .map_or(0, |(_, n)| *n);
-        let _ = writeln!(s, "vpnnat_requests{{state=\"{state}\"}} {n}");
+        m.sample("requests", &[("state", state)], count(&c.requests, state));
     }
-    let _ = writeln!(
-        s,
-        "# HELP vpnnat_gateways Gateways by health.\n# TYPE vpnnat_gateways gauge"
-    );
+    m.family("gateways", Gauge, "Gateways by health.");
     for health in ["healthy", "degraded", "down"] {
-        let n = c
-            .gateways
-            .iter()
-            .find(|(k, _)| k == health)
-            .map_or(0, |(_, n)| *n);
-        let _ = writeln!(s, "vpnnat_gateways{{health=\"{health}\"}} {n}");
+        m.sample(
+            "gateways",
+            &[("health", health)],
+            count(&c.gateways, health),
+        );
     }
-    let _ = writeln!(
-        s,
-        "# HELP vpnnat_pool_addresses NAT-address pool addresses by use.\n# TYPE vpnnat_pool_addresses gauge"
+    m.family(
+        "pool_addresses",
+        Gauge,
+        "NAT-address pool addresses by use.",
     );
-    let _ = writeln!(s, "vpnnat_pool_addresses{{use=\"free\"}} {}", c.pool_free);
-    let _ = writeln!(s, "vpnnat_pool_addresses{{use=\"used\"}} {}", c.pool_used);
-    let _ = writeln!(
-        s,
-        "# HELP vpnnat_sites Sites.\n# TYPE vpnnat_sites gauge\nvpnnat_sites {}",
-        c.sites
+    m.sample("pool_addresses", &[("use", "free")], c.pool_free);
+    m.sample("pool_addresses", &[("use", "used")], c.pool_used);
+    m.single("sites", Gauge, "Sites.", c.sites);
+    m.single(
+        "long_polls_waiting",
+        Gauge,
+        "Desired-state and console long-polls held by this replica.",
+        long_polls,
     );
-    let _ = writeln!(
-        s,
-        "# HELP vpnnat_long_polls_waiting Desired-state and console long-polls held by this replica.\n\
-         # TYPE vpnnat_long_polls_waiting gauge\nvpnnat_long_polls_waiting {long_polls}"
-    );
-    s
+    m.finish()
 }
 
 #[cfg(test)]

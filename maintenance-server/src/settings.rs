@@ -1,6 +1,7 @@
 //! The server's settings: defaults, `/etc/vpnnat/maintenance-server.toml`
-//! (or `--config PATH`), then `VPNNAT_<SECTION>__<KEY>` overrides, layered by
-//! [`vpnnat::config::load`]. The commented example is `config/maintenance-server.toml`.
+//! (or `--config PATH`), then `VPNNAT_<SECTION>__<KEY>` overrides (only
+//! variables with `__`, like the other programs), read by
+//! [`vpnnat_shell::settings::load`]. The commented example is `config/maintenance-server.toml`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -297,25 +298,13 @@ impl Settings {
     /// # Errors
     /// One line naming the file or variable and the key.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
-        let (path, required) = match path {
-            Some(p) => (p.to_path_buf(), true),
-            None => (PathBuf::from(DEFAULT_PATH), false),
-        };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => Some(t),
-            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => anyhow::bail!("{}: {e}", path.display()),
-        };
-        let shown = path.display().to_string();
-        let settings: Self = vpnnat::config::load(
-            text.as_deref().map(|t| (shown.as_str(), t)),
-            std::env::vars(),
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        settings
+        let loaded = vpnnat_shell::settings::load::<Self>(path, DEFAULT_PATH)?;
+        let source = loaded.source;
+        loaded
+            .settings
             .validate()
-            .map_err(|(key, msg)| anyhow::anyhow!("{shown}: {key}: {msg}"))?;
-        Ok(settings)
+            .map_err(|(key, msg)| anyhow::anyhow!("{source}: {key}: {msg}"))?;
+        Ok(loaded.settings)
     }
 
     /// Checks values that parse but cannot work; returns the key at fault.

@@ -1,7 +1,8 @@
-//! The control-plane loop: long-polls the site's desired state
+//! The agent's side of the control plane: long-polls the site's desired state
 //! (`GET /api/v1/agent/state?after=V&wait_ms=N`), resolves its terminal names
 //! locally, hands it to the data plane and reports what was applied
-//! (ARCHITECTURE.md, "Desired state by long-poll").
+//! (docs/DESIGN.md, "Control plane"). When to call what, the cursor and the
+//! backoff are the core's follower ([`vpnnat::control::Follower`]).
 //!
 //! After a (re)start the first poll asks with `after=0`, so the state comes
 //! from the server, never from anything stored locally. While the server is
@@ -9,13 +10,15 @@
 //! at its expiry by itself.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use vpnnat::backoff::Backoff;
+use vpnnat::control::{Call, Follower, FollowerConfig, FollowerEvent, Reply};
 use vpnnat::messages::{AgentDesiredState, AppliedState};
+use vpnnat_shell::follow::{ControlCalls, follow};
 
 use crate::app::App;
+use crate::client::ServerClient;
 
 /// Runs until `shutdown` turns true.
 pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
@@ -23,17 +26,65 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         return;
     };
     let wait_ms = app.settings.server.poll_wait_ms.clamp(1000, 60_000);
-    let seed = app.site_id.0 ^ 0x5eed;
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5), seed);
-    let mut after = 0u64;
-    loop {
-        let polled = tokio::select! {
-            r = server.desired_state(after, wait_ms) => r,
-            _ = shutdown.changed() => return,
-        };
-        let desired = match polled {
-            Ok(d) => d,
-            Err(e) => {
+    let follower = Follower::new(
+        FollowerConfig {
+            wait: Duration::from_millis(wait_ms),
+            // Enrollment is separate; a refused credential needs an operator.
+            register: false,
+            heartbeat: false,
+            seed: app.site_id.0 ^ 0x5eed,
+        },
+        Instant::now(),
+    );
+    if let Err(e) = follow(&AgentCalls { app, server }, follower, &mut shutdown).await {
+        tracing::error!(error = %format!("{e:#}"), "data plane gone");
+    }
+}
+
+struct AgentCalls {
+    app: Arc<App>,
+    server: ServerClient,
+}
+
+impl ControlCalls for AgentCalls {
+    type Document = AgentDesiredState;
+
+    async fn call(&self, call: Call) -> anyhow::Result<Reply<AgentDesiredState>> {
+        Ok(match call {
+            Call::Poll { after, wait } => {
+                let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                match self.server.desired_state(after, wait_ms).await {
+                    Ok(desired) => {
+                        self.app.update_control(|c| {
+                            c.desired_version = Some(desired.version);
+                            c.problem = desired.problem.clone();
+                        });
+                        Reply::Document(desired)
+                    }
+                    Err(e) => Reply::Failed(e.failure()),
+                }
+            }
+            Call::ReportApplied(applied) => match self.server.applied(&applied).await {
+                Ok(()) => Reply::Accepted,
+                Err(e) => Reply::Failed(e.failure()),
+            },
+            Call::Register | Call::Heartbeat => {
+                anyhow::bail!("the agent neither registers nor heartbeats")
+            }
+        })
+    }
+
+    async fn apply(&self, desired: AgentDesiredState) -> anyhow::Result<Option<AppliedState>> {
+        apply(&self.app, desired).await
+    }
+
+    fn event(&self, event: &FollowerEvent) {
+        match event {
+            FollowerEvent::Connected => self.app.update_control(|c| {
+                c.connected = true;
+                c.last_error = None;
+            }),
+            FollowerEvent::Disconnected(e) | FollowerEvent::Forgotten(e) => {
                 if e.is_unauthorized() {
                     tracing::error!(
                         error = %e,
@@ -43,40 +94,10 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                 } else {
                     tracing::warn!(error = %e, "control plane unreachable; mappings stay until they expire");
                 }
-                app.update_control(|c| {
+                self.app.update_control(|c| {
                     c.connected = false;
                     c.last_error = Some(e.to_string());
                 });
-                let delay = backoff.next_delay();
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => continue,
-                    _ = shutdown.changed() => return,
-                }
-            }
-        };
-        backoff.reset();
-        app.update_control(|c| {
-            c.connected = true;
-            c.last_error = None;
-            c.desired_version = Some(desired.version);
-            c.problem = desired.problem.clone();
-        });
-        if desired.version <= after && after != 0 {
-            // The wait timed out with nothing new.
-            continue;
-        }
-        let version = desired.version;
-        match apply(&app, desired).await {
-            Ok(Some(applied)) => {
-                after = version;
-                if let Err(e) = server.applied(&applied).await {
-                    tracing::warn!(error = %e, "could not report the applied state");
-                }
-            }
-            Ok(None) => after = after.max(version),
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "data plane gone");
-                return;
             }
         }
     }

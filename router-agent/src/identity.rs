@@ -6,14 +6,15 @@
 
 use std::fmt;
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
-use vpnnat::messages::{ApiError, EnrollRequest, EnrollResponse, SiteId, paths};
+use vpnnat::messages::{EnrollRequest, EnrollResponse, SiteId, paths};
 use vpnnat::wg::PrivateKey;
+use vpnnat_shell::http::{ApiClient, CallError, HttpOptions, TransportError};
+use vpnnat_shell::keys;
 
 /// What the agent stores after enrolling.
 #[derive(Clone, Serialize, Deserialize)]
@@ -70,14 +71,7 @@ impl Identity {
         let id: Identity = serde_json::from_str(&text)
             .map_err(|e| anyhow!("{}: not a site identity: {e}", path.display()))?;
         id.key().map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        if let Ok(meta) = std::fs::metadata(path)
-            && meta.permissions().mode() & 0o077 != 0
-        {
-            tracing::warn!(
-                path = %path.display(),
-                "the identity file is readable by others; it should be mode 0600"
-            );
-        }
+        keys::warn_if_readable_by_others(path, "identity file");
         Ok(id)
     }
 
@@ -87,13 +81,6 @@ impl Identity {
     /// # Errors
     /// When the file exists (without `force`) or cannot be written.
     pub fn store(&self, path: &Path, force: bool) -> anyhow::Result<()> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
-        }
         let json = serde_json::to_string_pretty(self).context("encoding the identity")?;
         let target = if force {
             path.with_extension("identity.tmp")
@@ -103,21 +90,16 @@ impl Identity {
         if force {
             let _ = std::fs::remove_file(&target);
         }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&target)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    anyhow!(
-                        "{}: this agent is already enrolled; use --force to replace its identity",
-                        path.display()
-                    )
-                } else {
-                    anyhow!("creating {}: {e}", target.display())
-                }
-            })?;
+        let mut f = keys::create_private_file(&target).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                anyhow!(
+                    "{}: this agent is already enrolled; use --force to replace its identity",
+                    path.display()
+                )
+            } else {
+                anyhow!("creating {}: {e}", target.display())
+            }
+        })?;
         f.write_all(json.as_bytes())
             .and_then(|()| f.write_all(b"\n"))
             .and_then(|()| f.sync_all())
@@ -135,17 +117,13 @@ impl Identity {
 /// # Errors
 /// When the CA file cannot be read or parsed.
 pub fn http_client(ca_file: &str, timeout: Duration) -> anyhow::Result<reqwest::Client> {
-    let mut b = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(timeout)
-        .user_agent(concat!("vpnnat-router-agent/", env!("CARGO_PKG_VERSION")));
-    if !ca_file.is_empty() {
-        let pem = std::fs::read(ca_file).with_context(|| format!("server.ca_file {ca_file}"))?;
-        let cert = reqwest::Certificate::from_pem(&pem)
-            .with_context(|| format!("server.ca_file {ca_file}: not a PEM certificate"))?;
-        b = b.add_root_certificate(cert);
-    }
-    b.build().context("HTTP client")
+    vpnnat_shell::http::http_client(&HttpOptions {
+        timeout,
+        ca_file: (!ca_file.is_empty()).then(|| ca_file.into()),
+        user_agent: Some(concat!("vpnnat-router-agent/", env!("CARGO_PKG_VERSION")).to_owned()),
+        ..HttpOptions::default()
+    })
+    .context("server.ca_file")
 }
 
 /// Enrolls: generates the key pair, presents the token, stores the identity.
@@ -176,38 +154,35 @@ pub async fn enroll(
     if token.is_empty() {
         bail!("--token: the enrollment token is empty");
     }
-    let mut bytes = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
-    let key = PrivateKey::from_bytes(bytes);
+    let key = keys::generate_private_key();
     let req = EnrollRequest {
         token: token.to_owned(),
         public_key: key.public_key(),
     };
-    let resp = client
-        .post(format!("{server}{}", paths::ENROLL))
-        .json(&req)
-        .send()
+    let answer: EnrollResponse = ApiClient::new(client.clone(), &server, None)
+        .post_json("enrollment", paths::ENROLL, &req)
         .await
-        .with_context(|| format!("cannot reach the maintenance server at {server}"))?;
-    let status = resp.status();
-    if !status.is_success() {
-        let body = resp.text().await.unwrap_or_default();
-        let detail = serde_json::from_str::<ApiError>(&body)
-            .map(|e| e.message)
-            .unwrap_or_else(|_| body.chars().take(200).collect());
-        if matches!(status.as_u16(), 401 | 403 | 404 | 409 | 410) {
-            bail!(
-                "enrollment refused: the token was already used, has expired or is not valid \
-                 (HTTP {status}: {detail}); ask the operator for a new one \
-                 (maintenance-server site token ID)"
-            );
-        }
-        bail!("enrollment failed: HTTP {status}: {detail}");
-    }
-    let answer: EnrollResponse = resp
-        .json()
-        .await
-        .context("enrollment: the server's answer is not an EnrollResponse")?;
+        .map_err(|e| match e {
+            CallError::Api { status, body }
+                if matches!(status.as_u16(), 401 | 403 | 404 | 409 | 410) =>
+            {
+                anyhow!(
+                    "enrollment refused: the token was already used, has expired or is not valid \
+                 (HTTP {status}: {}); ask the operator for a new one \
+                 (maintenance-server site token ID)",
+                    body.message
+                )
+            }
+            CallError::Api { status, body } => {
+                anyhow!("enrollment failed: HTTP {status}: {}", body.message)
+            }
+            CallError::Transport(TransportError::Decode { .. }) => {
+                anyhow!("enrollment: the server's answer is not an EnrollResponse: {e}")
+            }
+            CallError::Transport(e) => {
+                anyhow!("cannot reach the maintenance server at {server}: {e}")
+            }
+        })?;
     let id = Identity {
         site_id: answer.site_id,
         site_name: answer.site_name,
@@ -223,6 +198,7 @@ pub async fn enroll(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     fn id() -> Identity {
         Identity {

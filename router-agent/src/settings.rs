@@ -1,12 +1,13 @@
 //! The agent's configuration: defaults, `/etc/vpnnat/router-agent.toml` (or
 //! `--config PATH`), then `VPNNAT_<SECTION>__<KEY>` overrides
-//! ([`vpnnat::config::load`]). The commented example is `config/router-agent.toml`.
+//! ([`vpnnat_shell::settings::load`]). The commented example is `config/router-agent.toml`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, anyhow};
+use anyhow::anyhow;
 use serde::{Deserialize, Deserializer};
+use vpnnat::config::de;
 use vpnnat::gateway::Prefix;
 use vpnnat::messages::TerminalName;
 
@@ -111,10 +112,10 @@ pub struct Lan {
     /// The LAN interface.
     pub interface: String,
     /// The agent's LAN address; `None` = the interface's.
-    #[serde(deserialize_with = "optional_ipv4")]
+    #[serde(deserialize_with = "de::optional")]
     pub address: Option<Ipv4Addr>,
     /// Where terminals may be.
-    #[serde(deserialize_with = "prefixes")]
+    #[serde(deserialize_with = "de::list")]
     pub allowed_prefixes: Vec<Prefix>,
     /// Ask DNS for names that are not in the terminal table.
     pub dns: bool,
@@ -143,12 +144,12 @@ pub struct Packet {
     /// TUN MTU.
     pub tun_mtu: u16,
     /// Routed into the TUN device.
-    #[serde(deserialize_with = "prefixes")]
+    #[serde(deserialize_with = "de::list")]
     pub center_prefixes: Vec<Prefix>,
     /// Masquerade toward the LAN.
     pub masquerade: bool,
     /// The masquerade address.
-    #[serde(deserialize_with = "optional_ipv4")]
+    #[serde(deserialize_with = "de::optional")]
     pub masquerade_address: Option<Ipv4Addr>,
     /// Turn on IPv4 forwarding.
     pub ip_forward: bool,
@@ -193,12 +194,12 @@ impl Default for Netstack {
 #[serde(deny_unknown_fields, default)]
 pub struct Web {
     /// Listen address; `None` = derived.
-    #[serde(deserialize_with = "optional_socket")]
+    #[serde(deserialize_with = "de::optional")]
     pub listen: Option<SocketAddr>,
     /// The page password; empty = generated.
     pub password: String,
     /// Client prefixes; empty = derived.
-    #[serde(deserialize_with = "prefixes")]
+    #[serde(deserialize_with = "de::list")]
     pub allowed_clients: Vec<Prefix>,
 }
 
@@ -209,7 +210,7 @@ pub struct Terminal {
     /// The name the server sees.
     pub name: TerminalName,
     /// Its real LAN address; `None` = resolved by DNS.
-    #[serde(default, deserialize_with = "optional_ipv4")]
+    #[serde(default, deserialize_with = "de::optional")]
     pub address: Option<Ipv4Addr>,
     /// For the customer.
     #[serde(default)]
@@ -257,32 +258,6 @@ impl Default for Failures {
             open_request: false,
         }
     }
-}
-
-fn optional_ipv4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
-    let s = String::deserialize(d)?;
-    if s.trim().is_empty() {
-        return Ok(None);
-    }
-    s.trim().parse().map(Some).map_err(serde::de::Error::custom)
-}
-
-fn optional_socket<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-    let s = String::deserialize(d)?;
-    if s.trim().is_empty() {
-        return Ok(None);
-    }
-    s.trim().parse().map(Some).map_err(serde::de::Error::custom)
-}
-
-fn prefixes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Prefix>, D::Error> {
-    let v = Vec::<String>::deserialize(d)?;
-    v.iter()
-        .map(|s| {
-            s.parse::<Prefix>()
-                .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
-        })
-        .collect()
 }
 
 fn check<'de, D: Deserializer<'de>>(d: D) -> Result<Check, D::Error> {
@@ -372,27 +347,12 @@ impl Settings {
     /// # Errors
     /// A one-line message naming the file or variable and the key.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
-        // Every setting lives in a section (`[[terminals]]` aside), so overrides
-        // are VPNNAT_<SECTION>__<KEY>; other VPNNAT_* variables are CLI fallbacks.
-        let env = std::env::vars().filter(|(k, _)| k.contains("__"));
-        let (source, text) = match path {
-            Some(p) => (
-                p.display().to_string(),
-                Some(
-                    std::fs::read_to_string(p)
-                        .with_context(|| format!("reading configuration {}", p.display()))?,
-                ),
-            ),
-            None => match std::fs::read_to_string(DEFAULT_PATH) {
-                Ok(t) => (DEFAULT_PATH.to_owned(), Some(t)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => ("defaults".to_owned(), None),
-                Err(e) => return Err(e).context(DEFAULT_PATH),
-            },
-        };
-        let s: Settings = vpnnat::config::load(text.as_deref().map(|t| (source.as_str(), t)), env)
+        let loaded = vpnnat_shell::settings::load::<Self>(path, DEFAULT_PATH)?;
+        loaded
+            .settings
+            .validate(&loaded.source)
             .map_err(|e| anyhow!("{e}"))?;
-        s.validate(&source).map_err(|e| anyhow!("{e}"))?;
-        Ok(s)
+        Ok(loaded.settings)
     }
 }
 

@@ -1,0 +1,178 @@
+//! Secrets on disk: private files (mode 0600 in a 0700 directory, never
+//! silently overwritten) and WireGuard private-key files (base64, as
+//! `wg genkey` writes them).
+
+use std::fs::File;
+use std::io::{ErrorKind, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::Path;
+
+use vpnnat::wg::PrivateKey;
+
+/// A key file that cannot be used; the message is one line naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    /// Reading, creating or writing failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// `reading`, `creating` or `writing`.
+        action: &'static str,
+        /// The file or directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file holds something else.
+    #[error("{path}: not a base64 WireGuard key")]
+    NotAKey {
+        /// The file.
+        path: String,
+    },
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> KeyFileError {
+    let path = path.display().to_string();
+    move |source| KeyFileError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// A new private key from the operating system's random source.
+pub fn generate_private_key() -> PrivateKey {
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    PrivateKey::from_bytes(bytes)
+}
+
+/// Creates `path` for writing with mode 0600 (its missing parents with 0700),
+/// like a file written under `umask 077`. Fails with
+/// [`ErrorKind::AlreadyExists`] when the file exists.
+///
+/// # Errors
+/// The IO error (creating the directory or the file).
+pub fn create_private_file(path: &Path) -> std::io::Result<File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Whether others than the owner may read or write `path`.
+pub fn readable_by_others(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+}
+
+/// Logs a warning when others than the owner may read or write `path`.
+pub fn warn_if_readable_by_others(path: &Path, what: &str) {
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the {what} is readable by others; chmod 600 it"
+        );
+    }
+}
+
+/// Reads a private-key file (warning when others may read it).
+///
+/// # Errors
+/// When it cannot be read or holds no key.
+pub fn read_private_key(path: &Path) -> Result<PrivateKey, KeyFileError> {
+    let text = std::fs::read_to_string(path).map_err(io_error("reading", path))?;
+    warn_if_readable_by_others(path, "private key file");
+    text.parse().map_err(|_| KeyFileError::NotAKey {
+        path: path.display().to_string(),
+    })
+}
+
+/// Reads a private-key file, or creates it with a new key (0600).
+///
+/// # Errors
+/// When it cannot be read, holds no key, or cannot be created.
+pub fn load_or_create_private_key(path: &Path) -> Result<PrivateKey, KeyFileError> {
+    match read_private_key(path) {
+        Err(KeyFileError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {}
+        other => return other,
+    }
+    let key = generate_private_key();
+    let mut f = create_private_file(path).map_err(io_error("creating", path))?;
+    writeln!(f, "{}", key.to_base64()).map_err(io_error("writing", path))?;
+    tracing::info!(path = %path.display(), public_key = %key.public_key(), "generated a private key");
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_missing_key_is_created_0600_in_a_0700_directory_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/gateway.key");
+        let key = load_or_create_private_key(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("sub")), 0o700);
+        assert!(!readable_by_others(&path));
+        let again = load_or_create_private_key(&path).unwrap();
+        assert_eq!(again.public_key(), key.public_key(), "kept, not replaced");
+        assert_eq!(
+            read_private_key(&path).unwrap().public_key(),
+            key.public_key()
+        );
+    }
+
+    #[test]
+    fn a_key_readable_by_others_still_loads_and_a_bad_one_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        std::fs::write(
+            &path,
+            format!("{}\n", PrivateKey::from_bytes([3; 32]).to_base64()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(readable_by_others(&path));
+        assert_eq!(
+            read_private_key(&path).unwrap().public_key(),
+            PrivateKey::from_bytes([3; 32]).public_key()
+        );
+        std::fs::write(&path, "not a key\n").unwrap();
+        let e = load_or_create_private_key(&path).unwrap_err().to_string();
+        assert_eq!(e, format!("{}: not a base64 WireGuard key", path.display()));
+    }
+
+    #[test]
+    fn private_files_are_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        create_private_file(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        let e = create_private_file(&path).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+    }
+
+    #[test]
+    fn an_unreadable_key_file_is_an_error_not_a_new_key() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: reading fails, but not with NotFound.
+        let e = load_or_create_private_key(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("reading "), "{e}");
+    }
+}
