@@ -18,7 +18,6 @@
 //! - [`gateway`]: the gateway's sans-IO packet logic (many peers, one socket, NAT-address routing).
 //! - [`agent`]: the router agent's sans-IO state (tunnel to its gateway, consent, 1:1 NAT).
 //! - [`tunnel`]: the tunnel seam the packet logic talks to, and its kinds (WireGuard).
-//! - [`wg`]: the WireGuard kind under its former path (a re-export).
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -33,4 +32,3 @@ pub mod messages;
 pub mod nat;
 pub mod pool;
 pub mod tunnel;
-pub mod wg;

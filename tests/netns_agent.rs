@@ -22,7 +22,8 @@ use vpnnat::messages::{
     AgentDesiredState, AgentMapping, AgentTunnel, GatewayDesiredState, GatewayId, GatewayPeer,
     RequestId, SiteId, TerminalName, TunnelKind, UnixMillis,
 };
-use vpnnat::wg::{self, Decapsulated, Encapsulated, PrivateKey, Tunnel, TunnelConfig};
+use vpnnat::tunnel::wireguard::{self, Tunnel, TunnelConfig};
+use vpnnat::tunnel::{Decapsulated, Encapsulated, PrivateKey};
 use vpnnat_test_support::echo::{start_udp_responder, tcp_echo_transfer, udp_exchange};
 use vpnnat_test_support::{Netns, Prereq, rand_bytes, repo_path, require, wait_until};
 
@@ -544,7 +545,7 @@ impl FakeGateway {
 
     /// Encrypts `inner` and sends it to the agent.
     fn send(&mut self, inner: &[u8]) {
-        let mut out = vec![0u8; wg::buffer_len(inner.len())];
+        let mut out = vec![0u8; wireguard::buffer_len(inner.len())];
         let agent = self.agent.expect("the agent has dialled");
         if let Ok(Encapsulated::Network(d)) =
             self.tunnel.encapsulate(inner, &mut out, Instant::now())

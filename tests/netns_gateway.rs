@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use gateway_support::{PREREQS, World};
 use vpnnat::messages::{GatewayDesiredState, GatewayId, GatewayPeer, SiteId};
-use vpnnat::wg::PrivateKey;
+use vpnnat::tunnel::PrivateKey;
 use vpnnat_test_support::echo::ping_within;
 use vpnnat_test_support::rand_bytes;
 use vpnnat_test_support::{require, wait_until};

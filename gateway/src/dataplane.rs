@@ -30,7 +30,7 @@ use vpnnat::gateway::{
     GatewayCounters, GatewayEvent, GatewayState, NetworkOutcome, PeerView, TunOutcome,
 };
 use vpnnat::messages::{AppliedState, GatewayDesiredState};
-use vpnnat::wg;
+use vpnnat::tunnel::{Builtin, Kinds as _};
 use vpnnat_dataplane::pump::{BUDGET, Pump};
 use vpnnat_dataplane::tun::SEGMENT_BUF;
 use vpnnat_dataplane::udp::Udp;
@@ -294,7 +294,7 @@ impl GatewayPath {
 
 impl PacketPath for GatewayPath {
     fn room(&self, len: usize) -> usize {
-        wg::buffer_len(len)
+        Builtin::buffer_len(len)
     }
 
     fn encapsulate(
@@ -369,7 +369,7 @@ impl Worker {
             "data plane ready"
         );
         Ok(Self {
-            pump: Pump::new(udp, tun, wg::DATA_OVERHEAD),
+            pump: Pump::new(udp, tun, Builtin::DATA_OVERHEAD),
             path: GatewayPath {
                 state: setup.state,
                 mesh,

@@ -222,7 +222,7 @@ async fn render_metrics(app: &App) -> anyhow::Result<String> {
     );
 
     let sites: Vec<String> = snap.peers.iter().map(|p| p.site_id.to_string()).collect();
-    type Field = fn(&vpnnat::wg::TunnelStats) -> u64;
+    type Field = fn(&vpnnat::tunnel::TunnelStats) -> u64;
     let per_peer: [(&str, &str, Field); 5] = [
         (
             "peer_rx_bytes_total",

@@ -11,24 +11,23 @@ mod control;
 mod dataplane;
 mod garp;
 mod http;
-mod reuseport;
 mod routes;
 mod settings;
 mod status;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, anyhow};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use vpnnat::gateway::{GatewayConfig, GatewayState, Shard};
 use vpnnat::messages::GatewayDesiredState;
-use vpnnat::wg::PrivateKey;
+use vpnnat::tunnel::PrivateKey;
+use vpnnat_shell::logging::{self, LogFormat};
 
 use crate::app::{App, ControlState};
 use crate::settings::Settings;
@@ -64,12 +63,6 @@ struct Cli {
     command: Option<Command>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Show the running gateway's peers the way `wg show` does.
@@ -87,29 +80,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    match real_main(cli) {
-        Ok(code) => code,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "gateway failed");
-            eprintln!("gateway: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    // boringtun logs an idle responder's session expiry at ERROR; it is routine here.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,boringtun=warn,boringtun::noise::timers=off")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    logging::init(cli.log_format);
+    logging::exit("gateway", real_main(cli))
 }
 
 #[allow(clippy::print_stdout)]
@@ -188,9 +160,11 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
         n => n,
     }
     .min(64);
-    let sockets = bind_sockets(settings.wireguard.listen, workers)?;
+    let sockets = vpnnat_dataplane::steering::bind_group(settings.wireguard.listen, workers)
+        .context("wireguard.listen")?;
     let listen_port = sockets[0].local_addr().context("UDP socket")?.port();
-    let queues = tun_queues(&settings.center.tun_name, settings.center.tun_mtu, workers)?;
+    let queues =
+        vpnnat_dataplane::tun::create(&settings.center.tun_name, settings.center.tun_mtu, workers)?;
     let tun_name = settings.center.tun_name.clone();
     let setups = sockets
         .into_iter()
@@ -275,59 +249,6 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
     joined.context("data plane")?;
     result?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// One UDP socket per worker, all bound to `listen` (`SO_REUSEPORT`), with
-/// datagrams steered to the worker that owns their peer.
-fn bind_sockets(listen: SocketAddr, workers: usize) -> anyhow::Result<Vec<std::net::UdpSocket>> {
-    let mut sockets = Vec::with_capacity(workers);
-    let mut addr = listen;
-    for _ in 0..workers {
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )
-        .context("UDP socket")?;
-        if workers > 1 {
-            s.set_reuse_port(true).context("SO_REUSEPORT")?;
-        }
-        s.bind(&addr.into())
-            .with_context(|| format!("binding wireguard.listen {listen}"))?;
-        let s: std::net::UdpSocket = s.into();
-        // With port 0 the first socket picks the port the others share.
-        addr = s.local_addr().context("UDP socket")?;
-        sockets.push(s);
-    }
-    if workers > 1 {
-        reuseport::attach(&sockets[0], workers as u16)
-            .context("attaching the reuseport steering program")?;
-    }
-    Ok(sockets)
-}
-
-/// The TUN device with one queue per worker, with offload when the kernel has it.
-fn tun_queues(name: &str, mtu: u16, workers: usize) -> anyhow::Result<Vec<tun_rs::SyncDevice>> {
-    let build = |offload: bool| {
-        tun_rs::DeviceBuilder::new()
-            .name(name.to_owned())
-            .mtu(mtu)
-            .offload(offload)
-            .multi_queue(workers > 1)
-            .build_sync()
-    };
-    let first = build(true)
-        .or_else(|e| {
-            tracing::warn!(error = %e, "TUN offload unavailable; continuing without it");
-            build(false)
-        })
-        .with_context(|| format!("creating TUN device {name}"))?;
-    let mut queues = Vec::with_capacity(workers);
-    for _ in 1..workers {
-        queues.push(first.try_clone().context("adding a TUN queue")?);
-    }
-    queues.insert(0, first);
-    Ok(queues)
 }
 
 /// Runs the HTTP listener and the control plane until SIGTERM/SIGINT.

@@ -55,7 +55,7 @@ impl Default for Wireguard {
             endpoints: Vec::new(),
             private_key_file: PathBuf::from("/var/lib/vpnnat/gateway.key"),
             max_tunnels: 1000,
-            handshake_limit: vpnnat::wg::Responder::DEFAULT_HANDSHAKE_LIMIT,
+            handshake_limit: vpnnat::tunnel::wireguard::Responder::DEFAULT_HANDSHAKE_LIMIT,
             workers: 0,
         }
     }

@@ -23,7 +23,7 @@ use vpnnat::agent::{
     AgentCounters, AgentEvent, AgentState, LanOutcome, MappingView, NetworkOutcome, TunnelView,
 };
 use vpnnat::messages::{AgentDesiredState, AppliedState, RequestId, TerminalName, UnixMillis};
-use vpnnat::wg;
+use vpnnat::tunnel::{Builtin, Kinds as _};
 use vpnnat_dataplane::pump::{BUDGET, Pump};
 use vpnnat_dataplane::udp::{RecvBatch, UDP_BUF, Udp};
 use vpnnat_dataplane::{PacketPath, sleep_until, worker};
@@ -187,7 +187,7 @@ pub fn spawn(
                     udp_gro_segments = udp.gro_segments(),
                     "data plane ready (packet mode)"
                 );
-                Started::Packet(Box::new(Pump::new(udp, tun, wg::DATA_OVERHEAD)))
+                Started::Packet(Box::new(Pump::new(udp, tun, Builtin::DATA_OVERHEAD)))
             }
             LanSide::Netstack {
                 mtu,
@@ -228,7 +228,7 @@ struct AgentPath {
 
 impl PacketPath for AgentPath {
     fn room(&self, len: usize) -> usize {
-        wg::buffer_len(len)
+        Builtin::buffer_len(len)
     }
 
     fn encapsulate(
@@ -396,8 +396,8 @@ async fn run_netstack(
     let seed = rand::random::<u64>();
     let mut stack = Netstack::new(mtu, tcp_buffer, udp_idle, seed, ev_tx);
     let mut recv = RecvBatch::new();
-    let mut lan_buf = vec![0u8; wg::buffer_len(UDP_BUF)];
-    let mut out = vec![0u8; wg::buffer_len(65535)];
+    let mut lan_buf = vec![0u8; Builtin::buffer_len(UDP_BUF)];
+    let mut out = vec![0u8; Builtin::buffer_len(65535)];
 
     loop {
         let now = Instant::now();

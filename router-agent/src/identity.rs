@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use vpnnat::messages::{EnrollRequest, EnrollResponse, SiteId, paths};
-use vpnnat::wg::PrivateKey;
+use vpnnat::tunnel::PrivateKey;
 use vpnnat_shell::http::{ApiClient, CallError, HttpOptions, TransportError};
 use vpnnat_shell::keys;
 

@@ -36,6 +36,7 @@ use tokio::sync::watch;
 use vpnnat::agent::{AgentConfig, AgentState, DataMode};
 use vpnnat::gateway::Prefix;
 use vpnnat::messages::AgentDesiredState;
+use vpnnat_shell::logging::{self, LogFormat};
 
 use crate::app::App;
 use crate::identity::Identity;
@@ -103,12 +104,6 @@ enum CliMode {
     Netstack,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Enroll this agent with the maintenance server (once per site): creates
@@ -142,29 +137,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    match real_main(cli) {
-        Ok(code) => code,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "router-agent failed");
-            eprintln!("router-agent: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    // boringtun logs routine session expiry at ERROR.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,boringtun=warn,boringtun::noise::timers=off")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    logging::init(cli.log_format);
+    logging::exit("router-agent", real_main(cli))
 }
 
 #[allow(clippy::print_stdout)]
@@ -232,7 +206,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(_) if !path.exists() => {
                     let mut bytes = [0u8; 32];
                     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
-                    let key = vpnnat::wg::PrivateKey::from_bytes(bytes);
+                    let key = vpnnat::tunnel::PrivateKey::from_bytes(bytes);
                     let id = Identity {
                         site_id: vpnnat::messages::SiteId(0),
                         site_name: "standalone".to_owned(),

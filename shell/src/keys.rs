@@ -7,7 +7,7 @@ use std::io::{ErrorKind, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 
-use vpnnat::wg::PrivateKey;
+use vpnnat::tunnel::PrivateKey;
 
 /// A key file that cannot be used; the message is one line naming the file.
 #[derive(Debug, thiserror::Error)]

@@ -8,11 +8,13 @@
 //! - [`metrics`]: the Prometheus text exposition writer.
 //! - [`http`]: the HTTP client of the control-plane API, with typed errors.
 //! - [`follow`]: the async driver of [`vpnnat::control::Follower`].
+//! - [`logging`]: the log subscriber and the one-line exit on error.
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod follow;
 pub mod http;
 pub mod keys;
+pub mod logging;
 pub mod metrics;
 pub mod settings;

@@ -309,6 +309,10 @@ pub trait Kinds: 'static {
     /// The largest peer index a tunnel can carry.
     const MAX_INDEX: u32;
 
+    /// The most bytes a data message of any kind in the set adds to the
+    /// packet it carries (the IO layer sizes its send buffers with it).
+    const DATA_OVERHEAD: usize;
+
     /// The size of an output buffer that fits any result for an input of up
     /// to `packet_len` bytes, for every kind in the set.
     fn buffer_len(packet_len: usize) -> usize;
@@ -464,6 +468,7 @@ impl Kinds for Builtin {
 
     const TIMER_TICK: Duration = wireguard::TIMER_TICK;
     const MAX_INDEX: u32 = wireguard::MAX_INDEX;
+    const DATA_OVERHEAD: usize = wireguard::DATA_OVERHEAD;
 
     #[inline]
     fn buffer_len(packet_len: usize) -> usize {

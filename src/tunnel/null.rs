@@ -462,6 +462,7 @@ impl Kinds for Null {
 
     const TIMER_TICK: Duration = TICK;
     const MAX_INDEX: u32 = (1 << 24) - 1;
+    const DATA_OVERHEAD: usize = OVERHEAD;
 
     fn buffer_len(packet_len: usize) -> usize {
         (packet_len + OVERHEAD).max(INIT_LEN)

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use vpnnat::messages::{GatewayDesiredState, GatewayId, GatewayPeer, SiteId};
-use vpnnat::wg::PrivateKey;
+use vpnnat::tunnel::PrivateKey;
 use vpnnat_test_support::{self as support, Netns, Prereq, rand_bytes, repo_path};
 
 /// Everything these tests need from the machine.

@@ -425,7 +425,7 @@ pub async fn enrolled(center: &mut Center, pc_port: u16) -> Agent {
     let site = center.add_site("Bakery Schmidt").await;
     // The agent dials this (a UDP socket nobody answers on loopback: no data
     // plane is needed to exercise the control plane and the page).
-    let gw_key = vpnnat::wg::PrivateKey::from_bytes([7; 32]).public_key();
+    let gw_key = vpnnat::tunnel::PrivateKey::from_bytes([7; 32]).public_key();
     center
         .add_api_gateway(
             format!("127.0.0.1:{}", free_port()).parse().unwrap(),
