@@ -1,142 +1,83 @@
 //! `GET /metrics`: the agent's counters in the Prometheus text exposition
 //! format (version 0.0.4).
 
-use std::fmt::Write as _;
 use std::sync::{Arc, PoisonError};
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use vpnnat_shell::metrics::{CONTENT_TYPE, Exposition, Kind};
 
 use super::{Web, error};
 use crate::app::FailureCounters;
 use crate::dataplane::Snapshot;
 
-const GAUGE: &str = "gauge";
-const COUNTER: &str = "counter";
-
-/// A sample's label: none, or one `key="value"`.
-type Label<'a> = Option<(&'a str, &'a str)>;
-
-/// Writes one metric family: its `HELP` and `TYPE` lines, then its samples.
-fn family<'a>(
-    out: &mut String,
-    name: &str,
-    kind: &str,
-    help: &str,
-    samples: impl IntoIterator<Item = (Label<'a>, u64)>,
-) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    for (label, value) in samples {
-        let _ = match label {
-            Some((key, label)) => writeln!(out, "{name}{{{key}=\"{label}\"}} {value}"),
-            None => writeln!(out, "{name} {value}"),
-        };
-    }
-}
-
-/// A family of one unlabelled sample.
-fn single(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
-    family(out, name, kind, help, [(None, value)]);
-}
-
-fn direction(d: &str) -> Label<'_> {
-    Some(("direction", d))
-}
-
 /// Renders the exposition of a data-plane snapshot, the control-plane state
 /// and the failure reports.
 fn render(snap: &Snapshot, control_connected: bool, failures: FailureCounters) -> String {
-    let mut m = String::new();
+    use Kind::{Counter, Gauge};
+    let mut m = Exposition::new("vpnnat_agent_");
     let c = &snap.counters;
     let up = snap.tunnel.as_ref().is_some_and(|t| t.up);
     #[rustfmt::skip]
-    let basics: [(&str, &str, &str, u64); 3] = [
-        ("vpnnat_agent_mappings", GAUGE, "NAT mappings in force.", snap.mappings.len() as u64),
-        ("vpnnat_agent_tunnel_up", GAUGE, "Whether the tunnel to the gateway has a session.", u64::from(up)),
-        ("vpnnat_agent_control_connected", GAUGE, "Whether the maintenance server answers.", u64::from(control_connected)),
+    let basics: [(&str, Kind, &str, u64); 3] = [
+        ("mappings", Gauge, "NAT mappings in force.", snap.mappings.len() as u64),
+        ("tunnel_up", Gauge, "Whether the tunnel to the gateway has a session.", u64::from(up)),
+        ("control_connected", Gauge, "Whether the maintenance server answers.", u64::from(control_connected)),
     ];
     for (name, kind, help, value) in basics {
-        single(&mut m, name, kind, help, value);
+        m.single(name, kind, help, value);
     }
     #[rustfmt::skip]
     let traffic: [(&str, &str, u64, u64); 2] = [
-        ("vpnnat_agent_packets_total", "Packets forwarded, by direction.", c.to_lan_packets, c.to_tunnel_packets),
-        ("vpnnat_agent_bytes_total", "Inner bytes forwarded, by direction.", c.to_lan_bytes, c.to_tunnel_bytes),
+        ("packets_total", "Packets forwarded, by direction.", c.to_lan_packets, c.to_tunnel_packets),
+        ("bytes_total", "Inner bytes forwarded, by direction.", c.to_lan_bytes, c.to_tunnel_bytes),
     ];
     for (name, help, to_lan, to_tunnel) in traffic {
-        let samples = [
-            (direction("to_lan"), to_lan),
-            (direction("to_tunnel"), to_tunnel),
-        ];
-        family(&mut m, name, COUNTER, help, samples);
+        let samples = [("to_lan", to_lan), ("to_tunnel", to_tunnel)];
+        m.labelled(name, Counter, help, "direction", samples);
     }
-    family(
-        &mut m,
-        "vpnnat_agent_drops_total",
-        COUNTER,
-        "Packets dropped, by reason.",
-        c.drops
-            .iter()
-            .map(|(r, n)| (Some(("reason", r.as_str())), n)),
-    );
+    let drops = c.drops.iter().map(|(r, n)| (r.as_str(), n));
+    m.labelled("drops_total", Counter, "Packets dropped, by reason.", "reason", drops);
     #[rustfmt::skip]
-    single(&mut m, "vpnnat_agent_mappings_expired_total", COUNTER, "Mappings the agent removed at their expiry.", c.mappings_expired);
+    m.single("mappings_expired_total", Counter, "Mappings the agent removed at their expiry.", c.mappings_expired);
     if let Some(t) = &snap.tunnel {
-        #[rustfmt::skip]
-        single(&mut m, "vpnnat_agent_tunnel_handshakes_total", COUNTER, "Handshakes completed.", t.stats.handshakes);
+        m.single("tunnel_handshakes_total", Counter, "Handshakes completed.", t.stats.handshakes);
     }
+    m.single("io_errors_total", Counter, "Socket and TUN errors.", snap.io.io_errors);
+    let datagrams = [
+        ("received", snap.io.udp_datagrams_received),
+        ("sent", snap.io.udp_datagrams_sent),
+    ];
     #[rustfmt::skip]
-    single(&mut m, "vpnnat_agent_io_errors_total", COUNTER, "Socket and TUN errors.", snap.io.io_errors);
-    family(
-        &mut m,
-        "vpnnat_agent_udp_datagrams_total",
-        COUNTER,
-        "Tunnel datagrams, by direction.",
-        [
-            (direction("received"), snap.io.udp_datagrams_received),
-            (direction("sent"), snap.io.udp_datagrams_sent),
-        ],
-    );
+    m.labelled("udp_datagrams_total", Counter, "Tunnel datagrams, by direction.", "direction", datagrams);
     if let Some(n) = &snap.netstack {
         #[rustfmt::skip]
-        let netstack: [(&str, &str, &str, u64); 4] = [
-            ("vpnnat_agent_netstack_tcp_connections_total", COUNTER, "TCP connections relayed.", n.tcp_connections),
-            ("vpnnat_agent_netstack_tcp_open", GAUGE, "TCP connections open.", n.tcp_open),
-            ("vpnnat_agent_netstack_tcp_refused_total", COUNTER, "TCP connections the terminal refused.", n.tcp_refused),
-            ("vpnnat_agent_netstack_udp_flows_total", COUNTER, "UDP flows relayed.", n.udp_flows),
+        let netstack: [(&str, Kind, &str, u64); 5] = [
+            ("netstack_tcp_connections_total", Counter, "TCP connections relayed.", n.tcp_connections),
+            ("netstack_tcp_open", Gauge, "TCP connections open.", n.tcp_open),
+            ("netstack_tcp_refused_total", Counter, "TCP connections the terminal refused.", n.tcp_refused),
+            ("netstack_udp_flows_total", Counter, "UDP flows relayed.", n.udp_flows),
+            ("netstack_dropped_total", Counter, "Packets the netstack dropped.", n.dropped),
         ];
         for (name, kind, help, value) in netstack {
-            single(&mut m, name, kind, help, value);
+            m.single(name, kind, help, value);
         }
-        let kind = |k| Some(("kind", k));
-        family(
-            &mut m,
-            "vpnnat_agent_netstack_icmp_echo_total",
-            COUNTER,
-            "ICMP echoes relayed, by kind.",
-            [
-                (kind("request"), n.icmp_echo_requests),
-                (kind("reply"), n.icmp_echo_replies),
-                (kind("unavailable"), n.icmp_unavailable),
-            ],
-        );
+        let echoes = [
+            ("request", n.icmp_echo_requests),
+            ("reply", n.icmp_echo_replies),
+            ("unavailable", n.icmp_unavailable),
+        ];
         #[rustfmt::skip]
-        single(&mut m, "vpnnat_agent_netstack_dropped_total", COUNTER, "Packets the netstack dropped.", n.dropped);
+        m.labelled("netstack_icmp_echo_total", Counter, "ICMP echoes relayed, by kind.", "kind", echoes);
     }
-    let outcome = |o| Some(("outcome", o));
-    family(
-        &mut m,
-        "vpnnat_agent_failure_reports_total",
-        COUNTER,
-        "Failure reports, by outcome.",
-        [
-            (outcome("reported"), failures.reported),
-            (outcome("undelivered"), failures.undelivered),
-        ],
-    );
-    m
+    let outcomes = [
+        ("reported", failures.reported),
+        ("undelivered", failures.undelivered),
+    ];
+    #[rustfmt::skip]
+    m.labelled("failure_reports_total", Counter, "Failure reports, by outcome.", "outcome", outcomes);
+    m.finish()
 }
 
 /// `GET /metrics`.
@@ -156,10 +97,7 @@ pub(super) async fn metrics(State(web): State<Arc<Web>>) -> Response {
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
         render(&snap, control.connected, failures),
     )
         .into_response()
