@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -98,7 +99,7 @@ impl Auth {
 
     /// Authenticates a request: the bearer password, or a session (plus the
     /// CSRF token on state-changing methods).
-    pub(super) fn authorize(&self, method: &Method, headers: &HeaderMap) -> Result<(), Response> {
+    fn authorize(&self, method: &Method, headers: &HeaderMap) -> Result<(), Response> {
         if let Some(auth) = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -189,6 +190,20 @@ impl Auth {
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&token);
         }
+    }
+}
+
+/// An extractor that lets a handler run only for an authorized call (see
+/// [`Auth::authorize`]); otherwise the call is answered with its refusal.
+pub(super) struct Authorized;
+
+impl FromRequestParts<Arc<Web>> for Authorized {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, web: &Arc<Web>) -> Result<Self, Response> {
+        web.auth
+            .authorize(&parts.method, &parts.headers)
+            .map(|()| Self)
     }
 }
 
@@ -293,13 +308,10 @@ pub(super) async fn login(State(web): State<Arc<Web>>, body: Bytes) -> Response 
 
 /// `POST /api/logout`.
 pub(super) async fn logout(
+    _: Authorized,
     State(web): State<Arc<Web>>,
-    method: Method,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = web.auth.authorize(&method, &headers) {
-        return r;
-    }
     web.auth.close_session(&headers);
     (
         StatusCode::NO_CONTENT,

@@ -30,7 +30,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use vpnnat::gateway::Prefix;
@@ -65,12 +65,6 @@ impl Web {
             app,
             auth: auth::Auth::new(password, allowed, denied),
         }
-    }
-
-    /// Authenticates a request: the bearer password, or a session (plus the
-    /// CSRF token on state-changing methods).
-    fn authorize(&self, method: &Method, headers: &HeaderMap) -> Result<(), Response> {
-        self.auth.authorize(method, headers)
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use vpnnat::messages::{
@@ -17,6 +17,7 @@ use vpnnat::messages::{
     UnixMillis, Urgency,
 };
 
+use super::auth::Authorized;
 use super::{Web, call_error, error, mode_name, parse};
 use crate::app::App;
 use crate::client::CallError;
@@ -152,15 +153,7 @@ async fn probe_all(web: &Web, resolved: &[(String, TerminalName, Ipv4Addr)]) -> 
 }
 
 /// `POST /api/check`: resolves the entries and asks each terminal whether it answers.
-pub(super) async fn check(
-    State(web): State<Arc<Web>>,
-    method: Method,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = web.authorize(&method, &headers) {
-        return r;
-    }
+pub(super) async fn check(_: Authorized, State(web): State<Arc<Web>>, body: Bytes) -> Response {
     let b: CheckBody = match parse(&body) {
         Ok(b) => b,
         Err(r) => return r,
@@ -185,14 +178,10 @@ pub(super) async fn check(
 
 /// `POST /api/requests`: checks the terminals, then sends the request to the server.
 pub(super) async fn create_request(
+    _: Authorized,
     State(web): State<Arc<Web>>,
-    method: Method,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = web.authorize(&method, &headers) {
-        return r;
-    }
     let Some(server) = web.app.server.clone() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -306,14 +295,7 @@ struct Overview {
 }
 
 /// `GET /api/overview`: the page's terminals and requests.
-pub(super) async fn overview(
-    State(web): State<Arc<Web>>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = web.authorize(&method, &headers) {
-        return r;
-    }
+pub(super) async fn overview(_: Authorized, State(web): State<Arc<Web>>) -> Response {
     let app = &web.app;
     let mut server_error = None;
     let mut views = match &app.server {
@@ -385,14 +367,10 @@ pub(super) async fn overview(
 
 /// `POST /api/requests/{id}/revoke`: ends access here at once, then tells the server.
 pub(super) async fn revoke(
+    _: Authorized,
     State(web): State<Arc<Web>>,
     Path(id): Path<String>,
-    method: Method,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = web.authorize(&method, &headers) {
-        return r;
-    }
     let Ok(id) = id.parse::<RequestId>() else {
         return error(
             StatusCode::BAD_REQUEST,

@@ -6,11 +6,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use vpnnat::messages::{PublicKey, UnixMillis};
 
+use super::auth::Authorized;
 use super::{Web, error, mode_name};
 
 /// The status document (`GET /api/status`, printed by `router-agent status`).
@@ -152,14 +153,7 @@ async fn status_view(web: &Web) -> anyhow::Result<StatusView> {
 }
 
 /// `GET /api/status`.
-pub(super) async fn status(
-    State(web): State<Arc<Web>>,
-    method: Method,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = web.authorize(&method, &headers) {
-        return r;
-    }
+pub(super) async fn status(_: Authorized, State(web): State<Arc<Web>>) -> Response {
     match status_view(&web).await {
         Ok(s) => axum::Json(s).into_response(),
         Err(e) => error(
