@@ -23,12 +23,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, anyhow};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use vpnnat::gateway::{GatewayConfig, GatewayState, Shard};
 use vpnnat::messages::GatewayDesiredState;
 use vpnnat::wg::PrivateKey;
+use vpnnat_shell::cli::{LogFormat, exit_code, init_logging};
 
 use crate::app::{App, ControlState};
 use crate::settings::Settings;
@@ -64,12 +65,6 @@ struct Cli {
     command: Option<Command>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Show the running gateway's peers the way `wg show` does.
@@ -88,28 +83,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    match real_main(cli) {
-        Ok(code) => code,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "gateway failed");
-            eprintln!("gateway: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    // boringtun logs an idle responder's session expiry at ERROR; it is routine here.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,boringtun=warn,boringtun::noise::timers=off")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    exit_code("gateway", real_main(cli))
 }
 
 #[allow(clippy::print_stdout)]
