@@ -13,6 +13,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// The options every program has; `#[command(flatten)]` them into its CLI.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Log format on stderr.
+    #[arg(long, env = "VPNNAT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Print the commented example configuration and exit.
+    #[arg(long)]
+    pub print_example_config: bool,
+}
+
 /// Installs the tracing subscriber: `RUST_LOG`, or `info` with boringtun
 /// quieted (it logs an idle session's routine expiry at ERROR).
 pub fn init_logging(format: LogFormat) {
