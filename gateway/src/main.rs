@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use vpnnat::gateway::{GatewayConfig, GatewayState, Shard};
 use vpnnat::messages::GatewayDesiredState;
 use vpnnat::tunnel::PrivateKey;
-use vpnnat_shell::logging::{self, LogFormat};
+use vpnnat_shell::cli::{CommonArgs, exit_code, init_logging};
 
 use crate::app::{App, ControlState};
 use crate::settings::Settings;
@@ -51,13 +51,8 @@ struct Cli {
     #[arg(long, env = "VPNNAT_GATEWAY_PEERS", value_name = "FILE")]
     peers: Option<PathBuf>,
 
-    /// Log format on stderr.
-    #[arg(long, env = "VPNNAT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-
-    /// Print the commented example configuration and exit.
-    #[arg(long)]
-    print_example_config: bool,
+    #[command(flatten)]
+    common: CommonArgs,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -80,13 +75,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
-    logging::exit("gateway", real_main(cli))
+    init_logging(cli.common.log_format);
+    exit_code("gateway", real_main(cli))
 }
 
 #[allow(clippy::print_stdout)]
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
-    if cli.print_example_config {
+    if cli.common.print_example_config {
         print!("{}", settings::EXAMPLE);
         return Ok(ExitCode::SUCCESS);
     }

@@ -64,27 +64,22 @@ pub struct App {
 impl App {
     /// Changes the control state under its lock.
     pub fn update_control(&self, f: impl FnOnce(&mut ControlState)) {
-        let mut c = self
-            .control
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut c);
+        f(&mut locked(&self.control));
     }
 
     /// A copy of the control state.
     pub fn control(&self) -> ControlState {
-        self.control
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        locked(&self.control).clone()
     }
 
     /// Changes the failure counters under their lock.
     pub fn update_failures(&self, f: impl FnOnce(&mut FailureCounters)) {
-        let mut c = self
-            .failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut c);
+        f(&mut locked(&self.failures));
     }
+}
+
+/// The lock's guard; a panic elsewhere while holding it leaves plain data
+/// that is still worth showing.
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -36,7 +36,7 @@ use tokio::sync::watch;
 use vpnnat::agent::{AgentConfig, AgentState, DataMode};
 use vpnnat::gateway::Prefix;
 use vpnnat::messages::AgentDesiredState;
-use vpnnat_shell::logging::{self, LogFormat};
+use vpnnat_shell::cli::{CommonArgs, exit_code, init_logging};
 
 use crate::app::App;
 use crate::identity::Identity;
@@ -86,13 +86,8 @@ struct Cli {
     #[arg(long, env = "VPNNAT_AGENT_DESIRED", value_name = "FILE")]
     desired: Option<PathBuf>,
 
-    /// Log format on stderr.
-    #[arg(long, env = "VPNNAT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-
-    /// Print the commented example configuration and exit.
-    #[arg(long)]
-    print_example_config: bool,
+    #[command(flatten)]
+    common: CommonArgs,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -137,13 +132,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
-    logging::exit("router-agent", real_main(cli))
+    init_logging(cli.common.log_format);
+    exit_code("router-agent", real_main(cli))
 }
 
 #[allow(clippy::print_stdout)]
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
-    if cli.print_example_config {
+    if cli.common.print_example_config {
         print!("{}", settings::EXAMPLE);
         return Ok(ExitCode::SUCCESS);
     }
@@ -204,9 +199,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let id = match Identity::load(path) {
                 Ok(id) => id,
                 Err(_) if !path.exists() => {
-                    let mut bytes = [0u8; 32];
-                    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
-                    let key = vpnnat::tunnel::PrivateKey::from_bytes(bytes);
+                    let key = vpnnat_shell::keys::generate_private_key();
                     let id = Identity {
                         site_id: vpnnat::messages::SiteId(0),
                         site_name: "standalone".to_owned(),

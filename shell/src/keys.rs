@@ -13,14 +13,15 @@ use vpnnat::tunnel::PrivateKey;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     /// Reading, creating or writing failed.
-    #[error("{action} {path}: {source}")]
+    // The IO error is in the message, not a `source` (see `SettingsError`).
+    #[error("{action} {path}: {error}")]
     Io {
         /// `reading`, `creating` or `writing`.
         action: &'static str,
         /// The file or directory.
         path: String,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file holds something else.
     #[error("{path}: not a base64 WireGuard key")]
@@ -32,10 +33,10 @@ pub enum KeyFileError {
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> KeyFileError {
     let path = path.display().to_string();
-    move |source| KeyFileError::Io {
+    move |error| KeyFileError::Io {
         action,
         path,
-        source,
+        error,
     }
 }
 
@@ -102,7 +103,7 @@ pub fn read_private_key(path: &Path) -> Result<PrivateKey, KeyFileError> {
 /// When it cannot be read, holds no key, or cannot be created.
 pub fn load_or_create_private_key(path: &Path) -> Result<PrivateKey, KeyFileError> {
     match read_private_key(path) {
-        Err(KeyFileError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {}
+        Err(KeyFileError::Io { error, .. }) if error.kind() == ErrorKind::NotFound => {}
         other => return other,
     }
     let key = generate_private_key();

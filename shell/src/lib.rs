@@ -7,14 +7,14 @@
 //! - [`keys`]: private files (0600, parents 0700) and WireGuard private-key files.
 //! - [`metrics`]: the Prometheus text exposition writer.
 //! - [`http`]: the HTTP client of the control-plane API, with typed errors.
+//! - [`cli`]: logging and the exit code of every program's `main`.
 //! - [`follow`]: the async driver of [`vpnnat::control::Follower`].
-//! - [`logging`]: the log subscriber and the one-line exit on error.
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod cli;
 pub mod follow;
 pub mod http;
 pub mod keys;
-pub mod logging;
 pub mod metrics;
 pub mod settings;

@@ -25,12 +25,14 @@ pub struct Loaded<T> {
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    // The IO error is in the message, not a `source`: with it as both,
+    // `{:#}` would print it twice.
+    #[error("{path}: {error}")]
     Read {
         /// The file.
         path: String,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A value is missing its mark (syntax, type, unknown key).
     #[error(transparent)]
@@ -62,7 +64,7 @@ pub fn load_with_env<T: DeserializeOwned>(
         Some(p) => (p.display().to_string(), Some(read(p)?)),
         None => match read(Path::new(default_path)) {
             Ok(t) => (default_path.to_owned(), Some(t)),
-            Err(SettingsError::Read { source, .. }) if source.kind() == ErrorKind::NotFound => {
+            Err(SettingsError::Read { error, .. }) if error.kind() == ErrorKind::NotFound => {
                 ("defaults".to_owned(), None)
             }
             Err(e) => return Err(e),
@@ -76,9 +78,9 @@ pub fn load_with_env<T: DeserializeOwned>(
 }
 
 fn read(path: &Path) -> Result<String, SettingsError> {
-    std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+    std::fs::read_to_string(path).map_err(|error| SettingsError::Read {
         path: path.display().to_string(),
-        source,
+        error,
     })
 }
 
@@ -148,7 +150,8 @@ mod tests {
         assert_eq!(l.settings, Settings::default());
         assert_eq!(l.source, "defaults");
         let e = load_with_env::<Settings>(Some(&absent), "/x", env(&[])).unwrap_err();
-        let text = e.to_string();
+        let text = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(text.matches("No such file").count(), 1, "{text}");
         assert!(text.starts_with(&absent.display().to_string()), "{text}");
         assert!(!text.contains('\n'));
     }

@@ -38,13 +38,29 @@ fn render(snap: &Snapshot, control_connected: bool, failures: FailureCounters) -
         m.labelled(name, Counter, help, "direction", samples);
     }
     let drops = c.drops.iter().map(|(r, n)| (r.as_str(), n));
-    m.labelled("drops_total", Counter, "Packets dropped, by reason.", "reason", drops);
+    m.labelled(
+        "drops_total",
+        Counter,
+        "Packets dropped, by reason.",
+        "reason",
+        drops,
+    );
     #[rustfmt::skip]
     m.single("mappings_expired_total", Counter, "Mappings the agent removed at their expiry.", c.mappings_expired);
     if let Some(t) = &snap.tunnel {
-        m.single("tunnel_handshakes_total", Counter, "Handshakes completed.", t.stats.handshakes);
+        m.single(
+            "tunnel_handshakes_total",
+            Counter,
+            "Handshakes completed.",
+            t.stats.handshakes,
+        );
     }
-    m.single("io_errors_total", Counter, "Socket and TUN errors.", snap.io.io_errors);
+    m.single(
+        "io_errors_total",
+        Counter,
+        "Socket and TUN errors.",
+        snap.io.io_errors,
+    );
     let datagrams = [
         ("received", snap.io.udp_datagrams_received),
         ("sent", snap.io.udp_datagrams_sent),
