@@ -10,6 +10,7 @@
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
 use std::str::FromStr;
 
 /// The length of an IPv4 header without options.
@@ -217,9 +218,15 @@ pub struct Prefix {
 /// Not an IPv4 prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PrefixError {
-    /// Not `a.b.c.d/len`, or a length over 32.
+    /// Not `a.b.c.d/len`: no `/`.
     #[error("expected an IPv4 prefix such as 10.64.0.0/16")]
     Syntax,
+    /// The part before the `/` is not an IPv4 address.
+    #[error("not an IPv4 address before the '/'")]
+    BadAddress,
+    /// The length is not a number from 0 to 32.
+    #[error("the prefix length must be 0 to 32")]
+    BadLength,
     /// Bits set past the length (only from the exact constructors).
     #[error("host bits set (did you mean {0}?)")]
     HostBitsSet(Prefix),
@@ -229,10 +236,10 @@ impl Prefix {
     /// `addr/len` with host bits cleared.
     ///
     /// # Errors
-    /// [`PrefixError::Syntax`] when `len` exceeds 32.
+    /// [`PrefixError::BadLength`] when `len` exceeds 32.
     pub fn new(addr: Ipv4Addr, len: u8) -> Result<Self, PrefixError> {
         if len > 32 {
-            return Err(PrefixError::Syntax);
+            return Err(PrefixError::BadLength);
         }
         Ok(Self {
             network: addr.to_bits() & Self::mask_of(len),
@@ -243,7 +250,7 @@ impl Prefix {
     /// `network/len`, refusing host bits.
     ///
     /// # Errors
-    /// [`PrefixError::Syntax`] when `len` exceeds 32,
+    /// [`PrefixError::BadLength`] when `len` exceeds 32,
     /// [`PrefixError::HostBitsSet`] (with the cleared prefix) when `network`
     /// has bits set past `len`.
     pub fn new_exact(network: Ipv4Addr, len: u8) -> Result<Self, PrefixError> {
@@ -257,7 +264,8 @@ impl Prefix {
     /// Parses `a.b.c.d/len`, refusing host bits.
     ///
     /// # Errors
-    /// As [`Self::new_exact`], or [`PrefixError::Syntax`].
+    /// As [`Self::new_exact`], or the [`PrefixError`] saying which part
+    /// does not parse.
     pub fn parse_exact(s: &str) -> Result<Self, PrefixError> {
         let (addr, len) = split(s)?;
         Self::new_exact(addr, len)
@@ -302,12 +310,25 @@ impl Prefix {
     pub fn size(&self) -> u64 {
         1u64 << (32 - u32::from(self.len))
     }
+
+    /// The host addresses, first to last: all but the network and broadcast
+    /// address, except on a /31 (RFC 3021: both are hosts on a
+    /// point-to-point link) and a /32 (its one address).
+    pub fn hosts(&self) -> RangeInclusive<Ipv4Addr> {
+        let (first, last) = (self.network, self.last().to_bits());
+        if self.len >= 31 {
+            Ipv4Addr::from_bits(first)..=Ipv4Addr::from_bits(last)
+        } else {
+            Ipv4Addr::from_bits(first + 1)..=Ipv4Addr::from_bits(last - 1)
+        }
+    }
 }
 
+/// `a.b.c.d/len` split and parsed; the length is checked by the constructors.
 fn split(s: &str) -> Result<(Ipv4Addr, u8), PrefixError> {
     let (a, l) = s.trim().split_once('/').ok_or(PrefixError::Syntax)?;
-    let addr: Ipv4Addr = a.parse().map_err(|_| PrefixError::Syntax)?;
-    let len: u8 = l.parse().map_err(|_| PrefixError::Syntax)?;
+    let addr: Ipv4Addr = a.parse().map_err(|_| PrefixError::BadAddress)?;
+    let len: u8 = l.parse().map_err(|_| PrefixError::BadLength)?;
     Ok((addr, len))
 }
 
@@ -466,6 +487,13 @@ mod tests {
         assert!(!p.contains(Ipv4Addr::new(10, 65, 0, 1)));
         assert!("10.64.0.0/33".parse::<Prefix>().is_err());
         assert!("10.64.0.0".parse::<Prefix>().is_err());
+        assert_eq!("10.64.0.0".parse::<Prefix>(), Err(PrefixError::Syntax));
+        assert_eq!("10.64.0/16".parse::<Prefix>(), Err(PrefixError::BadAddress));
+        assert_eq!(
+            "10.64.0.0/33".parse::<Prefix>(),
+            Err(PrefixError::BadLength)
+        );
+        assert_eq!("10.64.0.0/x".parse::<Prefix>(), Err(PrefixError::BadLength));
         let all: Prefix = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains(Ipv4Addr::new(1, 2, 3, 4)));
         assert_eq!(all.size(), 1 << 32);
@@ -478,6 +506,18 @@ mod tests {
         assert_eq!(Prefix::parse_exact("10.64.0.0/16"), Ok(p));
         let host: Prefix = "192.0.2.1/32".parse().unwrap();
         assert_eq!((host.size(), host.last()), (1, Ipv4Addr::new(192, 0, 2, 1)));
+        let one = Ipv4Addr::new(192, 0, 2, 1);
+        assert_eq!(host.hosts(), one..=one);
+        let ptp: Prefix = "192.0.2.0/31".parse().unwrap();
+        assert_eq!(ptp.hosts(), Ipv4Addr::new(192, 0, 2, 0)..=one);
+        assert_eq!(
+            p.hosts(),
+            Ipv4Addr::new(10, 64, 0, 1)..=Ipv4Addr::new(10, 64, 255, 254)
+        );
+        assert_eq!(
+            all.hosts(),
+            Ipv4Addr::new(0, 0, 0, 1)..=Ipv4Addr::new(255, 255, 255, 254)
+        );
         let json = serde_json::to_string(&p).unwrap();
         assert_eq!(json, "\"10.64.0.0/16\"");
         assert_eq!(serde_json::from_str::<Prefix>(&json).unwrap(), p);

@@ -23,127 +23,43 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
-/// An IPv4 prefix with its host bits clear, e.g. `10.64.0.0/16`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Prefix {
-    network: Ipv4Addr,
-    len: u8,
-}
+pub use crate::ipv4::Prefix;
+use crate::ipv4::PrefixError;
 
-fn mask(len: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
-}
-
-impl Prefix {
-    /// The prefix `network/len`.
-    ///
-    /// # Errors
-    /// [`PoolError::BadPrefix`] for a length over 32,
-    /// [`PoolError::HostBitsSet`] when `network` has bits set past `len`.
-    pub fn new(network: Ipv4Addr, len: u8) -> Result<Self, PoolError> {
-        let text = format!("{network}/{len}");
-        if len > 32 {
-            return Err(PoolError::BadPrefix {
-                text,
-                reason: "the prefix length must be 0 to 32",
-            });
-        }
-        let bits = network.to_bits();
-        if bits & !mask(len) != 0 {
-            return Err(PoolError::HostBitsSet {
-                text,
-                network: Self {
-                    network: Ipv4Addr::from_bits(bits & mask(len)),
-                    len,
-                },
-            });
-        }
-        Ok(Self { network, len })
-    }
-
-    /// The network address.
-    pub fn network(&self) -> Ipv4Addr {
-        self.network
-    }
-
-    /// The prefix length.
-    pub fn prefix_len(&self) -> u8 {
-        self.len
-    }
-
-    /// The last address of the prefix (its broadcast address up to a /30).
-    pub fn last(&self) -> Ipv4Addr {
-        Ipv4Addr::from_bits(self.network.to_bits() | !mask(self.len))
-    }
-
-    /// Whether `addr` is inside the prefix.
-    pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        addr.to_bits() & mask(self.len) == self.network.to_bits()
-    }
-
-    /// The host addresses: all but the network and broadcast address, except
-    /// on a /31 (RFC 3021) and a /32, which have none to spare.
-    pub fn hosts(&self) -> AddrRange {
-        let (first, last) = (self.network.to_bits(), self.last().to_bits());
-        let (first, last) = if self.len >= 31 {
-            (first, last)
-        } else {
-            (first + 1, last - 1)
+/// Parses a pool prefix `a.b.c.d/len`, refusing host bits (in a configured
+/// address plan they are a typo, not a subnet to round down to).
+///
+/// # Errors
+/// [`PoolError::BadPrefix`] saying which part does not parse,
+/// [`PoolError::HostBitsSet`] with the prefix the text probably meant.
+pub fn parse_prefix(text: &str) -> Result<Prefix, PoolError> {
+    Prefix::parse_exact(text).map_err(|e| {
+        let text = text.to_owned();
+        let reason = match e {
+            PrefixError::HostBitsSet(network) => {
+                return PoolError::HostBitsSet { text, network };
+            }
+            PrefixError::Syntax => "expected ADDRESS/LENGTH, e.g. 10.64.0.0/16",
+            PrefixError::BadAddress => "not an IPv4 address before the '/'",
+            PrefixError::BadLength => "the prefix length must be 0 to 32",
         };
-        AddrRange {
-            first: Ipv4Addr::from_bits(first),
-            last: Ipv4Addr::from_bits(last),
-        }
-    }
+        PoolError::BadPrefix { text, reason }
+    })
 }
 
-impl fmt::Display for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network, self.len)
-    }
+/// Serde for [`PoolConfig::prefix`]: the text form, refusing host bits
+/// with [`parse_prefix`]'s message.
+fn deserialize_exact_prefix<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Prefix, D::Error> {
+    let s = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(d)?;
+    parse_prefix(&s).map_err(serde::de::Error::custom)
 }
 
-impl FromStr for Prefix {
-    type Err = PoolError;
-
-    fn from_str(s: &str) -> Result<Self, PoolError> {
-        let bad = |reason| PoolError::BadPrefix {
-            text: s.to_owned(),
-            reason,
-        };
-        let (addr, len) = s
-            .trim()
-            .split_once('/')
-            .ok_or_else(|| bad("expected ADDRESS/LENGTH, e.g. 10.64.0.0/16"))?;
-        let network: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| bad("not an IPv4 address before the '/'"))?;
-        let len: u8 = len
-            .parse()
-            .map_err(|_| bad("the prefix length must be 0 to 32"))?;
-        Self::new(network, len).map_err(|e| match e {
-            PoolError::HostBitsSet { network, .. } => PoolError::HostBitsSet {
-                text: s.to_owned(),
-                network,
-            },
-            PoolError::BadPrefix { reason, .. } => bad(reason),
-            other => other,
-        })
-    }
-}
-
-impl TryFrom<String> for Prefix {
-    type Error = PoolError;
-
-    fn try_from(s: String) -> Result<Self, PoolError> {
-        s.parse()
-    }
-}
-
-impl From<Prefix> for String {
-    fn from(p: Prefix) -> String {
-        p.to_string()
+/// The host addresses of `prefix` ([`Prefix::hosts`]) as a range.
+fn hosts_of(prefix: Prefix) -> AddrRange {
+    let hosts = prefix.hosts();
+    AddrRange {
+        first: *hosts.start(),
+        last: *hosts.end(),
     }
 }
 
@@ -202,12 +118,12 @@ impl FromStr for AddrRange {
         };
         let t = s.trim();
         if t.contains('/') {
-            let p: Prefix = t.parse().map_err(|e| match e {
-                PoolError::HostBitsSet { .. } => bad("the prefix has host bits set"),
+            let p = Prefix::parse_exact(t).map_err(|e| match e {
+                PrefixError::HostBitsSet(_) => bad("the prefix has host bits set"),
                 _ => bad("not a valid ADDRESS/LENGTH prefix"),
             })?;
             return Ok(Self {
-                first: p.network,
+                first: p.network(),
                 last: p.last(),
             });
         }
@@ -244,7 +160,8 @@ impl From<AddrRange> for String {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
-    /// The prefix the NAT addresses come from.
+    /// The prefix the NAT addresses come from (host bits clear).
+    #[serde(deserialize_with = "deserialize_exact_prefix")]
     pub prefix: Prefix,
     /// Addresses never handed out.
     #[serde(default)]
@@ -340,7 +257,7 @@ impl Pool {
             }
             reserved.push(r.bits());
         }
-        let hosts = prefix.hosts().bits();
+        let hosts = hosts_of(prefix).bits();
         reserved.sort_unstable();
         let mut merged: Vec<(u32, u32)> = Vec::with_capacity(reserved.len());
         for (s, e) in reserved {
@@ -507,7 +424,7 @@ mod tests {
 
     fn pool(prefix: &str, reserved: &[&str]) -> Result<Pool, PoolError> {
         Pool::new(&PoolConfig {
-            prefix: prefix.parse()?,
+            prefix: parse_prefix(prefix)?,
             reserved: reserved
                 .iter()
                 .map(|r| r.parse())

@@ -48,33 +48,23 @@ pub fn operator_token(settings: &Settings) -> anyhow::Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    ensure_state_dir(&settings.state.dir)?;
     let token = Secret::generate(SecretKind::Operator);
     write_secret_file(&path, token.expose())?;
     tracing::info!(path = %path.display(), "generated the operator token");
     Ok(token.expose().to_owned())
 }
 
+/// Creates the state directory (mode 0700, like the parents
+/// [`vpnnat_shell::keys::create_private_file`] creates) when it is missing.
 fn ensure_state_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-    }
-    Ok(())
+    vpnnat_shell::keys::create_private_dir(dir)
+        .with_context(|| format!("creating {}", dir.display()))
 }
 
+/// Writes `secret` to a new file (mode 0600, parents 0700); never overwrites.
 fn write_secret_file(path: &Path, secret: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
+    let mut f = vpnnat_shell::keys::create_private_file(path)
         .with_context(|| format!("creating {}", path.display()))?;
     writeln!(f, "{secret}").with_context(|| format!("writing {}", path.display()))?;
     Ok(())

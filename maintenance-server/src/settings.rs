@@ -3,10 +3,12 @@
 //! variables with `__`, like the other programs), read by
 //! [`vpnnat_shell::settings::load`]. The commented example is `config/maintenance-server.toml`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use vpnnat::ipv4::Prefix;
+use vpnnat::pool::PoolConfig;
 
 /// The commented example configuration (also the documentation of every key).
 pub const EXAMPLE: &str = include_str!("../../config/maintenance-server.toml");
@@ -252,46 +254,6 @@ impl Default for Technicians {
     }
 }
 
-/// A validated pool prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolPrefix {
-    /// The network address.
-    pub network: Ipv4Addr,
-    /// The prefix length.
-    pub len: u8,
-}
-
-impl PoolPrefix {
-    /// The addresses handed out: all but the network and broadcast address
-    /// (for /31 and /32 every address, RFC 3021).
-    pub fn usable(&self) -> (u32, u32) {
-        let base = u32::from(self.network);
-        let size = 1u64 << (32 - u32::from(self.len));
-        let last = base + (size - 1) as u32;
-        if self.len >= 31 {
-            (base, last)
-        } else {
-            (base + 1, last - 1)
-        }
-    }
-
-    /// Whether `a` lies in the prefix.
-    pub fn contains(&self, a: Ipv4Addr) -> bool {
-        let mask = if self.len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(self.len))
-        };
-        u32::from(a) & mask == u32::from(self.network)
-    }
-}
-
-impl std::fmt::Display for PoolPrefix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.network, self.len)
-    }
-}
-
 impl Settings {
     /// Loads the settings from `path` (or the default file when it exists) and the environment.
     ///
@@ -393,7 +355,7 @@ impl Settings {
     ///
     /// # Errors
     /// When `pool.prefix` is not an IPv4 prefix with host bits clear and length 8–32.
-    pub fn pool_prefix(&self) -> Result<PoolPrefix, String> {
+    pub fn pool_prefix(&self) -> Result<Prefix, String> {
         parse_prefix(&self.pool.prefix)
     }
 
@@ -410,34 +372,31 @@ impl Settings {
     }
 }
 
-/// Parses `a.b.c.d/len` (8 ≤ len ≤ 32, host bits zero).
+/// Parses a `pool.prefix` value `a.b.c.d/len` (8 ≤ len ≤ 32, host bits
+/// zero) and checks with the core's pool model that it leaves an address to
+/// hand out. A shorter prefix than /8 would be a pool table of tens of
+/// millions of rows.
 ///
 /// # Errors
 /// A sentence saying what is wrong.
-pub fn parse_prefix(s: &str) -> Result<PoolPrefix, String> {
-    let (addr, len) = s
-        .split_once('/')
-        .ok_or_else(|| format!("expected a.b.c.d/len, got {s:?}"))?;
-    let network: Ipv4Addr = addr
-        .parse()
-        .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
-    let len: u8 = len
-        .parse()
-        .map_err(|_| format!("{len:?} is not a prefix length"))?;
-    if !(8..=32).contains(&len) {
+pub fn parse_prefix(s: &str) -> Result<Prefix, String> {
+    let prefix = vpnnat::pool::parse_prefix(s).map_err(|e| e.to_string())?;
+    if prefix.prefix_len() < 8 {
         return Err("the prefix length must be 8 to 32".to_owned());
     }
-    let p = PoolPrefix { network, len };
-    let host_mask = if len == 32 { 0 } else { u32::MAX >> len };
-    if u32::from(network) & host_mask != 0 {
-        return Err(format!("{s} has host bits set"));
-    }
-    Ok(p)
+    vpnnat::pool::Pool::new(&PoolConfig {
+        prefix,
+        reserved: Vec::new(),
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(prefix)
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
@@ -491,18 +450,15 @@ mod tests {
     fn prefixes() {
         let p = parse_prefix("10.64.0.0/16").unwrap();
         assert_eq!(
-            p.usable(),
-            (
-                u32::from(Ipv4Addr::new(10, 64, 0, 1)),
-                u32::from(Ipv4Addr::new(10, 64, 255, 254))
-            )
+            p.hosts(),
+            Ipv4Addr::new(10, 64, 0, 1)..=Ipv4Addr::new(10, 64, 255, 254)
         );
         assert!(p.contains(Ipv4Addr::new(10, 64, 9, 9)));
         assert!(!p.contains(Ipv4Addr::new(10, 65, 0, 1)));
         assert!(parse_prefix("10.64.0.0").is_err());
         assert!(parse_prefix("10.64.0.0/33").is_err());
         assert_eq!(
-            parse_prefix("10.64.0.8/32").unwrap().usable().0,
+            u32::from(*parse_prefix("10.64.0.8/32").unwrap().hosts().start()),
             0x0a40_0008
         );
     }

@@ -55,16 +55,25 @@ pub fn generate_private_key() -> PrivateKey {
 /// The IO error (creating the directory or the file).
 pub fn create_private_file(path: &Path) -> std::io::Result<File> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
+        create_private_dir(dir)?;
     }
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
+}
+
+/// Creates `dir` and its missing parents with mode 0700; an existing
+/// directory is left as it is.
+///
+/// # Errors
+/// The IO error.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// Whether others than the owner may read or write `path`.

@@ -11,8 +11,9 @@
 use std::net::Ipv4Addr;
 
 use sqlx::Row as _;
+use vpnnat::ipv4::Prefix;
 use vpnnat::messages::{SiteId, TerminalName};
-use vpnnat::pool::{Pool, PoolConfig, PoolError, Prefix};
+use vpnnat::pool::{Pool, PoolConfig, PoolError};
 
 use super::error::{OpError, OpResult};
 use super::views::{addr_of, addr_to_i64};
@@ -26,7 +27,7 @@ use super::{Database, DbKind, DbResult, Tx, id64};
 /// [`PoolError`] saying what is wrong with the text.
 pub fn configured_pool(prefix: &str) -> Result<Pool, PoolError> {
     Pool::new(&PoolConfig {
-        prefix: prefix.parse()?,
+        prefix: vpnnat::pool::parse_prefix(prefix)?,
         reserved: Vec::new(),
     })
 }
@@ -40,7 +41,7 @@ impl Database {
     /// Database failures.
     pub async fn sync_pool(&self, prefix: Prefix) -> DbResult<()> {
         let hosts = prefix.hosts();
-        let (first, last) = (addr_to_i64(hosts.first()), addr_to_i64(hosts.last()));
+        let (first, last) = (addr_to_i64(*hosts.start()), addr_to_i64(*hosts.end()));
         let mut tx = self.begin().await?;
         let count: i64 =
             sqlx::query("SELECT COUNT(*) FROM nat_addresses WHERE address >= $1 AND address <= $2")
