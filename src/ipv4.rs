@@ -1,7 +1,8 @@
 //! The core's one IPv4 vocabulary: [`Prefix`], the checked header view
 //! [`Ipv4Header`] (and its unchecked-length fast-path cousin
 //! [`FixedHeader`]), and [`FastHasher`] for maps keyed by addresses, indices
-//! and keys the programs chose or authenticated.
+//! and keys the programs chose or authenticated, and the Internet checksum
+//! ([`checksum`], RFC 1071).
 //!
 //! The views follow smoltcp's pattern: the length is checked once, when the
 //! view is made; after that no accessor can panic, because the fields are
@@ -197,7 +198,7 @@ impl<'a> Ipv4Header<'a> {
 
     /// Whether the header checksum verifies (RFC 1071).
     pub fn verify_checksum(&self) -> bool {
-        crate::nat::checksum(self.header) == 0
+        checksum(self.header) == 0
     }
 }
 
@@ -407,6 +408,23 @@ impl Hasher for FastHasher {
 
 /// A hash map with [`FastHasher`].
 pub type FastMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<FastHasher>>;
+
+/// The Internet checksum of `data` (RFC 1071): for building packets (ICMP
+/// errors, echo probes, test packets); rewriting never recomputes one.
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [b] = chunks.remainder() {
+        sum += u32::from(*b) << 8;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
 
 #[cfg(test)]
 mod tests {

@@ -3,8 +3,8 @@
 
 use std::net::Ipv4Addr;
 
+use crate::ipv4::checksum;
 use crate::ipv4::{Ipv4Header, PROTO_ICMP};
-use crate::nat::checksum;
 
 /// ICMP type 3 (destination unreachable).
 pub(crate) const ICMP_DEST_UNREACHABLE: u8 = 3;

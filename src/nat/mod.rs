@@ -71,8 +71,8 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use crate::ipv4::FastMap;
+pub use crate::ipv4::checksum;
 use masquerade::Masquerade;
-pub use rewrite::checksum;
 use rewrite::{End, Header, PROTO_ICMP, Quoted, Rewrite};
 
 /// Settings of a [`StaticNat`].

@@ -169,7 +169,7 @@ fn ports(p: &[u8]) -> (u16, u16) {
 fn refresh_header_checksum(p: &mut [u8]) {
     p[10] = 0;
     p[11] = 0;
-    let c = rewrite::checksum(&p[..20]);
+    let c = checksum(&p[..20]);
     p[10..12].copy_from_slice(&c.to_be_bytes());
 }
 
