@@ -33,7 +33,7 @@ pub mod udp;
 pub mod worker;
 
 pub use counters::IoCounters;
-pub use path::PacketPath;
+pub use path::{Datagram, PacketPath, Sent, Step};
 
 /// Waits until `deadline`, or forever without one (a `select!` arm for the
 /// next timer of the packet logic).

@@ -5,6 +5,28 @@ use std::time::Instant;
 
 use crate::counters::IoCounters;
 
+/// What one packet step has besides its buffers.
+#[derive(Debug)]
+pub struct Step<'a> {
+    /// The time of the batch (the clock is read once per wake-up).
+    pub now: Instant,
+    /// The worker's IO counters (the logic counts its hand-offs there).
+    pub io: &'a mut IoCounters,
+}
+
+/// A datagram received from the network.
+#[derive(Debug, Clone, Copy)]
+pub struct Datagram<'d> {
+    /// Its sender.
+    pub from: SocketAddr,
+    /// Its bytes.
+    pub bytes: &'d [u8],
+}
+
+/// An encapsulated datagram's destination and length (written at the start
+/// of the output buffer), or `None` when nothing is to be sent now.
+pub type Sent = Option<(SocketAddr, usize)>;
+
 /// A program's packet logic, as the pump drives it.
 pub trait PacketPath {
     /// Bytes an output buffer needs for an input of `len` bytes (the
@@ -12,28 +34,13 @@ pub trait PacketPath {
     fn room(&self, len: usize) -> usize;
 
     /// Encapsulates one packet read from the TUN device (which the logic may
-    /// rewrite in place) into `out` (`room(packet.len())` bytes). Returns
-    /// the datagram's destination and length (written at the start of
-    /// `out`), or `None` when nothing is to be sent now.
-    fn encapsulate(
-        &mut self,
-        packet: &mut [u8],
-        out: &mut [u8],
-        now: Instant,
-        io: &mut IoCounters,
-    ) -> Option<(SocketAddr, usize)>;
+    /// rewrite in place) into `out` (`room(packet.len())` bytes).
+    fn encapsulate(&mut self, packet: &mut [u8], out: &mut [u8], step: &mut Step) -> Sent;
 
-    /// Decapsulates one datagram from `from` into `out`
-    /// (`room(datagram.len())` bytes). Returns the length of the packet for
-    /// the TUN device (written at the start of `out`), or `None`.
-    fn decapsulate(
-        &mut self,
-        from: SocketAddr,
-        datagram: &[u8],
-        out: &mut [u8],
-        now: Instant,
-        io: &mut IoCounters,
-    ) -> Option<usize>;
+    /// Decapsulates one datagram into `out` (`room(dgram.bytes.len())`
+    /// bytes). Returns the length of the packet for the TUN device (written
+    /// at the start of `out`), or `None`.
+    fn decapsulate(&mut self, dgram: Datagram, out: &mut [u8], step: &mut Step) -> Option<usize>;
 
     /// A packet the logic generated for the TUN device (e.g. an ICMP error).
     fn poll_tun_output(&mut self) -> Option<Vec<u8>> {

@@ -19,7 +19,7 @@ use std::time::Instant;
 use tun_rs::AsyncDevice;
 
 use crate::counters::IoCounters;
-use crate::path::PacketPath;
+use crate::path::{Datagram, PacketPath, Step};
 use crate::train::TrainSender;
 use crate::tun::{DeviceGone, SEGMENT_BUF, TUN_BATCH, TunReader, TunWriter, is_device_gone};
 use crate::udp::{RecvBatch, Udp};
@@ -245,7 +245,11 @@ fn decapsulate_one<P: PacketPath>(
     io: &mut IoCounters,
 ) {
     let out = writer.next_buf(path.room(datagram.len()));
-    if let Some(len) = path.decapsulate(from, datagram, out, now, io) {
+    let dgram = Datagram {
+        from,
+        bytes: datagram,
+    };
+    if let Some(len) = path.decapsulate(dgram, out, &mut Step { now, io }) {
         writer.commit(len);
     }
 }

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::counters::IoCounters;
-use crate::path::PacketPath;
+use crate::path::{PacketPath, Step};
 use crate::udp::{MAX_GSO_BYTES, Udp};
 
 /// A run of datagrams to one destination in the send buffer.
@@ -145,18 +145,19 @@ impl TrainSender {
         now: Instant,
         io: &mut IoCounters,
     ) {
+        let mut step = Step { now, io };
         for packet in packets {
             let need = path.room(packet.len());
             let (at, full) = self.trains.reserve(need);
             if let Some(t) = full {
-                send_train(udp, &self.out, &t, io).await;
+                send_train(udp, &self.out, &t, step.io).await;
             }
-            let Some((dst, len)) = path.encapsulate(packet, &mut self.out[at..at + need], now, io)
-            else {
+            let out = &mut self.out[at..at + need];
+            let Some((dst, len)) = path.encapsulate(packet, out, &mut step) else {
                 continue;
             };
             if let Some(t) = self.trains.push(dst, len) {
-                send_train(udp, &self.out, &t, io).await;
+                send_train(udp, &self.out, &t, step.io).await;
             }
         }
     }

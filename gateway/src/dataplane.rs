@@ -34,7 +34,7 @@ use vpnnat::tunnel::{Builtin, Kinds as _};
 use vpnnat_dataplane::pump::{BUDGET, Pump};
 use vpnnat_dataplane::tun::SEGMENT_BUF;
 use vpnnat_dataplane::udp::Udp;
-use vpnnat_dataplane::{PacketPath, sleep_until, worker};
+use vpnnat_dataplane::{Datagram, PacketPath, Sent, Step, sleep_until, worker};
 
 pub use vpnnat_dataplane::IoCounters;
 
@@ -297,38 +297,26 @@ impl PacketPath for GatewayPath {
         Builtin::buffer_len(len)
     }
 
-    fn encapsulate(
-        &mut self,
-        packet: &mut [u8],
-        out: &mut [u8],
-        now: Instant,
-        io: &mut IoCounters,
-    ) -> Option<(SocketAddr, usize)> {
-        match self.state.handle_tun_input_into(packet, out, now) {
+    fn encapsulate(&mut self, packet: &mut [u8], out: &mut [u8], step: &mut Step) -> Sent {
+        match self.state.handle_tun_input_into(packet, out, step.now) {
             TunOutcome::Send { dst, datagram } => Some((dst, datagram.len())),
             TunOutcome::Handoff(owner) => {
-                self.hand_off(owner, None, packet, io);
+                self.hand_off(owner, None, packet, step.io);
                 None
             }
             TunOutcome::Queued | TunOutcome::Dropped(_) => None,
         }
     }
 
-    fn decapsulate(
-        &mut self,
-        from: SocketAddr,
-        datagram: &[u8],
-        out: &mut [u8],
-        now: Instant,
-        io: &mut IoCounters,
-    ) -> Option<usize> {
+    fn decapsulate(&mut self, dgram: Datagram, out: &mut [u8], step: &mut Step) -> Option<usize> {
+        let Datagram { from, bytes } = dgram;
         match self
             .state
-            .handle_network_input_into(from, datagram, out, now)
+            .handle_network_input_into(from, bytes, out, step.now)
         {
             NetworkOutcome::Tunnel(p) => Some(p.len()),
             NetworkOutcome::Handoff(owner) => {
-                self.hand_off(owner, Some(from), datagram, io);
+                self.hand_off(owner, Some(from), bytes, step.io);
                 None
             }
             NetworkOutcome::Consumed | NetworkOutcome::Dropped(_) => None,

@@ -26,7 +26,7 @@ use vpnnat::messages::{AgentDesiredState, AppliedState, RequestId, TerminalName,
 use vpnnat::tunnel::{Builtin, Kinds as _};
 use vpnnat_dataplane::pump::{BUDGET, Pump};
 use vpnnat_dataplane::udp::{RecvBatch, UDP_BUF, Udp};
-use vpnnat_dataplane::{PacketPath, sleep_until, worker};
+use vpnnat_dataplane::{Datagram, PacketPath, Sent, Step, sleep_until, worker};
 
 pub use vpnnat_dataplane::IoCounters;
 
@@ -227,38 +227,23 @@ struct AgentPath {
 }
 
 impl PacketPath for AgentPath {
-    fn room(&self, len: usize) -> usize {
-        Builtin::buffer_len(len)
+    fn decapsulate(&mut self, dgram: Datagram, out: &mut [u8], step: &mut Step) -> Option<usize> {
+        let (state, Datagram { from, bytes }) = (&mut self.state, dgram);
+        match state.handle_network_input_into(from, bytes, out, step.now) {
+            NetworkOutcome::Lan(p) => Some(p.len()),
+            _ => None,
+        }
     }
 
-    fn encapsulate(
-        &mut self,
-        packet: &mut [u8],
-        out: &mut [u8],
-        now: Instant,
-        _io: &mut IoCounters,
-    ) -> Option<(SocketAddr, usize)> {
-        match self.state.handle_lan_input_into(packet, out, now) {
+    fn encapsulate(&mut self, packet: &mut [u8], out: &mut [u8], step: &mut Step) -> Sent {
+        match self.state.handle_lan_input_into(packet, out, step.now) {
             LanOutcome::Send { dst, datagram } => Some((dst, datagram.len())),
             LanOutcome::Queued | LanOutcome::Dropped(_) => None,
         }
     }
 
-    fn decapsulate(
-        &mut self,
-        from: SocketAddr,
-        datagram: &[u8],
-        out: &mut [u8],
-        now: Instant,
-        _io: &mut IoCounters,
-    ) -> Option<usize> {
-        match self
-            .state
-            .handle_network_input_into(from, datagram, out, now)
-        {
-            NetworkOutcome::Lan(p) => Some(p.len()),
-            _ => None,
-        }
+    fn room(&self, len: usize) -> usize {
+        Builtin::buffer_len(len)
     }
 
     fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
@@ -422,11 +407,11 @@ async fn run_netstack(
                         break;
                     }
                     let now = Instant::now();
-                    for (from, datagram) in recv.datagrams() {
-                        let need = path.room(datagram.len());
-                        let decrypted =
-                            path.decapsulate(from, datagram, &mut lan_buf[..need], now, &mut io);
-                        if let Some(len) = decrypted {
+                    for (from, bytes) in recv.datagrams() {
+                        let need = path.room(bytes.len());
+                        let dgram = Datagram { from, bytes };
+                        let mut step = Step { now, io: &mut io };
+                        if let Some(len) = path.decapsulate(dgram, &mut lan_buf[..need], &mut step) {
                             stack.input(&lan_buf[..len], now);
                         }
                     }
@@ -453,7 +438,8 @@ async fn run_netstack(
         stack.poll(now);
         while let Some(mut p) = stack.poll_output() {
             let need = path.room(p.len());
-            if let Some((dst, len)) = path.encapsulate(&mut p, &mut out[..need], now, &mut io) {
+            let mut step = Step { now, io: &mut io };
+            if let Some((dst, len)) = path.encapsulate(&mut p, &mut out[..need], &mut step) {
                 udp.send_one(dst, &out[..len], &mut io).await;
             }
         }
