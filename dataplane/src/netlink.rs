@@ -87,6 +87,19 @@ impl Netlink {
         found.ok_or_else(|| anyhow!("no such interface"))
     }
 
+    /// The index of the interface called `name`; errors say what it is for
+    /// (e.g. the configuration key that named it).
+    ///
+    /// # Errors
+    /// When netlink fails or there is no such interface.
+    pub async fn link_index(&self, what: &str, name: &str) -> anyhow::Result<u32> {
+        let link = self
+            .link(name)
+            .await
+            .with_context(|| format!("{what} {name}"))?;
+        Ok(link.index)
+    }
+
     /// Sets interface `index` up.
     ///
     /// # Errors

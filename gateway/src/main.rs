@@ -22,12 +22,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand};
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use vpnnat::gateway::{GatewayConfig, GatewayState, Shard};
 use vpnnat::messages::GatewayDesiredState;
 use vpnnat::tunnel::PrivateKey;
-use vpnnat_shell::cli::{CommonArgs, exit_code, init_logging};
+use vpnnat_shell::cli::{CommonArgs, Signal, Signals, control_runtime, print_status, run_program};
 
 use crate::app::{App, ControlState};
 use crate::settings::Settings;
@@ -75,33 +74,19 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.common.log_format);
-    exit_code("gateway", real_main(cli))
+    let common = cli.common.clone();
+    run_program("gateway", &common, settings::EXAMPLE, || real_main(cli))
 }
 
 #[allow(clippy::print_stdout)]
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
-    if cli.common.print_example_config {
-        print!("{}", settings::EXAMPLE);
-        return Ok(ExitCode::SUCCESS);
-    }
     let settings = load_settings(cli.config.as_deref())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("gateway-control")
-        .build()
-        .context("tokio runtime")?;
+    let runtime = control_runtime("gateway-control")?;
     match cli.command {
         Some(Command::Status { url, json }) => runtime.block_on(async {
             let url = url.unwrap_or_else(|| format!("http://{}", settings.metrics.listen));
             let s = status::fetch(&url).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                print!("{}", status::render(&s, SystemTime::now()));
-            }
-            Ok(ExitCode::SUCCESS)
+            print_status(json, &s, |s| status::render(s, SystemTime::now()))
         }),
         Some(Command::Pubkey) => {
             let key = load_or_create_key(&settings.wireguard.private_key_file)?;
@@ -293,27 +278,24 @@ async fn serve(
             }
         })
     };
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut signals = Signals::new()?;
     let mut watchdog = tokio::time::interval(Duration::from_secs(1));
     let mut failed = None;
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = watchdog.tick() => {
-                if workers.iter().any(std::thread::JoinHandle::is_finished) {
-                    failed = Some(anyhow!("a data-plane worker stopped"));
-                    break;
-                }
-            }
-            _ = hup.recv() => {
-                if let Some(path) = &peers_file {
+            signal = signals.next() => match signal {
+                Signal::Stop => break,
+                Signal::Reload => if let Some(path) = &peers_file {
                     match read_peers(path) {
                         Ok(d) => apply_logged(&app, d).await,
                         Err(e) => tracing::warn!(error = %format!("{e:#}"), "--peers not reloaded"),
                     }
+                }
+            },
+            _ = watchdog.tick() => {
+                if workers.iter().any(std::thread::JoinHandle::is_finished) {
+                    failed = Some(anyhow!("a data-plane worker stopped"));
+                    break;
                 }
             }
         }

@@ -54,11 +54,7 @@ impl Routes {
     /// When netlink is unavailable or an interface does not exist.
     pub async fn new(tun_name: &str, center_if: &str, pool: Prefix) -> anyhow::Result<Self> {
         let netlink = Netlink::connect()?;
-        let tun_index = netlink
-            .link(tun_name)
-            .await
-            .with_context(|| format!("TUN device {tun_name}"))?
-            .index;
+        let tun_index = netlink.link_index("TUN device", tun_name).await?;
         // Replies from the sites arrive on the TUN device and are forwarded
         // to the center LAN: the input device decides (ip_route_input_slow).
         sysctl(&format!("net/ipv4/conf/{tun_name}/forwarding"), "1")?;

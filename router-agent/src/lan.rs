@@ -57,11 +57,7 @@ impl KernelRoutes {
         ip_forward: bool,
     ) -> anyhow::Result<Self> {
         let netlink = Netlink::connect()?;
-        let tun_index = netlink
-            .link(tun)
-            .await
-            .with_context(|| format!("TUN device {tun}"))?
-            .index;
+        let tun_index = netlink.link_index("TUN device", tun).await?;
         netlink
             .set_up(tun_index)
             .await
@@ -96,12 +92,7 @@ impl KernelRoutes {
             me.routes.push(p);
         }
         if let Some((addr, lan_if)) = masquerade {
-            let index = me
-                .netlink
-                .link(lan_if)
-                .await
-                .with_context(|| format!("lan.interface {lan_if}"))?
-                .index;
+            let index = me.netlink.link_index("lan.interface", lan_if).await?;
             // Proxy ARP answers only on a forwarding interface, for an address
             // routed out of another one (the /32 above), without delay.
             sysctl(&format!("net/ipv4/conf/{lan_if}/forwarding"), "1")?;
@@ -142,11 +133,7 @@ impl KernelRoutes {
 /// When netlink fails, the interface does not exist or has no IPv4 address.
 pub async fn interface_address(name: &str) -> anyhow::Result<(Ipv4Addr, Prefix)> {
     let netlink = Netlink::connect()?;
-    let index = netlink
-        .link(name)
-        .await
-        .with_context(|| format!("lan.interface {name}"))?
-        .index;
+    let index = netlink.link_index("lan.interface", name).await?;
     let (addr, len) = netlink
         .first_ipv4_address(index)
         .await?

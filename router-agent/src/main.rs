@@ -31,12 +31,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use vpnnat::agent::{AgentConfig, AgentState, DataMode};
 use vpnnat::gateway::Prefix;
 use vpnnat::messages::AgentDesiredState;
-use vpnnat_shell::cli::{CommonArgs, exit_code, init_logging};
+use vpnnat_shell::cli::{CommonArgs, Signal, Signals, control_runtime, print_status, run_program};
 
 use crate::app::App;
 use crate::identity::Identity;
@@ -132,23 +131,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.common.log_format);
-    exit_code("router-agent", real_main(cli))
+    let common = cli.common.clone();
+    run_program("router-agent", &common, settings::EXAMPLE, || {
+        real_main(cli)
+    })
 }
 
 #[allow(clippy::print_stdout)]
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
-    if cli.common.print_example_config {
-        print!("{}", settings::EXAMPLE);
-        return Ok(ExitCode::SUCCESS);
-    }
     let settings = Settings::load(cli.config.as_deref())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("agent-control")
-        .build()
-        .context("tokio runtime")?;
+    let runtime = control_runtime("agent-control")?;
     match cli.command {
         Some(Command::Enroll {
             server,
@@ -183,12 +175,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let password = page_password(&settings, false)?;
             let s = status::fetch(&url, &password).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                print!("{}", status::render(&s, dataplane::wall_now()));
-            }
-            Ok(ExitCode::SUCCESS)
+            print_status(json, &s, |s| status::render(s, dataplane::wall_now()))
         }),
         Some(Command::Password) => {
             println!("{}", page_password(&settings, false)?);
@@ -510,27 +497,24 @@ async fn serve(
     }
     let control = tokio::spawn(control::run(app.clone(), shutdown_rx.clone()));
     let health = tokio::spawn(health::run(app.clone(), shutdown_rx.clone()));
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut signals = Signals::new()?;
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
             // The worker's own error (e.g. the TUN device gone) is returned
             // by `run` after the cleanup.
             () = app.dataplane.stopped() => {
                 tracing::error!("the data plane stopped");
                 break;
             }
-            _ = hup.recv() => {
-                if let Some(path) = &desired_file {
+            signal = signals.next() => match signal {
+                Signal::Stop => break,
+                Signal::Reload => if let Some(path) = &desired_file {
                     match read_desired(path) {
                         Ok(d) => apply_file(&app, d).await,
                         Err(e) => tracing::warn!(error = %format!("{e:#}"), "--desired not reloaded"),
                     }
                 }
-            }
+            },
         }
     }
     tracing::info!("shutting down");
