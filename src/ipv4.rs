@@ -427,10 +427,11 @@ pub fn checksum(data: &[u8]) -> u16 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn udp_packet() -> Vec<u8> {
+    /// A 1 028-byte UDP packet 172.16.0.50:4000 → 10.64.0.99:53.
+    pub(crate) fn udp_packet() -> Vec<u8> {
         let mut p = Vec::new();
         etherparse::PacketBuilder::ipv4([172, 16, 0, 50], [10, 64, 0, 99], 64)
             .udp(4000, 53)

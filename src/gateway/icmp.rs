@@ -98,18 +98,10 @@ pub(crate) fn emit_unreachable(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipv4::tests::udp_packet;
 
     fn parse(p: &[u8]) -> Ipv4Header<'_> {
         Ipv4Header::new_checked(p).unwrap()
-    }
-
-    fn udp_packet() -> Vec<u8> {
-        let mut p = Vec::new();
-        etherparse::PacketBuilder::ipv4([172, 16, 0, 50], [10, 64, 0, 99], 64)
-            .udp(4000, 53)
-            .write(&mut p, &[7u8; 1000])
-            .unwrap();
-        p
     }
 
     #[test]
