@@ -77,3 +77,27 @@ macro_rules! drop_reasons {
 }
 
 pub(crate) use drop_reasons;
+
+/// `From<tunnel::Error>` for a role's `DropReason`, whose set must name
+/// every tunnel error: a tunnel's refusal is counted under the same name in
+/// the gateway and the agent.
+macro_rules! from_tunnel_errors {
+    ($reason:ident) => {
+        impl From<$crate::tunnel::Error> for $reason {
+            fn from(e: $crate::tunnel::Error) -> Self {
+                use $crate::tunnel::Error as E;
+                match e {
+                    E::BufferTooSmall => Self::BufferTooSmall,
+                    E::Malformed => Self::Malformed,
+                    E::InvalidMac => Self::InvalidMac,
+                    E::AuthenticationFailed => Self::AuthenticationFailed,
+                    E::Replay => Self::Replay,
+                    E::NoSession => Self::NoSession,
+                    E::UnderLoad => Self::UnderLoad,
+                    E::UnknownPeer => Self::UnknownPeer,
+                }
+            }
+        }
+    };
+}
+pub(crate) use from_tunnel_errors;

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use crate::messages::{
     AgentTunnel, GatewayId, PublicKey, RequestId, SiteId, TerminalName, UnixMillis,
 };
-use crate::tunnel::{self, Builtin, Kinds, PrivateKey, Tunnel, TunnelStats};
+use crate::tunnel::{Builtin, Kinds, PrivateKey, Tunnel, TunnelStats};
 
 mod datapath;
 mod desired;
@@ -161,20 +161,7 @@ pub trait PacketNat: Send + std::fmt::Debug {
     fn handle_timeout(&mut self, now: Instant);
 }
 
-impl From<tunnel::Error> for DropReason {
-    fn from(e: tunnel::Error) -> Self {
-        match e {
-            tunnel::Error::BufferTooSmall => Self::BufferTooSmall,
-            tunnel::Error::Malformed => Self::Malformed,
-            tunnel::Error::InvalidMac => Self::InvalidMac,
-            tunnel::Error::AuthenticationFailed => Self::AuthenticationFailed,
-            tunnel::Error::Replay => Self::Replay,
-            tunnel::Error::NoSession => Self::NoSession,
-            tunnel::Error::UnderLoad => Self::UnderLoad,
-            tunnel::Error::UnknownPeer => Self::UnknownPeer,
-        }
-    }
-}
+crate::drops::from_tunnel_errors!(DropReason);
 
 /// Traffic and drop counters of the agent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -167,20 +167,7 @@ crate::drops::drop_reasons! {
     BufferTooSmall = "buffer_too_small",
 }
 
-impl From<tunnel::Error> for DropReason {
-    fn from(e: tunnel::Error) -> Self {
-        match e {
-            tunnel::Error::BufferTooSmall => Self::BufferTooSmall,
-            tunnel::Error::Malformed => Self::Malformed,
-            tunnel::Error::InvalidMac => Self::InvalidMac,
-            tunnel::Error::AuthenticationFailed => Self::AuthenticationFailed,
-            tunnel::Error::Replay => Self::Replay,
-            tunnel::Error::NoSession => Self::NoSession,
-            tunnel::Error::UnderLoad => Self::UnderLoad,
-            tunnel::Error::UnknownPeer => Self::UnknownPeer,
-        }
-    }
-}
+crate::drops::from_tunnel_errors!(DropReason);
 
 /// Gateway-wide counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
