@@ -94,6 +94,7 @@ macro_rules! from_tunnel_errors {
                     E::Replay => Self::Replay,
                     E::NoSession => Self::NoSession,
                     E::UnderLoad => Self::UnderLoad,
+                    E::RateLimited => Self::RateLimited,
                     E::UnknownPeer => Self::UnknownPeer,
                 }
             }

@@ -19,6 +19,14 @@
 //! worker (handshake initiations, the first packets of a flow opened from the
 //! center) is handed to the owner over a channel, in buffers that travel back
 //! to the sender for reuse.
+//!
+//! **One handshake admission per gateway.** The workers' states share one
+//! responder ([`GatewayState::shards`]): one cookie secret, one handshake
+//! limit and one token bucket per source address. The worker that receives
+//! an initiation admits it; the owner takes a handed-over one without
+//! checking it again ([`GatewayState::handle_handed_over_input_into`]), so a
+//! cookie is valid whichever worker the retry reaches and an initiation is
+//! counted once.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -310,10 +318,15 @@ impl PacketPath for GatewayPath {
 
     fn decapsulate(&mut self, dgram: Datagram, out: &mut [u8], step: &mut Step) -> Option<usize> {
         let Datagram { from, bytes } = dgram;
-        match self
-            .state
-            .handle_network_input_into(from, bytes, out, step.now)
-        {
+        let outcome = if self.handed_over {
+            // The receiving worker admitted it (one admission per gateway).
+            self.state
+                .handle_handed_over_input_into(from, bytes, out, step.now)
+        } else {
+            self.state
+                .handle_network_input_into(from, bytes, out, step.now)
+        };
+        match outcome {
             NetworkOutcome::Tunnel(p) => Some(p.len()),
             NetworkOutcome::Handoff(owner) => {
                 self.hand_off(owner, Some(from), bytes, step.io);

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
-use vpnnat::gateway::{GatewayConfig, GatewayState, Shard};
+use vpnnat::gateway::{GatewayConfig, GatewayState};
 use vpnnat::messages::GatewayDesiredState;
 use vpnnat::tunnel::PrivateKey;
 use vpnnat_shell::cli::{CommonArgs, Signal, Signals, control_runtime, print_status, run_program};
@@ -146,28 +146,24 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
     let queues =
         vpnnat_dataplane::tun::create(&settings.center.tun_name, settings.center.tun_mtu, workers)?;
     let tun_name = settings.center.tun_name.clone();
-    let setups = sockets
+    // One handshake admission (cookie secret, load, per-source buckets) for
+    // all workers: a cookie one worker gave must be valid at the owner.
+    let states = GatewayState::shards(
+        GatewayConfig {
+            pool: Some(settings.center.pool),
+            max_tunnels: settings.wireguard.max_tunnels,
+            handshake_limit: settings.wireguard.handshake_limit,
+            icmp_source: settings.center.icmp_source,
+            ..GatewayConfig::new(key.clone())
+        },
+        workers as u16,
+        Instant::now(),
+    );
+    let setups = states
         .into_iter()
+        .zip(sockets)
         .zip(queues)
-        .enumerate()
-        .map(|(i, (socket, tun))| dataplane::WorkerSetup {
-            state: GatewayState::new(
-                GatewayConfig {
-                    pool: Some(settings.center.pool),
-                    max_tunnels: settings.wireguard.max_tunnels,
-                    handshake_limit: settings.wireguard.handshake_limit,
-                    icmp_source: settings.center.icmp_source,
-                    shard: Shard {
-                        index: i as u16,
-                        count: workers as u16,
-                    },
-                    ..GatewayConfig::new(key.clone())
-                },
-                Instant::now(),
-            ),
-            socket,
-            tun,
-        })
+        .map(|((state, socket), tun)| dataplane::WorkerSetup { state, socket, tun })
         .collect();
     let (dataplane, threads) = dataplane::spawn(setups)?;
     let routes =

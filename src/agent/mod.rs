@@ -102,6 +102,8 @@ crate::drops::drop_reasons! {
     NoSession = "no_session",
     /// The gateway asked for a cookie under load and we had none.
     UnderLoad = "under_load",
+    /// Under load, handshakes from one source address above its share.
+    RateLimited = "rate_limited",
     /// A handshake from a key that is not our gateway's.
     UnknownPeer = "unknown_peer",
     /// An inner packet that is not IPv4 (the NAT pool is IPv4).

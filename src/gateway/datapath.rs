@@ -33,7 +33,32 @@ impl<K: Kinds> GatewayState<K> {
         out: &'b mut [u8],
         now: Instant,
     ) -> NetworkOutcome<'b> {
-        let slot = match self.route_datagram(from, datagram, now) {
+        self.network_input_into(from, datagram, out, now, false)
+    }
+
+    /// [`Self::handle_network_input_into`] for a datagram that another worker
+    /// of this gateway received and handed over ([`NetworkOutcome::Handoff`];
+    /// the states come from [`GatewayState::shards`]). That worker admitted
+    /// it: a handshake is not counted or checked against the limits again.
+    pub fn handle_handed_over_input_into<'b>(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &'b mut [u8],
+        now: Instant,
+    ) -> NetworkOutcome<'b> {
+        self.network_input_into(from, datagram, out, now, true)
+    }
+
+    fn network_input_into<'b>(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &'b mut [u8],
+        now: Instant,
+        handed_over: bool,
+    ) -> NetworkOutcome<'b> {
+        let slot = match self.route_datagram(from, datagram, now, handed_over) {
             Ok(slot) => slot,
             Err(NetworkOutcome::Dropped(r)) => {
                 self.drop_packet(r, None);
@@ -121,15 +146,19 @@ impl<K: Kinds> GatewayState<K> {
         from: SocketAddr,
         datagram: &[u8],
         now: Instant,
+        handed_over: bool,
     ) -> Result<u32, NetworkOutcome<'static>> {
         if let Some(index) = K::Responder::fast_index(datagram) {
             return self.own_slot(index);
         }
         let mut scratch = std::mem::take(&mut self.scratch);
-        let routed = match self
-            .responder
-            .classify(Some(from.ip()), datagram, &mut scratch, now)
-        {
+        let classified = if handed_over {
+            self.responder.classify_admitted(datagram, &mut scratch)
+        } else {
+            self.responder
+                .classify(Some(from.ip()), datagram, &mut scratch, now)
+        };
+        let routed = match classified {
             Ok(Incoming::CookieReply(cookie)) => {
                 if self.transmits.len() < MAX_QUEUE {
                     let mut buf = self.free_bufs.pop().unwrap_or_default();

@@ -145,6 +145,8 @@ crate::drops::drop_reasons! {
     NoSession = "no_session",
     /// Handshakes over the rate limit.
     UnderLoad = "under_load",
+    /// Under load, handshakes from one source address above its share.
+    RateLimited = "rate_limited",
     /// A handshake from a key that is not a configured peer.
     UnknownPeer = "unknown_peer",
     /// A message for a tunnel index that does not exist.
@@ -366,6 +368,32 @@ impl<K: Kinds> GatewayState<K> {
             icmp_tokens: config.icmp_rate_per_s,
             icmp_refill_at: now + Duration::from_secs(1),
         }
+    }
+
+    /// The states of a gateway's `workers` workers (shard `i` for worker
+    /// `i`), sharing one responder's handshake admission: a cookie one worker
+    /// gave is valid at all, and the handshake limit counts the gateway's
+    /// initiations once (see [`Self::handle_handed_over_input_into`]).
+    pub fn shards(config: GatewayConfig, workers: u16, now: Instant) -> Vec<Self> {
+        let count = workers.max(1);
+        let mut states: Vec<Self> = (0..count)
+            .map(|index| {
+                let shard = Shard { index, count };
+                Self::with_kinds(
+                    GatewayConfig {
+                        shard,
+                        ..config.clone()
+                    },
+                    now,
+                )
+            })
+            .collect();
+        if let Some((first, rest)) = states.split_first_mut() {
+            for s in rest {
+                s.responder = first.responder.share();
+            }
+        }
+        states
     }
 
     /// The gateway's public key.

@@ -603,6 +603,54 @@ fn under_load_initiations_get_cookie_replies<K: TestKinds>() {
     assert!(gw.peers().next().unwrap().endpoint.is_some());
 }
 
+fn shards_share_one_handshake_admission<K: TestKinds>() {
+    let now = Instant::now();
+    let mut config = gw_config();
+    // Every initiation needs a cookie.
+    config.handshake_limit = 0;
+    let mut shards = GatewayState::<K>::shards(config, 2, now);
+    let (mut s1, mut s0) = (shards.pop().unwrap(), shards.pop().unwrap());
+    let mut c = Client::<K>::new(1, "198.51.100.7:40000");
+    // Site 3 belongs to shard 1; shard 0 receives the client's initiations.
+    let d = desired(1, vec![c.peer(3, &["10.64.0.5"])]);
+    s0.handle_control(&d, now);
+    s1.handle_control(&d, now);
+    let mut out = vec![0; K::buffer_len(MAX_PACKET)];
+    let init = c.inner.initiation(false);
+    assert_eq!(
+        s0.handle_network_input_into(c.endpoint, &init, &mut out, now),
+        NetworkOutcome::Consumed
+    );
+    let cookie = s0.poll_transmit().unwrap();
+    assert_eq!(cookie.payload[0], 3, "a cookie reply");
+    assert!(c.receive(&cookie.payload).is_none());
+    // The retry proves the address; shard 0 admits it and hands it over.
+    let init = c.inner.initiation(true);
+    assert_eq!(
+        s0.handle_network_input_into(c.endpoint, &init, &mut out, now),
+        NetworkOutcome::Handoff(1)
+    );
+    // The owner answers without checking it again.
+    assert_eq!(
+        s1.handle_handed_over_input_into(c.endpoint, &init, &mut out, now),
+        NetworkOutcome::Consumed
+    );
+    let resp = s1.poll_transmit().unwrap();
+    assert_eq!(
+        resp.payload[0], 2,
+        "a handshake response, not a cookie reply"
+    );
+    assert_eq!(s1.counters().cookie_replies_sent, 0);
+    // A retry that reaches the owner directly carries shard 0's cookie,
+    // which is the gateway's: accepted too.
+    let init = c.inner.initiation(true);
+    assert_eq!(
+        s1.handle_network_input_into(c.endpoint, &init, &mut out, now),
+        NetworkOutcome::Consumed
+    );
+    assert_eq!(s1.poll_transmit().unwrap().payload[0], 2);
+}
+
 fn timers_are_polled_only_with_peers<K: TestKinds>() {
     let now = Instant::now();
     let mut gw = gateway::<K>(now);
@@ -657,6 +705,7 @@ for_each_kind! {
     desired_state_is_validated_and_old_versions_are_ignored,
     shards_hand_off_what_belongs_to_another_worker,
     under_load_initiations_get_cookie_replies,
+    shards_share_one_handshake_admission,
     timers_are_polled_only_with_peers,
 }
 

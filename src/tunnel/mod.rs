@@ -39,6 +39,7 @@
 //! [`wireguard`] is the first kind: boringtun's noise layer. The seam and
 //! the planned kinds are described in docs/DESIGN.md, "Tunnels".
 
+pub mod admission;
 pub mod wireguard;
 
 #[cfg(test)]
@@ -100,6 +101,10 @@ pub enum Error {
     /// to send a cookie to.
     #[error("under load")]
     UnderLoad,
+    /// Under load, a source address (IPv6: its /64) that proved it owns the
+    /// address sends more initiations than its share ([`admission`]).
+    #[error("source rate-limited")]
+    RateLimited,
     /// The handshake's initiator key is not one we know.
     #[error("unknown peer")]
     UnknownPeer,
@@ -116,6 +121,7 @@ impl Error {
             Self::Replay => "replay",
             Self::NoSession => "no_session",
             Self::UnderLoad => "under_load",
+            Self::RateLimited => "rate_limited",
             Self::UnknownPeer => "unknown_peer",
         }
     }
@@ -267,9 +273,14 @@ pub trait Responder: fmt::Debug + Send + Sized {
     type Tunnel: Tunnel;
 
     /// A responder for `private_key` that demands proof of return
-    /// reachability (cookies) above `handshake_limit` handshake messages per
-    /// second.
+    /// reachability (cookies) above `handshake_limit` handshake initiations
+    /// per second.
     fn new(private_key: PrivateKey, handshake_limit: u64) -> Self;
+
+    /// Another responder for the same gateway (another worker's socket)
+    /// that shares this one's admission: cookies either gives are valid at
+    /// both, and initiations count against one limit.
+    fn share(&self) -> Self;
 
     /// The peer index of a data message, without any other check (the fast
     /// path of a batch); `None` for anything else.
@@ -285,6 +296,19 @@ pub trait Responder: fmt::Debug + Send + Sized {
         datagram: &[u8],
         buf: &'b mut [u8],
         now: Instant,
+    ) -> Result<Incoming<'b>, Error>;
+
+    /// [`Self::classify`] for a message that a responder sharing this one
+    /// ([`Self::share`]) already classified and admitted (another worker
+    /// received it and handed it over): routed without counting or checking
+    /// it against the handshake limits again.
+    ///
+    /// # Errors
+    /// Why the message was dropped before reaching any peer.
+    fn classify_admitted<'b>(
+        &mut self,
+        datagram: &[u8],
+        buf: &'b mut [u8],
     ) -> Result<Incoming<'b>, Error>;
 
     /// Whether a message that the addressed tunnel accepted proves that its
@@ -425,6 +449,12 @@ impl Responder for Responders {
         }
     }
 
+    fn share(&self) -> Self {
+        Self {
+            wireguard: self.wireguard.share(),
+        }
+    }
+
     #[inline]
     fn fast_index(datagram: &[u8]) -> Option<u32> {
         wireguard::Responder::data_receiver_index(datagram)
@@ -438,6 +468,14 @@ impl Responder for Responders {
         now: Instant,
     ) -> Result<Incoming<'b>, Error> {
         self.wireguard.classify(from, datagram, buf, now)
+    }
+
+    fn classify_admitted<'b>(
+        &mut self,
+        datagram: &[u8],
+        buf: &'b mut [u8],
+    ) -> Result<Incoming<'b>, Error> {
+        self.wireguard.classify_admitted(datagram, buf)
     }
 
     #[inline]

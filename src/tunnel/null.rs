@@ -21,6 +21,7 @@
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{
@@ -365,10 +366,15 @@ impl Tunnel for NullTunnel {
 }
 
 /// The gateway side of the null kind: routes by receiver id, rate-limits
-/// initiations with cookies.
+/// initiations with cookies. Shares ([`Responder::share`]) count together.
 #[derive(Debug)]
 pub(crate) struct NullResponder {
     key: PublicKey,
+    load: Arc<Mutex<NullLoad>>,
+}
+
+#[derive(Debug)]
+struct NullLoad {
     limit: u64,
     count: u64,
     reset_at: Option<Instant>,
@@ -392,9 +398,18 @@ impl Responder for NullResponder {
     fn new(private_key: PrivateKey, handshake_limit: u64) -> Self {
         Self {
             key: private_key.public_key(),
-            limit: handshake_limit,
-            count: 0,
-            reset_at: None,
+            load: Arc::new(Mutex::new(NullLoad {
+                limit: handshake_limit,
+                count: 0,
+                reset_at: None,
+            })),
+        }
+    }
+
+    fn share(&self) -> Self {
+        Self {
+            key: self.key,
+            load: Arc::clone(&self.load),
         }
     }
 
@@ -413,17 +428,41 @@ impl Responder for NullResponder {
         buf: &'b mut [u8],
         now: Instant,
     ) -> Result<Incoming<'b>, Error> {
+        self.route(Some((from, now)), datagram, buf)
+    }
+
+    fn classify_admitted<'b>(
+        &mut self,
+        datagram: &[u8],
+        buf: &'b mut [u8],
+    ) -> Result<Incoming<'b>, Error> {
+        self.route(None, datagram, buf)
+    }
+
+    fn proves_sender(datagram: &[u8]) -> bool {
+        datagram.first() != Some(&COOKIE)
+    }
+
+    fn tunnel(&self, _kind: TunnelKind, peer: PublicKey, index: u32, now: Instant) -> NullTunnel {
+        NullTunnel::new(self.key, peer, index, false, now)
+    }
+}
+
+impl NullResponder {
+    fn route<'b>(
+        &mut self,
+        admit: Option<(Option<IpAddr>, Instant)>,
+        datagram: &[u8],
+        buf: &'b mut [u8],
+    ) -> Result<Incoming<'b>, Error> {
         match message_type(datagram)? {
             INIT if datagram.len() == INIT_LEN => {
                 if read_key(datagram, 40) != Some(self.key) {
                     return Err(Error::InvalidMac);
                 }
-                if self.reset_at.is_none_or(|t| now >= t) {
-                    self.count = 0;
-                    self.reset_at = Some(now + Duration::from_secs(1));
-                }
-                self.count += 1;
-                if self.count > self.limit {
+                if let Some((from, now)) = admit
+                    && self.under_load(now)
+                {
                     let Some(from) = from else {
                         return Err(Error::UnderLoad);
                     };
@@ -447,12 +486,17 @@ impl Responder for NullResponder {
         }
     }
 
-    fn proves_sender(datagram: &[u8]) -> bool {
-        datagram.first() != Some(&COOKIE)
-    }
-
-    fn tunnel(&self, _kind: TunnelKind, peer: PublicKey, index: u32, now: Instant) -> NullTunnel {
-        NullTunnel::new(self.key, peer, index, false, now)
+    fn under_load(&self, now: Instant) -> bool {
+        let mut load = self
+            .load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if load.reset_at.is_none_or(|t| now >= t) {
+            load.count = 0;
+            load.reset_at = Some(now + Duration::from_secs(1));
+        }
+        load.count += 1;
+        load.count > load.limit
     }
 }
 

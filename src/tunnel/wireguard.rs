@@ -69,7 +69,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -80,6 +80,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 
+use super::admission::Admission;
 use super::{Decapsulated, Encapsulated, Error, Incoming, TunnelEvent, TunnelStats};
 use crate::messages::{InvalidKey, PublicKey};
 
@@ -203,8 +204,9 @@ pub struct TunnelConfig {
     /// `index << 8 | session` as its receiver index, so a responder with many
     /// tunnels on one socket routes by `receiver_index >> 8`.
     pub index: u32,
-    /// A handshake rate limiter shared by every tunnel on one socket
-    /// ([`Responder::limiter`]); `None` for a tunnel of its own.
+    /// The mac1 check of a responder's tunnels ([`Responder::limiter`]),
+    /// which leaves admission to the [`Responder`]; `None` for a tunnel with
+    /// boringtun's own rate limiter.
     pub limiter: Option<HandshakeLimiter>,
 }
 
@@ -624,7 +626,11 @@ impl super::Tunnel for Tunnel {
     }
 }
 
-/// A rate limiter for handshakes, shared by every tunnel of one responder.
+/// The mac1 check a responder's tunnels run on an initiation (boringtun
+/// checks every handshake message it is given). It never asks for a cookie:
+/// the [`Responder`] admitted the initiation before the tunnel sees it, and
+/// counting it again would demand a second proof (or, with a limiter per
+/// worker, one the initiator cannot give).
 #[derive(Clone)]
 pub struct HandshakeLimiter(Arc<RateLimiter>);
 
@@ -634,13 +640,33 @@ impl fmt::Debug for HandshakeLimiter {
     }
 }
 
+/// What every [`Responder`] of one gateway shares (one per worker's socket):
+/// the cookie secret, the load and the per-source buckets.
+struct Shared {
+    /// mac1 only (never under load): for the tunnels.
+    mac1_only: HandshakeLimiter,
+    /// Always "under load": checks mac1 and mac2 against the one cookie
+    /// secret of this gateway, and answers a missing or stale mac2 with a
+    /// cookie reply.
+    cookies: RateLimiter,
+    admission: Mutex<Admission>,
+}
+
 /// The responder side of many tunnels behind one socket: routes datagrams to
-/// tunnels and rate-limits handshakes.
+/// tunnels and admits handshakes. Several workers of one gateway each hold a
+/// [`Responder::share`] of one responder, so that a cookie one of them gave
+/// is valid at all of them and an initiation is counted once per gateway
+/// (the worker that owns the peer takes a handed-over initiation with
+/// [`Responder::classify_admitted`]).
+///
+/// Admission follows Linux's WireGuard (see [`super::admission`]): above
+/// `handshake_limit` initiations per second (and for a second after), an
+/// initiation needs a valid cookie for its source address, and each source
+/// address (IPv6: /64) then gets 20 initiations per second with a burst of 5.
 pub struct Responder {
     private_key: PrivateKey,
     public_key: x25519::PublicKey,
-    limiter: HandshakeLimiter,
-    next_reset: Option<Instant>,
+    shared: Arc<Shared>,
 }
 
 impl fmt::Debug for Responder {
@@ -652,20 +678,33 @@ impl fmt::Debug for Responder {
 }
 
 impl Responder {
-    /// Handshake messages per second above which initiations must carry a
-    /// valid cookie (mac2). Each initiation is counted twice (routing, then
-    /// the tunnel), so this is about 500 handshakes per second.
+    /// Handshake initiations per second (per gateway) above which initiators
+    /// must prove their address with a cookie (mac2).
     pub const DEFAULT_HANDSHAKE_LIMIT: u64 = 1000;
 
     /// A responder for `private_key` that demands cookies above `handshake_limit`
-    /// handshake messages per second.
+    /// initiations per second.
     pub fn new(private_key: PrivateKey, handshake_limit: u64) -> Self {
         let public_key = x25519::PublicKey::from(&private_key.0);
+        let shared = Shared {
+            mac1_only: HandshakeLimiter(Arc::new(RateLimiter::new(&public_key, u64::MAX))),
+            cookies: RateLimiter::new(&public_key, 0),
+            admission: Mutex::new(Admission::new(handshake_limit)),
+        };
         Self {
-            limiter: HandshakeLimiter(Arc::new(RateLimiter::new(&public_key, handshake_limit))),
             private_key,
             public_key,
-            next_reset: None,
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// Another responder for the same gateway (another worker's socket): the
+    /// same key, cookie secret, load and source buckets.
+    pub fn share(&self) -> Self {
+        Self {
+            private_key: self.private_key.clone(),
+            public_key: self.public_key,
+            shared: Arc::clone(&self.shared),
         }
     }
 
@@ -674,22 +713,25 @@ impl Responder {
         &self.private_key
     }
 
-    /// The limiter to pass to every [`TunnelConfig`] of this responder.
+    /// The limiter to pass to every [`TunnelConfig`] of this responder (a
+    /// mac1 check only, see [`HandshakeLimiter`]).
     pub fn limiter(&self) -> HandshakeLimiter {
-        self.limiter.clone()
+        self.shared.mac1_only.clone()
     }
 
-    /// Works out which tunnel a datagram is for. Initiations are checked (mac1,
-    /// rate limit, then one Diffie-Hellman to decrypt the initiator's static
-    /// key); other messages are routed by receiver index without any crypto:
-    /// the addressed tunnel authenticates them.
+    /// Works out which tunnel a datagram is for. Initiations are admitted
+    /// (mac1; under load a cookie for `from` and a token of its bucket) and
+    /// then cost one Diffie-Hellman to decrypt the initiator's static key;
+    /// other messages are routed by receiver index without any crypto: the
+    /// addressed tunnel authenticates them.
     ///
     /// # Errors
     /// [`Error::Malformed`] for anything that is not a WireGuard message,
     /// [`Error::InvalidMac`] for an initiation not addressed to us,
     /// [`Error::AuthenticationFailed`] when its static key does not decrypt,
-    /// [`Error::UnderLoad`] under load without `from`, [`Error::BufferTooSmall`]
-    /// when `buf` is shorter than [`MIN_BUFFER_LEN`].
+    /// [`Error::UnderLoad`] under load without `from`, [`Error::RateLimited`]
+    /// when `from` has used its tokens, [`Error::BufferTooSmall`] when `buf`
+    /// is shorter than [`MIN_BUFFER_LEN`].
     pub fn classify<'b>(
         &mut self,
         from: Option<IpAddr>,
@@ -697,25 +739,55 @@ impl Responder {
         buf: &'b mut [u8],
         now: Instant,
     ) -> Result<Incoming<'b>, Error> {
+        self.route(Some((from, now)), datagram, buf)
+    }
+
+    /// [`Self::classify`] for a datagram that a responder sharing this one
+    /// ([`Self::share`]) already admitted: another worker received it and
+    /// handed it over. Neither counted nor checked against the load again.
+    ///
+    /// # Errors
+    /// As [`Self::classify`], but never [`Error::UnderLoad`] or [`Error::RateLimited`].
+    pub fn classify_admitted<'b>(
+        &mut self,
+        datagram: &[u8],
+        buf: &'b mut [u8],
+    ) -> Result<Incoming<'b>, Error> {
+        self.route(None, datagram, buf)
+    }
+
+    /// `admit`: the sender and the time when the initiation still needs admission.
+    fn route<'b>(
+        &mut self,
+        admit: Option<(Option<IpAddr>, Instant)>,
+        datagram: &[u8],
+        buf: &'b mut [u8],
+    ) -> Result<Incoming<'b>, Error> {
         if buf.len() < MIN_BUFFER_LEN {
             return Err(Error::BufferTooSmall);
         }
         let packet = Tunn::parse_incoming_packet(datagram)?;
         match packet {
             Packet::HandshakeInit(_) => {
-                self.reset_limiter(now);
-                let packet = match self.limiter.0.verify_packet(from, datagram, buf) {
-                    Ok(p) => p,
-                    Err(TunnResult::WriteToNetwork(cookie)) => {
-                        return Ok(Incoming::CookieReply(cookie));
+                let shared = &*self.shared;
+                let mut packet = verified(shared.mac1_only.0.verify_packet(None, datagram, buf))?;
+                if let Some((from, now)) = admit {
+                    let under_load = lock(&shared.admission).note_initiation(now);
+                    if under_load {
+                        let Some(from) = from else {
+                            return Err(Error::UnderLoad);
+                        };
+                        packet = match shared.cookies.verify_packet(Some(from), datagram, buf) {
+                            Err(TunnResult::WriteToNetwork(cookie)) => {
+                                return Ok(Incoming::CookieReply(cookie));
+                            }
+                            other => verified(other)?,
+                        };
+                        if lock(&shared.admission).allow_source(from, now).is_err() {
+                            return Err(Error::RateLimited);
+                        }
                     }
-                    Err(TunnResult::Err(e)) => return Err(e.into()),
-                    Err(
-                        TunnResult::Done
-                        | TunnResult::WriteToTunnelV4(..)
-                        | TunnResult::WriteToTunnelV6(..),
-                    ) => return Err(Error::Malformed),
-                };
+                }
                 let Packet::HandshakeInit(init) = packet else {
                     return Err(Error::Malformed);
                 };
@@ -749,15 +821,26 @@ impl Responder {
     pub fn proves_sender(datagram: &[u8]) -> bool {
         datagram.first() != Some(&TYPE_COOKIE_REPLY)
     }
+}
 
-    fn reset_limiter(&mut self, now: Instant) {
-        // Tunnels sharing a limiter do not reset it; boringtun wants a reset
-        // about once a second (its own check ignores earlier calls).
-        if self.next_reset.is_none_or(|t| now >= t) {
-            self.limiter.0.reset_count();
-            self.next_reset = Some(now + Duration::from_secs(1));
-        }
+/// A packet boringtun's MAC check let through, or why not.
+fn verified<'a>(r: Result<Packet<'a>, TunnResult<'_>>) -> Result<Packet<'a>, Error> {
+    match r {
+        Ok(p) => Ok(p),
+        Err(TunnResult::Err(e)) => Err(e.into()),
+        Err(
+            TunnResult::Done
+            | TunnResult::WriteToNetwork(_)
+            | TunnResult::WriteToTunnelV4(..)
+            | TunnResult::WriteToTunnelV6(..),
+        ) => Err(Error::Malformed),
     }
+}
+
+/// The admission state; a worker that panicked holding it left it consistent
+/// (every update is a single assignment), so poisoning is ignored.
+fn lock(m: &Mutex<Admission>) -> std::sync::MutexGuard<'_, Admission> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -1086,6 +1169,184 @@ mod tests {
         assert!(matches!(
             t.decapsulate(Some(from), &init, &mut out, now).unwrap(),
             Decapsulated::Network(_)
+        ));
+    }
+
+    /// A gateway's tunnel for `client_key` under `responder`.
+    fn gateway_tunnel(responder: &Responder, client: u8, index: u32, now: Instant) -> Tunnel {
+        Tunnel::new(
+            TunnelConfig {
+                limiter: Some(responder.limiter()),
+                ..TunnelConfig::responder(
+                    responder.private_key().clone(),
+                    key(client).public_key(),
+                    index,
+                )
+            },
+            now,
+        )
+    }
+
+    fn initiation(client: &mut Tunnel, force: bool, now: Instant) -> Vec<u8> {
+        let mut buf = vec![0; 2048];
+        client
+            .initiate_handshake(&mut buf, force, now)
+            .unwrap()
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn responders_sharing_admission_accept_each_others_cookies() {
+        let now = Instant::now();
+        let gw = key(9);
+        let from: IpAddr = "198.51.100.7".parse().unwrap();
+        let mut out = vec![0; 2048];
+        let mut buf = vec![0; 2048];
+        // Limit 0: every initiation needs a cookie. Worker 0 and worker 1.
+        let mut w0 = Responder::new(gw.clone(), 0);
+        let mut w1 = w0.share();
+        let mut client = Tunnel::new(
+            TunnelConfig::initiator(key(3), gw.public_key(), 5, None),
+            now,
+        );
+        let init = initiation(&mut client, false, now);
+        let Incoming::CookieReply(cookie) = w0.classify(Some(from), &init, &mut out, now).unwrap()
+        else {
+            panic!("expected a cookie reply")
+        };
+        let cookie = cookie.to_vec();
+        client
+            .decapsulate(Some(from), &cookie, &mut buf, now)
+            .unwrap();
+        // The retry reaches the other worker: the cookie is valid there.
+        let init = initiation(&mut client, true, now);
+        assert_eq!(
+            w1.classify(Some(from), &init, &mut out, now).unwrap(),
+            Incoming::Initiation {
+                peer_public_key: key(3).public_key()
+            }
+        );
+        // Two responders that do not share (one per worker, as before) do not.
+        let mut alone = Responder::new(gw.clone(), 0);
+        assert!(matches!(
+            alone.classify(Some(from), &init, &mut out, now).unwrap(),
+            Incoming::CookieReply(_)
+        ));
+        // The owner's tunnel answers the admitted initiation without a
+        // second check (which would ask for a cookie again).
+        let mut t = gateway_tunnel(&w1, 3, 42, now);
+        let Decapsulated::Network(resp) = t.decapsulate(Some(from), &init, &mut out, now).unwrap()
+        else {
+            panic!("no response")
+        };
+        assert_eq!(
+            resp.len(),
+            HANDSHAKE_RESPONSE_LEN,
+            "a response, not a cookie reply"
+        );
+    }
+
+    #[test]
+    fn a_handed_over_initiation_is_counted_once_per_gateway() {
+        let now = Instant::now();
+        let gw = key(9);
+        let from: IpAddr = "198.51.100.7".parse().unwrap();
+        let mut out = vec![0; 2048];
+        // Two initiations per second without cookies.
+        let mut w0 = Responder::new(gw.clone(), 2);
+        let mut w1 = w0.share();
+        let mut t = gateway_tunnel(&w1, 3, 42, now);
+        let mut a = Tunnel::new(
+            TunnelConfig::initiator(key(3), gw.public_key(), 5, None),
+            now,
+        );
+        // Worker 0 receives a's initiation and hands it to worker 1, the owner.
+        let init = initiation(&mut a, false, now);
+        assert!(matches!(
+            w0.classify(Some(from), &init, &mut out, now).unwrap(),
+            Incoming::Initiation { .. }
+        ));
+        assert_eq!(
+            w1.classify_admitted(&init, &mut out).unwrap(),
+            Incoming::Initiation {
+                peer_public_key: key(3).public_key()
+            }
+        );
+        assert!(matches!(
+            t.decapsulate(Some(from), &init, &mut out, now).unwrap(),
+            Decapsulated::Network(r) if r.len() == HANDSHAKE_RESPONSE_LEN
+        ));
+        // So far one initiation counted: the second of this second passes
+        // without a cookie, the third does not.
+        let mut b = Tunnel::new(
+            TunnelConfig::initiator(key(4), gw.public_key(), 6, None),
+            now,
+        );
+        let init_b = initiation(&mut b, false, now);
+        assert!(matches!(
+            w1.classify(Some(from), &init_b, &mut out, now).unwrap(),
+            Incoming::Initiation { .. }
+        ));
+        assert!(matches!(
+            w0.classify(Some(from), &init_b, &mut out, now).unwrap(),
+            Incoming::CookieReply(_)
+        ));
+    }
+
+    #[test]
+    fn under_load_a_cookie_proven_source_gets_five_then_twenty_per_second() {
+        let now = Instant::now();
+        let gw = key(9);
+        let from: IpAddr = "198.51.100.7".parse().unwrap();
+        let mut out = vec![0; 2048];
+        let mut buf = vec![0; 2048];
+        let mut w0 = Responder::new(gw.clone(), 0);
+        let mut client = Tunnel::new(
+            TunnelConfig::initiator(key(3), gw.public_key(), 5, None),
+            now,
+        );
+        let init = initiation(&mut client, false, now);
+        let Incoming::CookieReply(cookie) = w0.classify(Some(from), &init, &mut out, now).unwrap()
+        else {
+            panic!("expected a cookie reply")
+        };
+        let cookie = cookie.to_vec();
+        client
+            .decapsulate(Some(from), &cookie, &mut buf, now)
+            .unwrap();
+        let results: Vec<_> = (0..7)
+            .map(|_| {
+                let init = initiation(&mut client, true, now);
+                w0.classify(Some(from), &init, &mut out, now)
+                    .map(|i| matches!(i, Incoming::Initiation { .. }))
+            })
+            .collect();
+        assert_eq!(
+            results,
+            [
+                Ok(true),
+                Ok(true),
+                Ok(true),
+                Ok(true),
+                Ok(true),
+                Err(Error::RateLimited),
+                Err(Error::RateLimited)
+            ]
+        );
+        // 50 ms later one more; another address is not affected.
+        let init = initiation(&mut client, true, now);
+        let later = now + Duration::from_millis(50);
+        assert!(w0.classify(Some(from), &init, &mut out, later).is_ok());
+        let other: IpAddr = "198.51.100.8".parse().unwrap();
+        assert!(matches!(
+            w0.classify(Some(other), &init, &mut out, later).unwrap(),
+            Incoming::CookieReply(_)
+        ));
+        // A handed-over initiation takes no token.
+        assert!(matches!(
+            w0.share().classify_admitted(&init, &mut out).unwrap(),
+            Incoming::Initiation { .. }
         ));
     }
 
