@@ -645,11 +645,54 @@ impl fmt::Debug for HandshakeLimiter {
 struct Shared {
     /// mac1 only (never under load): for the tunnels.
     mac1_only: HandshakeLimiter,
-    /// Always "under load": checks mac1 and mac2 against the one cookie
-    /// secret of this gateway, and answers a missing or stale mac2 with a
-    /// cookie reply.
-    cookies: RateLimiter,
+    /// The cookie secrets of this gateway.
+    cookies: Mutex<CookieSecrets>,
     admission: Mutex<Admission>,
+}
+
+/// How long a cookie secret is current (WireGuard paper §5.4.7: the
+/// responder's secret changes every two minutes). boringtun's limiter derives
+/// a new cookie from its secret 128 s after its creation; replacing it
+/// earlier keeps the change under our clock.
+const COOKIE_SECRET_AGE: Duration = Duration::from_secs(120);
+
+/// The current cookie secret and the one before. Each is a boringtun limiter
+/// that is always "under load": it checks mac1 and mac2 and answers a
+/// missing or stale mac2 with a cookie reply. The previous one is still
+/// accepted, so that an initiator that got a cookie just before the change
+/// and retries after it is not sent one more round trip (for up to 8 s,
+/// until the previous limiter's own cookie changes).
+struct CookieSecrets {
+    public_key: x25519::PublicKey,
+    current: Arc<RateLimiter>,
+    previous: Option<Arc<RateLimiter>>,
+    /// When `current` is due for replacement; set at the first use.
+    rotate_at: Option<Instant>,
+}
+
+impl CookieSecrets {
+    fn new(public_key: x25519::PublicKey) -> Self {
+        Self {
+            current: Arc::new(RateLimiter::new(&public_key, 0)),
+            public_key,
+            previous: None,
+            rotate_at: None,
+        }
+    }
+
+    /// The secrets to check a mac2 against at `now`: current, previous.
+    fn at(&mut self, now: Instant) -> (Arc<RateLimiter>, Option<Arc<RateLimiter>>) {
+        match self.rotate_at {
+            None => self.rotate_at = Some(now + COOKIE_SECRET_AGE),
+            Some(t) if now >= t => {
+                let fresh = Arc::new(RateLimiter::new(&self.public_key, 0));
+                self.previous = Some(std::mem::replace(&mut self.current, fresh));
+                self.rotate_at = Some(now + COOKIE_SECRET_AGE);
+            }
+            Some(_) => {}
+        }
+        (Arc::clone(&self.current), self.previous.clone())
+    }
 }
 
 /// The responder side of many tunnels behind one socket: routes datagrams to
@@ -688,7 +731,7 @@ impl Responder {
         let public_key = x25519::PublicKey::from(&private_key.0);
         let shared = Shared {
             mac1_only: HandshakeLimiter(Arc::new(RateLimiter::new(&public_key, u64::MAX))),
-            cookies: RateLimiter::new(&public_key, 0),
+            cookies: Mutex::new(CookieSecrets::new(public_key)),
             admission: Mutex::new(Admission::new(handshake_limit)),
         };
         Self {
@@ -777,11 +820,21 @@ impl Responder {
                         let Some(from) = from else {
                             return Err(Error::UnderLoad);
                         };
-                        packet = match shared.cookies.verify_packet(Some(from), datagram, buf) {
-                            Err(TunnResult::WriteToNetwork(cookie)) => {
-                                return Ok(Incoming::CookieReply(cookie));
-                            }
-                            other => verified(other)?,
+                        let (current, previous) = lock(&shared.cookies).at(now);
+                        // An initiator without a cookie sends a zero mac2.
+                        let has_mac2 =
+                            datagram.len() >= 16 && datagram[datagram.len() - 16..] != [0; 16];
+                        let by_previous = previous
+                            .filter(|_| has_mac2)
+                            .and_then(|p| p.verify_packet(Some(from), datagram, buf).ok());
+                        packet = match by_previous {
+                            Some(p) => p,
+                            None => match current.verify_packet(Some(from), datagram, buf) {
+                                Err(TunnResult::WriteToNetwork(cookie)) => {
+                                    return Ok(Incoming::CookieReply(cookie));
+                                }
+                                other => verified(other)?,
+                            },
                         };
                         if lock(&shared.admission).allow_source(from, now).is_err() {
                             return Err(Error::RateLimited);
@@ -837,9 +890,9 @@ fn verified<'a>(r: Result<Packet<'a>, TunnResult<'_>>) -> Result<Packet<'a>, Err
     }
 }
 
-/// The admission state; a worker that panicked holding it left it consistent
-/// (every update is a single assignment), so poisoning is ignored.
-fn lock(m: &Mutex<Admission>) -> std::sync::MutexGuard<'_, Admission> {
+/// Shared admission state; a worker that panicked holding it left it
+/// consistent (every update is a single assignment), so poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -1245,6 +1298,44 @@ mod tests {
             HANDSHAKE_RESPONSE_LEN,
             "a response, not a cookie reply"
         );
+    }
+
+    #[test]
+    fn a_cookie_from_before_the_secret_changes_is_still_accepted_after() {
+        let now = Instant::now();
+        let gw = key(9);
+        let from: IpAddr = "198.51.100.7".parse().unwrap();
+        let mut out = vec![0; 2048];
+        let mut buf = vec![0; 2048];
+        let mut w0 = Responder::new(gw.clone(), 0);
+        let mut client = Tunnel::new(
+            TunnelConfig::initiator(key(3), gw.public_key(), 5, None),
+            now,
+        );
+        let init = initiation(&mut client, false, now);
+        let Incoming::CookieReply(cookie) = w0.classify(Some(from), &init, &mut out, now).unwrap()
+        else {
+            panic!("expected a cookie reply")
+        };
+        let cookie = cookie.to_vec();
+        client
+            .decapsulate(Some(from), &cookie, &mut buf, now)
+            .unwrap();
+        // The secret changes at 120 s; the retry 5 s later still passes.
+        let later = now + COOKIE_SECRET_AGE + Duration::from_secs(5);
+        let init = initiation(&mut client, true, later);
+        assert!(matches!(
+            w0.classify(Some(from), &init, &mut out, later).unwrap(),
+            Incoming::Initiation { .. }
+        ));
+        // After the next change the old cookie is stale: a new one is sent.
+        let much_later = later + COOKIE_SECRET_AGE;
+        let init = initiation(&mut client, true, much_later);
+        assert!(matches!(
+            w0.classify(Some(from), &init, &mut out, much_later)
+                .unwrap(),
+            Incoming::CookieReply(_)
+        ));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! rule for a missing one ([`prereq`]), network namespaces joined by veth
 //! pairs that clean up after themselves ([`netns`]), running the built
 //! programs ([`process`]), echo checks through a namespace ([`echo`]), the
-//! end-to-end mission played by the real programs ([`mission`]); with the
+//! end-to-end mission played by the real programs ([`mission`]), a handshake
+//! flood while real agents rekey ([`handshake_flood`]); with the
 //! `server` feature the maintenance server in-process ([`server`]), with the
 //! `browser` feature headless Chromium over WebDriver ([`browser`]).
 //!
@@ -15,6 +16,7 @@
 #[cfg(feature = "browser")]
 pub mod browser;
 pub mod echo;
+pub mod handshake_flood;
 pub mod mission;
 pub mod netns;
 pub mod prereq;
