@@ -18,6 +18,9 @@
 //! measured per site: when its first handshake and its rekey completed at the
 //! gateway, and whether its pings still pass afterwards.
 //!
+//! `FLOOD_AGENT_LOG` sets the agents' `RUST_LOG` (e.g. `info,boringtun=debug`
+//! shows each rekey, cookie and retry); `VPNNAT_KEEP_TEST_DIRS` keeps the logs.
+//!
 //! Network safety: every address lives in namespaces created here (none has a
 //! default route); the flooder sends only to 198.51.100.1 inside them.
 
@@ -358,7 +361,7 @@ fn agent_config(dir: &Path, n: usize) -> PathBuf {
 /// The flooder: the initiations round-robin from every source socket at a
 /// fixed rate; writes "sent seconds" to its status file every second.
 const FLOODER: &str = r#"
-import socket, sys, time
+import os, socket, sys, time
 inits_file, rate, ports, zero, status = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 addrs = sys.argv[6:]
 data = open(inits_file, "rb").read()
@@ -391,7 +394,6 @@ while True:
         last = int(now - t0)
         with open(status + ".tmp", "w") as f:
             f.write("%d %.3f\n" % (sent, now - t0))
-        import os
         os.replace(status + ".tmp", status)
     time.sleep(0.002)
 "#;
