@@ -147,6 +147,7 @@ pub async fn heartbeat(
     Ok(HeartbeatAck {
         desired_version: u64_of(col(&row, "version")?),
         drain: col::<i64>(&row, "drain")? != 0,
+        lease_ms: None,
     })
 }
 
