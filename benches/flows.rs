@@ -11,8 +11,11 @@
 //!   so entries are re-created, never refused).
 //! - `gateway/tun_to_site`: `GatewayState::handle_tun_input_into` for a
 //!   technician's TCP packet of 64 and 1400 bytes: route lookup, technician
-//!   check, flow table, WireGuard encryption (boringtun). The flow table's
-//!   share is the `center_to_site` figure.
+//!   check, flow table, WireGuard encryption (boringtun).
+//! - `gateway/tun_to_site_untracked`: the same path for a later fragment of
+//!   the same size, which the flow table lets through at its first check
+//!   (nothing to look up without ports): the path without the table's
+//!   lookup, for the difference in the same run.
 
 use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -207,6 +210,31 @@ fn gateway(c: &mut Criterion) {
                 sent
             });
         });
+    }
+    for size in [64, 1400] {
+        let packets: Vec<Vec<u8>> = (0..PACKETS)
+            .map(|i| {
+                let mut p = tcp(TECH, NAT, 1024 + i as u16, 22, size);
+                p[6..8].copy_from_slice(&0x00b9u16.to_be_bytes()); // offset 1480 bytes
+                p
+            })
+            .collect();
+        group.bench_function(
+            BenchmarkId::new("tun_to_site_untracked", format!("{size}B")),
+            |b| {
+                let mut k = 0;
+                b.iter(|| {
+                    let p = &packets[k % PACKETS];
+                    k += 1;
+                    let sent = matches!(
+                        gw.handle_tun_input_into(black_box(p), &mut out, now),
+                        TunOutcome::Send { .. }
+                    );
+                    debug_assert!(sent);
+                    sent
+                });
+            },
+        );
     }
     assert_eq!(gw.counters().drops.total(), 0);
     assert!(gw.flow_count() <= PACKETS);
