@@ -157,6 +157,8 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
                     max_tunnels: settings.wireguard.max_tunnels,
                     handshake_limit: settings.wireguard.handshake_limit,
                     icmp_source: settings.center.icmp_source,
+                    technician_prefixes: settings.center.technician_prefixes.clone(),
+                    flows: settings.flows.limits(),
                     shard: Shard {
                         index: i as u16,
                         count: workers as u16,

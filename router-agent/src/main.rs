@@ -385,6 +385,7 @@ async fn run(
             private_key: key.clone(),
             mode: data_mode,
             seed: rand::random(),
+            center_prefixes: settings.packet.center_prefixes.clone(),
         },
         Instant::now(),
     );

@@ -36,6 +36,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::ipv4::Prefix;
 use crate::messages::{
     AgentTunnel, GatewayId, PublicKey, RequestId, SiteId, TerminalName, UnixMillis,
 };
@@ -81,6 +82,10 @@ pub struct AgentConfig {
     pub mode: DataMode,
     /// Randomness for tunnel indices.
     pub seed: u64,
+    /// Sources accepted from the tunnel: the technicians (the router
+    /// agent's `packet.center_prefixes`). A packet from any other source is
+    /// dropped, even from an authenticated gateway; empty refuses all.
+    pub center_prefixes: Vec<Prefix>,
 }
 
 crate::drops::drop_reasons! {
@@ -108,6 +113,8 @@ crate::drops::drop_reasons! {
     NotIpv4 = "not_ipv4",
     /// From the tunnel: the destination is not a currently mapped NAT address.
     NotMapped = "not_mapped",
+    /// From the tunnel: the source is outside the center prefixes.
+    NotTechnician = "not_technician",
     /// The mapping's consent has ended (expired between two timer runs).
     Expired = "expired",
     /// From the LAN side: the source is not a mapped terminal (or, in
@@ -321,6 +328,7 @@ pub struct AgentState<K: Kinds = Builtin> {
     site_id: SiteId,
     private_key: PrivateKey,
     mode: DataMode,
+    center_prefixes: Vec<Prefix>,
     rng: u64,
     applied_version: Option<u64>,
     /// The tunnel the server wants (kept while no mapping is live, so that it
@@ -388,6 +396,7 @@ impl<K: Kinds> AgentState<K> {
             site_id: config.site_id,
             private_key: config.private_key,
             mode: config.mode,
+            center_prefixes: config.center_prefixes,
             rng: config.seed | 1,
             applied_version: None,
             desired_tunnel: None,

@@ -50,6 +50,7 @@ fn agent<K: TestKinds>(mode: DataMode, now: Instant) -> AgentState<K> {
             private_key: keys().0,
             mode,
             seed: 42,
+            center_prefixes: vec!["172.16.0.0/24".parse().unwrap()],
         },
         now,
     )
@@ -583,6 +584,24 @@ fn through_the_real_gateway_state<K: TestKinds>() {
     assert_eq!(&p[16..20], &TECH.octets());
 }
 
+/// Only technicians' packets reach the LAN side, in both data modes: a
+/// gateway (or anyone holding its key) cannot send from another source.
+fn security_tunnel_sources_outside_the_center_prefixes_are_dropped<K: TestKinds>() {
+    for mode in [DataMode::Packet { masquerade: None }, DataMode::Netstack] {
+        let mut p = Pair::<K>::new(mode);
+        for src in ["172.16.1.50", "10.64.0.9", "192.168.1.20", "203.0.113.1"] {
+            let src: Ipv4Addr = src.parse().unwrap();
+            assert_eq!(
+                p.gateway_sends(&udp(src, NAT, 1, 2, b"x")),
+                Err(DropReason::NotTechnician),
+                "{src} in {mode:?}"
+            );
+        }
+        assert_eq!(p.agent.counters().drops.get(DropReason::NotTechnician), 4);
+        assert!(p.gateway_sends(&udp(TECH, NAT, 1, 2, b"x")).is_ok());
+    }
+}
+
 fn end_access_now_works_without_the_server_and_sticks<K: TestKinds>() {
     let mut p = Pair::<K>::new(DataMode::Packet { masquerade: None });
     let _ = events(&mut p.agent);
@@ -617,4 +636,5 @@ for_each_kind! {
     a_terminal_that_moves_is_remapped,
     through_the_real_gateway_state,
     end_access_now_works_without_the_server_and_sticks,
+    security_tunnel_sources_outside_the_center_prefixes_are_dropped,
 }
