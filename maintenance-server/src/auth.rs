@@ -422,6 +422,14 @@ mod tests {
         assert_eq!(e.retry_after, Some(1));
         drop((a, b));
         let counts = c.counts();
-        assert_eq!((counts.running, counts.running_max, counts.total, counts.busy), (0, 2, 2, 1));
+        assert_eq!(
+            (
+                counts.running,
+                counts.running_max,
+                counts.total,
+                counts.busy
+            ),
+            (0, 2, 2, 1)
+        );
     }
 }

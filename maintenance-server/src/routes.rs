@@ -34,7 +34,11 @@ pub fn api_routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::POST, paths::AGENT_FAILURES, post(agent::failure)),
         (Method::GET, paths::AGENT_STATE, get(agent::state)),
         (Method::POST, paths::AGENT_APPLIED, post(agent::applied)),
-        (Method::POST, paths::GATEWAY_REGISTER, post(gateway::register)),
+        (
+            Method::POST,
+            paths::GATEWAY_REGISTER,
+            post(gateway::register),
+        ),
         (
             Method::POST,
             paths::GATEWAY_HEARTBEAT,
@@ -45,7 +49,11 @@ pub fn api_routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::POST, paths::SITES, post(operator::create_site)),
         (Method::GET, paths::SITES, get(operator::sites)),
         (Method::POST, paths::SITE_TOKEN, post(operator::site_token)),
-        (Method::POST, paths::GATEWAYS, post(operator::create_gateway)),
+        (
+            Method::POST,
+            paths::GATEWAYS,
+            post(operator::create_gateway),
+        ),
         (Method::GET, paths::GATEWAYS, get(operator::gateways)),
         (Method::POST, paths::GATEWAY_DRAIN, post(operator::drain)),
         (Method::POST, paths::LOGIN, post(technician::login)),
@@ -69,7 +77,9 @@ pub fn router(state: AppState) -> Router {
     let https = state.settings.console_https();
     let mut router = api_routes()
         .into_iter()
-        .fold(Router::new(), |r, (_, path, handler)| r.route(path, handler))
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
         .merge(console::routes())
         .fallback(misc::not_found)
         .layer(DefaultBodyLimit::max(limit));

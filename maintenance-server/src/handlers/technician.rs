@@ -61,10 +61,7 @@ pub async fn login(
     }
     // Every attempt counts before its password is checked, so concurrent
     // attempts cannot all slip under the limit; a success is taken back.
-    let ip_key = format!(
-        "ip:{}",
-        client_key(state.client_address(peer.0, &headers))
-    );
+    let ip_key = format!("ip:{}", client_key(state.client_address(peer.0, &headers)));
     let name_key = format!("name:{}", body.name);
     let keys = [ip_key.as_str(), name_key.as_str()];
     let limiter = &state.login_limiter;
