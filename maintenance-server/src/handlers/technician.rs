@@ -77,8 +77,8 @@ pub async fn login(
     let name = body.name.clone();
     let found = read(&state, async |c| ops::password_of(c, &name).await).await?;
     let (id, hash) = match found {
-        Some((id, hash)) => (Some(id), hash),
-        None => (None, dummy_hash().to_owned()),
+        Some((id, hash)) => (Some(id), Some(hash)),
+        None => (None, None),
     };
     let password = body.password.clone();
     // argon2 is deliberately slow and big: at most a few run at once, off
@@ -86,7 +86,8 @@ pub async fn login(
     // so both take the same time.
     let check = state.password_checks.begin().await?;
     let ok = tokio::task::spawn_blocking(move || {
-        let ok = verify_password(&password, &hash);
+        // (The dummy hash is made here too the first time: argon2 work.)
+        let ok = verify_password(&password, hash.as_deref().unwrap_or_else(|| dummy_hash()));
         drop(check);
         ok
     })
@@ -311,7 +312,7 @@ pub async fn events(
                     )
                     .await?,
                 );
-                requests.sort_by(|a, b| b.id.0.cmp(&a.id.0));
+                requests.sort_by_key(|r| std::cmp::Reverse(r.id.0));
                 // One that closed between the two reads is in both: keep
                 // the later (closed) view.
                 requests.dedup_by(|later, earlier| {
