@@ -80,8 +80,8 @@ macro_rules! op {
             response: op!(@f $resp),
         }
     };
-    // `()`: no body. (A `ty` fragment cannot be matched against `()`
-    // token by token any more, so the type itself is compared.)
+    // `()` means no body. A `ty` fragment handed on from the rule above no
+    // longer matches a literal `()` pattern, so the type itself is compared.
     (@f $t:ty) => {
         if std::any::TypeId::of::<$t>() == std::any::TypeId::of::<()>() {
             None

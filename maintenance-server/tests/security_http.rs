@@ -446,3 +446,35 @@ async fn security_http_feed_keeps_every_open_request(b: Backend) {
         .error(400, Some("state"));
     server.stop().await;
 }
+
+#[test]
+fn security_http_bad_settings_name_their_key() {
+    let load = |toml: &str| {
+        let s: Settings =
+            vpnnat::config::load(Some(("maintenance-server.toml", toml)), Vec::new()).unwrap();
+        s.validate().err().map(|(key, _)| key)
+    };
+    assert_eq!(
+        load("[http]\npublic_url = \"console.example.net\"\n"),
+        Some("http.public_url")
+    );
+    assert_eq!(
+        load("[operator]\nmetrics_token = \"short\"\n"),
+        Some("operator.metrics_token")
+    );
+    assert_eq!(
+        load("[http]\npublic_url = \"https://c.example.net\"\n"),
+        None
+    );
+    let s: Settings = vpnnat::config::load(
+        Some((
+            "maintenance-server.toml",
+            "[technicians]\nconcurrent_password_checks = 3\n",
+        )),
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(s.password_checks(), 3);
+    assert!(Settings::default().password_checks() >= 1);
+    assert!(!Settings::default().console_https());
+}
