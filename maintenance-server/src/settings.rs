@@ -52,6 +52,11 @@ pub struct Http {
     pub body_limit_bytes: usize,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpAddr>,
+    /// The URL technicians open the console at. An `https://` URL (e.g.
+    /// behind a TLS-terminating proxy) makes the session cookie `Secure`
+    /// and adds `Strict-Transport-Security`, as `[tls]` does. Empty: only
+    /// `[tls]` decides.
+    pub public_url: String,
 }
 
 impl Default for Http {
@@ -60,6 +65,7 @@ impl Default for Http {
             listen: String::new(),
             body_limit_bytes: 65536,
             trusted_proxies: Vec::new(),
+            public_url: String::new(),
         }
     }
 }
@@ -139,6 +145,9 @@ impl Default for DatabaseSettings {
 pub struct Operator {
     /// Empty: generated into the state directory.
     pub token: String,
+    /// A bearer token that may read `/metrics` only (for the scraper), in
+    /// addition to the operator token. Empty: only the operator token.
+    pub metrics_token: String,
 }
 
 impl std::fmt::Debug for Operator {
@@ -147,6 +156,14 @@ impl std::fmt::Debug for Operator {
             .field(
                 "token",
                 &if self.token.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field(
+                "metrics_token",
+                &if self.metrics_token.is_empty() {
                     ""
                 } else {
                     "<redacted>"
@@ -243,6 +260,10 @@ pub struct Technicians {
     pub login_attempts_per_minute: u32,
     /// Session lifetime.
     pub session_hours: u64,
+    /// At most this many password checks (argon2id, 19 MiB and a CPU each)
+    /// run at once; further logins wait up to a few seconds, then get 503
+    /// `busy` with `Retry-After`. 0: the number of CPUs.
+    pub concurrent_password_checks: u32,
 }
 
 impl Default for Technicians {
@@ -250,6 +271,7 @@ impl Default for Technicians {
         Self {
             login_attempts_per_minute: 10,
             session_hours: 12,
+            concurrent_password_checks: 0,
         }
     }
 }
@@ -316,6 +338,25 @@ impl Settings {
                 "at least 16 characters, no spaces, and not another kind's prefix (or empty: generated)".into(),
             ));
         }
+        let metrics_token = &self.operator.metrics_token;
+        if !metrics_token.is_empty()
+            && (metrics_token.len() < 16
+                || metrics_token
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err((
+                "operator.metrics_token",
+                "at least 16 characters, no spaces (or empty: only the operator token)".into(),
+            ));
+        }
+        let url = &self.http.public_url;
+        if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
+            return Err((
+                "http.public_url",
+                "expected empty, https://… or http://…".into(),
+            ));
+        }
         if self.database.max_connections == 0 {
             return Err(("database.max_connections", "at least 1".into()));
         }
@@ -357,6 +398,20 @@ impl Settings {
     /// When `pool.prefix` is not an IPv4 prefix with host bits clear and length 8–32.
     pub fn pool_prefix(&self) -> Result<Prefix, String> {
         parse_prefix(&self.pool.prefix)
+    }
+
+    /// Whether technicians reach the console over HTTPS (here or at a TLS
+    /// proxy): the session cookie is then `Secure` and HSTS is sent.
+    pub fn console_https(&self) -> bool {
+        self.tls.enabled() || self.http.public_url.starts_with("https://")
+    }
+
+    /// The most password checks that run at once.
+    pub fn password_checks(&self) -> usize {
+        match self.technicians.concurrent_password_checks {
+            0 => std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        }
     }
 
     /// The database URL with the SQLite default filled in.
