@@ -3,12 +3,12 @@
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use tower_http::trace::TraceLayer;
 use vpnnat::messages::paths;
 
 use crate::console;
-use crate::handlers::{agent, gateway, misc, operator, technician};
+use crate::handlers::{agent, gateway, lifecycle, misc, operator, technician};
 use crate::openapi;
 use crate::state::AppState;
 
@@ -36,6 +36,18 @@ pub fn router(state: AppState) -> Router {
             post(operator::create_gateway).get(operator::gateways),
         )
         .route(paths::GATEWAY_DRAIN, post(operator::drain))
+        .route(paths::SITE, delete(lifecycle::delete_site))
+        .route(paths::SITE_DISABLE, post(lifecycle::disable_site))
+        .route(paths::SITE_ROTATE, post(lifecycle::rotate_site))
+        .route(paths::GATEWAY, delete(lifecycle::delete_gateway))
+        .route(paths::GATEWAY_DISABLE, post(lifecycle::disable_gateway))
+        .route(paths::GATEWAY_ROTATE, post(lifecycle::rotate_gateway))
+        .route(paths::TECHNICIANS, post(lifecycle::set_technician))
+        .route(paths::TECHNICIAN, delete(lifecycle::delete_technician))
+        .route(
+            paths::TECHNICIAN_DISABLE,
+            post(lifecycle::disable_technician),
+        )
         .route(paths::LOGIN, post(technician::login))
         .route(paths::LOGOUT, post(technician::logout))
         .route(paths::REQUESTS, get(technician::requests))

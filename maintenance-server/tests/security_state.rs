@@ -1,0 +1,666 @@
+//! The server's own state under abuse and faults: per-site quotas, a
+//! restart after an outage, stranded sites, lock order on PostgreSQL, and
+//! the operator's disable, delete and rotate operations.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use vpnnat::messages::*;
+
+async fn failure_report(site: &Site, detail: &str) -> Answer {
+    site.agent
+        .post(
+            paths::AGENT_FAILURES,
+            &FailureReport {
+                code: FailureCode::TerminalUnreachable,
+                detail: detail.into(),
+                terminal: None,
+                open_request: false,
+            },
+        )
+        .await
+}
+
+async fn gateway_health(server: &TestServer, gw: GatewayId) -> Health {
+    let all: Vec<GatewayView> = server.operator().get(paths::GATEWAYS).await.json();
+    all.into_iter().find(|g| g.gateway_id == gw).unwrap().health
+}
+
+/// With the default `[quotas]`, one site that floods the server with
+/// requests, terminals and failure reports is refused with 409/429 JSON
+/// errors, while another site still gets its address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_one_flooding_site_does_not_starve_another() {
+    let db = TestDb::new(Backend::Sqlite);
+    let server = TestServer::start(db.settings()).await;
+    let _gw = add_gateway(&server, "gw1", 10, 1).await;
+    let flood = add_site(&server, "flood", 1).await;
+    let calm = add_site(&server, "calm", 2).await;
+
+    // 64 terminals (one request's maximum) is the site's whole share.
+    let many: Vec<String> = (0..64).map(|i| format!("pc{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let first = flood
+        .agent
+        .post(paths::AGENT_REQUESTS, &new_request(&many))
+        .await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    let more = flood
+        .agent
+        .post(paths::AGENT_REQUESTS, &new_request(&["one-more"]))
+        .await;
+    let e = more.error(409, Some("terminals"));
+    assert_eq!(e.error, "quota_exceeded", "{}", more.body);
+
+    // Open requests: 8 at most (terminals it holds already cost nothing).
+    let mut open = vec![first.json::<MaintenanceRequestView>().id];
+    for _ in 1..8 {
+        let a = flood
+            .agent
+            .post(paths::AGENT_REQUESTS, &new_request(&["pc1"]))
+            .await;
+        assert_eq!(a.status, 201, "{}", a.body);
+        open.push(a.json::<MaintenanceRequestView>().id);
+    }
+    let ninth = flood
+        .agent
+        .post(paths::AGENT_REQUESTS, &new_request(&["pc1"]))
+        .await;
+    let e = ninth.error(409, Some("open_requests"));
+    assert_eq!(e.error, "quota_exceeded");
+
+    // Requests per minute: open and revoke until refused with 429.
+    for id in open {
+        let r = flood.agent.post_empty(&at(paths::AGENT_REVOKE, id)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let mut limited = None;
+    for _ in 0..40 {
+        let a = flood
+            .agent
+            .post(paths::AGENT_REQUESTS, &new_request(&["pc1"]))
+            .await;
+        if a.status == 429 {
+            limited = Some(a);
+            break;
+        }
+        assert_eq!(a.status, 201, "{}", a.body);
+        let id = a.json::<MaintenanceRequestView>().id;
+        let r = flood.agent.post_empty(&at(paths::AGENT_REVOKE, id)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let limited = limited.expect("requests beyond 30 a minute are refused");
+    assert_eq!(limited.error(429, None).error, "rate_limited");
+
+    // Failure reports: 10 a minute are accepted, then 429.
+    let mut accepted = 0;
+    let mut refused = None;
+    for i in 0..15 {
+        let a = failure_report(&flood, &format!("report {i}")).await;
+        if a.status == 429 {
+            refused = Some(a);
+            break;
+        }
+        assert_eq!(a.status, 201, "{}", a.body);
+        accepted += 1;
+    }
+    let refused = refused.expect("failure reports beyond 10 a minute are refused");
+    assert_eq!(refused.error(429, None).error, "rate_limited");
+    assert_eq!(accepted, 10);
+
+    // The other site still gets its address and its report stored.
+    let a = calm
+        .agent
+        .post(paths::AGENT_REQUESTS, &new_request(&["printer"]))
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let v: MaintenanceRequestView = a.json();
+    assert!(v.terminals[0].nat_address.is_some());
+    assert_eq!(failure_report(&calm, "its own").await.status, 201);
+    server.stop().await;
+}
+
+/// A burst of failure reports wakes the consoles once, at the background
+/// task's next tick, not once per report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_failure_reports_wake_the_consoles_together() {
+    let db = TestDb::new(Backend::Sqlite);
+    let mut settings = db.settings();
+    // The background task ticks at start and then only every 30 s.
+    settings.maintenance.expiry_check_ms = 30_000;
+    settings.gateways.heartbeat_interval_ms = 30_000;
+    settings.gateways.down_after_ms = 120_000;
+    let server = TestServer::start(settings).await;
+    let site = add_site(&server, "noisy", 1).await;
+    let tech = technician(&server, &db, "tom", "correct horse").await;
+    let before: ConsoleEvents = tech.get(paths::CONSOLE_EVENTS).await.json();
+    for i in 0..6 {
+        assert_eq!(
+            failure_report(&site, &format!("burst {i}")).await.status,
+            201
+        );
+    }
+    let after: ConsoleEvents = tech.get(paths::CONSOLE_EVENTS).await.json();
+    // The reports are stored (a read shows them) ...
+    assert_eq!(after.failures.len(), 6);
+    // ... but the six reports moved the feed's version by at most one tick's bump.
+    assert!(
+        after.version <= before.version + 1,
+        "console version {} -> {}: every report woke the consoles",
+        before.version,
+        after.version
+    );
+    server.stop().await;
+}
+
+/// After a restart following an outage every heartbeat is old: no gateway
+/// is marked down before one `down_after_ms` has passed since the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_restart_with_stale_heartbeats_keeps_gateways_up_for_a_grace_period() {
+    let db = TestDb::new(Backend::Sqlite);
+    let mut settings = db.settings();
+    settings.gateways.down_after_ms = 20_000;
+    let server = TestServer::start(settings.clone()).await;
+    let gw = add_gateway(&server, "gw1", 10, 1).await;
+    assert_eq!(
+        gw.api
+            .post(paths::GATEWAY_HEARTBEAT, &heartbeat(10))
+            .await
+            .status,
+        200
+    );
+    server.stop().await;
+    // The outage: the server (and its database) was away for an hour.
+    db.scalar("UPDATE gateways SET last_heartbeat = last_heartbeat - 3600000 RETURNING 0")
+        .await;
+    let server = TestServer::start(settings).await;
+    // Many failover ticks (every 100 ms) pass well inside the grace period.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        gateway_health(&server, gw.id).await,
+        Health::Healthy,
+        "marked down although the server only just started"
+    );
+    // The gateway reaches the restarted server and stays up.
+    let gw_api = server.client(Some(&gw.credential));
+    assert_eq!(
+        gw_api
+            .post(paths::GATEWAY_HEARTBEAT, &heartbeat(10))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(gateway_health(&server, gw.id).await, Health::Healthy);
+    // Silent after that, it is marked down once the grace and its own
+    // down_after_ms have passed.
+    let mut down = false;
+    for _ in 0..120 {
+        if gateway_health(&server, gw.id).await == Health::Down {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        down,
+        "a silent gateway is still marked down after the grace"
+    );
+    server.stop().await;
+}
+
+/// A gateway dies and no other has a free slot: every stranded site's
+/// document carries the problem and the console gets a report for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_every_stranded_site_is_told() {
+    let db = TestDb::new(Backend::Sqlite);
+    let mut settings = db.settings();
+    settings.gateways.down_after_ms = 1_500;
+    let server = TestServer::start(settings).await;
+    let gw1 = add_gateway(&server, "gw1", 10, 1).await;
+    let mut sites = Vec::new();
+    for i in 0..3u8 {
+        let s = add_site(&server, &format!("site{i}"), 10 + i).await;
+        let a = s
+            .agent
+            .post(paths::AGENT_REQUESTS, &new_request(&["pc"]))
+            .await;
+        assert_eq!(a.status, 201, "{}", a.body);
+        assert_eq!(a.json::<MaintenanceRequestView>().gateway_id, Some(gw1.id));
+        sites.push(s);
+    }
+    // The other gateway is full.
+    let gw2 = add_gateway(&server, "gw2", 1, 2).await;
+    let filler = add_site(&server, "filler", 20).await;
+    let a = filler
+        .agent
+        .post(paths::AGENT_REQUESTS, &new_request(&["pc"]))
+        .await;
+    assert_eq!(a.json::<MaintenanceRequestView>().gateway_id, Some(gw2.id));
+    // gw2 keeps heartbeating; gw1 falls silent.
+    let hb = tokio::spawn({
+        let api = gw2.api.clone();
+        async move {
+            loop {
+                let _ = api.post(paths::GATEWAY_HEARTBEAT, &heartbeat(1)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    let _ = gw1;
+    let mut told = vec![false; sites.len()];
+    for _ in 0..120 {
+        for (i, s) in sites.iter().enumerate() {
+            let st = agent_state(s, 0, 0).await;
+            told[i] = st.problem.is_some_and(|p| p.contains("no other gateway"));
+        }
+        if told.iter().all(|t| *t) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        told,
+        vec![true; sites.len()],
+        "not every stranded site was told"
+    );
+    let tech = technician(&server, &db, "tom", "correct horse").await;
+    let failures: Vec<FailureView> = tech.get(paths::FAILURES).await.json();
+    for s in &sites {
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.site_id == s.id && f.code == FailureCode::TunnelDown),
+            "the console has no report for site {}: {failures:?}",
+            s.id
+        );
+    }
+    hb.abort();
+    server.stop().await;
+}
+
+/// PostgreSQL: `gateway/applied` reports racing maintenance requests being
+/// opened and closed never end in a 500 (one lock order; a lost deadlock or
+/// serialization race is retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn security_applied_reports_racing_requests_never_fail_on_postgres() {
+    if !require_postgres() {
+        return;
+    }
+    let db = TestDb::new(Backend::Postgres);
+    let server = TestServer::start(db.settings()).await;
+    let gw = add_gateway(&server, "gw1", 1000, 1).await;
+    let mut sites = Vec::new();
+    for i in 0..16u8 {
+        sites.push(add_site(&server, &format!("site{i}"), 10 + i).await);
+    }
+    let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut gateway_tasks = Vec::new();
+    for _ in 0..4 {
+        let api = gw.api.clone();
+        let failures = failures.clone();
+        let stop = stop.clone();
+        gateway_tasks.push(tokio::spawn(async move {
+            let mut version = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let doc = api
+                    .get(&format!(
+                        "{}?after={version}&wait_ms=200",
+                        paths::GATEWAY_STATE
+                    ))
+                    .await;
+                if doc.status != 200 {
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("state {} {}", doc.status, doc.body));
+                    continue;
+                }
+                let d: GatewayDesiredState = doc.json();
+                version = d.version;
+                let a = api
+                    .post(
+                        paths::GATEWAY_APPLIED,
+                        &AppliedState {
+                            version,
+                            errors: vec![],
+                        },
+                    )
+                    .await;
+                if a.status.is_server_error() {
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("applied {} {}", a.status, a.body));
+                }
+            }
+        }));
+    }
+    let mut site_tasks = Vec::new();
+    for s in sites {
+        let failures = failures.clone();
+        site_tasks.push(tokio::spawn(async move {
+            for _ in 0..12 {
+                let a = s
+                    .agent
+                    .post(paths::AGENT_REQUESTS, &new_request(&["pc", "router"]))
+                    .await;
+                if a.status != 201 {
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("create {} {}", a.status, a.body));
+                    continue;
+                }
+                let id = a.json::<MaintenanceRequestView>().id;
+                let r = s.agent.post_empty(&at(paths::AGENT_REVOKE, id)).await;
+                if r.status != 200 {
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("revoke {} {}", r.status, r.body));
+                }
+            }
+        }));
+    }
+    for t in site_tasks {
+        t.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in gateway_tasks {
+        t.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failed calls: {failures:?}",
+        failures.len()
+    );
+    server.stop().await;
+}
+
+async fn audit_actions(db: &TestDb, action: &str) -> i64 {
+    db.scalar(&format!(
+        "SELECT COUNT(*) FROM audit_log WHERE action = '{action}'"
+    ))
+    .await
+}
+
+/// Technicians: added, disabled (sessions end, login refused), enabled,
+/// password changed (old sessions end), deleted; each audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_operator_disables_rotates_and_deletes_technicians() {
+    let db = TestDb::new(Backend::Sqlite);
+    let server = TestServer::start(db.settings()).await;
+    let op = server.operator();
+    let set = |password: &str| NewTechnician {
+        name: "tina".into(),
+        password: password.into(),
+    };
+    assert_eq!(
+        op.post(paths::TECHNICIANS, &set("first password"))
+            .await
+            .status,
+        204
+    );
+    let session = login(&server, "tina", "first password").await;
+    assert_eq!(session.get("/api/v1/me").await.status, 200);
+
+    let disable = at(paths::TECHNICIAN_DISABLE, "").replace("{name}", "tina");
+    let a = op.post(&disable, &SetDisabled { disabled: true }).await;
+    assert_eq!(a.status, 204, "{}", a.body);
+    assert_eq!(session.get("/api/v1/me").await.status, 401);
+    let refused = server
+        .client(None)
+        .post(
+            paths::LOGIN,
+            &Login {
+                name: "tina".into(),
+                password: "first password".into(),
+            },
+        )
+        .await;
+    assert_eq!(refused.status, 401, "{}", refused.body);
+
+    assert_eq!(
+        op.post(&disable, &SetDisabled { disabled: false })
+            .await
+            .status,
+        204
+    );
+    let session = login(&server, "tina", "first password").await;
+    // A new password ends the sessions opened with the old one.
+    assert_eq!(
+        op.post(paths::TECHNICIANS, &set("second password"))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(session.get("/api/v1/me").await.status, 401);
+    let session = login(&server, "tina", "second password").await;
+
+    let delete = paths::TECHNICIAN.replace("{name}", "tina");
+    let a = op.raw(reqwest::Method::DELETE, &delete, None).await;
+    assert_eq!(a.status, 204, "{}", a.body);
+    assert_eq!(session.get("/api/v1/me").await.status, 401);
+    let a = op.raw(reqwest::Method::DELETE, &delete, None).await;
+    a.error(404, None);
+
+    assert_eq!(audit_actions(&db, "technician.disable").await, 1);
+    assert_eq!(audit_actions(&db, "technician.enable").await, 1);
+    assert_eq!(audit_actions(&db, "technician.set").await, 2);
+    assert_eq!(audit_actions(&db, "technician.delete").await, 1);
+    server.stop().await;
+}
+
+/// Sites: disabled (the agent gets 401, its open request is revoked),
+/// enabled, credential rotated (old one refused, re-enrollment works),
+/// deleted; each audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_operator_disables_rotates_and_deletes_sites() {
+    let db = TestDb::new(Backend::Sqlite);
+    let server = TestServer::start(db.settings()).await;
+    let op = server.operator();
+    let _gw = add_gateway(&server, "gw1", 10, 1).await;
+    let site = add_site(&server, "acme", 1).await;
+    let a = site
+        .agent
+        .post(paths::AGENT_REQUESTS, &new_request(&["pc"]))
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let rid = a.json::<MaintenanceRequestView>().id;
+
+    let a = op
+        .post(
+            &at(paths::SITE_DISABLE, site.id),
+            &SetDisabled { disabled: true },
+        )
+        .await;
+    assert_eq!(a.status, 204, "{}", a.body);
+    assert_eq!(site.agent.get(paths::AGENT_STATE).await.status, 401);
+    let a = site
+        .agent
+        .post(paths::AGENT_REQUESTS, &new_request(&["pc"]))
+        .await;
+    assert_eq!(a.status, 401, "{}", a.body);
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT COUNT(*) FROM requests WHERE id = {rid} AND state = 'revoked'"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM nat_addresses WHERE site_id IS NOT NULL")
+            .await,
+        0
+    );
+    let a = op
+        .post(
+            &at(paths::SITE_DISABLE, site.id),
+            &SetDisabled { disabled: false },
+        )
+        .await;
+    assert_eq!(a.status, 204, "{}", a.body);
+    assert_eq!(site.agent.get(paths::AGENT_STATE).await.status, 200);
+
+    // Rotation: the old credential is refused at once; the token enrolls again.
+    let a = op.post_empty(&at(paths::SITE_ROTATE, site.id)).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let rotated: SiteCreated = a.json();
+    assert_eq!(site.agent.get(paths::AGENT_STATE).await.status, 401);
+    let enrolled: EnrollResponse = server
+        .client(None)
+        .post(
+            paths::ENROLL,
+            &EnrollRequest {
+                token: rotated.enrollment_token,
+                public_key: key(1),
+            },
+        )
+        .await
+        .json();
+    let agent = server.client(Some(&enrolled.credential));
+    assert_eq!(agent.get(paths::AGENT_STATE).await.status, 200);
+
+    let a = op
+        .raw(reqwest::Method::DELETE, &at(paths::SITE, site.id), None)
+        .await;
+    assert_eq!(a.status, 204, "{}", a.body);
+    assert_eq!(agent.get(paths::AGENT_STATE).await.status, 401);
+    let sites: Vec<SiteView> = op.get(paths::SITES).await.json();
+    assert!(sites.iter().all(|s| s.site_id != site.id));
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM requests").await, 0);
+
+    for action in ["site.disable", "site.enable", "site.rotate", "site.delete"] {
+        assert_eq!(audit_actions(&db, action).await, 1, "{action}");
+    }
+    server.stop().await;
+}
+
+/// Gateways: credential rotated without re-registering (the new one works,
+/// the old one not), disabled (401, marked down, its site moves), deleted
+/// only once it carries no site; each audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_operator_disables_rotates_and_deletes_gateways() {
+    let db = TestDb::new(Backend::Sqlite);
+    let server = TestServer::start(db.settings()).await;
+    let op = server.operator();
+    let gw1 = add_gateway(&server, "gw1", 10, 1).await;
+    let site = add_site(&server, "acme", 1).await;
+    let a = site
+        .agent
+        .post(paths::AGENT_REQUESTS, &new_request(&["pc"]))
+        .await;
+    assert_eq!(a.json::<MaintenanceRequestView>().gateway_id, Some(gw1.id));
+
+    let a = op.post_empty(&at(paths::GATEWAY_ROTATE, gw1.id)).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let rotated: GatewayCreated = a.json();
+    assert_eq!(rotated.gateway_id, gw1.id);
+    assert_ne!(rotated.credential, gw1.credential);
+    let old = gw1.api.post(paths::GATEWAY_HEARTBEAT, &heartbeat(10)).await;
+    assert_eq!(old.status, 401, "{}", old.body);
+    let new_api = server.client(Some(&rotated.credential));
+    let ok = new_api.post(paths::GATEWAY_HEARTBEAT, &heartbeat(10)).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    // Same gateway, same sites: nothing was re-registered.
+    let st: GatewayDesiredState = new_api.get(paths::GATEWAY_STATE).await.json();
+    assert_eq!(st.peers.len(), 1);
+
+    // A second gateway to take the site over.
+    let gw2 = add_gateway(&server, "gw2", 10, 2).await;
+    let a = op
+        .raw(reqwest::Method::DELETE, &at(paths::GATEWAY, gw1.id), None)
+        .await;
+    assert_eq!(a.error(409, None).error, "invalid_state");
+    let a = op
+        .post(
+            &at(paths::GATEWAY_DISABLE, gw1.id),
+            &SetDisabled { disabled: true },
+        )
+        .await;
+    assert_eq!(a.status, 204, "{}", a.body);
+    assert_eq!(
+        new_api
+            .post(paths::GATEWAY_HEARTBEAT, &heartbeat(10))
+            .await
+            .status,
+        401
+    );
+    assert_eq!(gateway_health(&server, gw1.id).await, Health::Down);
+    let mut moved = false;
+    for _ in 0..120 {
+        let sites: Vec<SiteView> = op.get(paths::SITES).await.json();
+        if sites[0].gateway_id == Some(gw2.id) {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(moved, "the disabled gateway's site did not move");
+    let a = op
+        .raw(reqwest::Method::DELETE, &at(paths::GATEWAY, gw1.id), None)
+        .await;
+    assert_eq!(a.status, 204, "{}", a.body);
+    let all: Vec<GatewayView> = op.get(paths::GATEWAYS).await.json();
+    assert!(all.iter().all(|g| g.gateway_id != gw1.id));
+
+    for action in ["gateway.rotate", "gateway.disable", "gateway.delete"] {
+        assert_eq!(audit_actions(&db, action).await, 1, "{action}");
+    }
+    server.stop().await;
+}
+
+/// The CLI path: `technician disable` on the database ends the sessions and
+/// refuses the login of a running server's technician.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_cli_disables_a_technician() {
+    let db = TestDb::new(Backend::Sqlite);
+    let settings = db.settings();
+    let server = TestServer::start(settings.clone()).await;
+    let session = technician(&server, &db, "carl", "correct horse").await;
+    assert_eq!(session.get("/api/v1/me").await.status, 200);
+    let config = db.dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[state]\ndir = \"{}\"\n[database]\nurl = \"{}\"\n[operator]\ntoken = \"{}\"\n",
+            settings.state.dir.display(),
+            db.url,
+            settings.operator.token
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_maintenance-server"))
+        .arg("--config")
+        .arg(&config)
+        .args(["technician", "disable", "carl"])
+        .env_remove("RUST_LOG")
+        .env_remove("VPNNAT_DATABASE__URL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("disabled"));
+    assert_eq!(session.get("/api/v1/me").await.status, 401);
+    let refused = server
+        .client(None)
+        .post(
+            paths::LOGIN,
+            &Login {
+                name: "carl".into(),
+                password: "correct horse".into(),
+            },
+        )
+        .await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(audit_actions(&db, "technician.disable").await, 1);
+    server.stop().await;
+}
