@@ -664,3 +664,117 @@ async fn security_cli_disables_a_technician() {
     assert_eq!(audit_actions(&db, "technician.disable").await, 1);
     server.stop().await;
 }
+
+/// Setting a new password (here the way `technician add` does it) ends the
+/// technician's sessions opened with the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_a_new_password_ends_the_old_sessions() {
+    let db = TestDb::new(Backend::Sqlite);
+    let server = TestServer::start(db.settings()).await;
+    let session = technician(&server, &db, "pat", "old password").await;
+    assert_eq!(session.get("/api/v1/me").await.status, 200);
+    add_technician(&db, "pat", "new password").await;
+    assert_eq!(session.get("/api/v1/me").await.status, 401);
+    let again = login(&server, "pat", "new password").await;
+    assert_eq!(again.get("/api/v1/me").await.status, 200);
+    server.stop().await;
+}
+
+/// Failure reports are capped per site and both they and audit rows are
+/// deleted after their retention; the database itself refuses to delete
+/// audit rows younger than 30 days.
+async fn security_failures_and_audit_rows_do_not_grow_without_bound(backend: Backend) {
+    use maintenance_server::db::{Database, ops};
+    use maintenance_server::notify::Notifier;
+    use maintenance_server::settings::{Quotas, Retention};
+    let db = TestDb::new(backend);
+    let d = Database::connect(&db.url, 2).await.unwrap();
+    let n = Notifier::default();
+    let now = maintenance_server::db::now_ms();
+    let policy = ops::Policy::new(&db.settings());
+    let mut tx = d.begin().await.unwrap();
+    let site = ops::create_site(&mut tx, "s", "test", now, &policy)
+        .await
+        .unwrap()
+        .site_id;
+    tx.commit(&n).await.unwrap();
+    let quotas = Quotas {
+        failures_kept_per_site: 3,
+        ..Quotas::default()
+    };
+    for i in 0..5 {
+        let report = FailureReport {
+            code: FailureCode::Other,
+            detail: format!("r{i}"),
+            terminal: None,
+            open_request: false,
+        };
+        let mut tx = d.begin().await.unwrap();
+        ops::store_failure(&mut tx, site, &report, now + i, &quotas)
+            .await
+            .unwrap();
+        tx.commit(&n).await.unwrap();
+    }
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM failures").await, 3);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM failures WHERE detail = 'r4'")
+            .await,
+        1
+    );
+    // An audit row from long ago, and the young ones.
+    let mut tx = d.begin().await.unwrap();
+    tx.audit(1_000, "test", "ancient", "x", "").await.unwrap();
+    tx.commit(&n).await.unwrap();
+    let young = db
+        .scalar("SELECT COUNT(*) FROM audit_log WHERE action <> 'ancient'")
+        .await;
+    assert!(young > 0);
+    let mut tx = d.begin().await.unwrap();
+    ops::apply_retention(
+        &mut tx,
+        now + 100 * 86_400_000,
+        &Retention {
+            failure_days: 90,
+            audit_days: 400,
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit(&n).await.unwrap();
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM audit_log WHERE action = 'ancient'")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM audit_log").await,
+        young,
+        "young audit rows must stay"
+    );
+    // Failure reports past their 90 days went.
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM failures").await, 0);
+    // Young audit rows cannot be deleted, whatever asks.
+    let mut tx = d.begin().await.unwrap();
+    let r = sqlx::query("DELETE FROM audit_log")
+        .execute(&mut *tx.inner)
+        .await;
+    assert!(r.is_err(), "a young audit row was deleted");
+    drop(tx);
+    d.close().await;
+}
+
+mod retention {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn security_failures_and_audit_rows_do_not_grow_without_bound_sqlite() {
+        security_failures_and_audit_rows_do_not_grow_without_bound(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn security_failures_and_audit_rows_do_not_grow_without_bound_postgres() {
+        if require_postgres() {
+            security_failures_and_audit_rows_do_not_grow_without_bound(Backend::Postgres).await;
+        }
+    }
+}
