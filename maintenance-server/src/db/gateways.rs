@@ -124,9 +124,12 @@ pub async fn heartbeat(
     }
     let old: String = col(&row, "health")?;
     let health = enum_str(&hb.health);
-    // The database's clock, not this replica's: see `mark_down`.
+    // The database's clock, not this replica's: see `mark_down`. A heartbeat
+    // that passed authentication just before the gateway was disabled does
+    // not bring it back up.
     let sql = format!(
-        "UPDATE gateways SET last_heartbeat = {}, health = $1, max_tunnels = $2, active_tunnels = $3 \
+        "UPDATE gateways SET last_heartbeat = {}, \
+         health = CASE WHEN disabled = 0 THEN $1 ELSE 'down' END, max_tunnels = $2, active_tunnels = $3 \
          WHERE id = $4 RETURNING version, drain",
         tx.kind.now_ms_sql()
     );
