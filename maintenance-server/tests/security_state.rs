@@ -778,3 +778,54 @@ mod retention {
         }
     }
 }
+
+/// PostgreSQL: a transaction that fails with a deadlock (40P01) or
+/// serialization (40001) error is run again from the start; other errors
+/// are returned at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_lost_races_are_run_again_on_postgres() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use maintenance_server::db::{Database, DbError, Tx};
+    use maintenance_server::notify::Notifier;
+    if !require_postgres() {
+        return;
+    }
+    let db = TestDb::new(Backend::Postgres);
+    let d = Database::connect(&db.url, 2).await.unwrap();
+    let n = Notifier::default();
+    for code in ["40001", "40P01"] {
+        let attempts = AtomicU32::new(0);
+        let raise = format!("DO $$ BEGIN RAISE EXCEPTION 'lost' USING ERRCODE = '{code}'; END $$");
+        let r = d
+            .transaction(&n, async |tx: &mut Tx| {
+                if attempts.fetch_add(1, Ordering::Relaxed) < 2 {
+                    sqlx::query(&raise).execute(&mut *tx.inner).await?;
+                }
+                tx.audit(1, "test", "retried", code, "").await?;
+                Ok::<_, DbError>(())
+            })
+            .await;
+        assert!(r.is_ok(), "{code}: {r:?}");
+        assert_eq!(attempts.load(Ordering::Relaxed), 3, "{code}");
+    }
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM audit_log WHERE action = 'retried'")
+            .await,
+        2
+    );
+    // Any other error: no second attempt.
+    let attempts = AtomicU32::new(0);
+    let r = d
+        .transaction(&n, async |tx: &mut Tx| {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            sqlx::query("SELECT * FROM no_such_table")
+                .execute(&mut *tx.inner)
+                .await?;
+            Ok::<_, DbError>(())
+        })
+        .await;
+    assert!(r.is_err());
+    assert_eq!(attempts.load(Ordering::Relaxed), 1);
+    d.close().await;
+}
