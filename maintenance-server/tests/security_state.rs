@@ -829,3 +829,161 @@ async fn security_lost_races_are_run_again_on_postgres() {
     assert_eq!(attempts.load(Ordering::Relaxed), 1);
     d.close().await;
 }
+
+/// The server program, its base URL and its log lines; killed on drop.
+struct ServerProcess {
+    child: std::process::Child,
+    base: String,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl ServerProcess {
+    fn start(config: &std::path::Path) -> Self {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_maintenance-server"))
+            .arg("--config")
+            .arg(config)
+            .arg("serve")
+            .env("RUST_LOG", "info")
+            .env_remove("VPNNAT_DATABASE__URL")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut base = None;
+        while base.is_none() {
+            let line = lines
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the server announces its address");
+            if let Some(addr) = line.split("listening addr=").nth(1) {
+                base = Some(format!(
+                    "http://{}",
+                    addr.split_whitespace().next().unwrap()
+                ));
+            }
+        }
+        Self {
+            child,
+            base: base.unwrap(),
+            lines,
+        }
+    }
+
+    /// Waits (up to 60 s) for a log line containing `needle`.
+    fn wait_for_line(&self, needle: &str) -> Option<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return Some(l),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Holding `pool.usage_warn_percent` of the pool logs a WARN naming the
+/// counts; `/metrics` has the used and free addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_pool_usage_over_the_threshold_is_logged() {
+    let db = TestDb::new(Backend::Sqlite);
+    let settings = db.settings();
+    let config = db.dir.path().join("server.toml");
+    // A /29: six addresses; warn at half of them.
+    std::fs::write(
+        &config,
+        format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"{}\"\n[database]\nurl = \"{}\"\n\
+             [operator]\ntoken = \"{}\"\n[pool]\nprefix = \"10.99.0.0/29\"\nusage_warn_percent = 50\n",
+            settings.state.dir.display(),
+            db.url,
+            settings.operator.token
+        ),
+    )
+    .unwrap();
+    let server = ServerProcess::start(&config);
+    let op = Api::new(
+        &server.base,
+        Some(&settings.operator.token),
+        Duration::from_secs(30),
+    );
+    let gw: GatewayCreated = op
+        .post(paths::GATEWAYS, &NewGateway { name: "gw1".into() })
+        .await
+        .json();
+    let reg = Api::new(&server.base, Some(&gw.credential), Duration::from_secs(30))
+        .post(
+            paths::GATEWAY_REGISTER,
+            &GatewayRegistration {
+                endpoints: vec!["203.0.113.1:51820".parse().unwrap()],
+                public_key: key(201),
+                tunnel_kinds: vec![TunnelKind::Wireguard],
+                max_tunnels: 10,
+                software_version: "test".into(),
+            },
+        )
+        .await;
+    assert_eq!(reg.status, 200, "{}", reg.body);
+    let created: SiteCreated = op
+        .post(paths::SITES, &NewSite { name: "s".into() })
+        .await
+        .json();
+    let enrolled: EnrollResponse = Api::new(&server.base, None, Duration::from_secs(30))
+        .post(
+            paths::ENROLL,
+            &EnrollRequest {
+                token: created.enrollment_token,
+                public_key: key(1),
+            },
+        )
+        .await
+        .json();
+    let agent = Api::new(
+        &server.base,
+        Some(&enrolled.credential),
+        Duration::from_secs(30),
+    );
+    let a = agent
+        .post(paths::AGENT_REQUESTS, &new_request(&["a", "b", "c", "d"]))
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let line = tokio::task::spawn_blocking(move || {
+        let l = server.wait_for_line("pool usage reached");
+        (server, l)
+    })
+    .await
+    .unwrap();
+    let (server, line) = line;
+    let line = line.expect("no WARN about the pool's usage");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains("used=4") && line.contains("total=6"),
+        "{line}"
+    );
+    let m = op.get(paths::METRICS).await;
+    let text = m.body.as_str().unwrap_or_default().to_owned();
+    assert!(
+        text.lines()
+            .any(|l| l == "vpnnat_pool_addresses{use=\"used\"} 4"),
+        "{text}"
+    );
+    drop(server);
+}
