@@ -95,8 +95,25 @@ async fn security_one_flooding_site_does_not_starve_another() {
     let limited = limited.expect("requests beyond 30 a minute are refused");
     assert_eq!(limited.error(429, None).error, "rate_limited");
 
+    // A failure report asking for a request the site may not open now is
+    // still accepted (else the agent would send it again), without request.
+    let a = flood
+        .agent
+        .post(
+            paths::AGENT_FAILURES,
+            &FailureReport {
+                code: FailureCode::LanLinkDown,
+                detail: "asks for a request".into(),
+                terminal: None,
+                open_request: true,
+            },
+        )
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    assert_eq!(a.json::<FailureAccepted>().request, None);
+
     // Failure reports: 10 a minute are accepted, then 429.
-    let mut accepted = 0;
+    let mut accepted = 1;
     let mut refused = None;
     for i in 0..15 {
         let a = failure_report(&flood, &format!("report {i}")).await;
@@ -249,7 +266,6 @@ async fn security_every_stranded_site_is_told() {
             }
         }
     });
-    let _ = gw1;
     let mut told = vec![false; sites.len()];
     for _ in 0..120 {
         for (i, s) in sites.iter().enumerate() {
@@ -276,6 +292,15 @@ async fn security_every_stranded_site_is_told() {
             "the console has no report for site {}: {failures:?}",
             s.id
         );
+    }
+    // gw1 comes back: the sites are no longer told they are stranded.
+    for _ in 0..5 {
+        let a = gw1.api.post(paths::GATEWAY_HEARTBEAT, &heartbeat(10)).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    for s in &sites {
+        let st = agent_state(s, 0, 0).await;
+        assert_eq!(st.problem, None, "site {}", s.id);
     }
     hb.abort();
     server.stop().await;

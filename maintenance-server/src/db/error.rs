@@ -95,6 +95,11 @@ impl OpError {
 }
 
 impl OpError {
+    /// Whether this is a refusal by a per-site limit (`[quotas]`).
+    pub fn is_site_limit(&self) -> bool {
+        matches!(self, Self::Quota { .. } | Self::RateLimited(_))
+    }
+
     /// See [`DbError::is_retryable`].
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Db(e) if e.is_retryable())

@@ -8,7 +8,7 @@ use vpnnat::messages::{
 
 use super::error::{OpError, OpResult};
 use super::policy::Policy;
-use super::tunnels::gateway_sites;
+use super::tunnels::{STRANDED, gateway_sites};
 use super::views::enum_str;
 use super::{Tx, col, id64, ids_of, u64_of};
 use crate::secrets::{Secret, SecretKind};
@@ -124,6 +124,27 @@ pub async fn heartbeat(
     }
     let old: String = col(&row, "health")?;
     let health = enum_str(&hb.health);
+    if old == "down" && health != "down" {
+        // Back up: its sites that were told they are stranded are not any
+        // more (sites before the gateway row: the lock order).
+        let rows = sqlx::query(
+            "SELECT s.id FROM sites s JOIN tunnels t ON t.site_id = s.id \
+             WHERE t.gateway_id = $1 AND s.problem = $2 ORDER BY s.id",
+        )
+        .bind(id64(gw.0))
+        .bind(STRANDED)
+        .fetch_all(&mut *tx.inner)
+        .await?;
+        for site in ids_of(&rows, "id", SiteId)? {
+            tx.lock_site(site).await?;
+            sqlx::query("UPDATE sites SET problem = NULL WHERE id = $1 AND problem = $2")
+                .bind(id64(site.0))
+                .bind(STRANDED)
+                .execute(&mut *tx.inner)
+                .await?;
+            tx.bump_site(site).await?;
+        }
+    }
     // The database's clock, not this replica's: see `mark_down`. A heartbeat
     // that passed authentication just before the gateway was disabled does
     // not bring it back up.

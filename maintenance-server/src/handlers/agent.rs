@@ -175,7 +175,9 @@ pub async fn failure(
                 .await?;
                 request = Some(view);
             }
-            Err(e) if e.is_capacity() => {}
+            // The report is accepted all the same: answering its refusal
+            // would make the agent send it again.
+            Err(e) if e.is_capacity() || e.is_site_limit() => {}
             Err(e) => return Err(e.into()),
         }
     }
