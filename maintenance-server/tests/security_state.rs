@@ -558,6 +558,17 @@ async fn security_operator_disables_rotates_and_deletes_sites() {
     assert_eq!(agent.get(paths::AGENT_STATE).await.status, 401);
     let sites: Vec<SiteView> = op.get(paths::SITES).await.json();
     assert!(sites.iter().all(|s| s.site_id != site.id));
+    let again = op
+        .raw(reqwest::Method::DELETE, &at(paths::SITE, site.id), None)
+        .await;
+    again.error(404, None);
+    let again = op
+        .post(
+            &at(paths::SITE_DISABLE, site.id),
+            &SetDisabled { disabled: true },
+        )
+        .await;
+    again.error(404, None);
     assert_eq!(db.scalar("SELECT COUNT(*) FROM requests").await, 0);
 
     for action in ["site.disable", "site.enable", "site.rotate", "site.delete"] {

@@ -5,7 +5,7 @@ use vpnnat::messages::{
     EnrollResponse, PublicKey, RequestId, RequestState, SiteCreated, SiteId, UnixMillis,
 };
 
-use super::error::{OpError, OpResult, is_unique_violation};
+use super::error::{DbError, OpError, OpResult, is_unique_violation};
 use super::policy::Policy;
 use super::requests::close_request;
 use super::tunnels::{release_slot, site_gateway};
@@ -228,6 +228,14 @@ pub async fn set_problem(tx: &mut Tx, site: SiteId, problem: &str) -> OpResult<(
     Ok(())
 }
 
+/// A missing site row as the operator's `NotFound`; other failures as they are.
+fn site_not_found(e: DbError) -> OpError {
+    match e {
+        DbError::NotFound => OpError::NotFound("site"),
+        e => OpError::Db(e),
+    }
+}
+
 /// Revokes every open request of `site` (its addresses return to the pool,
 /// its tunnel slot is freed and the gateway drops its peer); returns how many.
 async fn revoke_open_requests(tx: &mut Tx, site: SiteId, actor: &str, now: i64) -> OpResult<usize> {
@@ -257,9 +265,7 @@ pub async fn set_site_disabled(
     actor: &str,
     now: i64,
 ) -> OpResult<()> {
-    tx.lock_site(site)
-        .await
-        .map_err(|_| OpError::NotFound("site"))?;
+    tx.lock_site(site).await.map_err(site_not_found)?;
     sqlx::query("UPDATE sites SET disabled = $1 WHERE id = $2")
         .bind(i64::from(disabled))
         .bind(id64(site.0))
@@ -289,10 +295,7 @@ pub async fn set_site_disabled(
 /// # Errors
 /// `NotFound`.
 pub async fn delete_site(tx: &mut Tx, site: SiteId, actor: &str, now: i64) -> OpResult<()> {
-    let name = tx
-        .lock_site(site)
-        .await
-        .map_err(|_| OpError::NotFound("site"))?;
+    let name = tx.lock_site(site).await.map_err(site_not_found)?;
     revoke_open_requests(tx, site, actor, now).await?;
     if let Some(gw) = site_gateway(tx, site).await? {
         sqlx::query("DELETE FROM tunnels WHERE site_id = $1")
@@ -343,10 +346,7 @@ pub async fn rotate_site(
     now: i64,
     policy: &Policy,
 ) -> OpResult<SiteCreated> {
-    let name = tx
-        .lock_site(site)
-        .await
-        .map_err(|_| OpError::NotFound("site"))?;
+    let name = tx.lock_site(site).await.map_err(site_not_found)?;
     sqlx::query("UPDATE sites SET credential_hash = NULL WHERE id = $1")
         .bind(id64(site.0))
         .execute(&mut *tx.inner)
