@@ -276,7 +276,8 @@ pub struct Quotas {
     pub requests_per_minute: u32,
     /// Failure reports a site may send per minute; more → 429.
     pub failure_reports_per_minute: u32,
-    /// Failure reports kept per site (the oldest go first).
+    /// Failure reports kept per site (the oldest go first); at least
+    /// `failure_reports_per_minute`.
     pub failures_kept_per_site: u32,
 }
 
@@ -400,6 +401,13 @@ impl Settings {
             if v == 0 {
                 return Err((key, "at least 1".into()));
             }
+        }
+        if self.quotas.failures_kept_per_site < self.quotas.failure_reports_per_minute {
+            // The per-minute limit counts the stored reports.
+            return Err((
+                "quotas.failures_kept_per_site",
+                "at least quotas.failure_reports_per_minute".into(),
+            ));
         }
         if self.retention.audit_days < 30 {
             return Err((
@@ -544,6 +552,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.validate().unwrap_err().0, "database.url");
+        for (toml, key) in [
+            (
+                "[quotas]\nopen_requests_per_site = 0\n",
+                "quotas.open_requests_per_site",
+            ),
+            (
+                "[quotas]\nfailures_kept_per_site = 5\n",
+                "quotas.failures_kept_per_site",
+            ),
+            ("[retention]\naudit_days = 29\n", "retention.audit_days"),
+            (
+                "[pool]\nusage_warn_percent = 101\n",
+                "pool.usage_warn_percent",
+            ),
+        ] {
+            let s: Settings = vpnnat::config::load(Some(("f.toml", toml)), Vec::new()).unwrap();
+            assert_eq!(s.validate().unwrap_err().0, key, "{toml}");
+        }
     }
 
     #[test]
