@@ -56,7 +56,7 @@ impl FromRequestParts<AppState> for SiteAuth {
             parts,
             state,
             SecretKind::Site,
-            "SELECT id FROM sites WHERE credential_hash = $1",
+            "SELECT id FROM sites WHERE credential_hash = $1 AND disabled = 0",
         )
         .await?;
         Ok(Self { site: SiteId(id) })
@@ -96,7 +96,7 @@ impl FromRequestParts<AppState> for GatewayAuth {
             parts,
             state,
             SecretKind::Gateway,
-            "SELECT id FROM gateways WHERE credential_hash = $1",
+            "SELECT id FROM gateways WHERE credential_hash = $1 AND disabled = 0",
         )
         .await?;
         Ok(Self {
@@ -340,7 +340,7 @@ impl FromRequestParts<AppState> for Technician {
         let hash = Secret::hash_of(cookie);
         let row = sqlx::query(
             "SELECT t.id, t.name, s.csrf_hash, s.expires_at FROM technician_sessions s \
-             JOIN technicians t ON t.id = s.technician_id WHERE s.token_hash = $1",
+             JOIN technicians t ON t.id = s.technician_id WHERE s.token_hash = $1 AND t.disabled = 0",
         )
         .bind(&hash)
         .fetch_optional(state.db.reader())

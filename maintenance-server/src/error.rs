@@ -140,6 +140,12 @@ impl From<OpError> for AppError {
                 "not_registered",
                 "register first (POST /api/v1/gateway/register)",
             ),
+            OpError::Quota { field, message } => {
+                let mut e = Self::new(StatusCode::CONFLICT, "quota_exceeded", message);
+                e.body.field = Some(field.to_owned());
+                e
+            }
+            OpError::RateLimited(m) => Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", m),
         }
     }
 }

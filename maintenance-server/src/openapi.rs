@@ -93,7 +93,7 @@ macro_rules! op {
 
 /// Every operation of the API, as the router serves it.
 pub fn operations() -> Vec<Operation> {
-    vec![
+    let mut ops = vec![
         op!(
             "post",
             paths::ENROLL,
@@ -384,6 +384,105 @@ pub fn operations() -> Vec<Operation> {
             (),
             "This document"
         ),
+    ];
+    ops.extend(lifecycle_operations());
+    ops
+}
+
+/// The operator's disable, delete and rotate operations on sites, gateways
+/// and technicians.
+fn lifecycle_operations() -> Vec<Operation> {
+    vec![
+        op!(
+            "delete",
+            paths::SITE,
+            Operator,
+            None,
+            204,
+            (),
+            (),
+            "Operator: delete a site (open requests revoked; its requests, failure reports and tokens deleted)"
+        ),
+        op!(
+            "post",
+            paths::SITE_DISABLE,
+            Operator,
+            None,
+            204,
+            SetDisabled,
+            (),
+            "Operator: disable a site (its agent gets 401, its open requests are revoked) or enable it"
+        ),
+        op!(
+            "post",
+            paths::SITE_ROTATE,
+            Operator,
+            None,
+            200,
+            (),
+            SiteCreated,
+            "Operator: revoke a site's credential now; the new enrollment token enrolls the agent again"
+        ),
+        op!(
+            "delete",
+            paths::GATEWAY,
+            Operator,
+            None,
+            204,
+            (),
+            (),
+            "Operator: delete a gateway identity (refused while it carries sites)"
+        ),
+        op!(
+            "post",
+            paths::GATEWAY_DISABLE,
+            Operator,
+            None,
+            204,
+            SetDisabled,
+            (),
+            "Operator: disable a gateway (401 for it, marked down, its sites move) or enable it"
+        ),
+        op!(
+            "post",
+            paths::GATEWAY_ROTATE,
+            Operator,
+            None,
+            200,
+            (),
+            GatewayCreated,
+            "Operator: a new gateway credential (shown once); the old one is refused from now on"
+        ),
+        op!(
+            "post",
+            paths::TECHNICIANS,
+            Operator,
+            None,
+            204,
+            NewTechnician,
+            (),
+            "Operator: add a technician or set its password (ends its sessions)"
+        ),
+        op!(
+            "delete",
+            paths::TECHNICIAN,
+            Operator,
+            None,
+            204,
+            (),
+            (),
+            "Operator: delete a technician and its sessions"
+        ),
+        op!(
+            "post",
+            paths::TECHNICIAN_DISABLE,
+            Operator,
+            None,
+            204,
+            SetDisabled,
+            (),
+            "Operator: disable a technician (ends its sessions, refuses its login) or enable it"
+        ),
     ]
 }
 
@@ -410,6 +509,14 @@ pub fn document() -> Value {
         let mut params = Vec::new();
         if op.path.contains("{id}") {
             params.push(param("id", "path", "integer", "the object's id"));
+        }
+        if op.path.contains("{name}") {
+            params.push(param(
+                "name",
+                "path",
+                "string",
+                "the technician's login name",
+            ));
         }
         match op.query {
             Query::None => {}
@@ -524,7 +631,7 @@ pub fn document() -> Value {
                 error_response("a credential of another kind (or a missing CSRF header)"),
             );
         }
-        if op.path.contains("{id}") {
+        if op.path.contains("{id}") || op.path.contains("{name}") {
             responses.insert(
                 "404".into(),
                 error_response("no such object (or not the caller's)"),
@@ -566,6 +673,29 @@ pub fn document() -> Value {
             responses.insert(
                 "503".into(),
                 error_response("no_capacity or pool_exhausted: nothing was allocated"),
+            );
+        }
+        // Per-site quotas ([quotas]) and lifecycle refusals.
+        if op.path == paths::AGENT_REQUESTS && op.method == "post" {
+            responses.insert(
+                "409".into(),
+                error_response(
+                    "quota_exceeded: the site holds as many open requests or addresses as allowed",
+                ),
+            );
+        }
+        if op.path == paths::AGENT_REQUESTS && op.method == "post"
+            || op.path == paths::AGENT_FAILURES
+        {
+            responses.insert(
+                "429".into(),
+                error_response("rate_limited: too many requests or failure reports from this site in the last minute"),
+            );
+        }
+        if op.path == paths::GATEWAY && op.method == "delete" {
+            responses.insert(
+                "409".into(),
+                error_response("invalid_state: the gateway still carries sites"),
             );
         }
         o.insert("responses".into(), Value::Object(responses));
@@ -664,6 +794,15 @@ mod tests {
             paths::CONSOLE_EVENTS,
             paths::HEALTH,
             paths::METRICS,
+            paths::SITE,
+            paths::SITE_DISABLE,
+            paths::SITE_ROTATE,
+            paths::GATEWAY,
+            paths::GATEWAY_DISABLE,
+            paths::GATEWAY_ROTATE,
+            paths::TECHNICIANS,
+            paths::TECHNICIAN,
+            paths::TECHNICIAN_DISABLE,
         ] {
             assert!(paths_doc.contains_key(p), "{p} undocumented");
         }

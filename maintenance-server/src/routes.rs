@@ -8,14 +8,14 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderValue, Method, Response, header};
-use axum::routing::{MethodRouter, get, post};
+use axum::routing::{MethodRouter, delete, get, post};
 use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::trace::TraceLayer;
 use vpnnat::messages::paths;
 
 use crate::console;
 use crate::error::IntendedRefusal;
-use crate::handlers::{agent, gateway, misc, operator, technician};
+use crate::handlers::{agent, gateway, lifecycle, misc, operator, technician};
 use crate::openapi;
 use crate::state::AppState;
 
@@ -56,6 +56,47 @@ pub fn api_routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         ),
         (Method::GET, paths::GATEWAYS, get(operator::gateways)),
         (Method::POST, paths::GATEWAY_DRAIN, post(operator::drain)),
+        (Method::DELETE, paths::SITE, delete(lifecycle::delete_site)),
+        (
+            Method::POST,
+            paths::SITE_DISABLE,
+            post(lifecycle::disable_site),
+        ),
+        (
+            Method::POST,
+            paths::SITE_ROTATE,
+            post(lifecycle::rotate_site),
+        ),
+        (
+            Method::DELETE,
+            paths::GATEWAY,
+            delete(lifecycle::delete_gateway),
+        ),
+        (
+            Method::POST,
+            paths::GATEWAY_DISABLE,
+            post(lifecycle::disable_gateway),
+        ),
+        (
+            Method::POST,
+            paths::GATEWAY_ROTATE,
+            post(lifecycle::rotate_gateway),
+        ),
+        (
+            Method::POST,
+            paths::TECHNICIANS,
+            post(lifecycle::set_technician),
+        ),
+        (
+            Method::DELETE,
+            paths::TECHNICIAN,
+            delete(lifecycle::delete_technician),
+        ),
+        (
+            Method::POST,
+            paths::TECHNICIAN_DISABLE,
+            post(lifecycle::disable_technician),
+        ),
         (Method::POST, paths::LOGIN, post(technician::login)),
         (Method::POST, paths::LOGOUT, post(technician::logout)),
         (Method::GET, paths::REQUESTS, get(technician::requests)),

@@ -40,6 +40,10 @@ pub struct Settings {
     pub enrollment: Enrollment,
     /// Technician logins.
     pub technicians: Technicians,
+    /// Per-site limits.
+    pub quotas: Quotas,
+    /// How long failure reports and audit rows are kept.
+    pub retention: Retention,
 }
 
 /// `[http]`
@@ -179,12 +183,16 @@ impl std::fmt::Debug for Operator {
 pub struct Pool {
     /// `a.b.c.d/len`
     pub prefix: String,
+    /// A WARN is logged when this share of the pool (percent, 1–100) is
+    /// held, and again when usage falls back below it.
+    pub usage_warn_percent: u8,
 }
 
 impl Default for Pool {
     fn default() -> Self {
         Self {
             prefix: "10.64.0.0/16".to_owned(),
+            usage_warn_percent: 80,
         }
     }
 }
@@ -276,6 +284,57 @@ impl Default for Technicians {
     }
 }
 
+/// `[quotas]`: what one site credential may hold and do, so that one
+/// site (or whoever holds its key) cannot take the pool, the gateways'
+/// routes or the console from the others.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quotas {
+    /// Open (waiting or in-progress) requests per site; one more → 409.
+    pub open_requests_per_site: u32,
+    /// NAT addresses (terminals) a site holds at once; more → 409.
+    pub terminals_per_site: u32,
+    /// Maintenance requests a site may open per minute; more → 429.
+    pub requests_per_minute: u32,
+    /// Failure reports a site may send per minute; more → 429.
+    pub failure_reports_per_minute: u32,
+    /// Failure reports kept per site (the oldest go first); at least
+    /// `failure_reports_per_minute`.
+    pub failures_kept_per_site: u32,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            open_requests_per_site: 8,
+            terminals_per_site: 64,
+            requests_per_minute: 30,
+            failure_reports_per_minute: 10,
+            failures_kept_per_site: 1000,
+        }
+    }
+}
+
+/// `[retention]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Failure reports older than this many days are deleted.
+    pub failure_days: u32,
+    /// Audit rows older than this many days are deleted (at least 30: the
+    /// database refuses to delete younger rows).
+    pub audit_days: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            failure_days: 90,
+            audit_days: 400,
+        }
+    }
+}
+
 impl Settings {
     /// Loads the settings from `path` (or the default file when it exists) and the environment.
     ///
@@ -355,6 +414,46 @@ impl Settings {
             return Err((
                 "http.public_url",
                 "expected empty, https://… or http://…".into(),
+            ));
+        }
+        if self.pool.usage_warn_percent == 0 || self.pool.usage_warn_percent > 100 {
+            return Err(("pool.usage_warn_percent", "1 to 100".into()));
+        }
+        for (key, v) in [
+            (
+                "quotas.open_requests_per_site",
+                self.quotas.open_requests_per_site,
+            ),
+            ("quotas.terminals_per_site", self.quotas.terminals_per_site),
+            (
+                "quotas.requests_per_minute",
+                self.quotas.requests_per_minute,
+            ),
+            (
+                "quotas.failure_reports_per_minute",
+                self.quotas.failure_reports_per_minute,
+            ),
+            (
+                "quotas.failures_kept_per_site",
+                self.quotas.failures_kept_per_site,
+            ),
+            ("retention.failure_days", self.retention.failure_days),
+        ] {
+            if v == 0 {
+                return Err((key, "at least 1".into()));
+            }
+        }
+        if self.quotas.failures_kept_per_site < self.quotas.failure_reports_per_minute {
+            // The per-minute limit counts the stored reports.
+            return Err((
+                "quotas.failures_kept_per_site",
+                "at least quotas.failure_reports_per_minute".into(),
+            ));
+        }
+        if self.retention.audit_days < 30 {
+            return Err((
+                "retention.audit_days",
+                "at least 30 (younger audit rows cannot be deleted)".into(),
             ));
         }
         if self.database.max_connections == 0 {
@@ -467,6 +566,23 @@ mod tests {
         assert_eq!(s.http.body_limit_bytes, d.http.body_limit_bytes);
         assert_eq!(s.maintenance.max_duration_s, d.maintenance.max_duration_s);
         assert_eq!(s.gateways.down_after_ms, d.gateways.down_after_ms);
+        assert_eq!(s.pool.usage_warn_percent, d.pool.usage_warn_percent);
+        assert_eq!(
+            s.quotas.open_requests_per_site,
+            d.quotas.open_requests_per_site
+        );
+        assert_eq!(s.quotas.terminals_per_site, d.quotas.terminals_per_site);
+        assert_eq!(s.quotas.requests_per_minute, d.quotas.requests_per_minute);
+        assert_eq!(
+            s.quotas.failure_reports_per_minute,
+            d.quotas.failure_reports_per_minute
+        );
+        assert_eq!(
+            s.quotas.failures_kept_per_site,
+            d.quotas.failures_kept_per_site
+        );
+        assert_eq!(s.retention.failure_days, d.retention.failure_days);
+        assert_eq!(s.retention.audit_days, d.retention.audit_days);
         assert_eq!(
             s.database_url(),
             "sqlite:///var/lib/vpnnat/maintenance-server.db"
@@ -491,6 +607,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.validate().unwrap_err().0, "database.url");
+        for (toml, key) in [
+            (
+                "[quotas]\nopen_requests_per_site = 0\n",
+                "quotas.open_requests_per_site",
+            ),
+            (
+                "[quotas]\nfailures_kept_per_site = 5\n",
+                "quotas.failures_kept_per_site",
+            ),
+            ("[retention]\naudit_days = 29\n", "retention.audit_days"),
+            (
+                "[pool]\nusage_warn_percent = 101\n",
+                "pool.usage_warn_percent",
+            ),
+        ] {
+            let s: Settings = vpnnat::config::load(Some(("f.toml", toml)), Vec::new()).unwrap();
+            assert_eq!(s.validate().unwrap_err().0, key, "{toml}");
+        }
     }
 
     #[test]

@@ -504,6 +504,17 @@ pub async fn console_version(conn: &mut AnyConnection) -> DbResult<u64> {
     Ok(u64_of(col(&r, "value")?))
 }
 
+/// Held and total addresses of the NAT-address pool.
+///
+/// # Errors
+/// Database failures.
+pub async fn pool_usage(conn: &mut AnyConnection) -> DbResult<(i64, i64)> {
+    let r = sqlx::query("SELECT COUNT(*) AS total, COUNT(site_id) AS used FROM nat_addresses")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok((col(&r, "used")?, col(&r, "total")?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
