@@ -50,6 +50,9 @@ pub enum Command {
         desired: Box<AgentDesiredState>,
         /// Real addresses of the terminals that resolved.
         names: BTreeMap<TerminalName, Ipv4Addr>,
+        /// The document's own clock now (the server's time of its answer):
+        /// expiry times count from it, not from this host's wall clock.
+        reference: UnixMillis,
         /// What was applied, `None` for an old or foreign document.
         reply: oneshot::Sender<Option<AppliedState>>,
     },
@@ -60,6 +63,10 @@ pub enum Command {
         /// How many mappings were removed.
         reply: oneshot::Sender<usize>,
     },
+    /// Install only mappings of requests given by [`Command::ConsentTo`].
+    RequireConsent(bool),
+    /// The customer made this request on this agent.
+    ConsentTo(RequestId),
     /// Report the state.
     Snapshot(oneshot::Sender<Snapshot>),
     /// Stop the worker.
@@ -102,13 +109,37 @@ impl Dataplane {
         &self,
         desired: AgentDesiredState,
         names: BTreeMap<TerminalName, Ipv4Addr>,
+        reference: UnixMillis,
     ) -> anyhow::Result<Option<AppliedState>> {
         worker::request(&self.tx, |reply| Command::Apply {
             desired: Box::new(desired),
             names,
+            reference,
             reply,
         })
         .await
+    }
+
+    /// Installs only mappings of requests passed to [`Self::consent_to`] (`true`).
+    ///
+    /// # Errors
+    /// When the worker has stopped.
+    pub async fn require_consent(&self, on: bool) -> anyhow::Result<()> {
+        self.tx
+            .send(Command::RequireConsent(on))
+            .await
+            .map_err(|_| anyhow::anyhow!("the data plane has stopped"))
+    }
+
+    /// The customer made request `id` here: its mappings may be installed.
+    ///
+    /// # Errors
+    /// When the worker has stopped.
+    pub async fn consent_to(&self, id: RequestId) -> anyhow::Result<()> {
+        self.tx
+            .send(Command::ConsentTo(id))
+            .await
+            .map_err(|_| anyhow::anyhow!("the data plane has stopped"))
     }
 
     /// Removes the mappings of request `id` at once and keeps them off.
@@ -301,10 +332,19 @@ fn command(
         Some(Command::Apply {
             desired,
             names,
+            reference,
             reply,
         }) => {
-            let applied = state.handle_desired_state(&desired, &names, Instant::now(), wall_now());
+            let applied = state.handle_desired_state(&desired, &names, Instant::now(), reference);
             let _ = reply.send(applied);
+            true
+        }
+        Some(Command::RequireConsent(on)) => {
+            state.require_consent(on);
+            true
+        }
+        Some(Command::ConsentTo(id)) => {
+            state.consent_to(id);
             true
         }
         Some(Command::Revoke { id, reply }) => {

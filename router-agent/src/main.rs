@@ -11,6 +11,7 @@
 
 mod app;
 mod client;
+mod consent;
 mod control;
 mod dataplane;
 mod health;
@@ -19,6 +20,7 @@ mod lan;
 mod names;
 mod netstack;
 mod probe;
+mod revocations;
 mod settings;
 mod status;
 mod web;
@@ -147,6 +149,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             token,
             force,
         }) => runtime.block_on(async {
+            check_server_url(&server, settings.server.allow_insecure_http, "--server")?;
             let client = identity::http_client(&settings.server.ca_file, Duration::from_secs(30))?;
             let id = identity::enroll(
                 &client,
@@ -290,6 +293,32 @@ fn page_password(settings: &Settings, create: bool) -> anyhow::Result<String> {
     Ok(password)
 }
 
+/// Refuses a server URL that would carry the site credential and the
+/// customer's requests unencrypted: `http://` only to loopback, unless
+/// `server.allow_insecure_http` is set.
+fn check_server_url(url: &str, allow_insecure: bool, source: &str) -> anyhow::Result<()> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Ok(());
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    if loopback || allow_insecure {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{source}: {url} is plain http:// to another host (the site credential would travel \
+         unencrypted); use https://, or set server.allow_insecure_http = true"
+    )
+}
+
 fn read_desired(path: &Path) -> anyhow::Result<AgentDesiredState> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading --desired {}", path.display()))?;
@@ -343,14 +372,25 @@ async fn run(
                 settings.agent.identity_file.display()
             );
         }
+        let source = if settings.server.url.is_empty() {
+            format!(
+                "{} (the enrolled server)",
+                settings.agent.identity_file.display()
+            )
+        } else {
+            "server.url".to_owned()
+        };
+        check_server_url(&url, settings.server.allow_insecure_http, &source)?;
         let http = identity::http_client(&settings.server.ca_file, Duration::from_secs(30))?;
         Some(client::ServerClient::new(http, &url, id.credential.clone()))
     };
 
+    let consent = consent::Consent::load(Some(settings.agent.state_dir.join(consent::FILE)))?;
     let (lan_address, lan_prefix) = lan_info(&settings).await;
     let names = Arc::new(names::Names::new(
         &settings,
         lan_address,
+        lan_prefix,
         Some(settings.agent.state_dir.join("router-agent.aliases.json")),
     ));
 
@@ -389,6 +429,15 @@ async fn run(
         Instant::now(),
     );
     let (dp, thread) = dataplane::spawn(state, socket, lan_side)?;
+    // The customer's decisions of earlier runs hold before any document.
+    let consent_required = server.is_some() && !settings.agent.install_server_requests;
+    dp.require_consent(consent_required).await?;
+    for id in consent.created() {
+        dp.consent_to(id).await?;
+    }
+    for id in consent.revoked() {
+        dp.revoke(id).await?;
+    }
 
     let mut routes = match mode {
         Mode::Packet => {
@@ -425,6 +474,9 @@ async fn run(
         lan_address,
         control: Mutex::new(app::ControlState::default()),
         failures: Mutex::new(app::FailureCounters::default()),
+        consent,
+        consent_gate: tokio::sync::Mutex::new(()),
+        revocations: tokio::sync::Notify::new(),
     });
     tracing::info!(
         site.id = %site_id,
@@ -497,6 +549,7 @@ async fn serve(
     }
     let control = tokio::spawn(control::run(app.clone(), shutdown_rx.clone()));
     let health = tokio::spawn(health::run(app.clone(), shutdown_rx.clone()));
+    let revocations = tokio::spawn(revocations::run(app.clone(), shutdown_rx.clone()));
     let mut signals = Signals::new()?;
     loop {
         tokio::select! {
@@ -522,11 +575,13 @@ async fn serve(
     let _ = http.await;
     let _ = control.await;
     let _ = health.await;
+    let _ = revocations.await;
     Ok(())
 }
 
 async fn apply_file(app: &App, desired: AgentDesiredState) {
-    match control::apply(app, desired).await {
+    // A local file: its times are this router's.
+    match control::apply(app, desired, dataplane::wall_now()).await {
         Ok(Some(_)) => {}
         Ok(None) => tracing::warn!("--desired is not newer than the running state; ignored"),
         Err(e) => tracing::error!(error = %format!("{e:#}"), "data plane gone"),
@@ -559,6 +614,26 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         s.web.password = "configured".into();
         assert_eq!(page_password(&s, true).unwrap(), "configured");
+    }
+
+    #[test]
+    fn security_plain_http_to_another_host_is_refused_unless_allowed() {
+        for ok in [
+            "https://center.example:8443",
+            "http://127.0.0.1:8080",
+            "http://localhost:1/x",
+            "http://[::1]:80",
+        ] {
+            check_server_url(ok, false, "server.url").unwrap();
+        }
+        let e = check_server_url("http://10.0.0.1:8080", false, "server.url").unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.starts_with("server.url: ") && e.contains("server.allow_insecure_http"),
+            "{e}"
+        );
+        assert!(check_server_url("http://user@127.0.0.1.evil:80", false, "x").is_err());
+        check_server_url("http://10.0.0.1:8080", true, "server.url").unwrap();
     }
 
     #[test]

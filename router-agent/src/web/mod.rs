@@ -81,6 +81,10 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/api/check", post(requests::check))
         .route("/api/requests", post(requests::create_request))
         .route("/api/requests/{id}/revoke", post(requests::revoke))
+        .route(
+            "/api/preferences",
+            get(requests::preferences).post(requests::set_preferences),
+        )
         .route(STATUS_PATH, get(status::status))
         .route(paths::METRICS, get(metrics::metrics))
         .route(paths::HEALTH, get(health))
