@@ -247,6 +247,31 @@ fn web_listen(settings: &Settings, lan_address: Option<Ipv4Addr>) -> SocketAddr 
         .unwrap_or_else(|| SocketAddr::from((lan_address.unwrap_or(Ipv4Addr::LOCALHOST), 8088)))
 }
 
+/// The names the page answers to (its `Host` header): `web.hostnames`, the
+/// listen address (every address of this host when it listens on all), the
+/// LAN address, localhost and the machine's host name.
+fn page_hosts(settings: &Settings, listen: SocketAddr, lan: Option<Ipv4Addr>) -> Vec<String> {
+    let mut hosts = settings.web.hostnames.clone();
+    hosts.extend([
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ]);
+    if listen.ip().is_unspecified() {
+        hosts.extend(names::own_addresses().iter().map(ToString::to_string));
+    } else {
+        hosts.push(listen.ip().to_string());
+    }
+    hosts.extend(lan.map(|a| a.to_string()));
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let h = h.trim();
+        if !h.is_empty() {
+            hosts.push(h.to_owned());
+        }
+    }
+    hosts
+}
+
 const PASSWORD_FILE: &str = "router-agent.password";
 
 /// The page password: configured, or generated once into the state directory.
@@ -524,7 +549,15 @@ async fn serve(
         settings.web.allowed_clients.clone()
     };
     let denied: Vec<Ipv4Addr> = settings.packet.masquerade_address.into_iter().collect();
-    let web = Arc::new(web::Web::new(app.clone(), &password, allowed, denied));
+    let hosts = page_hosts(settings, listen, app.lan_address);
+    tracing::debug!(?hosts, "the page answers to these host names");
+    let web = Arc::new(web::Web::new(
+        app.clone(),
+        &password,
+        allowed,
+        denied,
+        hosts,
+    ));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding web.listen {listen}"))?;

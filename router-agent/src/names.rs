@@ -270,6 +270,13 @@ pub fn is_own_address(addr: Ipv4Addr) -> bool {
     }
 }
 
+/// This host's own IPv4 addresses (`/proc/net/fib_trie`; empty when unreadable).
+pub fn own_addresses() -> Vec<Ipv4Addr> {
+    std::fs::read_to_string("/proc/net/fib_trie")
+        .map(|t| local_addresses(&t))
+        .unwrap_or_default()
+}
+
 /// The host's own addresses in a `/proc/net/fib_trie` text.
 fn local_addresses(text: &str) -> Vec<Ipv4Addr> {
     let mut out = Vec::new();
