@@ -475,6 +475,7 @@ async fn run(
                 &settings.packet.center_prefixes,
                 masq,
                 settings.packet.ip_forward,
+                Some(&settings.agent.state_dir),
             )
             .await
             {
