@@ -183,6 +183,8 @@ pub enum LanSide {
         tcp_buffer: usize,
         /// UDP idle timeout.
         udp_idle: Duration,
+        /// UDP flows and ICMP echo flows at most.
+        limits: (usize, usize),
     },
 }
 
@@ -194,6 +196,7 @@ enum Started {
         mtu: usize,
         tcp_buffer: usize,
         udp_idle: Duration,
+        limits: (usize, usize),
     },
 }
 
@@ -224,6 +227,7 @@ pub fn spawn(
                 mtu,
                 tcp_buffer,
                 udp_idle,
+                limits,
             } => {
                 tracing::info!("data plane ready (netstack mode)");
                 Started::Netstack {
@@ -231,6 +235,7 @@ pub fn spawn(
                     mtu,
                     tcp_buffer,
                     udp_idle,
+                    limits,
                 }
             }
         })
@@ -244,7 +249,8 @@ pub fn spawn(
                 mtu,
                 tcp_buffer,
                 udp_idle,
-            } => run_netstack(path, udp, cmds, mtu, tcp_buffer, udp_idle).await,
+                limits,
+            } => run_netstack(path, udp, cmds, (mtu, tcp_buffer, udp_idle), limits).await,
         }
     };
     let thread = worker::spawn("agent-dataplane".to_owned(), start, run)?;
@@ -412,14 +418,14 @@ async fn run_netstack(
     mut path: AgentPath,
     udp: Udp,
     mut cmds: mpsc::Receiver<Command>,
-    mtu: usize,
-    tcp_buffer: usize,
-    udp_idle: Duration,
+    (mtu, tcp_buffer, udp_idle): (usize, usize, Duration),
+    (max_udp, max_icmp): (usize, usize),
 ) -> anyhow::Result<()> {
     let mut io = IoCounters::default();
     let (ev_tx, mut ev_rx) = mpsc::channel::<RelayEvent>(netstack::EVENT_QUEUE);
     let seed = rand::random::<u64>();
     let mut stack = Netstack::new(mtu, tcp_buffer, udp_idle, seed, ev_tx);
+    stack.set_limits(max_udp, max_icmp);
     let mut recv = RecvBatch::new();
     let mut lan_buf = vec![0u8; Builtin::buffer_len(UDP_BUF)];
     let mut out = vec![0u8; Builtin::buffer_len(65535)];

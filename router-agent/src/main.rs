@@ -441,6 +441,10 @@ async fn run(
                 mtu: usize::from(settings.packet.tun_mtu),
                 tcp_buffer: settings.netstack.tcp_buffer,
                 udp_idle: Duration::from_secs(settings.netstack.udp_idle_s),
+                limits: (
+                    settings.netstack.max_udp_flows,
+                    settings.netstack.max_icmp_flows,
+                ),
             },
         ),
     };
