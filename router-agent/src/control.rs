@@ -67,6 +67,12 @@ impl ControlCalls for AgentCalls {
                             .server_clock
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner) = date;
+                        let before = self.app.control().problem;
+                        if desired.problem != before
+                            && let Some(p) = &desired.problem
+                        {
+                            tracing::warn!(problem = %p, "the maintenance center reports a problem for this site");
+                        }
                         self.app.update_control(|c| {
                             c.desired_version = Some(desired.version);
                             c.problem = desired.problem.clone();

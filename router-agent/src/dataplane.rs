@@ -90,6 +90,9 @@ pub struct Snapshot {
     pub netstack: Option<NetstackCounters>,
     /// When the last handshake completed, on the wall clock.
     pub last_handshake: Option<UnixMillis>,
+    /// Data sent into the tunnel has gone unanswered this long (at least
+    /// [`SILENCE_LIMIT`]): the gateway is gone or cut off.
+    pub silent_for: Option<Duration>,
     /// The local UDP port of the tunnel.
     pub local_port: u16,
 }
@@ -241,7 +244,7 @@ pub fn spawn(
         })
     };
     let run = move |started: Started| async move {
-        let path = AgentPath { state };
+        let path = AgentPath::new(state);
         match started {
             Started::Packet(pump) => run_packet(path, *pump, cmds).await,
             Started::Netstack {
@@ -261,22 +264,60 @@ pub fn spawn(
 /// tunnel and the NAT).
 struct AgentPath {
     state: AgentState,
+    /// When the gateway last sent an authenticated datagram (data,
+    /// keepalive, handshake response).
+    last_heard: Option<Instant>,
+    /// The first packet sent into the tunnel since the gateway was last
+    /// heard: a live gateway answers within WireGuard's keepalive timeout
+    /// (it sends a keepalive at the latest 10 s after data it received).
+    unanswered_since: Option<Instant>,
+}
+
+/// How long sent data may go unanswered before the tunnel counts as down:
+/// WireGuard's keepalive timeout (10 s) plus its rekey timeout (5 s).
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(15);
+
+impl AgentPath {
+    fn new(state: AgentState) -> Self {
+        Self {
+            state,
+            last_heard: None,
+            unanswered_since: None,
+        }
+    }
+
+    /// How long data sent to the gateway has gone unanswered.
+    fn silence(&self, now: Instant) -> Option<Duration> {
+        self.state.tunnel()?;
+        self.unanswered_since
+            .map(|t| now.saturating_duration_since(t))
+    }
 }
 
 impl PacketPath for AgentPath {
     fn decapsulate(&mut self, dgram: Datagram, out: &mut [u8], step: &mut Step) -> Option<usize> {
         let (state, Datagram { from, bytes }) = (&mut self.state, dgram);
-        match state.handle_network_input_into(from, bytes, out, step.now) {
+        let outcome = match state.handle_network_input_into(from, bytes, out, step.now) {
             NetworkOutcome::Lan(p) => Some(p.len()),
-            _ => None,
+            NetworkOutcome::Consumed => Some(0),
+            NetworkOutcome::Dropped(_) => None,
+        };
+        if outcome.is_some() {
+            self.last_heard = Some(step.now);
+            self.unanswered_since = None;
         }
+        outcome.filter(|n| *n > 0)
     }
 
     fn encapsulate(&mut self, packet: &mut [u8], out: &mut [u8], step: &mut Step) -> Sent {
-        match self.state.handle_lan_input_into(packet, out, step.now) {
+        let sent = match self.state.handle_lan_input_into(packet, out, step.now) {
             LanOutcome::Send { dst, datagram } => Some((dst, datagram.len())),
             LanOutcome::Queued | LanOutcome::Dropped(_) => None,
+        };
+        if sent.is_some() && self.unanswered_since.is_none() {
+            self.unanswered_since = Some(step.now);
         }
+        sent
     }
 
     fn room(&self, len: usize) -> usize {
@@ -297,13 +338,15 @@ impl PacketPath for AgentPath {
 }
 
 fn snapshot(
-    state: &AgentState,
+    path: &AgentPath,
     io: IoCounters,
     netstack: Option<NetstackCounters>,
     port: u16,
 ) -> Snapshot {
+    let state = &path.state;
     let tunnel = state.tunnel();
     let now = Instant::now();
+    let silent_for = path.silence(now).filter(|d| *d >= SILENCE_LIMIT);
     let wall = wall_now();
     let last_handshake = tunnel
         .as_ref()
@@ -321,18 +364,20 @@ fn snapshot(
         io,
         netstack,
         last_handshake,
+        silent_for,
         local_port: port,
     }
 }
 
 /// Handles a command; returns `false` on shutdown.
 fn command(
-    state: &mut AgentState,
+    path: &mut AgentPath,
     cmd: Option<Command>,
     io: IoCounters,
     netstack: Option<&mut Netstack>,
     port: u16,
 ) -> bool {
+    let state = &mut path.state;
     match cmd {
         None | Some(Command::Shutdown) => false,
         Some(Command::Apply {
@@ -359,7 +404,7 @@ fn command(
         }
         Some(Command::Snapshot(reply)) => {
             let ns = netstack.map(|n| n.counters());
-            let _ = reply.send(snapshot(state, io, ns, port));
+            let _ = reply.send(snapshot(path, io, ns, port));
             true
         }
     }
@@ -377,7 +422,7 @@ async fn run_packet(
         tokio::select! {
             biased;
             cmd = cmds.recv() => {
-                if !command(&mut path.state, cmd, pump.io, None, pump.udp.port()) {
+                if !command(&mut path, cmd, pump.io, None, pump.udp.port()) {
                     break;
                 }
                 pump.send_transmits(&mut path).await;
@@ -439,7 +484,7 @@ async fn run_netstack(
         tokio::select! {
             biased;
             cmd = cmds.recv() => {
-                if !command(&mut path.state, cmd, io, Some(&mut stack), udp.port()) {
+                if !command(&mut path, cmd, io, Some(&mut stack), udp.port()) {
                     break;
                 }
             }

@@ -192,3 +192,45 @@ async fn security_agent_refuses_a_plain_http_server_on_another_host() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_agent_shows_its_tunnel_down_when_its_gateway_is_gone() {
+    let mut center = Center::start_with(3600, 1500).await;
+    let (port, _pc) = pc().await;
+    let mut agent = enrolled(&mut center, port).await;
+    agent.start().await;
+    let (code, created) = agent
+        .api(Method::POST, "/api/requests", Some(request_body(&["pc-1"])))
+        .await;
+    assert_eq!(code, 201, "{created}");
+    agent
+        .wait_status("the tunnel dialled", Duration::from_secs(20), |s| {
+            s["tunnel"].is_object()
+        })
+        .await;
+    let (_, o) = agent.api(Method::GET, "/api/overview", None).await;
+    assert_ne!(o["tunnel_state"], "down", "{o}");
+
+    // The only gateway dies: no other has room, the site is stranded.
+    center.stop_gateway();
+    agent
+        .wait_status("the tunnel shown down", Duration::from_secs(30), |s| {
+            s["tunnel"]["state"] == "down"
+        })
+        .await;
+    let s = agent.status().await;
+    assert_eq!(s["tunnel"]["up"], false, "{s}");
+    assert!(
+        s["tunnel"]["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("gateway"),
+        "{s}"
+    );
+    let (_, o) = agent.api(Method::GET, "/api/overview", None).await;
+    assert_eq!(o["tunnel_state"], "down", "{o}");
+    assert!(o["problem"].as_str().is_some(), "the page says why: {o}");
+    let out = agent.run(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("session: down"), "{text}");
+}

@@ -307,6 +307,10 @@ struct Overview {
     terminals: Vec<Choice>,
     requests: Vec<RequestInfo>,
     tunnel_up: bool,
+    /// `none`, `connecting`, `up` or `down` (see `status::tunnel_state`).
+    tunnel_state: &'static str,
+    /// Why the tunnel is down.
+    tunnel_note: Option<String>,
     failure_requests: bool,
     now: UnixMillis,
 }
@@ -364,6 +368,9 @@ pub(super) async fn overview(_: Authorized, State(web): State<Arc<Web>>) -> Resp
         })
         .collect();
     let control = app.control();
+    let (tunnel_state, tunnel_note) = snap.as_ref().map_or(("none", None), |s| {
+        super::status::tunnel_state(s, control.problem.as_deref())
+    });
     axum::Json(Overview {
         site_name: app.site_name.clone(),
         mode: mode_name(app.mode),
@@ -373,10 +380,9 @@ pub(super) async fn overview(_: Authorized, State(web): State<Arc<Web>>) -> Resp
         problem: control.problem,
         terminals,
         requests,
-        tunnel_up: snap
-            .as_ref()
-            .and_then(|s| s.tunnel.as_ref())
-            .is_some_and(|t| t.up),
+        tunnel_up: tunnel_state == "up",
+        tunnel_state,
+        tunnel_note,
         failure_requests: app.consent.failure_requests(),
         now: crate::dataplane::wall_now(),
     })
