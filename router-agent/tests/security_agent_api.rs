@@ -234,3 +234,117 @@ async fn security_agent_shows_its_tunnel_down_when_its_gateway_is_gone() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("session: down"), "{text}");
 }
+
+/// A stand-in for the maintenance server whose clock is an hour ahead of
+/// this host's (the same as a router clock an hour behind): it serves one
+/// desired state whose mapping ends 3 s after the server's now, and dates
+/// its answers with that clock.
+async fn skewed_server(skew_ms: u64, lifetime_ms: u64) -> (String, tokio::task::JoinHandle<()>) {
+    use axum::routing::{get, post};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    // The server's clock, whole seconds (what a Date header can say).
+    let server_now = (now() + skew_ms) / 1000 * 1000;
+    let doc = serde_json::json!({
+        "version": 1,
+        "site_id": 1,
+        "tunnel": null,
+        "mappings": [{
+            "nat_address": "10.64.0.5",
+            "terminal": "pc-1",
+            "request_id": 7,
+            "expires_at": server_now + lifetime_ms,
+        }],
+    });
+    let started = std::time::Instant::now();
+    let state = get(move || {
+        let doc = doc.clone();
+        async move {
+            let at = server_now + started.elapsed().as_millis() as u64;
+            // IMF-fixdate of the server's clock.
+            let secs = at / 1000;
+            let (days, rem) = (secs / 86_400, secs % 86_400);
+            let (y, m, d) = civil(days as i64);
+            const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+            const MONTHS: [&str; 12] = [
+                "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+            ];
+            let date = format!(
+                "{}, {d:02} {} {y} {:02}:{:02}:{:02} GMT",
+                DAYS[(days % 7) as usize],
+                MONTHS[(m - 1) as usize],
+                rem / 3600,
+                rem / 60 % 60,
+                rem % 60
+            );
+            ([(axum::http::header::DATE, date)], axum::Json(doc))
+        }
+    });
+    let app = axum::Router::new()
+        .route(paths::AGENT_STATE, state)
+        .route(
+            paths::AGENT_APPLIED,
+            post(|| async { axum::http::StatusCode::NO_CONTENT }),
+        )
+        .route(
+            paths::AGENT_REQUESTS,
+            get(|| async { axum::Json(serde_json::json!([])) }),
+        );
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    (base, task)
+}
+
+/// Year, month, day of a day count since 1970-01-01 (H. Hinnant's algorithm).
+fn civil(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_agent_expiry_counts_the_servers_remaining_time_not_the_routers_clock() {
+    let (port, _pc) = pc().await;
+    // An hour of skew: the router's clock says consent has an hour more.
+    let (base, _server) = skewed_server(3_600_000, 4_000).await;
+    let mut agent = support::Agent::new(port);
+    let text = std::fs::read_to_string(&agent.config)
+        .unwrap()
+        .replace("[agent]\n", "[agent]\ninstall_server_requests = true\n");
+    std::fs::write(&agent.config, text).unwrap();
+    std::fs::write(
+        agent.identity_path(),
+        serde_json::json!({
+            "site_id": 1, "site_name": "Skewed", "server_url": base,
+            "credential": "c",
+            "private_key": vpnnat::tunnel::PrivateKey::from_bytes([3; 32]).to_base64(),
+        })
+        .to_string(),
+    )
+    .unwrap();
+    agent.start().await;
+    agent
+        .wait_status("the mapping installed", Duration::from_secs(20), |s| {
+            mappings(s) == 1
+        })
+        .await;
+    // Removed once the server's 4 s are over, not an hour later.
+    agent
+        .wait_status("the mapping expired", Duration::from_secs(30), |s| {
+            mappings(s) == 0 && s["mappings_expired"] == 1
+        })
+        .await;
+}
