@@ -48,6 +48,7 @@ pub struct AgentWorld {
     pub dir: tempfile::TempDir,
     agent_pid: Option<u32>,
     agent_runs: usize,
+    gateway_pid: Option<u32>,
 }
 
 impl AgentWorld {
@@ -101,6 +102,7 @@ impl AgentWorld {
             dir,
             agent_pid: None,
             agent_runs: 0,
+            gateway_pid: None,
         };
         w.start_center();
         w
@@ -173,7 +175,7 @@ impl AgentWorld {
             .arg(self.path("gateway.toml"))
             .env("RUST_LOG", "info");
         let log = self.path("gateway.log");
-        self.gw.spawn(&mut cmd, Some(&log));
+        self.gateway_pid = Some(self.gw.spawn(&mut cmd, Some(&log)));
         let gw_ns = &self.gw;
         wait_until("the gateway", Duration::from_secs(15), || {
             gw_ns.try_sh("curl -sf http://127.0.0.1:9101/healthz")
@@ -231,6 +233,13 @@ impl AgentWorld {
             }
             ok
         });
+    }
+
+    /// `kill -9` of the gateway (the only one: the site is stranded).
+    pub fn kill_gateway(&mut self) {
+        if let Some(pid) = self.gateway_pid.take() {
+            self.gw.kill(pid);
+        }
     }
 
     /// `kill -9` of the agent.
