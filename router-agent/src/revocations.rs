@@ -95,3 +95,32 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vpnnat::messages::ApiError;
+
+    fn api(status: u16) -> CallError {
+        CallError::Api {
+            status: reqwest::StatusCode::from_u16(status).expect("a status"),
+            body: ApiError {
+                error: "x".into(),
+                message: "x".into(),
+                field: None,
+            },
+        }
+    }
+
+    #[test]
+    fn security_only_a_final_refusal_stops_the_retries() {
+        // Closed or unknown there: nothing left to tell.
+        for s in [400, 404, 409, 410, 422] {
+            assert!(definitive(&api(s)), "{s}");
+        }
+        // The server's trouble, a rate limit, a credential being fixed: retry.
+        for s in [401, 403, 408, 429, 500, 502, 503, 504] {
+            assert!(!definitive(&api(s)), "{s}");
+        }
+    }
+}
