@@ -195,9 +195,13 @@ impl World {
             ),
             AgentMode::Netstack => ("netstack", "eth0", String::new()),
         };
-        let server = server_url
-            .map(|u| format!("[server]\nurl = \"{u}\"\npoll_wait_ms = 20000\n"))
-            .unwrap_or_default();
+        // The test center is plain http:// inside the namespaces.
+        let server = format!(
+            "[server]\nallow_insecure_http = true\n{}",
+            server_url
+                .map(|u| format!("url = \"{u}\"\npoll_wait_ms = 20000\n"))
+                .unwrap_or_default()
+        );
         let text = format!(
             "[agent]\nidentity_file = \"{id}\"\nstate_dir = \"{state}\"\nmode = \"{mode}\"\n\
              {server}\

@@ -26,7 +26,10 @@
 //!
 //! No IO and no clock: `now` comes in as a parameter. Wall-clock expiry times
 //! on the wire ([`UnixMillis`]) are converted once, when a document is
-//! applied, using the wall time the caller read together with `now`.
+//! applied, into the remaining time on the document's own clock: the caller
+//! passes the time of the clock that wrote the document (the server's, as
+//! its answer dated it) together with `now`, so that a wrong router clock
+//! neither extends nor shortens the customer's consent.
 //!
 //! Files: `desired` (following the desired state: mappings, revocations,
 //! dialling), `datapath` (the packet path in both directions), [`nat`] (the
@@ -340,6 +343,10 @@ pub struct AgentState<K: Kinds = Builtin> {
     /// are never installed again, even if the server still lists them
     /// because it could not be told yet.
     revoked: std::collections::BTreeSet<RequestId>,
+    /// When set, only requests in `consented` are installed: the ones the
+    /// customer made on this agent, not whatever the server lists.
+    consent_required: bool,
+    consented: std::collections::BTreeSet<RequestId>,
     nat: Box<dyn PacketNat>,
     transmits: VecDeque<Transmit>,
     free_bufs: Vec<Vec<u8>>,
@@ -403,6 +410,8 @@ impl<K: Kinds> AgentState<K> {
             peer: None,
             mappings: BTreeMap::new(),
             revoked: std::collections::BTreeSet::new(),
+            consent_required: false,
+            consented: std::collections::BTreeSet::new(),
             nat,
             transmits: VecDeque::new(),
             free_bufs: Vec::new(),
@@ -410,6 +419,20 @@ impl<K: Kinds> AgentState<K> {
             events: VecDeque::new(),
             counters: AgentCounters::default(),
         }
+    }
+
+    /// With `true`, a mapping is installed only when its request was given
+    /// to [`Self::consent_to`] (a request the customer made on this agent);
+    /// the others are reported as errors of the applied state. Off by
+    /// default: every request the document lists is installed.
+    pub fn require_consent(&mut self, on: bool) {
+        self.consent_required = on;
+    }
+
+    /// Records that the customer made request `id` on this agent: its
+    /// mappings may be installed when [`Self::require_consent`] is on.
+    pub fn consent_to(&mut self, id: RequestId) {
+        self.consented.insert(id);
     }
 
     /// The data mode.

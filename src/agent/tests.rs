@@ -622,7 +622,37 @@ fn end_access_now_works_without_the_server_and_sticks<K: TestKinds>() {
     assert_eq!(p.agent.revoke_request(RequestId(99), now), 0);
 }
 
+fn security_only_requests_made_here_are_installed_when_consent_is_required<K: TestKinds>() {
+    let now = Instant::now();
+    let mut a = agent::<K>(DataMode::Packet { masquerade: None }, now);
+    a.require_consent(true);
+    a.consent_to(RequestId(17));
+    let mut d = desired(1, &[(NAT, "pc-1", 3600)]);
+    // A request the customer never made here (the server's own, or forged).
+    d.mappings.push(AgentMapping {
+        nat_address: Ipv4Addr::new(10, 64, 0, 6),
+        terminal: name("pc-2"),
+        request_id: RequestId(18),
+        expires_at: UnixMillis(WALL.0 + 3_600_000),
+    });
+    let applied = a.handle_desired_state(&d, &names(), now, WALL).unwrap();
+    let installed: Vec<_> = a.mappings().map(|m| m.request_id).collect();
+    assert_eq!(installed, vec![RequestId(17)]);
+    assert_eq!(applied.errors.len(), 1, "{:?}", applied.errors);
+    assert!(
+        applied.errors[0].contains("request 18") && applied.errors[0].contains("not installed"),
+        "{:?}",
+        applied.errors
+    );
+    // Once the customer consents, the next document installs it.
+    a.consent_to(RequestId(18));
+    d.version = 2;
+    a.handle_desired_state(&d, &names(), now, WALL).unwrap();
+    assert_eq!(a.mappings().count(), 2);
+}
+
 for_each_kind! {
+    security_only_requests_made_here_are_installed_when_consent_is_required,
     mapping_is_installed_and_the_gateway_dialled,
     packet_mode_rewrites_both_ways,
     unmapped_destinations_and_sources_are_dropped_and_counted,
