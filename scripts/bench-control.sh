@@ -50,6 +50,12 @@ dir = "$run_dir/state"
 [database]
 url = "$1"
 max_connections = 16
+# The benchmark opens many requests per site and ends none: it measures the
+# control plane, not the per-site limits.
+[quotas]
+open_requests_per_site = 100000
+terminals_per_site = 100000
+requests_per_minute = 1000000
 EOF
   RUST_LOG=warn,maintenance_server=info "$server_bin" --config "$run_dir/server.toml" serve >"$run_dir/log" 2>&1 &
   server_pid=$!

@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(
-  iproute2 iputils-ping nftables procps psmisc curl ca-certificates python3 tcpdump socat
+  iproute2 iputils-ping iputils-arping nftables procps psmisc curl ca-certificates python3 tcpdump socat
   wireguard-go wireguard-tools iperf3
   postgresql
   # strongSwan with userspace ESP (kernel-libipsec): the independent IPsec peer of the interop tests

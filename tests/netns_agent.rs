@@ -195,9 +195,13 @@ impl World {
             ),
             AgentMode::Netstack => ("netstack", "eth0", String::new()),
         };
-        let server = server_url
-            .map(|u| format!("[server]\nurl = \"{u}\"\npoll_wait_ms = 20000\n"))
-            .unwrap_or_default();
+        // The test center is plain http:// inside the namespaces.
+        let server = format!(
+            "[server]\nallow_insecure_http = true\n{}",
+            server_url
+                .map(|u| format!("url = \"{u}\"\npoll_wait_ms = 20000\n"))
+                .unwrap_or_default()
+        );
         let text = format!(
             "[agent]\nidentity_file = \"{id}\"\nstate_dir = \"{state}\"\nmode = \"{mode}\"\n\
              {server}\
@@ -708,6 +712,61 @@ fn netns_agent_drops_malformed_tunnel_packets_and_keeps_working() {
     let pid = w.agent_pid.unwrap();
     assert!(Path::new(&format!("/proc/{pid}")).exists());
     assert!(!w.agent_log().contains("panicked"));
+}
+
+/// The agent accepts from its tunnel only sources in its center prefixes
+/// (default 172.16.0.0/24): a gateway, or anyone holding its key, cannot reach
+/// the mapped PC from elsewhere.
+#[test]
+fn security_agent_drops_tunnel_packets_from_outside_the_center_prefixes() {
+    if !require(PREREQS) {
+        return;
+    }
+    let mut w = World::new("asrc", AgentMode::Packet);
+    let config = w.agent_config(None);
+    let agent_key = w.agent_pubkey(&config);
+    let mut gw = FakeGateway::new(&w.gw, &w.gw_key, agent_key);
+    let desired = desired_doc(1, &w.gw_key, &[(NAT, "pc-1")]);
+    let desired_file = w.dir.path().join("desired.json");
+    std::fs::write(&desired_file, serde_json::to_vec(&desired).unwrap()).unwrap();
+    w.start_agent(&config, Some(&desired_file));
+    let tech: Ipv4Addr = "172.16.0.50".parse().unwrap();
+    let nat: Ipv4Addr = NAT.parse().unwrap();
+    let mut seq = 0;
+    let mut alive = |gw: &mut FakeGateway| {
+        seq += 1;
+        let s = seq;
+        (0..20).any(|_| {
+            gw.pump(Duration::from_millis(100));
+            if gw.agent.is_none() || !gw.tunnel.has_session() {
+                return false;
+            }
+            gw.send(&icmp_echo(tech, nat, s));
+            gw.pump(Duration::from_millis(400))
+                .iter()
+                .any(|p| is_echo_reply_from(p, nat, s))
+        })
+    };
+    assert!(alive(&mut gw), "no echo reply:\n{}", w.agent_log());
+    w.pc.sh(
+        "nft add table ip watch && nft add chain ip watch in '{ type filter hook input priority -300; }' \
+         && nft add rule ip watch in 'ip saddr != 172.16.0.0/24 icmp type echo-request counter'",
+    );
+    for src in ["172.16.1.50", "203.0.113.1", "10.64.0.9"] {
+        gw.send(&icmp_echo(src.parse().unwrap(), nat, 7));
+    }
+    gw.pump(Duration::from_millis(500));
+    let seen = w.pc.sh("nft list chain ip watch in");
+    assert!(
+        seen.contains("packets 0 "),
+        "the PC saw sources outside the center prefixes: {seen}"
+    );
+    assert!(
+        w.agent_metric("vpnnat_agent_drops_total{reason=\"not_technician\"}") >= 3,
+        "{}",
+        w.agent_log()
+    );
+    assert!(alive(&mut gw), "the technician is still served");
 }
 
 // ------------------------------------------------------------ with the server

@@ -253,7 +253,12 @@ fn netns_gateway_clean_shutdown_removes_routes_and_arp_entries() {
         w.gw.terminate(pid, Duration::from_secs(10))
             .expect("exits on SIGTERM");
     assert!(status.success(), "{status:?}\n{}", w.gateway_log());
-    assert!(w.gw.sh("ip -4 route show proto 118").is_empty());
+    // Only the pool's blackhole stays (on purpose: pool traffic is never
+    // routed elsewhere, also while the gateway is stopped).
+    assert_eq!(
+        w.gw.sh("ip -4 route show proto 118").trim(),
+        "blackhole 10.64.0.0/16 metric 30326"
+    );
     assert!(proxies(&w).is_empty());
     assert!(!w.gw.try_sh("ip link show vpnnat0"));
     assert!(w.gateway_log().contains("NAT address released"));

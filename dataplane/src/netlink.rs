@@ -16,7 +16,7 @@ use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
 };
-use netlink_packet_route::route::{RouteMessage, RouteProtocol, RouteScope};
+use netlink_packet_route::route::{RouteMessage, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::RouteMessageBuilder;
 
 /// The routing protocol number on our routes and proxy entries ("v"; 0–4
@@ -150,6 +150,23 @@ impl Netlink {
             .await
     }
 
+    /// Discards traffic to `addr/prefix_len` (a blackhole route with our
+    /// protocol) at metric [`BLACKHOLE_METRIC`], below every route of
+    /// [`Self::add_route`] (metric 0): it carries the traffic only while no
+    /// such route exists, e.g. when the device they lead to has gone and the
+    /// kernel removed them with it. Replaces a blackhole there is.
+    ///
+    /// # Errors
+    /// The kernel's refusal.
+    pub async fn add_blackhole(&self, addr: Ipv4Addr, prefix_len: u8) -> Result<(), Error> {
+        self.handle
+            .route()
+            .add(blackhole_message(addr, prefix_len))
+            .replace()
+            .execute()
+            .await
+    }
+
     /// Removes the route [`Self::add_route`] made; a missing route is no error.
     ///
     /// # Errors
@@ -245,6 +262,19 @@ fn route_message(addr: Ipv4Addr, prefix_len: u8, index: u32) -> RouteMessage {
         .build()
 }
 
+/// The metric of [`Netlink::add_blackhole`]'s routes: far below (numerically
+/// above) the kernel's default 0, so any route to a device wins while it exists.
+pub const BLACKHOLE_METRIC: u32 = 0x7676;
+
+fn blackhole_message(addr: Ipv4Addr, prefix_len: u8) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(addr, prefix_len)
+        .kind(RouteType::BlackHole)
+        .priority(BLACKHOLE_METRIC)
+        .protocol(PROTOCOL)
+        .build()
+}
+
 fn proxy_message(index: u32, ip: Ipv4Addr) -> NeighbourMessage {
     let mut m = NeighbourMessage::default();
     m.header.family = AddressFamily::Inet;
@@ -285,6 +315,9 @@ mod tests {
         assert_eq!(r.header.protocol, PROTOCOL);
         assert_eq!(r.header.scope, RouteScope::Link);
         assert_eq!(r.header.destination_prefix_length, 32);
+        let b = blackhole_message(Ipv4Addr::new(10, 64, 0, 0), 16);
+        assert_eq!(b.header.kind, RouteType::BlackHole);
+        assert_eq!(b.header.protocol, PROTOCOL);
         let p = proxy_message(7, Ipv4Addr::new(10, 64, 0, 5));
         assert_eq!(p.header.ifindex, 7);
         assert_eq!(p.header.flags, NeighbourFlags::Proxy);

@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use vpnnat::control::{Lease, LeaseAction};
 use vpnnat::gateway::GatewayEvent;
 use vpnnat::messages::{
     AppliedState, GatewayDesiredState, GatewayId, Health, PublicKey, UnixMillis,
@@ -46,6 +47,8 @@ pub struct App {
     pub control: Mutex<ControlState>,
     /// Errors of the last route reconciliation (non-empty → degraded).
     pub route_errors: Mutex<Vec<String>>,
+    /// The lease on announcing NAT addresses that acknowledged heartbeats renew.
+    pub lease: Mutex<Lease>,
 }
 
 impl App {
@@ -76,6 +79,10 @@ impl App {
             }
         }
         let mut routes = self.routes.lock().await;
+        if self.lease_mut().applied(Instant::now()) == LeaseAction::Restore {
+            tracing::info!("running the server's current document: announcing NAT addresses again");
+            routes.set_withdrawn(false);
+        }
         for (address, d) in delta {
             match d.cmp(&0) {
                 std::cmp::Ordering::Greater => routes.want(address),
@@ -95,6 +102,42 @@ impl App {
     /// Retries routes that failed (called periodically).
     pub async fn retry_routes(&self) {
         let mut routes = self.routes.lock().await;
+        let errors = routes.reconcile().await;
+        *self.route_errors.lock().unwrap_or_else(|e| e.into_inner()) = errors;
+    }
+
+    /// The server acknowledged a heartbeat sent at `sent_at` (see
+    /// [`Lease::acknowledged`]); `current`: this gateway runs the newest
+    /// document the server has for it.
+    pub async fn lease_acknowledged(&self, sent_at: Instant, lease_ms: Option<u64>, current: bool) {
+        let length = lease_ms.map(Duration::from_millis);
+        let action = self
+            .lease_mut()
+            .acknowledged(sent_at, length, current, Instant::now());
+        if action == LeaseAction::Restore {
+            tracing::info!("control plane back: announcing NAT addresses again");
+            self.set_withdrawn(false).await;
+        }
+    }
+
+    /// Withdraws every NAT address once the lease has run out.
+    pub async fn lease_tick(&self) {
+        if self.lease_mut().tick(Instant::now()) == LeaseAction::Withdraw {
+            tracing::warn!(
+                "no heartbeat acknowledged within the server's down_after_ms: withdrawing every \
+                 NAT address's route and proxy-ARP entry (the server moves the sites elsewhere)"
+            );
+            self.set_withdrawn(true).await;
+        }
+    }
+
+    fn lease_mut(&self) -> std::sync::MutexGuard<'_, Lease> {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn set_withdrawn(&self, withdrawn: bool) {
+        let mut routes = self.routes.lock().await;
+        routes.set_withdrawn(withdrawn);
         let errors = routes.reconcile().await;
         *self.route_errors.lock().unwrap_or_else(|e| e.into_inner()) = errors;
     }

@@ -123,6 +123,7 @@ impl GatewayCalls {
 
     async fn heartbeat(&self) -> anyhow::Result<Reply<GatewayDesiredState>> {
         let beat = heartbeat(&self.app).await?;
+        let sent_at = Instant::now();
         let ack: Result<HeartbeatAck, _> = self
             .server
             .post_json("heartbeat", paths::GATEWAY_HEARTBEAT, &beat)
@@ -134,6 +135,10 @@ impl GatewayCalls {
                     drain = ack.drain,
                     "heartbeat"
                 );
+                let current = beat.applied_version == ack.desired_version;
+                self.app
+                    .lease_acknowledged(sent_at, ack.lease_ms, current)
+                    .await;
                 self.app.retry_routes().await;
                 Reply::Accepted
             }

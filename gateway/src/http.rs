@@ -45,6 +45,10 @@ pub struct StatusView {
     pub last_error: Option<String>,
     /// NAT addresses routed here.
     pub routed_addresses: Vec<Ipv4Addr>,
+    /// No heartbeat was acknowledged within the server's lease: every NAT
+    /// address is withdrawn until the server's current document runs again.
+    #[serde(default)]
+    pub addresses_withdrawn: bool,
     /// Drops by reason (non-zero only).
     pub drops: BTreeMap<String, u64>,
     /// The peers.
@@ -113,14 +117,13 @@ async fn status(State(app): State<Arc<App>>) -> Response {
 async fn status_view(app: &App) -> anyhow::Result<StatusView> {
     let snap = app.snapshot().await?;
     let control = app.control_state();
-    let routed = app
-        .routes
-        .lock()
-        .await
-        .installed()
-        .iter()
-        .copied()
-        .collect();
+    let (routed, addresses_withdrawn) = {
+        let routes = app.routes.lock().await;
+        (
+            routes.installed().iter().copied().collect(),
+            routes.is_withdrawn(),
+        )
+    };
     let nonzero = |d: &vpnnat::gateway::DropCounters| {
         d.iter()
             .filter(|(_, n)| *n > 0)
@@ -138,6 +141,7 @@ async fn status_view(app: &App) -> anyhow::Result<StatusView> {
         gateway_id: control.gateway_id,
         last_error: control.last_error,
         routed_addresses: routed,
+        addresses_withdrawn,
         drops: nonzero(&snap.counters.drops),
         peers: snap
             .peers
@@ -169,7 +173,10 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 async fn render_metrics(app: &App) -> anyhow::Result<String> {
     let snap = app.snapshot().await?;
     let control = app.control_state();
-    let routed = app.routes.lock().await.installed().len();
+    let (routed, withdrawn) = {
+        let routes = app.routes.lock().await;
+        (routes.installed().len(), routes.is_withdrawn())
+    };
     let mut m = Exposition::new("vpnnat_gateway_");
     m.single(
         "peers",
@@ -182,6 +189,12 @@ async fn render_metrics(app: &App) -> anyhow::Result<String> {
         Gauge,
         "NAT addresses routed to this gateway.",
         routed,
+    );
+    m.single(
+        "addresses_withdrawn",
+        Gauge,
+        "1 while NAT addresses are withdrawn because no heartbeat was acknowledged within the lease.",
+        u8::from(withdrawn),
     );
     m.single(
         "applied_version",

@@ -154,6 +154,8 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
             max_tunnels: settings.wireguard.max_tunnels,
             handshake_limit: settings.wireguard.handshake_limit,
             icmp_source: settings.center.icmp_source,
+            technician_prefixes: settings.center.technician_prefixes.clone(),
+            flows: settings.flows.limits(),
             ..GatewayConfig::new(key.clone())
         },
         workers as u16,
@@ -186,6 +188,7 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
             ..ControlState::default()
         }),
         route_errors: Mutex::new(Vec::new()),
+        lease: Mutex::new(vpnnat::control::Lease::new()),
     });
     tracing::info!(
         public_key = %public_key,
@@ -266,9 +269,14 @@ async fn serve(
         let app = app.clone();
         let mut rx = shutdown_rx.clone();
         tokio::spawn(async move {
+            let mut retry = tokio::time::interval(Duration::from_secs(5));
+            // Fine-grained: the lease runs out at the same moment the server
+            // may move the sites; the server's failover tick comes later.
+            let mut lease = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(5)) => app.retry_routes().await,
+                    _ = retry.tick() => app.retry_routes().await,
+                    _ = lease.tick() => app.lease_tick().await,
                     _ = rx.changed() => return,
                 }
             }

@@ -7,6 +7,12 @@
 //!
 //! Routes and proxy entries carry a protocol number of our own, so entries a
 //! crashed previous run left behind are found and removed at start.
+//!
+//! Two safety nets: the whole pool has a blackhole route below the device
+//! routes, so pool traffic is discarded rather than routed elsewhere when the
+//! TUN device disappears; and every address is withdrawn while the gateway's
+//! control-plane lease has run out ([`vpnnat::control::Lease`]), so that an
+//! address the server moved to another gateway is never answered by two.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -34,6 +40,9 @@ pub struct Routes {
     target: BTreeSet<Ipv4Addr>,
     /// Addresses whose route and proxy entry are in place.
     installed: BTreeSet<Ipv4Addr>,
+    /// The control-plane lease ran out: nothing is announced until the
+    /// server's current document runs again ([`vpnnat::control::Lease`]).
+    withdrawn: bool,
 }
 
 impl std::fmt::Debug for Routes {
@@ -67,6 +76,16 @@ impl Routes {
             .add_route(pool.addr(), pool.prefix_len(), tun_index)
             .await
             .map_err(|e| anyhow!("route {pool} dev {tun_name}: {e}"))?;
+        // When the TUN device disappears, the kernel drops every route to it;
+        // pool traffic must then be discarded here, never follow another
+        // route (a default route toward the internet, or back to the center
+        // LAN). The blackhole sits below the device routes and is left in
+        // place at exit on purpose: a gateway host never forwards pool
+        // traffic elsewhere, also while the gateway is stopped.
+        netlink
+            .add_blackhole(pool.addr(), pool.prefix_len())
+            .await
+            .map_err(|e| anyhow!("blackhole route {pool}: {e}"))?;
         let center = if center_if.is_empty() {
             None
         } else {
@@ -91,6 +110,7 @@ impl Routes {
             center,
             target: BTreeSet::new(),
             installed: BTreeSet::new(),
+            withdrawn: false,
         };
         routes.remove_stale().await;
         Ok(routes)
@@ -111,6 +131,17 @@ impl Routes {
         self.target.remove(&ip);
     }
 
+    /// Withdraws every address (`true`: the next [`Self::reconcile`] removes
+    /// them all and installs none) or announces the wanted ones again.
+    pub fn set_withdrawn(&mut self, withdrawn: bool) {
+        self.withdrawn = withdrawn;
+    }
+
+    /// Whether the addresses are withdrawn.
+    pub fn is_withdrawn(&self) -> bool {
+        self.withdrawn
+    }
+
     /// Brings the kernel in line with the wanted addresses: removals first
     /// (an address may move to another gateway), then additions. Failures
     /// are retried by the next call.
@@ -119,13 +150,15 @@ impl Routes {
     /// One line per address that could not be installed or removed.
     pub async fn reconcile(&mut self) -> Vec<String> {
         let mut errors = Vec::new();
-        let extra: Vec<Ipv4Addr> = self.installed.difference(&self.target).copied().collect();
+        let none = BTreeSet::new();
+        let target = if self.withdrawn { &none } else { &self.target };
+        let extra: Vec<Ipv4Addr> = self.installed.difference(target).copied().collect();
+        let missing: Vec<Ipv4Addr> = target.difference(&self.installed).copied().collect();
         for ip in extra {
             if let Err(e) = self.remove(ip).await {
                 errors.push(format!("{e:#}"));
             }
         }
-        let missing: Vec<Ipv4Addr> = self.target.difference(&self.installed).copied().collect();
         for ip in missing {
             if let Err(e) = self.add(ip).await {
                 tracing::warn!(address = %ip, error = %e, "could not route a NAT address here");

@@ -28,6 +28,8 @@ pub struct Settings {
     pub server: Server,
     /// `[metrics]`
     pub metrics: Metrics,
+    /// `[flows]`
+    pub flows: Flows,
 }
 
 /// `[wireguard]`: the tunnel side.
@@ -77,6 +79,11 @@ pub struct Center {
     /// ICMP error source; `None` = the unreachable address.
     #[serde(deserialize_with = "de::optional")]
     pub icmp_source: Option<Ipv4Addr>,
+    /// Sources that may reach the sites and open connections to them (the
+    /// technicians); default the center LAN of the address plan,
+    /// 172.16.0.0/24. Packets from elsewhere are dropped (`not_technician`).
+    #[serde(deserialize_with = "de::list")]
+    pub technician_prefixes: Vec<Prefix>,
 }
 
 impl Default for Center {
@@ -87,6 +94,7 @@ impl Default for Center {
             pool: Prefix::new(Ipv4Addr::new(10, 64, 0, 0), 16).expect("valid default pool"),
             interface: String::new(),
             icmp_source: None,
+            technician_prefixes: vec![vpnnat::gateway::GatewayConfig::default_technician_prefix()],
         }
     }
 }
@@ -129,6 +137,46 @@ impl Default for Metrics {
     }
 }
 
+/// `[flows]`: the flow table (only the center opens connections), per
+/// data-plane worker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Flows {
+    /// The most flows per worker; a new flow beyond it is refused
+    /// (`flow_table_full`).
+    pub max_flows: usize,
+    /// Idle time of an established TCP flow, seconds.
+    pub tcp_idle_s: u64,
+    /// Idle time of a UDP flow (and of other IP protocols), seconds.
+    pub udp_idle_s: u64,
+    /// Idle time of an ICMP echo flow, seconds.
+    pub icmp_idle_s: u64,
+}
+
+impl Default for Flows {
+    fn default() -> Self {
+        let d = vpnnat::gateway::flows::FlowLimits::default();
+        Self {
+            max_flows: d.max_flows,
+            tcp_idle_s: d.tcp_idle.as_secs(),
+            udp_idle_s: d.udp_idle.as_secs(),
+            icmp_idle_s: d.icmp_idle.as_secs(),
+        }
+    }
+}
+
+impl Flows {
+    /// The core's limits.
+    pub fn limits(&self) -> vpnnat::gateway::flows::FlowLimits {
+        vpnnat::gateway::flows::FlowLimits {
+            max_flows: self.max_flows,
+            tcp_idle: std::time::Duration::from_secs(self.tcp_idle_s),
+            udp_idle: std::time::Duration::from_secs(self.udp_idle_s),
+            icmp_idle: std::time::Duration::from_secs(self.icmp_idle_s),
+        }
+    }
+}
+
 impl Settings {
     /// Checks what serde cannot.
     ///
@@ -147,6 +195,36 @@ impl Settings {
         }
         if self.center.tun_mtu < 576 {
             return err("center.tun_mtu", "must be at least 576");
+        }
+        if self.center.technician_prefixes.is_empty() {
+            return err(
+                "center.technician_prefixes",
+                "must name at least one prefix (nothing could reach the sites)",
+            );
+        }
+        let pool = self.center.pool;
+        if let Some(p) = self
+            .center
+            .technician_prefixes
+            .iter()
+            .find(|p| p.contains(pool.addr()) || pool.contains(p.addr()))
+        {
+            return err(
+                "center.technician_prefixes",
+                &format!("{p} overlaps the pool {pool} (sites are never technicians)"),
+            );
+        }
+        if self.flows.max_flows == 0 || self.flows.max_flows > 16_777_216 {
+            return err("flows.max_flows", "must be 1 to 16777216");
+        }
+        for (key, v) in [
+            ("flows.tcp_idle_s", self.flows.tcp_idle_s),
+            ("flows.udp_idle_s", self.flows.udp_idle_s),
+            ("flows.icmp_idle_s", self.flows.icmp_idle_s),
+        ] {
+            if v == 0 || v > 7 * 24 * 3600 {
+                return err(key, "must be 1 to 604800 (a week)");
+            }
         }
         if !self.server.url.is_empty() {
             if !(self.server.url.starts_with("http://") || self.server.url.starts_with("https://"))
@@ -181,6 +259,8 @@ mod tests {
         assert_eq!(s.center.tun_mtu, 1420);
         assert_eq!(s.metrics.listen, d.metrics.listen);
         assert_eq!(s.wireguard.endpoints.len(), 1);
+        assert_eq!(s.center.technician_prefixes, d.center.technician_prefixes);
+        assert_eq!(s.flows.limits(), d.flows.limits());
     }
 
     #[test]
@@ -201,5 +281,21 @@ mod tests {
             vpnnat::config::load(None, vec![("VPNNAT_SERVER__URL".into(), "ftp://x".into())])
                 .unwrap();
         assert!(s.validate("env").unwrap_err().contains("server.url"));
+        for (toml, key) in [
+            (
+                "[center]\ntechnician_prefixes = []\n",
+                "center.technician_prefixes",
+            ),
+            (
+                "[center]\ntechnician_prefixes = [\"10.0.0.0/8\"]\n",
+                "center.technician_prefixes",
+            ),
+            ("[flows]\nmax_flows = 0\n", "flows.max_flows"),
+            ("[flows]\nudp_idle_s = 0\n", "flows.udp_idle_s"),
+        ] {
+            let s: Settings = vpnnat::config::load(Some(("g.toml", toml)), Vec::new()).unwrap();
+            let e = s.validate("g.toml").unwrap_err();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
     }
 }

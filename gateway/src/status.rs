@@ -54,6 +54,12 @@ pub fn render(s: &StatusView, now: SystemTime) -> String {
         }
     }
     let _ = writeln!(o, "  routed addresses: {}", s.routed_addresses.len());
+    if s.addresses_withdrawn {
+        let _ = writeln!(
+            o,
+            "  addresses withdrawn: no heartbeat acknowledged within the server's lease"
+        );
+    }
     if !s.drops.is_empty() {
         let _ = writeln!(o, "  drops: {}", join_counts(&s.drops));
     }
@@ -162,6 +168,7 @@ mod tests {
             gateway_id: None,
             last_error: None,
             routed_addresses: vec!["10.64.0.5".parse().unwrap()],
+            addresses_withdrawn: false,
             drops: [("spoofed_source".to_owned(), 2)].into_iter().collect(),
             peers: vec![PeerStatusView {
                 site_id: SiteId(3),

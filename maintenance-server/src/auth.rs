@@ -4,9 +4,15 @@
 //! Scopes: no or an unknown credential → 401; a valid-looking credential of
 //! another kind → 403.
 
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use vpnnat::messages::{GatewayId, SiteId};
 
 use crate::db::{col, u64_of};
@@ -50,7 +56,7 @@ impl FromRequestParts<AppState> for SiteAuth {
             parts,
             state,
             SecretKind::Site,
-            "SELECT id FROM sites WHERE credential_hash = $1",
+            "SELECT id FROM sites WHERE credential_hash = $1 AND disabled = 0",
         )
         .await?;
         Ok(Self { site: SiteId(id) })
@@ -90,7 +96,7 @@ impl FromRequestParts<AppState> for GatewayAuth {
             parts,
             state,
             SecretKind::Gateway,
-            "SELECT id FROM gateways WHERE credential_hash = $1",
+            "SELECT id FROM gateways WHERE credential_hash = $1 AND disabled = 0",
         )
         .await?;
         Ok(Self {
@@ -123,6 +129,159 @@ impl FromRequestParts<AppState> for OperatorAuth {
             Ok(Self)
         } else {
             Err(AppError::unauthorized("unknown credential"))
+        }
+    }
+}
+
+/// Who may read `/metrics`: the operator, or the scraper with the separate
+/// `operator.metrics_token`.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricsAuth;
+
+impl FromRequestParts<AppState> for MetricsAuth {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        let metrics_token = &state.settings.operator.metrics_token;
+        if let Some(token) = bearer(&parts.headers)
+            && !metrics_token.is_empty()
+            && Secret::hash_of(token) == Secret::hash_of(metrics_token)
+        {
+            return Ok(Self);
+        }
+        OperatorAuth::from_request_parts(parts, state)
+            .await
+            .map(|OperatorAuth| Self)
+    }
+}
+
+/// The key a client's login attempts count under: an IPv4 address, or the
+/// /64 of an IPv6 address (one host usually holds a whole /64, so counting
+/// single IPv6 addresses would let it rotate through 2^64 of them).
+pub fn client_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
+}
+
+/// How long a login waits for a free password check before it gets 503.
+pub const PASSWORD_CHECK_WAIT: Duration = Duration::from_secs(5);
+
+/// The bound on concurrent password checks (argon2id: 19 MiB and a CPU
+/// each), with counters for `/metrics`. Only the login uses it: agents'
+/// and gateways' credentials are SHA-256 lookups and never wait here.
+#[derive(Debug)]
+pub struct PasswordChecks {
+    permits: Arc<Semaphore>,
+    counters: Arc<CheckCounters>,
+    max: usize,
+    wait: Duration,
+}
+
+#[derive(Debug, Default)]
+struct CheckCounters {
+    running: AtomicUsize,
+    running_max: AtomicUsize,
+    total: AtomicU64,
+    busy: AtomicU64,
+    rate_limited: AtomicU64,
+}
+
+/// One running password check: holds its permit (and is counted) until
+/// dropped. Move it into the blocking task that checks, so that a client
+/// that goes away does not free the permit while the check still runs.
+#[derive(Debug)]
+pub struct PasswordCheck {
+    counters: Arc<CheckCounters>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for PasswordCheck {
+    fn drop(&mut self) {
+        self.counters.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A snapshot of [`PasswordChecks`]' counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PasswordCheckCounts {
+    /// The bound.
+    pub max: usize,
+    /// Running now.
+    pub running: usize,
+    /// The most that ever ran at once.
+    pub running_max: usize,
+    /// Checks started.
+    pub total: u64,
+    /// Logins refused with 503 `busy` (no check free in time).
+    pub busy: u64,
+    /// Logins refused with 429 (rate limit), never checked.
+    pub rate_limited: u64,
+}
+
+impl PasswordChecks {
+    /// At most `max` (at least 1) checks at once; a login waits up to
+    /// `wait` for one.
+    pub fn new(max: usize, wait: Duration) -> Self {
+        let max = max.max(1);
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            counters: Arc::default(),
+            max,
+            wait,
+        }
+    }
+
+    /// Waits (up to its `wait`) for a free check.
+    ///
+    /// # Errors
+    /// 503 `busy` with `Retry-After` when none frees up in time.
+    pub async fn begin(&self) -> Result<PasswordCheck, AppError> {
+        let permit = tokio::time::timeout(self.wait, self.permits.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let c = &self.counters;
+        let Some(permit) = permit else {
+            c.busy.fetch_add(1, Ordering::Relaxed);
+            return Err(AppError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many sign-ins at once; try again in a moment",
+            )
+            .retry_after(1));
+        };
+        let running = c.running.fetch_add(1, Ordering::SeqCst) + 1;
+        c.running_max.fetch_max(running, Ordering::SeqCst);
+        c.total.fetch_add(1, Ordering::Relaxed);
+        Ok(PasswordCheck {
+            counters: c.clone(),
+            _permit: permit,
+        })
+    }
+
+    /// Counts a login refused by the rate limit.
+    pub fn count_rate_limited(&self) {
+        self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters now.
+    pub fn counts(&self) -> PasswordCheckCounts {
+        let c = &self.counters;
+        PasswordCheckCounts {
+            max: self.max,
+            running: c.running.load(Ordering::SeqCst),
+            running_max: c.running_max.load(Ordering::SeqCst),
+            total: c.total.load(Ordering::Relaxed),
+            busy: c.busy.load(Ordering::Relaxed),
+            rate_limited: c.rate_limited.load(Ordering::Relaxed),
         }
     }
 }
@@ -181,7 +340,7 @@ impl FromRequestParts<AppState> for Technician {
         let hash = Secret::hash_of(cookie);
         let row = sqlx::query(
             "SELECT t.id, t.name, s.csrf_hash, s.expires_at FROM technician_sessions s \
-             JOIN technicians t ON t.id = s.technician_id WHERE s.token_hash = $1",
+             JOIN technicians t ON t.id = s.technician_id WHERE s.token_hash = $1 AND t.disabled = 0",
         )
         .bind(&hash)
         .fetch_optional(state.db.reader())
@@ -241,5 +400,36 @@ mod tests {
         assert_eq!(session_cookie(&h), Some("vnsess_y"));
         h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
         assert_eq!(bearer(&h), None);
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_64() {
+        let k = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(k("192.0.2.7"), "192.0.2.7");
+        assert_eq!(k("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff:1:2:3"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+    }
+
+    #[tokio::test]
+    async fn password_checks_are_bounded() {
+        let c = PasswordChecks::new(2, Duration::from_millis(50));
+        let a = c.begin().await.unwrap();
+        let b = c.begin().await.unwrap();
+        assert_eq!(c.counts().running, 2);
+        let e = c.begin().await.unwrap_err();
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.retry_after, Some(1));
+        drop((a, b));
+        let counts = c.counts();
+        assert_eq!(
+            (
+                counts.running,
+                counts.running_max,
+                counts.total,
+                counts.busy
+            ),
+            (0, 2, 2, 1)
+        );
     }
 }

@@ -32,27 +32,20 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
     )
 }
 
-/// `/`, `/console` and the assets under `/console/`.
+/// The console's pages and assets: path, content type, body.
+pub const ASSETS: &[(&str, &str, &str)] = &[
+    ("/", "text/html; charset=utf-8", INDEX),
+    ("/console", "text/html; charset=utf-8", INDEX),
+    ("/console/app.js", "text/javascript; charset=utf-8", APP_JS),
+    ("/console/style.css", "text/css; charset=utf-8", STYLE),
+    ("/console/favicon.svg", "image/svg+xml", FAVICON),
+];
+
+/// `/`, `/console` and the assets under `/console/` ([`ASSETS`]).
 pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/",
-            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
-        )
-        .route(
-            "/console",
-            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
-        )
-        .route(
-            "/console/app.js",
-            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
-        )
-        .route(
-            "/console/style.css",
-            get(|| async { asset("text/css; charset=utf-8", STYLE) }),
-        )
-        .route(
-            "/console/favicon.svg",
-            get(|| async { asset("image/svg+xml", FAVICON) }),
-        )
+    ASSETS
+        .iter()
+        .fold(Router::new(), |router, &(path, content_type, body)| {
+            router.route(path, get(move || async move { asset(content_type, body) }))
+        })
 }

@@ -2,11 +2,13 @@
 //! the field at fault when there is one. This is the one place where the
 //! typed errors of the database layer ([`DbError`], [`OpError`]) become a
 //! status and a code. Also the JSON body extractor that
-//! produces such errors (axum's own rejections are plain text).
+//! produces such errors (axum's own rejections are plain text) and insists
+//! on `Content-Type: application/json` (a plain HTML form can send
+//! `text/plain` across sites without a preflight; JSON it cannot).
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use vpnnat::messages::{ApiError, FieldError};
@@ -20,7 +22,18 @@ pub struct AppError {
     pub status: StatusCode,
     /// The body.
     pub body: ApiError,
+    /// `Retry-After` seconds, for 429 and 503 answers that know when to come back.
+    pub retry_after: Option<u64>,
 }
+
+/// Marks a response that is an intended refusal (a 503 the server gives on
+/// purpose: no capacity, pool exhausted, busy), not a failure of the server:
+/// the HTTP layer logs it at WARN, not ERROR.
+#[derive(Debug, Clone, Copy)]
+pub struct IntendedRefusal;
+
+/// The error codes of [`IntendedRefusal`]s.
+pub const REFUSAL_CODES: &[&str] = &["no_capacity", "pool_exhausted", "busy"];
 
 impl AppError {
     /// Any status with a code and message.
@@ -32,7 +45,15 @@ impl AppError {
                 message: message.into(),
                 field: None,
             },
+            retry_after: None,
         }
+    }
+
+    /// The same answer with a `Retry-After` header.
+    #[must_use]
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     /// 400/422 naming a field.
@@ -77,6 +98,7 @@ impl From<FieldError> for AppError {
         Self {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             body: e.into(),
+            retry_after: None,
         }
     }
 }
@@ -118,18 +140,53 @@ impl From<OpError> for AppError {
                 "not_registered",
                 "register first (POST /api/v1/gateway/register)",
             ),
+            OpError::Quota { field, message } => {
+                let mut e = Self::new(StatusCode::CONFLICT, "quota_exceeded", message);
+                e.body.field = Some(field.to_owned());
+                e
+            }
+            OpError::RateLimited(m) => Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", m),
         }
     }
 }
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body)).into_response()
+        let refusal = self.status == StatusCode::SERVICE_UNAVAILABLE
+            && REFUSAL_CODES.contains(&self.body.error.as_str());
+        let retry_after = self.retry_after;
+        let mut resp = (self.status, axum::Json(self.body)).into_response();
+        if let Some(s) = retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if refusal {
+            resp.extensions_mut().insert(IntendedRefusal);
+        }
+        resp
     }
 }
 
-/// A JSON body; malformed → 400, wrong shape or value → 422, too big → 413,
-/// each as an [`ApiError`] naming the field.
+/// Whether the request says its body is JSON (`application/json` or an
+/// `application/*+json` type, parameters such as `charset` allowed).
+pub fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mime = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+/// A JSON body; another `Content-Type` → 415, malformed → 400, wrong shape
+/// or value → 422, too big → 413, each as an [`ApiError`] (naming the field).
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
@@ -137,6 +194,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        if !is_json(req.headers()) {
+            return Err(AppError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as Content-Type: application/json",
+            ));
+        }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 AppError::new(

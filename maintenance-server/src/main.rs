@@ -72,6 +72,28 @@ enum SiteCmd {
         /// The site id.
         id: u64,
     },
+    /// Revoke a site's credential now and print a new enrollment token (the
+    /// agent is refused until it enrolls again with it).
+    Rotate {
+        /// The site id.
+        id: u64,
+    },
+    /// Disable a site: its agent is refused, its open requests are revoked.
+    Disable {
+        /// The site id.
+        id: u64,
+    },
+    /// Enable a disabled site again.
+    Enable {
+        /// The site id.
+        id: u64,
+    },
+    /// Delete a site, its requests (open ones revoked first), failure
+    /// reports and enrollment tokens (the audit log keeps its history).
+    Delete {
+        /// The site id.
+        id: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -91,17 +113,55 @@ enum GatewayCmd {
         #[arg(long)]
         off: bool,
     },
+    /// Give a gateway a new credential (printed once); the old one is
+    /// refused from now on. Its id, key and sites stay.
+    Rotate {
+        /// The gateway id.
+        id: u64,
+    },
+    /// Disable a gateway: its credential is refused, it is marked down and
+    /// its sites move to other gateways.
+    Disable {
+        /// The gateway id.
+        id: u64,
+    },
+    /// Enable a disabled gateway again (it is up once it heartbeats).
+    Enable {
+        /// The gateway id.
+        id: u64,
+    },
+    /// Delete a gateway identity (refused while it carries sites).
+    Delete {
+        /// The gateway id.
+        id: u64,
+    },
 }
 
 #[derive(Subcommand)]
 enum TechnicianCmd {
-    /// Add a technician, or set the password of an existing one.
+    /// Add a technician, or set the password of an existing one (which
+    /// ends its sessions).
     Add {
         /// The login name.
         name: String,
         /// Read the password from the first line of standard input.
         #[arg(long)]
         password_stdin: bool,
+    },
+    /// Disable a technician: its sessions end, its logins are refused.
+    Disable {
+        /// The login name.
+        name: String,
+    },
+    /// Enable a disabled technician again.
+    Enable {
+        /// The login name.
+        name: String,
+    },
+    /// Delete a technician and its sessions.
+    Delete {
+        /// The login name.
+        name: String,
     },
 }
 
@@ -289,6 +349,38 @@ async fn site(c: SiteCmd, settings: &Settings) -> anyhow::Result<()> {
                 r.site_id, r.name, r.enrollment_token
             ))
         }
+        SiteCmd::Rotate { id } => {
+            let now = now_ms();
+            let r = db
+                .transaction(&notifier, async |tx| {
+                    ops::rotate_site(tx, SiteId(id), "operator", now, &policy).await
+                })
+                .await?;
+            print_line(&format!(
+                "site {}: {}: credential revoked\nenrollment token (shown once; enroll the agent again with it):\n{}",
+                r.site_id, r.name, r.enrollment_token
+            ))
+        }
+        SiteCmd::Disable { id } | SiteCmd::Enable { id } => {
+            let disabled = matches!(c, SiteCmd::Disable { .. });
+            let now = now_ms();
+            db.transaction(&notifier, async |tx| {
+                ops::set_site_disabled(tx, SiteId(id), disabled, "operator", now).await
+            })
+            .await?;
+            print_line(&format!(
+                "site {id}: {}",
+                if disabled { "disabled" } else { "enabled" }
+            ))
+        }
+        SiteCmd::Delete { id } => {
+            let now = now_ms();
+            db.transaction(&notifier, async |tx| {
+                ops::delete_site(tx, SiteId(id), "operator", now).await
+            })
+            .await?;
+            print_line(&format!("site {id}: deleted"))
+        }
     }
 }
 
@@ -340,14 +432,81 @@ async fn gateway(c: GatewayCmd, settings: &Settings) -> anyhow::Result<()> {
                 }
             ))
         }
+        GatewayCmd::Rotate { id } => {
+            let now = now_ms();
+            let r = db
+                .transaction(&notifier, async |tx| {
+                    ops::rotate_gateway(tx, GatewayId(id), "operator", now).await
+                })
+                .await?;
+            print_line(&format!(
+                "gateway {}: {}\nnew credential (shown once; put it into the gateway's credential file):\n{}",
+                r.gateway_id, r.name, r.credential
+            ))
+        }
+        GatewayCmd::Disable { id } | GatewayCmd::Enable { id } => {
+            let disabled = matches!(c, GatewayCmd::Disable { .. });
+            let now = now_ms();
+            db.transaction(&notifier, async |tx| {
+                ops::set_gateway_disabled(tx, GatewayId(id), disabled, "operator", now).await
+            })
+            .await?;
+            print_line(&format!(
+                "gateway {id}: {}",
+                if disabled {
+                    "disabled (marked down; its sites move)"
+                } else {
+                    "enabled"
+                }
+            ))
+        }
+        GatewayCmd::Delete { id } => {
+            let now = now_ms();
+            db.transaction(&notifier, async |tx| {
+                ops::delete_gateway(tx, GatewayId(id), "operator", now).await
+            })
+            .await?;
+            print_line(&format!("gateway {id}: deleted"))
+        }
     }
 }
 
 async fn technician(c: TechnicianCmd, settings: &Settings) -> anyhow::Result<()> {
-    let TechnicianCmd::Add {
-        name,
-        password_stdin,
-    } = c;
+    let disabled = matches!(c, TechnicianCmd::Disable { .. });
+    let (name, password_stdin) = match c {
+        TechnicianCmd::Add {
+            name,
+            password_stdin,
+        } => (name, password_stdin),
+        TechnicianCmd::Disable { name } | TechnicianCmd::Enable { name } => {
+            let db = open(settings).await?;
+            let notifier = maintenance_server::notify::Notifier::default();
+            let now = now_ms();
+            db.transaction(&notifier, async |tx| {
+                ops::set_technician_disabled(tx, name.trim(), disabled, "operator", now).await
+            })
+            .await?;
+            return print_line(&format!(
+                "technician {}: {}",
+                name.trim(),
+                if disabled {
+                    "disabled (its sessions ended)"
+                } else {
+                    "enabled"
+                }
+            ));
+        }
+        TechnicianCmd::Delete { name } => {
+            let db = open(settings).await?;
+            let notifier = maintenance_server::notify::Notifier::default();
+            let now = now_ms();
+            db.transaction(&notifier, async |tx| {
+                ops::delete_technician(tx, name.trim(), "operator", now).await
+            })
+            .await?;
+            return print_line(&format!("technician {}: deleted", name.trim()));
+        }
+    };
     if name.trim().is_empty() || name.len() > 100 {
         anyhow::bail!("NAME: 1 to 100 characters");
     }

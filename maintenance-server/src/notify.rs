@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -56,6 +56,7 @@ impl Topic {
 pub struct Notifier {
     topics: Mutex<HashMap<Topic, watch::Sender<u64>>>,
     waiting: AtomicI64,
+    console_pending: AtomicBool,
 }
 
 impl Notifier {
@@ -85,6 +86,19 @@ impl Notifier {
         for tx in map.values() {
             tx.send_modify(|n| *n = n.wrapping_add(1));
         }
+    }
+
+    /// Notes a console change that need not reach the consoles at once
+    /// (a failure report): the background task announces all such changes
+    /// together at its next tick, so a burst of reports wakes every console
+    /// once, not once per report.
+    pub fn defer_console(&self) {
+        self.console_pending.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a deferred console change waits to be announced (and clears it).
+    pub fn take_console_pending(&self) -> bool {
+        self.console_pending.swap(false, Ordering::Relaxed)
     }
 
     /// Long-polls waiting now.

@@ -22,6 +22,8 @@ pub enum Auth {
     Gateway,
     /// The operator token.
     Operator,
+    /// The operator token or the metrics token.
+    Metrics,
     /// A technician session (reads).
     Session,
     /// A technician session and the CSRF header (changes).
@@ -78,13 +80,20 @@ macro_rules! op {
             response: op!(@f $resp),
         }
     };
-    (@f ()) => { None };
-    (@f $t:ty) => { Some(s::<$t>) };
+    // `()` means no body. A `ty` fragment handed on from the rule above no
+    // longer matches a literal `()` pattern, so the type itself is compared.
+    (@f $t:ty) => {
+        if std::any::TypeId::of::<$t>() == std::any::TypeId::of::<()>() {
+            None
+        } else {
+            Some(s::<$t>)
+        }
+    };
 }
 
 /// Every operation of the API, as the router serves it.
 pub fn operations() -> Vec<Operation> {
-    vec![
+    let mut ops = vec![
         op!(
             "post",
             paths::ENROLL,
@@ -358,12 +367,121 @@ pub fn operations() -> Vec<Operation> {
         op!(
             "get",
             paths::METRICS,
+            Metrics,
+            None,
+            200,
+            (),
+            (),
+            "Prometheus text exposition (operator token or operator.metrics_token)"
+        ),
+        op!(
+            "get",
+            paths::OPENAPI,
             Public,
             None,
             200,
             (),
             (),
-            "Prometheus text exposition"
+            "This document"
+        ),
+    ];
+    ops.extend(lifecycle_operations());
+    ops
+}
+
+/// The operator's disable, delete and rotate operations on sites, gateways
+/// and technicians.
+fn lifecycle_operations() -> Vec<Operation> {
+    vec![
+        op!(
+            "delete",
+            paths::SITE,
+            Operator,
+            None,
+            204,
+            (),
+            (),
+            "Operator: delete a site (open requests revoked; its requests, failure reports and tokens deleted)"
+        ),
+        op!(
+            "post",
+            paths::SITE_DISABLE,
+            Operator,
+            None,
+            204,
+            SetDisabled,
+            (),
+            "Operator: disable a site (its agent gets 401, its open requests are revoked) or enable it"
+        ),
+        op!(
+            "post",
+            paths::SITE_ROTATE,
+            Operator,
+            None,
+            200,
+            (),
+            SiteCreated,
+            "Operator: revoke a site's credential now; the new enrollment token enrolls the agent again"
+        ),
+        op!(
+            "delete",
+            paths::GATEWAY,
+            Operator,
+            None,
+            204,
+            (),
+            (),
+            "Operator: delete a gateway identity (refused while it carries sites)"
+        ),
+        op!(
+            "post",
+            paths::GATEWAY_DISABLE,
+            Operator,
+            None,
+            204,
+            SetDisabled,
+            (),
+            "Operator: disable a gateway (401 for it, marked down, its sites move) or enable it"
+        ),
+        op!(
+            "post",
+            paths::GATEWAY_ROTATE,
+            Operator,
+            None,
+            200,
+            (),
+            GatewayCreated,
+            "Operator: a new gateway credential (shown once); the old one is refused from now on"
+        ),
+        op!(
+            "post",
+            paths::TECHNICIANS,
+            Operator,
+            None,
+            204,
+            NewTechnician,
+            (),
+            "Operator: add a technician or set its password (ends its sessions)"
+        ),
+        op!(
+            "delete",
+            paths::TECHNICIAN,
+            Operator,
+            None,
+            204,
+            (),
+            (),
+            "Operator: delete a technician and its sessions"
+        ),
+        op!(
+            "post",
+            paths::TECHNICIAN_DISABLE,
+            Operator,
+            None,
+            204,
+            SetDisabled,
+            (),
+            "Operator: disable a technician (ends its sessions, refuses its login) or enable it"
         ),
     ]
 }
@@ -392,6 +510,14 @@ pub fn document() -> Value {
         if op.path.contains("{id}") {
             params.push(param("id", "path", "integer", "the object's id"));
         }
+        if op.path.contains("{name}") {
+            params.push(param(
+                "name",
+                "path",
+                "string",
+                "the technician's login name",
+            ));
+        }
         match op.query {
             Query::None => {}
             Query::LongPoll => {
@@ -413,9 +539,15 @@ pub fn document() -> Value {
                     "state",
                     "query",
                     "string",
-                    "waiting, in_progress, ended, revoked or expired",
+                    "waiting, in_progress, ended, revoked or expired; open or closed",
                 ));
                 params.push(param("site", "query", "integer", "only this site"));
+                params.push(param(
+                    "before",
+                    "query",
+                    "integer",
+                    "only requests with a smaller id (paging)",
+                ));
                 params.push(param(
                     "limit",
                     "query",
@@ -460,8 +592,12 @@ pub fn document() -> Value {
             (Some(resp), _) => json!({ "description": "success",
                 "content": { "application/json": { "schema": resp(&mut g) } } }),
             (None, paths::METRICS) => json!({ "description": "metrics",
-                "content": { "text/plain": { "schema": { "type": "string" } } } }),
+                "content": { "text/plain; version=0.0.4": { "schema": { "type": "string" } } } }),
             (None, paths::HEALTH) => json!({ "description": "ok",
+                "content": { "application/json": { "schema": {
+                    "type": "object", "required": ["status"],
+                    "properties": { "status": { "type": "string", "enum": ["ok"] } } } } } }),
+            (None, paths::OPENAPI) => json!({ "description": "the OpenAPI 3.0 document",
                 "content": { "application/json": { "schema": { "type": "object" } } } }),
             (None, _) => json!({ "description": "done, no content" }),
         };
@@ -478,11 +614,15 @@ pub fn document() -> Value {
                 error_response("body larger than http.body_limit_bytes"),
             );
             responses.insert(
+                "415".into(),
+                error_response("the body is not sent as Content-Type: application/json"),
+            );
+            responses.insert(
                 "422".into(),
                 error_response("a field is invalid (`field` names it)"),
             );
         }
-        if op.auth != Auth::Public || op.path == paths::ENROLL {
+        if op.auth != Auth::Public || op.path == paths::ENROLL || op.path == paths::LOGIN {
             responses.insert("401".into(), error_response("no or an unknown credential"));
         }
         if op.auth != Auth::Public {
@@ -491,7 +631,7 @@ pub fn document() -> Value {
                 error_response("a credential of another kind (or a missing CSRF header)"),
             );
         }
-        if op.path.contains("{id}") {
+        if op.path.contains("{id}") || op.path.contains("{name}") {
             responses.insert(
                 "404".into(),
                 error_response("no such object (or not the caller's)"),
@@ -515,7 +655,17 @@ pub fn document() -> Value {
             );
         }
         if op.path == paths::LOGIN {
-            responses.insert("429".into(), error_response("too many failed logins"));
+            responses.insert(
+                "429".into(),
+                error_response("too many failed logins from this client (IPv6: its /64) or for this name; Retry-After"),
+            );
+            responses.insert(
+                "503".into(),
+                error_response("busy: too many password checks at once; Retry-After"),
+            );
+        }
+        if op.path == paths::HEALTH {
+            responses.insert("500".into(), error_response("the database does not answer"));
         }
         if op.path == paths::AGENT_REQUESTS && op.method == "post"
             || op.path == paths::AGENT_FAILURES
@@ -525,12 +675,36 @@ pub fn document() -> Value {
                 error_response("no_capacity or pool_exhausted: nothing was allocated"),
             );
         }
+        // Per-site quotas ([quotas]) and lifecycle refusals.
+        if op.path == paths::AGENT_REQUESTS && op.method == "post" {
+            responses.insert(
+                "409".into(),
+                error_response(
+                    "quota_exceeded: the site holds as many open requests or addresses as allowed",
+                ),
+            );
+        }
+        if op.path == paths::AGENT_REQUESTS && op.method == "post"
+            || op.path == paths::AGENT_FAILURES
+        {
+            responses.insert(
+                "429".into(),
+                error_response("rate_limited: too many requests or failure reports from this site in the last minute"),
+            );
+        }
+        if op.path == paths::GATEWAY && op.method == "delete" {
+            responses.insert(
+                "409".into(),
+                error_response("invalid_state: the gateway still carries sites"),
+            );
+        }
         o.insert("responses".into(), Value::Object(responses));
         let security = match op.auth {
             Auth::Public => json!([]),
             Auth::Site => json!([{ "siteCredential": [] }]),
             Auth::Gateway => json!([{ "gatewayCredential": [] }]),
             Auth::Operator => json!([{ "operatorToken": [] }]),
+            Auth::Metrics => json!([{ "operatorToken": [] }, { "metricsToken": [] }]),
             Auth::Session => json!([{ "technicianSession": [] }]),
             Auth::SessionCsrf => json!([{ "technicianSession": [], "csrfToken": [] }]),
         };
@@ -541,6 +715,18 @@ pub fn document() -> Value {
         if let Value::Object(m) = entry {
             m.insert(op.method.to_owned(), Value::Object(o));
         }
+    }
+    for &(path, content_type, _) in crate::console::ASSETS {
+        let mime = content_type.split(';').next().unwrap_or(content_type);
+        paths_obj.insert(
+            path.to_owned(),
+            json!({ "get": {
+                "summary": "Technician console (page or asset)",
+                "responses": { "200": { "description": "the page or asset",
+                    "content": { mime: { "schema": { "type": "string" } } } } },
+                "security": [],
+            } }),
+        );
     }
     let schemas = g.take_definitions(true);
     let bearer = |desc: &str| json!({ "type": "http", "scheme": "bearer", "description": desc });
@@ -560,6 +746,7 @@ pub fn document() -> Value {
                 "siteCredential": bearer("`vnsite_…` from POST /api/v1/enroll"),
                 "gatewayCredential": bearer("`vngw_…` from `maintenance-server gateway add` or POST /api/v1/gateways"),
                 "operatorToken": bearer("`vnop_…` from `maintenance-server operator-token`"),
+                "metricsToken": bearer("`operator.metrics_token` of the settings (reads /metrics only)"),
                 "technicianSession": { "type": "apiKey", "in": "cookie", "name": crate::auth::SESSION_COOKIE },
                 "csrfToken": { "type": "apiKey", "in": "header", "name": "X-CSRF-Token" },
             },
@@ -607,6 +794,15 @@ mod tests {
             paths::CONSOLE_EVENTS,
             paths::HEALTH,
             paths::METRICS,
+            paths::SITE,
+            paths::SITE_DISABLE,
+            paths::SITE_ROTATE,
+            paths::GATEWAY,
+            paths::GATEWAY_DISABLE,
+            paths::GATEWAY_ROTATE,
+            paths::TECHNICIANS,
+            paths::TECHNICIAN,
+            paths::TECHNICIAN_DISABLE,
         ] {
             assert!(paths_doc.contains_key(p), "{p} undocumented");
         }

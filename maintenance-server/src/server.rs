@@ -102,6 +102,10 @@ pub async fn launch_with_listener(
             Duration::from_secs(60),
         ),
         shutdown: stop_rx.clone(),
+        password_checks: crate::auth::PasswordChecks::new(
+            settings.password_checks(),
+            crate::auth::PASSWORD_CHECK_WAIT,
+        ),
         settings: settings.clone(),
     });
     let mut background = Vec::new();

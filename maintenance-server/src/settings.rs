@@ -40,6 +40,10 @@ pub struct Settings {
     pub enrollment: Enrollment,
     /// Technician logins.
     pub technicians: Technicians,
+    /// Per-site limits.
+    pub quotas: Quotas,
+    /// How long failure reports and audit rows are kept.
+    pub retention: Retention,
 }
 
 /// `[http]`
@@ -52,6 +56,11 @@ pub struct Http {
     pub body_limit_bytes: usize,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpAddr>,
+    /// The URL technicians open the console at. An `https://` URL (e.g.
+    /// behind a TLS-terminating proxy) makes the session cookie `Secure`
+    /// and adds `Strict-Transport-Security`, as `[tls]` does. Empty: only
+    /// `[tls]` decides.
+    pub public_url: String,
 }
 
 impl Default for Http {
@@ -60,6 +69,7 @@ impl Default for Http {
             listen: String::new(),
             body_limit_bytes: 65536,
             trusted_proxies: Vec::new(),
+            public_url: String::new(),
         }
     }
 }
@@ -139,6 +149,9 @@ impl Default for DatabaseSettings {
 pub struct Operator {
     /// Empty: generated into the state directory.
     pub token: String,
+    /// A bearer token that may read `/metrics` only (for the scraper), in
+    /// addition to the operator token. Empty: only the operator token.
+    pub metrics_token: String,
 }
 
 impl std::fmt::Debug for Operator {
@@ -147,6 +160,14 @@ impl std::fmt::Debug for Operator {
             .field(
                 "token",
                 &if self.token.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field(
+                "metrics_token",
+                &if self.metrics_token.is_empty() {
                     ""
                 } else {
                     "<redacted>"
@@ -162,12 +183,16 @@ impl std::fmt::Debug for Operator {
 pub struct Pool {
     /// `a.b.c.d/len`
     pub prefix: String,
+    /// A WARN is logged when this share of the pool (percent, 1–100) is
+    /// held, and again when usage falls back below it.
+    pub usage_warn_percent: u8,
 }
 
 impl Default for Pool {
     fn default() -> Self {
         Self {
             prefix: "10.64.0.0/16".to_owned(),
+            usage_warn_percent: 80,
         }
     }
 }
@@ -243,6 +268,10 @@ pub struct Technicians {
     pub login_attempts_per_minute: u32,
     /// Session lifetime.
     pub session_hours: u64,
+    /// At most this many password checks (argon2id, 19 MiB and a CPU each)
+    /// run at once; further logins wait up to a few seconds, then get 503
+    /// `busy` with `Retry-After`. 0: the number of CPUs.
+    pub concurrent_password_checks: u32,
 }
 
 impl Default for Technicians {
@@ -250,6 +279,58 @@ impl Default for Technicians {
         Self {
             login_attempts_per_minute: 10,
             session_hours: 12,
+            concurrent_password_checks: 0,
+        }
+    }
+}
+
+/// `[quotas]`: what one site credential may hold and do, so that one
+/// site (or whoever holds its key) cannot take the pool, the gateways'
+/// routes or the console from the others.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quotas {
+    /// Open (waiting or in-progress) requests per site; one more → 409.
+    pub open_requests_per_site: u32,
+    /// NAT addresses (terminals) a site holds at once; more → 409.
+    pub terminals_per_site: u32,
+    /// Maintenance requests a site may open per minute; more → 429.
+    pub requests_per_minute: u32,
+    /// Failure reports a site may send per minute; more → 429.
+    pub failure_reports_per_minute: u32,
+    /// Failure reports kept per site (the oldest go first); at least
+    /// `failure_reports_per_minute`.
+    pub failures_kept_per_site: u32,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            open_requests_per_site: 8,
+            terminals_per_site: 64,
+            requests_per_minute: 30,
+            failure_reports_per_minute: 10,
+            failures_kept_per_site: 1000,
+        }
+    }
+}
+
+/// `[retention]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Failure reports older than this many days are deleted.
+    pub failure_days: u32,
+    /// Audit rows older than this many days are deleted (at least 30: the
+    /// database refuses to delete younger rows).
+    pub audit_days: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            failure_days: 90,
+            audit_days: 400,
         }
     }
 }
@@ -316,6 +397,65 @@ impl Settings {
                 "at least 16 characters, no spaces, and not another kind's prefix (or empty: generated)".into(),
             ));
         }
+        let metrics_token = &self.operator.metrics_token;
+        if !metrics_token.is_empty()
+            && (metrics_token.len() < 16
+                || metrics_token
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err((
+                "operator.metrics_token",
+                "at least 16 characters, no spaces (or empty: only the operator token)".into(),
+            ));
+        }
+        let url = &self.http.public_url;
+        if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
+            return Err((
+                "http.public_url",
+                "expected empty, https://… or http://…".into(),
+            ));
+        }
+        if self.pool.usage_warn_percent == 0 || self.pool.usage_warn_percent > 100 {
+            return Err(("pool.usage_warn_percent", "1 to 100".into()));
+        }
+        for (key, v) in [
+            (
+                "quotas.open_requests_per_site",
+                self.quotas.open_requests_per_site,
+            ),
+            ("quotas.terminals_per_site", self.quotas.terminals_per_site),
+            (
+                "quotas.requests_per_minute",
+                self.quotas.requests_per_minute,
+            ),
+            (
+                "quotas.failure_reports_per_minute",
+                self.quotas.failure_reports_per_minute,
+            ),
+            (
+                "quotas.failures_kept_per_site",
+                self.quotas.failures_kept_per_site,
+            ),
+            ("retention.failure_days", self.retention.failure_days),
+        ] {
+            if v == 0 {
+                return Err((key, "at least 1".into()));
+            }
+        }
+        if self.quotas.failures_kept_per_site < self.quotas.failure_reports_per_minute {
+            // The per-minute limit counts the stored reports.
+            return Err((
+                "quotas.failures_kept_per_site",
+                "at least quotas.failure_reports_per_minute".into(),
+            ));
+        }
+        if self.retention.audit_days < 30 {
+            return Err((
+                "retention.audit_days",
+                "at least 30 (younger audit rows cannot be deleted)".into(),
+            ));
+        }
         if self.database.max_connections == 0 {
             return Err(("database.max_connections", "at least 1".into()));
         }
@@ -357,6 +497,20 @@ impl Settings {
     /// When `pool.prefix` is not an IPv4 prefix with host bits clear and length 8–32.
     pub fn pool_prefix(&self) -> Result<Prefix, String> {
         parse_prefix(&self.pool.prefix)
+    }
+
+    /// Whether technicians reach the console over HTTPS (here or at a TLS
+    /// proxy): the session cookie is then `Secure` and HSTS is sent.
+    pub fn console_https(&self) -> bool {
+        self.tls.enabled() || self.http.public_url.starts_with("https://")
+    }
+
+    /// The most password checks that run at once.
+    pub fn password_checks(&self) -> usize {
+        match self.technicians.concurrent_password_checks {
+            0 => std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        }
     }
 
     /// The database URL with the SQLite default filled in.
@@ -412,6 +566,23 @@ mod tests {
         assert_eq!(s.http.body_limit_bytes, d.http.body_limit_bytes);
         assert_eq!(s.maintenance.max_duration_s, d.maintenance.max_duration_s);
         assert_eq!(s.gateways.down_after_ms, d.gateways.down_after_ms);
+        assert_eq!(s.pool.usage_warn_percent, d.pool.usage_warn_percent);
+        assert_eq!(
+            s.quotas.open_requests_per_site,
+            d.quotas.open_requests_per_site
+        );
+        assert_eq!(s.quotas.terminals_per_site, d.quotas.terminals_per_site);
+        assert_eq!(s.quotas.requests_per_minute, d.quotas.requests_per_minute);
+        assert_eq!(
+            s.quotas.failure_reports_per_minute,
+            d.quotas.failure_reports_per_minute
+        );
+        assert_eq!(
+            s.quotas.failures_kept_per_site,
+            d.quotas.failures_kept_per_site
+        );
+        assert_eq!(s.retention.failure_days, d.retention.failure_days);
+        assert_eq!(s.retention.audit_days, d.retention.audit_days);
         assert_eq!(
             s.database_url(),
             "sqlite:///var/lib/vpnnat/maintenance-server.db"
@@ -436,6 +607,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.validate().unwrap_err().0, "database.url");
+        for (toml, key) in [
+            (
+                "[quotas]\nopen_requests_per_site = 0\n",
+                "quotas.open_requests_per_site",
+            ),
+            (
+                "[quotas]\nfailures_kept_per_site = 5\n",
+                "quotas.failures_kept_per_site",
+            ),
+            ("[retention]\naudit_days = 29\n", "retention.audit_days"),
+            (
+                "[pool]\nusage_warn_percent = 101\n",
+                "pool.usage_warn_percent",
+            ),
+        ] {
+            let s: Settings = vpnnat::config::load(Some(("f.toml", toml)), Vec::new()).unwrap();
+            assert_eq!(s.validate().unwrap_err().0, key, "{toml}");
+        }
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct Inner {
     pub login_limiter: RateLimiter,
     /// Turns true at shutdown (long-polls answer at once).
     pub shutdown: watch::Receiver<bool>,
+    /// The bound on concurrent password checks of logins.
+    pub password_checks: crate::auth::PasswordChecks,
 }
 
 impl AppState {
@@ -89,6 +91,42 @@ impl RateLimiter {
             *e = (now, 0);
         }
         e.1 += 1;
+    }
+
+    /// Counts an attempt of every key in `keys` unless one of them is over
+    /// its limit already (then counts nothing and returns false). Counting
+    /// before the work, not after, keeps concurrent attempts within the limit.
+    pub fn attempt(&self, keys: &[&str], now: Instant) -> bool {
+        let mut hits = self.hits.lock().unwrap_or_else(|e| e.into_inner());
+        let window = self.window;
+        let live = |e: &(Instant, u32)| now.duration_since(e.0) < window;
+        if keys
+            .iter()
+            .any(|k| hits.get(*k).is_some_and(|e| live(e) && e.1 >= self.limit))
+        {
+            return false;
+        }
+        if hits.len() > 100_000 {
+            hits.retain(|_, e| live(e));
+        }
+        for k in keys {
+            let e = hits.entry((*k).to_owned()).or_insert((now, 0));
+            if !live(e) {
+                *e = (now, 0);
+            }
+            e.1 += 1;
+        }
+        true
+    }
+
+    /// Takes back an attempt of each key (it succeeded: only failures count).
+    pub fn forgive(&self, keys: &[&str]) {
+        let mut hits = self.hits.lock().unwrap_or_else(|e| e.into_inner());
+        for k in keys {
+            if let Some(e) = hits.get_mut(*k) {
+                e.1 = e.1.saturating_sub(1);
+            }
+        }
     }
 }
 

@@ -1,16 +1,21 @@
-//! Background work of every replica: lease expiry, gateway failover and
-//! session cleanup. Each change runs in its own transaction with a
-//! conditional update, so several replicas doing the same work at once is
-//! harmless (one wins, the others find nothing to do).
+//! Background work of every replica: lease expiry, gateway failover,
+//! session cleanup, retention of failure reports and audit rows, the
+//! coalesced console wake-up for failure reports and the pool-usage
+//! warning. Each change runs in its own transaction with a conditional
+//! update, so several replicas doing the same work at once is harmless (one
+//! wins, the others find nothing to do).
 
 use std::time::Duration;
 
 use tokio::sync::watch;
 use vpnnat::messages::RequestState;
 
-use crate::db::now_ms;
 use crate::db::ops::{self, OpError};
+use crate::db::{Tx, now_ms};
 use crate::state::AppState;
+
+/// How often pool usage is checked against `pool.usage_warn_percent`.
+const POOL_CHECK_MS: i64 = 10_000;
 
 /// Runs until `shutdown` turns true.
 pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
@@ -22,9 +27,16 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
             .min(state.settings.gateways.heartbeat_interval_ms)
             .clamp(50, 60_000),
     );
+    // After a restart (maybe after an outage of this server or of its
+    // database) every heartbeat is old: give the gateways one
+    // `down_after_ms` to reach us before any is marked down.
+    let started = tokio::time::Instant::now();
+    let grace = Duration::from_millis(state.settings.gateways.down_after_ms);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_cleanup = 0i64;
+    let mut last_pool_check = 0i64;
+    let mut pool_warned = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -33,14 +45,33 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
         if let Err(e) = expire(&state).await {
             tracing::warn!(error = %e, "lease expiry");
         }
-        if let Err(e) = failover(&state).await {
+        if let Err(e) = failover(&state, started.elapsed() >= grace).await {
             tracing::warn!(error = %e, "gateway failover");
         }
+        if state.notifier.take_console_pending()
+            && let Err(e) = state
+                .db
+                .transaction(&state.notifier, async |tx: &mut Tx| {
+                    tx.touch_console();
+                    Ok::<_, OpError>(())
+                })
+                .await
+        {
+            state.notifier.defer_console();
+            tracing::warn!(error = %e, "console wake-up");
+        }
         let now = now_ms();
+        if now - last_pool_check >= POOL_CHECK_MS {
+            last_pool_check = now;
+            match check_pool(&state, pool_warned).await {
+                Ok(w) => pool_warned = w,
+                Err(e) => tracing::warn!(error = %e, "pool usage"),
+            }
+        }
         if now - last_cleanup > 60_000 {
             last_cleanup = now;
             if let Err(e) = cleanup(&state, now).await {
-                tracing::warn!(error = %e, "session cleanup");
+                tracing::warn!(error = %e, "cleanup");
             }
         }
     }
@@ -57,10 +88,14 @@ pub async fn expire(state: &AppState) -> Result<usize, OpError> {
     drop(tx);
     let mut n = 0;
     for id in due {
-        let mut tx = state.db.begin().await?;
-        match ops::close_request(&mut tx, id, RequestState::Expired, None, "system", now).await {
+        let r = state
+            .db
+            .transaction(&state.notifier, async |tx| {
+                ops::close_request(tx, id, RequestState::Expired, None, "system", now).await
+            })
+            .await;
+        match r {
             Ok(()) => {
-                tx.commit(&state.notifier).await?;
                 tracing::info!(request.id = %id, "maintenance request expired");
                 n += 1;
             }
@@ -72,52 +107,102 @@ pub async fn expire(state: &AppState) -> Result<usize, OpError> {
     Ok(n)
 }
 
-/// Marks gateways without heartbeats down and moves their sites.
+/// Marks gateways without heartbeats down (when `mark_down`: not in the
+/// grace period after a start) and moves the sites of down gateways. When
+/// no gateway has a free slot, every stranded site is told so (its page
+/// through its desired state, the console through a failure report).
 ///
 /// # Errors
 /// Database failures.
-pub async fn failover(state: &AppState) -> Result<(), OpError> {
+pub async fn failover(state: &AppState, mark_down: bool) -> Result<(), OpError> {
     let now = now_ms();
-    let mut tx = state.db.begin().await?;
-    let down = ops::mark_down(&mut tx, now - state.policy.down_after_ms, now).await?;
-    tx.commit(&state.notifier).await?;
-    for gw in &down {
-        tracing::warn!(gateway.id = %gw, "gateway missed its heartbeats: marked down");
+    if mark_down {
+        let down_after = state.policy.down_after_ms;
+        let down = state
+            .db
+            .transaction(&state.notifier, async |tx| {
+                ops::mark_down(tx, down_after, now).await
+            })
+            .await?;
+        for gw in &down {
+            tracing::warn!(gateway.id = %gw, "gateway missed its heartbeats: marked down");
+        }
     }
     let mut tx = state.db.begin().await?;
     let stranded = ops::stranded_sites(&mut tx).await?;
     drop(tx);
+    // Once no gateway had a slot, the remaining sites of this round are
+    // stranded too (no slot is tried for each); the next tick tries again.
+    let mut full = false;
     for (site, from) in stranded {
-        let mut tx = state.db.begin().await?;
-        match ops::failover_site(&mut tx, site, from, now).await {
-            Ok(moved) => {
-                tx.commit(&state.notifier).await?;
-                if moved {
-                    tracing::info!(site.id = %site, from = %from, "site moved off a down gateway");
+        if !full {
+            let r = state
+                .db
+                .transaction(&state.notifier, async |tx| {
+                    ops::failover_site(tx, site, from, now).await
+                })
+                .await;
+            match r {
+                Ok(moved) => {
+                    if moved {
+                        tracing::info!(site.id = %site, from = %from, "site moved off a down gateway");
+                    }
+                    continue;
                 }
+                Err(OpError::NoCapacity) => full = true,
+                Err(e) => return Err(e),
             }
-            Err(OpError::NoCapacity) => {
-                drop(tx);
-                let mut tx = state.db.begin().await?;
-                ops::set_problem(
-                    &mut tx,
-                    site,
-                    "the gateway of this site is down and no other gateway has a free slot",
-                )
-                .await?;
-                tx.commit(&state.notifier).await?;
-                // The others will not fit either.
-                break;
-            }
-            Err(e) => return Err(e),
+        }
+        let first = state
+            .db
+            .transaction(&state.notifier, async |tx| {
+                ops::strand_site(tx, site, from, now).await
+            })
+            .await?;
+        if first {
+            tracing::warn!(site.id = %site, from = %from, "site stranded: its gateway is down and no other has a free slot");
         }
     }
     Ok(())
 }
 
+/// Logs a WARN when the share of held pool addresses reaches
+/// `pool.usage_warn_percent` (`warned`: it was logged already); returns
+/// whether usage is at or above it.
+async fn check_pool(state: &AppState, warned: bool) -> Result<bool, OpError> {
+    let mut conn = state
+        .db
+        .reader()
+        .acquire()
+        .await
+        .map_err(crate::db::DbError::from)?;
+    let (used, total) = crate::db::views::pool_usage(&mut conn).await?;
+    let threshold = i64::from(state.settings.pool.usage_warn_percent);
+    let high = total > 0 && used * 100 >= total * threshold;
+    if high && !warned {
+        tracing::warn!(
+            used,
+            total,
+            threshold_percent = threshold,
+            "NAT-address pool usage reached the warning threshold (pool.usage_warn_percent)"
+        );
+    } else if !high && warned {
+        tracing::info!(
+            used,
+            total,
+            "NAT-address pool usage is below the warning threshold again"
+        );
+    }
+    Ok(high)
+}
+
 async fn cleanup(state: &AppState, now: i64) -> Result<(), OpError> {
-    let mut tx = state.db.begin().await?;
-    ops::delete_expired_sessions(&mut tx, now).await?;
-    tx.commit(&state.notifier).await?;
-    Ok(())
+    let retention = state.settings.retention.clone();
+    state
+        .db
+        .transaction(&state.notifier, async |tx| {
+            ops::delete_expired_sessions(tx, now).await?;
+            ops::apply_retention(tx, now, &retention).await
+        })
+        .await
 }

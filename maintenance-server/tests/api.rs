@@ -840,7 +840,7 @@ async fn long_polls_answer_on_change_and_on_timeout(b: Backend) {
         .get(&format!("{}?wait_ms=-1", paths::GATEWAY_STATE))
         .await
         .error(400, Some("wait_ms"));
-    let m = server.client(None).get(paths::METRICS).await;
+    let m = server.operator().get(paths::METRICS).await;
     let text = m.body.as_str().unwrap().to_owned();
     assert!(
         text.contains("vpnnat_requests{state=\"waiting\"} 2"),

@@ -195,6 +195,8 @@ fn endpoints(w: &World) -> Vec<(Scope, Method, String, Option<serde_json::Value>
             paths::CONSOLE_EVENTS.into(),
             None,
         ),
+        // The operator token (or the separate metrics token).
+        (Scope::Operator, Method::GET, paths::METRICS.into(), None),
     ]
 }
 

@@ -29,7 +29,8 @@ impl Replica {
             &config,
             format!(
                 "[http]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"{}\"\n[database]\nurl = \"{}\"\nmax_connections = 10\n\
-                 [operator]\ntoken = \"{operator}\"\n[gateways]\ndown_after_ms = 600000\n",
+                 [operator]\ntoken = \"{operator}\"\n[gateways]\ndown_after_ms = 600000\n\
+                 [quotas]\nopen_requests_per_site = 1000\nterminals_per_site = 1000\nrequests_per_minute = 1000\n",
                 db.dir.path().join(tag).display(),
                 db.url
             ),

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use vpnnat::messages::{MaintenanceRequestView, SiteId};
 
 use crate::client::ServerClient;
+use crate::consent::Consent;
 use crate::dataplane::Dataplane;
 use crate::names::Names;
 use crate::settings::{Mode, Settings};
@@ -59,6 +60,13 @@ pub struct App {
     pub control: Mutex<ControlState>,
     /// Failure reporting.
     pub failures: Mutex<FailureCounters>,
+    /// The customer's decisions (requests made here, revocations), persisted.
+    pub consent: Consent,
+    /// Held while a request is being created (page or failure report) until
+    /// its id is recorded, and while a document is applied.
+    pub consent_gate: tokio::sync::Mutex<()>,
+    /// Wakes the task that tells the server about revocations.
+    pub revocations: tokio::sync::Notify,
 }
 
 impl App {

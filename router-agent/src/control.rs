@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use vpnnat::control::{Call, Follower, FollowerConfig, FollowerEvent, Reply};
-use vpnnat::messages::{AgentDesiredState, AppliedState};
+use vpnnat::messages::{AgentDesiredState, AppliedState, UnixMillis};
 use vpnnat_shell::follow::{ControlCalls, follow};
 
 use crate::app::App;
 use crate::client::ServerClient;
+use crate::dataplane::wall_now;
 
 /// Runs until `shutdown` turns true.
 pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
@@ -36,7 +37,12 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         },
         Instant::now(),
     );
-    if let Err(e) = follow(&AgentCalls { app, server }, follower, &mut shutdown).await {
+    let calls = AgentCalls {
+        app,
+        server,
+        server_clock: std::sync::Mutex::new(None),
+    };
+    if let Err(e) = follow(&calls, follower, &mut shutdown).await {
         tracing::error!(error = %format!("{e:#}"), "data plane gone");
     }
 }
@@ -44,6 +50,8 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
 struct AgentCalls {
     app: Arc<App>,
     server: ServerClient,
+    /// The server's clock when it answered the last poll (its `Date`).
+    server_clock: std::sync::Mutex<Option<UnixMillis>>,
 }
 
 impl ControlCalls for AgentCalls {
@@ -54,7 +62,17 @@ impl ControlCalls for AgentCalls {
             Call::Poll { after, wait } => {
                 let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
                 match self.server.desired_state(after, wait_ms).await {
-                    Ok(desired) => {
+                    Ok((desired, date)) => {
+                        *self
+                            .server_clock
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = date;
+                        let before = self.app.control().problem;
+                        if desired.problem != before
+                            && let Some(p) = &desired.problem
+                        {
+                            tracing::warn!(problem = %p, "the maintenance center reports a problem for this site");
+                        }
                         self.app.update_control(|c| {
                             c.desired_version = Some(desired.version);
                             c.problem = desired.problem.clone();
@@ -75,7 +93,17 @@ impl ControlCalls for AgentCalls {
     }
 
     async fn apply(&self, desired: AgentDesiredState) -> anyhow::Result<Option<AppliedState>> {
-        apply(&self.app, desired).await
+        let date = *self
+            .server_clock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let reference = date.unwrap_or_else(|| {
+            tracing::warn!(
+                "the server's answer has no Date header: expiry counts on this router's clock"
+            );
+            wall_now()
+        });
+        apply(&self.app, desired, reference).await
     }
 
     fn event(&self, event: &FollowerEvent) {
@@ -104,10 +132,18 @@ impl ControlCalls for AgentCalls {
 }
 
 /// Resolves the document's terminals and applies it to the data plane.
+/// `reference` is the time of the clock that wrote the document (the
+/// server's when it answered): each mapping lives for `expires_at -
+/// reference` from now, so that a wrong clock on this router neither
+/// extends nor shortens the customer's consent.
 ///
 /// # Errors
 /// When the data plane has stopped.
-pub async fn apply(app: &App, desired: AgentDesiredState) -> anyhow::Result<Option<AppliedState>> {
+pub async fn apply(
+    app: &App,
+    desired: AgentDesiredState,
+    reference: UnixMillis,
+) -> anyhow::Result<Option<AppliedState>> {
     let wanted: Vec<_> = desired
         .mappings
         .iter()
@@ -115,7 +151,10 @@ pub async fn apply(app: &App, desired: AgentDesiredState) -> anyhow::Result<Opti
         .collect();
     let names = app.names.resolve_all(&wanted).await;
     let version = desired.version;
-    let applied = app.dataplane.apply(desired, names).await?;
+    // A request being created on the page right now is recorded before its
+    // document is applied (the server may announce it before it answers).
+    let _creating = app.consent_gate.lock().await;
+    let applied = app.dataplane.apply(desired, names, reference).await?;
     if let Some(a) = &applied {
         if a.errors.is_empty() {
             tracing::info!(version, "desired state applied");

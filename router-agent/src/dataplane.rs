@@ -50,6 +50,9 @@ pub enum Command {
         desired: Box<AgentDesiredState>,
         /// Real addresses of the terminals that resolved.
         names: BTreeMap<TerminalName, Ipv4Addr>,
+        /// The document's own clock now (the server's time of its answer):
+        /// expiry times count from it, not from this host's wall clock.
+        reference: UnixMillis,
         /// What was applied, `None` for an old or foreign document.
         reply: oneshot::Sender<Option<AppliedState>>,
     },
@@ -60,6 +63,10 @@ pub enum Command {
         /// How many mappings were removed.
         reply: oneshot::Sender<usize>,
     },
+    /// Install only mappings of requests given by [`Command::ConsentTo`].
+    RequireConsent(bool),
+    /// The customer made this request on this agent.
+    ConsentTo(RequestId),
     /// Report the state.
     Snapshot(oneshot::Sender<Snapshot>),
     /// Stop the worker.
@@ -83,6 +90,9 @@ pub struct Snapshot {
     pub netstack: Option<NetstackCounters>,
     /// When the last handshake completed, on the wall clock.
     pub last_handshake: Option<UnixMillis>,
+    /// Data sent into the tunnel has gone unanswered this long (at least
+    /// [`SILENCE_LIMIT`]): the gateway is gone or cut off.
+    pub silent_for: Option<Duration>,
     /// The local UDP port of the tunnel.
     pub local_port: u16,
 }
@@ -102,13 +112,37 @@ impl Dataplane {
         &self,
         desired: AgentDesiredState,
         names: BTreeMap<TerminalName, Ipv4Addr>,
+        reference: UnixMillis,
     ) -> anyhow::Result<Option<AppliedState>> {
         worker::request(&self.tx, |reply| Command::Apply {
             desired: Box::new(desired),
             names,
+            reference,
             reply,
         })
         .await
+    }
+
+    /// Installs only mappings of requests passed to [`Self::consent_to`] (`true`).
+    ///
+    /// # Errors
+    /// When the worker has stopped.
+    pub async fn require_consent(&self, on: bool) -> anyhow::Result<()> {
+        self.tx
+            .send(Command::RequireConsent(on))
+            .await
+            .map_err(|_| anyhow::anyhow!("the data plane has stopped"))
+    }
+
+    /// The customer made request `id` here: its mappings may be installed.
+    ///
+    /// # Errors
+    /// When the worker has stopped.
+    pub async fn consent_to(&self, id: RequestId) -> anyhow::Result<()> {
+        self.tx
+            .send(Command::ConsentTo(id))
+            .await
+            .map_err(|_| anyhow::anyhow!("the data plane has stopped"))
     }
 
     /// Removes the mappings of request `id` at once and keeps them off.
@@ -152,6 +186,8 @@ pub enum LanSide {
         tcp_buffer: usize,
         /// UDP idle timeout.
         udp_idle: Duration,
+        /// UDP flows and ICMP echo flows at most.
+        limits: (usize, usize),
     },
 }
 
@@ -163,6 +199,7 @@ enum Started {
         mtu: usize,
         tcp_buffer: usize,
         udp_idle: Duration,
+        limits: (usize, usize),
     },
 }
 
@@ -193,6 +230,7 @@ pub fn spawn(
                 mtu,
                 tcp_buffer,
                 udp_idle,
+                limits,
             } => {
                 tracing::info!("data plane ready (netstack mode)");
                 Started::Netstack {
@@ -200,12 +238,13 @@ pub fn spawn(
                     mtu,
                     tcp_buffer,
                     udp_idle,
+                    limits,
                 }
             }
         })
     };
     let run = move |started: Started| async move {
-        let path = AgentPath { state };
+        let path = AgentPath::new(state);
         match started {
             Started::Packet(pump) => run_packet(path, *pump, cmds).await,
             Started::Netstack {
@@ -213,7 +252,8 @@ pub fn spawn(
                 mtu,
                 tcp_buffer,
                 udp_idle,
-            } => run_netstack(path, udp, cmds, mtu, tcp_buffer, udp_idle).await,
+                limits,
+            } => run_netstack(path, udp, cmds, (mtu, tcp_buffer, udp_idle), limits).await,
         }
     };
     let thread = worker::spawn("agent-dataplane".to_owned(), start, run)?;
@@ -224,22 +264,60 @@ pub fn spawn(
 /// tunnel and the NAT).
 struct AgentPath {
     state: AgentState,
+    /// When the gateway last sent an authenticated datagram (data,
+    /// keepalive, handshake response).
+    last_heard: Option<Instant>,
+    /// The first packet sent into the tunnel since the gateway was last
+    /// heard: a live gateway answers within WireGuard's keepalive timeout
+    /// (it sends a keepalive at the latest 10 s after data it received).
+    unanswered_since: Option<Instant>,
+}
+
+/// How long sent data may go unanswered before the tunnel counts as down:
+/// WireGuard's keepalive timeout (10 s) plus its rekey timeout (5 s).
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(15);
+
+impl AgentPath {
+    fn new(state: AgentState) -> Self {
+        Self {
+            state,
+            last_heard: None,
+            unanswered_since: None,
+        }
+    }
+
+    /// How long data sent to the gateway has gone unanswered.
+    fn silence(&self, now: Instant) -> Option<Duration> {
+        self.state.tunnel()?;
+        self.unanswered_since
+            .map(|t| now.saturating_duration_since(t))
+    }
 }
 
 impl PacketPath for AgentPath {
     fn decapsulate(&mut self, dgram: Datagram, out: &mut [u8], step: &mut Step) -> Option<usize> {
         let (state, Datagram { from, bytes }) = (&mut self.state, dgram);
-        match state.handle_network_input_into(from, bytes, out, step.now) {
+        let outcome = match state.handle_network_input_into(from, bytes, out, step.now) {
             NetworkOutcome::Lan(p) => Some(p.len()),
-            _ => None,
+            NetworkOutcome::Consumed => Some(0),
+            NetworkOutcome::Dropped(_) => None,
+        };
+        if outcome.is_some() {
+            self.last_heard = Some(step.now);
+            self.unanswered_since = None;
         }
+        outcome.filter(|n| *n > 0)
     }
 
     fn encapsulate(&mut self, packet: &mut [u8], out: &mut [u8], step: &mut Step) -> Sent {
-        match self.state.handle_lan_input_into(packet, out, step.now) {
+        let sent = match self.state.handle_lan_input_into(packet, out, step.now) {
             LanOutcome::Send { dst, datagram } => Some((dst, datagram.len())),
             LanOutcome::Queued | LanOutcome::Dropped(_) => None,
+        };
+        if sent.is_some() && self.unanswered_since.is_none() {
+            self.unanswered_since = Some(step.now);
         }
+        sent
     }
 
     fn room(&self, len: usize) -> usize {
@@ -260,13 +338,15 @@ impl PacketPath for AgentPath {
 }
 
 fn snapshot(
-    state: &AgentState,
+    path: &AgentPath,
     io: IoCounters,
     netstack: Option<NetstackCounters>,
     port: u16,
 ) -> Snapshot {
+    let state = &path.state;
     let tunnel = state.tunnel();
     let now = Instant::now();
+    let silent_for = path.silence(now).filter(|d| *d >= SILENCE_LIMIT);
     let wall = wall_now();
     let last_handshake = tunnel
         .as_ref()
@@ -284,27 +364,38 @@ fn snapshot(
         io,
         netstack,
         last_handshake,
+        silent_for,
         local_port: port,
     }
 }
 
 /// Handles a command; returns `false` on shutdown.
 fn command(
-    state: &mut AgentState,
+    path: &mut AgentPath,
     cmd: Option<Command>,
     io: IoCounters,
     netstack: Option<&mut Netstack>,
     port: u16,
 ) -> bool {
+    let state = &mut path.state;
     match cmd {
         None | Some(Command::Shutdown) => false,
         Some(Command::Apply {
             desired,
             names,
+            reference,
             reply,
         }) => {
-            let applied = state.handle_desired_state(&desired, &names, Instant::now(), wall_now());
+            let applied = state.handle_desired_state(&desired, &names, Instant::now(), reference);
             let _ = reply.send(applied);
+            true
+        }
+        Some(Command::RequireConsent(on)) => {
+            state.require_consent(on);
+            true
+        }
+        Some(Command::ConsentTo(id)) => {
+            state.consent_to(id);
             true
         }
         Some(Command::Revoke { id, reply }) => {
@@ -313,7 +404,7 @@ fn command(
         }
         Some(Command::Snapshot(reply)) => {
             let ns = netstack.map(|n| n.counters());
-            let _ = reply.send(snapshot(state, io, ns, port));
+            let _ = reply.send(snapshot(path, io, ns, port));
             true
         }
     }
@@ -331,7 +422,7 @@ async fn run_packet(
         tokio::select! {
             biased;
             cmd = cmds.recv() => {
-                if !command(&mut path.state, cmd, pump.io, None, pump.udp.port()) {
+                if !command(&mut path, cmd, pump.io, None, pump.udp.port()) {
                     break;
                 }
                 pump.send_transmits(&mut path).await;
@@ -372,14 +463,14 @@ async fn run_netstack(
     mut path: AgentPath,
     udp: Udp,
     mut cmds: mpsc::Receiver<Command>,
-    mtu: usize,
-    tcp_buffer: usize,
-    udp_idle: Duration,
+    (mtu, tcp_buffer, udp_idle): (usize, usize, Duration),
+    (max_udp, max_icmp): (usize, usize),
 ) -> anyhow::Result<()> {
     let mut io = IoCounters::default();
     let (ev_tx, mut ev_rx) = mpsc::channel::<RelayEvent>(netstack::EVENT_QUEUE);
     let seed = rand::random::<u64>();
     let mut stack = Netstack::new(mtu, tcp_buffer, udp_idle, seed, ev_tx);
+    stack.set_limits(max_udp, max_icmp);
     let mut recv = RecvBatch::new();
     let mut lan_buf = vec![0u8; Builtin::buffer_len(UDP_BUF)];
     let mut out = vec![0u8; Builtin::buffer_len(65535)];
@@ -393,7 +484,7 @@ async fn run_netstack(
         tokio::select! {
             biased;
             cmd = cmds.recv() => {
-                if !command(&mut path.state, cmd, io, Some(&mut stack), udp.port()) {
+                if !command(&mut path, cmd, io, Some(&mut stack), udp.port()) {
                     break;
                 }
             }

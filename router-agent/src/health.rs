@@ -134,8 +134,28 @@ async fn deliver(app: &App, report: &FailureReport) -> bool {
     let Some(server) = &app.server else {
         return true;
     };
-    match server.report_failure(report).await {
+    // A request opened for this failure is access to the LAN: only where the
+    // customer allowed that on the page.
+    let allowed = app.consent.failure_requests();
+    let mut report = report.clone();
+    report.open_request &= allowed;
+    let _creating = app.consent_gate.lock().await;
+    match server.report_failure(&report).await {
         Ok(accepted) => {
+            if let Some(r) = &accepted.request {
+                if allowed {
+                    if let Err(e) = app.consent.record_created(r.id) {
+                        tracing::error!(error = %format!("{e:#}"), "request of a failure report not recorded");
+                    }
+                    let _ = app.dataplane.consent_to(r.id).await;
+                } else {
+                    tracing::warn!(
+                        request.id = %r.id,
+                        "the server opened a request for a failure report; not installed \
+                         (the customer has not allowed failure reports to open access)"
+                    );
+                }
+            }
             tracing::info!(
                 failure.id = accepted.failure_id,
                 code = ?report.code,

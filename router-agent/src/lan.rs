@@ -8,7 +8,10 @@
 //! Also: the LAN interface's address and prefix (both modes), and its link
 //! state (failure reports).
 
+use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow};
 use vpnnat::gateway::Prefix;
@@ -31,7 +34,93 @@ pub struct KernelRoutes {
     tun_index: u32,
     routes: Vec<Prefix>,
     proxy: Option<(u32, Ipv4Addr)>,
+    sysctls: Sysctls,
 }
+
+/// Kernel settings the agent changed, with their values before: restored at
+/// a clean shutdown. They are also written to a file in the state directory
+/// before the change, so that after a `kill -9` the next run still knows
+/// the value the host had before the agent (and restores that one).
+#[derive(Debug)]
+struct Sysctls {
+    record: Option<PathBuf>,
+    previous: BTreeMap<String, String>,
+}
+
+impl Sysctls {
+    fn new(record: Option<PathBuf>) -> Self {
+        // A record left by a run that did not stop cleanly holds the host's
+        // own values.
+        let previous = record
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        Self { record, previous }
+    }
+
+    /// Sets `key` (a /proc/sys path such as `net/ipv4/ip_forward`) to
+    /// `value`, remembering what it was.
+    fn set(&mut self, key: &str, value: &str) -> anyhow::Result<()> {
+        let current = std::fs::read_to_string(format!("/proc/sys/{key}"))
+            .map(|v| v.trim().to_owned())
+            .with_context(|| format!("reading {key}"))?;
+        if current == value {
+            return Ok(());
+        }
+        if !self.previous.contains_key(key) {
+            self.previous.insert(key.to_owned(), current);
+            self.store();
+        }
+        sysctl(key, value)
+    }
+
+    fn store(&self) {
+        let Some(path) = &self.record else { return };
+        let write = || -> std::io::Result<()> {
+            let tmp = path.with_extension("json.tmp");
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = vpnnat_shell::keys::create_private_file(&tmp)?;
+            f.write_all(serde_json::to_string(&self.previous)?.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(path = %path.display(), error = %e, "previous kernel settings not recorded");
+        }
+    }
+
+    /// Puts back every value changed: the global forwarding switch first
+    /// (writing it resets every interface's), then the others.
+    fn restore(&mut self) {
+        let mut all: Vec<(String, String)> =
+            std::mem::take(&mut self.previous).into_iter().collect();
+        all.sort_by_key(|(k, _)| k != "net/ipv4/ip_forward");
+        for (key, value) in all {
+            match sysctl(&key, &value) {
+                Ok(()) => tracing::info!(key, value, "kernel setting restored"),
+                Err(e) => tracing::warn!(key, value, error = %e, "kernel setting not restored"),
+            }
+        }
+        if let Some(path) = &self.record {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Drop for Sysctls {
+    /// Also on an error path (e.g. an interface missing half-way through
+    /// the installation). Only a `kill -9` leaves them: the record then
+    /// lets the next run restore the host's values.
+    fn drop(&mut self) {
+        if !self.previous.is_empty() {
+            self.restore();
+        }
+    }
+}
+
+/// The record of changed kernel settings in the state directory.
+pub const SYSCTL_RECORD: &str = "router-agent.sysctl.json";
 
 impl std::fmt::Debug for KernelRoutes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -39,6 +128,7 @@ impl std::fmt::Debug for KernelRoutes {
             .field("tun_index", &self.tun_index)
             .field("routes", &self.routes)
             .field("proxy", &self.proxy)
+            .field("sysctls", &self.sysctls)
             .finish_non_exhaustive()
     }
 }
@@ -46,7 +136,8 @@ impl std::fmt::Debug for KernelRoutes {
 impl KernelRoutes {
     /// Routes `center` prefixes (and the masquerade address) into the TUN
     /// device `tun`, answers ARP for the masquerade address on `lan_if`, and
-    /// turns on forwarding when `ip_forward`.
+    /// turns on forwarding when `ip_forward`. Kernel settings it changes are
+    /// recorded in `state_dir` and restored by [`Self::remove_all`].
     ///
     /// # Errors
     /// When netlink fails or an interface does not exist.
@@ -55,7 +146,9 @@ impl KernelRoutes {
         center: &[Prefix],
         masquerade: Option<(Ipv4Addr, &str)>,
         ip_forward: bool,
+        state_dir: Option<&Path>,
     ) -> anyhow::Result<Self> {
+        let mut sysctls = Sysctls::new(state_dir.map(|d| d.join(SYSCTL_RECORD)));
         let netlink = Netlink::connect()?;
         let tun_index = netlink.link_index("TUN device", tun).await?;
         netlink
@@ -63,7 +156,7 @@ impl KernelRoutes {
             .await
             .map_err(|e| anyhow!("setting {tun} up: {e}"))?;
         if ip_forward {
-            sysctl("net/ipv4/ip_forward", "1")?;
+            sysctls.set("net/ipv4/ip_forward", "1")?;
         } else if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
             .is_ok_and(|v| v.trim() == "0")
         {
@@ -78,6 +171,7 @@ impl KernelRoutes {
             tun_index,
             routes: Vec::new(),
             proxy: None,
+            sysctls,
         };
         let mut prefixes = center.to_vec();
         if let Some((addr, _)) = masquerade {
@@ -95,8 +189,10 @@ impl KernelRoutes {
             let index = me.netlink.link_index("lan.interface", lan_if).await?;
             // Proxy ARP answers only on a forwarding interface, for an address
             // routed out of another one (the /32 above), without delay.
-            sysctl(&format!("net/ipv4/conf/{lan_if}/forwarding"), "1")?;
-            sysctl(&format!("net/ipv4/neigh/{lan_if}/proxy_delay"), "0")?;
+            me.sysctls
+                .set(&format!("net/ipv4/conf/{lan_if}/forwarding"), "1")?;
+            me.sysctls
+                .set(&format!("net/ipv4/neigh/{lan_if}/proxy_delay"), "0")?;
             me.netlink
                 .add_proxy(index, addr)
                 .await
@@ -107,8 +203,10 @@ impl KernelRoutes {
         Ok(me)
     }
 
-    /// Removes every route and proxy entry installed (clean shutdown).
+    /// Removes every route and proxy entry installed and restores the
+    /// kernel settings changed (clean shutdown).
     pub async fn remove_all(&mut self) {
+        self.sysctls.restore();
         if let Some((index, addr)) = self.proxy.take()
             && let Err(e) = self.netlink.del_proxy(index, addr).await
         {

@@ -11,6 +11,7 @@
 
 mod app;
 mod client;
+mod consent;
 mod control;
 mod dataplane;
 mod health;
@@ -19,6 +20,7 @@ mod lan;
 mod names;
 mod netstack;
 mod probe;
+mod revocations;
 mod settings;
 mod status;
 mod web;
@@ -147,6 +149,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             token,
             force,
         }) => runtime.block_on(async {
+            check_server_url(&server, settings.server.allow_insecure_http, "--server")?;
             let client = identity::http_client(&settings.server.ca_file, Duration::from_secs(30))?;
             let id = identity::enroll(
                 &client,
@@ -244,6 +247,31 @@ fn web_listen(settings: &Settings, lan_address: Option<Ipv4Addr>) -> SocketAddr 
         .unwrap_or_else(|| SocketAddr::from((lan_address.unwrap_or(Ipv4Addr::LOCALHOST), 8088)))
 }
 
+/// The names the page answers to (its `Host` header): `web.hostnames`, the
+/// listen address (every address of this host when it listens on all), the
+/// LAN address, localhost and the machine's host name.
+fn page_hosts(settings: &Settings, listen: SocketAddr, lan: Option<Ipv4Addr>) -> Vec<String> {
+    let mut hosts = settings.web.hostnames.clone();
+    hosts.extend([
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ]);
+    if listen.ip().is_unspecified() {
+        hosts.extend(names::own_addresses().iter().map(ToString::to_string));
+    } else {
+        hosts.push(listen.ip().to_string());
+    }
+    hosts.extend(lan.map(|a| a.to_string()));
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let h = h.trim();
+        if !h.is_empty() {
+            hosts.push(h.to_owned());
+        }
+    }
+    hosts
+}
+
 const PASSWORD_FILE: &str = "router-agent.password";
 
 /// The page password: configured, or generated once into the state directory.
@@ -288,6 +316,32 @@ fn page_password(settings: &Settings, create: bool) -> anyhow::Result<String> {
     );
     tracing::warn!(path = %path.display(), "generated the customer page password");
     Ok(password)
+}
+
+/// Refuses a server URL that would carry the site credential and the
+/// customer's requests unencrypted: `http://` only to loopback, unless
+/// `server.allow_insecure_http` is set.
+fn check_server_url(url: &str, allow_insecure: bool, source: &str) -> anyhow::Result<()> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Ok(());
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    if loopback || allow_insecure {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{source}: {url} is plain http:// to another host (the site credential would travel \
+         unencrypted); use https://, or set server.allow_insecure_http = true"
+    )
 }
 
 fn read_desired(path: &Path) -> anyhow::Result<AgentDesiredState> {
@@ -343,14 +397,25 @@ async fn run(
                 settings.agent.identity_file.display()
             );
         }
+        let source = if settings.server.url.is_empty() {
+            format!(
+                "{} (the enrolled server)",
+                settings.agent.identity_file.display()
+            )
+        } else {
+            "server.url".to_owned()
+        };
+        check_server_url(&url, settings.server.allow_insecure_http, &source)?;
         let http = identity::http_client(&settings.server.ca_file, Duration::from_secs(30))?;
         Some(client::ServerClient::new(http, &url, id.credential.clone()))
     };
 
+    let consent = consent::Consent::load(Some(settings.agent.state_dir.join(consent::FILE)))?;
     let (lan_address, lan_prefix) = lan_info(&settings).await;
     let names = Arc::new(names::Names::new(
         &settings,
         lan_address,
+        lan_prefix,
         Some(settings.agent.state_dir.join("router-agent.aliases.json")),
     ));
 
@@ -376,6 +441,10 @@ async fn run(
                 mtu: usize::from(settings.packet.tun_mtu),
                 tcp_buffer: settings.netstack.tcp_buffer,
                 udp_idle: Duration::from_secs(settings.netstack.udp_idle_s),
+                limits: (
+                    settings.netstack.max_udp_flows,
+                    settings.netstack.max_icmp_flows,
+                ),
             },
         ),
     };
@@ -385,10 +454,20 @@ async fn run(
             private_key: key.clone(),
             mode: data_mode,
             seed: rand::random(),
+            center_prefixes: settings.packet.center_prefixes.clone(),
         },
         Instant::now(),
     );
     let (dp, thread) = dataplane::spawn(state, socket, lan_side)?;
+    // The customer's decisions of earlier runs hold before any document.
+    let consent_required = server.is_some() && !settings.agent.install_server_requests;
+    dp.require_consent(consent_required).await?;
+    for id in consent.created() {
+        dp.consent_to(id).await?;
+    }
+    for id in consent.revoked() {
+        dp.revoke(id).await?;
+    }
 
     let mut routes = match mode {
         Mode::Packet => {
@@ -401,6 +480,7 @@ async fn run(
                 &settings.packet.center_prefixes,
                 masq,
                 settings.packet.ip_forward,
+                Some(&settings.agent.state_dir),
             )
             .await
             {
@@ -425,6 +505,9 @@ async fn run(
         lan_address,
         control: Mutex::new(app::ControlState::default()),
         failures: Mutex::new(app::FailureCounters::default()),
+        consent,
+        consent_gate: tokio::sync::Mutex::new(()),
+        revocations: tokio::sync::Notify::new(),
     });
     tracing::info!(
         site.id = %site_id,
@@ -472,7 +555,15 @@ async fn serve(
         settings.web.allowed_clients.clone()
     };
     let denied: Vec<Ipv4Addr> = settings.packet.masquerade_address.into_iter().collect();
-    let web = Arc::new(web::Web::new(app.clone(), &password, allowed, denied));
+    let hosts = page_hosts(settings, listen, app.lan_address);
+    tracing::debug!(?hosts, "the page answers to these host names");
+    let web = Arc::new(web::Web::new(
+        app.clone(),
+        &password,
+        allowed,
+        denied,
+        hosts,
+    ));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding web.listen {listen}"))?;
@@ -497,6 +588,7 @@ async fn serve(
     }
     let control = tokio::spawn(control::run(app.clone(), shutdown_rx.clone()));
     let health = tokio::spawn(health::run(app.clone(), shutdown_rx.clone()));
+    let revocations = tokio::spawn(revocations::run(app.clone(), shutdown_rx.clone()));
     let mut signals = Signals::new()?;
     loop {
         tokio::select! {
@@ -522,11 +614,13 @@ async fn serve(
     let _ = http.await;
     let _ = control.await;
     let _ = health.await;
+    let _ = revocations.await;
     Ok(())
 }
 
 async fn apply_file(app: &App, desired: AgentDesiredState) {
-    match control::apply(app, desired).await {
+    // A local file: its times are this router's.
+    match control::apply(app, desired, dataplane::wall_now()).await {
         Ok(Some(_)) => {}
         Ok(None) => tracing::warn!("--desired is not newer than the running state; ignored"),
         Err(e) => tracing::error!(error = %format!("{e:#}"), "data plane gone"),
@@ -559,6 +653,26 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         s.web.password = "configured".into();
         assert_eq!(page_password(&s, true).unwrap(), "configured");
+    }
+
+    #[test]
+    fn security_plain_http_to_another_host_is_refused_unless_allowed() {
+        for ok in [
+            "https://center.example:8443",
+            "http://127.0.0.1:8080",
+            "http://localhost:1/x",
+            "http://[::1]:80",
+        ] {
+            check_server_url(ok, false, "server.url").unwrap();
+        }
+        let e = check_server_url("http://10.0.0.1:8080", false, "server.url").unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.starts_with("server.url: ") && e.contains("server.allow_insecure_http"),
+            "{e}"
+        );
+        assert!(check_server_url("http://user@127.0.0.1.evil:80", false, "x").is_err());
+        check_server_url("http://10.0.0.1:8080", true, "server.url").unwrap();
     }
 
     #[test]

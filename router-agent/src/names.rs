@@ -30,6 +30,18 @@ pub enum NameError {
     /// The name does not resolve (table, aliases, DNS).
     #[error("{0} cannot be found on the LAN (not in the terminal list and no DNS answer)")]
     Unresolved(String),
+    /// The address is one of the agent host's own: relaying to it would
+    /// open the router itself (its page, its services) to the center.
+    #[error(
+        "{name} resolves to {addr}, an address of this router itself; \
+         the agent never opens its own host to the center"
+    )]
+    OwnAddress {
+        /// What was asked.
+        name: String,
+        /// What it resolved to.
+        addr: Ipv4Addr,
+    },
     /// The address is not one a terminal may have.
     #[error("{name} resolves to {addr}, which is not an allowed LAN address")]
     NotAllowed {
@@ -53,8 +65,15 @@ pub struct Names {
 }
 
 impl Names {
-    /// From the configuration; `router` is the agent's own LAN address.
-    pub fn new(settings: &Settings, router: Option<Ipv4Addr>, alias_file: Option<PathBuf>) -> Self {
+    /// From the configuration; `router` is the agent's own LAN address,
+    /// `lan` its LAN prefix (where terminals may be unless
+    /// `lan.allowed_prefixes` says otherwise).
+    pub fn new(
+        settings: &Settings,
+        router: Option<Ipv4Addr>,
+        lan: Option<Prefix>,
+        alias_file: Option<PathBuf>,
+    ) -> Self {
         let mut table = BTreeMap::new();
         let mut dns_only = Vec::new();
         for t in &settings.terminals {
@@ -88,7 +107,11 @@ impl Names {
             table,
             dns_only,
             router,
-            allowed: settings.lan.allowed_prefixes.clone(),
+            allowed: if settings.lan.allowed_prefixes.is_empty() {
+                lan.into_iter().collect()
+            } else {
+                settings.lan.allowed_prefixes.clone()
+            },
             dns: settings.lan.dns,
             aliases: Mutex::new(aliases),
             alias_file,
@@ -96,19 +119,38 @@ impl Names {
     }
 
     /// Whether a terminal may have `addr`: unicast, inside the allowed
-    /// prefixes when some are configured. Loopback only when an allowed
-    /// prefix names it explicitly: in netstack mode it would expose the
-    /// agent host's own services.
+    /// prefixes (the LAN's when none are configured; none at all when the
+    /// LAN is unknown). Loopback only when an allowed prefix names it
+    /// explicitly: in netstack mode it would expose the agent host's own
+    /// services.
     pub fn allowed(&self, addr: Ipv4Addr) -> bool {
         let unicast = !(addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast());
-        let listed = self.allowed.iter().any(|p| p.contains(addr));
         if addr.is_loopback() {
             return self
                 .allowed
                 .iter()
                 .any(|p| p.prefix_len() > 0 && p.contains(addr));
         }
-        unicast && (self.allowed.is_empty() || listed)
+        unicast && self.allowed.iter().any(|p| p.contains(addr))
+    }
+
+    /// Checks `addr` for `name`: allowed, and not one of this host's own
+    /// addresses (loopback aside, which [`Self::allowed`] admits only when
+    /// configured explicitly).
+    fn check(&self, name: &str, addr: Ipv4Addr) -> Result<(), NameError> {
+        if !addr.is_loopback() && (Some(addr) == self.router || is_own_address(addr)) {
+            return Err(NameError::OwnAddress {
+                name: name.to_owned(),
+                addr,
+            });
+        }
+        if !self.allowed(addr) {
+            return Err(NameError::NotAllowed {
+                name: name.to_owned(),
+                addr,
+            });
+        }
+        Ok(())
     }
 
     fn local(&self, name: &TerminalName) -> Option<Ipv4Addr> {
@@ -139,12 +181,7 @@ impl Names {
                 .ok_or_else(|| NameError::Unresolved(name.to_string()))?,
             None => return Err(NameError::Unresolved(name.to_string())),
         };
-        if !self.allowed(addr) {
-            return Err(NameError::NotAllowed {
-                name: name.to_string(),
-                addr,
-            });
-        }
+        self.check(name.as_str(), addr)?;
         Ok(addr)
     }
 
@@ -177,12 +214,7 @@ impl Names {
             let IpAddr::V4(addr) = ip else {
                 return Err(NameError::Invalid(input.to_owned()));
             };
-            if !self.allowed(addr) {
-                return Err(NameError::NotAllowed {
-                    name: input.to_owned(),
-                    addr,
-                });
-            }
+            self.check(input, addr)?;
             return Ok((self.alias_for(addr), addr));
         }
         let name = TerminalName::new(input).map_err(|_| NameError::Invalid(input.to_owned()))?;
@@ -226,6 +258,41 @@ impl Names {
             .map(|(n, a)| (n, Some(*a)))
             .chain(self.dns_only.iter().map(|n| (n, None)))
     }
+}
+
+/// Whether `addr` is an address of this host (any interface): the kernel's
+/// local routing table (`/proc/net/fib_trie`, "/32 host LOCAL" entries), or,
+/// when that cannot be read, whether a socket can bind to it.
+pub fn is_own_address(addr: Ipv4Addr) -> bool {
+    match std::fs::read_to_string("/proc/net/fib_trie") {
+        Ok(text) => local_addresses(&text).contains(&addr),
+        Err(_) => std::net::UdpSocket::bind((addr, 0)).is_ok(),
+    }
+}
+
+/// This host's own IPv4 addresses (`/proc/net/fib_trie`; empty when unreadable).
+pub fn own_addresses() -> Vec<Ipv4Addr> {
+    std::fs::read_to_string("/proc/net/fib_trie")
+        .map(|t| local_addresses(&t))
+        .unwrap_or_default()
+}
+
+/// The host's own addresses in a `/proc/net/fib_trie` text.
+fn local_addresses(text: &str) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    let mut last: Option<Ipv4Addr> = None;
+    for line in text.lines() {
+        let t = line.trim_start_matches([' ', '|', '+', '-']).trim();
+        if let Ok(a) = t.parse::<Ipv4Addr>() {
+            last = Some(a);
+        } else if t.starts_with("/32 host LOCAL")
+            && let Some(a) = last
+            && !out.contains(&a)
+        {
+            out.push(a);
+        }
+    }
+    out
 }
 
 /// Name → address pairs of an /etc/hosts-style text (IPv4 lines only;
@@ -303,16 +370,18 @@ mod tests {
         let names = Names::new(
             &settings(),
             Some(Ipv4Addr::new(192, 168, 1, 1)),
+            None,
             Some(file.clone()),
         );
         assert_eq!(
             names.resolve(&name("pc-1")).await.unwrap(),
             Ipv4Addr::new(192, 168, 1, 10)
         );
-        assert_eq!(
-            names.resolve(&name("router")).await.unwrap(),
-            Ipv4Addr::new(192, 168, 1, 1)
-        );
+        // The router itself is never a terminal: it would open this page
+        // and the router's services to the center.
+        let e = names.resolve(&name("router")).await.unwrap_err();
+        assert!(matches!(e, NameError::OwnAddress { .. }), "{e}");
+        assert!(e.to_string().contains("this router itself"), "{e}");
         // A typed address of a configured terminal uses its name.
         let (n, a) = names.resolve_input("192.168.1.10").await.unwrap();
         assert_eq!((n.as_str(), a), ("pc-1", Ipv4Addr::new(192, 168, 1, 10)));
@@ -328,11 +397,53 @@ mod tests {
             &std::fs::metadata(&file).unwrap().permissions(),
         );
         assert_eq!(mode & 0o777, 0o600);
-        let reloaded = Names::new(&settings(), None, Some(file));
+        let reloaded = Names::new(&settings(), None, None, Some(file));
         assert_eq!(
             reloaded.resolve(&name("lan-host-1")).await.unwrap(),
             Ipv4Addr::new(192, 168, 1, 77)
         );
+    }
+
+    #[tokio::test]
+    async fn security_names_resolve_only_into_the_lan_and_never_to_this_host() {
+        // No allowed_prefixes: the LAN's prefix is the limit.
+        let mut s = settings();
+        s.lan.allowed_prefixes.clear();
+        s.terminals.push(crate::settings::Terminal {
+            name: name("outside"),
+            address: Some(Ipv4Addr::new(10, 1, 2, 3)),
+            description: String::new(),
+            check: crate::settings::Check::Auto,
+            watch: false,
+        });
+        let lan = Prefix::new(Ipv4Addr::new(192, 168, 1, 0), 24).unwrap();
+        let names = Names::new(&s, None, Some(lan), None);
+        assert!(names.resolve(&name("pc-1")).await.is_ok());
+        assert!(matches!(
+            names.resolve(&name("outside")).await,
+            Err(NameError::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            names.resolve_input("8.8.8.8").await,
+            Err(NameError::NotAllowed { .. })
+        ));
+        let all = names.resolve_all(&[name("pc-1"), name("outside")]).await;
+        assert_eq!(all.keys().collect::<Vec<_>>(), [&name("pc-1")]);
+        // Without a known LAN nothing resolves unless configured.
+        let none = Names::new(&s, None, None, None);
+        assert!(none.resolve(&name("pc-1")).await.is_err());
+    }
+
+    #[test]
+    fn security_the_hosts_own_addresses_are_found() {
+        let text = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 127.0.0.1\n        /32 host LOCAL\n     \
+                    |-- 192.168.1.1\n        /32 host LOCAL\n     |-- 192.168.1.0\n        /24 link UNICAST\n";
+        assert_eq!(
+            local_addresses(text),
+            vec![Ipv4Addr::LOCALHOST, Ipv4Addr::new(192, 168, 1, 1)]
+        );
+        assert!(is_own_address(Ipv4Addr::LOCALHOST));
+        assert!(!is_own_address(Ipv4Addr::new(192, 0, 2, 77)));
     }
 
     #[test]
@@ -357,7 +468,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_entries_are_rejected_before_anything_is_sent() {
-        let names = Names::new(&settings(), None, None);
+        let names = Names::new(&settings(), None, None, None);
         assert!(matches!(
             names.resolve_input("10.0.0.1").await,
             Err(NameError::NotAllowed { .. })

@@ -63,6 +63,11 @@ pub struct Agent {
     pub state_dir: PathBuf,
     /// The data mode.
     pub mode: Mode,
+    /// Install every mapping the server's document lists. Default false:
+    /// only requests made on this agent's page or API (and failure reports
+    /// where the customer allowed it on the page) are opened, so that the
+    /// center alone cannot open the customer's LAN.
+    pub install_server_requests: bool,
 }
 
 impl Default for Agent {
@@ -71,6 +76,7 @@ impl Default for Agent {
             identity_file: PathBuf::from("/var/lib/vpnnat/router-agent.identity"),
             state_dir: PathBuf::from("/var/lib/vpnnat"),
             mode: Mode::Packet,
+            install_server_requests: false,
         }
     }
 }
@@ -85,6 +91,9 @@ pub struct Server {
     pub ca_file: String,
     /// Long-poll wait.
     pub poll_wait_ms: u64,
+    /// Accept a plain `http://` server URL to another host than loopback
+    /// (the credential and the requests would travel unencrypted). Default false.
+    pub allow_insecure_http: bool,
 }
 
 impl Default for Server {
@@ -93,6 +102,7 @@ impl Default for Server {
             url: String::new(),
             ca_file: String::new(),
             poll_wait_ms: 25_000,
+            allow_insecure_http: false,
         }
     }
 }
@@ -114,7 +124,9 @@ pub struct Lan {
     /// The agent's LAN address; `None` = the interface's.
     #[serde(deserialize_with = "de::optional")]
     pub address: Option<Ipv4Addr>,
-    /// Where terminals may be.
+    /// Where terminals may be. Empty: the prefix of `interface` only (no
+    /// terminal at all when it is unknown). Never the agent host's own
+    /// addresses (loopback only when a prefix here names it).
     #[serde(deserialize_with = "de::list")]
     pub allowed_prefixes: Vec<Prefix>,
     /// Ask DNS for names that are not in the terminal table.
@@ -178,6 +190,11 @@ pub struct Netstack {
     pub tcp_buffer: usize,
     /// UDP flow idle timeout.
     pub udp_idle_s: u64,
+    /// UDP flows (and destination ports) relayed at once; beyond, new flows
+    /// are dropped and counted.
+    pub max_udp_flows: usize,
+    /// ICMP echo flows (technician, NAT address, identifier) at once.
+    pub max_icmp_flows: usize,
 }
 
 impl Default for Netstack {
@@ -185,6 +202,8 @@ impl Default for Netstack {
         Self {
             tcp_buffer: 256 * 1024,
             udp_idle_s: 120,
+            max_udp_flows: 512,
+            max_icmp_flows: 256,
         }
     }
 }
@@ -201,6 +220,11 @@ pub struct Web {
     /// Client prefixes; empty = derived.
     #[serde(deserialize_with = "de::list")]
     pub allowed_clients: Vec<Prefix>,
+    /// Host names the page answers to (the `Host` header; defeats DNS
+    /// rebinding). Always also: the listen address, the LAN address,
+    /// localhost and this machine's host name.
+    #[serde(deserialize_with = "de::list")]
+    pub hostnames: Vec<String>,
 }
 
 /// One `[[terminals]]` entry.
@@ -305,6 +329,12 @@ impl Settings {
         }
         if self.netstack.tcp_buffer < 4096 || self.netstack.tcp_buffer > 16 << 20 {
             return err("netstack.tcp_buffer", "must be 4096 to 16777216");
+        }
+        if self.netstack.max_udp_flows == 0 || self.netstack.max_udp_flows > 65_535 {
+            return err("netstack.max_udp_flows", "must be 1 to 65535");
+        }
+        if self.netstack.max_icmp_flows == 0 || self.netstack.max_icmp_flows > 65_535 {
+            return err("netstack.max_icmp_flows", "must be 1 to 65535");
         }
         if self.netstack.udp_idle_s == 0 {
             return err("netstack.udp_idle_s", "must be at least 1");

@@ -69,7 +69,19 @@ pub fn render(s: &StatusView, now: UnixMillis) -> String {
         Some(t) => {
             let _ = writeln!(o, "\npeer: {} (gateway {})", t.public_key, t.gateway_id);
             let _ = writeln!(o, "  endpoint: {}", t.endpoint);
-            let _ = writeln!(o, "  session: {}", if t.up { "up" } else { "handshaking" });
+            let state = match (t.state.as_str(), t.up) {
+                ("", true) | ("up", _) => "up",
+                ("", false) | ("connecting", _) => "handshaking",
+                (other, _) => other,
+            };
+            match &t.note {
+                Some(note) => {
+                    let _ = writeln!(o, "  session: {state} ({note})");
+                }
+                None => {
+                    let _ = writeln!(o, "  session: {state}");
+                }
+            }
             if let Some(h) = t.latest_handshake {
                 let ago = now.0.saturating_sub(h.0) / 1000;
                 let _ = writeln!(o, "  latest handshake: {ago} seconds ago");

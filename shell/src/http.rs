@@ -214,6 +214,32 @@ impl ApiClient {
         })
     }
 
+    /// Like [`Self::send`], also returning the answer's `Date` header (the
+    /// server's clock when it answered), when it has one.
+    ///
+    /// # Errors
+    /// A [`CallError`].
+    pub async fn send_dated<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        request: RequestBuilder,
+    ) -> Result<(T, Option<String>), CallError> {
+        let resp = answer(what, request).await?;
+        let date = resp
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = resp.bytes().await.map_err(|e| transport(what, &e))?;
+        let value = serde_json::from_slice(&bytes).map_err(|e| {
+            CallError::Transport(TransportError::Decode {
+                what: what.to_owned(),
+                detail: e.to_string(),
+            })
+        })?;
+        Ok((value, date))
+    }
+
     /// Sends `request`; a success is all that matters (the body is not read).
     ///
     /// # Errors

@@ -64,9 +64,14 @@ impl<K: Kinds> AgentState<K> {
         }
     }
 
-    /// Tunnel → LAN: consent check and (packet mode) the NAT rewrite.
+    /// Tunnel → LAN: the source is a technician's, consent check and
+    /// (packet mode) the NAT rewrite.
     pub(super) fn inbound(&mut self, packet: &mut [u8], now: Instant) -> Result<(), DropReason> {
-        let dst = fixed_header(packet)?.dst();
+        let h = fixed_header(packet)?;
+        let (src, dst) = (h.src(), h.dst());
+        if !self.center_prefixes.iter().any(|p| p.contains(src)) {
+            return Err(DropReason::NotTechnician);
+        }
         match self.mappings.get(&dst) {
             None => return Err(DropReason::NotMapped),
             Some(m) if now >= m.expires_at => return Err(DropReason::Expired),

@@ -15,7 +15,9 @@ use crate::tunnel::{Kinds, Tunnel};
 impl<K: Kinds> AgentState<K> {
     /// Reconciles to `desired`. `names` holds the real address of every
     /// terminal the caller could resolve; `now` and `wall` are the same moment
-    /// on the monotonic and the wall clock.
+    /// on the monotonic clock and on the clock that wrote the document's
+    /// `expires_at` times (the server's: a mapping lives for `expires_at -
+    /// wall` from `now`, whatever this host's own wall clock says).
     ///
     /// Returns what was applied (errors name mappings that could not be
     /// installed), or `None` when the document is not newer than the one in
@@ -45,6 +47,13 @@ impl<K: Kinds> AgentState<K> {
         for m in &desired.mappings {
             if m.expires_at <= wall || self.revoked.contains(&m.request_id) {
                 // Consent already over: never install it.
+                continue;
+            }
+            if self.consent_required && !self.consented.contains(&m.request_id) {
+                errors.push(format!(
+                    "{}: request {} was not made on this router's page; not installed",
+                    m.nat_address, m.request_id
+                ));
                 continue;
             }
             if !is_unicast(m.nat_address) {

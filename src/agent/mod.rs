@@ -26,7 +26,10 @@
 //!
 //! No IO and no clock: `now` comes in as a parameter. Wall-clock expiry times
 //! on the wire ([`UnixMillis`]) are converted once, when a document is
-//! applied, using the wall time the caller read together with `now`.
+//! applied, into the remaining time on the document's own clock: the caller
+//! passes the time of the clock that wrote the document (the server's, as
+//! its answer dated it) together with `now`, so that a wrong router clock
+//! neither extends nor shortens the customer's consent.
 //!
 //! Files: `desired` (following the desired state: mappings, revocations,
 //! dialling), `datapath` (the packet path in both directions), [`nat`] (the
@@ -36,6 +39,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::ipv4::Prefix;
 use crate::messages::{
     AgentTunnel, GatewayId, PublicKey, RequestId, SiteId, TerminalName, UnixMillis,
 };
@@ -81,6 +85,10 @@ pub struct AgentConfig {
     pub mode: DataMode,
     /// Randomness for tunnel indices.
     pub seed: u64,
+    /// Sources accepted from the tunnel: the technicians (the router
+    /// agent's `packet.center_prefixes`). A packet from any other source is
+    /// dropped, even from an authenticated gateway; empty refuses all.
+    pub center_prefixes: Vec<Prefix>,
 }
 
 crate::drops::drop_reasons! {
@@ -110,6 +118,8 @@ crate::drops::drop_reasons! {
     NotIpv4 = "not_ipv4",
     /// From the tunnel: the destination is not a currently mapped NAT address.
     NotMapped = "not_mapped",
+    /// From the tunnel: the source is outside the center prefixes.
+    NotTechnician = "not_technician",
     /// The mapping's consent has ended (expired between two timer runs).
     Expired = "expired",
     /// From the LAN side: the source is not a mapped terminal (or, in
@@ -323,6 +333,7 @@ pub struct AgentState<K: Kinds = Builtin> {
     site_id: SiteId,
     private_key: PrivateKey,
     mode: DataMode,
+    center_prefixes: Vec<Prefix>,
     rng: u64,
     applied_version: Option<u64>,
     /// The tunnel the server wants (kept while no mapping is live, so that it
@@ -334,6 +345,10 @@ pub struct AgentState<K: Kinds = Builtin> {
     /// are never installed again, even if the server still lists them
     /// because it could not be told yet.
     revoked: std::collections::BTreeSet<RequestId>,
+    /// When set, only requests in `consented` are installed: the ones the
+    /// customer made on this agent, not whatever the server lists.
+    consent_required: bool,
+    consented: std::collections::BTreeSet<RequestId>,
     nat: Box<dyn PacketNat>,
     transmits: VecDeque<Transmit>,
     free_bufs: Vec<Vec<u8>>,
@@ -390,12 +405,15 @@ impl<K: Kinds> AgentState<K> {
             site_id: config.site_id,
             private_key: config.private_key,
             mode: config.mode,
+            center_prefixes: config.center_prefixes,
             rng: config.seed | 1,
             applied_version: None,
             desired_tunnel: None,
             peer: None,
             mappings: BTreeMap::new(),
             revoked: std::collections::BTreeSet::new(),
+            consent_required: false,
+            consented: std::collections::BTreeSet::new(),
             nat,
             transmits: VecDeque::new(),
             free_bufs: Vec::new(),
@@ -403,6 +421,20 @@ impl<K: Kinds> AgentState<K> {
             events: VecDeque::new(),
             counters: AgentCounters::default(),
         }
+    }
+
+    /// With `true`, a mapping is installed only when its request was given
+    /// to [`Self::consent_to`] (a request the customer made on this agent);
+    /// the others are reported as errors of the applied state. Off by
+    /// default: every request the document lists is installed.
+    pub fn require_consent(&mut self, on: bool) {
+        self.consent_required = on;
+    }
+
+    /// Records that the customer made request `id` on this agent: its
+    /// mappings may be installed when [`Self::require_consent`] is on.
+    pub fn consent_to(&mut self, id: RequestId) {
+        self.consented.insert(id);
     }
 
     /// The data mode.

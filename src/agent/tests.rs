@@ -50,6 +50,7 @@ fn agent<K: TestKinds>(mode: DataMode, now: Instant) -> AgentState<K> {
             private_key: keys().0,
             mode,
             seed: 42,
+            center_prefixes: vec!["172.16.0.0/24".parse().unwrap()],
         },
         now,
     )
@@ -583,6 +584,24 @@ fn through_the_real_gateway_state<K: TestKinds>() {
     assert_eq!(&p[16..20], &TECH.octets());
 }
 
+/// Only technicians' packets reach the LAN side, in both data modes: a
+/// gateway (or anyone holding its key) cannot send from another source.
+fn security_tunnel_sources_outside_the_center_prefixes_are_dropped<K: TestKinds>() {
+    for mode in [DataMode::Packet { masquerade: None }, DataMode::Netstack] {
+        let mut p = Pair::<K>::new(mode);
+        for src in ["172.16.1.50", "10.64.0.9", "192.168.1.20", "203.0.113.1"] {
+            let src: Ipv4Addr = src.parse().unwrap();
+            assert_eq!(
+                p.gateway_sends(&udp(src, NAT, 1, 2, b"x")),
+                Err(DropReason::NotTechnician),
+                "{src} in {mode:?}"
+            );
+        }
+        assert_eq!(p.agent.counters().drops.get(DropReason::NotTechnician), 4);
+        assert!(p.gateway_sends(&udp(TECH, NAT, 1, 2, b"x")).is_ok());
+    }
+}
+
 fn end_access_now_works_without_the_server_and_sticks<K: TestKinds>() {
     let mut p = Pair::<K>::new(DataMode::Packet { masquerade: None });
     let _ = events(&mut p.agent);
@@ -603,7 +622,37 @@ fn end_access_now_works_without_the_server_and_sticks<K: TestKinds>() {
     assert_eq!(p.agent.revoke_request(RequestId(99), now), 0);
 }
 
+fn security_only_requests_made_here_are_installed_when_consent_is_required<K: TestKinds>() {
+    let now = Instant::now();
+    let mut a = agent::<K>(DataMode::Packet { masquerade: None }, now);
+    a.require_consent(true);
+    a.consent_to(RequestId(17));
+    let mut d = desired(1, &[(NAT, "pc-1", 3600)]);
+    // A request the customer never made here (the server's own, or forged).
+    d.mappings.push(AgentMapping {
+        nat_address: Ipv4Addr::new(10, 64, 0, 6),
+        terminal: name("pc-2"),
+        request_id: RequestId(18),
+        expires_at: UnixMillis(WALL.0 + 3_600_000),
+    });
+    let applied = a.handle_desired_state(&d, &names(), now, WALL).unwrap();
+    let installed: Vec<_> = a.mappings().map(|m| m.request_id).collect();
+    assert_eq!(installed, vec![RequestId(17)]);
+    assert_eq!(applied.errors.len(), 1, "{:?}", applied.errors);
+    assert!(
+        applied.errors[0].contains("request 18") && applied.errors[0].contains("not installed"),
+        "{:?}",
+        applied.errors
+    );
+    // Once the customer consents, the next document installs it.
+    a.consent_to(RequestId(18));
+    d.version = 2;
+    a.handle_desired_state(&d, &names(), now, WALL).unwrap();
+    assert_eq!(a.mappings().count(), 2);
+}
+
 for_each_kind! {
+    security_only_requests_made_here_are_installed_when_consent_is_required,
     mapping_is_installed_and_the_gateway_dialled,
     packet_mode_rewrites_both_ways,
     unmapped_destinations_and_sources_are_dropped_and_counted,
@@ -617,4 +666,5 @@ for_each_kind! {
     a_terminal_that_moves_is_remapped,
     through_the_real_gateway_state,
     end_access_now_works_without_the_server_and_sticks,
+    security_tunnel_sources_outside_the_center_prefixes_are_dropped,
 }

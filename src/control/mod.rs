@@ -7,6 +7,7 @@
 //! reporting what was applied) is here, once, and tested without a network.
 
 mod follower;
+mod lease;
 #[cfg(test)]
 mod tests;
 
@@ -14,3 +15,4 @@ pub use follower::{
     Call, CallFailure, DesiredDocument, Follower, FollowerConfig, FollowerEvent, Lane,
     RETRY_INITIAL, RETRY_MAX, Reply, Request, Ticket,
 };
+pub use lease::{Lease, LeaseAction};

@@ -79,7 +79,7 @@ impl<K: Kinds> GatewayState<K> {
                 roam(peer, from, &mut self.events);
                 let site = peer.site_id;
                 let h = match Ipv4Header::new_checked(p) {
-                    Ok(h) => h.fixed(),
+                    Ok(h) => h,
                     Err(e) => {
                         let r = match e {
                             HeaderError::NotIpv4(6) => DropReason::NotIpv4,
@@ -101,6 +101,11 @@ impl<K: Kinds> GatewayState<K> {
                     tracing::trace!(site.id = %site, %dst, "cross-site packet");
                     self.drop_packet(DropReason::CrossSite, Some(slot));
                     return NetworkOutcome::Dropped(DropReason::CrossSite);
+                }
+                if let Err(r) = self.flows.site_to_center(&h, site, now) {
+                    tracing::trace!(site.id = %site, %src, %dst, reason = r.as_str(), "not part of a flow");
+                    self.drop_packet(r, Some(slot));
+                    return NetworkOutcome::Dropped(r);
                 }
                 NetworkOutcome::Tunnel(p)
             }
@@ -257,6 +262,15 @@ impl<K: Kinds> GatewayState<K> {
             self.drop_packet(DropReason::CrossSite, Some(route.slot));
             return TunOutcome::Dropped(DropReason::CrossSite);
         }
+        if !self.technicians.iter().any(|p| p.contains(src)) {
+            tracing::trace!(%src, %dst, "source outside the technician prefixes");
+            self.drop_packet(DropReason::NotTechnician, Some(route.slot));
+            return TunOutcome::Dropped(DropReason::NotTechnician);
+        }
+        if let Err(r) = self.flows.center_to_site(&h, route.site, now) {
+            self.drop_packet(r, Some(route.slot));
+            return TunOutcome::Dropped(r);
+        }
         let Some(Some(peer)) = self.slots.get_mut(route.slot as usize) else {
             self.drop_packet(DropReason::NoPeer, None);
             return TunOutcome::Dropped(DropReason::NoPeer);
@@ -391,6 +405,7 @@ impl<K: Kinds> GatewayState<K> {
             return;
         }
         self.next_tick = now + K::TIMER_TICK;
+        self.flows.handle_timeout(now);
         let slots: Vec<u32> = self.by_site.values().copied().collect();
         for slot in slots {
             let Some(Some(peer)) = self.slots.get_mut(slot as usize) else {

@@ -16,11 +16,14 @@
 //!   the peer's endpoint follows its last authenticated datagram (roaming and
 //!   NAT rebinding, WireGuard paper §2.1). A decrypted packet must be IPv4 with
 //!   an inner source that is one of *that* peer's NAT addresses
-//!   (anti-spoofing) and a destination outside the pool (one site never reaches
-//!   another through the gateway); otherwise it is dropped and counted.
+//!   (anti-spoofing), a destination outside the pool (one site never reaches
+//!   another through the gateway), and be part of a flow the center started
+//!   ([`flows`]: only technicians open connections); otherwise it is dropped
+//!   and counted.
 //! - **TUN → network.** The destination NAT address is looked up in a hash
-//!   map (O(1)) and the packet is encrypted for its peer and sent to the peer's
-//!   endpoint. A destination nobody holds is dropped and answered with ICMP
+//!   map (O(1)); the source must lie in a technician prefix
+//!   ([`GatewayConfig::technician_prefixes`]); the packet creates or refreshes
+//!   its flow, is encrypted for its peer and sent to the peer's endpoint. A destination nobody holds is dropped and answered with ICMP
 //!   destination unreachable, code 1 (host unreachable; RFC 792, RFC 1812
 //!   §5.2.7.1), rate-limited (RFC 1812 §4.3.2.8).
 //! - **Desired state.** [`GatewayState::handle_control`] reconciles to a
@@ -44,19 +47,23 @@
 //!
 //! Files: [`validate_desired`] (what of a document runs), `peers` (the peer
 //! table and reconciliation), `datapath` (the packet path, timers and output
-//! queues), `icmp` (host-unreachable errors).
+//! queues), `icmp` (host-unreachable errors), [`flows`] (the flow table).
 
 mod datapath;
+pub mod flows;
 mod icmp;
 mod peers;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_flows;
 mod validate;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use self::flows::{FlowLimits, FlowTable};
 use self::peers::{Peer, Route};
 pub use self::validate::{ValidatedState, validate_desired};
 use crate::ipv4::FastMap;
@@ -110,12 +117,18 @@ pub struct GatewayConfig {
     pub icmp_rate_per_s: u32,
     /// Which peers this state owns.
     pub shard: Shard,
+    /// Sources that may send toward the sites and start flows (the
+    /// technicians); any other source is dropped.
+    pub technician_prefixes: Vec<Prefix>,
+    /// Bounds and idle times of the flow table (per state, i.e. per worker).
+    pub flows: FlowLimits,
 }
 
 impl GatewayConfig {
     /// Defaults for everything but the key: no pool restriction, 1000 tunnels,
     /// [`tunnel::wireguard::Responder::DEFAULT_HANDSHAKE_LIMIT`], 100 ICMP errors
-    /// per second, one shard.
+    /// per second, one shard, technicians in [`Self::default_technician_prefix`],
+    /// [`FlowLimits::default`].
     pub fn new(private_key: PrivateKey) -> Self {
         Self {
             private_key,
@@ -125,7 +138,15 @@ impl GatewayConfig {
             icmp_source: None,
             icmp_rate_per_s: 100,
             shard: Shard::SINGLE,
+            technician_prefixes: vec![Self::default_technician_prefix()],
+            flows: FlowLimits::default(),
         }
+    }
+
+    /// The center LAN of docs/DESIGN.md's address plan, 172.16.0.0/24 (the
+    /// router agent's default `center_prefixes` too).
+    pub fn default_technician_prefix() -> Prefix {
+        Prefix::new(Ipv4Addr::new(172, 16, 0, 0), 24).expect("a /24 is a valid prefix")
     }
 }
 
@@ -157,6 +178,16 @@ crate::drops::drop_reasons! {
     SpoofedSource = "spoofed_source",
     /// Traffic between sites (destination or source inside the NAT pool).
     CrossSite = "cross_site",
+    /// From a site: a packet that would open a connection toward the center
+    /// (TCP SYN without ACK, ICMP echo request); only the center opens them.
+    SiteInitiated = "site_initiated",
+    /// From a site: a packet that is not part of a flow the center started
+    /// (no such flow, or it expired or went to another gateway).
+    NoFlow = "no_flow",
+    /// Toward a site: a source outside the technician prefixes.
+    NotTechnician = "not_technician",
+    /// Toward a site: a new flow while the flow table is full.
+    FlowTableFull = "flow_table_full",
     /// A TUN packet for a NAT address no peer holds (answered with ICMP).
     NoPeer = "no_peer",
     /// The peer has never connected, so it has no endpoint to send to.
@@ -297,6 +328,8 @@ pub struct GatewayState<K: Kinds = Builtin> {
     icmp_source: Option<Ipv4Addr>,
     icmp_rate: u32,
     shard: Shard,
+    technicians: Vec<Prefix>,
+    flows: FlowTable,
     slots: Vec<Option<Peer<K::Tunnel>>>,
     /// Per slot, bumped on reuse so that a new peer never gets an old tunnel index.
     generations: Vec<u8>,
@@ -351,6 +384,8 @@ impl<K: Kinds> GatewayState<K> {
             icmp_source: config.icmp_source,
             icmp_rate: config.icmp_rate_per_s,
             shard,
+            technicians: config.technician_prefixes,
+            flows: FlowTable::new(config.flows, now),
             slots: Vec::new(),
             generations: Vec::new(),
             free_slots: VecDeque::new(),
@@ -414,6 +449,11 @@ impl<K: Kinds> GatewayState<K> {
     /// Gateway-wide counters.
     pub fn counters(&self) -> GatewayCounters {
         self.counters
+    }
+
+    /// Flows in this state's table (expired ones until they are swept).
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
     }
 
     /// This state's own peers, by site id.

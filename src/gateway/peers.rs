@@ -130,6 +130,14 @@ impl<K: Kinds> GatewayState<K> {
                 self.by_nat.insert(*a, route);
             }
         }
+        // Flows go with the NAT address they lead to: closed, reassigned or
+        // moved to another shard, it no longer carries them.
+        let by_nat = &self.by_nat;
+        self.flows.retain_open(|nat, site| {
+            by_nat
+                .get(&nat)
+                .is_some_and(|r| r.site == site && r.owner == me)
+        });
         let new_addresses: BTreeSet<Ipv4Addr> = self
             .by_nat
             .iter()

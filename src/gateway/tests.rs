@@ -16,34 +16,34 @@ use crate::tunnel::testing::{TestClient, TestKinds, for_each_kind};
 
 const GW_KEY: [u8; 32] = [0x42; 32];
 
-fn gw_config() -> GatewayConfig {
+pub(super) fn gw_config() -> GatewayConfig {
     GatewayConfig {
         pool: Some("10.64.0.0/16".parse().unwrap()),
         ..GatewayConfig::new(PrivateKey::from_bytes(GW_KEY))
     }
 }
 
-fn gateway<K: TestKinds>(now: Instant) -> GatewayState<K> {
+pub(super) fn gateway<K: TestKinds>(now: Instant) -> GatewayState<K> {
     GatewayState::with_kinds(gw_config(), now)
 }
 
-fn ip(s: &str) -> Ipv4Addr {
+pub(super) fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
-fn addr(s: &str) -> SocketAddr {
+pub(super) fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
 /// A site's client of the kind under test, with its key and address.
-struct Client<K: TestKinds> {
+pub(super) struct Client<K: TestKinds> {
     key: [u8; 32],
-    inner: K::Client,
-    endpoint: SocketAddr,
+    pub(super) inner: K::Client,
+    pub(super) endpoint: SocketAddr,
 }
 
 impl<K: TestKinds> Client<K> {
-    fn new(seed: u8, endpoint: &str) -> Self {
+    pub(super) fn new(seed: u8, endpoint: &str) -> Self {
         Self {
             key: [seed; 32],
             inner: K::Client::new(seed, &PrivateKey::from_bytes(GW_KEY)),
@@ -51,11 +51,11 @@ impl<K: TestKinds> Client<K> {
         }
     }
 
-    fn public_key(&self) -> PublicKey {
+    pub(super) fn public_key(&self) -> PublicKey {
         PrivateKey::from_bytes(self.key).public_key()
     }
 
-    fn peer(&self, site: u64, nat: &[&str]) -> GatewayPeer {
+    pub(super) fn peer(&self, site: u64, nat: &[&str]) -> GatewayPeer {
         GatewayPeer {
             site_id: SiteId(site),
             public_key: self.public_key(),
@@ -65,17 +65,17 @@ impl<K: TestKinds> Client<K> {
     }
 
     /// Encrypts `packet` (after a handshake) and returns the datagram.
-    fn send(&mut self, packet: &[u8]) -> Vec<u8> {
+    pub(super) fn send(&mut self, packet: &[u8]) -> Vec<u8> {
         self.inner.send(packet)
     }
 
     /// Decrypts a datagram from the gateway; returns an inner packet if any.
-    fn receive(&mut self, datagram: &[u8]) -> Option<Vec<u8>> {
+    pub(super) fn receive(&mut self, datagram: &[u8]) -> Option<Vec<u8>> {
         self.inner.receive(datagram)
     }
 }
 
-fn desired(version: u64, peers: Vec<GatewayPeer>) -> GatewayDesiredState {
+pub(super) fn desired(version: u64, peers: Vec<GatewayPeer>) -> GatewayDesiredState {
     GatewayDesiredState {
         version,
         gateway_id: GatewayId(1),
@@ -83,7 +83,7 @@ fn desired(version: u64, peers: Vec<GatewayPeer>) -> GatewayDesiredState {
     }
 }
 
-fn udp(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
+pub(super) fn udp(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
     let mut p = Vec::new();
     etherparse::PacketBuilder::ipv4(ip(src).octets(), ip(dst).octets(), 64)
         .udp(40000, 7)
@@ -92,8 +92,18 @@ fn udp(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
     p
 }
 
+/// A site's reply to [`udp`] (ports reversed).
+pub(super) fn udp_reply(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    etherparse::PacketBuilder::ipv4(ip(src).octets(), ip(dst).octets(), 64)
+        .udp(7, 40000)
+        .write(&mut p, payload)
+        .unwrap();
+    p
+}
+
 /// Runs the client's handshake through the gateway.
-fn connect<K: TestKinds>(gw: &mut GatewayState<K>, c: &mut Client<K>, now: Instant) {
+pub(super) fn connect<K: TestKinds>(gw: &mut GatewayState<K>, c: &mut Client<K>, now: Instant) {
     let init = c.inner.initiation(true);
     gw.handle_network_input(c.endpoint, &init, now).unwrap();
     let t = gw.poll_transmit().expect("handshake response");
@@ -103,7 +113,7 @@ fn connect<K: TestKinds>(gw: &mut GatewayState<K>, c: &mut Client<K>, now: Insta
         .unwrap();
 }
 
-fn drain_events<K: Kinds>(gw: &mut GatewayState<K>) -> Vec<GatewayEvent> {
+pub(super) fn drain_events<K: Kinds>(gw: &mut GatewayState<K>) -> Vec<GatewayEvent> {
     std::iter::from_fn(|| gw.poll_event()).collect()
 }
 
@@ -134,18 +144,18 @@ fn gateway_and_a_site_client_handshake_and_exchange_packets<K: TestKinds>() {
         }]
     );
 
-    // Customer PC (as its NAT address) → technician.
-    let up = udp("10.64.0.5", "172.16.0.50", b"hello center");
-    let d = c.send(&up);
-    gw.handle_network_input(c.endpoint, &d, now).unwrap();
-    assert_eq!(gw.poll_tun_output().unwrap(), up);
-
     // Technician → customer PC.
     let down = udp("172.16.0.50", "10.64.0.5", b"hello site");
     gw.handle_tun_input(&down, now).unwrap();
     let t = gw.poll_transmit().unwrap();
     assert_eq!(t.dst, c.endpoint);
     assert_eq!(c.receive(&t.payload).unwrap(), down);
+
+    // Customer PC (as its NAT address) → technician: the reply.
+    let up = udp_reply("10.64.0.5", "172.16.0.50", b"hello center");
+    let d = c.send(&up);
+    gw.handle_network_input(c.endpoint, &d, now).unwrap();
+    assert_eq!(gw.poll_tun_output().unwrap(), up);
 
     let peer = gw.peers().next().unwrap();
     assert_eq!(peer.site_id, SiteId(3));
@@ -164,12 +174,6 @@ fn the_fast_path_writes_into_the_callers_buffers<K: TestKinds>() {
     gw.handle_control(&desired(1, vec![c.peer(3, &["10.64.0.5"])]), now);
     connect(&mut gw, &mut c, now);
     let mut out = vec![0; 2048];
-    let up = udp("10.64.0.5", "172.16.0.50", &[1; 1000]);
-    let d = c.send(&up);
-    match gw.handle_network_input_into(c.endpoint, &d, &mut out, now) {
-        NetworkOutcome::Tunnel(p) => assert_eq!(p, &up[..]),
-        other => panic!("{other:?}"),
-    }
     let down = udp("172.16.0.50", "10.64.0.5", &[2; 1000]);
     let d = match gw.handle_tun_input_into(&down, &mut out, now) {
         TunOutcome::Send { dst, datagram } => {
@@ -179,6 +183,12 @@ fn the_fast_path_writes_into_the_callers_buffers<K: TestKinds>() {
         other => panic!("{other:?}"),
     };
     assert_eq!(c.receive(&d).unwrap(), down);
+    let up = udp_reply("10.64.0.5", "172.16.0.50", &[1; 1000]);
+    let d = c.send(&up);
+    match gw.handle_network_input_into(c.endpoint, &d, &mut out, now) {
+        NetworkOutcome::Tunnel(p) => assert_eq!(p, &up[..]),
+        other => panic!("{other:?}"),
+    }
     let mut small = vec![0; 100];
     assert_eq!(
         gw.handle_tun_input_into(&down, &mut small, now),
@@ -193,10 +203,14 @@ fn the_endpoint_follows_the_last_authenticated_datagram<K: TestKinds>() {
     gw.handle_control(&desired(1, vec![c.peer(3, &["10.64.0.5"])]), now);
     connect(&mut gw, &mut c, now);
     drain_events(&mut gw);
+    gw.handle_tun_input(&udp("172.16.0.50", "10.64.0.5", b"flow"), now)
+        .unwrap();
+    let t = gw.poll_transmit().unwrap();
+    c.receive(&t.payload).unwrap();
 
     // The customer's NAT rebinds: same client, new address and port.
     let new_ep = addr("203.0.113.9:51000");
-    let d = c.send(&udp("10.64.0.5", "172.16.0.50", b"after roaming"));
+    let d = c.send(&udp_reply("10.64.0.5", "172.16.0.50", b"after roaming"));
     gw.handle_network_input(new_ep, &d, now).unwrap();
     assert_eq!(
         drain_events(&mut gw),
@@ -413,7 +427,11 @@ fn removing_a_peer_stops_its_traffic_and_leaves_the_others_alone<K: TestKinds>()
     );
     // B keeps its session (no new handshake) and gained an address.
     for src in ["10.64.0.9", "10.64.0.10"] {
-        let up = udp(src, "172.16.0.50", b"B");
+        gw.handle_tun_input(&udp("172.16.0.50", src, b"flow"), now)
+            .unwrap();
+        let t = gw.poll_transmit().unwrap();
+        b.receive(&t.payload).unwrap();
+        let up = udp_reply(src, "172.16.0.50", b"B");
         let d = b.send(&up);
         gw.handle_network_input(b.endpoint, &d, now).unwrap();
         assert_eq!(gw.poll_tun_output().unwrap(), up);
@@ -442,7 +460,11 @@ fn a_new_key_replaces_the_tunnel<K: TestKinds>() {
         Err(DropReason::UnknownIndex)
     );
     connect(&mut gw, &mut new, now);
-    let up = udp("10.64.0.5", "172.16.0.50", b"new");
+    gw.handle_tun_input(&udp("172.16.0.50", "10.64.0.5", b"flow"), now)
+        .unwrap();
+    let t = gw.poll_transmit().unwrap();
+    new.receive(&t.payload).unwrap();
+    let up = udp_reply("10.64.0.5", "172.16.0.50", b"new");
     let d = new.send(&up);
     gw.handle_network_input(new.endpoint, &d, now).unwrap();
     assert_eq!(gw.poll_tun_output().unwrap(), up);
@@ -561,15 +583,6 @@ fn shards_hand_off_what_belongs_to_another_worker<K: TestKinds>() {
         NetworkOutcome::Handoff(1)
     );
     connect(&mut s1, &mut c, now);
-    let d = c.send(&udp("10.64.0.5", "172.16.0.50", b"x"));
-    assert_eq!(
-        s0.handle_network_input_into(c.endpoint, &d, &mut out, now),
-        NetworkOutcome::Handoff(1)
-    );
-    assert!(matches!(
-        s1.handle_network_input_into(c.endpoint, &d, &mut out, now),
-        NetworkOutcome::Tunnel(_)
-    ));
     let down = udp("172.16.0.50", "10.64.0.5", b"y");
     assert_eq!(
         s0.handle_tun_input_into(&down, &mut out, now),
@@ -578,6 +591,17 @@ fn shards_hand_off_what_belongs_to_another_worker<K: TestKinds>() {
     assert!(matches!(
         s1.handle_tun_input_into(&down, &mut out, now),
         TunOutcome::Send { .. }
+    ));
+    // The flow lives with the owner, which lets the reply through.
+    assert_eq!((s0.flow_count(), s1.flow_count()), (0, 1));
+    let d = c.send(&udp_reply("10.64.0.5", "172.16.0.50", b"x"));
+    assert_eq!(
+        s0.handle_network_input_into(c.endpoint, &d, &mut out, now),
+        NetworkOutcome::Handoff(1)
+    );
+    assert!(matches!(
+        s1.handle_network_input_into(c.endpoint, &d, &mut out, now),
+        NetworkOutcome::Tunnel(_)
     ));
 }
 

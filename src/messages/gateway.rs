@@ -123,6 +123,12 @@ pub struct HeartbeatAck {
     pub desired_version: u64,
     /// Whether the operator drains this gateway.
     pub drain: bool,
+    /// How long after sending this heartbeat the gateway may keep announcing
+    /// its NAT addresses without another acknowledged one: the server's
+    /// `down_after_ms`, after which it moves the gateway's sites elsewhere.
+    /// Absent from a server that never moves them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
 }
 
 /// One site's tunnel on a gateway.

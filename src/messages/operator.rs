@@ -93,6 +93,52 @@ pub struct DrainGateway {
     pub drain: bool,
 }
 
+/// Operator: disable (or enable again) a site, gateway or technician.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SetDisabled {
+    /// `true`: its credentials (sessions) are refused; `false`: enabled again.
+    pub disabled: bool,
+}
+
+/// Operator: add a technician, or set the password of an existing one
+/// (which ends its sessions).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewTechnician {
+    /// The login name (1–100 characters).
+    pub name: String,
+    /// The password (8–1000 characters; never logged).
+    pub password: String,
+}
+
+impl std::fmt::Debug for NewTechnician {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewTechnician")
+            .field("name", &self.name)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl NewTechnician {
+    /// # Errors
+    /// A [`FieldError`] naming the first invalid field.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        check_text("name", &self.name, 100, true)?;
+        let n = self.password.chars().count();
+        if !(8..=1000).contains(&n) {
+            return Err(FieldError::new(
+                "password",
+                "must have 8 to 1000 characters",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The health a gateway reports, and the server's view of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]

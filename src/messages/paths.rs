@@ -31,6 +31,30 @@ pub const GATEWAYS: &str = "/api/v1/gateways";
 /// Operator: `POST` [`super::DrainGateway`] → [`super::GatewayView`].
 pub const GATEWAY_DRAIN: &str = "/api/v1/gateways/{id}/drain";
 
+/// Operator: `DELETE` → 204: the site, its requests (open ones revoked
+/// first), failure reports and enrollment tokens.
+pub const SITE: &str = "/api/v1/sites/{id}";
+/// Operator: `POST` [`super::SetDisabled`] → 204. A disabled site's agent gets 401.
+pub const SITE_DISABLE: &str = "/api/v1/sites/{id}/disable";
+/// Operator: `POST` → [`super::SiteCreated`]: the site's credential is refused
+/// from now on; the new enrollment token enrolls the agent again.
+pub const SITE_ROTATE: &str = "/api/v1/sites/{id}/rotate";
+/// Operator: `DELETE` → 204 (refused while the gateway carries sites).
+pub const GATEWAY: &str = "/api/v1/gateways/{id}";
+/// Operator: `POST` [`super::SetDisabled`] → 204. A disabled gateway gets 401
+/// and is marked down (its sites move).
+pub const GATEWAY_DISABLE: &str = "/api/v1/gateways/{id}/disable";
+/// Operator: `POST` → [`super::GatewayCreated`] with a new credential; the old
+/// one is refused from now on. Id, key and sites stay.
+pub const GATEWAY_ROTATE: &str = "/api/v1/gateways/{id}/rotate";
+/// Operator: `POST` [`super::NewTechnician`] → 204: adds a technician or sets
+/// its password (ending its sessions).
+pub const TECHNICIANS: &str = "/api/v1/technicians";
+/// Operator: `DELETE` → 204: the technician and its sessions.
+pub const TECHNICIAN: &str = "/api/v1/technicians/{name}";
+/// Operator: `POST` [`super::SetDisabled`] → 204. Disabling ends its sessions.
+pub const TECHNICIAN_DISABLE: &str = "/api/v1/technicians/{name}/disable";
+
 /// Technician: `POST` [`super::Login`] → [`super::LoginResponse`] + session cookie.
 pub const LOGIN: &str = "/api/v1/login";
 /// Technician: `POST` → 204, clears the session.

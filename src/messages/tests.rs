@@ -84,6 +84,12 @@ fn every_message_round_trips_through_json() {
     round_trip(&HeartbeatAck {
         desired_version: 4,
         drain: false,
+        lease_ms: Some(15_000),
+    });
+    round_trip(&HeartbeatAck {
+        desired_version: 4,
+        drain: false,
+        lease_ms: None,
     });
     round_trip(&GatewayDesiredState {
         version: 4,

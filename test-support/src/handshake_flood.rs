@@ -344,7 +344,7 @@ fn agent_config(dir: &Path, n: usize) -> PathBuf {
         &path,
         format!(
             "[agent]\nidentity_file = \"{id}\"\nstate_dir = \"{state}\"\nmode = \"packet\"\n\
-             [server]\npoll_wait_ms = 20000\n\
+             [server]\npoll_wait_ms = 20000\nallow_insecure_http = true\n\
              [lan]\ninterface = \"lan\"\nallowed_prefixes = [\"192.168.1.0/24\"]\ndns = false\n\
              [packet]\ntun_name = \"vpnnat-agent\"\ncenter_prefixes = [\"172.16.0.0/24\"]\n\
              [web]\npassword = \"{PASSWORD}\"\n\

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
+pub mod agent_world;
 #[cfg(feature = "browser")]
 pub mod browser;
 pub mod echo;

@@ -14,6 +14,11 @@
   let events = null;
   let seen = null; // request ids already shown (null before the first render)
   let auditOldest = null;
+  // Closed requests older than the live feed's newest ones, paged on demand
+  // (the feed always carries every open request).
+  let olderClosed = [];
+  let olderClosedDone = false;
+  const CLOSED_PAGE = 100;
   let activeTab = 'requests';
 
   const STATE_LABEL = {
@@ -113,6 +118,8 @@
     version = 0;
     events = null;
     seen = null;
+    olderClosed = [];
+    olderClosedDone = false;
     const gen = ++pollGen;
     pollLoop(gen);
   }
@@ -181,9 +188,33 @@
       actions);
   }
 
+  function isOpen(r) { return r.state === 'waiting' || r.state === 'in_progress'; }
+
+  // The feed's requests, then the paged older closed ones it does not carry.
+  function allRequests() {
+    const ids = new Set(events.requests.map((r) => r.id));
+    return events.requests.concat(olderClosed.filter((r) => !ids.has(r.id)));
+  }
+
+  async function loadOlderClosed() {
+    if (!events) return;
+    const closed = allRequests().filter((r) => !isOpen(r));
+    const oldest = closed.length ? Math.min(...closed.map((r) => r.id)) : null;
+    const q = oldest === null ? '' : '&before=' + oldest;
+    try {
+      const page = await api('GET', '/api/v1/requests?state=closed&limit=' + CLOSED_PAGE + q);
+      olderClosed = olderClosed.concat(page);
+      olderClosedDone = page.length < CLOSED_PAGE;
+      render();
+    } catch (e) {
+      if (e.status === 401) { showLogin('Your session ended. Please sign in again.'); return; }
+      toast('Could not load older requests: ' + e.message, true);
+    }
+  }
+
   function render() {
     if (!events) return;
-    const reqs = events.requests;
+    const reqs = allRequests();
     const tbody = document.querySelector('#requests tbody');
     const rows = [];
     const firstTime = seen === null;
@@ -196,6 +227,9 @@
     tbody.replaceChildren(...rows);
     $('requests-empty').hidden = rows.length > 0;
     $('requests-hint').textContent = rows.length + ' of ' + reqs.length + ' shown';
+    // The feed carries the newest CLOSED_PAGE closed requests; fewer means there are no older ones.
+    $('requests-more').hidden = olderClosedDone ||
+      events.requests.filter((r) => !isOpen(r)).length < CLOSED_PAGE;
 
     const open = reqs.filter((r) => r.state === 'waiting' || r.state === 'in_progress');
     $('count-waiting').textContent = reqs.filter((r) => r.state === 'waiting').length;
@@ -307,6 +341,7 @@
     $('filter-text').addEventListener('input', render);
     $('audit-refresh').addEventListener('click', () => loadAudit(true));
     $('audit-more').addEventListener('click', () => loadAudit(false));
+    $('requests-more').addEventListener('click', loadOlderClosed);
 
     if (!csrf) { showLogin(''); return; }
     try {

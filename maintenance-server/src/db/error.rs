@@ -13,6 +13,16 @@ pub enum DbError {
     Other(#[from] sqlx::Error),
 }
 
+impl DbError {
+    /// Whether the transaction lost a race the database detected (PostgreSQL
+    /// deadlock `40P01` or serialization failure `40001`): running it again
+    /// from the start is safe and will most likely succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Other(sqlx::Error::Database(d))
+            if matches!(d.code().as_deref(), Some("40P01" | "40001")))
+    }
+}
+
 /// Result of a database operation.
 pub type DbResult<T> = Result<T, DbError>;
 
@@ -49,6 +59,17 @@ pub enum OpError {
     /// The gateway has not registered yet.
     #[error("the gateway has not registered")]
     NotRegistered,
+    /// The site holds as much as its quota allows (`[quotas]`).
+    #[error("{message}")]
+    Quota {
+        /// The limit's field (`open_requests`, `terminals`).
+        field: &'static str,
+        /// Which limit, and its value.
+        message: String,
+    },
+    /// The site did this too often in the last minute (`[quotas]`).
+    #[error("{0}")]
+    RateLimited(String),
 }
 
 impl From<sqlx::Error> for OpError {
@@ -70,6 +91,18 @@ impl OpError {
     /// pool address): the site is told, and the caller may try again later.
     pub fn is_capacity(&self) -> bool {
         matches!(self, Self::NoCapacity | Self::PoolExhausted)
+    }
+}
+
+impl OpError {
+    /// Whether this is a refusal by a per-site limit (`[quotas]`).
+    pub fn is_site_limit(&self) -> bool {
+        matches!(self, Self::Quota { .. } | Self::RateLimited(_))
+    }
+
+    /// See [`DbError::is_retryable`].
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Db(e) if e.is_retryable())
     }
 }
 

@@ -8,7 +8,7 @@ use vpnnat::messages::{
 
 use super::error::{OpError, OpResult};
 use super::policy::Policy;
-use super::tunnels::gateway_sites;
+use super::tunnels::{STRANDED, gateway_sites};
 use super::views::enum_str;
 use super::{Tx, col, id64, ids_of, u64_of};
 use crate::secrets::{Secret, SecretKind};
@@ -74,19 +74,20 @@ pub async fn register_gateway(
             tx.bump_site(site).await?;
         }
     }
-    sqlx::query(
+    let sql = format!(
         "UPDATE gateways SET endpoints = $1, public_key = $2, tunnel_kinds = $3, max_tunnels = $4, \
-         software_version = $5, health = 'healthy', last_heartbeat = $6 WHERE id = $7",
-    )
-    .bind(&endpoints)
-    .bind(&key)
-    .bind(&kinds)
-    .bind(i64::from(reg.max_tunnels))
-    .bind(&reg.software_version)
-    .bind(now)
-    .bind(id64(gw.0))
-    .execute(&mut *tx.inner)
-    .await?;
+         software_version = $5, health = 'healthy', last_heartbeat = {} WHERE id = $6",
+        tx.kind.now_ms_sql()
+    );
+    sqlx::query(&sql)
+        .bind(&endpoints)
+        .bind(&key)
+        .bind(&kinds)
+        .bind(i64::from(reg.max_tunnels))
+        .bind(&reg.software_version)
+        .bind(id64(gw.0))
+        .execute(&mut *tx.inner)
+        .await?;
     tx.audit(
         now,
         &format!("gateway:{gw}"),
@@ -123,17 +124,43 @@ pub async fn heartbeat(
     }
     let old: String = col(&row, "health")?;
     let health = enum_str(&hb.health);
-    let row = sqlx::query(
-        "UPDATE gateways SET last_heartbeat = $1, health = $2, max_tunnels = $3, active_tunnels = $4 \
-         WHERE id = $5 RETURNING version, drain",
-    )
-    .bind(now)
-    .bind(&health)
-    .bind(i64::from(hb.max_tunnels))
-    .bind(i64::from(hb.active_tunnels))
-    .bind(id64(gw.0))
-    .fetch_one(&mut *tx.inner)
-    .await?;
+    if old == "down" && health != "down" {
+        // Back up: its sites that were told they are stranded are not any
+        // more (sites before the gateway row: the lock order).
+        let rows = sqlx::query(
+            "SELECT s.id FROM sites s JOIN tunnels t ON t.site_id = s.id \
+             WHERE t.gateway_id = $1 AND s.problem = $2 ORDER BY s.id",
+        )
+        .bind(id64(gw.0))
+        .bind(STRANDED)
+        .fetch_all(&mut *tx.inner)
+        .await?;
+        for site in ids_of(&rows, "id", SiteId)? {
+            tx.lock_site(site).await?;
+            sqlx::query("UPDATE sites SET problem = NULL WHERE id = $1 AND problem = $2")
+                .bind(id64(site.0))
+                .bind(STRANDED)
+                .execute(&mut *tx.inner)
+                .await?;
+            tx.bump_site(site).await?;
+        }
+    }
+    // The database's clock, not this replica's: see `mark_down`. A heartbeat
+    // that passed authentication just before the gateway was disabled does
+    // not bring it back up.
+    let sql = format!(
+        "UPDATE gateways SET last_heartbeat = {}, \
+         health = CASE WHEN disabled = 0 THEN $1 ELSE 'down' END, max_tunnels = $2, active_tunnels = $3 \
+         WHERE id = $4 RETURNING version, drain",
+        tx.kind.now_ms_sql()
+    );
+    let row = sqlx::query(&sql)
+        .bind(&health)
+        .bind(i64::from(hb.max_tunnels))
+        .bind(i64::from(hb.active_tunnels))
+        .bind(id64(gw.0))
+        .fetch_one(&mut *tx.inner)
+        .await?;
     if old != health {
         tx.audit(
             now,
@@ -147,10 +174,15 @@ pub async fn heartbeat(
     Ok(HeartbeatAck {
         desired_version: u64_of(col(&row, "version")?),
         drain: col::<i64>(&row, "drain")? != 0,
+        lease_ms: None,
     })
 }
 
 /// Records what a gateway applied.
+///
+/// Lock order: the sites whose tunnel became ready are bumped (their rows
+/// locked, ascending id) before the gateway row is updated, the order of
+/// `new_request`, `close_request` and failover (site, then gateway).
 ///
 /// # Errors
 /// Database failures.
@@ -160,6 +192,7 @@ pub async fn gateway_applied(
     version: u64,
     errors: &[String],
 ) -> OpResult<()> {
+    // A plain read: no lock on the gateway row yet.
     let before = sqlx::query("SELECT applied_version FROM gateways WHERE id = $1")
         .bind(id64(gw.0))
         .fetch_optional(&mut *tx.inner)
@@ -167,12 +200,6 @@ pub async fn gateway_applied(
         .map(|r| col::<i64>(&r, "applied_version"))
         .transpose()?
         .unwrap_or(0);
-    sqlx::query("UPDATE gateways SET applied_version = $1, applied_errors = $2 WHERE id = $3")
-        .bind(id64(version))
-        .bind(serde_json::to_string(errors).unwrap_or_default())
-        .bind(id64(gw.0))
-        .execute(&mut *tx.inner)
-        .await?;
     // Sites whose peer this gateway now holds for the first time: their
     // agents get the tunnel (and dial) now, not before.
     let ready = sqlx::query(
@@ -187,6 +214,12 @@ pub async fn gateway_applied(
     for site in ids_of(&ready, "site_id", SiteId)? {
         tx.bump_site(site).await?;
     }
+    sqlx::query("UPDATE gateways SET applied_version = $1, applied_errors = $2 WHERE id = $3")
+        .bind(id64(version))
+        .bind(serde_json::to_string(errors).unwrap_or_default())
+        .bind(id64(gw.0))
+        .execute(&mut *tx.inner)
+        .await?;
     Ok(())
 }
 
@@ -218,17 +251,21 @@ pub async fn drain(tx: &mut Tx, gw: GatewayId, on: bool, actor: &str, now: i64) 
     Ok(())
 }
 
-/// Marks gateways without a heartbeat since `cutoff` down; returns them.
+/// Marks gateways whose last heartbeat is older than `down_after_ms` by
+/// the database's clock (replicas' own clocks may differ) down; returns them.
 ///
 /// # Errors
 /// Database failures.
-pub async fn mark_down(tx: &mut Tx, cutoff: i64, now: i64) -> OpResult<Vec<GatewayId>> {
-    let rows = sqlx::query(
-        "UPDATE gateways SET health = 'down' WHERE health <> 'down' AND last_heartbeat < $1 RETURNING id",
-    )
-    .bind(cutoff)
-    .fetch_all(&mut *tx.inner)
-    .await?;
+pub async fn mark_down(tx: &mut Tx, down_after_ms: i64, now: i64) -> OpResult<Vec<GatewayId>> {
+    let sql = format!(
+        "UPDATE gateways SET health = 'down' WHERE health <> 'down' AND last_heartbeat < {} - $1 \
+         RETURNING id",
+        tx.kind.now_ms_sql()
+    );
+    let rows = sqlx::query(&sql)
+        .bind(down_after_ms)
+        .fetch_all(&mut *tx.inner)
+        .await?;
     let down = ids_of(&rows, "id", GatewayId)?;
     for gw in &down {
         tx.audit(
@@ -241,4 +278,98 @@ pub async fn mark_down(tx: &mut Tx, cutoff: i64, now: i64) -> OpResult<Vec<Gatew
         .await?;
     }
     Ok(down)
+}
+
+/// Disables (or enables again) a gateway. A disabled gateway's credential
+/// is refused and it is marked down at once, so that failover moves its
+/// sites; enabled again, it is back once it registers or heartbeats.
+///
+/// # Errors
+/// `NotFound`.
+pub async fn set_gateway_disabled(
+    tx: &mut Tx,
+    gw: GatewayId,
+    disabled: bool,
+    actor: &str,
+    now: i64,
+) -> OpResult<()> {
+    let sql = if disabled {
+        "UPDATE gateways SET disabled = 1, health = 'down' WHERE id = $1"
+    } else {
+        "UPDATE gateways SET disabled = 0 WHERE id = $1"
+    };
+    let r = sqlx::query(sql)
+        .bind(id64(gw.0))
+        .execute(&mut *tx.inner)
+        .await?;
+    if r.rows_affected() == 0 {
+        return Err(OpError::NotFound("gateway"));
+    }
+    let action = if disabled {
+        "gateway.disable"
+    } else {
+        "gateway.enable"
+    };
+    tx.audit(now, actor, action, &format!("gateway:{gw}"), "")
+        .await?;
+    Ok(())
+}
+
+/// Deletes a gateway identity. One that still carries sites is refused:
+/// disable it first and let failover move them.
+///
+/// # Errors
+/// `NotFound`; `InvalidState` while it carries sites.
+pub async fn delete_gateway(tx: &mut Tx, gw: GatewayId, actor: &str, now: i64) -> OpResult<()> {
+    let row = tx
+        .row_by_id("SELECT name FROM gateways WHERE id = $1", gw.0, "gateway")
+        .await?;
+    let name: String = col(&row, "name")?;
+    let sites = gateway_sites(tx, gw).await?;
+    if !sites.is_empty() {
+        return Err(OpError::InvalidState(format!(
+            "gateway {gw} still carries {} site(s): disable it first, and delete it once failover has moved them",
+            sites.len()
+        )));
+    }
+    sqlx::query("DELETE FROM gateways WHERE id = $1")
+        .bind(id64(gw.0))
+        .execute(&mut *tx.inner)
+        .await?;
+    tx.audit(
+        now,
+        actor,
+        "gateway.delete",
+        &format!("gateway:{gw}"),
+        &name,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Gives a gateway a new credential; the old one is refused from the
+/// commit on. Its id, key, tunnels and sites stay.
+///
+/// # Errors
+/// `NotFound`.
+pub async fn rotate_gateway(
+    tx: &mut Tx,
+    gw: GatewayId,
+    actor: &str,
+    now: i64,
+) -> OpResult<GatewayCreated> {
+    let credential = Secret::generate(SecretKind::Gateway);
+    let row = sqlx::query("UPDATE gateways SET credential_hash = $1 WHERE id = $2 RETURNING name")
+        .bind(credential.hash())
+        .bind(id64(gw.0))
+        .fetch_optional(&mut *tx.inner)
+        .await?
+        .ok_or(OpError::NotFound("gateway"))?;
+    tx.audit(now, actor, "gateway.rotate", &format!("gateway:{gw}"), "")
+        .await?;
+    Ok(GatewayCreated {
+        gateway_id: gw,
+        name: col(&row, "name")?,
+        credential: credential.expose().to_owned(),
+    })
 }

@@ -10,6 +10,11 @@
 //! row of the site it touches (`SELECT … FOR UPDATE`), and NAT addresses are
 //! claimed with `FOR UPDATE SKIP LOCKED` from a pre-populated table whose
 //! primary key is the address: two replicas can never hand out one address twice.
+//!
+//! Lock order (PostgreSQL): site rows first (ascending id when several),
+//! then gateway rows, then the console counter (at the commit). A
+//! transaction that nevertheless loses a deadlock or serialization race is
+//! run again ([`TX_ATTEMPTS`], [`retry_pause`]) instead of failing.
 
 pub mod addresses;
 mod error;
@@ -40,6 +45,31 @@ pub enum DbKind {
     Sqlite,
     /// Shared by replicas.
     Postgres,
+}
+
+impl DbKind {
+    /// An SQL expression for the database's clock, milliseconds since the
+    /// Unix epoch. Heartbeat ages are measured with it, so that replicas
+    /// whose own clocks differ agree on which gateway is silent.
+    pub fn now_ms_sql(self) -> &'static str {
+        match self {
+            Self::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+            Self::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+}
+
+/// How often a transaction that lost a deadlock or serialization race is
+/// run again before the error is returned.
+pub const TX_ATTEMPTS: u32 = 6;
+
+/// A random pause before attempt `attempt` (1-based) of a transaction that
+/// lost a race: growing with the attempt, jittered so that the transactions
+/// that collided do not collide again.
+pub fn retry_pause(attempt: u32) -> Duration {
+    use rand::Rng as _;
+    let cap_ms = 5u64 << attempt.min(6);
+    Duration::from_millis(rand::thread_rng().gen_range(1..=cap_ms))
 }
 
 /// The connection pools.
@@ -209,6 +239,47 @@ impl Database {
         &self.read
     }
 
+    /// Runs `f` in a write transaction and commits it (announcing its
+    /// changes). A transaction that loses a deadlock or serialization race
+    /// (PostgreSQL) is rolled back and run again, up to [`TX_ATTEMPTS`]
+    /// times with a jittered pause ([`retry_pause`]); any other error is
+    /// returned at once (then nothing is committed).
+    ///
+    /// # Errors
+    /// `f`'s error or a failed commit.
+    pub async fn transaction<T, E>(
+        &self,
+        notifier: &Notifier,
+        f: impl AsyncFnOnce(&mut Tx) -> Result<T, E> + Clone,
+    ) -> Result<T, E>
+    where
+        E: From<DbError> + Retryable,
+    {
+        let mut attempt = 1;
+        loop {
+            // Each attempt calls its own copy (closures capture references).
+            let f = f.clone();
+            let r: Result<T, E> = async {
+                let mut tx = self.begin().await?;
+                let out = f(&mut tx).await?;
+                tx.commit(notifier).await?;
+                Ok(out)
+            }
+            .await;
+            match r {
+                Err(e) if attempt < TX_ATTEMPTS && e.is_retryable() => {
+                    tracing::debug!(
+                        attempt,
+                        "transaction lost a deadlock or serialization race; running it again"
+                    );
+                    tokio::time::sleep(retry_pause(attempt)).await;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Starts a write transaction.
     ///
     /// # Errors
@@ -222,6 +293,24 @@ impl Database {
     }
 }
 
+/// An error after which a transaction may be run again.
+pub trait Retryable {
+    /// Whether it is a lost deadlock or serialization race.
+    fn is_retryable(&self) -> bool;
+}
+
+impl Retryable for DbError {
+    fn is_retryable(&self) -> bool {
+        DbError::is_retryable(self)
+    }
+}
+
+impl Retryable for OpError {
+    fn is_retryable(&self) -> bool {
+        OpError::is_retryable(self)
+    }
+}
+
 /// Document versions a transaction changed; announced after the commit.
 #[derive(Debug, Default, Clone)]
 pub struct Changes {
@@ -231,6 +320,9 @@ pub struct Changes {
     pub gateways: BTreeSet<GatewayId>,
     /// Whether the console feed changed.
     pub console: bool,
+    /// Whether the console feed changed in a way announced later, together
+    /// with others ([`Notifier::defer_console`]).
+    pub console_later: bool,
     /// Gateways that got a site's tunnel (new or moved) in this transaction:
     /// its `ready_version` is set at the commit.
     pub tunnels_placed: BTreeSet<GatewayId>,
@@ -287,6 +379,16 @@ impl Tx {
     /// Marks the console feed changed (bumped once, at commit).
     pub fn touch_console(&mut self) {
         self.changes.console = true;
+    }
+
+    /// Turns this transaction's console change into a deferred one: the
+    /// consoles learn of it at the background task's next tick, together
+    /// with every other deferred change (failure reports come in bursts).
+    pub fn defer_console(&mut self) {
+        if self.changes.console {
+            self.changes.console = false;
+            self.changes.console_later = true;
+        }
     }
 
     /// Locks a site's row until the commit (PostgreSQL; SQLite writers are
@@ -415,6 +517,9 @@ impl Tx {
         self.inner.commit().await?;
         for t in topics {
             notifier.wake(t);
+        }
+        if self.changes.console_later && !self.changes.console {
+            notifier.defer_console();
         }
         Ok(())
     }

@@ -13,16 +13,21 @@
 
 pub use super::error::{OpError, OpResult};
 pub use super::gateways::{
-    create_gateway, drain, gateway_applied, heartbeat, mark_down, register_gateway,
+    create_gateway, delete_gateway, drain, gateway_applied, heartbeat, mark_down, register_gateway,
+    rotate_gateway, set_gateway_disabled,
 };
 pub use super::policy::Policy;
 pub use super::requests::{
-    Origin, close_request, due_requests, link_failure, new_request, start_request, store_failure,
+    Origin, apply_retention, close_request, due_requests, link_failure, new_request, start_request,
+    store_failure,
 };
 pub use super::restore::advance_versions;
-pub use super::sites::{create_site, enroll, new_site_token, set_problem, site_applied};
-pub use super::technicians::{
-    NewSession, close_session, delete_expired_sessions, open_session, password_of,
-    upsert_technician,
+pub use super::sites::{
+    create_site, delete_site, enroll, new_site_token, rotate_site, set_problem, set_site_disabled,
+    site_applied,
 };
-pub use super::tunnels::{failover_site, move_site, stranded_sites};
+pub use super::technicians::{
+    NewSession, close_session, delete_expired_sessions, delete_technician, open_session,
+    password_of, set_technician_disabled, upsert_technician,
+};
+pub use super::tunnels::{STRANDED, failover_site, move_site, strand_site, stranded_sites};

@@ -21,6 +21,8 @@ pub struct Policy {
     pub down_after_ms: i64,
     /// Agents' keepalive, s.
     pub persistent_keepalive_s: u16,
+    /// Per-site limits.
+    pub quotas: crate::settings::Quotas,
 }
 
 impl Policy {
@@ -39,6 +41,7 @@ impl Policy {
             heartbeat_interval_ms: s.gateways.heartbeat_interval_ms,
             down_after_ms: i64::try_from(s.gateways.down_after_ms).unwrap_or(i64::MAX / 4),
             persistent_keepalive_s: s.gateways.persistent_keepalive_s,
+            quotas: s.quotas.clone(),
         }
     }
 }

@@ -14,6 +14,8 @@ use super::policy::Policy;
 use super::tunnels::{ensure_tunnel, release_slot, site_gateway};
 use super::views::{acceptance_number, addr_to_i64, enum_str};
 use super::{Tx, col, id64, ids_of, u64_of};
+use crate::settings::{Quotas, Retention};
+use sqlx::Row as _;
 
 /// Where a new request comes from.
 #[derive(Debug, Clone)]
@@ -42,6 +44,8 @@ pub async fn new_request(
     policy: &Policy,
 ) -> OpResult<MaintenanceRequestView> {
     let site_name = tx.lock_site(site).await?;
+    // Under the site's lock: concurrent requests of one site are counted exactly.
+    check_request_quotas(tx, site, now, &policy.quotas).await?;
     let (gw, _new_tunnel) = ensure_tunnel(tx, site, now).await?;
     let expires = now.saturating_add(policy.max_duration_ms);
     let row = sqlx::query(
@@ -82,6 +86,16 @@ pub async fn new_request(
             nat_address: Some(addr),
         });
     }
+    let held = held_by(tx, site).await?;
+    if held > i64::from(policy.quotas.terminals_per_site) {
+        return Err(OpError::Quota {
+            field: "terminals",
+            message: format!(
+                "this site would hold {held} NAT addresses; at most {} (terminals_per_site) are allowed at once: end a request first",
+                policy.quotas.terminals_per_site
+            ),
+        });
+    }
     sqlx::query("UPDATE sites SET problem = NULL WHERE id = $1 AND problem IS NOT NULL")
         .bind(id64(site.0))
         .execute(&mut *tx.inner)
@@ -116,6 +130,61 @@ pub async fn new_request(
         ended_at: None,
         expires_at: UnixMillis(u64_of(expires)),
     })
+}
+
+/// How many rows `count_sql` (parameters: site, since) counts for `site`
+/// in the last minute.
+async fn count_last_minute(
+    tx: &mut Tx,
+    count_sql: &'static str,
+    site: SiteId,
+    now: i64,
+) -> OpResult<i64> {
+    let r = sqlx::query(count_sql)
+        .bind(id64(site.0))
+        .bind(now.saturating_sub(60_000))
+        .fetch_one(&mut *tx.inner)
+        .await?;
+    Ok(r.try_get::<i64, _>(0)?)
+}
+
+/// The per-minute and open-request limits of `[quotas]`.
+async fn check_request_quotas(
+    tx: &mut Tx,
+    site: SiteId,
+    now: i64,
+    quotas: &Quotas,
+) -> OpResult<()> {
+    let recent = count_last_minute(
+        tx,
+        "SELECT COUNT(*) FROM requests WHERE site_id = $1 AND received_at > $2",
+        site,
+        now,
+    )
+    .await?;
+    if recent >= i64::from(quotas.requests_per_minute) {
+        return Err(OpError::RateLimited(format!(
+            "this site opened {recent} requests in the last minute; at most {} (requests_per_minute) are allowed: try again in a minute",
+            quotas.requests_per_minute
+        )));
+    }
+    let open = sqlx::query(
+        "SELECT COUNT(*) FROM requests WHERE site_id = $1 AND state IN ('waiting', 'in_progress')",
+    )
+    .bind(id64(site.0))
+    .fetch_one(&mut *tx.inner)
+    .await?
+    .try_get::<i64, _>(0)?;
+    if open >= i64::from(quotas.open_requests_per_site) {
+        return Err(OpError::Quota {
+            field: "open_requests",
+            message: format!(
+                "this site has {open} open requests; at most {} (open_requests_per_site) are allowed: end one first",
+                quotas.open_requests_per_site
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The site a request belongs to.
@@ -254,16 +323,35 @@ pub async fn due_requests(tx: &mut Tx, now: i64) -> OpResult<Vec<RequestId>> {
     Ok(ids_of(&rows, "id", RequestId)?)
 }
 
-/// Stores a failure report.
+/// Stores a failure report: at most `failure_reports_per_minute` per site
+/// (else `RateLimited`, nothing stored), keeping the newest
+/// `failures_kept_per_site` of the site. The consoles learn of it at the
+/// background task's next tick, together with the other reports of that
+/// moment (see [`Tx::defer_console`]).
 ///
 /// # Errors
-/// Database failures.
+/// `RateLimited`; database failures.
 pub async fn store_failure(
     tx: &mut Tx,
     site: SiteId,
     report: &FailureReport,
     now: i64,
+    quotas: &Quotas,
 ) -> OpResult<u64> {
+    tx.lock_site(site).await?;
+    let recent = count_last_minute(
+        tx,
+        "SELECT COUNT(*) FROM failures WHERE site_id = $1 AND received_at > $2",
+        site,
+        now,
+    )
+    .await?;
+    if recent >= i64::from(quotas.failure_reports_per_minute) {
+        return Err(OpError::RateLimited(format!(
+            "this site sent {recent} failure reports in the last minute; at most {} (failure_reports_per_minute) are accepted: try again in a minute",
+            quotas.failure_reports_per_minute
+        )));
+    }
     let row = sqlx::query(
         "INSERT INTO failures (site_id, code, detail, terminal, received_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
     )
@@ -275,6 +363,14 @@ pub async fn store_failure(
     .fetch_one(&mut *tx.inner)
     .await?;
     let id = u64_of(col(&row, "id")?);
+    sqlx::query(
+        "DELETE FROM failures WHERE site_id = $1 AND id <= (SELECT id FROM failures WHERE site_id = $1 \
+         ORDER BY id DESC LIMIT 1 OFFSET $2)",
+    )
+    .bind(id64(site.0))
+    .bind(i64::from(quotas.failures_kept_per_site))
+    .execute(&mut *tx.inner)
+    .await?;
     tx.audit(
         now,
         &format!("site:{site}"),
@@ -283,7 +379,27 @@ pub async fn store_failure(
         &format!("{} {}", enum_str(&report.code), report.detail),
     )
     .await?;
+    tx.defer_console();
     Ok(id)
+}
+
+/// Deletes failure reports and audit rows older than `[retention]` allows.
+///
+/// # Errors
+/// Database failures.
+pub async fn apply_retention(tx: &mut Tx, now: i64, retention: &Retention) -> OpResult<()> {
+    const DAY_MS: i64 = 86_400_000;
+    sqlx::query("DELETE FROM failures WHERE received_at < $1")
+        .bind(now.saturating_sub(i64::from(retention.failure_days) * DAY_MS))
+        .execute(&mut *tx.inner)
+        .await?;
+    // The database refuses to delete audit rows younger than 30 days.
+    let audit_days = i64::from(retention.audit_days.max(31));
+    sqlx::query("DELETE FROM audit_log WHERE at < $1")
+        .bind(now.saturating_sub(audit_days * DAY_MS))
+        .execute(&mut *tx.inner)
+        .await?;
+    Ok(())
 }
 
 /// Links a failure to the request opened for it.

@@ -1,12 +1,15 @@
 //! Sites: creation, enrollment tokens, enrollment, what the agent applied,
 //! and the problem shown to the customer when a request could not be met.
 
-use vpnnat::messages::{EnrollResponse, PublicKey, SiteCreated, SiteId, UnixMillis};
+use vpnnat::messages::{
+    EnrollResponse, PublicKey, RequestId, RequestState, SiteCreated, SiteId, UnixMillis,
+};
 
-use super::error::{OpError, OpResult, is_unique_violation};
+use super::error::{DbError, OpError, OpResult, is_unique_violation};
 use super::policy::Policy;
-use super::tunnels::site_gateway;
-use super::{Tx, col, id64, u64_of};
+use super::requests::close_request;
+use super::tunnels::{release_slot, site_gateway};
+use super::{Tx, col, id64, ids_of, u64_of};
 use crate::secrets::{Secret, SecretKind};
 
 /// Creates a site and its first enrollment token.
@@ -124,6 +127,15 @@ pub async fn enroll(
         return Err(OpError::BadToken);
     }
     tx.lock_site(site).await?;
+    let disabled = sqlx::query("SELECT disabled FROM sites WHERE id = $1")
+        .bind(id64(site.0))
+        .fetch_one(&mut *tx.inner)
+        .await?;
+    if col::<i64>(&disabled, "disabled")? != 0 {
+        return Err(OpError::InvalidState(
+            "the site is disabled; the operator must enable it first".into(),
+        ));
+    }
     let key_b64 = key.to_base64();
     let other = sqlx::query("SELECT id FROM sites WHERE public_key = $1 AND id <> $2")
         .bind(&key_b64)
@@ -214,4 +226,144 @@ pub async fn set_problem(tx: &mut Tx, site: SiteId, problem: &str) -> OpResult<(
         tx.bump_site(site).await?;
     }
     Ok(())
+}
+
+/// A missing site row as the operator's `NotFound`; other failures as they are.
+fn site_not_found(e: DbError) -> OpError {
+    match e {
+        DbError::NotFound => OpError::NotFound("site"),
+        e => OpError::Db(e),
+    }
+}
+
+/// Revokes every open request of `site` (its addresses return to the pool,
+/// its tunnel slot is freed and the gateway drops its peer); returns how many.
+async fn revoke_open_requests(tx: &mut Tx, site: SiteId, actor: &str, now: i64) -> OpResult<usize> {
+    let rows = sqlx::query(
+        "SELECT id FROM requests WHERE site_id = $1 AND state IN ('waiting', 'in_progress') ORDER BY id",
+    )
+    .bind(id64(site.0))
+    .fetch_all(&mut *tx.inner)
+    .await?;
+    let open = ids_of(&rows, "id", RequestId)?;
+    for id in &open {
+        close_request(tx, *id, RequestState::Revoked, Some(site), actor, now).await?;
+    }
+    Ok(open.len())
+}
+
+/// Disables (or enables again) a site. Disabled, its agent's credential is
+/// refused (401), its open requests are revoked (addresses back to the
+/// pool, the gateway drops its peer) and it cannot enroll.
+///
+/// # Errors
+/// `NotFound`.
+pub async fn set_site_disabled(
+    tx: &mut Tx,
+    site: SiteId,
+    disabled: bool,
+    actor: &str,
+    now: i64,
+) -> OpResult<()> {
+    tx.lock_site(site).await.map_err(site_not_found)?;
+    sqlx::query("UPDATE sites SET disabled = $1 WHERE id = $2")
+        .bind(i64::from(disabled))
+        .bind(id64(site.0))
+        .execute(&mut *tx.inner)
+        .await?;
+    let detail = if disabled {
+        let n = revoke_open_requests(tx, site, actor, now).await?;
+        format!("{n} open request(s) revoked")
+    } else {
+        String::new()
+    };
+    tx.bump_site(site).await?;
+    let action = if disabled {
+        "site.disable"
+    } else {
+        "site.enable"
+    };
+    tx.audit(now, actor, action, &format!("site:{site}"), &detail)
+        .await?;
+    Ok(())
+}
+
+/// Deletes a site and everything stored about it (requests, failure
+/// reports, enrollment tokens); its open requests are revoked first. The
+/// audit log keeps its history.
+///
+/// # Errors
+/// `NotFound`.
+pub async fn delete_site(tx: &mut Tx, site: SiteId, actor: &str, now: i64) -> OpResult<()> {
+    let name = tx.lock_site(site).await.map_err(site_not_found)?;
+    revoke_open_requests(tx, site, actor, now).await?;
+    if let Some(gw) = site_gateway(tx, site).await? {
+        sqlx::query("DELETE FROM tunnels WHERE site_id = $1")
+            .bind(id64(site.0))
+            .execute(&mut *tx.inner)
+            .await?;
+        release_slot(tx, gw).await?;
+        tx.bump_gateway(gw).await?;
+    }
+    sqlx::query(
+        "UPDATE nat_addresses SET site_id = NULL, terminal = NULL, allocated_at = NULL, released_at = $2 \
+         WHERE site_id = $1",
+    )
+    .bind(id64(site.0))
+    .bind(now)
+    .execute(&mut *tx.inner)
+    .await?;
+    for sql in [
+        "DELETE FROM request_terminals WHERE request_id IN (SELECT id FROM requests WHERE site_id = $1)",
+        "DELETE FROM requests WHERE site_id = $1",
+        "DELETE FROM failures WHERE site_id = $1",
+        "DELETE FROM enrollment_tokens WHERE site_id = $1",
+        "DELETE FROM sites WHERE id = $1",
+    ] {
+        sqlx::query(sql)
+            .bind(id64(site.0))
+            .execute(&mut *tx.inner)
+            .await?;
+    }
+    tx.touch_console();
+    tx.audit(now, actor, "site.delete", &format!("site:{site}"), &name)
+        .await?;
+    Ok(())
+}
+
+/// Rotates a site's credential at once: the current one is refused from the
+/// commit on, and a fresh enrollment token (returned) lets the agent enroll
+/// again (`--token`), getting a new credential. For a credential that may
+/// have leaked; [`new_site_token`] alone leaves the current one valid until
+/// the agent re-enrolls.
+///
+/// # Errors
+/// `NotFound`.
+pub async fn rotate_site(
+    tx: &mut Tx,
+    site: SiteId,
+    actor: &str,
+    now: i64,
+    policy: &Policy,
+) -> OpResult<SiteCreated> {
+    let name = tx.lock_site(site).await.map_err(site_not_found)?;
+    sqlx::query("UPDATE sites SET credential_hash = NULL WHERE id = $1")
+        .bind(id64(site.0))
+        .execute(&mut *tx.inner)
+        .await?;
+    let (token, expires) = insert_enrollment_token(tx, site, now, policy).await?;
+    tx.audit(
+        now,
+        actor,
+        "site.rotate",
+        &format!("site:{site}"),
+        "credential revoked, new enrollment token",
+    )
+    .await?;
+    Ok(SiteCreated {
+        site_id: site,
+        name,
+        enrollment_token: token,
+        token_expires_at: UnixMillis(u64_of(expires)),
+    })
 }

@@ -2,7 +2,7 @@
 
 use sqlx::AnyConnection;
 
-use super::error::OpResult;
+use super::error::{OpError, OpResult};
 use super::{DbResult, Tx, col};
 
 /// Adds a technician (or replaces the password of an existing one).
@@ -25,10 +25,82 @@ pub async fn upsert_technician(
     .bind(now)
     .execute(&mut *tx.inner)
     .await?;
+    // A new password ends every session opened with the old one.
+    let ended = end_sessions(tx, name).await?;
     tx.audit(
         now,
         actor,
         "technician.set",
+        &format!("technician:{name}"),
+        &format!("{ended} session(s) ended"),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Deletes every session of technician `name`; returns how many.
+async fn end_sessions(tx: &mut Tx, name: &str) -> OpResult<u64> {
+    let r = sqlx::query(
+        "DELETE FROM technician_sessions WHERE technician_id IN (SELECT id FROM technicians WHERE name = $1)",
+    )
+    .bind(name)
+    .execute(&mut *tx.inner)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Disables (or enables again) a technician: disabled, the login is refused
+/// and every session ends at once.
+///
+/// # Errors
+/// `NotFound`.
+pub async fn set_technician_disabled(
+    tx: &mut Tx,
+    name: &str,
+    disabled: bool,
+    actor: &str,
+    now: i64,
+) -> OpResult<()> {
+    let r = sqlx::query("UPDATE technicians SET disabled = $1 WHERE name = $2")
+        .bind(i64::from(disabled))
+        .bind(name)
+        .execute(&mut *tx.inner)
+        .await?;
+    if r.rows_affected() == 0 {
+        return Err(OpError::NotFound("technician"));
+    }
+    let detail = if disabled {
+        format!("{} session(s) ended", end_sessions(tx, name).await?)
+    } else {
+        String::new()
+    };
+    let action = if disabled {
+        "technician.disable"
+    } else {
+        "technician.enable"
+    };
+    tx.audit(now, actor, action, &format!("technician:{name}"), &detail)
+        .await?;
+    Ok(())
+}
+
+/// Deletes a technician and its sessions (the audit log keeps its actions).
+///
+/// # Errors
+/// `NotFound`.
+pub async fn delete_technician(tx: &mut Tx, name: &str, actor: &str, now: i64) -> OpResult<()> {
+    end_sessions(tx, name).await?;
+    let r = sqlx::query("DELETE FROM technicians WHERE name = $1")
+        .bind(name)
+        .execute(&mut *tx.inner)
+        .await?;
+    if r.rows_affected() == 0 {
+        return Err(OpError::NotFound("technician"));
+    }
+    tx.audit(
+        now,
+        actor,
+        "technician.delete",
         &format!("technician:{name}"),
         "",
     )
@@ -41,10 +113,12 @@ pub async fn upsert_technician(
 /// # Errors
 /// Database failures.
 pub async fn password_of(conn: &mut AnyConnection, name: &str) -> DbResult<Option<(i64, String)>> {
-    let row = sqlx::query("SELECT id, password_hash FROM technicians WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&mut *conn)
-        .await?;
+    // A disabled technician is not found: its login fails like an unknown name.
+    let row =
+        sqlx::query("SELECT id, password_hash FROM technicians WHERE name = $1 AND disabled = 0")
+            .bind(name)
+            .fetch_optional(&mut *conn)
+            .await?;
     row.map(|r| Ok((col(&r, "id")?, col(&r, "password_hash")?)))
         .transpose()
 }

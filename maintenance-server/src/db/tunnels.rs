@@ -32,8 +32,8 @@ pub(super) async fn gateway_sites(tx: &mut Tx, gw: GatewayId) -> OpResult<Vec<Si
 /// cannot overbook a gateway.
 async fn claim_slot(tx: &mut Tx, exclude: Option<GatewayId>) -> OpResult<GatewayId> {
     let candidates = sqlx::query(
-        "SELECT id FROM gateways WHERE health = 'healthy' AND drain = 0 AND public_key IS NOT NULL \
-         AND tunnels < max_tunnels AND id <> $1 \
+        "SELECT id FROM gateways WHERE health = 'healthy' AND drain = 0 AND disabled = 0 \
+         AND public_key IS NOT NULL AND tunnels < max_tunnels AND id <> $1 \
          ORDER BY (tunnels * 1000000) / max_tunnels, tunnels, id LIMIT 8",
     )
     .bind(exclude.map_or(0, |g| id64(g.0)))
@@ -43,7 +43,7 @@ async fn claim_slot(tx: &mut Tx, exclude: Option<GatewayId>) -> OpResult<Gateway
         let id: i64 = col(&c, "id")?;
         let r = sqlx::query(
             "UPDATE gateways SET tunnels = tunnels + 1 WHERE id = $1 AND health = 'healthy' \
-             AND drain = 0 AND tunnels < max_tunnels",
+             AND drain = 0 AND disabled = 0 AND tunnels < max_tunnels",
         )
         .bind(id)
         .execute(&mut *tx.inner)
@@ -178,5 +178,49 @@ pub async fn failover_site(tx: &mut Tx, site: SiteId, from: GatewayId, now: i64)
         return Ok(false);
     }
     move_site(tx, site, from, now).await?;
+    Ok(true)
+}
+
+/// What a stranded site's page and the console are told.
+pub const STRANDED: &str = "the gateway of this site is down and no other gateway has a free slot";
+
+/// Records that `site`, whose tunnel is on the down gateway `from`, could
+/// not be moved: its agent's document carries the problem (for the
+/// customer's page), and the first time (not on every failover tick) the
+/// console gets a failure report for it and the audit log a row.
+///
+/// # Errors
+/// Database failures.
+pub async fn strand_site(tx: &mut Tx, site: SiteId, from: GatewayId, now: i64) -> OpResult<bool> {
+    tx.lock_site(site).await?;
+    let r = sqlx::query(
+        "UPDATE sites SET problem = $1 WHERE id = $2 AND (problem IS NULL OR problem <> $1)",
+    )
+    .bind(STRANDED)
+    .bind(id64(site.0))
+    .execute(&mut *tx.inner)
+    .await?;
+    if r.rows_affected() == 0 {
+        return Ok(false);
+    }
+    tx.bump_site(site).await?;
+    let detail = format!("{STRANDED} (gateway:{from})");
+    sqlx::query(
+        "INSERT INTO failures (site_id, code, detail, terminal, received_at) VALUES ($1, $2, $3, NULL, $4)",
+    )
+    .bind(id64(site.0))
+    .bind(enum_str(&vpnnat::messages::FailureCode::TunnelDown))
+    .bind(&detail)
+    .bind(now)
+    .execute(&mut *tx.inner)
+    .await?;
+    tx.audit(
+        now,
+        "system",
+        "site.stranded",
+        &format!("site:{site}"),
+        &detail,
+    )
+    .await?;
     Ok(true)
 }

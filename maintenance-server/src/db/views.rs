@@ -209,6 +209,10 @@ pub struct RequestFilter {
     pub site: Option<SiteId>,
     /// Only this request.
     pub id: Option<RequestId>,
+    /// Only open (waiting, in progress) requests, or only closed ones.
+    pub open: Option<bool>,
+    /// Only requests with a smaller id (paging, newest first).
+    pub before: Option<RequestId>,
     /// At most this many (newest first).
     pub limit: Option<u32>,
 }
@@ -241,6 +245,14 @@ pub async fn requests(
     if filter.id.is_some() {
         sql.push_str(&format!(" AND r.id = ${}", next()));
     }
+    match filter.open {
+        Some(true) => sql.push_str(" AND r.state IN ('waiting', 'in_progress')"),
+        Some(false) => sql.push_str(" AND r.state NOT IN ('waiting', 'in_progress')"),
+        None => {}
+    }
+    if filter.before.is_some() {
+        sql.push_str(&format!(" AND r.id < ${}", next()));
+    }
     sql.push_str(" ORDER BY r.id DESC");
     if filter.limit.is_some() {
         sql.push_str(&format!(" LIMIT ${}", next()));
@@ -254,6 +266,9 @@ pub async fn requests(
     }
     if let Some(id) = filter.id {
         q = q.bind(id64(id.0));
+    }
+    if let Some(b) = filter.before {
+        q = q.bind(id64(b.0));
     }
     if let Some(l) = filter.limit {
         q = q.bind(i64::from(l));
@@ -489,51 +504,15 @@ pub async fn console_version(conn: &mut AnyConnection) -> DbResult<u64> {
     Ok(u64_of(col(&r, "value")?))
 }
 
-/// Counts for `/metrics`.
-#[derive(Debug, Default)]
-pub struct Counts {
-    /// Requests per state.
-    pub requests: Vec<(String, i64)>,
-    /// Gateways per health.
-    pub gateways: Vec<(String, i64)>,
-    /// Free pool addresses.
-    pub pool_free: i64,
-    /// Held pool addresses.
-    pub pool_used: i64,
-    /// Sites.
-    pub sites: i64,
-}
-
-/// Counts for `/metrics`.
+/// Held and total addresses of the NAT-address pool.
 ///
 /// # Errors
 /// Database failures.
-pub async fn counts(conn: &mut AnyConnection) -> DbResult<Counts> {
-    let mut c = Counts::default();
-    for r in sqlx::query("SELECT state, COUNT(*) AS n FROM requests GROUP BY state ORDER BY state")
-        .fetch_all(&mut *conn)
-        .await?
-    {
-        c.requests.push((col(&r, "state")?, col(&r, "n")?));
-    }
-    for r in
-        sqlx::query("SELECT health, COUNT(*) AS n FROM gateways GROUP BY health ORDER BY health")
-            .fetch_all(&mut *conn)
-            .await?
-    {
-        c.gateways.push((col(&r, "health")?, col(&r, "n")?));
-    }
+pub async fn pool_usage(conn: &mut AnyConnection) -> DbResult<(i64, i64)> {
     let r = sqlx::query("SELECT COUNT(*) AS total, COUNT(site_id) AS used FROM nat_addresses")
         .fetch_one(&mut *conn)
         .await?;
-    let total: i64 = col(&r, "total")?;
-    c.pool_used = col(&r, "used")?;
-    c.pool_free = total - c.pool_used;
-    let r = sqlx::query("SELECT COUNT(*) AS n FROM sites")
-        .fetch_one(&mut *conn)
-        .await?;
-    c.sites = col(&r, "n")?;
-    Ok(c)
+    Ok((col(&r, "used")?, col(&r, "total")?))
 }
 
 #[cfg(test)]

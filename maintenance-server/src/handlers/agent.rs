@@ -139,8 +139,9 @@ pub async fn failure(
     body.validate()?;
     let now = now_ms();
     let site = auth.site;
+    let quotas = &state.policy.quotas;
     let failure_id = write(&state, async |tx| {
-        ops::store_failure(tx, site, &body, now).await
+        ops::store_failure(tx, site, &body, now, quotas).await
     })
     .await?;
     tracing::info!(site.id = %site, failure.id = failure_id, code = ?body.code, "failure reported");
@@ -174,7 +175,9 @@ pub async fn failure(
                 .await?;
                 request = Some(view);
             }
-            Err(e) if e.is_capacity() => {}
+            // The report is accepted all the same: answering its refusal
+            // would make the agent send it again.
+            Err(e) if e.is_capacity() || e.is_site_limit() => {}
             Err(e) => return Err(e.into()),
         }
     }

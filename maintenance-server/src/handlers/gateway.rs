@@ -42,10 +42,13 @@ pub async fn heartbeat(
 ) -> Result<Json<HeartbeatAck>, AppError> {
     body.validate()?;
     let now = now_ms();
-    let r = write(&state, async |tx| {
+    let mut r = write(&state, async |tx| {
         ops::heartbeat(tx, auth.gateway, &body, now).await
     })
     .await?;
+    // The gateway withdraws its addresses when this runs out without another
+    // heartbeat: by then this server has moved its sites elsewhere.
+    r.lease_ms = u64::try_from(state.policy.down_after_ms).ok();
     Ok(Json(r))
 }
 

@@ -6,7 +6,10 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde_json::json;
 
+use vpnnat_shell::metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
+
 use super::read;
+use crate::auth::MetricsAuth;
 use crate::db::views;
 use crate::error::AppError;
 use crate::state::AppState;
@@ -17,12 +20,23 @@ pub async fn health(State(state): State<AppState>) -> Result<impl IntoResponse, 
     Ok(Json(json!({ "status": "ok" })))
 }
 
-/// `GET /metrics`
-pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, AppError> {
-    let counts = read(&state, async |c| views::counts(c).await).await?;
+/// `GET /metrics` (operator or metrics token)
+pub async fn metrics(
+    State(state): State<AppState>,
+    _auth: MetricsAuth,
+) -> Result<impl IntoResponse, AppError> {
+    let pool_size = state.settings.pool_prefix().map_or(0, |p| {
+        let hosts = p.hosts();
+        i64::from(u32::from(*hosts.end())) - i64::from(u32::from(*hosts.start())) + 1
+    });
+    let counts = read(&state, async |c| crate::metrics::counts(c, pool_size).await).await?;
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(&counts, state.notifier.waiting()),
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        crate::metrics::render(
+            &counts,
+            state.notifier.waiting(),
+            &state.password_checks.counts(),
+        ),
     ))
 }
 

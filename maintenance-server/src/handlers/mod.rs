@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod gateway;
+pub mod lifecycle;
 pub mod misc;
 pub mod operator;
 pub mod technician;
@@ -17,7 +18,7 @@ use axum::http::StatusCode;
 use sqlx::AnyConnection;
 use vpnnat::messages::AppliedState;
 
-use crate::db::{DbError, DbResult, Tx};
+use crate::db::{DbError, DbResult, Retryable, Tx};
 use crate::error::AppError;
 use crate::notify::Topic;
 use crate::state::AppState;
@@ -159,23 +160,21 @@ pub async fn reader(state: &AppState) -> DbResult<sqlx::pool::PoolConnection<sql
     Ok(state.db.reader().acquire().await?)
 }
 
-/// Runs `f` in a write transaction and commits it (announcing its changes).
-/// The error stays `f`'s own type (an [`crate::db::OpError`] or a
-/// [`DbError`]); handlers turn it into an HTTP answer.
+/// Runs `f` in a write transaction and commits it (announcing its changes),
+/// running it again when it loses a deadlock or serialization race
+/// ([`crate::db::Database::transaction`]). The error stays `f`'s own type (an
+/// [`crate::db::OpError`] or a [`DbError`]); handlers turn it into an HTTP answer.
 ///
 /// # Errors
 /// `f`'s error (then nothing is committed) or a failed commit.
 pub async fn write<T, E>(
     state: &AppState,
-    f: impl AsyncFnOnce(&mut Tx) -> Result<T, E>,
+    f: impl AsyncFnOnce(&mut Tx) -> Result<T, E> + Clone,
 ) -> Result<T, E>
 where
-    E: From<DbError>,
+    E: From<DbError> + Retryable,
 {
-    let mut tx = state.db.begin().await?;
-    let out = f(&mut tx).await?;
-    tx.commit(&state.notifier).await?;
-    Ok(out)
+    state.db.transaction(&state.notifier, f).await
 }
 
 /// Runs `f` on a reader connection.

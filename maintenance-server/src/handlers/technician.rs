@@ -18,15 +18,18 @@ use vpnnat::messages::{
 
 use super::{limit_param, long_poll, only_params, path_id, poll_params, query_u64, read, write};
 use crate::auth::{
-    SESSION_COOKIE, Secret, SecretKind, Technician, TechnicianWrite, hash_password, verify_password,
+    SESSION_COOKIE, Secret, SecretKind, Technician, TechnicianWrite, client_key, hash_password,
+    verify_password,
 };
 use crate::db::{now_ms, ops, views};
 use crate::error::{ApiJson, AppError};
 use crate::notify::Topic;
 use crate::state::{AppState, PeerAddr};
 
-/// Requests the console shows at most.
-pub const CONSOLE_REQUESTS: u32 = 300;
+/// Closed requests the console's live feed carries (the newest; older ones
+/// are paged with `GET /api/v1/requests?state=closed&before=ID`). Open
+/// requests are always all in the feed.
+pub const CONSOLE_CLOSED_REQUESTS: u32 = 100;
 /// Failures the console shows at most.
 pub const CONSOLE_FAILURES: u32 = 100;
 
@@ -56,32 +59,41 @@ pub async fn login(
             "password: 1 to 1024 characters",
         ));
     }
-    let ip_key = format!("ip:{}", state.client_address(peer.0, &headers));
+    // Every attempt counts before its password is checked, so concurrent
+    // attempts cannot all slip under the limit; a success is taken back.
+    let ip_key = format!("ip:{}", client_key(state.client_address(peer.0, &headers)));
     let name_key = format!("name:{}", body.name);
-    let now = Instant::now();
+    let keys = [ip_key.as_str(), name_key.as_str()];
     let limiter = &state.login_limiter;
-    if limiter.blocked(&ip_key, now) || limiter.blocked(&name_key, now) {
+    if !limiter.attempt(&keys, Instant::now()) {
+        state.password_checks.count_rate_limited();
         return Err(AppError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             "too many failed logins; wait a minute",
-        ));
+        )
+        .retry_after(60));
     }
     let name = body.name.clone();
     let found = read(&state, async |c| ops::password_of(c, &name).await).await?;
     let (id, hash) = match found {
-        Some((id, hash)) => (Some(id), hash),
-        None => (None, dummy_hash().to_owned()),
+        Some((id, hash)) => (Some(id), Some(hash)),
+        None => (None, None),
     };
     let password = body.password.clone();
-    // argon2 is deliberately slow: keep it off the async workers. An unknown
-    // name is checked against a dummy hash so both take the same time.
-    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-        .await
-        .map_err(AppError::internal)?;
+    // argon2 is deliberately slow and big: at most a few run at once, off
+    // the async workers. An unknown name is checked against a dummy hash
+    // so both take the same time.
+    let check = state.password_checks.begin().await?;
+    let ok = tokio::task::spawn_blocking(move || {
+        // (The dummy hash is made here too the first time: argon2 work.)
+        let ok = verify_password(&password, hash.as_deref().unwrap_or_else(|| dummy_hash()));
+        drop(check);
+        ok
+    })
+    .await
+    .map_err(AppError::internal)?;
     let Some(id) = id.filter(|_| ok) else {
-        limiter.fail(&ip_key, now);
-        limiter.fail(&name_key, now);
         tracing::warn!(technician = %body.name, "failed login");
         return Err(AppError::new(
             StatusCode::UNAUTHORIZED,
@@ -89,6 +101,7 @@ pub async fn login(
             "wrong name or password",
         ));
     };
+    limiter.forgive(&keys);
     let session = Secret::generate(SecretKind::Session);
     let csrf = Secret::generate(SecretKind::Csrf);
     let t = now_ms();
@@ -105,7 +118,7 @@ pub async fn login(
         ops::open_session(tx, new_session, &actor, t).await
     })
     .await?;
-    let secure = if state.settings.tls.enabled() {
+    let secure = if state.settings.console_https() {
         "; Secure"
     } else {
         ""
@@ -161,30 +174,39 @@ pub async fn me(t: Technician) -> Json<Me> {
     Json(Me { name: t.name })
 }
 
-/// `GET /api/v1/requests?state=&site=&limit=`
+/// `GET /api/v1/requests?state=&site=&before=&limit=`; `state` is one
+/// request state, or `open` / `closed`.
 pub async fn requests(
     State(state): State<AppState>,
     _t: Technician,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Vec<MaintenanceRequestView>>, AppError> {
-    only_params(&q, &["state", "site", "limit"])?;
-    let filter_state = match q.get("state").map(String::as_str) {
-        None | Some("") => None,
-        Some(s) => Some(views::enum_parse::<RequestState>(s).map_err(|_| {
-            AppError::field(
-                StatusCode::BAD_REQUEST,
-                "state",
-                "state: one of waiting, in_progress, ended, revoked, expired",
-            )
-        })?),
+    only_params(&q, &["state", "site", "before", "limit"])?;
+    let (filter_state, open) = match q.get("state").map(String::as_str) {
+        None | Some("") => (None, None),
+        Some("open") => (None, Some(true)),
+        Some("closed") => (None, Some(false)),
+        Some(s) => (
+            Some(views::enum_parse::<RequestState>(s).map_err(|_| {
+                AppError::field(
+                    StatusCode::BAD_REQUEST,
+                    "state",
+                    "state: one of waiting, in_progress, ended, revoked, expired, open, closed",
+                )
+            })?),
+            None,
+        ),
     };
     let site = query_u64(&q, "site")?.map(SiteId);
+    let before = query_u64(&q, "before")?.map(RequestId);
     let limit = limit_param(&q, 500, 1000)?;
     let filter = views::RequestFilter {
         state: filter_state,
         site,
-        id: None,
+        open,
+        before,
         limit: Some(limit),
+        ..Default::default()
     };
     Ok(Json(
         read(&state, async |c| views::requests(c, &filter).await).await?,
@@ -269,14 +291,37 @@ pub async fn events(
         async move {
             read(&state, async |c| {
                 let version = views::console_version(c).await?;
-                let requests = views::requests(
+                // Every open request, however many newer ones there are;
+                // closed ones only the newest (the console pages the rest).
+                let mut requests = views::requests(
                     c,
                     &views::RequestFilter {
-                        limit: Some(CONSOLE_REQUESTS),
+                        open: Some(true),
                         ..Default::default()
                     },
                 )
                 .await?;
+                requests.extend(
+                    views::requests(
+                        c,
+                        &views::RequestFilter {
+                            open: Some(false),
+                            limit: Some(CONSOLE_CLOSED_REQUESTS),
+                            ..Default::default()
+                        },
+                    )
+                    .await?,
+                );
+                requests.sort_by_key(|r| std::cmp::Reverse(r.id.0));
+                // One that closed between the two reads is in both: keep
+                // the later (closed) view.
+                requests.dedup_by(|later, earlier| {
+                    let same = later.id == earlier.id;
+                    if same {
+                        std::mem::swap(later, earlier);
+                    }
+                    same
+                });
                 let failures = views::failures(c, CONSOLE_FAILURES).await?;
                 Ok(ConsoleEvents {
                     version,

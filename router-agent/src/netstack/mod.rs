@@ -142,6 +142,77 @@ mod tests {
         assert_eq!(n.counters().tcp_connections, 1);
     }
 
+    fn udp(sport: u16, dport: u16) -> Vec<u8> {
+        let mut p = Vec::new();
+        etherparse::PacketBuilder::ipv4(TECH.octets(), NAT.octets(), 64)
+            .udp(sport, dport)
+            .write(&mut p, b"x")
+            .unwrap();
+        p
+    }
+
+    fn ping(ident: u16) -> Vec<u8> {
+        let mut p = Vec::new();
+        etherparse::PacketBuilder::ipv4(TECH.octets(), NAT.octets(), 64)
+            .icmpv4_echo_request(ident, 1)
+            .write(&mut p, b"ping")
+            .unwrap();
+        p
+    }
+
+    #[tokio::test]
+    async fn security_udp_and_icmp_flows_are_bounded() {
+        let (mut n, _rx) = stack();
+        n.set_limits(8, 4);
+        let now = Instant::now();
+        // Many destination ports, then many sources toward one port.
+        for port in 0..20u16 {
+            n.input(&udp(40000, 5000 + port), now);
+            n.poll(now);
+        }
+        for sport in 0..20u16 {
+            n.input(&udp(41000 + sport, 5000), now);
+            n.poll(now);
+        }
+        let (flows, sockets) = n.udp_in_use();
+        assert!(
+            flows <= 8 && sockets <= 8,
+            "{flows} flows, {sockets} port sockets"
+        );
+        assert_eq!(n.counters().udp_flows, 8);
+        assert!(n.counters().dropped >= 32, "{:?}", n.counters());
+        for ident in 0..10u16 {
+            n.input(&ping(ident), now);
+        }
+        assert!(n.icmp_in_use() <= 4, "{}", n.icmp_in_use());
+        assert!(
+            n.counters().icmp_unavailable > 0 || n.counters().dropped >= 32 + 6,
+            "{:?}",
+            n.counters()
+        );
+    }
+
+    #[tokio::test]
+    async fn security_a_failed_relay_socket_leaves_nothing_behind() {
+        let (tx, _rx) = mpsc::channel(EVENT_QUEUE);
+        let mut n = Netstack::new(1420, 65536, Duration::from_secs(120), 1, tx);
+        // A real address no UDP socket may connect to (broadcast without
+        // SO_BROADCAST): every relay socket fails.
+        n.on_agent_event(&AgentEvent::MappingInstalled {
+            nat: NAT,
+            real: Ipv4Addr::BROADCAST,
+            terminal: TerminalName::new("pc-1").unwrap(),
+        });
+        let now = Instant::now();
+        for port in 0..50u16 {
+            n.input(&udp(40000, 6000 + port), now);
+            n.poll(now);
+        }
+        assert_eq!(n.udp_in_use(), (0, 0), "no flow and no port socket kept");
+        assert_eq!(n.counters().udp_flows, 0);
+        assert!(n.counters().dropped >= 50, "{:?}", n.counters());
+    }
+
     #[tokio::test]
     async fn a_closed_port_is_answered_with_a_reset() {
         // Bind and drop: nothing listens there now.

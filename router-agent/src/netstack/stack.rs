@@ -20,6 +20,11 @@ const ICMP_IDLE: Duration = Duration::from_secs(30);
 const MAX_TX: usize = 4096;
 /// TCP connections at most (each holds two buffers).
 const MAX_TCP: usize = 4096;
+/// Default bound of UDP flows (and of destination ports, each a smoltcp
+/// socket with its own buffers).
+pub const DEFAULT_MAX_UDP: usize = 512;
+/// Default bound of ICMP echo flows (each an OS socket).
+pub const DEFAULT_MAX_ICMP: usize = 256;
 
 /// Counters of the netstack.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -157,6 +162,8 @@ pub struct Netstack {
     icmp: HashMap<u64, IcmpFlow>,
     icmp_by_key: HashMap<(Ipv4Addr, Ipv4Addr, u16), u64>,
     icmp_denied_logged: bool,
+    max_udp: usize,
+    max_icmp: usize,
     /// Packets built here (echo replies) for the tunnel.
     direct_tx: VecDeque<Vec<u8>>,
     events: EventSender,
@@ -221,10 +228,31 @@ impl Netstack {
             icmp: HashMap::new(),
             icmp_by_key: HashMap::new(),
             icmp_denied_logged: false,
+            max_udp: DEFAULT_MAX_UDP,
+            max_icmp: DEFAULT_MAX_ICMP,
             direct_tx: VecDeque::new(),
             events,
             counters: NetstackCounters::default(),
         }
+    }
+
+    /// Bounds the UDP flows (and destination ports) and the ICMP echo
+    /// flows; beyond them new flows are dropped and counted.
+    pub fn set_limits(&mut self, max_udp_flows: usize, max_icmp_flows: usize) {
+        self.max_udp = max_udp_flows.max(1);
+        self.max_icmp = max_icmp_flows.max(1);
+    }
+
+    /// UDP flows and the smoltcp sockets of their destination ports.
+    #[cfg(test)]
+    pub(super) fn udp_in_use(&self) -> (usize, usize) {
+        (self.udp.len(), self.udp_sockets.len())
+    }
+
+    /// ICMP echo flows.
+    #[cfg(test)]
+    pub(super) fn icmp_in_use(&self) -> usize {
+        self.icmp.len()
     }
 
     fn ts(&mut self, now: Instant) -> smoltcp::time::Instant {
@@ -370,6 +398,10 @@ impl Netstack {
                     self.counters.dropped += 1;
                     return;
                 }
+                if !self.udp_sockets.contains_key(&port) && self.udp_sockets.len() >= self.max_udp {
+                    self.counters.dropped += 1;
+                    return;
+                }
                 if let std::collections::hash_map::Entry::Vacant(v) = self.udp_sockets.entry(port) {
                     let mut s = udp::Socket::new(
                         udp::PacketBuffer::new(
@@ -441,6 +473,10 @@ impl Netstack {
         let id = match self.icmp_by_key.get(&key) {
             Some(id) => *id,
             None => {
+                if self.icmp.len() >= self.max_icmp {
+                    self.counters.dropped += 1;
+                    return;
+                }
                 let id = self.next_id;
                 let relay = match DatagramRelay::icmp_echo(id, real, &self.events) {
                     Ok(r) => r,
@@ -739,9 +775,18 @@ impl Netstack {
     }
 
     fn start_udp(&mut self, key: FlowKey, now: Instant) -> Option<u64> {
+        if self.udp.len() >= self.max_udp {
+            return None;
+        }
         let real = *self.mappings.get(&key.nat)?;
         let id = self.next_id;
-        let relay = DatagramRelay::udp(id, SocketAddrV4::new(real, key.port), &self.events).ok()?;
+        let relay = match DatagramRelay::udp(id, SocketAddrV4::new(real, key.port), &self.events) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%real, port = key.port, error = %e, "UDP relay socket failed");
+                return None;
+            }
+        };
         self.next_id += 1;
         self.udp.insert(
             id,
@@ -756,8 +801,22 @@ impl Netstack {
         Some(id)
     }
 
-    /// Closes idle UDP and ICMP flows.
+    /// Closes idle UDP and ICMP flows, and the sockets of destination ports
+    /// no flow uses (e.g. their relay socket could not be opened).
     fn reap(&mut self, now: Instant) {
+        if self.device.rx.is_empty() {
+            let orphans: Vec<u16> = self
+                .udp_sockets
+                .keys()
+                .filter(|p| !self.udp.values().any(|f| f.key.port == **p))
+                .copied()
+                .collect();
+            for port in orphans {
+                if let Some(h) = self.udp_sockets.remove(&port) {
+                    self.sockets.remove(h);
+                }
+            }
+        }
         let idle: Vec<u64> = self
             .udp
             .iter()

@@ -146,6 +146,14 @@ async function refresh() {
     show("connection", null);
   }
   show("problem", o.problem ? "The maintenance center says: " + o.problem : null);
+  show(
+    "tunnel",
+    o.tunnel_state === "down"
+      ? "The connection to the maintenance center is down" + (o.tunnel_note ? ": " + o.tunnel_note : "") +
+        ". Technicians cannot reach your computers until it is back."
+      : null,
+  );
+  $("failure-requests").checked = !!o.failure_requests;
   renderTerminals(o.terminals);
   const open = o.requests.filter((q) => q.state === "waiting" || q.state === "in_progress");
   const closed = o.requests.filter((q) => !(q.state === "waiting" || q.state === "in_progress"));
@@ -274,6 +282,10 @@ document.addEventListener("DOMContentLoaded", async () => {
   });
   $("send-cancel").addEventListener("click", () => { $("check-warning").hidden = true; state.pending = null; });
   $("logout").addEventListener("click", logout);
+  $("failure-requests").addEventListener("change", async (e) => {
+    const r = await api("POST", "/api/preferences", { failure_requests: e.target.checked });
+    if (!r.ok) e.target.checked = !e.target.checked;
+  });
   const s = await api("GET", "/api/session");
   if (s.ok) showMain(s.data); else showLogin();
 });

@@ -1,6 +1,8 @@
-//! Who may use the page: the LAN-only guard, the local password, sessions
-//! (an `HttpOnly`, `SameSite=Strict` cookie) with their CSRF token, and the
-//! rate limit on failed logins.
+//! Who may use the page: the LAN-only guard, the `Host` check (a page that
+//! answers only to its own names cannot be read through DNS rebinding), the
+//! local password, sessions (an `HttpOnly`, `SameSite=Strict` cookie) with
+//! their CSRF token, and the rate limit on failed logins, per client (IPv6
+//! by /64) so that one LAN device cannot lock the customer out.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -26,8 +28,12 @@ const COOKIE: &str = "vpnnat_agent";
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Sessions kept at most (the oldest is dropped).
 const MAX_SESSIONS: usize = 64;
-/// Failed logins allowed per minute.
+/// Failed logins allowed per client and minute.
 const LOGIN_FAILURES_PER_MIN: usize = 5;
+/// Clients whose failures are remembered at most (the least recent go first).
+const MAX_LIMITED_CLIENTS: usize = 1024;
+/// How long a failed login counts.
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
 struct Session {
     csrf: String,
@@ -38,8 +44,10 @@ struct Session {
 pub(super) struct Auth {
     password_hash: [u8; 32],
     sessions: Mutex<HashMap<String, Session>>,
-    login_failures: Mutex<VecDeque<Instant>>,
+    login_failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
     pub(super) allowed: Vec<Prefix>,
+    /// The names the page answers to (lower case, no port).
+    hosts: Vec<String>,
     /// Never allowed, even inside an allowed prefix (the masquerade address:
     /// technicians' packets come from it).
     denied: Vec<Ipv4Addr>,
@@ -67,15 +75,27 @@ fn random_token() -> String {
 }
 
 impl Auth {
-    /// The page password and the client prefixes.
-    pub(super) fn new(password: &str, allowed: Vec<Prefix>, denied: Vec<Ipv4Addr>) -> Self {
+    /// The page password, the client prefixes and the page's host names.
+    pub(super) fn new(
+        password: &str,
+        allowed: Vec<Prefix>,
+        denied: Vec<Ipv4Addr>,
+        hosts: Vec<String>,
+    ) -> Self {
         Self {
             password_hash: hash(password),
             sessions: Mutex::new(HashMap::new()),
-            login_failures: Mutex::new(VecDeque::new()),
+            login_failures: Mutex::new(HashMap::new()),
             allowed,
+            hosts: hosts.iter().map(|h| normal_host(h)).collect(),
             denied,
         }
+    }
+
+    /// Whether `host` (a `Host` header or URI authority) names this page.
+    pub(super) fn host_allowed(&self, host: &str) -> bool {
+        let host = normal_host(host);
+        !host.is_empty() && self.hosts.contains(&host)
     }
 
     fn client_allowed(&self, ip: IpAddr) -> bool {
@@ -135,28 +155,52 @@ impl Auth {
         Ok(())
     }
 
-    /// Whether another wrong password may be tried now (forgets failures
+    /// Whether `client` may try another password now (forgets failures
     /// older than a minute).
-    fn login_allowed(&self) -> bool {
-        let mut f = self
+    fn login_allowed(&self, client: IpAddr) -> bool {
+        let mut all = self
             .login_failures
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let Some(f) = all.get_mut(&client_key(client)) else {
+            return true;
+        };
         let now = Instant::now();
         while f
             .front()
-            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+            .is_some_and(|t| now.duration_since(*t) > FAILURE_WINDOW)
         {
             f.pop_front();
         }
         f.len() < LOGIN_FAILURES_PER_MIN
     }
 
-    fn login_failed(&self) {
-        self.login_failures
+    fn login_failed(&self, client: IpAddr) {
+        let mut all = self
+            .login_failures
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push_back(Instant::now());
+            .unwrap_or_else(PoisonError::into_inner);
+        let key = client_key(client);
+        let now = Instant::now();
+        if !all.contains_key(&key) && all.len() >= MAX_LIMITED_CLIENTS {
+            all.retain(|_, f| {
+                f.back()
+                    .is_some_and(|t| now.duration_since(*t) <= FAILURE_WINDOW)
+            });
+            if all.len() >= MAX_LIMITED_CLIENTS
+                && let Some(oldest) = all
+                    .iter()
+                    .min_by_key(|(_, f)| f.back().copied())
+                    .map(|(k, _)| *k)
+            {
+                all.remove(&oldest);
+            }
+        }
+        let f = all.entry(key).or_default();
+        if f.len() >= LOGIN_FAILURES_PER_MIN {
+            f.pop_front();
+        }
+        f.push_back(now);
     }
 
     /// A new session; returns its cookie token and CSRF token. The oldest
@@ -207,6 +251,42 @@ impl FromRequestParts<Arc<Web>> for Authorized {
     }
 }
 
+/// The unit the login limit counts: an IPv4 address, an IPv6 /64 (one
+/// device easily has many addresses of its /64).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(std::net::Ipv6Addr::from(o))
+            }
+        },
+    }
+}
+
+/// A host name as compared: lower case, without the port, the brackets of
+/// an IPv6 literal or a trailing dot.
+fn normal_host(h: &str) -> String {
+    let h = h.trim();
+    if h.parse::<std::net::Ipv6Addr>().is_ok() {
+        return h.to_ascii_lowercase();
+    }
+    let h = match h.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => h.rsplit_once(':').map_or(h, |(name, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) {
+                name
+            } else {
+                h
+            }
+        }),
+    };
+    h.trim_end_matches('.').to_ascii_lowercase()
+}
+
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
@@ -227,7 +307,8 @@ fn please_log_in() -> Response {
     )
 }
 
-/// 403 for clients outside the LAN; security headers on every answer.
+/// 403 for clients outside the LAN, 421 for a `Host` that is not one of
+/// the page's names; security headers on every answer.
 pub(super) async fn lan_only(
     State(web): State<Arc<Web>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -242,6 +323,35 @@ pub(super) async fn lan_only(
             "this page is only reachable from the local network",
             None,
         );
+    }
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    if !web.auth.host_allowed(&host) {
+        tracing::warn!(client = %peer, host = %host, "request for another host name refused (DNS rebinding?)");
+        let msg = "this page answers only to its own address; open it by the router's address";
+        let html = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/html"));
+        if html {
+            return (
+                StatusCode::MISDIRECTED_REQUEST,
+                [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                format!("<!doctype html><title>Wrong address</title><p>{msg}.</p>\n"),
+            )
+                .into_response();
+        }
+        return error(StatusCode::MISDIRECTED_REQUEST, "wrong_host", msg, None);
     }
     let mut resp = next.run(req).await;
     let h = resp.headers_mut();
@@ -268,8 +378,13 @@ struct SessionInfo {
 }
 
 /// `POST /api/login`.
-pub(super) async fn login(State(web): State<Arc<Web>>, body: Bytes) -> Response {
-    if !web.auth.login_allowed() {
+pub(super) async fn login(
+    State(web): State<Arc<Web>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    let client = peer.ip();
+    if !web.auth.login_allowed(client) {
         return error(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
@@ -282,8 +397,8 @@ pub(super) async fn login(State(web): State<Arc<Web>>, body: Bytes) -> Response 
         Err(r) => return r,
     };
     if !same(&hash(&b.password), &web.auth.password_hash) {
-        web.auth.login_failed();
-        tracing::warn!("wrong password on the customer page");
+        web.auth.login_failed(client);
+        tracing::warn!(client = %peer, "wrong password on the customer page");
         return error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -332,5 +447,81 @@ pub(super) async fn session(State(web): State<Arc<Web>>, headers: HeaderMap) -> 
         })
         .into_response(),
         None => please_log_in(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> Auth {
+        Auth::new(
+            "pw",
+            vec![Prefix::new(Ipv4Addr::new(192, 168, 1, 0), 24).expect("prefix")],
+            Vec::new(),
+            vec!["192.168.1.1".into(), "Router.LAN".into(), "::1".into()],
+        )
+    }
+
+    #[test]
+    fn security_one_client_cannot_lock_out_another() {
+        let a = auth();
+        let guesser: IpAddr = "192.168.1.66".parse().expect("ip");
+        let customer: IpAddr = "192.168.1.20".parse().expect("ip");
+        for _ in 0..LOGIN_FAILURES_PER_MIN {
+            assert!(a.login_allowed(guesser));
+            a.login_failed(guesser);
+        }
+        assert!(!a.login_allowed(guesser));
+        assert!(
+            a.login_allowed(customer),
+            "another device is not locked out"
+        );
+        // IPv6: one /64 is one client.
+        let v6a: IpAddr = "2001:db8:1:2::10".parse().expect("ip");
+        let v6b: IpAddr = "2001:db8:1:2:ffff::99".parse().expect("ip");
+        let v6other: IpAddr = "2001:db8:1:3::10".parse().expect("ip");
+        for _ in 0..LOGIN_FAILURES_PER_MIN {
+            a.login_failed(v6a);
+        }
+        assert!(!a.login_allowed(v6b));
+        assert!(a.login_allowed(v6other));
+    }
+
+    #[test]
+    fn security_the_failure_table_is_bounded() {
+        let a = auth();
+        for i in 0..(MAX_LIMITED_CLIENTS as u32 + 50) {
+            a.login_failed(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)));
+        }
+        let n = a
+            .login_failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        assert!(n <= MAX_LIMITED_CLIENTS, "{n}");
+    }
+
+    #[test]
+    fn security_only_the_pages_own_names_are_answered() {
+        let a = auth();
+        for ok in [
+            "192.168.1.1",
+            "192.168.1.1:8088",
+            "router.lan",
+            "ROUTER.lan.:8088",
+            "[::1]:8088",
+        ] {
+            assert!(a.host_allowed(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8088",
+            "",
+            "192.168.1.10",
+            "router.lan.evil.example",
+        ] {
+            assert!(!a.host_allowed(bad), "{bad}");
+        }
     }
 }

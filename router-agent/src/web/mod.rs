@@ -59,11 +59,18 @@ impl std::fmt::Debug for Web {
 }
 
 impl Web {
-    /// The web layer for `app` with the page password and the client prefixes.
-    pub fn new(app: Arc<App>, password: &str, allowed: Vec<Prefix>, denied: Vec<Ipv4Addr>) -> Self {
+    /// The web layer for `app` with the page password, the client prefixes
+    /// and the host names the page answers to.
+    pub fn new(
+        app: Arc<App>,
+        password: &str,
+        allowed: Vec<Prefix>,
+        denied: Vec<Ipv4Addr>,
+        hosts: Vec<String>,
+    ) -> Self {
         Self {
             app,
-            auth: auth::Auth::new(password, allowed, denied),
+            auth: auth::Auth::new(password, allowed, denied, hosts),
         }
     }
 }
@@ -81,6 +88,10 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/api/check", post(requests::check))
         .route("/api/requests", post(requests::create_request))
         .route("/api/requests/{id}/revoke", post(requests::revoke))
+        .route(
+            "/api/preferences",
+            get(requests::preferences).post(requests::set_preferences),
+        )
         .route(STATUS_PATH, get(status::status))
         .route(paths::METRICS, get(metrics::metrics))
         .route(paths::HEALTH, get(health))

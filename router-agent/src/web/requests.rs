@@ -19,10 +19,9 @@ use vpnnat::messages::{
 
 use super::auth::Authorized;
 use super::{Web, call_error, error, mode_name, parse};
-use crate::app::App;
-use crate::client::CallError;
 use crate::dataplane::Snapshot;
 use crate::probe;
+use crate::revocations::{self, Outcome};
 use crate::settings::Check;
 
 /// How long a terminal may take to answer the pre-request check.
@@ -224,9 +223,26 @@ pub(super) async fn create_request(
             ),
         })
         .collect();
-    let view = match server.create_request(&request).await {
-        Ok(v) => v,
-        Err(e) => return call_error(e),
+    let view = {
+        // Held until the id is recorded: the document that lists the new
+        // request is applied only after that.
+        let _creating = web.app.consent_gate.lock().await;
+        let view = match server.create_request(&request).await {
+            Ok(v) => v,
+            Err(e) => return call_error(e),
+        };
+        if let Err(e) = web.app.consent.record_created(view.id) {
+            tracing::error!(request.id = %view.id, error = %format!("{e:#}"), "request not recorded: its access is not opened after a restart");
+        }
+        if let Err(e) = web.app.dataplane.consent_to(view.id).await {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &format!("{e:#}"),
+                None,
+            );
+        }
+        view
     };
     tracing::info!(
         request.id = %view.id,
@@ -291,6 +307,11 @@ struct Overview {
     terminals: Vec<Choice>,
     requests: Vec<RequestInfo>,
     tunnel_up: bool,
+    /// `none`, `connecting`, `up` or `down` (see `status::tunnel_state`).
+    tunnel_state: &'static str,
+    /// Why the tunnel is down.
+    tunnel_note: Option<String>,
+    failure_requests: bool,
     now: UnixMillis,
 }
 
@@ -347,6 +368,9 @@ pub(super) async fn overview(_: Authorized, State(web): State<Arc<Web>>) -> Resp
         })
         .collect();
     let control = app.control();
+    let (tunnel_state, tunnel_note) = snap.as_ref().map_or(("none", None), |s| {
+        super::status::tunnel_state(s, control.problem.as_deref())
+    });
     axum::Json(Overview {
         site_name: app.site_name.clone(),
         mode: mode_name(app.mode),
@@ -356,10 +380,10 @@ pub(super) async fn overview(_: Authorized, State(web): State<Arc<Web>>) -> Resp
         problem: control.problem,
         terminals,
         requests,
-        tunnel_up: snap
-            .as_ref()
-            .and_then(|s| s.tunnel.as_ref())
-            .is_some_and(|t| t.up),
+        tunnel_up: tunnel_state == "up",
+        tunnel_state,
+        tunnel_note,
+        failure_requests: app.consent.failure_requests(),
         now: crate::dataplane::wall_now(),
     })
     .into_response()
@@ -379,7 +403,11 @@ pub(super) async fn revoke(
             Some("id"),
         );
     };
-    // Consent ends here first: whatever happens to the call below.
+    // Consent ends here first, recorded so that a restart keeps it ended,
+    // whatever happens to the call below.
+    if let Err(e) = web.app.consent.record_revoked(id) {
+        tracing::error!(request.id = %id, error = %format!("{e:#}"), "revocation not recorded");
+    }
     let removed = match web.app.dataplane.revoke(id).await {
         Ok(n) => n,
         Err(e) => {
@@ -396,16 +424,15 @@ pub(super) async fn revoke(
         return axum::Json(serde_json::json!({ "ended_locally": true, "request": null }))
             .into_response();
     };
-    match server.revoke(id).await {
-        Ok(view) => {
+    match revocations::tell(&web.app, &server, id).await {
+        Outcome::Confirmed(view) => {
             let snap = web.app.dataplane.snapshot().await.ok();
             let info = request_info(&web, view, snap.as_ref()).await;
             axum::Json(serde_json::json!({ "ended_locally": true, "request": info }))
                 .into_response()
         }
-        Err(CallError::Transport(detail)) => {
-            tracing::warn!(request.id = %id, error = %detail, "revoke not delivered; retrying in the background");
-            tokio::spawn(retry_revoke(web.app.clone(), id));
+        Outcome::Later(_) => {
+            web.app.revocations.notify_one();
             (
                 StatusCode::ACCEPTED,
                 axum::Json(serde_json::json!({
@@ -416,28 +443,47 @@ pub(super) async fn revoke(
             )
                 .into_response()
         }
-        Err(e) => call_error(e),
+        Outcome::Refused(e) => call_error(e),
     }
 }
 
-async fn retry_revoke(app: Arc<App>, id: RequestId) {
-    let Some(server) = app.server.clone() else {
-        return;
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Preferences {
+    /// Whether a failure report may open access (a maintenance request the
+    /// agent then installs).
+    failure_requests: bool,
+}
+
+/// `GET /api/preferences`: the customer's toggles.
+pub(super) async fn preferences(_: Authorized, State(web): State<Arc<Web>>) -> Response {
+    axum::Json(serde_json::json!({
+        "failure_requests": web.app.consent.failure_requests(),
+    }))
+    .into_response()
+}
+
+/// `POST /api/preferences`: sets the customer's toggles (kept across restarts).
+pub(super) async fn set_preferences(
+    _: Authorized,
+    State(web): State<Arc<Web>>,
+    body: Bytes,
+) -> Response {
+    let p: Preferences = match parse(&body) {
+        Ok(p) => p,
+        Err(r) => return r,
     };
-    let mut backoff =
-        vpnnat::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30), id.0 | 1);
-    for _ in 0..1000 {
-        tokio::time::sleep(backoff.next_delay()).await;
-        match server.revoke(id).await {
-            Ok(_) => {
-                tracing::info!(request.id = %id, "revoke delivered");
-                return;
-            }
-            Err(CallError::Transport(_)) => {}
-            Err(e) => {
-                tracing::warn!(request.id = %id, error = %e, "revoke refused by the server");
-                return;
-            }
-        }
+    if let Err(e) = web.app.consent.set_failure_requests(p.failure_requests) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &format!("{e:#}"),
+            None,
+        );
     }
+    tracing::info!(
+        failure_requests = p.failure_requests,
+        "the customer changed whether failure reports may open access"
+    );
+    axum::Json(serde_json::json!({ "failure_requests": p.failure_requests })).into_response()
 }

@@ -13,6 +13,7 @@ use vpnnat::messages::{PublicKey, UnixMillis};
 
 use super::auth::Authorized;
 use super::{Web, error, mode_name};
+use crate::dataplane::Snapshot;
 
 /// The status document (`GET /api/status`, printed by `router-agent status`).
 pub const STATUS_PATH: &str = "/api/status";
@@ -67,8 +68,15 @@ pub struct TunnelStatus {
     pub endpoint: SocketAddr,
     /// Its key.
     pub public_key: PublicKey,
-    /// Whether a session is established.
+    /// Whether the tunnel works: a session is established and the gateway
+    /// is not known to be gone (see `state`).
     pub up: bool,
+    /// `up`, `connecting` or `down`.
+    #[serde(default)]
+    pub state: String,
+    /// Why it is down.
+    #[serde(default)]
+    pub note: Option<String>,
     /// The last handshake.
     pub latest_handshake: Option<UnixMillis>,
     /// Handshakes completed.
@@ -94,10 +102,44 @@ pub struct MappingStatus {
     pub expires_at: UnixMillis,
 }
 
+/// The tunnel as the customer and the status command see it: `none` (no
+/// access open, no tunnel), `connecting`, `up`, or `down` with the reason.
+/// Down within seconds of the gateway going away, not only once WireGuard's
+/// own timers give up: when the server reports a problem while it still
+/// names a gateway (the site's gateway is down and no other has a free
+/// slot: the site is stranded), or when data sent into the tunnel has gone
+/// unanswered for [`crate::dataplane::SILENCE_LIMIT`].
+pub(super) fn tunnel_state(
+    snap: &Snapshot,
+    problem: Option<&str>,
+) -> (&'static str, Option<String>) {
+    let Some(t) = &snap.tunnel else {
+        return ("none", None);
+    };
+    if let Some(p) = problem {
+        return ("down", Some(p.to_owned()));
+    }
+    if let Some(d) = snap.silent_for {
+        return (
+            "down",
+            Some(format!(
+                "the gateway has not answered for {} s",
+                d.as_secs()
+            )),
+        );
+    }
+    if t.up {
+        ("up", None)
+    } else {
+        ("connecting", None)
+    }
+}
+
 async fn status_view(web: &Web) -> anyhow::Result<StatusView> {
     let app = &web.app;
     let snap = app.dataplane.snapshot().await?;
     let control = app.control();
+    let (state, note) = tunnel_state(&snap, control.problem.as_deref());
     Ok(StatusView {
         site_id: app.site_id.0,
         site_name: app.site_name.clone(),
@@ -117,7 +159,9 @@ async fn status_view(web: &Web) -> anyhow::Result<StatusView> {
             gateway_id: t.gateway_id.0,
             endpoint: t.endpoint,
             public_key: t.public_key,
-            up: t.up,
+            up: state == "up",
+            state: state.to_owned(),
+            note: note.clone(),
             latest_handshake: snap.last_handshake,
             handshakes: t.stats.handshakes,
             rx_bytes: t.stats.rx_bytes,

@@ -43,6 +43,12 @@ impl Drop for Center {
 impl Center {
     /// Starts the server; `max_duration_s` bounds each request's lifetime.
     pub async fn start(max_duration_s: u64) -> Self {
+        Self::start_with(max_duration_s, 60_000).await
+    }
+
+    /// Like [`Self::start`], marking a gateway down after `down_after_ms`
+    /// without heartbeats.
+    pub async fn start_with(max_duration_s: u64, down_after_ms: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let db_url = format!("sqlite://{}", dir.path().join("server.db").display());
         let mut s = Settings::default();
@@ -54,7 +60,7 @@ impl Center {
         .expose()
         .to_owned();
         s.gateways.heartbeat_interval_ms = 200;
-        s.gateways.down_after_ms = 60_000;
+        s.gateways.down_after_ms = down_after_ms;
         s.gateways.persistent_keepalive_s = 5;
         s.maintenance.expiry_check_ms = 100;
         s.maintenance.max_duration_s = max_duration_s;
@@ -68,6 +74,13 @@ impl Center {
             http: reqwest::Client::new(),
             server,
             heartbeat: None,
+        }
+    }
+
+    /// Stops the API gateway's heartbeats (the gateway is gone).
+    pub fn stop_gateway(&mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
         }
     }
 

@@ -21,6 +21,7 @@ use crate::prereq::Prereq;
 use crate::process::bin;
 
 mod actors;
+pub mod partition;
 mod world;
 
 /// What the scenario needs from the machine.
@@ -32,6 +33,7 @@ pub const PREREQS: &[Prereq] = &[
     Prereq::Program("ping"),
     Prereq::Program("curl"),
     Prereq::Program("python3"),
+    Prereq::Program("arping"),
 ];
 
 const PASSWORD: &str = "site page password";
@@ -109,71 +111,7 @@ pub fn run(opts: Options) -> Outcome {
         "1",
         "the operator creates three sites; each router agent enrolls with its one-time token",
     );
-    for n in 1..=3 {
-        let name = format!("site {n}");
-        let (code, v) = m.operator("POST", "/api/v1/sites", Some(&json!({ "name": name })));
-        assert_eq!(code, 201, "create {name}: {v}");
-        let token = v["enrollment_token"].as_str().unwrap().to_owned();
-        let netstack = n == 3;
-        let (agent_host, page, lan_host) = match n {
-            1 => ("r1", "192.168.1.1", "pc1"),
-            2 => ("r2", "192.168.1.1", "pc2"),
-            _ => ("ah3", "192.168.1.20", "pc3"),
-        };
-        let config = agent_config(&m.w.dir, n, netstack);
-        let cfg = config.to_str().unwrap().to_owned();
-        let out = m.w.run(
-            agent_host,
-            "router-agent",
-            &[
-                "--config",
-                &cfg,
-                "enroll",
-                "--server",
-                &format!("http://{SERVER_WAN}"),
-                "--token",
-                &token,
-            ],
-            None,
-        );
-        assert!(out.contains("enrolled as site"), "{out}");
-        // The token is single-use.
-        let again =
-            m.w.command(agent_host, bin("router-agent"))
-                .args(["--config", &cfg, "enroll", "--force", "--server"])
-                .arg(format!("http://{SERVER_WAN}"))
-                .args(["--token", &token])
-                .output()
-                .unwrap();
-        assert!(!again.status.success(), "a used token must be refused");
-        m.w.start(
-            &format!("agent{n}"),
-            agent_host,
-            "router-agent",
-            &["--config", &cfg],
-        );
-        m.sites.push(Site {
-            n,
-            name,
-            id: v["site_id"].as_u64().unwrap(),
-            page,
-            lan_host,
-        });
-        detail(&format!(
-            "{}: agent in {} mode on {agent_host}, page http://{page}:8088/",
-            m.sites[n - 1].name,
-            if netstack { "netstack" } else { "packet" }
-        ));
-    }
-    for n in 1..=3 {
-        within(&format!("site {n}'s page"), Duration::from_secs(20), || {
-            m.w.check_alive();
-            m.page(n, "GET", "/healthz", None).0 == 200
-        });
-    }
-    within("every site enrolled", Duration::from_secs(5), || {
-        (1..=3).all(|n| m.site_view(n)["enrolled"] == true)
-    });
+    enroll_sites(&mut m, 3);
 
     // 2. Sites 1 and 2 press the button.
     say(
@@ -499,6 +437,77 @@ pub fn run(opts: Options) -> Outcome {
         end_to_gone,
         failover,
     }
+}
+
+/// Creates sites 1..=`count` (site 3 is the netstack agent behind its
+/// router's NAPT), enrolls and starts their agents, and waits until every
+/// site's page answers and the server sees it enrolled.
+fn enroll_sites(m: &mut Mission, count: usize) {
+    for n in 1..=count {
+        let name = format!("site {n}");
+        let (code, v) = m.operator("POST", "/api/v1/sites", Some(&json!({ "name": name })));
+        assert_eq!(code, 201, "create {name}: {v}");
+        let token = v["enrollment_token"].as_str().unwrap().to_owned();
+        let netstack = n == 3;
+        let (agent_host, page, lan_host) = match n {
+            1 => ("r1", "192.168.1.1", "pc1"),
+            2 => ("r2", "192.168.1.1", "pc2"),
+            _ => ("ah3", "192.168.1.20", "pc3"),
+        };
+        let config = agent_config(&m.w.dir, n, netstack);
+        let cfg = config.to_str().unwrap().to_owned();
+        let out = m.w.run(
+            agent_host,
+            "router-agent",
+            &[
+                "--config",
+                &cfg,
+                "enroll",
+                "--server",
+                &format!("http://{SERVER_WAN}"),
+                "--token",
+                &token,
+            ],
+            None,
+        );
+        assert!(out.contains("enrolled as site"), "{out}");
+        // The token is single-use.
+        let again =
+            m.w.command(agent_host, bin("router-agent"))
+                .args(["--config", &cfg, "enroll", "--force", "--server"])
+                .arg(format!("http://{SERVER_WAN}"))
+                .args(["--token", &token])
+                .output()
+                .unwrap();
+        assert!(!again.status.success(), "a used token must be refused");
+        m.w.start(
+            &format!("agent{n}"),
+            agent_host,
+            "router-agent",
+            &["--config", &cfg],
+        );
+        m.sites.push(Site {
+            n,
+            name,
+            id: v["site_id"].as_u64().unwrap(),
+            page,
+            lan_host,
+        });
+        detail(&format!(
+            "{}: agent in {} mode on {agent_host}, page http://{page}:8088/",
+            m.sites[n - 1].name,
+            if netstack { "netstack" } else { "packet" }
+        ));
+    }
+    for n in 1..=count {
+        within(&format!("site {n}'s page"), Duration::from_secs(20), || {
+            m.w.check_alive();
+            m.page(n, "GET", "/healthz", None).0 == 200
+        });
+    }
+    within("every site enrolled", Duration::from_secs(5), || {
+        (1..=count).all(|n| m.site_view(n)["enrolled"] == true)
+    });
 }
 
 /// p50 and p99 (nearest rank) of a non-empty sample.

@@ -1,0 +1,194 @@
+//! The OpenAPI document against the server: every documented operation is
+//! called (with valid credentials and a valid body) on an in-process
+//! server, and its status and content type must be among the documented
+//! ones; every route of the router is documented and every documented
+//! operation is routed.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use serde_json::{Value, json};
+use vpnnat::messages::*;
+
+/// `type/subtype` of a content type, without parameters.
+fn essence(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_http_every_documented_operation_answers_as_documented() {
+    let db = TestDb::new(Backend::Sqlite);
+    let server = TestServer::start(db.settings()).await;
+    let gw = add_gateway(&server, "gw1", 10, 1).await;
+    gw.api.post(paths::GATEWAY_HEARTBEAT, &heartbeat(10)).await;
+    let site = add_site(&server, "A", 1).await;
+    let request: MaintenanceRequestView = site
+        .agent
+        .post(paths::AGENT_REQUESTS, &new_request(&["pc-1"]))
+        .await
+        .json();
+    let tech = technician(&server, &db, "alice", "correct horse").await;
+    let fresh_site: SiteCreated = server
+        .operator()
+        .post(paths::SITES, &NewSite { name: "B".into() })
+        .await
+        .json();
+    let agent_version = agent_state(&site, 0, 0).await.version;
+    let gw_version = gateway_state(&gw, 0, 0).await.version;
+
+    let doc: Value = server.client(None).get(paths::OPENAPI).await.body;
+    assert_eq!(doc["openapi"], "3.0.3");
+    let mut operations: Vec<(String, String, Value)> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            operations.push((method.clone(), path.clone(), op.clone()));
+        }
+    }
+    // Signing out ends the session the other calls use: last.
+    operations.sort_by_key(|(m, p, _)| (p == paths::LOGOUT, p.clone(), m.clone()));
+    assert!(operations.len() > 25, "{}", operations.len());
+
+    for (method, path, op) in &operations {
+        let id = match path.as_str() {
+            paths::AGENT_REVOKE | paths::REQUEST_START | paths::REQUEST_END => request.id.0,
+            paths::SITE_TOKEN => site.id.0,
+            paths::GATEWAY_DRAIN => gw.id.0,
+            p => {
+                assert!(!p.contains('{'), "no id known for {p}");
+                0
+            }
+        };
+        let url = format!("{}{}", server.base, at(path, id));
+        let body = match path.as_str() {
+            paths::ENROLL => json!({ "token": fresh_site.enrollment_token, "public_key": key(50) }),
+            paths::AGENT_REQUESTS => json!(new_request(&["pc-2"])),
+            paths::AGENT_FAILURES => json!({ "code": "other", "detail": "printer on fire" }),
+            paths::AGENT_APPLIED => json!({ "version": agent_version, "errors": [] }),
+            paths::GATEWAY_APPLIED => json!({ "version": gw_version, "errors": [] }),
+            paths::GATEWAY_REGISTER => json!(GatewayRegistration {
+                endpoints: vec!["203.0.113.1:51820".parse().unwrap()],
+                public_key: key(201),
+                tunnel_kinds: vec![TunnelKind::Wireguard],
+                max_tunnels: 10,
+                software_version: "test".into(),
+            }),
+            paths::GATEWAY_HEARTBEAT => json!(heartbeat(10)),
+            paths::SITES => json!({ "name": "C" }),
+            paths::GATEWAYS => json!({ "name": "gw2" }),
+            paths::GATEWAY_DRAIN => json!({ "drain": false }),
+            paths::LOGIN => json!({ "name": "alice", "password": "correct horse" }),
+            _ => Value::Null,
+        };
+        let http_method: reqwest::Method = method.to_uppercase().parse().unwrap();
+        let mut req = tech.http.request(http_method, &url);
+        // The first security alternative names the credential to send.
+        let security = op["security"].as_array().unwrap();
+        if let Some(first) = security.first().and_then(Value::as_object) {
+            for scheme in first.keys() {
+                req = match scheme.as_str() {
+                    "siteCredential" => req.bearer_auth(&site.credential),
+                    "gatewayCredential" => req.bearer_auth(&gw.credential),
+                    "operatorToken" => req.bearer_auth(&server.operator),
+                    "technicianSession" => req.header("cookie", tech.cookie.as_deref().unwrap()),
+                    "csrfToken" => req.header("x-csrf-token", tech.csrf.as_deref().unwrap()),
+                    s => panic!("{method} {path}: unknown security scheme {s}"),
+                };
+            }
+        }
+        if method == "get" {
+            assert!(
+                op.get("requestBody").is_none(),
+                "{method} {path} declares a request body"
+            );
+        }
+        if let Some(rb) = op.get("requestBody") {
+            assert!(
+                rb["content"]["application/json"].is_object(),
+                "{method} {path}: {rb}"
+            );
+            assert!(
+                !body.is_null(),
+                "{method} {path}: the test has no body for it"
+            );
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16().to_string();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let bytes = resp.bytes().await.unwrap();
+        let documented = &op["responses"][&status];
+        assert!(
+            documented.is_object(),
+            "{method} {path} answered {status} ({}), documented: {:?}",
+            String::from_utf8_lossy(&bytes),
+            op["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>()
+        );
+        match documented.get("content").and_then(Value::as_object) {
+            Some(content) => {
+                let got = essence(content_type.as_deref().unwrap_or_default());
+                assert!(
+                    content.keys().any(|k| essence(k) == got),
+                    "{method} {path} {status}: answered {content_type:?}, documented {:?}",
+                    content.keys().collect::<Vec<_>>()
+                );
+                if got == "application/json" {
+                    serde_json::from_slice::<Value>(&bytes)
+                        .unwrap_or_else(|e| panic!("{method} {path}: not JSON: {e}"));
+                }
+            }
+            None => assert!(
+                bytes.is_empty(),
+                "{method} {path} {status}: documented without content, answered {content_type:?} {}",
+                String::from_utf8_lossy(&bytes)
+            ),
+        }
+    }
+    server.stop().await;
+}
+
+#[test]
+fn security_http_every_route_is_documented() {
+    let doc = maintenance_server::openapi::document();
+    let documented: BTreeSet<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .map(move |m| (m.clone(), path.clone()))
+        })
+        .collect();
+    let routed: BTreeSet<(String, String)> = maintenance_server::routes::api_routes()
+        .iter()
+        .map(|(m, p, _)| (m.as_str().to_ascii_lowercase(), (*p).to_owned()))
+        .chain(
+            maintenance_server::console::ASSETS
+                .iter()
+                .map(|(p, _, _)| ("get".to_owned(), (*p).to_owned())),
+        )
+        .collect();
+    let undocumented: Vec<_> = routed.difference(&documented).collect();
+    let unrouted: Vec<_> = documented.difference(&routed).collect();
+    assert!(
+        undocumented.is_empty(),
+        "routed, not documented: {undocumented:?}"
+    );
+    assert!(unrouted.is_empty(), "documented, not routed: {unrouted:?}");
+}
