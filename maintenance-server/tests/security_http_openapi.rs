@@ -41,6 +41,32 @@ async fn security_http_every_documented_operation_answers_as_documented() {
         .post(paths::SITES, &NewSite { name: "B".into() })
         .await
         .json();
+    // Each destructive operator operation gets an object of its own, so that
+    // the order of the calls does not matter.
+    let mut spare_gateways = Vec::new();
+    for (i, path) in [
+        paths::GATEWAY,
+        paths::GATEWAY_DISABLE,
+        paths::GATEWAY_ROTATE,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n = u8::try_from(i).unwrap();
+        let g = add_gateway(&server, &format!("spare{i}"), 1, 10 + n).await;
+        spare_gateways.push((path, g.id.0));
+    }
+    let mut spare_sites = Vec::new();
+    for (i, path) in [paths::SITE, paths::SITE_DISABLE, paths::SITE_ROTATE]
+        .into_iter()
+        .enumerate()
+    {
+        let n = u8::try_from(i).unwrap();
+        let s = add_site(&server, &format!("spare{i}"), 110 + n).await;
+        spare_sites.push((path, s.id.0));
+    }
+    add_technician(&db, "bob", "bob's long password").await;
+    add_technician(&db, "carol", "carol's long password").await;
     let agent_version = agent_state(&site, 0, 0).await.version;
     let gw_version = gateway_state(&gw, 0, 0).await.version;
 
@@ -61,12 +87,28 @@ async fn security_http_every_documented_operation_answers_as_documented() {
             paths::AGENT_REVOKE | paths::REQUEST_START | paths::REQUEST_END => request.id.0,
             paths::SITE_TOKEN => site.id.0,
             paths::GATEWAY_DRAIN => gw.id.0,
+            p if spare_gateways.iter().any(|(q, _)| *q == p) => {
+                spare_gateways.iter().find(|(q, _)| *q == p).unwrap().1
+            }
+            p if spare_sites.iter().any(|(q, _)| *q == p) => {
+                spare_sites.iter().find(|(q, _)| *q == p).unwrap().1
+            }
+            paths::TECHNICIAN | paths::TECHNICIAN_DISABLE => 0,
             p => {
                 assert!(!p.contains('{'), "no id known for {p}");
                 0
             }
         };
-        let url = format!("{}{}", server.base, at(path, id));
+        let technician_name = if path == paths::TECHNICIAN {
+            "bob"
+        } else {
+            "carol"
+        };
+        let url = format!(
+            "{}{}",
+            server.base,
+            at(path, id).replace("{name}", technician_name)
+        );
         let body = match path.as_str() {
             paths::ENROLL => json!({ "token": fresh_site.enrollment_token, "public_key": key(50) }),
             paths::AGENT_REQUESTS => json!(new_request(&["pc-2"])),
@@ -85,6 +127,10 @@ async fn security_http_every_documented_operation_answers_as_documented() {
             paths::GATEWAYS => json!({ "name": "gw2" }),
             paths::GATEWAY_DRAIN => json!({ "drain": false }),
             paths::LOGIN => json!({ "name": "alice", "password": "correct horse" }),
+            paths::SITE_DISABLE | paths::GATEWAY_DISABLE | paths::TECHNICIAN_DISABLE => {
+                json!({ "disabled": true })
+            }
+            paths::TECHNICIANS => json!({ "name": "dave", "password": "dave's long password" }),
             _ => Value::Null,
         };
         let http_method: reqwest::Method = method.to_uppercase().parse().unwrap();
