@@ -203,9 +203,11 @@ impl Default for Pool {
 pub struct Maintenance {
     /// Lease length.
     pub max_duration_s: u64,
-    /// Failure report → request for the router.
+    /// Every failure report opens a request for what failed (the terminal
+    /// it names, else [`Self::router_terminal`]).
     pub failure_opens_request: bool,
-    /// The router's terminal name.
+    /// The terminal of failure requests whose report names none (e.g. the
+    /// LAN link).
     pub router_terminal: String,
     /// Expiry scan interval.
     pub expiry_check_ms: u64,

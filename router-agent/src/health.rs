@@ -73,10 +73,15 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         if tokio::time::Instant::now() >= next_check {
             next_check = tokio::time::Instant::now() + interval;
             for t in &watched {
-                let Ok(addr) = app.names.resolve(&t.name).await else {
-                    continue;
+                let addr = match app.names.resolve(&t.name).await {
+                    Ok(addr) => addr,
+                    Err(e) => {
+                        tracing::debug!(terminal = %t.name, error = %e, "watched terminal not checked");
+                        continue;
+                    }
                 };
                 let ok = probe::answers(addr, t.check, Duration::from_secs(2)).await;
+                tracing::debug!(terminal = %t.name, %addr, ok, "health check");
                 let n = failures.entry(t.name.clone()).or_default();
                 if ok {
                     if reported.remove(&t.name).is_some() {

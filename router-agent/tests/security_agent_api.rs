@@ -348,3 +348,91 @@ async fn security_agent_expiry_counts_the_servers_remaining_time_not_the_routers
         })
         .await;
 }
+
+/// A port on loopback that does not answer a TCP probe (a refused
+/// connection counts as an answering host): a listener with a backlog of
+/// zero whose one queue slot is taken, so the kernel drops further SYNs.
+async fn unanswering(port: u16) -> (tokio::net::TcpListener, tokio::net::TcpStream) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .unwrap();
+    let listener = socket.listen(0).unwrap();
+    let filler = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    (listener, filler)
+}
+
+/// The site's requests as the server has them.
+async fn server_requests(center: &Center, agent: &support::Agent) -> Vec<Value> {
+    let id: Value =
+        serde_json::from_str(&std::fs::read_to_string(agent.identity_path()).unwrap()).unwrap();
+    let r = reqwest::Client::new()
+        .get(format!("{}{}", center.base, paths::AGENT_REQUESTS))
+        .bearer_auth(id["credential"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json::<Value>().await.unwrap().as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_agent_failure_reports_open_access_only_where_the_customer_allows_it() {
+    let mut center = Center::start(3600).await;
+    // The terminal's health check port: a PC that does not answer.
+    let pc_port = support::free_port();
+    let silent_pc = unanswering(pc_port).await;
+    let mut agent = enrolled(&mut center, pc_port).await;
+    // The operator configured the PC's health to be watched and failure
+    // reports to ask for access.
+    let config = std::fs::read_to_string(&agent.config)
+        .unwrap()
+        .replace(
+            &format!("check = \"tcp:{pc_port}\"\n"),
+            &format!("check = \"tcp:{pc_port}\"\nwatch = true\n"),
+        )
+        .replace(
+            "[failures]\nlink_watch = false\n",
+            "[failures]\nlink_watch = false\ncheck_interval_s = 1\nthreshold = 1\nopen_request = true\n",
+        );
+    std::fs::write(&agent.config, config).unwrap();
+    agent.start().await;
+
+    // The customer has not allowed it (the default): the failure is
+    // reported, no request is opened, nothing is installed.
+    agent
+        .wait_status("the failure reported", Duration::from_secs(20), |s| {
+            s["failures_reported"].as_u64() >= Some(1)
+        })
+        .await;
+    assert!(server_requests(&center, &agent).await.is_empty());
+    assert_eq!(mappings(&agent.status().await), 0);
+
+    // The customer allows it on the page; the PC recovers and fails again:
+    // this time the report opens a request, and the agent installs it.
+    let (code, v) = agent
+        .api(
+            Method::POST,
+            "/api/preferences",
+            Some(serde_json::json!({ "failure_requests": true })),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    drop(silent_pc);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _silent_again = unanswering(pc_port).await;
+    agent
+        .wait_status(
+            "the failure request installed",
+            Duration::from_secs(30),
+            |s| mappings(s) == 1,
+        )
+        .await;
+    let requests = server_requests(&center, &agent).await;
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    // Access to what failed: the PC, not the router.
+    assert_eq!(requests[0]["terminals"][0]["name"], "pc-1", "{requests:?}");
+}

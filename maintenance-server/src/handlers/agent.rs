@@ -147,7 +147,12 @@ pub async fn failure(
     tracing::info!(site.id = %site, failure.id = failure_id, code = ?body.code, "failure reported");
     let mut request = None;
     if body.open_request || state.policy.failure_opens_request {
-        let terminal = state.policy.router_terminal.clone();
+        // Access to what failed: the terminal the report names (one that
+        // stopped answering), else the configured router terminal.
+        let terminal = body
+            .terminal
+            .clone()
+            .unwrap_or_else(|| state.policy.router_terminal.clone());
         let req = NewMaintenanceRequest {
             requester_name: "automatic (failure report)".to_owned(),
             level: Level::Administrator,
