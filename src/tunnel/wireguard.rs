@@ -1240,6 +1240,34 @@ mod tests {
         )
     }
 
+    /// A client (key 3) whose first initiation `responder` answered with a
+    /// cookie reply, which it has taken: its retries carry mac2.
+    fn cookie_holder(
+        responder: &mut Responder,
+        gw: &PrivateKey,
+        from: IpAddr,
+        now: Instant,
+    ) -> Tunnel {
+        let mut client = Tunnel::new(
+            TunnelConfig::initiator(key(3), gw.public_key(), 5, None),
+            now,
+        );
+        let mut out = vec![0; 2048];
+        let init = initiation(&mut client, false, now);
+        let Incoming::CookieReply(cookie) = responder
+            .classify(Some(from), &init, &mut out, now)
+            .unwrap()
+        else {
+            panic!("expected a cookie reply")
+        };
+        let cookie = cookie.to_vec();
+        let mut buf = vec![0; 2048];
+        client
+            .decapsulate(Some(from), &cookie, &mut buf, now)
+            .unwrap();
+        client
+    }
+
     fn initiation(client: &mut Tunnel, force: bool, now: Instant) -> Vec<u8> {
         let mut buf = vec![0; 2048];
         client
@@ -1255,23 +1283,10 @@ mod tests {
         let gw = key(9);
         let from: IpAddr = "198.51.100.7".parse().unwrap();
         let mut out = vec![0; 2048];
-        let mut buf = vec![0; 2048];
         // Limit 0: every initiation needs a cookie. Worker 0 and worker 1.
         let mut w0 = Responder::new(gw.clone(), 0);
         let mut w1 = w0.share();
-        let mut client = Tunnel::new(
-            TunnelConfig::initiator(key(3), gw.public_key(), 5, None),
-            now,
-        );
-        let init = initiation(&mut client, false, now);
-        let Incoming::CookieReply(cookie) = w0.classify(Some(from), &init, &mut out, now).unwrap()
-        else {
-            panic!("expected a cookie reply")
-        };
-        let cookie = cookie.to_vec();
-        client
-            .decapsulate(Some(from), &cookie, &mut buf, now)
-            .unwrap();
+        let mut client = cookie_holder(&mut w0, &gw, from, now);
         // The retry reaches the other worker: the cookie is valid there.
         let init = initiation(&mut client, true, now);
         assert_eq!(
@@ -1306,21 +1321,8 @@ mod tests {
         let gw = key(9);
         let from: IpAddr = "198.51.100.7".parse().unwrap();
         let mut out = vec![0; 2048];
-        let mut buf = vec![0; 2048];
         let mut w0 = Responder::new(gw.clone(), 0);
-        let mut client = Tunnel::new(
-            TunnelConfig::initiator(key(3), gw.public_key(), 5, None),
-            now,
-        );
-        let init = initiation(&mut client, false, now);
-        let Incoming::CookieReply(cookie) = w0.classify(Some(from), &init, &mut out, now).unwrap()
-        else {
-            panic!("expected a cookie reply")
-        };
-        let cookie = cookie.to_vec();
-        client
-            .decapsulate(Some(from), &cookie, &mut buf, now)
-            .unwrap();
+        let mut client = cookie_holder(&mut w0, &gw, from, now);
         // The secret changes at 120 s; the retry 5 s later still passes.
         let later = now + COOKIE_SECRET_AGE + Duration::from_secs(5);
         let init = initiation(&mut client, true, later);
@@ -1391,21 +1393,8 @@ mod tests {
         let gw = key(9);
         let from: IpAddr = "198.51.100.7".parse().unwrap();
         let mut out = vec![0; 2048];
-        let mut buf = vec![0; 2048];
         let mut w0 = Responder::new(gw.clone(), 0);
-        let mut client = Tunnel::new(
-            TunnelConfig::initiator(key(3), gw.public_key(), 5, None),
-            now,
-        );
-        let init = initiation(&mut client, false, now);
-        let Incoming::CookieReply(cookie) = w0.classify(Some(from), &init, &mut out, now).unwrap()
-        else {
-            panic!("expected a cookie reply")
-        };
-        let cookie = cookie.to_vec();
-        client
-            .decapsulate(Some(from), &cookie, &mut buf, now)
-            .unwrap();
+        let mut client = cookie_holder(&mut w0, &gw, from, now);
         let results: Vec<_> = (0..7)
             .map(|_| {
                 let init = initiation(&mut client, true, now);
