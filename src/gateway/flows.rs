@@ -33,7 +33,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use super::DropReason;
-use crate::ipv4::{FastMap, Ipv4Header, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use crate::ipv4::{FastMap, FixedHeader, Ipv4Header, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use crate::messages::SiteId;
 
 /// How often expired entries are swept, in seconds.
@@ -405,22 +405,21 @@ impl FlowTable {
     fn quoted_flow(&self, h: &Ipv4Header<'_>, site: SiteId, now_s: u32) -> Result<(), DropReason> {
         let quote = h.payload().get(8..).ok_or(DropReason::Malformed)?;
         // The quote may be cut short of its own total length (RFC 1812
-        // §4.3.2.3 only promises the header and 8 bytes): read it by hand.
-        let first = *quote.first().ok_or(DropReason::NoFlow)?;
-        let header_len = usize::from(first & 0x0f) * 4;
-        if first >> 4 != 4 || header_len < 20 || quote.len() < header_len + 8 {
+        // §4.3.2.3 only promises the header and 8 bytes): the fixed header
+        // checks no total length.
+        let q = FixedHeader::new(quote).map_err(|_| DropReason::NoFlow)?;
+        let header_len = q.header_len();
+        if header_len < 20 || quote.len() < header_len + 8 {
             return Err(DropReason::NoFlow);
         }
-        let addr = |i: usize| Ipv4Addr::new(quote[i], quote[i + 1], quote[i + 2], quote[i + 3]);
-        let (q_src, q_dst, proto) = (addr(12), addr(16), quote[9]);
+        let (q_src, q_dst, proto) = (q.src(), q.dst(), q.protocol());
         if q_src != h.dst() {
             return Err(DropReason::NoFlow);
         }
-        let fragment_offset = u16::from_be_bytes([quote[6], quote[7]]) & 0x1fff;
         let t = &quote[header_len..];
         let port = |i: usize| u16::from_be_bytes([t[i], t[i + 1]]);
         let key = match proto {
-            _ if fragment_offset != 0 => return Err(DropReason::NoFlow),
+            _ if q.is_later_fragment() => return Err(DropReason::NoFlow),
             PROTO_TCP | PROTO_UDP => FlowKey::new(q_src, q_dst, port(0), port(2), proto),
             PROTO_ICMP if t[0] == ICMP_ECHO_REQUEST => {
                 FlowKey::new(q_src, q_dst, port(4), 0, PROTO_ICMP)

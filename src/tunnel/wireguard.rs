@@ -683,7 +683,13 @@ impl CookieSecrets {
     /// The secrets to check a mac2 against at `now`: current, previous.
     fn at(&mut self, now: Instant) -> (Arc<RateLimiter>, Option<Arc<RateLimiter>>) {
         match self.rotate_at {
-            None => self.rotate_at = Some(now + COOKIE_SECRET_AGE),
+            None => {
+                // boringtun starts its own cookie clock when a limiter is
+                // built: build the first one now, so that its change falls
+                // after ours.
+                self.current = Arc::new(RateLimiter::new(&self.public_key, 0));
+                self.rotate_at = Some(now + COOKIE_SECRET_AGE);
+            }
             Some(t) if now >= t => {
                 let fresh = Arc::new(RateLimiter::new(&self.public_key, 0));
                 self.previous = Some(std::mem::replace(&mut self.current, fresh));
