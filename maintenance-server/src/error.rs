@@ -145,7 +145,10 @@ impl From<OpError> for AppError {
                 e.body.field = Some(field.to_owned());
                 e
             }
-            OpError::RateLimited(m) => Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", m),
+            // The per-minute limits count the last minute.
+            OpError::RateLimited(m) => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", m).retry_after(60)
+            }
         }
     }
 }

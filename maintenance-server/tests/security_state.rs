@@ -294,7 +294,26 @@ async fn security_every_stranded_site_is_told() {
             s.id
         );
     }
-    // gw1 comes back: the sites are no longer told they are stranded.
+    // gw1 restarts: it registers before its first heartbeat, and that
+    // already tells the sites they are no longer stranded.
+    let reg = gw1
+        .api
+        .post(
+            paths::GATEWAY_REGISTER,
+            &GatewayRegistration {
+                endpoints: vec!["203.0.113.1:51820".parse().unwrap()],
+                public_key: key(201),
+                tunnel_kinds: vec![TunnelKind::Wireguard],
+                max_tunnels: 10,
+                software_version: "test".into(),
+            },
+        )
+        .await;
+    assert_eq!(reg.status, 200, "{}", reg.body);
+    for s in &sites {
+        let st = agent_state(s, 0, 0).await;
+        assert_eq!(st.problem, None, "site {} after gw1 registered", s.id);
+    }
     for _ in 0..5 {
         let a = gw1.api.post(paths::GATEWAY_HEARTBEAT, &heartbeat(10)).await;
         assert_eq!(a.status, 200, "{}", a.body);

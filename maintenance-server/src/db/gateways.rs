@@ -58,7 +58,7 @@ pub async fn register_gateway(
 ) -> OpResult<GatewayRegistered> {
     let row = tx
         .row_by_id(
-            "SELECT endpoints, public_key FROM gateways WHERE id = $1",
+            "SELECT endpoints, public_key, health FROM gateways WHERE id = $1",
             gw.0,
             "gateway",
         )
@@ -69,6 +69,10 @@ pub async fn register_gateway(
     let kinds = serde_json::to_string(&reg.tunnel_kinds).unwrap_or_else(|_| "[]".into());
     let key = reg.public_key.to_base64();
     // Sites first, then the gateway row: the lock order of every other transaction.
+    // A gateway that restarts registers before its first heartbeat.
+    if col::<String>(&row, "health")? == "down" {
+        clear_stranded(tx, gw).await?;
+    }
     if old_endpoints != endpoints || old_key.as_deref() != Some(key.as_str()) {
         for site in gateway_sites(tx, gw).await? {
             tx.bump_site(site).await?;
@@ -125,25 +129,7 @@ pub async fn heartbeat(
     let old: String = col(&row, "health")?;
     let health = enum_str(&hb.health);
     if old == "down" && health != "down" {
-        // Back up: its sites that were told they are stranded are not any
-        // more (sites before the gateway row: the lock order).
-        let rows = sqlx::query(
-            "SELECT s.id FROM sites s JOIN tunnels t ON t.site_id = s.id \
-             WHERE t.gateway_id = $1 AND s.problem = $2 ORDER BY s.id",
-        )
-        .bind(id64(gw.0))
-        .bind(STRANDED)
-        .fetch_all(&mut *tx.inner)
-        .await?;
-        for site in ids_of(&rows, "id", SiteId)? {
-            tx.lock_site(site).await?;
-            sqlx::query("UPDATE sites SET problem = NULL WHERE id = $1 AND problem = $2")
-                .bind(id64(site.0))
-                .bind(STRANDED)
-                .execute(&mut *tx.inner)
-                .await?;
-            tx.bump_site(site).await?;
-        }
+        clear_stranded(tx, gw).await?;
     }
     // The database's clock, not this replica's: see `mark_down`. A heartbeat
     // that passed authentication just before the gateway was disabled does
@@ -176,6 +162,29 @@ pub async fn heartbeat(
         drain: col::<i64>(&row, "drain")? != 0,
         lease_ms: None,
     })
+}
+
+/// The gateway is back up: its sites that were told they are stranded are
+/// not any more (site rows before the gateway row: the lock order).
+async fn clear_stranded(tx: &mut Tx, gw: GatewayId) -> OpResult<()> {
+    let rows = sqlx::query(
+        "SELECT s.id FROM sites s JOIN tunnels t ON t.site_id = s.id \
+         WHERE t.gateway_id = $1 AND s.problem = $2 ORDER BY s.id",
+    )
+    .bind(id64(gw.0))
+    .bind(STRANDED)
+    .fetch_all(&mut *tx.inner)
+    .await?;
+    for site in ids_of(&rows, "id", SiteId)? {
+        tx.lock_site(site).await?;
+        sqlx::query("UPDATE sites SET problem = NULL WHERE id = $1 AND problem = $2")
+            .bind(id64(site.0))
+            .bind(STRANDED)
+            .execute(&mut *tx.inner)
+            .await?;
+        tx.bump_site(site).await?;
+    }
+    Ok(())
 }
 
 /// Records what a gateway applied.

@@ -84,7 +84,13 @@ pub async fn login(
     // argon2 is deliberately slow and big: at most a few run at once, off
     // the async workers. An unknown name is checked against a dummy hash
     // so both take the same time.
-    let check = state.password_checks.begin().await?;
+    // A login refused as busy had its password never checked: it does not
+    // count toward the client's limit.
+    let check = state
+        .password_checks
+        .begin()
+        .await
+        .inspect_err(|_| limiter.forgive(&keys))?;
     let ok = tokio::task::spawn_blocking(move || {
         // (The dummy hash is made here too the first time: argon2 work.)
         let ok = verify_password(&password, hash.as_deref().unwrap_or_else(|| dummy_hash()));
