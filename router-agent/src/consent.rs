@@ -11,8 +11,7 @@
 //! on, so that what the page answered is what a restart finds.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use anyhow::Context as _;
@@ -91,8 +90,11 @@ impl Consent {
             s.revoked.remove(&id);
         }
         if let Some(p) = &self.path {
-            write_private(p, &serde_json::to_string_pretty(&*s)?)
-                .with_context(|| format!("storing {}", p.display()))?;
+            vpnnat_shell::keys::replace_private_file(
+                p,
+                serde_json::to_string_pretty(&*s)?.as_bytes(),
+            )
+            .with_context(|| format!("storing {}", p.display()))?;
         }
         Ok(r)
     }
@@ -174,16 +176,6 @@ fn trim(ids: &mut BTreeSet<RequestId>) {
     while ids.len() > MAX_IDS {
         ids.pop_first();
     }
-}
-
-/// Writes `text` to `path` with mode 0600 (a temporary file renamed over it).
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = vpnnat_shell::keys::create_private_file(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

@@ -144,7 +144,14 @@ async fn deliver(app: &App, report: &FailureReport) -> bool {
     let allowed = app.consent.failure_requests();
     let mut report = report.clone();
     report.open_request &= allowed;
-    let _creating = app.consent_gate.lock().await;
+    // A report that opens a request holds the gate until the request's id
+    // is recorded, so that the document listing it is applied after; any
+    // other report need not hold up the control plane.
+    let _creating = if report.open_request {
+        Some(app.consent_gate.lock().await)
+    } else {
+        None
+    };
     match server.report_failure(&report).await {
         Ok(accepted) => {
             if let Some(r) = &accepted.request {

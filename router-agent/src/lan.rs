@@ -9,7 +9,6 @@
 //! state (failure reports).
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -78,12 +77,8 @@ impl Sysctls {
     fn store(&self) {
         let Some(path) = &self.record else { return };
         let write = || -> std::io::Result<()> {
-            let tmp = path.with_extension("json.tmp");
-            let _ = std::fs::remove_file(&tmp);
-            let mut f = vpnnat_shell::keys::create_private_file(&tmp)?;
-            f.write_all(serde_json::to_string(&self.previous)?.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
+            let json = serde_json::to_string(&self.previous)?;
+            vpnnat_shell::keys::replace_private_file(path, json.as_bytes())
         };
         if let Err(e) = write() {
             tracing::warn!(path = %path.display(), error = %e, "previous kernel settings not recorded");

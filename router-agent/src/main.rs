@@ -307,7 +307,7 @@ fn page_password(settings: &Settings, create: bool) -> anyhow::Result<String> {
         })
         .collect();
     let password = groups.join("-");
-    names::write_private(&path, &format!("{password}\n"))
+    vpnnat_shell::keys::replace_private_file(&path, format!("{password}\n").as_bytes())
         .with_context(|| format!("storing the page password in {}", path.display()))?;
     eprintln!(
         "router-agent: the customer page password is {password} (stored in {}; \

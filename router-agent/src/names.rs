@@ -243,7 +243,7 @@ impl Names {
         if let Some(path) = &self.alias_file {
             let write = serde_json::to_string_pretty(&*aliases)
                 .map_err(std::io::Error::other)
-                .and_then(|json| write_private(path, &json));
+                .and_then(|json| vpnnat_shell::keys::replace_private_file(path, json.as_bytes()));
             if let Err(e) = write {
                 tracing::warn!(path = %path.display(), error = %e, "aliases not stored");
             }
@@ -312,25 +312,6 @@ pub fn parse_hosts(text: &str) -> Vec<(TerminalName, Ipv4Addr)> {
         }
     }
     out
-}
-
-/// Writes `text` to `path` with mode 0600 (replacing it atomically).
-pub fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 async fn dns(name: &str) -> Option<Ipv4Addr> {

@@ -318,6 +318,14 @@ impl Settings {
         if self.packet.tun_name.is_empty() || self.packet.tun_name.len() > 15 {
             return err("packet.tun_name", "must be 1 to 15 characters");
         }
+        if self.packet.center_prefixes.is_empty() {
+            // The tunnel accepts sources only from these: none would drop
+            // every technician's packet, in both modes.
+            return err(
+                "packet.center_prefixes",
+                "must name at least one prefix (the technicians' LAN)",
+            );
+        }
         if self.packet.tun_mtu < 576 {
             return err("packet.tun_mtu", "must be at least 576");
         }

@@ -64,6 +64,23 @@ pub fn create_private_file(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Replaces `path` with `contents` at once, mode 0600 (its missing parents
+/// with 0700): written to a private temporary file beside it, synced, then
+/// renamed over it, so a crash leaves the old or the new file, never half.
+///
+/// # Errors
+/// The IO error (creating, writing, syncing or renaming).
+pub fn replace_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = create_private_file(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Creates `dir` and its missing parents with mode 0700; an existing
 /// directory is left as it is.
 ///
