@@ -47,7 +47,11 @@ impl ServerClient {
             .query(&[("after", after), ("wait_ms", wait_ms)])
             .timeout(Duration::from_millis(wait_ms) + Duration::from_secs(15));
         let (doc, date) = self.api.send_dated("desired state", request).await?;
-        Ok((doc, date.as_deref().and_then(parse_http_date)))
+        let millis = |t: std::time::SystemTime| {
+            let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+            u64::try_from(since.as_millis()).ok().map(UnixMillis)
+        };
+        Ok((doc, date.and_then(millis)))
     }
 
     /// Reports what was applied.
@@ -97,64 +101,5 @@ impl ServerClient {
         self.api
             .post_json("failure report", paths::AGENT_FAILURES, f)
             .await
-    }
-}
-
-/// An HTTP date in the IMF-fixdate form every server sends (RFC 9110
-/// §5.6.7: `Sun, 06 Nov 1994 08:49:37 GMT`), as milliseconds since the epoch.
-pub fn parse_http_date(s: &str) -> Option<UnixMillis> {
-    let rest = s.trim().split_once(", ")?.1;
-    let mut parts = rest.split(' ');
-    let day: u64 = parts.next()?.parse().ok()?;
-    let month = match parts.next()? {
-        "Jan" => 1,
-        "Feb" => 2,
-        "Mar" => 3,
-        "Apr" => 4,
-        "May" => 5,
-        "Jun" => 6,
-        "Jul" => 7,
-        "Aug" => 8,
-        "Sep" => 9,
-        "Oct" => 10,
-        "Nov" => 11,
-        "Dec" => 12,
-        _ => return None,
-    };
-    let year: i64 = parts.next()?.parse().ok()?;
-    let mut hms = parts.next()?.split(':');
-    let h: u64 = hms.next()?.parse().ok()?;
-    let m: u64 = hms.next()?.parse().ok()?;
-    let sec: u64 = hms.next()?.parse().ok()?;
-    if parts.next()? != "GMT" || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
-        return None;
-    }
-    // Days since 1970-01-01 of a civil date (H. Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + i64::try_from(day).ok()? - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
-    Some(UnixMillis(((days * 24 + h) * 60 + m) * 60_000 + sec * 1000))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn http_dates_parse() {
-        assert_eq!(
-            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(UnixMillis(784_111_777_000))
-        );
-        assert_eq!(
-            parse_http_date("Wed, 02 Dec 2026 08:41:47 GMT"),
-            Some(UnixMillis(1_796_200_907_000))
-        );
-        assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"), None);
-        assert_eq!(parse_http_date("garbage"), None);
     }
 }

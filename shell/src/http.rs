@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use reqwest::{RequestBuilder, StatusCode};
@@ -204,18 +204,12 @@ impl ApiClient {
         what: &str,
         request: RequestBuilder,
     ) -> Result<T, CallError> {
-        let resp = answer(what, request).await?;
-        let bytes = resp.bytes().await.map_err(|e| transport(what, &e))?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            CallError::Transport(TransportError::Decode {
-                what: what.to_owned(),
-                detail: e.to_string(),
-            })
-        })
+        self.send_dated(what, request).await.map(|(value, _)| value)
     }
 
     /// Like [`Self::send`], also returning the answer's `Date` header (the
-    /// server's clock when it answered), when it has one.
+    /// server's clock when it answered, RFC 9110 §6.6.1), when it has a
+    /// valid one.
     ///
     /// # Errors
     /// A [`CallError`].
@@ -223,13 +217,13 @@ impl ApiClient {
         &self,
         what: &str,
         request: RequestBuilder,
-    ) -> Result<(T, Option<String>), CallError> {
+    ) -> Result<(T, Option<SystemTime>), CallError> {
         let resp = answer(what, request).await?;
         let date = resp
             .headers()
             .get(reqwest::header::DATE)
             .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+            .and_then(|v| httpdate::parse_http_date(v).ok());
         let bytes = resp.bytes().await.map_err(|e| transport(what, &e))?;
         let value = serde_json::from_slice(&bytes).map_err(|e| {
             CallError::Transport(TransportError::Decode {
