@@ -72,27 +72,6 @@ impl RateLimiter {
         }
     }
 
-    /// Whether `key` is over its limit now.
-    pub fn blocked(&self, key: &str, now: Instant) -> bool {
-        let hits = self.hits.lock().unwrap_or_else(|e| e.into_inner());
-        hits.get(key)
-            .is_some_and(|(start, n)| now.duration_since(*start) < self.window && *n >= self.limit)
-    }
-
-    /// Counts a failure of `key`.
-    pub fn fail(&self, key: &str, now: Instant) {
-        let mut hits = self.hits.lock().unwrap_or_else(|e| e.into_inner());
-        if hits.len() > 100_000 {
-            let window = self.window;
-            hits.retain(|_, (start, _)| now.duration_since(*start) < window);
-        }
-        let e = hits.entry(key.to_owned()).or_insert((now, 0));
-        if now.duration_since(e.0) >= self.window {
-            *e = (now, 0);
-        }
-        e.1 += 1;
-    }
-
     /// Counts an attempt of every key in `keys` unless one of them is over
     /// its limit already (then counts nothing and returns false). Counting
     /// before the work, not after, keeps concurrent attempts within the limit.
@@ -177,13 +156,20 @@ mod tests {
     fn the_rate_limiter_opens_again_after_its_window() {
         let l = RateLimiter::new(2, Duration::from_secs(60));
         let t = Instant::now();
-        assert!(!l.blocked("a", t));
-        l.fail("a", t);
-        l.fail("a", t);
-        assert!(l.blocked("a", t));
-        assert!(!l.blocked("b", t));
-        assert!(!l.blocked("a", t + Duration::from_secs(61)));
-        l.fail("a", t + Duration::from_secs(61));
-        assert!(!l.blocked("a", t + Duration::from_secs(61)));
+        assert!(l.attempt(&["a"], t));
+        assert!(l.attempt(&["a"], t));
+        assert!(!l.attempt(&["a"], t), "a is over its limit");
+        assert!(l.attempt(&["b"], t));
+        assert!(
+            !l.attempt(&["a", "b"], t),
+            "one key over its limit refuses all"
+        );
+        let later = t + Duration::from_secs(61);
+        assert!(l.attempt(&["a"], later));
+        // A success is taken back: it does not count toward the limit.
+        l.forgive(&["a"]);
+        assert!(l.attempt(&["a"], later));
+        assert!(l.attempt(&["a"], later));
+        assert!(!l.attempt(&["a"], later));
     }
 }
