@@ -134,7 +134,7 @@ pub async fn failover(state: &AppState, mark_down: bool) -> Result<(), OpError> 
     // Once no gateway had a slot, the remaining sites of this round are
     // stranded too (no slot is tried for each); the next tick tries again.
     let mut full = false;
-    for (site, from) in stranded {
+    for (site, from, told) in stranded {
         if !full {
             let r = state
                 .db
@@ -152,6 +152,10 @@ pub async fn failover(state: &AppState, mark_down: bool) -> Result<(), OpError> 
                 Err(OpError::NoCapacity) => full = true,
                 Err(e) => return Err(e),
             }
+        }
+        if told {
+            // Told on an earlier tick: nothing to write until it moves.
+            continue;
         }
         let first = state
             .db

@@ -140,15 +140,18 @@ pub async fn move_site(
     Ok(to)
 }
 
-/// Sites whose tunnel is on a down gateway.
+/// Sites whose tunnel is on a down gateway, each with whether it has been
+/// told already that it is stranded.
 ///
 /// # Errors
 /// Database failures.
-pub async fn stranded_sites(tx: &mut Tx) -> OpResult<Vec<(SiteId, GatewayId)>> {
+pub async fn stranded_sites(tx: &mut Tx) -> OpResult<Vec<(SiteId, GatewayId, bool)>> {
     let rows = sqlx::query(
-        "SELECT t.site_id, t.gateway_id FROM tunnels t JOIN gateways g ON g.id = t.gateway_id \
+        "SELECT t.site_id, t.gateway_id, CAST(CASE WHEN s.problem = $1 THEN 1 ELSE 0 END AS BIGINT) AS told \
+         FROM tunnels t JOIN gateways g ON g.id = t.gateway_id JOIN sites s ON s.id = t.site_id \
          WHERE g.health = 'down' ORDER BY t.site_id LIMIT 1000",
     )
+    .bind(STRANDED)
     .fetch_all(&mut *tx.inner)
     .await?;
     rows.iter()
@@ -156,6 +159,7 @@ pub async fn stranded_sites(tx: &mut Tx) -> OpResult<Vec<(SiteId, GatewayId)>> {
             Ok((
                 SiteId(u64_of(col(r, "site_id")?)),
                 GatewayId(u64_of(col(r, "gateway_id")?)),
+                col::<i64>(r, "told")? != 0,
             ))
         })
         .collect()
