@@ -16,12 +16,19 @@
 #   boringtun       boringtun-cli ↔ boringtun-cli (`cargo install boringtun-cli` into $CACHE)
 #   baseline        gateway ↔ router-agent built from another commit: the binaries in
 #                   $BASELINE_BIN (set it to compare a change with its parent in one run)
+#   swan-swan       IPsec baseline: strongSwan ↔ strongSwan (scripts/strongswan-peer.sh,
+#                   kernel-libipsec: ESP in userspace, in UDP 4500), IKEv2 PSK,
+#                   aes256gcm16-prfsha256-x25519 / ESP aes256gcm16; the far end does the
+#                   1:1 NAT with nft like the stock WireGuard ones     [when strongSwan is installed]
 # Each: iperf3 TCP 1 stream and 4 streams, UDP packet rate (64-byte payloads,
 # unlimited offered load, packets received per second), ping RTT.
 #
 # The last line compares our pair's single-stream TCP median with
 # wireguard-go's: "throughput ratio vs wireguard-go: X.XX". Our pair is
 # gateway-agent when available, else gateway-wggo (said in the output).
+# With swan-swan the output also has "strongSwan single-stream TCP median:
+# X Mbit/s", the CPU seconds per Gbit of each charon, and the crypto floor:
+# `openssl speed -evp aes-256-gcm -bytes 1420` on one core.
 #
 # Usage: sudo scripts/bench-throughput.sh   (env: REPS=3 DURATION=10 PAIRS="..." CACHE=...)
 #   BASELINE_BIN=DIR adds the pair "baseline" (DIR/gateway, DIR/router-agent,
@@ -51,13 +58,20 @@ done
 
 log() { printf '%s\n' "$*" >&2; }
 
-log "==> building release binaries"
+# The release binaries are needed only by the pairs with our gateway.
+if [ -n "${PAIRS:-}" ] && [[ " $PAIRS " != *" gateway-"* ]] && [[ " $PAIRS " != *" baseline "* ]]; then
+  NO_BUILD=1
+fi
 have_agent=0
-if cargo metadata --no-deps --format-version 1 2>/dev/null | grep -q '"name":"router-agent"' \
+if [ "${NO_BUILD:-0}" = 1 ]; then
+  log "==> no pair needs the release binaries; not building them"
+elif cargo metadata --no-deps --format-version 1 2>/dev/null | grep -q '"name":"router-agent"' \
    && grep -rqs -- "packet" router-agent/src 2>/dev/null && [ "${NO_AGENT:-0}" != 1 ]; then
+  log "==> building release binaries"
   cargo build --release --locked -p gateway -p router-agent >&2
   have_agent=1
 else
+  log "==> building release binaries"
   cargo build --release --locked -p gateway >&2
 fi
 GATEWAY=${CARGO_TARGET_DIR:-$PWD/target}/release/gateway
@@ -65,6 +79,12 @@ AGENT=${CARGO_TARGET_DIR:-$PWD/target}/release/router-agent
 
 default_pairs="gateway-wggo wggo-wggo boringtun"
 [ "$have_agent" = 1 ] && default_pairs="gateway-agent $default_pairs"
+SWAN=$PWD/scripts/strongswan-peer.sh
+if [ -x /usr/sbin/charon-systemd ] && [ -f /usr/lib/ipsec/plugins/libstrongswan-kernel-libipsec.so ]; then
+  default_pairs="$default_pairs swan-swan"
+else
+  log "==> strongSwan with kernel-libipsec is not installed: no IPsec baseline (scripts/setup.sh)"
+fi
 if [ -n "${BASELINE_BIN:-}" ]; then
   for b in gateway router-agent; do
     [ -x "$BASELINE_BIN/$b" ] || { echo "bench-throughput.sh: BASELINE_BIN: no executable $BASELINE_BIN/$b" >&2; exit 1; }
@@ -87,6 +107,7 @@ RESULTS=$WORK/results.tsv
 
 cleanup() {
   set +e
+  declare -F stop_swan >/dev/null && stop_swan
   for ns in $C $G $R $S; do
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
     ip netns del "$ns" 2>/dev/null
@@ -212,7 +233,34 @@ EOF
   log "router-agent did not start"; cat "$WORK/agent.log" >&2; return 1
 }
 
+# strongSwan ↔ strongSwan: the near end answers for the center LAN, the far
+# end initiates for the NAT address 10.64.0.5 (on its lo: charon needs an
+# address inside its local traffic selector) and maps it onto the PC.
+swan_opts=(--psk bench-psk-0123456789abcdef0123456789 --loglevel 0
+  --ike-proposals aes256gcm16-prfsha256-x25519 --esp-proposals aes256gcm16-noesn)
+near_swan() {
+  "$SWAN" start --ns $G --dir "$WORK/swan-near" --local 198.51.100.1 --remote 198.51.100.2 \
+    --local-ts 172.16.0.0/24 --remote-ts 10.64.0.5/32 "${swan_opts[@]}" >/dev/null
+}
+far_swan() {
+  ip -n $R addr add 10.64.0.5/32 dev lo
+  nsx $R nft -f - <<EOF
+table ip bench {
+  chain pre { type nat hook prerouting priority -100; iifname "ipsec0" ip daddr 10.64.0.5 dnat to 192.168.1.10; }
+  chain post { type nat hook postrouting priority 100; oifname "ipsec0" ip saddr 192.168.1.10 snat to 10.64.0.5; }
+}
+EOF
+  "$SWAN" start --ns $R --dir "$WORK/swan-far" --local 198.51.100.2 --remote 198.51.100.1 \
+    --local-ts 10.64.0.5/32 --remote-ts 172.16.0.0/24 --role initiator "${swan_opts[@]}" >/dev/null
+}
+stop_swan() {
+  [ ! -d "$WORK/swan-near" ] || "$SWAN" stop --ns $G --dir "$WORK/swan-near" >/dev/null 2>&1 || true
+  [ ! -d "$WORK/swan-far" ] || "$SWAN" stop --ns $R --dir "$WORK/swan-far" >/dev/null 2>&1 || true
+  ip -n $R addr del 10.64.0.5/32 dev lo 2>/dev/null || true
+}
+
 stop_pair() {
+  stop_swan
   for ns in $G $R; do
     for pid in $(ip netns pids "$ns"); do kill "$pid" 2>/dev/null || true; done
   done
@@ -232,6 +280,7 @@ start_pair() {
     gateway-wggo) near_gateway; far_stock wireguard-go ;;
     wggo-wggo) near_stock wireguard-go; far_stock wireguard-go ;;
     boringtun) near_stock boringtun; far_stock boringtun ;;
+    swan-swan) near_swan; far_swan ;;
     *) log "unknown pair $1"; return 1 ;;
   esac
   for _ in $(seq 100); do nsx $C ping -c 1 -W 1 10.64.0.5 >/dev/null 2>&1 && return 0; sleep 0.1; done
@@ -304,6 +353,15 @@ measure() {
   log "    $(awk -F'\t' -v p="$pair" -v r="$rep" '$1==p && $2==r {printf "%s=%.1f ", $3, $4}' "$RESULTS")"
 }
 
+# The crypto floor of the IPsec pairs: AES-256-GCM on one core at the size of
+# a full tunnel packet.
+if [[ " $PAIRS " == *" swan-swan "* ]] && command -v openssl >/dev/null; then
+  log "==> crypto floor: openssl speed -evp aes-256-gcm -bytes 1420 (one core)"
+  openssl speed -evp aes-256-gcm -bytes 1420 -seconds 3 2>/dev/null \
+    | awk 'tolower($1) == "aes-256-gcm" {v = $NF; sub(/k$/, "", v); print v * 1000 * 8 / 1e6}' \
+    > "$WORK/aes_gcm_mbit"
+fi
+
 for rep in $(seq "$REPS"); do
   for pair in $PAIRS; do
     log "==> round $rep/$REPS: $pair"
@@ -313,7 +371,7 @@ for rep in $(seq "$REPS"); do
   done
 done
 
-python3 - "$RESULTS" "$PAIRS" "$REPS" "$DURATION" <<'EOF'
+python3 - "$RESULTS" "$PAIRS" "$REPS" "$DURATION" "$WORK/aes_gcm_mbit" <<'EOF'
 import statistics, sys
 from collections import defaultdict
 path, pairs, reps, duration = sys.argv[1], sys.argv[2].split(), sys.argv[3], sys.argv[4]
@@ -349,4 +407,17 @@ old = med.get(("baseline", "tcp1_mbit"))
 now = med.get(("gateway-agent", "tcp1_mbit"))
 if old and now:
     print(f"throughput ratio vs baseline: {now / old:.2f}")
+swan = med.get(("swan-swan", "tcp1_mbit"))
+if swan:
+    # % of one core per Gbit/s, / 100 = CPU seconds per Gbit moved.
+    cpu = {end: med.get(("swan-swan", f"{end}_cpu_per_gbit"), float("nan")) / 100 for end in ("near", "far")}
+    print(f"IPsec baseline (strongSwan ↔ strongSwan, kernel-libipsec): TCP 4 streams median "
+          f"{med.get(('swan-swan', 'tcp4_mbit'), float('nan')):.0f} Mbit/s; CPU per Gbit "
+          f"(single stream): near charon {cpu['near']:.2f} s, far charon {cpu['far']:.2f} s")
+    try:
+        floor = float(open(sys.argv[5]).read())
+        print(f"crypto floor (openssl speed -evp aes-256-gcm -bytes 1420, one core): {floor:.0f} Mbit/s")
+    except (OSError, ValueError):
+        pass
+    print(f"strongSwan single-stream TCP median: {swan:.0f} Mbit/s")
 EOF
