@@ -171,6 +171,22 @@ def ike_keys(skeyseed, ni, nr, spi_i, spi_r):
             "sk_er": km[68:104], "sk_pi": km[104:136], "sk_pr": km[136:168]}
 
 
+def open_sk(msg, sk_e, first_inner):
+    """Decrypts the Encrypted payload of an IKE message that starts with it
+    (RFC 7296 §3.14, AES-GCM as RFC 5282 §5: AAD = IKE header + the payload's
+    generic header, nonce = 4-byte salt from SK_e + 8-byte IV, 16-byte ICV)
+    when Python's `cryptography` is there; checks the first inner payload."""
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ImportError:
+        return False
+    assert msg[16] == 46, "the first payload is SK"
+    end = 28 + int.from_bytes(msg[30:32], "big")
+    plain = AESGCM(sk_e[:32]).decrypt(sk_e[32:] + msg[32:40], msg[40:end], msg[:32])
+    assert msg[28] == first_inner and plain[-1] < len(plain), "inner payloads"
+    return True
+
+
 GROUPS = {"x25519": (31, "CURVE_25519"), "modp2048": (14, "MODP_2048")}
 KEY_PAD = b"Key Pad for IKEv2"
 ID_I = bytes([1, 0, 0, 0, 198, 51, 100, 1])  # ID_IPV4_ADDR 198.51.100.1 (RFC 7296 §3.5)
@@ -223,6 +239,9 @@ for group, (num, name) in GROUPS.items():
     auth_r = prf(prf(psk, KEY_PAD), octets_r)
     check("AUTH_i", auth_i, auths[0])
     check("AUTH_r", auth_r, auths[1])
+
+    # The IKE_AUTH messages open with SK_ei / SK_er; IDi (35) and IDr (36) come first.
+    decrypted = open_sk(auth_req, keys["sk_ei"], 35) and open_sk(auth_resp, keys["sk_er"], 36)
 
     # The CHILD_SA of IKE_AUTH (RFC 7296 §2.17): KEYMAT = prf+(SK_d, Ni | Nr),
     # initiator→responder key first.
@@ -279,5 +298,6 @@ for group, (num, name) in GROUPS.items():
                 % (group, group))
         for k, v in rows:
             f.write(("\n%s\n" % k) if v is None else ("%s = %s" % (k, v)).rstrip() + "\n")
-    print("capture-ike-fixture.sh: %s/%s.txt (every derived value recomputed and matching)" % (out, group))
+    print("capture-ike-fixture.sh: %s/%s.txt (every derived value recomputed and matching%s)"
+          % (out, group, "; IKE_AUTH decrypted" if decrypted else "; no python3-cryptography: IKE_AUTH not decrypted"))
 PY
