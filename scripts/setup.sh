@@ -16,6 +16,8 @@ packages=(
   # strongSwan with userspace ESP (kernel-libipsec): the independent IPsec peer of the interop tests
   charon-systemd strongswan-swanctl libcharon-extra-plugins
   libstrongswan-standard-plugins libstrongswan-extra-plugins
+  # the AES-GCM crypto floor of scripts/bench-throughput.sh (openssl speed)
+  openssl
   chromium chromium-driver
 )
 
