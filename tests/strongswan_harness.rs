@@ -2,7 +2,7 @@
 //! `scripts/strongswan-peer.sh`): two strongSwan peers with userspace ESP in
 //! fresh namespaces joined by a veth carry traffic both ways, rekey the
 //! CHILD_SA from either side and the IKE_SA, notice a killed peer by
-//! dead-peer detection, and leave nothing behind. The interop tests use the
+//! dead-peer detection, traverse a NAPT, and leave nothing behind. The interop tests use the
 //! same harness with one side replaced by vpnnat.
 //!
 //! The "gateway" namespace answers at 198.51.100.1 for the technician prefix
@@ -225,4 +225,79 @@ fn strongswan_harness_dpd_notices_killed_peer_and_stop_cleans_up() {
             .lines()
             .all(|l| !l.contains("table 220"))
     );
+}
+
+#[test]
+fn strongswan_harness_nat_traversal_through_napt() {
+    if !prereqs() || !require(&[Prereq::Program("nft")]) {
+        return;
+    }
+    // site 192.168.1.2 ── napt (masquerade to 203.0.113.1) ── gateway 203.0.113.11
+    let gw_ns = Netns::new("swgw");
+    let napt = Netns::new("swnapt");
+    let site_ns = Netns::new("swsite");
+    veth(
+        &gw_ns,
+        "wan0",
+        Some("203.0.113.11/24"),
+        &napt,
+        "wan0",
+        Some("203.0.113.1/24"),
+    );
+    veth(
+        &napt,
+        "lan0",
+        Some("192.168.1.1/24"),
+        &site_ns,
+        "wan0",
+        Some("192.168.1.2/24"),
+    );
+    site_ns.ip(&["route", "add", "203.0.113.0/24", "via", "192.168.1.1"]);
+    napt.sh("sysctl -qw net.ipv4.ip_forward=1");
+    napt.sh("nft add table ip napt && \
+         nft add chain ip napt post '{ type nat hook postrouting priority 100; }' && \
+         nft add rule ip napt post oifname wan0 masquerade");
+    gw_ns.ip(&["addr", "add", "172.16.0.50/32", "dev", "lo"]);
+    site_ns.ip(&["addr", "add", "10.64.1.1/32", "dev", "lo"]);
+
+    // The gateway does not know the site's public address: it accepts anyone
+    // with the site's identity and PSK.
+    let gw = StrongSwan::start(
+        &gw_ns,
+        &PeerOptions {
+            local: "203.0.113.11".to_owned(),
+            remote: "%any".to_owned(),
+            remote_id: Some("site1.test".to_owned()),
+            ..gateway_options()
+        },
+    );
+    let site = StrongSwan::start(
+        &site_ns,
+        &PeerOptions {
+            local: "192.168.1.2".to_owned(),
+            remote: "203.0.113.11".to_owned(),
+            local_id: Some("site1.test".to_owned()),
+            keepalive: Some("2s".to_owned()),
+            ..site_options()
+        },
+    );
+    let (g, s) = agreed(&gw, &site);
+    // A real NAT this time (RFC 7296 §2.23): the site finds itself behind
+    // one, the gateway sees the NAPT's address.
+    assert_eq!(
+        s.fields.get("nat-local").map(String::as_str),
+        Some("yes"),
+        "{s:?}"
+    );
+    assert_eq!(
+        g.fields.get("nat-remote").map(String::as_str),
+        Some("yes"),
+        "{g:?}"
+    );
+    assert!(g.remote.starts_with("203.0.113.1:"), "{}", g.remote);
+    ping_both_ways(&gw_ns, &site_ns);
+    // Behind a real NAT the site sends NAT keepalives (RFC 3948 §2.3).
+    wait_until("a NAT keepalive", Duration::from_secs(5), || {
+        site.log().contains("sending keep alive")
+    });
 }
