@@ -152,7 +152,9 @@ done
 DIR=${DIR:-/tmp/strongswan-peer/$NS}
 CHARON=/usr/sbin/charon-systemd
 URI="unix://$DIR/charon.vici"
-ns_exists() { ip netns list | awk '{print $1}' | grep -qx "$NS"; }
+# awk reads the whole list: `grep -q` would quit early and, under pipefail,
+# fail the pipeline with SIGPIPE when many namespaces exist.
+ns_exists() { ip netns list | awk -v n="$NS" '$1 == n {f = 1} END {exit !f}'; }
 nsx() { ip netns exec "$NS" "$@"; }
 # swanctl reads strongswan.conf too: point it at ours, not the host's.
 sw() { STRONGSWAN_CONF="$DIR/strongswan.conf" nsx swanctl "$@" --uri "$URI"; }
@@ -170,7 +172,7 @@ charon_running() {
 }
 need_running() { charon_running || die "no charon running for $NS (dir $DIR)"; }
 
-child_installed() { sw --list-sas 2>/dev/null | grep -q 'INSTALLED'; }
+child_installed() { sw --list-sas 2>/dev/null | grep 'INSTALLED' >/dev/null; }
 
 do_wait() {
   local end=$((SECONDS + ${TIMEOUT%.*}))
