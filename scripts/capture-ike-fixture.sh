@@ -21,7 +21,7 @@
 set -euo pipefail
 
 [ "$(id -u)" -eq 0 ] || { echo "capture-ike-fixture.sh: needs root (network namespace)" >&2; exit 1; }
-for tool in ip python3 swanctl /usr/sbin/charon-systemd; do
+for tool in ip python3 ping swanctl /usr/sbin/charon-systemd; do
     command -v "$tool" >/dev/null || { echo "capture-ike-fixture.sh: $tool is missing" >&2; exit 1; }
 done
 
@@ -64,6 +64,8 @@ for group in x25519 modp2048; do
         --local-ts 10.201.1.0/24 --remote-ts 10.201.2.0/24 --role initiator "${opts[@]}" >/dev/null
     # The SA list (SPIs) after each step: established, CHILD rekey, IKE rekey.
     "$peer" status --raw --ns "$ini" --dir "$tmp/ini" > "$tmp/$group.sas0"
+    # One ESP packet each way on the first CHILD_SA: an echo request and its reply.
+    ip netns exec "$ini" ping -c 1 -W 2 -s 24 -p 7670 10.201.2.1 >/dev/null
     "$peer" rekey --ns "$ini" --dir "$tmp/ini" >/dev/null
     "$peer" status --raw --ns "$ini" --dir "$tmp/ini" > "$tmp/$group.sas1"
     "$peer" rekey --ike --ns "$ini" --dir "$tmp/ini" >/dev/null
@@ -187,6 +189,32 @@ def open_sk(msg, sk_e, first_inner):
     return True
 
 
+def esp_packet(found, spi):
+    """The first ESP packet with `spi` among the received UDP 4500 datagrams
+    (a non-zero first word is an SPI, RFC 3948 §2.2); its sequence number is 1."""
+    for d in all_of(found, "received packet"):
+        if d[:4] == spi:
+            assert int.from_bytes(d[4:8], "big") == 1, "first packet of the SA"
+            return d
+    sys.exit("capture-ike-fixture.sh: no ESP packet with SPI %s" % spi.hex())
+
+
+def open_esp(pkt, key, src, dst):
+    """Decrypts an ESP packet (RFC 4303 §2, AES-GCM as RFC 4106: AAD = SPI |
+    sequence number, nonce = 4-byte salt + 8-byte IV, 16-byte ICV) when
+    Python's `cryptography` is there; checks the trailer and the inner
+    IPv4 header's addresses."""
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ImportError:
+        return False
+    plain = AESGCM(key[:32]).decrypt(key[32:] + pkt[8:16], pkt[16:], pkt[:8])
+    pad, nh = plain[-2], plain[-1]
+    assert nh == 4 and plain[-2 - pad:-2] == bytes(range(1, pad + 1)), "ESP trailer"
+    assert plain[0] >> 4 == 4 and plain[12:16] == src and plain[16:20] == dst, "inner IPv4"
+    return True
+
+
 GROUPS = {"x25519": (31, "CURVE_25519"), "modp2048": (14, "MODP_2048")}
 KEY_PAD = b"Key Pad for IKEv2"
 ID_I = bytes([1, 0, 0, 0, 198, 51, 100, 1])  # ID_IPV4_ADDR 198.51.100.1 (RFC 7296 §3.5)
@@ -251,6 +279,14 @@ for group, (num, name) in GROUPS.items():
     check("CHILD_SA initiator key", km[:36], child_i[0])
     check("CHILD_SA responder key", km[36:], child_r[0])
 
+    # The echo request went initiator → responder on the responder's SPI with
+    # the initiator's key; the reply the other way.
+    esp_i = esp_packet(b, c_out)
+    esp_r = esp_packet(a, c_in)
+    ov_i, ov_r = bytes([10, 201, 1, 1]), bytes([10, 201, 2, 1])
+    decrypted = (open_esp(esp_i, child_i[0], ov_i, ov_r) and open_esp(esp_r, child_r[0], ov_r, ov_i)
+                 and decrypted)
+
     # CHILD_SA rekey with PFS: KEYMAT = prf+(SK_d, g^ir (new) | Ni | Nr).
     rc_ni, rc_nr = gen_nonce[1], parse_nonce[1]
     rc_g_ir = all_of(a, "DH secret")[0]
@@ -281,6 +317,7 @@ for group, (num, name) in GROUPS.items():
         ("ike_auth_request", auth_req.hex()), ("ike_auth_response", auth_resp.hex()),
         ("child_spi_i", c_in.hex()), ("child_spi_r", c_out.hex()),
         ("child_key_i", child_i[0].hex()), ("child_key_r", child_r[0].hex()),
+        ("esp_packet_i", esp_i.hex()), ("esp_packet_r", esp_r.hex()),
         ("# CREATE_CHILD_SA: CHILD_SA rekey with PFS, started by the initiator", None),
         ("rekey_child_ni", rc_ni.hex()), ("rekey_child_nr", rc_nr.hex()),
         ("rekey_child_g_ir", rc_g_ir.hex()),
@@ -299,5 +336,5 @@ for group, (num, name) in GROUPS.items():
         for k, v in rows:
             f.write(("\n%s\n" % k) if v is None else ("%s = %s" % (k, v)).rstrip() + "\n")
     print("capture-ike-fixture.sh: %s/%s.txt (every derived value recomputed and matching%s)"
-          % (out, group, "; IKE_AUTH decrypted" if decrypted else "; no python3-cryptography: IKE_AUTH not decrypted"))
+          % (out, group, "; IKE_AUTH and ESP decrypted" if decrypted else "; no python3-cryptography: nothing decrypted"))
 PY
