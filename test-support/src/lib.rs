@@ -4,7 +4,8 @@
 //! pairs that clean up after themselves ([`netns`]), running the built
 //! programs ([`process`]), echo checks through a namespace ([`echo`]), the
 //! end-to-end mission played by the real programs ([`mission`]), a handshake
-//! flood while real agents rekey ([`handshake_flood`]); with the
+//! flood while real agents rekey ([`handshake_flood`]), a strongSwan IPsec
+//! peer in a namespace ([`strongswan`]); with the
 //! `server` feature the maintenance server in-process ([`server`]), with the
 //! `browser` feature headless Chromium over WebDriver ([`browser`]).
 //!
@@ -24,6 +25,7 @@ pub mod prereq;
 pub mod process;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod strongswan;
 
 pub use netns::{Netns, temp_dir, unique, veth, wait_until};
 pub use prereq::{Prereq, require};

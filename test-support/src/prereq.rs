@@ -15,6 +15,9 @@ pub enum Prereq {
     Program(&'static str),
     /// A PostgreSQL server on the local socket.
     Postgres,
+    /// strongSwan with userspace ESP: `charon-systemd`, `swanctl` and the
+    /// kernel-libipsec and gcm plugins (for `scripts/strongswan-peer.sh`).
+    StrongSwan,
 }
 
 /// Whether every prerequisite is there. Outside CI a missing one makes the
@@ -53,6 +56,17 @@ fn missing(p: Prereq) -> Option<String> {
                 .status()
                 .is_ok_and(|s| s.success());
             (!ok).then(|| "needs a running PostgreSQL (pg_ctlcluster 15 main start)".to_owned())
+        }
+        Prereq::StrongSwan => {
+            let plugins = std::path::Path::new("/usr/lib/ipsec/plugins");
+            let ok = which("charon-systemd").is_some()
+                && which("swanctl").is_some()
+                && ["kernel-libipsec", "gcm", "curve25519", "vici"]
+                    .iter()
+                    .all(|p| plugins.join(format!("libstrongswan-{p}.so")).is_file());
+            (!ok).then(|| {
+                "needs strongSwan with kernel-libipsec (charon-systemd, swanctl, libcharon-extra-plugins, libstrongswan-standard-plugins)".to_owned()
+            })
         }
     }
 }
