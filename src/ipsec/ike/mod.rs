@@ -860,7 +860,11 @@ impl IkeSa {
                 return;
             }
             o.tries += 1;
-            o.next_at = now + self.config.retransmit_base * (1u32 << (o.tries - 1).min(16));
+            o.next_at = now
+                + self
+                    .config
+                    .retransmit_base
+                    .saturating_mul(1u32 << (o.tries - 1).min(16));
             let bytes = o.bytes.clone();
             self.stats.retransmissions += 1;
             self.send_raw(bytes);
