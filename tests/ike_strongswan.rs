@@ -367,3 +367,43 @@ fn ike_strongswan_initiator_rekeys() {
     // strongSwan floated to 4500 (it fakes a NAT) and reached our 4500 socket.
     assert_eq!(sa.remote, "198.51.100.1:4500");
 }
+
+#[test]
+fn ike_strongswan_initiator_offering_many_proposals_gets_invalid_ke() {
+    if !prereqs() {
+        return;
+    }
+    let (gw_ns, site_ns) = namespaces();
+    let _engine = Engine::start(
+        &gw_ns,
+        &format!("responder {GW} {SITE} 172.16.0.0/24 10.64.1.0/24"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // A classic proposal first (its KE, ECP-256, is not one of ours), then
+    // strongSwan's whole default set: we pick AES-GCM-256/PRF-SHA256 from the
+    // latter and ask for x25519 with INVALID_KE_PAYLOAD.
+    let swan = StrongSwan::start(
+        &site_ns,
+        &PeerOptions {
+            initiator: true,
+            ike_proposals: Some("aes128-sha256-ecp256,default".to_owned()),
+            esp_proposals: Some("default".to_owned()),
+            ..swan_options(SITE, GW, "10.64.1.0/24", "172.16.0.0/24")
+        },
+    );
+    let sa = swan.wait_established(SETTLE);
+    assert_eq!(sa.dh_group.as_deref(), Some("CURVE_25519"));
+    assert_eq!(
+        sa.fields.get("encr-alg").map(String::as_str),
+        Some("AES_GCM_16")
+    );
+    assert_eq!(
+        sa.fields.get("encr-keysize").map(String::as_str),
+        Some("256")
+    );
+    let log = swan.log();
+    assert!(
+        log.contains("it requested CURVE_25519"),
+        "strongSwan was sent INVALID_KE_PAYLOAD asking for x25519:\n{log}"
+    );
+}
