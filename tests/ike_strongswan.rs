@@ -407,3 +407,37 @@ fn ike_strongswan_initiator_offering_many_proposals_gets_invalid_ke() {
         "strongSwan was sent INVALID_KE_PAYLOAD asking for x25519:\n{log}"
     );
 }
+
+#[test]
+fn ike_strongswan_responder_asks_for_modp2048() {
+    if !prereqs() {
+        return;
+    }
+    let (gw_ns, site_ns) = namespaces();
+    // strongSwan accepts MODP-2048 only: our first KE (x25519) gets
+    // INVALID_KE_PAYLOAD and we retry with group 14, also for the PFS rekey.
+    let swan = StrongSwan::start(
+        &gw_ns,
+        &PeerOptions {
+            ike_proposals: Some("aes256gcm16-prfsha256-modp2048".to_owned()),
+            esp_proposals: Some("aes256gcm16-modp2048-noesn".to_owned()),
+            ..swan_options(GW, SITE, "172.16.0.0/24", "10.64.1.0/24")
+        },
+    );
+    let mut engine = Engine::start(
+        &site_ns,
+        &format!("initiator {SITE} {GW} 10.64.1.0/24 172.16.0.0/24"),
+    );
+    let ike = engine.expect("ike_up");
+    let child = engine.expect("child_up");
+    let sa = swan_with_child(&swan, hex32(&child[1]), hex32(&child[2]));
+    assert_eq!((sa.spi_i, sa.spi_r), (hex64(&ike[1]), hex64(&ike[2])));
+    assert_eq!(sa.dh_group.as_deref(), Some("MODP_2048"));
+    engine.command("rekey_child");
+    let c = engine.expect("child_rekeyed");
+    let sa = swan_with_child(&swan, hex32(&c[1]), hex32(&c[2]));
+    assert_eq!(
+        sa.installed_child().unwrap().dh_group.as_deref(),
+        Some("MODP_2048")
+    );
+}
