@@ -147,7 +147,12 @@ fn engine_process() {
         }
         while let Some(e) = sa.poll_event() {
             let line = match e {
-                Event::IkeSaUp { spi_i, spi_r } => format!("ike_up {spi_i:016x} {spi_r:016x}"),
+                Event::IkeSaUp { spi_i, spi_r } => {
+                    format!(
+                        "ike_up {spi_i:016x} {spi_r:016x} behind_nat={}",
+                        sa.behind_nat()
+                    )
+                }
                 Event::ChildSaUp(c) => format!("child_up {:08x} {:08x}", c.spi_in, c.spi_out),
                 Event::ChildSaRekeyed { new, .. } => {
                     format!("child_rekeyed {:08x} {:08x}", new.spi_in, new.spi_out)
@@ -439,5 +444,64 @@ fn ike_strongswan_responder_asks_for_modp2048() {
     assert_eq!(
         sa.installed_child().unwrap().dh_group.as_deref(),
         Some("MODP_2048")
+    );
+}
+
+#[test]
+fn ike_strongswan_through_napt() {
+    if !prereqs() || !require(&[Prereq::Program("nft")]) {
+        return;
+    }
+    // site 192.0.2.2 → NAPT router (192.0.2.1 | 198.51.100.254, source
+    // ports rewritten into 40000–40999) → strongSwan at 198.51.100.1.
+    let gw_ns = Netns::new("ikenatgw");
+    let router = Netns::new("ikenatrt");
+    let site_ns = Netns::new("ikenatsite");
+    veth(
+        &gw_ns,
+        "wan0",
+        Some("198.51.100.1/24"),
+        &router,
+        "wan0",
+        Some("198.51.100.254/24"),
+    );
+    veth(
+        &router,
+        "lan0",
+        Some("192.0.2.1/24"),
+        &site_ns,
+        "lan0",
+        Some("192.0.2.2/24"),
+    );
+    gw_ns.ip(&["addr", "add", "172.16.0.50/32", "dev", "lo"]);
+    site_ns.ip(&["addr", "add", "10.64.1.1/32", "dev", "lo"]);
+    site_ns.ip(&["route", "add", "198.51.100.0/24", "via", "192.0.2.1"]);
+    router.sh("sysctl -qw net.ipv4.ip_forward=1");
+    router.sh("nft add table ip nat && \
+         nft 'add chain ip nat post { type nat hook postrouting priority srcnat; }' && \
+         nft add rule ip nat post oifname wan0 meta l4proto udp masquerade to :40000-40999");
+    let mut opts = swan_options(GW, GW, "172.16.0.0/24", "10.64.1.0/24");
+    opts.remote = "%any".to_owned();
+    opts.remote_id = Some("192.0.2.2".to_owned());
+    let swan = StrongSwan::start(&gw_ns, &opts);
+    let engine = Engine::start(
+        &site_ns,
+        "initiator 192.0.2.2 198.51.100.1 10.64.1.0/24 172.16.0.0/24",
+    );
+    let ike = engine.expect("ike_up");
+    assert_eq!(
+        ike[3], "behind_nat=true",
+        "NAT-D showed that we are behind the NAT"
+    );
+    let child = engine.expect("child_up");
+    let sa = swan_with_child(&swan, hex32(&child[1]), hex32(&child[2]));
+    assert_eq!((sa.spi_i, sa.spi_r), (hex64(&ike[1]), hex64(&ike[2])));
+    // strongSwan talks to the router's mapping of our port 4500.
+    let (addr, port) = sa.remote.split_once(':').unwrap();
+    assert_eq!(addr, "198.51.100.254");
+    assert!(
+        (40000..41000).contains(&port.parse::<u16>().unwrap()),
+        "{}",
+        sa.remote
     );
 }
