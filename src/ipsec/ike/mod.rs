@@ -388,6 +388,8 @@ struct OldIke {
     expected_request_id: u32,
     last_response: Option<(u32, Vec<u8>)>,
     iv: u64,
+    /// Our Delete of it (we started the rekey): bytes, sends so far, next retransmission.
+    delete: Option<(Vec<u8>, u32, Instant)>,
 }
 
 /// One IKE SA and its CHILD_SA. See the [module documentation](self).
@@ -843,6 +845,9 @@ impl IkeSa {
         if let Some(k) = self.next_keepalive {
             earliest(k);
         }
+        if let Some((_, _, at)) = self.old_ike.as_ref().and_then(|o| o.delete.as_ref()) {
+            earliest(*at);
+        }
         t
     }
 
@@ -850,6 +855,25 @@ impl IkeSa {
     pub fn handle_timeout(&mut self, now: Instant, rng: &mut (impl RngCore + CryptoRng)) {
         if self.phase == Phase::Closed {
             return;
+        }
+        if let Some(old) = &mut self.old_ike
+            && let Some((bytes, tries, at)) = &mut old.delete
+            && now >= *at
+        {
+            if *tries >= self.config.retransmit_tries {
+                // The old SA is gone either way; the new one is unaffected.
+                self.old_ike = None;
+            } else {
+                *tries += 1;
+                *at = now
+                    + self
+                        .config
+                        .retransmit_base
+                        .saturating_mul(1u32 << (*tries - 1).min(16));
+                let bytes = bytes.clone();
+                self.stats.retransmissions += 1;
+                self.send_raw(bytes);
+            }
         }
         if let Some(o) = &mut self.outstanding
             && now >= o.next_at
@@ -1672,6 +1696,7 @@ impl IkeSa {
                 expected_request_id: self.expected_request_id,
                 last_response: self.last_response.take(),
                 iv: self.iv,
+                delete: None,
             });
         }
         self.spi_i = spi_i;
@@ -1803,7 +1828,7 @@ impl IkeSa {
                 Ok(())
             }
             Request::RekeyIke { new_spi, ni, dh } => {
-                self.rekey_ike_response(&f, new_spi, &ni, &dh);
+                self.rekey_ike_response(&f, new_spi, &ni, &dh, now);
                 Ok(())
             }
         }
@@ -2185,7 +2210,14 @@ impl IkeSa {
         }
     }
 
-    fn rekey_ike_response(&mut self, f: &Found<'_>, new_spi: u64, ni: &[u8], dh: &DhSecret) {
+    fn rekey_ike_response(
+        &mut self,
+        f: &Found<'_>,
+        new_spi: u64,
+        ni: &[u8],
+        dh: &DhSecret,
+        now: Instant,
+    ) {
         if f.error().is_some() {
             // The old SA stays; the caller may try again later.
             return;
@@ -2214,10 +2246,14 @@ impl IkeSa {
             spis: Vec::new(),
         };
         let id = self.next_request_id;
-        if let Some(bytes) = self.seal(exchange::INFORMATIONAL, false, id, &[d]) {
-            self.send_raw(bytes);
-        }
+        let delete = self.seal(exchange::INFORMATIONAL, false, id, &[d]);
         self.switch_ike_sa(new_spi, peer_spi, true, new_keys);
+        if let Some(bytes) = delete {
+            self.send_raw(bytes.clone());
+            if let Some(old) = &mut self.old_ike {
+                old.delete = Some((bytes, 1, now + self.config.retransmit_base));
+            }
+        }
     }
 }
 

@@ -1051,3 +1051,27 @@ fn mutated_messages_never_panic(
     fresh.run();
     prop_assert!(fresh.a.stats().drops.total() + fresh.b.stats().drops.total() <= 10);
 }
+
+#[test]
+fn lost_delete_of_the_rekeyed_ike_sa_is_retransmitted() {
+    let mut net = Net::new(config_a(), config_b());
+    established(&mut net);
+    net.a.rekey_ike(net.now, &mut net.rng);
+    // CREATE_CHILD_SA request, its response, then A's Delete of the old SA: lost.
+    let mut n = 0;
+    net.run_with(|_, _| {
+        n += 1;
+        n != 3
+    });
+    assert!(net.a.old_ike.is_some());
+    net.tick();
+    net.run();
+    assert_eq!(net.a.stats().retransmissions, 1);
+    assert!(net.a.old_ike.is_none(), "the Delete was answered");
+    // B answered the Delete (message 3, after IKE_AUTH 1 and the rekey 2) on the old SA.
+    assert_eq!(
+        net.b.old_ike.as_ref().map(|o| o.expected_request_id),
+        Some(4)
+    );
+    assert!(net.a.is_established() && net.b.is_established());
+}
