@@ -445,6 +445,20 @@ fn ike_strongswan_responder_asks_for_modp2048() {
         sa.installed_child().unwrap().dh_group.as_deref(),
         Some("MODP_2048")
     );
+    // An IKE_SA rekey from our side uses the IKE SA's group too.
+    engine.command("rekey_ike");
+    let r = engine.expect("ike_rekeyed");
+    let (spi_i, spi_r) = (hex64(&r[1]), hex64(&r[2]));
+    wait_until(
+        "strongSwan to show the rekeyed IKE_SA alone",
+        SETTLE,
+        || {
+            let sas = swan.sas();
+            sas.len() == 1
+                && (sas[0].spi_i, sas[0].spi_r) == (spi_i, spi_r)
+                && sas[0].dh_group.as_deref() == Some("MODP_2048")
+        },
+    );
 }
 
 #[test]

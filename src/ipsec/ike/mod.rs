@@ -352,7 +352,8 @@ struct PendingRekey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Action {
     RekeyChild(Option<DhGroup>),
-    RekeyIke,
+    /// With the group a peer asked for in INVALID_KE_PAYLOAD.
+    RekeyIke(Option<DhGroup>),
     DeleteChild(u32),
     Close,
     Dpd,
@@ -406,6 +407,8 @@ pub struct IkeSa {
     local_port: u16,
     behind_nat: bool,
     keys: Option<IkeKeys>,
+    /// The group of the IKE SA's key exchange: used first for PFS and IKE rekeys.
+    ike_group: Option<DhGroup>,
     iv: u64,
     dh: Option<DhSecret>,
     ni: Vec<u8>,
@@ -679,6 +682,7 @@ impl IkeSa {
             local_port: IKE_PORT,
             behind_nat: false,
             keys: None,
+            ike_group: None,
             iv: 0,
             dh: None,
             ni: Vec::new(),
@@ -803,7 +807,7 @@ impl IkeSa {
     /// Starts a CHILD_SA rekey (with a new DH exchange when `config.pfs`).
     pub fn rekey_child(&mut self, now: Instant, rng: &mut (impl RngCore + CryptoRng)) {
         let g = if self.config.pfs {
-            self.config.groups.first().copied()
+            self.preferred_group()
         } else {
             None
         };
@@ -813,8 +817,14 @@ impl IkeSa {
 
     /// Starts an IKE SA rekey.
     pub fn rekey_ike(&mut self, now: Instant, rng: &mut (impl RngCore + CryptoRng)) {
-        self.actions.push_back(Action::RekeyIke);
+        self.actions.push_back(Action::RekeyIke(None));
         self.drive(now, rng);
+    }
+
+    /// The group for a new key exchange: the IKE SA's, else our first.
+    fn preferred_group(&self) -> Option<DhGroup> {
+        self.ike_group
+            .or_else(|| self.config.groups.first().copied())
     }
 
     /// Deletes the CHILD_SA.
@@ -1325,6 +1335,7 @@ impl IkeSa {
         self.init_response = reply.clone();
         self.last_response = Some((0, reply.clone()));
         self.expected_request_id = 1;
+        self.ike_group = Some(g);
         self.phase = Phase::AuthPending;
         self.last_inbound = now;
         if let Some((_, we_natted)) = nat.filter(|n| n.0) {
@@ -1665,6 +1676,7 @@ impl IkeSa {
             false,
             IkeKeys::derive(&seed, ni, &nr, new_spi_i, new_spi_r),
         );
+        self.ike_group = Some(g);
     }
 
     /// A new local IKE SPI for a rekey: random, but with the low 24 bits of
@@ -1919,6 +1931,7 @@ impl IkeSa {
                 self.next_keepalive = Some(now + self.config.keepalive_interval);
             }
         }
+        self.ike_group = Some(dh.group());
         self.phase = Phase::AuthPending;
         let Some(keys) = self.keys.clone() else {
             return Ok(());
@@ -2096,18 +2109,18 @@ impl IkeSa {
                     };
                     self.start_request(exchange::CREATE_CHILD_SA, &ps, Request::RekeyChild(p), now);
                 }
-                Action::RekeyIke => {
+                Action::RekeyIke(group) => {
                     let new_spi = self.new_local_spi(rng);
                     let ni = random_nonce(rng);
-                    let g = self
-                        .config
-                        .groups
-                        .first()
-                        .copied()
+                    let g = group
+                        .or_else(|| self.preferred_group())
                         .unwrap_or(DhGroup::Curve25519);
                     let dh = DhSecret::generate(g, rng);
+                    // Every group, the KE's first (the peer may ask for another).
+                    let mut groups = vec![g];
+                    groups.extend(self.config.groups.iter().filter(|x| **x != g));
                     let ps = [
-                        Payload::Sa(vec![ike_proposal(&[g], &new_spi.to_be_bytes())]),
+                        Payload::Sa(vec![ike_proposal(&groups, &new_spi.to_be_bytes())]),
                         Payload::Nonce(ni.clone()),
                         Payload::Ke {
                             group: g.id(),
@@ -2218,6 +2231,18 @@ impl IkeSa {
         dh: &DhSecret,
         now: Instant,
     ) {
+        if let Some(g) = f.notify(notify::INVALID_KE_PAYLOAD) {
+            let group = g
+                .try_into()
+                .ok()
+                .map(u16::from_be_bytes)
+                .and_then(DhGroup::from_id)
+                .filter(|g| self.config.groups.contains(g) && *g != dh.group());
+            if let Some(g) = group {
+                self.actions.push_front(Action::RekeyIke(Some(g)));
+            }
+            return;
+        }
         if f.error().is_some() {
             // The old SA stays; the caller may try again later.
             return;
@@ -2248,6 +2273,7 @@ impl IkeSa {
         let id = self.next_request_id;
         let delete = self.seal(exchange::INFORMATIONAL, false, id, &[d]);
         self.switch_ike_sa(new_spi, peer_spi, true, new_keys);
+        self.ike_group = Some(g);
         if let Some(bytes) = delete {
             self.send_raw(bytes.clone());
             if let Some(old) = &mut self.old_ike {

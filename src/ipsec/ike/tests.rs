@@ -1075,3 +1075,29 @@ fn lost_delete_of_the_rekeyed_ike_sa_is_retransmitted() {
     );
     assert!(net.a.is_established() && net.b.is_established());
 }
+
+#[test]
+fn rekeys_use_the_ike_sa_group_and_follow_invalid_ke() {
+    let mut b = config_b();
+    b.groups = vec![DhGroup::Modp2048, DhGroup::Curve25519];
+    let mut net = Net::new(config_a(), b);
+    established(&mut net);
+    // A offered x25519 first and B accepted it: rekeys start with x25519.
+    assert_eq!(net.a.ike_group, Some(DhGroup::Curve25519));
+    // Now B accepts MODP-2048 only: A's PFS rekey and IKE rekey with x25519
+    // get INVALID_KE_PAYLOAD and are retried with group 14.
+    net.b.config.groups = vec![DhGroup::Modp2048];
+    net.a.rekey_child(net.now, &mut net.rng);
+    net.run();
+    assert_eq!(rekeyed(&Net::events(&mut net.a)).len(), 1);
+    net.a.rekey_ike(net.now, &mut net.rng);
+    net.run();
+    let ea = Net::events(&mut net.a);
+    assert!(
+        ea.iter().any(|e| matches!(e, Event::IkeSaRekeyed { .. })),
+        "{ea:?}"
+    );
+    assert_eq!(net.a.ike_group, Some(DhGroup::Modp2048));
+    assert_eq!(net.b.ike_group, Some(DhGroup::Modp2048));
+    assert!(net.a.is_established() && net.b.is_established());
+}
