@@ -17,6 +17,7 @@
 //! - [`pool`]: the VPN-NAT address pool (allocation over any IPv4 prefix, reserved ranges).
 //! - [`gateway`]: the gateway's sans-IO packet logic (many peers, one socket, NAT-address routing).
 //! - [`agent`]: the router agent's sans-IO state (tunnel to its gateway, consent, 1:1 NAT).
+//! - [`ipsec`]: IPsec: the IKEv2 engine.
 //! - [`tunnel`]: the tunnel seam the packet logic talks to, and its kinds (WireGuard).
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -27,6 +28,7 @@ pub mod config;
 pub mod control;
 mod drops;
 pub mod gateway;
+pub mod ipsec;
 pub mod ipv4;
 pub mod messages;
 pub mod nat;

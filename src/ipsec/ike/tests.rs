@@ -1,0 +1,1103 @@
+//! In-memory initiator ↔ responder tests of the engine: every datagram
+//! goes through a little network that can lose, duplicate, delay and
+//! NAT it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Instant;
+
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use test_strategy::proptest;
+
+use super::*;
+
+const A_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const B_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const NAT_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+const NAT_PORT_OFFSET: u16 = 10000;
+const PSK: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+fn site_ts() -> Vec<TrafficSelector> {
+    vec![TrafficSelector::ipv4_prefix(
+        Ipv4Addr::new(100, 64, 7, 0),
+        24,
+    )]
+}
+
+fn tech_ts() -> Vec<TrafficSelector> {
+    vec![TrafficSelector::ipv4_prefix(
+        Ipv4Addr::new(10, 200, 0, 0),
+        16,
+    )]
+}
+
+fn config_a() -> Config {
+    let mut c = Config::new(PSK, Id::fqdn("site-7.vpnnat"), site_ts(), tech_ts());
+    c.remote_id = Some(Id::fqdn("gw.vpnnat"));
+    c
+}
+
+fn config_b() -> Config {
+    let mut c = Config::new(PSK, Id::fqdn("gw.vpnnat"), tech_ts(), site_ts());
+    c.remote_id = Some(Id::fqdn("site-7.vpnnat"));
+    c
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    AtoB,
+    BtoA,
+}
+
+struct Net {
+    a: IkeSa,
+    b: IkeSa,
+    now: Instant,
+    rng: StdRng,
+    /// The initiator sits behind a NAPT that maps its port p to p + 10000 on NAT_IP.
+    nat: bool,
+    /// Every datagram that crossed, with its direction.
+    log: Vec<(Dir, Transmit)>,
+}
+
+const SPI_R: u64 = 0x0000_0000_0000_1234;
+
+impl Net {
+    fn new(a: Config, b: Config) -> Self {
+        Self::with_nat(a, b, false)
+    }
+
+    fn with_nat(a: Config, b: Config, nat: bool) -> Self {
+        let now = Instant::now();
+        let mut rng = StdRng::seed_from_u64(7);
+        let b_addr = SocketAddr::new(IpAddr::V4(B_IP), IKE_PORT);
+        let a = IkeSa::initiator(a, IpAddr::V4(A_IP), b_addr, now, &mut rng);
+        let a_seen = if nat { NAT_IP } else { A_IP };
+        let b = IkeSa::responder(
+            b,
+            SPI_R,
+            IpAddr::V4(B_IP),
+            SocketAddr::new(IpAddr::V4(a_seen), IKE_PORT),
+            now,
+        );
+        Self {
+            a,
+            b,
+            now,
+            rng,
+            nat,
+            log: Vec::new(),
+        }
+    }
+
+    /// Takes one pending datagram (A's first).
+    fn take(&mut self) -> Option<(Dir, Transmit)> {
+        if let Some(t) = self.a.poll_transmit() {
+            return Some((Dir::AtoB, t));
+        }
+        self.b.poll_transmit().map(|t| (Dir::BtoA, t))
+    }
+
+    fn deliver(&mut self, dir: Dir, t: &Transmit) -> Result<(), DropReason> {
+        self.log.push((dir, t.clone()));
+        match dir {
+            Dir::AtoB => {
+                let from = if self.nat {
+                    SocketAddr::new(IpAddr::V4(NAT_IP), t.local_port + NAT_PORT_OFFSET)
+                } else {
+                    SocketAddr::new(IpAddr::V4(A_IP), t.local_port)
+                };
+                self.b
+                    .handle_input(t.remote.port(), from, &t.payload, self.now, &mut self.rng)
+            }
+            Dir::BtoA => {
+                let port = if self.nat {
+                    t.remote.port() - NAT_PORT_OFFSET
+                } else {
+                    t.remote.port()
+                };
+                let from = SocketAddr::new(IpAddr::V4(B_IP), t.local_port);
+                self.a
+                    .handle_input(port, from, &t.payload, self.now, &mut self.rng)
+            }
+        }
+    }
+
+    /// Delivers everything until quiet; `filter` may drop (false) a datagram.
+    fn run_with(&mut self, mut filter: impl FnMut(Dir, &Transmit) -> bool) {
+        for _ in 0..100 {
+            let Some((dir, t)) = self.take() else { return };
+            if filter(dir, &t) {
+                let _ = self.deliver(dir, &t);
+            }
+        }
+        panic!("no quiescence");
+    }
+
+    fn run(&mut self) {
+        self.run_with(|_, _| true);
+    }
+
+    /// Advances time to the next timer of either side and runs it.
+    fn tick(&mut self) {
+        let next = [self.a.poll_timeout(), self.b.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min();
+        let Some(t) = next else { panic!("no timer") };
+        self.now = self.now.max(t);
+        self.a.handle_timeout(self.now, &mut self.rng);
+        self.b.handle_timeout(self.now, &mut self.rng);
+    }
+
+    fn events(sa: &mut IkeSa) -> Vec<Event> {
+        std::iter::from_fn(|| sa.poll_event()).collect()
+    }
+}
+
+fn child_up(events: &[Event]) -> ChildSa {
+    events
+        .iter()
+        .find_map(|e| match e {
+            Event::ChildSaUp(c) => Some(c.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no ChildSaUp in {events:?}"))
+}
+
+fn assert_pair(a: &ChildSa, b: &ChildSa) {
+    assert_eq!(a.spi_in, b.spi_out);
+    assert_eq!(a.spi_out, b.spi_in);
+    assert_eq!(a.key_in, b.key_out);
+    assert_eq!(a.key_out, b.key_in);
+    assert_ne!(a.key_in, a.key_out);
+    assert_eq!(a.ts_local, b.ts_remote);
+    assert_eq!(a.ts_remote, b.ts_local);
+}
+
+fn established(net: &mut Net) -> (ChildSa, ChildSa) {
+    net.run();
+    assert!(net.a.is_established() && net.b.is_established());
+    let (ea, eb) = (Net::events(&mut net.a), Net::events(&mut net.b));
+    assert!(
+        ea.contains(&Event::IkeSaUp {
+            spi_i: net.a.spis().0,
+            spi_r: SPI_R
+        }),
+        "{ea:?}"
+    );
+    assert!(
+        eb.contains(&Event::IkeSaUp {
+            spi_i: net.a.spis().0,
+            spi_r: SPI_R
+        }),
+        "{eb:?}"
+    );
+    let (ca, cb) = (child_up(&ea), child_up(&eb));
+    assert_pair(&ca, &cb);
+    (ca, cb)
+}
+
+#[test]
+fn handshake_x25519() {
+    let mut net = Net::new(config_a(), config_b());
+    let (ca, _) = established(&mut net);
+    assert_eq!(net.a.spis(), net.b.spis());
+    assert_eq!(ca.ts_local, site_ts());
+    assert_eq!(ca.ts_remote, tech_ts());
+    // Four messages: IKE_SA_INIT and IKE_AUTH, all on port 500 without a NAT.
+    assert_eq!(net.log.len(), 4);
+    assert!(
+        net.log
+            .iter()
+            .all(|(_, t)| t.local_port == IKE_PORT && t.remote.port() == IKE_PORT)
+    );
+    assert!(!net.a.nat_detected() && !net.b.nat_detected());
+    let init = wire::parse(&net.log[0].1.payload).unwrap();
+    assert!(init.chain.payloads.contains(&Payload::Ke {
+        group: 31,
+        data: match &init.chain.payloads[1] {
+            Payload::Ke { data, .. } => data.clone(),
+            _ => panic!(),
+        }
+    }));
+}
+
+#[test]
+fn handshake_modp2048() {
+    let (mut a, mut b) = (config_a(), config_b());
+    a.groups = vec![DhGroup::Modp2048];
+    b.groups = vec![DhGroup::Modp2048];
+    let mut net = Net::new(a, b);
+    established(&mut net);
+}
+
+#[test]
+fn invalid_ke_payload_in_ike_sa_init_and_in_a_pfs_rekey() {
+    let mut b = config_b();
+    b.groups = vec![DhGroup::Modp2048];
+    let mut net = Net::new(config_a(), b);
+    let (ca, _) = established(&mut net);
+    // INIT(31) → INVALID_KE(14) → INIT(14) → response → AUTH → response.
+    assert_eq!(net.log.len(), 6);
+    let refusal = wire::parse(&net.log[1].1.payload).unwrap();
+    assert_eq!(
+        refusal.chain.payloads,
+        vec![Payload::notify(
+            notify::INVALID_KE_PAYLOAD,
+            &14u16.to_be_bytes()
+        )]
+    );
+    // A PFS rekey from A starts with group 31 again and is sent to 14.
+    net.a.rekey_child(net.now, &mut net.rng);
+    net.run();
+    let ea = Net::events(&mut net.a);
+    let new = ea.iter().find_map(|e| match e {
+        Event::ChildSaRekeyed { old_spi_in, new } => Some((*old_spi_in, new.clone())),
+        _ => None,
+    });
+    let (old, new) = new.unwrap_or_else(|| panic!("{ea:?}"));
+    assert_eq!(old, ca.spi_in);
+    assert_eq!(net.b.child().unwrap().spi_in, new.spi_out);
+    assert_eq!(net.b.child().unwrap().key_in, new.key_out);
+}
+
+#[test]
+fn no_common_proposal_is_refused() {
+    let mut b = config_b();
+    b.groups = vec![];
+    let mut net = Net::new(config_a(), b);
+    net.run();
+    assert_eq!(
+        Net::events(&mut net.a),
+        vec![Event::IkeSaDown(DownReason::Refused(
+            notify::NO_PROPOSAL_CHOSEN
+        ))]
+    );
+    assert!(!net.b.is_established());
+}
+
+#[test]
+fn responder_picks_from_many_proposals_transform_by_transform() {
+    // strongSwan's default IKE proposal set, in the shape it sends: one
+    // proposal of many AEAD and one of classic algorithms.
+    let props = vec![
+        Proposal {
+            num: 1,
+            protocol: protocol::IKE,
+            spi: vec![],
+            transforms: vec![
+                Transform::new(transform::ENCR, 12, Some(128)),
+                Transform::new(transform::ENCR, 12, Some(256)),
+                Transform::new(transform::INTEG, 12, None),
+                Transform::new(transform::PRF, 2, None),
+                Transform::new(transform::DH, 19, None),
+            ],
+        },
+        Proposal {
+            num: 2,
+            protocol: protocol::IKE,
+            spi: vec![],
+            transforms: vec![
+                Transform::new(transform::ENCR, transform::ENCR_AES_GCM_16, Some(128)),
+                Transform::new(transform::ENCR, transform::ENCR_AES_GCM_16, Some(256)),
+                Transform::new(transform::PRF, 7, None),
+                Transform::new(transform::PRF, transform::PRF_HMAC_SHA2_256, None),
+                Transform::new(transform::DH, 19, None),
+                Transform::new(transform::DH, 31, None),
+                Transform::new(transform::DH, 14, None),
+            ],
+        },
+    ];
+    let ours = [DhGroup::Curve25519, DhGroup::Modp2048];
+    assert!(matches!(
+        choose(&props, protocol::IKE, &ours, Some(19)),
+        Choice::WrongKe(DhGroup::Curve25519)
+    ));
+    assert!(matches!(
+        choose(&props, protocol::IKE, &ours, Some(14)),
+        Choice::Chosen(2, _, Some(DhGroup::Modp2048))
+    ));
+    assert!(matches!(
+        choose(&props[..1], protocol::IKE, &ours, Some(19)),
+        Choice::None
+    ));
+    // ESP in IKE_AUTH (no KE): an ESN-only proposal is refused, one that allows "no ESN" is taken.
+    let esp = |esn: u16| Proposal {
+        num: 3,
+        protocol: protocol::ESP,
+        spi: vec![1, 2, 3, 4],
+        transforms: vec![
+            Transform::new(transform::ENCR, transform::ENCR_AES_GCM_16, Some(256)),
+            Transform::new(transform::ESN, esn, None),
+        ],
+    };
+    assert!(matches!(
+        choose(&[esp(1)], protocol::ESP, &ours, None),
+        Choice::None
+    ));
+    assert!(matches!(
+        choose(&[esp(0)], protocol::ESP, &ours, None),
+        Choice::Chosen(3, _, None)
+    ));
+}
+
+#[test]
+fn cookie_under_load() {
+    let mut net = Net::new(config_a(), config_b());
+    let jar = CookieJar::new(&mut net.rng);
+    let (_, first) = net.take().unwrap();
+    let from = SocketAddr::new(IpAddr::V4(A_IP), IKE_PORT);
+    // Not under load: no cookie needed.
+    assert_eq!(jar.check(&first.payload, from, false), Ok(()));
+    let Err(Some(reply)) = jar.check(&first.payload, from, true) else {
+        panic!("no cookie")
+    };
+    // The initiator retries with the cookie first.
+    net.a
+        .handle_input(
+            IKE_PORT,
+            SocketAddr::new(IpAddr::V4(B_IP), IKE_PORT),
+            &reply,
+            net.now,
+            &mut net.rng,
+        )
+        .unwrap();
+    let (_, second) = net.take().unwrap();
+    let m = wire::parse(&second.payload).unwrap();
+    assert!(matches!(
+        &m.chain.payloads[0],
+        Payload::Notify {
+            kind: notify::COOKIE,
+            ..
+        }
+    ));
+    assert_eq!(jar.check(&second.payload, from, true), Ok(()));
+    // From another address the same cookie is no good.
+    let other = SocketAddr::new(IpAddr::V4(NAT_IP), IKE_PORT);
+    assert!(jar.check(&second.payload, other, true).is_err());
+    net.deliver(Dir::AtoB, &second).unwrap();
+    established(&mut net);
+}
+
+#[test]
+fn lost_messages_are_retransmitted_and_answered_from_the_cache() {
+    let mut net = Net::new(config_a(), config_b());
+    // Lose the first IKE_SA_INIT and the first IKE_AUTH response.
+    let mut n = 0;
+    net.run_with(|_, _| {
+        n += 1;
+        n != 1
+    });
+    assert!(net.a.poll_timeout().is_some());
+    net.tick();
+    assert_eq!(net.a.stats().retransmissions, 1);
+    let mut auth_responses = 0;
+    net.run_with(|dir, t| {
+        let m = wire::parse(&t.payload).unwrap();
+        if dir == Dir::BtoA && m.header.exchange == exchange::IKE_AUTH {
+            auth_responses += 1;
+            return auth_responses > 1;
+        }
+        true
+    });
+    assert!(net.b.is_established() && !net.a.is_established());
+    net.tick();
+    net.run();
+    assert_eq!(net.a.stats().retransmissions, 2);
+    assert_eq!(net.b.stats().cached_responses, 1);
+    let (ea, eb) = (Net::events(&mut net.a), Net::events(&mut net.b));
+    assert_pair(&child_up(&ea), &child_up(&eb));
+    // The responder set up its CHILD_SA once only.
+    assert_eq!(
+        eb.iter()
+            .filter(|e| matches!(e, Event::ChildSaUp(_)))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn duplicated_datagrams_are_harmless() {
+    let mut net = Net::new(config_a(), config_b());
+    let mut dropped = Vec::new();
+    for _ in 0..20 {
+        let Some((dir, t)) = net.take() else { break };
+        for _ in 0..2 {
+            if let Err(e) = net.deliver(dir, &t) {
+                dropped.push(e);
+            }
+        }
+    }
+    assert!(net.a.is_established() && net.b.is_established());
+    // Duplicated requests are answered from the cache (the answers then
+    // arrive twice); duplicated responses are dropped by message ID.
+    assert_eq!(net.b.stats().cached_responses, 2);
+    assert!(
+        dropped.iter().all(|d| *d == DropReason::MessageId),
+        "{dropped:?}"
+    );
+    assert!(net.a.stats().drops.get(DropReason::MessageId) >= 2);
+    let (ea, eb) = (Net::events(&mut net.a), Net::events(&mut net.b));
+    assert_pair(&child_up(&ea), &child_up(&eb));
+}
+
+#[test]
+fn a_delayed_old_response_is_ignored() {
+    let mut net = Net::new(config_a(), config_b());
+    established(&mut net);
+    let old_auth_response = net
+        .log
+        .iter()
+        .rev()
+        .find(|(d, _)| *d == Dir::BtoA)
+        .unwrap()
+        .1
+        .clone();
+    // A liveness check is outstanding; the stale IKE_AUTH response arrives.
+    net.now += net.a.config.dpd_interval;
+    net.a.handle_timeout(net.now, &mut net.rng);
+    assert_eq!(
+        net.deliver(Dir::BtoA, &old_auth_response),
+        Err(DropReason::MessageId)
+    );
+    net.run();
+    assert!(net.a.outstanding.is_none());
+    assert!(Net::events(&mut net.a).is_empty());
+}
+
+#[test]
+fn nat_traversal_floats_to_4500_and_keeps_alive() {
+    let mut net = Net::with_nat(config_a(), config_b(), true);
+    let (ca, cb) = established(&mut net);
+    assert!(net.a.nat_detected() && net.b.nat_detected());
+    assert!(net.a.behind_nat() && !net.b.behind_nat());
+    assert_eq!(
+        net.b.remote(),
+        SocketAddr::new(IpAddr::V4(NAT_IP), NAT_T_PORT + NAT_PORT_OFFSET)
+    );
+    // IKE_SA_INIT on 500, IKE_AUTH on 4500 with the non-ESP marker.
+    for (i, (_, t)) in net.log.iter().enumerate() {
+        let port = if i < 2 { IKE_PORT } else { NAT_T_PORT };
+        assert_eq!(t.local_port, port, "message {i}");
+        assert_eq!(
+            t.payload.starts_with(&NON_ESP_MARKER),
+            i >= 2,
+            "message {i}"
+        );
+    }
+    // ESP on 4500 (no marker) is not for the IKE engine.
+    let esp = [ca.spi_out.to_be_bytes(), [0, 0, 0, 1]].concat();
+    assert_eq!(
+        net.b
+            .handle_input(NAT_T_PORT, net.b.remote(), &esp, net.now, &mut net.rng),
+        Err(DropReason::NotIke)
+    );
+    // Only the side behind the NAT sends keepalives, to 4500.
+    net.now += net.a.config.keepalive_interval;
+    net.a.handle_timeout(net.now, &mut net.rng);
+    net.b.handle_timeout(net.now, &mut net.rng);
+    let t = net.a.poll_transmit().unwrap();
+    assert_eq!(
+        (t.local_port, t.remote.port(), t.payload.as_slice()),
+        (NAT_T_PORT, NAT_T_PORT, &[0xff][..])
+    );
+    assert!(net.b.poll_transmit().is_none());
+    assert_eq!(
+        net.b.handle_input(
+            NAT_T_PORT,
+            net.b.remote(),
+            &t.payload,
+            net.now,
+            &mut net.rng
+        ),
+        Ok(())
+    );
+    assert_eq!(net.a.stats().keepalives, 1);
+    let _ = cb;
+}
+
+#[test]
+fn traffic_selectors_are_narrowed() {
+    // The site offers all of 100.64.0.0/16; the gateway's policy allows its
+    // /24 only; the technician side asks for 0.0.0.0/0 and gets 10.200/16.
+    let mut a = config_a();
+    a.local_ts = vec![TrafficSelector::ipv4_prefix(
+        Ipv4Addr::new(100, 64, 0, 0),
+        16,
+    )];
+    a.remote_ts = vec![TrafficSelector::ipv4_prefix(Ipv4Addr::UNSPECIFIED, 0)];
+    let mut net = Net::new(a, config_b());
+    let (ca, cb) = established(&mut net);
+    assert_eq!(ca.ts_local, site_ts());
+    assert_eq!(ca.ts_remote, tech_ts());
+    assert_eq!(cb.ts_remote, site_ts());
+}
+
+#[test]
+fn disjoint_traffic_selectors_are_unacceptable() {
+    let mut a = config_a();
+    a.local_ts = vec![TrafficSelector::ipv4_prefix(
+        Ipv4Addr::new(100, 65, 0, 0),
+        16,
+    )];
+    let mut net = Net::new(a, config_b());
+    net.run();
+    assert!(net.a.is_established() && net.b.is_established());
+    let failed = Event::ChildSaFailed {
+        notify: notify::TS_UNACCEPTABLE,
+    };
+    assert!(Net::events(&mut net.a).contains(&failed));
+    assert!(Net::events(&mut net.b).contains(&failed));
+    assert!(net.a.child().is_none() && net.b.child().is_none());
+}
+
+#[test]
+fn wrong_psk_fails_authentication() {
+    let mut b = config_b();
+    b.psk = b"another key, also 32 bytes long!".to_vec();
+    let mut net = Net::new(config_a(), b);
+    net.run();
+    assert_eq!(
+        Net::events(&mut net.b),
+        vec![Event::IkeSaDown(DownReason::AuthenticationFailed)]
+    );
+    assert_eq!(
+        Net::events(&mut net.a),
+        vec![Event::IkeSaDown(DownReason::AuthenticationFailed)]
+    );
+}
+
+#[test]
+fn wrong_identity_fails_authentication() {
+    let mut b = config_b();
+    b.remote_id = Some(Id::key_id(b"someone else"));
+    let mut net = Net::new(config_a(), b);
+    net.run();
+    assert!(net.a.is_closed() && net.b.is_closed());
+}
+
+#[test]
+fn identities_of_each_type() {
+    for (ia, ib) in [
+        (Id::key_id(b"\x01\x02site"), Id::ipv4(B_IP)),
+        (Id::ipv4(A_IP), Id::fqdn("gw.vpnnat")),
+    ] {
+        let (mut a, mut b) = (config_a(), config_b());
+        a.local_id = ia.clone();
+        a.remote_id = Some(ib.clone());
+        b.local_id = ib;
+        b.remote_id = Some(ia);
+        established(&mut Net::new(a, b));
+    }
+}
+
+fn rekeyed(events: &[Event]) -> Vec<(u32, ChildSa)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ChildSaRekeyed { old_spi_in, new } => Some((*old_spi_in, new.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn check_child_rekey(initiator_is_a: bool, pfs: bool) {
+    let (mut a, mut b) = (config_a(), config_b());
+    a.pfs = pfs;
+    b.pfs = pfs;
+    let mut net = Net::new(a, b);
+    let (ca, cb) = established(&mut net);
+    if initiator_is_a {
+        net.a.rekey_child(net.now, &mut net.rng);
+    } else {
+        net.b.rekey_child(net.now, &mut net.rng);
+    }
+    let before = net.log.len();
+    net.run();
+    let req = wire::parse(&net.log[before].1.payload[if net.a.nat_detected() { 4 } else { 0 }..])
+        .unwrap();
+    assert_eq!(req.header.exchange, exchange::CREATE_CHILD_SA);
+    let (ea, eb) = (Net::events(&mut net.a), Net::events(&mut net.b));
+    let (ra, rb) = (rekeyed(&ea), rekeyed(&eb));
+    assert_eq!(ra.len(), 1, "{ea:?}");
+    assert_eq!(rb.len(), 1, "{eb:?}");
+    assert_eq!(ra[0].0, ca.spi_in);
+    assert_eq!(rb[0].0, cb.spi_in);
+    assert_pair(&ra[0].1, &rb[0].1);
+    assert_ne!(ra[0].1.key_in, ca.key_in);
+    // The rekey initiator deleted the old pair, on both sides.
+    let del_a = Event::ChildSaDeleted {
+        spi_in: ca.spi_in,
+        spi_out: ca.spi_out,
+    };
+    let del_b = Event::ChildSaDeleted {
+        spi_in: cb.spi_in,
+        spi_out: cb.spi_out,
+    };
+    assert!(ea.contains(&del_a), "{ea:?}");
+    assert!(eb.contains(&del_b), "{eb:?}");
+    assert_eq!(net.a.child(), Some(&ra[0].1));
+    assert!(net.a.old_children.is_empty() && net.b.old_children.is_empty());
+    // With PFS the request carried a KE payload: check via the key schedule,
+    // which differs from the no-PFS KEYMAT of the same nonces.
+    let keys = net.a.keys.clone().unwrap();
+    let (ni, nr) = if initiator_is_a {
+        (
+            nonce_of(&net, before, Dir::AtoB),
+            nonce_of(&net, before + 1, Dir::BtoA),
+        )
+    } else {
+        (
+            nonce_of(&net, before, Dir::BtoA),
+            nonce_of(&net, before + 1, Dir::AtoB),
+        )
+    };
+    let (i2r, _) = crypto::child_keys(&keys.sk_d, None, &ni, &nr);
+    let initiators_out = if initiator_is_a {
+        &ra[0].1.key_out
+    } else {
+        &rb[0].1.key_out
+    };
+    assert_eq!(&i2r == initiators_out, !pfs);
+}
+
+/// The nonce of logged message `i` (decrypted with the SA's keys).
+fn nonce_of(net: &Net, i: usize, dir: Dir) -> Vec<u8> {
+    let (d, t) = &net.log[i];
+    assert_eq!(*d, dir);
+    let keys = net.a.keys.clone().unwrap();
+    let key = if dir == Dir::AtoB {
+        keys.sk_ei
+    } else {
+        keys.sk_er
+    };
+    let msg = t
+        .payload
+        .strip_prefix(&NON_ESP_MARKER[..])
+        .unwrap_or(&t.payload);
+    let m = wire::parse(msg).unwrap();
+    let (first, body) = m.chain.encrypted.unwrap();
+    let pt = crypto::open_encrypted(msg, body, &key).unwrap();
+    wire::parse_chain(&pt, 0, first)
+        .unwrap()
+        .payloads
+        .into_iter()
+        .find_map(|p| match p {
+            Payload::Nonce(n) => Some(n),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[test]
+fn child_rekey_by_initiator_with_pfs() {
+    check_child_rekey(true, true);
+}
+
+#[test]
+fn child_rekey_by_initiator_without_pfs() {
+    check_child_rekey(true, false);
+}
+
+#[test]
+fn child_rekey_by_responder_with_pfs() {
+    check_child_rekey(false, true);
+}
+
+#[test]
+fn child_rekey_by_responder_without_pfs() {
+    check_child_rekey(false, false);
+}
+
+#[test]
+fn simultaneous_child_rekey_keeps_one_pair() {
+    let mut net = Net::new(config_a(), config_b());
+    let (ca, cb) = established(&mut net);
+    net.a.rekey_child(net.now, &mut net.rng);
+    net.b.rekey_child(net.now, &mut net.rng);
+    // Both requests cross before either response.
+    let (d1, r1) = net.take().unwrap();
+    let (d2, r2) = net.take().unwrap();
+    assert_eq!((d1, d2), (Dir::AtoB, Dir::BtoA));
+    net.deliver(d1, &r1).unwrap();
+    net.deliver(d2, &r2).unwrap();
+    net.run();
+    let (ea, eb) = (Net::events(&mut net.a), Net::events(&mut net.b));
+    let (a_now, b_now) = (
+        net.a.child().unwrap().clone(),
+        net.b.child().unwrap().clone(),
+    );
+    assert_pair(&a_now, &b_now);
+    assert!(a_now.spi_in != ca.spi_in && b_now.spi_in != cb.spi_in);
+    // Everything else was deleted: the old pair and the redundant one.
+    assert!(net.a.old_children.is_empty(), "{ea:?}");
+    assert!(net.b.old_children.is_empty(), "{eb:?}");
+    assert_eq!(
+        ea.iter()
+            .filter(|e| matches!(e, Event::ChildSaDeleted { .. }))
+            .count(),
+        2,
+        "{ea:?}"
+    );
+    assert_eq!(
+        eb.iter()
+            .filter(|e| matches!(e, Event::ChildSaDeleted { .. }))
+            .count(),
+        2,
+        "{eb:?}"
+    );
+}
+
+fn check_ike_rekey(initiator_is_a: bool) {
+    let mut net = Net::new(config_a(), config_b());
+    let (ca, _) = established(&mut net);
+    let old = net.a.spis();
+    if initiator_is_a {
+        net.a.rekey_ike(net.now, &mut net.rng);
+    } else {
+        net.b.rekey_ike(net.now, &mut net.rng);
+    }
+    net.run();
+    let (ea, eb) = (Net::events(&mut net.a), Net::events(&mut net.b));
+    let new = net.a.spis();
+    assert_ne!(new.0, old.0);
+    assert_ne!(new.1, old.1);
+    assert_eq!(net.b.spis(), new);
+    // The responder's SPI keeps its low 24 bits (the caller's routing index).
+    let gateway_spi = if initiator_is_a { new.1 } else { new.0 };
+    assert_eq!(gateway_spi & 0xff_ffff, SPI_R & 0xff_ffff);
+    assert!(
+        ea.contains(&Event::IkeSaRekeyed {
+            spi_i: new.0,
+            spi_r: new.1
+        }),
+        "{ea:?}"
+    );
+    assert!(
+        eb.contains(&Event::IkeSaRekeyed {
+            spi_i: new.0,
+            spi_r: new.1
+        }),
+        "{eb:?}"
+    );
+    assert!(
+        !ea.iter()
+            .chain(&eb)
+            .any(|e| matches!(e, Event::IkeSaDown(_)))
+    );
+    assert_eq!(net.a.original_initiator, initiator_is_a);
+    assert_eq!(net.a.child(), Some(&ca));
+    // The new SA works: a CHILD_SA rekey and a liveness check run on it.
+    net.b.rekey_child(net.now, &mut net.rng);
+    net.run();
+    assert_eq!(rekeyed(&Net::events(&mut net.a)).len(), 1);
+    net.now += net.a.config.dpd_interval;
+    net.a.handle_timeout(net.now, &mut net.rng);
+    net.run();
+    assert!(net.a.is_established() && net.b.is_established());
+    assert_eq!(net.a.stats().drops.total(), 0, "{:?}", net.a.stats());
+    assert_eq!(net.b.stats().drops.total(), 0, "{:?}", net.b.stats());
+}
+
+#[test]
+fn ike_rekey_by_initiator() {
+    check_ike_rekey(true);
+}
+
+#[test]
+fn ike_rekey_by_responder() {
+    check_ike_rekey(false);
+}
+
+#[test]
+fn dpd_answered_and_dead_peer_detected() {
+    let mut net = Net::new(config_a(), config_b());
+    established(&mut net);
+    // A live peer answers the liveness check.
+    net.now += net.a.config.dpd_interval;
+    net.a.handle_timeout(net.now, &mut net.rng);
+    net.b.handle_timeout(net.now, &mut net.rng);
+    net.run();
+    assert!(net.a.is_established());
+    // Then B dies: A's check goes unanswered through every retransmission.
+    net.now += net.a.config.dpd_interval;
+    let mut tries = 0;
+    while !net.a.is_closed() {
+        let t = net.a.poll_timeout().unwrap();
+        net.now = net.now.max(t);
+        net.a.handle_timeout(net.now, &mut net.rng);
+        while net.a.poll_transmit().is_some() {
+            tries += 1;
+        }
+        assert!(tries < 100);
+    }
+    assert_eq!(tries, net.a.config.retransmit_tries);
+    assert_eq!(
+        Net::events(&mut net.a),
+        vec![Event::IkeSaDown(DownReason::Timeout)]
+    );
+    assert_eq!(net.a.poll_timeout(), None);
+}
+
+#[test]
+fn delete_child_then_ike_sa() {
+    let mut net = Net::new(config_a(), config_b());
+    let (ca, cb) = established(&mut net);
+    net.b.delete_child(net.now, &mut net.rng);
+    net.run();
+    assert_eq!(
+        Net::events(&mut net.a),
+        vec![Event::ChildSaDeleted {
+            spi_in: ca.spi_in,
+            spi_out: ca.spi_out
+        }]
+    );
+    assert_eq!(
+        Net::events(&mut net.b),
+        vec![Event::ChildSaDeleted {
+            spi_in: cb.spi_in,
+            spi_out: cb.spi_out
+        }]
+    );
+    net.a.close(net.now, &mut net.rng);
+    net.run();
+    assert_eq!(
+        Net::events(&mut net.a),
+        vec![Event::IkeSaDown(DownReason::Closed)]
+    );
+    assert_eq!(
+        Net::events(&mut net.b),
+        vec![Event::IkeSaDown(DownReason::DeletedByPeer)]
+    );
+}
+
+/// A request from B to A built by hand with B's keys.
+fn b_request(net: &mut Net, exchange: u8, payloads: &[Payload]) -> Transmit {
+    let id = net.b.next_request_id;
+    net.b.next_request_id += 1;
+    let bytes = net.b.seal(exchange, false, id, payloads).unwrap();
+    Transmit {
+        local_port: IKE_PORT,
+        remote: net.b.remote,
+        payload: bytes,
+    }
+}
+
+#[test]
+fn unknown_status_notifies_are_ignored_unknown_errors_fail_the_request() {
+    let mut net = Net::new(config_a(), config_b());
+    established(&mut net);
+    let req = b_request(
+        &mut net,
+        exchange::INFORMATIONAL,
+        &[Payload::notify(40000, b"x"), Payload::notify(16500, &[])],
+    );
+    net.deliver(Dir::BtoA, &req).unwrap();
+    let resp = net.a.poll_transmit().unwrap();
+    let m = wire::parse(&resp.payload).unwrap();
+    assert!(m.header.is_response());
+    assert!(net.a.is_established());
+    // A answers an unknown error type in a response to its rekey as a failure of that request.
+    net.a.rekey_child(net.now, &mut net.rng);
+    let rekey = net.a.poll_transmit().unwrap();
+    let id = wire::parse(&rekey.payload).unwrap().header.message_id;
+    net.b.expected_request_id += 1;
+    let bytes = net
+        .b
+        .seal(
+            exchange::CREATE_CHILD_SA,
+            true,
+            id,
+            &[Payload::notify(12345, &[])],
+        )
+        .unwrap();
+    net.a
+        .handle_input(IKE_PORT, net.a.remote, &bytes, net.now, &mut net.rng)
+        .unwrap();
+    assert_eq!(
+        Net::events(&mut net.a),
+        vec![Event::ChildSaFailed { notify: 12345 }]
+    );
+    assert!(net.a.is_established() && net.a.child().is_some());
+}
+
+#[test]
+fn unsupported_critical_payload_is_refused() {
+    let mut net = Net::new(config_a(), config_b());
+    established(&mut net);
+    // An INFORMATIONAL with an unknown critical payload (type 200) inside SK.
+    let id = net.b.next_request_id;
+    let h = net.b.header(exchange::INFORMATIONAL, false, id);
+    let key = *net.b.out_key().unwrap();
+    let mut msg = crypto::encode_encrypted(h, &[Payload::Nonce(vec![1; 16])], &key, [0xee; 8]);
+    // Rebuild: decrypt, append the unknown payload, re-encrypt by hand.
+    let m = wire::parse(&msg).unwrap();
+    let (_, body) = m.chain.encrypted.unwrap();
+    let mut pt = crypto::open_encrypted(&msg, body, &key).unwrap();
+    pt[0] = 200;
+    pt.extend_from_slice(&[0, 0x80, 0, 5, 0xaa]);
+    pt.push(0);
+    msg.truncate(wire::HEADER_LEN + 4 + 8);
+    let total = (msg.len() + pt.len() + 16) as u32;
+    msg[24..28].copy_from_slice(&total.to_be_bytes());
+    let sk_len = (total as usize - wire::HEADER_LEN) as u16;
+    msg[30..32].copy_from_slice(&sk_len.to_be_bytes());
+    let (aad, _) = msg.split_at(wire::HEADER_LEN + 4);
+    let icv = crypto::aead_seal(&key, [0xee; 8], aad, &mut pt);
+    msg.extend_from_slice(&pt);
+    msg.extend_from_slice(&icv);
+    let t = Transmit {
+        local_port: IKE_PORT,
+        remote: net.b.remote,
+        payload: msg,
+    };
+    assert_eq!(
+        net.deliver(Dir::BtoA, &t),
+        Err(DropReason::UnsupportedCritical)
+    );
+    let resp = net.a.poll_transmit().unwrap();
+    let m = wire::parse(&resp.payload).unwrap();
+    let (first, body) = m.chain.encrypted.unwrap();
+    let pt =
+        crypto::open_encrypted(&resp.payload, body, &net.a.keys.clone().unwrap().sk_ei).unwrap();
+    assert_eq!(
+        wire::parse_chain(&pt, 0, first).unwrap().payloads,
+        vec![Payload::notify(
+            notify::UNSUPPORTED_CRITICAL_PAYLOAD,
+            &[200]
+        )]
+    );
+}
+
+#[test]
+fn malformed_and_forged_messages_are_dropped_and_counted() {
+    let mut net = Net::new(config_a(), config_b());
+    established(&mut net);
+    let from = net.a.remote;
+    let last = net.log.last().unwrap().1.payload.clone();
+    let mut forged = b_request(&mut net, exchange::INFORMATIONAL, &[]).payload;
+    let n = forged.len();
+    forged[n - 1] ^= 1;
+    let mut wrong_spi = last.clone();
+    wrong_spi[0] ^= 1;
+    let now = net.now;
+    for (bytes, reason) in [
+        (&b"short"[..], DropReason::Malformed),
+        (&forged[..], DropReason::Integrity),
+        (&wrong_spi[..], DropReason::WrongSpi),
+        (&last[..], DropReason::MessageId),
+    ] {
+        assert_eq!(
+            net.a.handle_input(IKE_PORT, from, bytes, now, &mut net.rng),
+            Err(reason)
+        );
+    }
+    let d = net.a.stats().drops;
+    assert_eq!(d.total(), 4);
+    assert_eq!(d.get(DropReason::Integrity), 1);
+    assert!(net.a.poll_transmit().is_none());
+    assert!(net.a.is_established());
+}
+
+fn established_pair() -> Net {
+    let mut net = Net::new(config_a(), config_b());
+    net.run();
+    net
+}
+
+#[proptest(cases = 200)]
+fn arbitrary_bytes_never_panic(
+    #[strategy(proptest::collection::vec(any::<u8>(), 0..600))] bytes: Vec<u8>,
+    port_4500: bool,
+) {
+    let now = Instant::now();
+    let mut rng = StdRng::seed_from_u64(3);
+    let _ = wire::parse(&bytes);
+    let port = if port_4500 { NAT_T_PORT } else { IKE_PORT };
+    let from = SocketAddr::new(IpAddr::V4(A_IP), port);
+    let mut r = IkeSa::responder(config_b(), SPI_R, IpAddr::V4(B_IP), from, now);
+    let _ = r.handle_input(port, from, &bytes, now, &mut rng);
+    let mut i = IkeSa::initiator(config_a(), IpAddr::V4(A_IP), from, now, &mut rng);
+    let _ = i.handle_input(port, from, &bytes, now, &mut rng);
+}
+
+#[proptest(cases = 100)]
+fn mutated_messages_never_panic(
+    #[strategy(0usize..4)] which: usize,
+    #[strategy(0usize..2000)] at: usize,
+    flip: u8,
+    cut: bool,
+) {
+    let net = established_pair();
+    let (dir, t) = net.log[which].clone();
+    let mut bytes = t.payload.clone();
+    let at = at % bytes.len();
+    bytes[at] ^= flip.max(1);
+    if cut {
+        bytes.truncate(at);
+    }
+    let fresh = &mut Net::new(config_a(), config_b());
+    for (d, t) in net.log.iter().take(which) {
+        let _ = fresh.deliver(*d, t);
+        while fresh.take().is_some() {}
+    }
+    let t = Transmit {
+        payload: bytes,
+        ..t
+    };
+    let _ = fresh.deliver(dir, &t);
+    fresh.run();
+    prop_assert!(fresh.a.stats().drops.total() + fresh.b.stats().drops.total() <= 10);
+}
+
+#[test]
+fn lost_delete_of_the_rekeyed_ike_sa_is_retransmitted() {
+    let mut net = Net::new(config_a(), config_b());
+    established(&mut net);
+    net.a.rekey_ike(net.now, &mut net.rng);
+    // CREATE_CHILD_SA request, its response, then A's Delete of the old SA: lost.
+    let mut n = 0;
+    net.run_with(|_, _| {
+        n += 1;
+        n != 3
+    });
+    assert!(net.a.old_ike.is_some());
+    net.tick();
+    net.run();
+    assert_eq!(net.a.stats().retransmissions, 1);
+    assert!(net.a.old_ike.is_none(), "the Delete was answered");
+    // B answered the Delete (message 3, after IKE_AUTH 1 and the rekey 2) on the old SA.
+    assert_eq!(
+        net.b.old_ike.as_ref().map(|o| o.expected_request_id),
+        Some(4)
+    );
+    assert!(net.a.is_established() && net.b.is_established());
+}
+
+#[test]
+fn rekeys_use_the_ike_sa_group_and_follow_invalid_ke() {
+    let mut b = config_b();
+    b.groups = vec![DhGroup::Modp2048, DhGroup::Curve25519];
+    let mut net = Net::new(config_a(), b);
+    established(&mut net);
+    // A offered x25519 first and B accepted it: rekeys start with x25519.
+    assert_eq!(net.a.ike_group, Some(DhGroup::Curve25519));
+    // Now B accepts MODP-2048 only: A's PFS rekey and IKE rekey with x25519
+    // get INVALID_KE_PAYLOAD and are retried with group 14.
+    net.b.config.groups = vec![DhGroup::Modp2048];
+    net.a.rekey_child(net.now, &mut net.rng);
+    net.run();
+    assert_eq!(rekeyed(&Net::events(&mut net.a)).len(), 1);
+    net.a.rekey_ike(net.now, &mut net.rng);
+    net.run();
+    let ea = Net::events(&mut net.a);
+    assert!(
+        ea.iter().any(|e| matches!(e, Event::IkeSaRekeyed { .. })),
+        "{ea:?}"
+    );
+    assert_eq!(net.a.ike_group, Some(DhGroup::Modp2048));
+    assert_eq!(net.b.ike_group, Some(DhGroup::Modp2048));
+    assert!(net.a.is_established() && net.b.is_established());
+}
