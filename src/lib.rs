@@ -18,6 +18,7 @@
 //! - [`gateway`]: the gateway's sans-IO packet logic (many peers, one socket, NAT-address routing).
 //! - [`agent`]: the router agent's sans-IO state (tunnel to its gateway, consent, 1:1 NAT).
 //! - [`tunnel`]: the tunnel seam the packet logic talks to, and its kinds (WireGuard).
+//! - [`ipsec`]: ESP in UDP (RFC 4303, RFC 4106, RFC 3948) for the IPsec tunnel kind.
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -27,6 +28,7 @@ pub mod config;
 pub mod control;
 mod drops;
 pub mod gateway;
+pub mod ipsec;
 pub mod ipv4;
 pub mod messages;
 pub mod nat;
