@@ -19,6 +19,7 @@
 //! - [`agent`]: the router agent's sans-IO state (tunnel to its gateway, consent, 1:1 NAT).
 //! - [`ipsec`]: IPsec: the IKEv2 engine.
 //! - [`tunnel`]: the tunnel seam the packet logic talks to, and its kinds (WireGuard).
+//! - [`ipsec`]: ESP in UDP (RFC 4303, RFC 4106, RFC 3948) for the IPsec tunnel kind.
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
