@@ -18,7 +18,7 @@
 //! ```
 //!
 //! - The nonce is salt ‖ IV (RFC 4106 §4). The IV is the 64-bit big-endian
-//!   sequence number, which never repeats under one key (RFC 4106 §3.1, §8.1).
+//!   sequence number, which never repeats under one key (RFC 4106 §3.1).
 //! - The AAD is SPI ‖ 32-bit sequence number; extended sequence numbers are
 //!   not negotiated (RFC 4106 §5).
 //! - Padding aligns the encrypted part to 4 bytes (RFC 4106 §3.2) with the

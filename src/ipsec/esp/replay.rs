@@ -6,9 +6,9 @@
 //! the bitmap, so a jump costs at most 32 word writes and an in-order packet
 //! usually none. One word is always partly ahead of the highest number seen,
 //! so the usable window is 31 words, [`WINDOW`] = 1984 sequence numbers
-//! (RFC 6479 §2): the highest seen and the 1983 below it. That absorbs the
+//! (RFC 6479): the highest seen and the 1983 below it. That absorbs the
 //! reordering of a batched, multi-queue data plane (RFC 4303 §3.4.3 asks for
-//! at least 32 and recommends more for fast links).
+//! at least 32, 64 by default, and lets the receiver choose more).
 //!
 //! The check and the update are separate on purpose: the receiver checks
 //! before it spends time on the ICV, and marks the number only once the ICV
@@ -94,7 +94,7 @@ impl ReplayWindow {
         if seq > self.top {
             // Clear the words between the old top's word and the new one
             // (at most the whole ring): they held numbers that are now below
-            // the window, or none (RFC 6479 §2.3).
+            // the window, or none (RFC 6479).
             let old_word = self.top / WORD_BITS;
             let new_word = seq / WORD_BITS;
             let advance = (new_word - old_word).min(WORDS as u32);
