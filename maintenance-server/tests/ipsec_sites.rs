@@ -32,6 +32,7 @@ both!(
     placement_follows_the_tunnel_kind,
     the_parameters_endpoint_is_operator_only_audited_and_ipsec_only,
     rotation_replaces_the_psk_everywhere,
+    the_cli_sets_the_kind_and_prints_the_parameters,
 );
 
 static LOGGED: Mutex<String> = Mutex::new(String::new());
@@ -747,4 +748,91 @@ async fn rotation_replaces_the_psk_everywhere(b: Backend) {
         1
     );
     server.stop().await;
+}
+
+/// Runs the binary on the test's database; its standard output, or a panic
+/// with its standard error.
+fn cli(config: &std::path::Path, args: &[&str], ok: bool) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_maintenance-server"))
+        .env_remove("RUST_LOG")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.success(),
+        ok,
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if ok {
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    } else {
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+async fn the_cli_sets_the_kind_and_prints_the_parameters(b: Backend) {
+    let db = TestDb::new(b);
+    let config = db.dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[state]\ndir = \"{}\"\n[database]\nurl = \"{}\"\n",
+            db.dir.path().join("state").display(),
+            db.url
+        ),
+    )
+    .unwrap();
+    let out = cli(&config, &["site", "add", "hand", "--tunnel", "ipsec"], true);
+    assert!(out.starts_with("site 1: hand"), "{out}");
+    cli(&config, &["site", "add", "plain"], true);
+    let err = cli(&config, &["site", "add", "x", "--tunnel", "gre"], false);
+    assert!(err.contains("gre"), "{err}");
+    let list = cli(&config, &["site", "list"], true);
+    assert!(list.lines().next().unwrap().contains("TUNNEL"), "{list}");
+    assert!(list.lines().nth(1).unwrap().contains(" ipsec "), "{list}");
+    assert!(
+        list.lines().nth(2).unwrap().contains(" wireguard "),
+        "{list}"
+    );
+
+    let out = cli(&config, &["site", "ipsec-config", "1"], true);
+    let psk = out
+        .lines()
+        .find_map(|l| l.strip_prefix("pre-shared key:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert_eq!(STANDARD.decode(&psk).unwrap().len(), 32);
+    for needle in [
+        "site identity:     site-1.vpnnat (ID_FQDN)",
+        "gateway identity:  gw-1.vpnnat (ID_FQDN)",
+        "IKE proposal:      aes256gcm16-prfsha256-x25519-modp2048",
+        "ESP proposal:      aes256gcm16",
+        "# swanctl.conf",
+        "connections {",
+    ] {
+        assert!(out.contains(needle), "{needle:?} missing:\n{out}");
+    }
+    assert!(out.contains(&format!("secret = \"{psk}\"")), "{out}");
+    // A WireGuard site has none; switching it makes one, with its own key.
+    let err = cli(&config, &["site", "ipsec-config", "2"], false);
+    assert!(err.contains("not found"), "{err}");
+    assert_eq!(
+        cli(&config, &["site", "tunnel", "2", "ipsec"], true).trim(),
+        "site 2: tunnel ipsec"
+    );
+    let out2 = cli(&config, &["site", "ipsec-config", "2"], true);
+    assert!(!out2.contains(&psk), "{out2}");
+    // Rotation replaces the key.
+    cli(&config, &["site", "rotate", "1"], true);
+    let out = cli(&config, &["site", "ipsec-config", "1"], true);
+    assert!(!out.contains(&psk), "{out}");
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM audit_log WHERE action = 'site.ipsec_config'")
+            .await,
+        3
+    );
 }
