@@ -361,6 +361,22 @@ impl<'de> serde::Deserialize<'de> for Prefix {
     }
 }
 
+/// Schema: the text form.
+#[cfg(feature = "schemars")]
+impl schemars::JsonSchema for Prefix {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Ipv4Prefix".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^[0-9]{1,3}(\\.[0-9]{1,3}){3}/[0-9]{1,2}$",
+            "description": "An IPv4 prefix, `a.b.c.d/len`.",
+        })
+    }
+}
+
 /// A multiplicative (Fibonacci) hash for keys the programs chose or
 /// authenticated (addresses, tunnel indices, public keys): one multiply per
 /// word, and a final rotation so that the low bits that pick a bucket depend

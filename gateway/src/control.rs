@@ -13,8 +13,9 @@ use tokio::sync::watch;
 use vpnnat::control::{Call, CallFailure, Follower, FollowerConfig, FollowerEvent, Reply};
 use vpnnat::messages::{
     AppliedState, GatewayDesiredState, GatewayHeartbeat, GatewayRegistered, GatewayRegistration,
-    HeartbeatAck, PeerStatus, TunnelKind, paths,
+    HeartbeatAck, PeerStatus, paths,
 };
+use vpnnat::tunnel::{Builtin, Kinds as _};
 use vpnnat_shell::follow::{ControlCalls, follow};
 use vpnnat_shell::http::{ApiClient, CallError, HttpOptions, http_client};
 
@@ -43,9 +44,12 @@ pub async fn run(
     let registration = GatewayRegistration {
         endpoints: settings.wireguard.endpoints.clone(),
         public_key: app.public_key,
-        tunnel_kinds: vec![TunnelKind::Wireguard],
+        // Only the kinds its data plane runs: the server places a site of
+        // another kind elsewhere.
+        tunnel_kinds: Builtin::KINDS.to_vec(),
         max_tunnels: settings.wireguard.max_tunnels,
         software_version: env!("CARGO_PKG_VERSION").to_owned(),
+        technician_prefixes: settings.center.technician_prefixes.clone(),
     };
     let seed = u64::from_le_bytes(app.public_key.0[..8].try_into().unwrap_or([1; 8]));
     let follower = Follower::new(

@@ -79,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels: u32::try_from(args.sites)?,
                 software_version: "bench".into(),
+                technician_prefixes: Vec::new(),
             })
             .send()
             .await?
@@ -134,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
                     .bearer_auth(&op)
                     .json(&NewSite {
                         name: format!("bench-{pid}-{i}"),
+                        tunnel: TunnelKind::Wireguard,
                     })
                     .send()
                     .await?

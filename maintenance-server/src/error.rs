@@ -123,7 +123,7 @@ impl From<OpError> for AppError {
                 e.body.field = Some(field.to_owned());
                 e
             }
-            OpError::NoCapacity => {
+            OpError::NoCapacity(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", message)
             }
             OpError::PoolExhausted => {

@@ -6,7 +6,8 @@
 //! [`secrets`], errors answered by [`error`]), the
 //! desired-state long-polls and their wake-ups ([`notify`]), gateway
 //! selection, failover and lease expiry ([`tasks`], [`db::ops`]) and the
-//! technician console ([`console`]). [`server`] starts it all around the
+//! technician console ([`console`]); [`swanctl`] writes the strongSwan
+//! configuration of a hand-configured IPsec site. [`server`] starts it all around the
 //! shared [`state`]; the binary (`main.rs`) is the CLI around
 //! [`launch_with_listener`].
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod secrets;
 pub mod server;
 pub mod settings;
 pub mod state;
+pub mod swanctl;
 pub mod tasks;
 pub mod tls;
 

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use maintenance_server::db::{now_ms, ops, views};
 use maintenance_server::settings::Settings;
-use vpnnat::messages::{GatewayId, SiteId};
+use vpnnat::messages::{GatewayId, SiteId, TunnelKind};
 
 /// vpnnat maintenance-server: enrollment, maintenance requests, the
 /// NAT-address pool, gateway selection and failover, technician console.
@@ -64,6 +64,10 @@ enum SiteCmd {
     Add {
         /// The site's name.
         name: String,
+        /// Its tunnel kind: wireguard or ipsec (an IPsec site gets a
+        /// pre-shared key and identities; see `site ipsec-config`).
+        #[arg(long, default_value = "wireguard")]
+        tunnel: TunnelKind,
     },
     /// List sites.
     List,
@@ -91,6 +95,21 @@ enum SiteCmd {
     /// Delete a site, its requests (open ones revoked first), failure
     /// reports and enrollment tokens (the audit log keeps its history).
     Delete {
+        /// The site id.
+        id: u64,
+    },
+    /// Set a site's tunnel kind (refused while it has a tunnel); an IPsec
+    /// site gets a new pre-shared key.
+    Tunnel {
+        /// The site id.
+        id: u64,
+        /// wireguard or ipsec.
+        kind: TunnelKind,
+    },
+    /// Print an IPsec site's parameters (pre-shared key, identities,
+    /// proposals, traffic selectors, gateway addresses) and a strongSwan
+    /// swanctl.conf for a router configured by hand.
+    IpsecConfig {
         /// The site id.
         id: u64,
     },
@@ -307,10 +326,15 @@ async fn site(c: SiteCmd, settings: &Settings) -> anyhow::Result<()> {
     let notifier = maintenance_server::notify::Notifier::default();
     let policy = ops::Policy::new(settings);
     match c {
-        SiteCmd::Add { name } => {
-            vpnnat::messages::NewSite { name: name.clone() }.validate()?;
+        SiteCmd::Add { name, tunnel } => {
+            vpnnat::messages::NewSite {
+                name: name.clone(),
+                tunnel,
+            }
+            .validate()?;
             let mut tx = db.begin().await?;
-            let r = ops::create_site(&mut tx, name.trim(), "operator", now_ms(), &policy).await?;
+            let r = ops::create_site(&mut tx, name.trim(), tunnel, "operator", now_ms(), &policy)
+                .await?;
             tx.commit(&notifier).await?;
             print_line(&format!(
                 "site {}: {}\nenrollment token (shown once, valid until {} ms since epoch):\n{}",
@@ -321,14 +345,15 @@ async fn site(c: SiteCmd, settings: &Settings) -> anyhow::Result<()> {
             let mut c = db.reader().acquire().await?;
             let sites = views::sites(&mut c).await?;
             let mut out = format!(
-                "{:>6}  {:<30}  {:<8}  {:<7}  NAT addresses",
-                "ID", "NAME", "ENROLLED", "GATEWAY"
+                "{:>6}  {:<30}  {:<9}  {:<8}  {:<7}  NAT addresses",
+                "ID", "NAME", "TUNNEL", "ENROLLED", "GATEWAY"
             );
             for s in sites {
                 out.push_str(&format!(
-                    "\n{:>6}  {:<30}  {:<8}  {:<7}  {}",
+                    "\n{:>6}  {:<30}  {:<9}  {:<8}  {:<7}  {}",
                     s.site_id,
                     s.name,
+                    s.tunnel,
                     if s.enrolled { "yes" } else { "no" },
                     s.gateway_id.map_or("-".into(), |g| g.to_string()),
                     s.nat_addresses
@@ -380,6 +405,58 @@ async fn site(c: SiteCmd, settings: &Settings) -> anyhow::Result<()> {
             })
             .await?;
             print_line(&format!("site {id}: deleted"))
+        }
+        SiteCmd::Tunnel { id, kind } => {
+            let now = now_ms();
+            db.transaction(&notifier, async |tx| {
+                ops::set_site_tunnel(tx, SiteId(id), kind, "operator", now).await
+            })
+            .await?;
+            print_line(&format!("site {id}: tunnel {kind}"))
+        }
+        SiteCmd::IpsecConfig { id } => {
+            let now = now_ms();
+            let c = db
+                .transaction(&notifier, async |tx| {
+                    ops::read_ipsec_config(tx, SiteId(id), "operator", now).await
+                })
+                .await?;
+            let list = |v: Vec<String>| {
+                if v.is_empty() {
+                    "-".to_owned()
+                } else {
+                    v.join(", ")
+                }
+            };
+            let p = &c.ipsec;
+            print_line(&format!(
+                "site {}: {}\n\
+                 gateway addresses: {} (IKE on UDP 500, NAT-T 4500)\n\
+                 pre-shared key:    {}\n\
+                 site identity:     {} (ID_FQDN)\n\
+                 gateway identity:  {} (ID_FQDN)\n\
+                 IKE proposal:      {}\n\
+                 ESP proposal:      {}\n\
+                 site traffic selectors (NAT addresses): {}\n\
+                 center traffic selectors (technicians): {}\n\
+                 \n# swanctl.conf\n{}",
+                c.site_id,
+                c.name,
+                list(
+                    c.gateway_addresses
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect()
+                ),
+                p.psk,
+                p.local_id,
+                p.remote_id,
+                p.ike_proposal,
+                p.esp_proposal,
+                list(p.local_ts.iter().map(ToString::to_string).collect()),
+                list(p.remote_ts.iter().map(ToString::to_string).collect()),
+                c.swanctl_conf.trim_end(),
+            ))
         }
     }
 }

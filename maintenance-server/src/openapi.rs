@@ -421,7 +421,27 @@ fn lifecycle_operations() -> Vec<Operation> {
             200,
             (),
             SiteCreated,
-            "Operator: revoke a site's credential now; the new enrollment token enrolls the agent again"
+            "Operator: revoke a site's credential now; the new enrollment token enrolls the agent again (an IPsec site also gets a new pre-shared key)"
+        ),
+        op!(
+            "post",
+            paths::SITE_TUNNEL,
+            Operator,
+            None,
+            204,
+            SiteTunnel,
+            (),
+            "Operator: set a site's tunnel kind (wireguard, ipsec; an IPsec site gets a new pre-shared key); 409 while it has a tunnel"
+        ),
+        op!(
+            "get",
+            paths::SITE_IPSEC,
+            Operator,
+            None,
+            200,
+            (),
+            IpsecSiteConfig,
+            "Operator: an IPsec site's parameters and a strongSwan swanctl.conf for a router configured by hand (audited; 404 for a WireGuard site)"
         ),
         op!(
             "delete",
@@ -692,6 +712,12 @@ pub fn document() -> Value {
                 error_response("rate_limited: too many requests or failure reports from this site in the last minute"),
             );
         }
+        if op.path == paths::SITE_TUNNEL {
+            responses.insert(
+                "409".into(),
+                error_response("invalid_state: the site has a tunnel (open requests)"),
+            );
+        }
         if op.path == paths::GATEWAY && op.method == "delete" {
             responses.insert(
                 "409".into(),
@@ -797,6 +823,8 @@ mod tests {
             paths::SITE,
             paths::SITE_DISABLE,
             paths::SITE_ROTATE,
+            paths::SITE_TUNNEL,
+            paths::SITE_IPSEC,
             paths::GATEWAY,
             paths::GATEWAY_DISABLE,
             paths::GATEWAY_ROTATE,
@@ -819,6 +847,9 @@ mod tests {
             "TerminalName",
             "RequestState",
             "ConsoleEvents",
+            "IpsecParams",
+            "IpsecSiteConfig",
+            "SiteTunnel",
         ] {
             assert!(
                 schemas.contains_key(name),

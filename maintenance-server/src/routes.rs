@@ -68,6 +68,12 @@ pub fn api_routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
             post(lifecycle::rotate_site),
         ),
         (
+            Method::POST,
+            paths::SITE_TUNNEL,
+            post(operator::site_tunnel),
+        ),
+        (Method::GET, paths::SITE_IPSEC, get(operator::site_ipsec)),
+        (
             Method::DELETE,
             paths::GATEWAY,
             delete(lifecycle::delete_gateway),

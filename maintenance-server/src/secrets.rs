@@ -6,6 +6,9 @@
 //! gateway credential can never pass as a site credential or the other way
 //! round: the prefix decides which table is even consulted. Only SHA-256
 //! hashes are stored; technician passwords are argon2id hashes.
+//!
+//! The one secret kept as it is: an IPsec site's pre-shared key ([`Psk`]),
+//! which the server hands to the site's agent and gateway.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -100,6 +103,32 @@ impl Secret {
     }
 }
 
+/// An IPsec site's pre-shared key (RFC 7296 §2.15): 32 random bytes from
+/// the OS, standard base64. Unlike the credentials it is stored as it is,
+/// since the server hands it out; its `Debug` form hides it, and it never
+/// goes into a log or the audit log.
+pub struct Psk(String);
+
+impl std::fmt::Debug for Psk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Psk(<redacted>)")
+    }
+}
+
+impl Psk {
+    /// A fresh key.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; vpnnat::messages::MIN_PSK_BYTES];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        Self(base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    /// The key, base64.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Hashes a password with argon2id (default parameters, random salt).
 ///
 /// # Errors
@@ -141,6 +170,16 @@ mod tests {
         assert!(!format!("{s:?}").contains(s.expose()));
         assert_eq!(SecretKind::of("vnsite_abc"), Some(SecretKind::Site));
         assert_eq!(SecretKind::of("abc"), None);
+    }
+
+    #[test]
+    fn psks_are_32_random_bytes_and_hidden_from_debug() {
+        use base64::engine::general_purpose::STANDARD;
+        let a = Psk::generate();
+        let b = Psk::generate();
+        assert_eq!(STANDARD.decode(a.expose()).unwrap().len(), 32);
+        assert_ne!(a.expose(), b.expose());
+        assert!(!format!("{a:?}").contains(a.expose()));
     }
 
     #[test]

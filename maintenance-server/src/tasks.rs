@@ -131,11 +131,12 @@ pub async fn failover(state: &AppState, mark_down: bool) -> Result<(), OpError> 
     let mut tx = state.db.begin().await?;
     let stranded = ops::stranded_sites(&mut tx).await?;
     drop(tx);
-    // Once no gateway had a slot, the remaining sites of this round are
-    // stranded too (no slot is tried for each); the next tick tries again.
-    let mut full = false;
-    for (site, from, told) in stranded {
-        if !full {
+    // Once no gateway of a kind had a slot, the remaining sites of that kind
+    // in this round are stranded too (no slot is tried for each); the next
+    // tick tries again.
+    let mut full = std::collections::BTreeSet::new();
+    for (site, from, told, kind) in stranded {
+        if !full.contains(&kind) {
             let r = state
                 .db
                 .transaction(&state.notifier, async |tx| {
@@ -149,7 +150,9 @@ pub async fn failover(state: &AppState, mark_down: bool) -> Result<(), OpError> 
                     }
                     continue;
                 }
-                Err(OpError::NoCapacity) => full = true,
+                Err(OpError::NoCapacity(k)) => {
+                    full.insert(k);
+                }
                 Err(e) => return Err(e),
             }
         }

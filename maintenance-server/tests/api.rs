@@ -37,6 +37,7 @@ async fn enrollment_is_single_use_and_rotates_the_credential(b: Backend) {
             paths::SITES,
             &NewSite {
                 name: "Bakery".into(),
+                tunnel: TunnelKind::Wireguard,
             },
         )
         .await
@@ -81,6 +82,7 @@ async fn enrollment_is_single_use_and_rotates_the_credential(b: Backend) {
             paths::SITES,
             &NewSite {
                 name: "Other".into(),
+                tunnel: TunnelKind::Wireguard,
             },
         )
         .await
@@ -93,6 +95,7 @@ async fn enrollment_is_single_use_and_rotates_the_credential(b: Backend) {
         paths::SITES,
         &NewSite {
             name: "Bakery".into(),
+            tunnel: TunnelKind::Wireguard,
         },
     )
     .await
@@ -127,6 +130,7 @@ async fn enrollment_is_single_use_and_rotates_the_credential(b: Backend) {
             paths::SITES,
             &NewSite {
                 name: "Late".into(),
+                tunnel: TunnelKind::Wireguard,
             },
         )
         .await

@@ -128,6 +128,7 @@ impl Server {
             tunnel_kinds: vec![TunnelKind::Wireguard],
             max_tunnels: 100,
             software_version: "test".into(),
+            technician_prefixes: Vec::new(),
         };
         ops::register_gateway(&mut tx, gw, &reg, now, &self.policy)
             .await
@@ -137,10 +138,17 @@ impl Server {
 
     async fn site(&self, name: &str, now: i64) -> SiteId {
         let mut tx = self.tx().await;
-        let site = ops::create_site(&mut tx, name, "test", now, &self.policy)
-            .await
-            .unwrap()
-            .site_id;
+        let site = ops::create_site(
+            &mut tx,
+            name,
+            TunnelKind::Wireguard,
+            "test",
+            now,
+            &self.policy,
+        )
+        .await
+        .unwrap()
+        .site_id;
         self.commit(tx).await;
         site
     }

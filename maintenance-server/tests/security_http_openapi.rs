@@ -38,7 +38,13 @@ async fn security_http_every_documented_operation_answers_as_documented() {
     let tech = technician(&server, &db, "alice", "correct horse").await;
     let fresh_site: SiteCreated = server
         .operator()
-        .post(paths::SITES, &NewSite { name: "B".into() })
+        .post(
+            paths::SITES,
+            &NewSite {
+                name: "B".into(),
+                tunnel: TunnelKind::Wireguard,
+            },
+        )
         .await
         .json();
     // Each destructive operator operation gets an object of its own, so that
@@ -57,14 +63,30 @@ async fn security_http_every_documented_operation_answers_as_documented() {
         spare_gateways.push((path, g.id.0));
     }
     let mut spare_sites = Vec::new();
-    for (i, path) in [paths::SITE, paths::SITE_DISABLE, paths::SITE_ROTATE]
-        .into_iter()
-        .enumerate()
+    for (i, path) in [
+        paths::SITE,
+        paths::SITE_DISABLE,
+        paths::SITE_ROTATE,
+        paths::SITE_TUNNEL,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let n = u8::try_from(i).unwrap();
         let s = add_site(&server, &format!("spare{i}"), 110 + n).await;
         spare_sites.push((path, s.id.0));
     }
+    let ipsec_site: SiteCreated = server
+        .operator()
+        .post(
+            paths::SITES,
+            &NewSite {
+                name: "ipsec".into(),
+                tunnel: TunnelKind::Ipsec,
+            },
+        )
+        .await
+        .json();
     add_technician(&db, "bob", "bob's long password").await;
     add_technician(&db, "carol", "carol's long password").await;
     let agent_version = agent_state(&site, 0, 0).await.version;
@@ -86,6 +108,7 @@ async fn security_http_every_documented_operation_answers_as_documented() {
         let id = match path.as_str() {
             paths::AGENT_REVOKE | paths::REQUEST_START | paths::REQUEST_END => request.id.0,
             paths::SITE_TOKEN => site.id.0,
+            paths::SITE_IPSEC => ipsec_site.site_id.0,
             paths::GATEWAY_DRAIN => gw.id.0,
             p if spare_gateways.iter().any(|(q, _)| *q == p) => {
                 spare_gateways.iter().find(|(q, _)| *q == p).unwrap().1
@@ -121,11 +144,13 @@ async fn security_http_every_documented_operation_answers_as_documented() {
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels: 10,
                 software_version: "test".into(),
+                technician_prefixes: Vec::new(),
             }),
             paths::GATEWAY_HEARTBEAT => json!(heartbeat(10)),
             paths::SITES => json!({ "name": "C" }),
             paths::GATEWAYS => json!({ "name": "gw2" }),
             paths::GATEWAY_DRAIN => json!({ "drain": false }),
+            paths::SITE_TUNNEL => json!({ "tunnel": "ipsec" }),
             paths::LOGIN => json!({ "name": "alice", "password": "correct horse" }),
             paths::SITE_DISABLE | paths::GATEWAY_DISABLE | paths::TECHNICIAN_DISABLE => {
                 json!({ "disabled": true })

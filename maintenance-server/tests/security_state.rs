@@ -306,6 +306,7 @@ async fn security_every_stranded_site_is_told() {
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels: 10,
                 software_version: "test".into(),
+                technician_prefixes: Vec::new(),
             },
         )
         .await;
@@ -440,7 +441,7 @@ async fn security_failures_and_audit_rows_do_not_grow_without_bound(backend: Bac
     let now = maintenance_server::db::now_ms();
     let policy = ops::Policy::new(&db.settings());
     let mut tx = d.begin().await.unwrap();
-    let site = ops::create_site(&mut tx, "s", "test", now, &policy)
+    let site = ops::create_site(&mut tx, "s", TunnelKind::Wireguard, "test", now, &policy)
         .await
         .unwrap()
         .site_id;
@@ -685,12 +686,19 @@ async fn security_pool_usage_over_the_threshold_is_logged() {
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels: 10,
                 software_version: "test".into(),
+                technician_prefixes: Vec::new(),
             },
         )
         .await;
     assert_eq!(reg.status, 200, "{}", reg.body);
     let created: SiteCreated = op
-        .post(paths::SITES, &NewSite { name: "s".into() })
+        .post(
+            paths::SITES,
+            &NewSite {
+                name: "s".into(),
+                tunnel: TunnelKind::Wireguard,
+            },
+        )
         .await
         .json();
     let enrolled: EnrollResponse = Api::new(&server.base, None, Duration::from_secs(30))

@@ -145,7 +145,20 @@ impl<K: Kinds> AgentState<K> {
                 }
             }
         }
-        self.desired_tunnel = desired.tunnel.clone();
+        self.desired_tunnel = match &desired.tunnel {
+            // Refused here, where the refusal reaches the applied state, so
+            // that `dial` never asks for a kind the set cannot build.
+            Some(t) if !K::KINDS.contains(&t.kind) => {
+                let e = format!(
+                    "this router agent cannot run {} tunnels yet",
+                    t.kind.label()
+                );
+                tracing::warn!(gateway.id = %t.gateway_id, "{e}");
+                errors.push(e);
+                None
+            }
+            t => t.clone(),
+        };
         self.reconcile_tunnel(now);
         self.applied_version = Some(desired.version);
         Some(AppliedState {
@@ -206,14 +219,17 @@ impl<K: Kinds> AgentState<K> {
     pub(super) fn dial(&mut self, desired: AgentTunnel, now: Instant) {
         let index = (self.next_random() as u32) & K::MAX_INDEX;
         let keepalive = Some(desired.persistent_keepalive_s).filter(|s| *s > 0);
-        let mut tunnel = K::initiator(
+        let Some(mut tunnel) = K::initiator(
             desired.kind,
             self.private_key.clone(),
             desired.public_key,
             index,
             keepalive,
             now,
-        );
+        ) else {
+            // `handle_desired_state` refused the kind already.
+            return;
+        };
         tracing::info!(
             gateway.id = %desired.gateway_id,
             endpoint = %desired.endpoint,

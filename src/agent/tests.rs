@@ -63,6 +63,7 @@ fn tunnel_to(endpoint: SocketAddr, key: PublicKey) -> AgentTunnel {
         endpoint,
         public_key: key,
         persistent_keepalive_s: 25,
+        ipsec: None,
     }
 }
 
@@ -125,12 +126,9 @@ impl<K: TestKinds> Pair<K> {
             .handle_desired_state(&desired(1, &[(NAT, "pc-1", 3600)]), &names(), now, WALL)
             .unwrap();
         assert!(a.errors.is_empty(), "{:?}", a.errors);
-        let gw = K::Responder::new(keys().1, WireguardResponder::DEFAULT_HANDSHAKE_LIMIT).tunnel(
-            TunnelKind::Wireguard,
-            keys().0.public_key(),
-            9,
-            now,
-        );
+        let gw = K::Responder::new(keys().1, WireguardResponder::DEFAULT_HANDSHAKE_LIMIT)
+            .tunnel(TunnelKind::Wireguard, keys().0.public_key(), 9, now)
+            .unwrap();
         let mut pair = Self { agent, gw, now };
         pair.handshake();
         pair
@@ -511,6 +509,7 @@ fn through_the_real_gateway_state<K: TestKinds>() {
                 public_key: keys().0.public_key(),
                 nat_addresses: vec![NAT],
                 tunnel: TunnelKind::Wireguard,
+                ipsec: None,
             }],
         },
         now,
@@ -651,7 +650,38 @@ fn security_only_requests_made_here_are_installed_when_consent_is_required<K: Te
     assert_eq!(a.mappings().count(), 2);
 }
 
+/// Given an IPsec tunnel (no kind set runs one yet), the agent dials
+/// nothing and says why in its applied state; its mappings stay installed.
+fn an_ipsec_tunnel_is_refused_with_a_clear_error<K: TestKinds>() {
+    let now = Instant::now();
+    let mut a = agent::<K>(DataMode::Packet { masquerade: None }, now);
+    let mut d = desired(1, &[(NAT, "pc-1", 3600)]);
+    if let Some(t) = d.tunnel.as_mut() {
+        t.kind = TunnelKind::Ipsec;
+        t.endpoint = SocketAddr::new(gw_addr().ip(), crate::messages::IKE_PORT);
+    }
+    let applied = a.handle_desired_state(&d, &names(), now, WALL).unwrap();
+    assert_eq!(
+        applied.errors,
+        vec!["this router agent cannot run IPsec tunnels yet".to_owned()]
+    );
+    assert!(a.tunnel().is_none());
+    assert!(transmits(&mut a).is_empty());
+    assert!(
+        !events(&mut a)
+            .iter()
+            .any(|e| matches!(e, AgentEvent::TunnelDialled { .. }))
+    );
+    // Back to WireGuard: dialled.
+    let applied = a
+        .handle_desired_state(&desired(2, &[(NAT, "pc-1", 3600)]), &names(), now, WALL)
+        .unwrap();
+    assert!(applied.errors.is_empty(), "{:?}", applied.errors);
+    assert!(a.tunnel().is_some());
+}
+
 for_each_kind! {
+    an_ipsec_tunnel_is_refused_with_a_clear_error,
     security_only_requests_made_here_are_installed_when_consent_is_required,
     mapping_is_installed_and_the_gateway_dialled,
     packet_mode_rewrites_both_ways,

@@ -51,7 +51,13 @@ impl<K: Kinds> GatewayState<K> {
             tracing::debug!(version = desired.version, "ignoring an older desired state");
             return None;
         }
-        let valid = validate_desired(desired, &self.public_key, self.pool, self.max_tunnels);
+        let valid = validate_desired(
+            desired,
+            &self.public_key,
+            self.pool,
+            self.max_tunnels,
+            K::KINDS,
+        );
         for e in &valid.errors {
             tracing::warn!(version = valid.version, error = %e, "desired state refused in part");
         }
@@ -185,7 +191,11 @@ impl<K: Kinds> GatewayState<K> {
         let generation = &mut self.generations[slot as usize];
         *generation = generation.wrapping_add(1) & 0x0f;
         let index = (u32::from(*generation) << INDEX_GENERATION_SHIFT) | base;
-        let tunnel = self.responder.tunnel(p.tunnel, p.public_key, index, now);
+        let Some(tunnel) = self.responder.tunnel(p.tunnel, p.public_key, index, now) else {
+            // A kind outside `K::KINDS`: `validate_desired` refused it already.
+            self.free_slots.push_back(slot);
+            return false;
+        };
         self.slots[slot as usize] = Some(Peer {
             site_id: p.site_id,
             public_key: p.public_key,

@@ -61,6 +61,7 @@ impl<K: TestKinds> Client<K> {
             public_key: self.public_key(),
             nat_addresses: nat.iter().map(|a| ip(a)).collect(),
             tunnel: TunnelKind::Wireguard,
+            ipsec: None,
         }
     }
 
@@ -499,6 +500,7 @@ fn desired_state_is_validated_and_old_versions_are_ignored<K: TestKinds>() {
         public_key: gw.public_key(),
         nat_addresses: vec![ip("10.64.0.20")],
         tunnel: TunnelKind::Wireguard,
+        ipsec: None,
     };
     let mut dup_key = a.peer(7, &["10.64.0.21"]);
     dup_key.site_id = SiteId(7);
@@ -716,7 +718,44 @@ fn arbitrary_tun_packet<K: TestKinds>(data: &[u8]) -> Result<(), TestCaseError> 
     Ok(())
 }
 
+/// A kind outside the set (IPsec, which no kind set runs yet) is left out
+/// with an error of the applied state; the other peers run as before.
+fn a_peer_of_a_kind_the_gateway_cannot_run_is_refused<K: TestKinds>() {
+    let now = Instant::now();
+    let mut gw = gateway::<K>(now);
+    let mut c = Client::<K>::new(1, "198.51.100.7:40000");
+    let other = Client::<K>::new(2, "198.51.100.8:40000");
+    let mut ipsec = other.peer(4, &["10.64.0.6"]);
+    ipsec.tunnel = TunnelKind::Ipsec;
+    assert!(!K::KINDS.contains(&TunnelKind::Ipsec));
+    let applied = gw
+        .handle_control(&desired(1, vec![c.peer(3, &["10.64.0.5"]), ipsec]), now)
+        .unwrap();
+    assert_eq!(
+        applied.errors,
+        vec!["site 4: this gateway cannot run IPsec tunnels".to_owned()]
+    );
+    assert_eq!(
+        gw.peers().map(|p| p.site_id).collect::<Vec<_>>(),
+        vec![SiteId(3)]
+    );
+    // Its address is not routed: toward it, host unreachable as for any
+    // unheld address.
+    assert!(drain_events(&mut gw).iter().all(|e| !matches!(
+        e,
+        GatewayEvent::AddressAdded { address } if *address == ip("10.64.0.6")
+    )));
+    connect(&mut gw, &mut c, now);
+    let down = udp("172.16.0.50", "10.64.0.5", b"still works");
+    gw.handle_tun_input(&down, now).unwrap();
+    assert_eq!(
+        c.receive(&gw.poll_transmit().unwrap().payload).unwrap(),
+        down
+    );
+}
+
 for_each_kind! {
+    a_peer_of_a_kind_the_gateway_cannot_run_is_refused,
     gateway_and_a_site_client_handshake_and_exchange_packets,
     the_fast_path_writes_into_the_callers_buffers,
     the_endpoint_follows_the_last_authenticated_datagram,

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use super::Prefix;
-use crate::messages::{GatewayDesiredState, GatewayPeer, PublicKey};
+use crate::messages::{GatewayDesiredState, GatewayPeer, PublicKey, TunnelKind};
 
 /// A validated desired state: what a gateway will actually run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,7 +17,8 @@ pub struct ValidatedState {
     pub errors: Vec<String>,
 }
 
-/// Checks a desired state against this gateway: refuses a peer whose key is
+/// Checks a desired state against this gateway: refuses a peer of a tunnel
+/// kind outside `kinds` (those it runs), whose key is
 /// the gateway's own or another peer's, peers beyond `max_tunnels`, and NAT
 /// addresses that are outside the pool, not unicast, or held by another peer.
 /// Deterministic (all shards reach the same result).
@@ -26,6 +27,7 @@ pub fn validate_desired(
     own_key: &PublicKey,
     pool: Option<Prefix>,
     max_tunnels: u32,
+    kinds: &[TunnelKind],
 ) -> ValidatedState {
     let mut errors = Vec::new();
     let mut sorted: Vec<&GatewayPeer> = desired.peers.iter().collect();
@@ -38,6 +40,13 @@ pub fn validate_desired(
         let site = p.site_id;
         if !sites.insert(site) {
             errors.push(format!("site {site}: listed twice"));
+            continue;
+        }
+        if !kinds.contains(&p.tunnel) {
+            errors.push(format!(
+                "site {site}: this gateway cannot run {} tunnels",
+                p.tunnel.label()
+            ));
             continue;
         }
         if p.public_key == *own_key {
@@ -79,6 +88,7 @@ pub fn validate_desired(
             public_key: p.public_key,
             nat_addresses: nat.into_iter().collect(),
             tunnel: p.tunnel,
+            ipsec: p.ipsec.clone(),
         });
     }
     ValidatedState {

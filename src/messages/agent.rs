@@ -4,6 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+use super::IpsecParams;
 use super::common::{
     FieldError, GatewayId, PublicKey, RequestId, SiteId, TerminalName, TunnelKind, UnixMillis,
     check_text,
@@ -24,6 +25,11 @@ pub struct AgentTunnel {
     pub public_key: PublicKey,
     /// WireGuard persistent keepalive, seconds (keeps the customer's NAPT mapping open).
     pub persistent_keepalive_s: u16,
+    /// For an IPsec tunnel (`kind` `ipsec`): PSK, identities, proposals and
+    /// traffic selectors (`local_*`: the site). `endpoint` is then the
+    /// gateway's IKE port ([`super::IKE_PORT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipsec: Option<IpsecParams>,
 }
 
 /// One 1:1 static NAT mapping the agent must install.

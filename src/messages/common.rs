@@ -202,6 +202,49 @@ pub enum TunnelKind {
     /// WireGuard over UDP (boringtun's noise layer).
     #[default]
     Wireguard,
+    /// IKEv2 (RFC 7296) with a pre-shared key, and ESP (RFC 4303) in UDP
+    /// (RFC 3948); its parameters travel as [`super::IpsecParams`].
+    Ipsec,
+}
+
+impl TunnelKind {
+    /// The wire name (`"wireguard"`, `"ipsec"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Wireguard => "wireguard",
+            Self::Ipsec => "ipsec",
+        }
+    }
+
+    /// The name people use (`WireGuard`, `IPsec`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Wireguard => "WireGuard",
+            Self::Ipsec => "IPsec",
+        }
+    }
+}
+
+impl fmt::Display for TunnelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Not a tunnel kind's wire name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a tunnel kind (wireguard, ipsec)")]
+pub struct InvalidTunnelKind;
+
+impl FromStr for TunnelKind {
+    type Err = InvalidTunnelKind;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "wireguard" => Ok(Self::Wireguard),
+            "ipsec" => Ok(Self::Ipsec),
+            _ => Err(InvalidTunnelKind),
+        }
+    }
 }
 
 /// The error body of every 4xx/5xx answer of the API.

@@ -4,8 +4,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+use super::IpsecParams;
 use super::common::{FieldError, GatewayId, PublicKey, SiteId, TunnelKind, UnixMillis, check_text};
 use super::operator::Health;
+use crate::ipv4::Prefix;
 
 /// A gateway announces itself (at start and after the server lost it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +24,10 @@ pub struct GatewayRegistration {
     pub max_tunnels: u32,
     /// The gateway program's version, for the operator.
     pub software_version: String,
+    /// The technician prefixes of its center LAN (`[center]
+    /// technician_prefixes`): the center's traffic selectors of IPsec sites.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub technician_prefixes: Vec<Prefix>,
 }
 
 impl GatewayRegistration {
@@ -46,6 +52,12 @@ impl GatewayRegistration {
         }
         if self.max_tunnels == 0 || self.max_tunnels > 1_000_000 {
             return Err(FieldError::new("max_tunnels", "1 to 1000000"));
+        }
+        if self.technician_prefixes.len() > 64 {
+            return Err(FieldError::new(
+                "technician_prefixes",
+                "at most 64 prefixes",
+            ));
         }
         check_text("software_version", &self.software_version, 64, false)
     }
@@ -145,6 +157,10 @@ pub struct GatewayPeer {
     /// The protocol of this site's tunnel (absent: WireGuard).
     #[serde(default)]
     pub tunnel: TunnelKind,
+    /// For an IPsec site (`tunnel` `ipsec`): PSK, identities, proposals and
+    /// traffic selectors (`local_*`: the center).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipsec: Option<IpsecParams>,
 }
 
 /// Everything a gateway should be doing, as one versioned document.

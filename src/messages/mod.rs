@@ -14,8 +14,9 @@
 //!
 //! The files follow the parties: [`paths`] (the routes), `common` (ids,
 //! keys, terminal names, errors), `enrollment`, `operator`, `gateway`,
-//! `agent` (its desired state, requests and failure reports) and
-//! `technician`; everything is re-exported here.
+//! `agent` (its desired state, requests and failure reports), `ipsec`
+//! (the parameters of IPsec sites) and `technician`; everything is
+//! re-exported here.
 //!
 //! Times on the wire are milliseconds since the Unix epoch ([`UnixMillis`]).
 //! Keys are standard base64, as `wg` prints them.
@@ -26,6 +27,7 @@ mod agent;
 mod common;
 mod enrollment;
 mod gateway;
+mod ipsec;
 mod operator;
 mod technician;
 
@@ -33,6 +35,7 @@ pub use agent::*;
 pub use common::*;
 pub use enrollment::*;
 pub use gateway::*;
+pub use ipsec::*;
 pub use operator::*;
 pub use technician::*;
 

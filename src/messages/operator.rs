@@ -13,6 +13,10 @@ use super::common::{FieldError, GatewayId, PublicKey, SiteId, TunnelKind, UnixMi
 pub struct NewSite {
     /// A unique, human-chosen name (1–100 characters).
     pub name: String,
+    /// The tunnel kind (absent: `wireguard`). An `ipsec` site gets a
+    /// pre-shared key and identities from the server.
+    #[serde(default)]
+    pub tunnel: TunnelKind,
 }
 
 impl NewSite {
@@ -53,6 +57,9 @@ pub struct SiteView {
     pub nat_addresses: Vec<Ipv4Addr>,
     /// When the site was created.
     pub created_at: UnixMillis,
+    /// Its tunnel kind.
+    #[serde(default)]
+    pub tunnel: TunnelKind,
 }
 
 /// Operator: create a gateway identity.

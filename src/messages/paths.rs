@@ -39,6 +39,13 @@ pub const SITE_DISABLE: &str = "/api/v1/sites/{id}/disable";
 /// Operator: `POST` → [`super::SiteCreated`]: the site's credential is refused
 /// from now on; the new enrollment token enrolls the agent again.
 pub const SITE_ROTATE: &str = "/api/v1/sites/{id}/rotate";
+/// Operator: `POST` [`super::SiteTunnel`] → 204: the site's tunnel kind (an
+/// IPsec site gets a new pre-shared key). 409 while the site has a tunnel.
+pub const SITE_TUNNEL: &str = "/api/v1/sites/{id}/tunnel";
+/// Operator: `GET` → [`super::IpsecSiteConfig`]: what a hand-configured
+/// router needs (the pre-shared key included; audited without it). 404 for
+/// a WireGuard site.
+pub const SITE_IPSEC: &str = "/api/v1/sites/{id}/ipsec";
 /// Operator: `DELETE` → 204 (refused while the gateway carries sites).
 pub const GATEWAY: &str = "/api/v1/gateways/{id}";
 /// Operator: `POST` [`super::SetDisabled`] → 204. A disabled gateway gets 401

@@ -63,6 +63,7 @@ fn every_message_round_trips_through_json() {
         tunnel_kinds: vec![TunnelKind::Wireguard],
         max_tunnels: 2,
         software_version: "0.1.0".into(),
+        technician_prefixes: Vec::new(),
     });
     round_trip(&GatewayRegistered {
         gateway_id: GatewayId(1),
@@ -99,6 +100,7 @@ fn every_message_round_trips_through_json() {
             public_key: key(3),
             nat_addresses: vec![Ipv4Addr::new(10, 64, 0, 5)],
             tunnel: TunnelKind::Wireguard,
+            ipsec: None,
         }],
     });
     round_trip(&AppliedState {
@@ -114,6 +116,7 @@ fn every_message_round_trips_through_json() {
             endpoint: "203.0.113.1:51820".parse().unwrap(),
             public_key: key(2),
             persistent_keepalive_s: 25,
+            ipsec: None,
         }),
         mappings: vec![AgentMapping {
             nat_address: Ipv4Addr::new(10, 64, 0, 5),
@@ -283,6 +286,7 @@ fn gateway_registration_validation() {
         tunnel_kinds: vec![TunnelKind::Wireguard],
         max_tunnels: 2,
         software_version: "0.1.0".into(),
+        technician_prefixes: Vec::new(),
     };
     assert_eq!(good.validate(), Ok(()));
     let bad = GatewayRegistration {
@@ -304,4 +308,172 @@ fn login_debug_redacts_the_password() {
         password: "hunter2".into(),
     };
     assert!(!format!("{l:?}").contains("hunter2"));
+}
+
+fn ipsec_params() -> IpsecParams {
+    IpsecParams {
+        // base64 of 32 bytes 0..32
+        psk: "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into(),
+        local_id: "site-3.vpnnat".into(),
+        remote_id: "gw-3.vpnnat".into(),
+        ike_proposal: IKE_PROPOSAL.into(),
+        esp_proposal: ESP_PROPOSAL.into(),
+        local_ts: vec!["10.64.0.5/32".parse().unwrap()],
+        remote_ts: vec!["172.16.0.0/24".parse().unwrap()],
+    }
+}
+
+#[test]
+fn the_ipsec_kind_and_its_parameters_round_trip() {
+    assert_eq!(
+        serde_json::to_string(&TunnelKind::Ipsec).unwrap(),
+        "\"ipsec\""
+    );
+    assert_eq!("ipsec".parse(), Ok(TunnelKind::Ipsec));
+    assert_eq!("wireguard".parse(), Ok(TunnelKind::Wireguard));
+    assert!("IPsec".parse::<TunnelKind>().is_err());
+    assert!(serde_json::from_str::<TunnelKind>("\"gre\"").is_err());
+    assert_eq!(TunnelKind::Ipsec.to_string(), "ipsec");
+    assert_eq!(TunnelKind::Ipsec.label(), "IPsec");
+    let peer = GatewayPeer {
+        site_id: SiteId(3),
+        public_key: key(3),
+        nat_addresses: vec![Ipv4Addr::new(10, 64, 0, 5)],
+        tunnel: TunnelKind::Ipsec,
+        ipsec: Some(ipsec_params()),
+    };
+    let json = round_trip(&peer);
+    for needle in [
+        "\"tunnel\":\"ipsec\"",
+        "\"local_ts\":[\"10.64.0.5/32\"]",
+        "\"remote_ts\":[\"172.16.0.0/24\"]",
+        "\"ike_proposal\":\"aes256gcm16-prfsha256-x25519-modp2048\"",
+        "\"esp_proposal\":\"aes256gcm16\"",
+    ] {
+        assert!(json.contains(needle), "{needle} not in {json}");
+    }
+    round_trip(&AgentTunnel {
+        gateway_id: GatewayId(1),
+        kind: TunnelKind::Ipsec,
+        endpoint: "203.0.113.1:500".parse().unwrap(),
+        public_key: key(2),
+        persistent_keepalive_s: 25,
+        ipsec: Some(ipsec_params()),
+    });
+    round_trip(&SiteTunnel {
+        tunnel: TunnelKind::Ipsec,
+    });
+    round_trip(&IpsecSiteConfig {
+        site_id: SiteId(3),
+        name: "s".into(),
+        gateway_id: None,
+        gateway_addresses: vec!["203.0.113.1".parse().unwrap()],
+        ipsec: ipsec_params(),
+        swanctl_conf: "connections {}".into(),
+    });
+    // A WireGuard peer's document has no `ipsec` key at all.
+    let wg = GatewayPeer {
+        tunnel: TunnelKind::Wireguard,
+        ipsec: None,
+        ..peer
+    };
+    assert!(!round_trip(&wg).contains("ipsec"));
+    // Old registrations (no technician prefixes) still parse.
+    let reg: GatewayRegistration = serde_json::from_str(&format!(
+        r#"{{"endpoints":["203.0.113.1:51820"],"public_key":"{}","tunnel_kinds":["wireguard","ipsec"],"max_tunnels":2,"software_version":"x"}}"#,
+        key(2)
+    ))
+    .unwrap();
+    assert!(reg.technician_prefixes.is_empty());
+    assert_eq!(
+        reg.tunnel_kinds,
+        vec![TunnelKind::Wireguard, TunnelKind::Ipsec]
+    );
+    // The site setting: absent is WireGuard; unknown fields are refused.
+    let s: NewSite = serde_json::from_str(r#"{"name":"a"}"#).unwrap();
+    assert_eq!(s.tunnel, TunnelKind::Wireguard);
+    let s: NewSite = serde_json::from_str(r#"{"name":"a","tunnel":"ipsec"}"#).unwrap();
+    assert_eq!(s.tunnel, TunnelKind::Ipsec);
+    assert!(serde_json::from_str::<SiteTunnel>(r#"{"tunnel":"ipsec","psk":"x"}"#).is_err());
+    assert!(serde_json::from_str::<SiteTunnel>("{}").is_err());
+}
+
+#[test]
+fn ipsec_parameter_validation_names_the_field() {
+    assert_eq!(ipsec_params().validate(), Ok(()));
+    let field = |p: IpsecParams| p.validate().unwrap_err().field;
+    // 31 bytes: too short.
+    assert_eq!(
+        field(IpsecParams {
+            psk: "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHg==".into(),
+            ..ipsec_params()
+        }),
+        "psk"
+    );
+    assert_eq!(
+        field(IpsecParams {
+            psk: "not base64 at all, but long enough to pass a length check".into(),
+            ..ipsec_params()
+        }),
+        "psk"
+    );
+    assert_eq!(
+        field(IpsecParams {
+            local_id: "site 3".into(),
+            ..ipsec_params()
+        }),
+        "local_id"
+    );
+    assert_eq!(
+        field(IpsecParams {
+            remote_id: String::new(),
+            ..ipsec_params()
+        }),
+        "remote_id"
+    );
+    assert_eq!(
+        field(IpsecParams {
+            remote_id: "site-3.vpnnat".into(),
+            ..ipsec_params()
+        }),
+        "remote_id"
+    );
+    assert_eq!(
+        field(IpsecParams {
+            ike_proposal: String::new(),
+            ..ipsec_params()
+        }),
+        "ike_proposal"
+    );
+    assert_eq!(
+        field(IpsecParams {
+            esp_proposal: "x".repeat(201),
+            ..ipsec_params()
+        }),
+        "esp_proposal"
+    );
+    assert_eq!(
+        field(IpsecParams {
+            remote_ts: vec!["172.16.0.0/24".parse().unwrap(); 1025],
+            ..ipsec_params()
+        }),
+        "remote_ts"
+    );
+    // The key never shows in Debug output.
+    let p = ipsec_params();
+    assert!(!format!("{p:?}").contains(&p.psk));
+    assert_eq!(site_identity(SiteId(7)), "site-7.vpnnat");
+    assert_eq!(gateway_identity(SiteId(7)), "gw-7.vpnnat");
+    let mut reg = GatewayRegistration {
+        endpoints: vec!["203.0.113.1:51820".parse().unwrap()],
+        public_key: key(2),
+        tunnel_kinds: vec![TunnelKind::Wireguard],
+        max_tunnels: 2,
+        software_version: "0.1.0".into(),
+        technician_prefixes: vec!["172.16.0.0/24".parse().unwrap(); 64],
+    };
+    assert_eq!(reg.validate(), Ok(()));
+    reg.technician_prefixes
+        .push("172.16.1.0/24".parse().unwrap());
+    assert_eq!(reg.validate().unwrap_err().field, "technician_prefixes");
 }

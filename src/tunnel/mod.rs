@@ -69,7 +69,7 @@ impl TunnelKind {
     /// How this kind frames its messages.
     pub fn framing(self) -> Framing {
         match self {
-            TunnelKind::Wireguard => Framing::Datagram,
+            TunnelKind::Wireguard | TunnelKind::Ipsec => Framing::Datagram,
         }
     }
 }
@@ -315,8 +315,15 @@ pub trait Responder: fmt::Debug + Send + Sized {
     /// sender holds the session (so the peer's endpoint may move to it).
     fn proves_sender(datagram: &[u8]) -> bool;
 
-    /// A responder tunnel of `kind` to the holder of `peer`, carrying `index`.
-    fn tunnel(&self, kind: TunnelKind, peer: PublicKey, index: u32, now: Instant) -> Self::Tunnel;
+    /// A responder tunnel of `kind` to the holder of `peer`, carrying
+    /// `index`; `None` for a kind outside the set ([`Kinds::KINDS`]).
+    fn tunnel(
+        &self,
+        kind: TunnelKind,
+        peer: PublicKey,
+        index: u32,
+        now: Instant,
+    ) -> Option<Self::Tunnel>;
 }
 
 /// A set of tunnel kinds a program runs: the type parameter of the gateway's
@@ -326,6 +333,11 @@ pub trait Kinds: 'static {
     type Tunnel: Tunnel;
     /// The gateway-side classifier for every kind in the set.
     type Responder: Responder<Tunnel = Self::Tunnel>;
+
+    /// The kinds in the set. The gateway registers them, refuses peers of
+    /// other kinds (an error of its applied state) and the agent refuses a
+    /// tunnel of another kind, before either asks for a tunnel.
+    const KINDS: &'static [TunnelKind];
 
     /// How often the tunnels' timers want to run.
     const TIMER_TICK: Duration;
@@ -342,7 +354,7 @@ pub trait Kinds: 'static {
     fn buffer_len(packet_len: usize) -> usize;
 
     /// An initiator tunnel of `kind` to `peer` with an optional keepalive
-    /// interval (seconds).
+    /// interval (seconds); `None` for a kind outside the set ([`Self::KINDS`]).
     fn initiator(
         kind: TunnelKind,
         private_key: PrivateKey,
@@ -350,10 +362,11 @@ pub trait Kinds: 'static {
         index: u32,
         keepalive_s: Option<u16>,
         now: Instant,
-    ) -> Self::Tunnel;
+    ) -> Option<Self::Tunnel>;
 }
 
-/// The kinds the product runs (WireGuard today).
+/// The kinds the product runs (WireGuard today; IPsec sites are refused
+/// until its tunnel joins [`AnyTunnel`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Builtin;
 
@@ -483,9 +496,15 @@ impl Responder for Responders {
         wireguard::Responder::proves_sender(datagram)
     }
 
-    fn tunnel(&self, kind: TunnelKind, peer: PublicKey, index: u32, now: Instant) -> AnyTunnel {
+    fn tunnel(
+        &self,
+        kind: TunnelKind,
+        peer: PublicKey,
+        index: u32,
+        now: Instant,
+    ) -> Option<AnyTunnel> {
         match kind {
-            TunnelKind::Wireguard => AnyTunnel::Wireguard(wireguard::Tunnel::new(
+            TunnelKind::Wireguard => Some(AnyTunnel::Wireguard(wireguard::Tunnel::new(
                 wireguard::TunnelConfig {
                     limiter: Some(self.wireguard.limiter()),
                     ..wireguard::TunnelConfig::responder(
@@ -495,7 +514,8 @@ impl Responder for Responders {
                     )
                 },
                 now,
-            )),
+            ))),
+            TunnelKind::Ipsec => None,
         }
     }
 }
@@ -504,6 +524,7 @@ impl Kinds for Builtin {
     type Tunnel = AnyTunnel;
     type Responder = Responders;
 
+    const KINDS: &'static [TunnelKind] = &[TunnelKind::Wireguard];
     const TIMER_TICK: Duration = wireguard::TIMER_TICK;
     const MAX_INDEX: u32 = wireguard::MAX_INDEX;
     const DATA_OVERHEAD: usize = wireguard::DATA_OVERHEAD;
@@ -520,12 +541,13 @@ impl Kinds for Builtin {
         index: u32,
         keepalive_s: Option<u16>,
         now: Instant,
-    ) -> AnyTunnel {
+    ) -> Option<AnyTunnel> {
         match kind {
-            TunnelKind::Wireguard => AnyTunnel::Wireguard(wireguard::Tunnel::new(
+            TunnelKind::Wireguard => Some(AnyTunnel::Wireguard(wireguard::Tunnel::new(
                 wireguard::TunnelConfig::initiator(private_key, peer, index, keepalive_s),
                 now,
-            )),
+            ))),
+            TunnelKind::Ipsec => None,
         }
     }
 }

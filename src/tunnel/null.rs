@@ -443,8 +443,16 @@ impl Responder for NullResponder {
         datagram.first() != Some(&COOKIE)
     }
 
-    fn tunnel(&self, _kind: TunnelKind, peer: PublicKey, index: u32, now: Instant) -> NullTunnel {
-        NullTunnel::new(self.key, peer, index, false, now)
+    fn tunnel(
+        &self,
+        kind: TunnelKind,
+        peer: PublicKey,
+        index: u32,
+        now: Instant,
+    ) -> Option<NullTunnel> {
+        Null::KINDS
+            .contains(&kind)
+            .then(|| NullTunnel::new(self.key, peer, index, false, now))
     }
 }
 
@@ -504,6 +512,8 @@ impl Kinds for Null {
     type Tunnel = NullTunnel;
     type Responder = NullResponder;
 
+    // Stands in for WireGuard; like the product, it runs no IPsec.
+    const KINDS: &'static [TunnelKind] = &[TunnelKind::Wireguard];
     const TIMER_TICK: Duration = TICK;
     const MAX_INDEX: u32 = (1 << 24) - 1;
     const DATA_OVERHEAD: usize = OVERHEAD;
@@ -513,15 +523,18 @@ impl Kinds for Null {
     }
 
     fn initiator(
-        _kind: TunnelKind,
+        kind: TunnelKind,
         private_key: PrivateKey,
         peer: PublicKey,
         index: u32,
         keepalive_s: Option<u16>,
         now: Instant,
-    ) -> NullTunnel {
+    ) -> Option<NullTunnel> {
+        if !Self::KINDS.contains(&kind) {
+            return None;
+        }
         let mut t = NullTunnel::new(private_key.public_key(), peer, index, true, now);
         t.keepalive = keepalive_s.map(|s| Duration::from_secs(u64::from(s)));
-        t
+        Some(t)
     }
 }

@@ -101,14 +101,17 @@ pub(crate) struct NullClient(NullTunnel);
 
 impl TestClient for NullClient {
     fn new(seed: u8, server: &PrivateKey) -> Self {
-        Self(Null::initiator(
-            TunnelKind::Wireguard,
-            PrivateKey::from_bytes([seed; 32]),
-            server.public_key(),
-            u32::from(seed),
-            Some(25),
-            Instant::now(),
-        ))
+        Self(
+            Null::initiator(
+                TunnelKind::Wireguard,
+                PrivateKey::from_bytes([seed; 32]),
+                server.public_key(),
+                u32::from(seed),
+                Some(25),
+                Instant::now(),
+            )
+            .expect("the null kind runs WireGuard"),
+        )
     }
 
     fn initiation(&mut self, force: bool) -> Vec<u8> {

@@ -2,6 +2,8 @@
 //! reasons an operation refuses ([`OpError`]). They stay typed up to the
 //! HTTP boundary (`crate::error`), where each becomes a status and a code.
 
+use vpnnat::messages::TunnelKind;
+
 /// A database failure.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -43,10 +45,11 @@ pub enum OpError {
         /// Why.
         message: String,
     },
-    /// No healthy gateway has a free tunnel slot. The message is what the
-    /// customer is shown: the transaction is rolled back, nothing is held.
-    #[error("no gateway has a free tunnel slot; nothing was allocated, try again later")]
-    NoCapacity,
+    /// No healthy gateway that runs the site's tunnel kind has a free
+    /// tunnel slot. The message is what the customer is shown: the
+    /// transaction is rolled back, nothing is held.
+    #[error("{}", no_capacity(*.0))]
+    NoCapacity(TunnelKind),
     /// Every pool address is held (message as for `NoCapacity`).
     #[error("the NAT-address pool is exhausted; nothing was allocated, try again later")]
     PoolExhausted,
@@ -72,6 +75,20 @@ pub enum OpError {
     RateLimited(String),
 }
 
+/// What a site is told when no gateway of its kind has a slot.
+fn no_capacity(kind: TunnelKind) -> String {
+    match kind {
+        TunnelKind::Wireguard => {
+            "no gateway has a free tunnel slot; nothing was allocated, try again later".to_owned()
+        }
+        k => format!(
+            "no gateway that runs {} tunnels has a free tunnel slot; nothing was allocated, \
+             try again later",
+            k.label()
+        ),
+    }
+}
+
 impl From<sqlx::Error> for OpError {
     fn from(e: sqlx::Error) -> Self {
         Self::Db(DbError::Other(e))
@@ -90,7 +107,7 @@ impl OpError {
     /// Whether this is a refusal for want of capacity (a gateway slot or a
     /// pool address): the site is told, and the caller may try again later.
     pub fn is_capacity(&self) -> bool {
-        matches!(self, Self::NoCapacity | Self::PoolExhausted)
+        matches!(self, Self::NoCapacity(_) | Self::PoolExhausted)
     }
 }
 

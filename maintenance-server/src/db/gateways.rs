@@ -58,7 +58,7 @@ pub async fn register_gateway(
 ) -> OpResult<GatewayRegistered> {
     let row = tx
         .row_by_id(
-            "SELECT endpoints, public_key, health FROM gateways WHERE id = $1",
+            "SELECT endpoints, public_key, health, technician_prefixes FROM gateways WHERE id = $1",
             gw.0,
             "gateway",
         )
@@ -67,20 +67,25 @@ pub async fn register_gateway(
     let old_key: Option<String> = col(&row, "public_key")?;
     let endpoints = serde_json::to_string(&reg.endpoints).unwrap_or_else(|_| "[]".into());
     let kinds = serde_json::to_string(&reg.tunnel_kinds).unwrap_or_else(|_| "[]".into());
+    let prefixes = serde_json::to_string(&reg.technician_prefixes).unwrap_or_else(|_| "[]".into());
+    let old_prefixes: String = col(&row, "technician_prefixes")?;
     let key = reg.public_key.to_base64();
     // Sites first, then the gateway row: the lock order of every other transaction.
     // A gateway that restarts registers before its first heartbeat.
     if col::<String>(&row, "health")? == "down" {
         clear_stranded(tx, gw).await?;
     }
-    if old_endpoints != endpoints || old_key.as_deref() != Some(key.as_str()) {
+    // The technician prefixes are the traffic selectors of its IPsec sites.
+    let new_prefixes = old_prefixes != prefixes;
+    if new_prefixes || old_endpoints != endpoints || old_key.as_deref() != Some(key.as_str()) {
         for site in gateway_sites(tx, gw).await? {
             tx.bump_site(site).await?;
         }
     }
     let sql = format!(
         "UPDATE gateways SET endpoints = $1, public_key = $2, tunnel_kinds = $3, max_tunnels = $4, \
-         software_version = $5, health = 'healthy', last_heartbeat = {} WHERE id = $6",
+         software_version = $5, technician_prefixes = $6, health = 'healthy', last_heartbeat = {} \
+         WHERE id = $7",
         tx.kind.now_ms_sql()
     );
     sqlx::query(&sql)
@@ -89,9 +94,13 @@ pub async fn register_gateway(
         .bind(&kinds)
         .bind(i64::from(reg.max_tunnels))
         .bind(&reg.software_version)
+        .bind(&prefixes)
         .bind(id64(gw.0))
         .execute(&mut *tx.inner)
         .await?;
+    if new_prefixes {
+        tx.bump_gateway(gw).await?;
+    }
     tx.audit(
         now,
         &format!("gateway:{gw}"),

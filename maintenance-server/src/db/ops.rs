@@ -23,8 +23,8 @@ pub use super::requests::{
 };
 pub use super::restore::advance_versions;
 pub use super::sites::{
-    create_site, delete_site, enroll, new_site_token, rotate_site, set_problem, set_site_disabled,
-    site_applied,
+    create_site, delete_site, enroll, new_site_token, read_ipsec_config, rotate_site, set_problem,
+    set_site_disabled, set_site_tunnel, site_applied,
 };
 pub use super::technicians::{
     NewSession, close_session, delete_expired_sessions, delete_technician, open_session,

@@ -2,32 +2,41 @@
 //! and the problem shown to the customer when a request could not be met.
 
 use vpnnat::messages::{
-    EnrollResponse, PublicKey, RequestId, RequestState, SiteCreated, SiteId, UnixMillis,
+    EnrollResponse, IpsecSiteConfig, PublicKey, RequestId, RequestState, SiteCreated, SiteId,
+    TunnelKind, UnixMillis,
 };
 
 use super::error::{DbError, OpError, OpResult, is_unique_violation};
 use super::policy::Policy;
 use super::requests::close_request;
 use super::tunnels::{release_slot, site_gateway};
+use super::views::{enum_parse, enum_str, ipsec_config};
 use super::{Tx, col, id64, ids_of, u64_of};
-use crate::secrets::{Secret, SecretKind};
+use crate::secrets::{Psk, Secret, SecretKind};
 
-/// Creates a site and its first enrollment token.
+/// Creates a site of tunnel kind `tunnel` (an IPsec site with a fresh
+/// pre-shared key) and its first enrollment token.
 ///
 /// # Errors
 /// `Conflict` on a taken name.
 pub async fn create_site(
     tx: &mut Tx,
     name: &str,
+    tunnel: TunnelKind,
     actor: &str,
     now: i64,
     policy: &Policy,
 ) -> OpResult<SiteCreated> {
     tx.name_free("SELECT id FROM sites WHERE name = $1", name, "site")
         .await?;
-    let row = sqlx::query("INSERT INTO sites (name, created_at) VALUES ($1, $2) RETURNING id")
+    let psk = psk_for(tunnel);
+    let row = sqlx::query(
+        "INSERT INTO sites (name, created_at, tunnel, ipsec_psk) VALUES ($1, $2, $3, $4) RETURNING id",
+    )
         .bind(name)
         .bind(now)
+        .bind(enum_str(&tunnel))
+        .bind(psk.as_ref().map(Psk::expose))
         .fetch_one(&mut *tx.inner)
         .await
         .map_err(OpError::from)
@@ -48,6 +57,95 @@ pub async fn create_site(
         enrollment_token: token,
         token_expires_at: UnixMillis(u64_of(expires)),
     })
+}
+
+/// A fresh pre-shared key for a site of kind `tunnel`, if it needs one.
+fn psk_for(tunnel: TunnelKind) -> Option<Psk> {
+    match tunnel {
+        TunnelKind::Ipsec => Some(Psk::generate()),
+        TunnelKind::Wireguard => None,
+    }
+}
+
+/// A site's tunnel kind.
+///
+/// # Errors
+/// `NotFound`, or a stored kind that is not one.
+pub(super) async fn site_kind(tx: &mut Tx, site: SiteId) -> OpResult<TunnelKind> {
+    let row = tx
+        .row_by_id("SELECT tunnel FROM sites WHERE id = $1", site.0, "site")
+        .await?;
+    Ok(enum_parse(&col::<String>(&row, "tunnel")?)?)
+}
+
+/// Sets a site's tunnel kind: an IPsec site gets a fresh pre-shared key, a
+/// WireGuard site loses it. Refused while the site has a tunnel (its open
+/// requests would have to move to another kind's gateway mid-maintenance).
+///
+/// # Errors
+/// `NotFound`; `InvalidState` while the site has a tunnel.
+pub async fn set_site_tunnel(
+    tx: &mut Tx,
+    site: SiteId,
+    tunnel: TunnelKind,
+    actor: &str,
+    now: i64,
+) -> OpResult<()> {
+    tx.lock_site(site).await.map_err(site_not_found)?;
+    let old = site_kind(tx, site).await?;
+    if old == tunnel {
+        return Ok(());
+    }
+    if site_gateway(tx, site).await?.is_some() {
+        return Err(OpError::InvalidState(
+            "the site has a tunnel (open requests); its tunnel kind can change once they end"
+                .into(),
+        ));
+    }
+    let psk = psk_for(tunnel);
+    sqlx::query("UPDATE sites SET tunnel = $1, ipsec_psk = $2 WHERE id = $3")
+        .bind(enum_str(&tunnel))
+        .bind(psk.as_ref().map(Psk::expose))
+        .bind(id64(site.0))
+        .execute(&mut *tx.inner)
+        .await?;
+    tx.bump_site(site).await?;
+    tx.touch_console();
+    tx.audit(
+        now,
+        actor,
+        "site.tunnel",
+        &format!("site:{site}"),
+        &format!("{old} => {tunnel}"),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The parameters of IPsec site `site` for a router configured by hand,
+/// recorded in the audit log (without the key).
+///
+/// # Errors
+/// `NotFound` for an unknown site or a WireGuard site.
+pub async fn read_ipsec_config(
+    tx: &mut Tx,
+    site: SiteId,
+    actor: &str,
+    now: i64,
+) -> OpResult<IpsecSiteConfig> {
+    let config = ipsec_config(&mut tx.inner, site)
+        .await
+        .map_err(site_not_found)?
+        .ok_or(OpError::NotFound("IPsec site"))?;
+    tx.audit(
+        now,
+        actor,
+        "site.ipsec_config",
+        &format!("site:{site}"),
+        "IPsec parameters read",
+    )
+    .await?;
+    Ok(config)
 }
 
 async fn insert_enrollment_token(
@@ -335,7 +433,8 @@ pub async fn delete_site(tx: &mut Tx, site: SiteId, actor: &str, now: i64) -> Op
 /// commit on, and a fresh enrollment token (returned) lets the agent enroll
 /// again (`--token`), getting a new credential. For a credential that may
 /// have leaked; [`new_site_token`] alone leaves the current one valid until
-/// the agent re-enrolls.
+/// the agent re-enrolls. An IPsec site also gets a new pre-shared key, in
+/// force on its gateway at once (the old one is refused from then on).
 ///
 /// # Errors
 /// `NotFound`.
@@ -347,19 +446,28 @@ pub async fn rotate_site(
     policy: &Policy,
 ) -> OpResult<SiteCreated> {
     let name = tx.lock_site(site).await.map_err(site_not_found)?;
-    sqlx::query("UPDATE sites SET credential_hash = NULL WHERE id = $1")
-        .bind(id64(site.0))
-        .execute(&mut *tx.inner)
-        .await?;
-    let (token, expires) = insert_enrollment_token(tx, site, now, policy).await?;
-    tx.audit(
-        now,
-        actor,
-        "site.rotate",
-        &format!("site:{site}"),
-        "credential revoked, new enrollment token",
+    let psk = psk_for(site_kind(tx, site).await?);
+    sqlx::query(
+        "UPDATE sites SET credential_hash = NULL, ipsec_psk = COALESCE($1, ipsec_psk) WHERE id = $2",
     )
+    .bind(psk.as_ref().map(Psk::expose))
+    .bind(id64(site.0))
+    .execute(&mut *tx.inner)
     .await?;
+    let (token, expires) = insert_enrollment_token(tx, site, now, policy).await?;
+    if psk.is_some() {
+        tx.bump_site(site).await?;
+        if let Some(gw) = site_gateway(tx, site).await? {
+            tx.bump_gateway(gw).await?;
+        }
+    }
+    let detail = if psk.is_some() {
+        "credential revoked, new enrollment token, new pre-shared key"
+    } else {
+        "credential revoked, new enrollment token"
+    };
+    tx.audit(now, actor, "site.rotate", &format!("site:{site}"), detail)
+        .await?;
     Ok(SiteCreated {
         site_id: site,
         name,

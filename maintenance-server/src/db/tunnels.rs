@@ -1,10 +1,11 @@
 //! Tunnels: which gateway carries a site, tunnel slots, and moving sites
 //! off a gateway that is down (failover).
 
-use vpnnat::messages::{GatewayId, Health, SiteId};
+use vpnnat::messages::{GatewayId, Health, SiteId, TunnelKind};
 
 use super::error::{OpError, OpResult};
-use super::views::enum_str;
+use super::sites::site_kind;
+use super::views::{enum_parse, enum_str};
 use super::{Tx, col, id64, ids_of, u64_of};
 
 pub(super) async fn site_gateway(tx: &mut Tx, site: SiteId) -> OpResult<Option<GatewayId>> {
@@ -26,17 +27,24 @@ pub(super) async fn gateway_sites(tx: &mut Tx, gw: GatewayId) -> OpResult<Vec<Si
     Ok(ids_of(&rows, "site_id", SiteId)?)
 }
 
-/// Takes a tunnel slot on the best gateway: healthy, registered, not
-/// draining, with a free slot, least loaded (by share of capacity), then
-/// lowest id. The slot is claimed with a conditional update, so two replicas
-/// cannot overbook a gateway.
-async fn claim_slot(tx: &mut Tx, exclude: Option<GatewayId>) -> OpResult<GatewayId> {
+/// Takes a tunnel slot on the best gateway: healthy, registered with the
+/// site's tunnel kind, not draining, with a free slot, least loaded (by
+/// share of capacity), then lowest id. The slot is claimed with a
+/// conditional update, so two replicas cannot overbook a gateway.
+async fn claim_slot(
+    tx: &mut Tx,
+    kind: TunnelKind,
+    exclude: Option<GatewayId>,
+) -> OpResult<GatewayId> {
+    // `tunnel_kinds` is the registration's JSON list, e.g. `["wireguard"]`.
     let candidates = sqlx::query(
         "SELECT id FROM gateways WHERE health = 'healthy' AND drain = 0 AND disabled = 0 \
          AND public_key IS NOT NULL AND tunnels < max_tunnels AND id <> $1 \
+         AND tunnel_kinds LIKE $2 \
          ORDER BY (tunnels * 1000000) / max_tunnels, tunnels, id LIMIT 8",
     )
     .bind(exclude.map_or(0, |g| id64(g.0)))
+    .bind(format!("%\"{kind}\"%"))
     .fetch_all(&mut *tx.inner)
     .await?;
     for c in candidates {
@@ -52,7 +60,7 @@ async fn claim_slot(tx: &mut Tx, exclude: Option<GatewayId>) -> OpResult<Gateway
             return Ok(GatewayId(u64_of(id)));
         }
     }
-    Err(OpError::NoCapacity)
+    Err(OpError::NoCapacity(kind))
 }
 
 pub(super) async fn release_slot(tx: &mut Tx, gw: GatewayId) -> OpResult<()> {
@@ -85,7 +93,8 @@ pub(super) async fn ensure_tunnel(
         let to = move_site(tx, site, gw, now).await?;
         return Ok((to, false));
     }
-    let gw = claim_slot(tx, None).await?;
+    let kind = site_kind(tx, site).await?;
+    let gw = claim_slot(tx, kind, None).await?;
     // ready_version -1: announced to the agent once the gateway has applied
     // the document that holds the peer (see `Tx::commit`, `gateway_applied`).
     sqlx::query(
@@ -111,7 +120,8 @@ pub async fn move_site(
     from: GatewayId,
     now: i64,
 ) -> OpResult<GatewayId> {
-    let to = claim_slot(tx, Some(from)).await?;
+    let kind = site_kind(tx, site).await?;
+    let to = claim_slot(tx, kind, Some(from)).await?;
     sqlx::query(
         "UPDATE tunnels SET gateway_id = $1, created_at = $2, ready_version = -1 WHERE site_id = $3",
     )
@@ -141,13 +151,14 @@ pub async fn move_site(
 }
 
 /// Sites whose tunnel is on a down gateway, each with whether it has been
-/// told already that it is stranded.
+/// told already that it is stranded, and its tunnel kind.
 ///
 /// # Errors
 /// Database failures.
-pub async fn stranded_sites(tx: &mut Tx) -> OpResult<Vec<(SiteId, GatewayId, bool)>> {
+pub async fn stranded_sites(tx: &mut Tx) -> OpResult<Vec<(SiteId, GatewayId, bool, TunnelKind)>> {
     let rows = sqlx::query(
-        "SELECT t.site_id, t.gateway_id, CAST(CASE WHEN s.problem = $1 THEN 1 ELSE 0 END AS BIGINT) AS told \
+        "SELECT t.site_id, t.gateway_id, s.tunnel, \
+         CAST(CASE WHEN s.problem = $1 THEN 1 ELSE 0 END AS BIGINT) AS told \
          FROM tunnels t JOIN gateways g ON g.id = t.gateway_id JOIN sites s ON s.id = t.site_id \
          WHERE g.health = 'down' ORDER BY t.site_id LIMIT 1000",
     )
@@ -160,6 +171,7 @@ pub async fn stranded_sites(tx: &mut Tx) -> OpResult<Vec<(SiteId, GatewayId, boo
                 SiteId(u64_of(col(r, "site_id")?)),
                 GatewayId(u64_of(col(r, "gateway_id")?)),
                 col::<i64>(r, "told")? != 0,
+                enum_parse(&col::<String>(r, "tunnel")?)?,
             ))
         })
         .collect()

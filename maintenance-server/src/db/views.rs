@@ -4,16 +4,18 @@
 //! so the content is never older than the version it is labelled with.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
+use vpnnat::ipv4::Prefix;
 use vpnnat::messages::{
-    AgentDesiredState, AgentMapping, AgentTunnel, AuditEntry, FailureView, GatewayDesiredState,
-    GatewayId, GatewayPeer, GatewayView, MaintenanceRequestView, PublicKey, RequestId,
-    RequestState, SiteId, SiteView, TerminalAssignment, TerminalName, TunnelKind, UnixMillis,
+    AgentDesiredState, AgentMapping, AgentTunnel, AuditEntry, ESP_PROPOSAL, FailureView,
+    GatewayDesiredState, GatewayId, GatewayPeer, GatewayView, IKE_PORT, IKE_PROPOSAL, IpsecParams,
+    IpsecSiteConfig, MaintenanceRequestView, PublicKey, RequestId, RequestState, SiteId, SiteView,
+    TerminalAssignment, TerminalName, TunnelKind, UnixMillis, gateway_identity, site_identity,
 };
 
 use super::{DbError, DbResult, col, id64, u64_of};
@@ -88,43 +90,15 @@ pub async fn agent_state(
     site: SiteId,
     keepalive_s: u16,
 ) -> DbResult<AgentDesiredState> {
-    let row = sqlx::query("SELECT version, problem FROM sites WHERE id = $1")
+    let row = sqlx::query("SELECT version, problem, tunnel, ipsec_psk FROM sites WHERE id = $1")
         .bind(id64(site.0))
         .fetch_optional(&mut *conn)
         .await?
         .ok_or(DbError::NotFound)?;
     let version = u64_of(col(&row, "version")?);
     let problem: Option<String> = col(&row, "problem")?;
-    let tunnel = sqlx::query(
-        // Only once the gateway has applied a document holding this peer:
-        // a handshake that arrived earlier would be dropped (unknown key).
-        "SELECT g.id, g.endpoints, g.public_key FROM tunnels t JOIN gateways g ON g.id = t.gateway_id \
-         WHERE t.site_id = $1 AND t.ready_version >= 0 AND t.ready_version <= g.applied_version",
-    )
-    .bind(id64(site.0))
-    .fetch_optional(&mut *conn)
-    .await?;
-    let tunnel = match tunnel {
-        Some(r) => {
-            let endpoints: Vec<std::net::SocketAddr> =
-                serde_json::from_str(&col::<String>(&r, "endpoints")?).map_err(decode_err)?;
-            let key: Option<String> = col(&r, "public_key")?;
-            match (
-                endpoints.first(),
-                key.and_then(|k| k.parse::<PublicKey>().ok()),
-            ) {
-                (Some(ep), Some(key)) => Some(AgentTunnel {
-                    gateway_id: GatewayId(u64_of(col(&r, "id")?)),
-                    kind: TunnelKind::Wireguard,
-                    endpoint: *ep,
-                    public_key: key,
-                    persistent_keepalive_s: keepalive_s,
-                }),
-                _ => None,
-            }
-        }
-        None => None,
-    };
+    let kind: TunnelKind = enum_parse(&col::<String>(&row, "tunnel")?)?;
+    let psk: Option<String> = col(&row, "ipsec_psk")?;
     let rows = sqlx::query(
         "SELECT n.address, n.terminal, MAX(r.expires_at) AS expires_at, MAX(r.id) AS request_id \
          FROM nat_addresses n \
@@ -145,6 +119,62 @@ pub async fn agent_state(
             expires_at: ms(col(&r, "expires_at")?),
         });
     }
+    let tunnel = sqlx::query(
+        // Only once the gateway has applied a document holding this peer:
+        // a handshake that arrived earlier would be dropped (unknown key).
+        "SELECT g.id, g.endpoints, g.public_key, g.technician_prefixes FROM tunnels t \
+         JOIN gateways g ON g.id = t.gateway_id \
+         WHERE t.site_id = $1 AND t.ready_version >= 0 AND t.ready_version <= g.applied_version",
+    )
+    .bind(id64(site.0))
+    .fetch_optional(&mut *conn)
+    .await?;
+    let tunnel = match tunnel {
+        Some(r) => {
+            let endpoints: Vec<std::net::SocketAddr> =
+                serde_json::from_str(&col::<String>(&r, "endpoints")?).map_err(decode_err)?;
+            let key: Option<String> = col(&r, "public_key")?;
+            match (
+                endpoints.first(),
+                key.and_then(|k| k.parse::<PublicKey>().ok()),
+            ) {
+                (Some(ep), Some(key)) => {
+                    let (endpoint, ipsec) = match kind {
+                        TunnelKind::Wireguard => (*ep, None),
+                        TunnelKind::Ipsec => {
+                            let center: Vec<Prefix> =
+                                serde_json::from_str(&col::<String>(&r, "technician_prefixes")?)
+                                    .map_err(decode_err)?;
+                            let nat: Vec<Ipv4Addr> =
+                                mappings.iter().map(|m| m.nat_address).collect();
+                            (
+                                SocketAddr::new(ep.ip(), IKE_PORT),
+                                psk.clone().map(|psk| IpsecParams {
+                                    psk,
+                                    local_id: site_identity(site),
+                                    remote_id: gateway_identity(site),
+                                    ike_proposal: IKE_PROPOSAL.to_owned(),
+                                    esp_proposal: ESP_PROPOSAL.to_owned(),
+                                    local_ts: host_prefixes(&nat),
+                                    remote_ts: center,
+                                }),
+                            )
+                        }
+                    };
+                    Some(AgentTunnel {
+                        gateway_id: GatewayId(u64_of(col(&r, "id")?)),
+                        kind,
+                        endpoint,
+                        public_key: key,
+                        persistent_keepalive_s: keepalive_s,
+                        ipsec,
+                    })
+                }
+                _ => None,
+            }
+        }
+        None => None,
+    };
     Ok(AgentDesiredState {
         version,
         site_id: site,
@@ -152,6 +182,14 @@ pub async fn agent_state(
         mappings,
         problem,
     })
+}
+
+/// One /32 traffic selector per address (RFC 7296 §2.9).
+pub fn host_prefixes(addresses: &[Ipv4Addr]) -> Vec<Prefix> {
+    addresses
+        .iter()
+        .filter_map(|a| Prefix::new(*a, 32).ok())
+        .collect()
 }
 
 /// The gateway's desired state, or `NotFound`.
@@ -162,15 +200,17 @@ pub async fn gateway_state(
     conn: &mut AnyConnection,
     gw: GatewayId,
 ) -> DbResult<GatewayDesiredState> {
-    let version: i64 = sqlx::query("SELECT version FROM gateways WHERE id = $1")
+    let row = sqlx::query("SELECT version, technician_prefixes FROM gateways WHERE id = $1")
         .bind(id64(gw.0))
         .fetch_optional(&mut *conn)
         .await?
-        .ok_or(DbError::NotFound)
-        .and_then(|r| col(&r, "version"))?;
+        .ok_or(DbError::NotFound)?;
+    let version: i64 = col(&row, "version")?;
+    let center: Vec<Prefix> =
+        serde_json::from_str(&col::<String>(&row, "technician_prefixes")?).map_err(decode_err)?;
     let rows = sqlx::query(
-        "SELECT s.id, s.public_key, n.address FROM tunnels t JOIN sites s ON s.id = t.site_id \
-         LEFT JOIN nat_addresses n ON n.site_id = s.id \
+        "SELECT s.id, s.public_key, s.tunnel, s.ipsec_psk, n.address FROM tunnels t \
+         JOIN sites s ON s.id = t.site_id LEFT JOIN nat_addresses n ON n.site_id = s.id \
          WHERE t.gateway_id = $1 AND s.public_key IS NOT NULL ORDER BY s.id, n.address",
     )
     .bind(id64(gw.0))
@@ -182,15 +222,33 @@ pub async fn gateway_state(
         let addr: Option<i64> = col(&r, "address")?;
         if peers.last().is_none_or(|p| p.site_id != site) {
             let key: String = col(&r, "public_key")?;
+            let kind: TunnelKind = enum_parse(&col::<String>(&r, "tunnel")?)?;
+            let psk: Option<String> = col(&r, "ipsec_psk")?;
             peers.push(GatewayPeer {
                 site_id: site,
                 public_key: key.parse().map_err(decode_err)?,
                 nat_addresses: Vec::new(),
-                tunnel: TunnelKind::Wireguard,
+                tunnel: kind,
+                ipsec: psk
+                    .filter(|_| kind == TunnelKind::Ipsec)
+                    .map(|psk| IpsecParams {
+                        psk,
+                        local_id: gateway_identity(site),
+                        remote_id: site_identity(site),
+                        ike_proposal: IKE_PROPOSAL.to_owned(),
+                        esp_proposal: ESP_PROPOSAL.to_owned(),
+                        local_ts: center.clone(),
+                        remote_ts: Vec::new(),
+                    }),
             });
         }
         if let (Some(a), Some(p)) = (addr, peers.last_mut()) {
             p.nat_addresses.push(addr_of(a));
+        }
+    }
+    for p in &mut peers {
+        if let Some(ipsec) = p.ipsec.as_mut() {
+            ipsec.remote_ts = host_prefixes(&p.nat_addresses);
         }
     }
     Ok(GatewayDesiredState {
@@ -363,7 +421,7 @@ pub async fn request(conn: &mut AnyConnection, id: RequestId) -> DbResult<Mainte
 /// Database failures.
 pub async fn sites(conn: &mut AnyConnection) -> DbResult<Vec<SiteView>> {
     let rows = sqlx::query(
-        "SELECT s.id, s.name, s.public_key, s.created_at, t.gateway_id FROM sites s \
+        "SELECT s.id, s.name, s.public_key, s.created_at, s.tunnel, t.gateway_id FROM sites s \
          LEFT JOIN tunnels t ON t.site_id = s.id ORDER BY s.id",
     )
     .fetch_all(&mut *conn)
@@ -392,9 +450,90 @@ pub async fn sites(conn: &mut AnyConnection) -> DbResult<Vec<SiteView>> {
                 gateway_id: gw.map(|g| GatewayId(u64_of(g))),
                 nat_addresses: addrs.remove(&id).unwrap_or_default(),
                 created_at: ms(col(r, "created_at")?),
+                tunnel: enum_parse(&col::<String>(r, "tunnel")?)?,
             })
         })
         .collect()
+}
+
+/// What a hand-configured router needs for IPsec site `site` (`None` for a
+/// WireGuard site), or `NotFound`.
+///
+/// # Errors
+/// Database failures.
+pub async fn ipsec_config(
+    conn: &mut AnyConnection,
+    site: SiteId,
+) -> DbResult<Option<IpsecSiteConfig>> {
+    let row = sqlx::query("SELECT name, tunnel, ipsec_psk FROM sites WHERE id = $1")
+        .bind(id64(site.0))
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(DbError::NotFound)?;
+    let kind: TunnelKind = enum_parse(&col::<String>(&row, "tunnel")?)?;
+    let (TunnelKind::Ipsec, Some(psk)) = (kind, col::<Option<String>>(&row, "ipsec_psk")?) else {
+        return Ok(None);
+    };
+    let name: String = col(&row, "name")?;
+    let current: Option<i64> = sqlx::query("SELECT gateway_id FROM tunnels WHERE site_id = $1")
+        .bind(id64(site.0))
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|r| col(&r, "gateway_id"))
+        .transpose()?;
+    // The carrying gateway first, then every other one registered with IPsec.
+    let rows = sqlx::query(
+        "SELECT id, endpoints, technician_prefixes FROM gateways \
+         WHERE id = $1 OR (tunnel_kinds LIKE $2 AND disabled = 0 AND public_key IS NOT NULL) \
+         ORDER BY CASE WHEN id = $1 THEN 0 ELSE 1 END, id",
+    )
+    .bind(current.unwrap_or(0))
+    .bind(format!("%\"{}\"%", TunnelKind::Ipsec))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut gateway_addresses: Vec<IpAddr> = Vec::new();
+    let mut center: Option<Vec<Prefix>> = None;
+    for r in &rows {
+        let endpoints: Vec<SocketAddr> =
+            serde_json::from_str(&col::<String>(r, "endpoints")?).map_err(decode_err)?;
+        if let Some(ep) = endpoints.first()
+            && !gateway_addresses.contains(&ep.ip())
+        {
+            gateway_addresses.push(ep.ip());
+        }
+        if center.is_none() {
+            let prefixes: Vec<Prefix> =
+                serde_json::from_str(&col::<String>(r, "technician_prefixes")?)
+                    .map_err(decode_err)?;
+            center = Some(prefixes).filter(|p| !p.is_empty());
+        }
+    }
+    let nat: Vec<Ipv4Addr> =
+        sqlx::query("SELECT address FROM nat_addresses WHERE site_id = $1 ORDER BY address")
+            .bind(id64(site.0))
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| col(r, "address").map(addr_of))
+            .collect::<DbResult<_>>()?;
+    let ipsec = IpsecParams {
+        psk,
+        local_id: site_identity(site),
+        remote_id: gateway_identity(site),
+        ike_proposal: IKE_PROPOSAL.to_owned(),
+        esp_proposal: ESP_PROPOSAL.to_owned(),
+        local_ts: host_prefixes(&nat),
+        remote_ts: center.unwrap_or_default(),
+    };
+    let swanctl_conf = crate::swanctl::swanctl_conf(site, &name, &gateway_addresses, &ipsec);
+    Ok(Some(IpsecSiteConfig {
+        site_id: site,
+        name,
+        gateway_id: current.map(|g| GatewayId(u64_of(g))),
+        gateway_addresses,
+        ipsec,
+        swanctl_conf,
+    }))
 }
 
 /// All gateways (or one).

@@ -7,8 +7,8 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use vpnnat::messages::{
-    DrainGateway, GatewayCreated, GatewayId, GatewayView, NewGateway, NewSite, SiteCreated, SiteId,
-    SiteView,
+    DrainGateway, GatewayCreated, GatewayId, GatewayView, IpsecSiteConfig, NewGateway, NewSite,
+    SiteCreated, SiteId, SiteTunnel, SiteView,
 };
 
 use super::{only_params, path_id, read, write};
@@ -29,8 +29,9 @@ pub async fn create_site(
     let now = now_ms();
     let policy = state.policy.clone();
     let name = body.name.trim().to_owned();
+    let tunnel = body.tunnel;
     let r = write(&state, async |tx| {
-        ops::create_site(tx, &name, ACTOR, now, &policy).await
+        ops::create_site(tx, &name, tunnel, ACTOR, now, &policy).await
     })
     .await?;
     Ok((StatusCode::CREATED, Json(r)))
@@ -61,6 +62,40 @@ pub async fn site_token(
         })
         .await?,
     ))
+}
+
+/// `POST /api/v1/sites/{id}/tunnel`
+pub async fn site_tunnel(
+    State(state): State<AppState>,
+    _op: OperatorAuth,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<SiteTunnel>,
+) -> Result<StatusCode, AppError> {
+    let site = SiteId(path_id(&id)?);
+    let now = now_ms();
+    write(&state, async |tx| {
+        ops::set_site_tunnel(tx, site, body.tunnel, ACTOR, now).await
+    })
+    .await?;
+    tracing::info!(site.id = %site, tunnel = %body.tunnel, "site tunnel kind set");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /api/v1/sites/{id}/ipsec`
+pub async fn site_ipsec(
+    State(state): State<AppState>,
+    _op: OperatorAuth,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<IpsecSiteConfig>, AppError> {
+    only_params(&q, &[])?;
+    let site = SiteId(path_id(&id)?);
+    let now = now_ms();
+    let r = write(&state, async |tx| {
+        ops::read_ipsec_config(tx, site, ACTOR, now).await
+    })
+    .await?;
+    Ok(Json(r))
 }
 
 /// `POST /api/v1/gateways`

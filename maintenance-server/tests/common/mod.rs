@@ -358,7 +358,13 @@ pub struct Site {
 pub async fn add_site(server: &TestServer, name: &str, key_byte: u8) -> Site {
     let created: SiteCreated = server
         .operator()
-        .post(paths::SITES, &NewSite { name: name.into() })
+        .post(
+            paths::SITES,
+            &NewSite {
+                name: name.into(),
+                tunnel: TunnelKind::Wireguard,
+            },
+        )
         .await
         .json();
     let enrolled: EnrollResponse = server
@@ -403,6 +409,7 @@ pub async fn add_gateway(server: &TestServer, name: &str, max_tunnels: u32, n: u
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels,
                 software_version: "test".into(),
+                technician_prefixes: Vec::new(),
             },
         )
         .await

@@ -108,7 +108,13 @@ impl Center {
     /// A new site and its one-time enrollment token.
     pub async fn add_site(&self, name: &str) -> SiteCreated {
         let v = self
-            .operator_post(paths::SITES, &NewSite { name: name.into() })
+            .operator_post(
+                paths::SITES,
+                &NewSite {
+                    name: name.into(),
+                    tunnel: TunnelKind::Wireguard,
+                },
+            )
             .await;
         serde_json::from_value(v).unwrap()
     }
@@ -130,6 +136,7 @@ impl Center {
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels: 10,
                 software_version: "test".into(),
+                technician_prefixes: Vec::new(),
             })
             .send()
             .await
