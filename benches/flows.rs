@@ -152,6 +152,7 @@ fn connected_gateway(now: Instant) -> GatewayState {
                 nat_addresses: vec![NAT],
                 tunnel: TunnelKind::Wireguard,
                 ipsec: None,
+                tls_token_sha256: None,
             }],
         },
         now,

@@ -355,6 +355,7 @@ fn desired_doc(version: u64, gw_key: &PrivateKey, mappings: &[(&str, &str)]) -> 
             public_key: gw_key.public_key(),
             persistent_keepalive_s: 5,
             ipsec: None,
+            tls: None,
         }),
         mappings: mappings
             .iter()
@@ -385,6 +386,7 @@ fn standalone(tag: &str, mode: AgentMode) -> World {
             nat_addresses: vec![NAT.parse().unwrap(), "10.64.0.6".parse().unwrap()],
             tunnel: TunnelKind::Wireguard,
             ipsec: None,
+            tls_token_sha256: None,
         }],
     };
     let peers_file = w.dir.path().join("peers.json");

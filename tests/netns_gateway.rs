@@ -22,6 +22,7 @@ fn peer(site: u64, nat: &[&str]) -> GatewayPeer {
         nat_addresses: nat.iter().map(|a| a.parse().unwrap()).collect(),
         tunnel: vpnnat::messages::TunnelKind::Wireguard,
         ipsec: None,
+        tls_token_sha256: None,
     }
 }
 

@@ -54,6 +54,7 @@ fn security_gateway_pool_traffic_is_discarded_when_the_tun_device_disappears() {
             nat_addresses: vec!["10.64.0.5".parse().unwrap()],
             tunnel: TunnelKind::Wireguard,
             ipsec: None,
+            tls_token_sha256: None,
         }],
     });
     w.start_gateway();

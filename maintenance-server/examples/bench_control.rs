@@ -80,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
                 max_tunnels: u32::try_from(args.sites)?,
                 software_version: "bench".into(),
                 technician_prefixes: Vec::new(),
+                tls: None,
             })
             .send()
             .await?

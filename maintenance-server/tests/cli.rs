@@ -106,6 +106,7 @@ async fn subcommands_work_directly_on_the_database(b: Backend) {
                 max_tunnels: 5,
                 software_version: "t".into(),
                 technician_prefixes: Vec::new(),
+                tls: None,
             },
         )
         .await;

@@ -77,6 +77,7 @@ fn endpoints(w: &World) -> Vec<(Scope, Method, String, Option<serde_json::Value>
         max_tunnels: 10,
         software_version: "x".into(),
         technician_prefixes: Vec::new(),
+        tls: None,
     })
     .unwrap();
     let applied = serde_json::to_value(AppliedState {
@@ -449,6 +450,7 @@ async fn bad_input_is_a_4xx_naming_the_field(backend: Backend) {
             max_tunnels: 10,
             software_version: "x".into(),
             technician_prefixes: Vec::new(),
+            tls: None,
         })
         .unwrap();
         for (k, val) in patch.as_object().unwrap() {

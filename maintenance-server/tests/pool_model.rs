@@ -129,6 +129,7 @@ impl Server {
             max_tunnels: 100,
             software_version: "test".into(),
             technician_prefixes: Vec::new(),
+            tls: None,
         };
         ops::register_gateway(&mut tx, gw, &reg, now, &self.policy)
             .await

@@ -113,6 +113,7 @@ async fn two_replicas_hand_out_every_address_once_and_wake_each_other() {
                 max_tunnels: 1000,
                 software_version: "test".into(),
                 technician_prefixes: Vec::new(),
+                tls: None,
             },
         )
         .await;

@@ -145,6 +145,7 @@ async fn security_http_every_documented_operation_answers_as_documented() {
                 max_tunnels: 10,
                 software_version: "test".into(),
                 technician_prefixes: Vec::new(),
+                tls: None,
             }),
             paths::GATEWAY_HEARTBEAT => json!(heartbeat(10)),
             paths::SITES => json!({ "name": "C" }),

@@ -307,6 +307,7 @@ async fn security_every_stranded_site_is_told() {
                 max_tunnels: 10,
                 software_version: "test".into(),
                 technician_prefixes: Vec::new(),
+                tls: None,
             },
         )
         .await;
@@ -687,6 +688,7 @@ async fn security_pool_usage_over_the_threshold_is_logged() {
                 max_tunnels: 10,
                 software_version: "test".into(),
                 technician_prefixes: Vec::new(),
+                tls: None,
             },
         )
         .await;

@@ -64,6 +64,7 @@ fn tunnel_to(endpoint: SocketAddr, key: PublicKey) -> AgentTunnel {
         public_key: key,
         persistent_keepalive_s: 25,
         ipsec: None,
+        tls: None,
     }
 }
 
@@ -510,6 +511,7 @@ fn through_the_real_gateway_state<K: TestKinds>() {
                 nat_addresses: vec![NAT],
                 tunnel: TunnelKind::Wireguard,
                 ipsec: None,
+                tls_token_sha256: None,
             }],
         },
         now,

@@ -62,6 +62,7 @@ impl<K: TestKinds> Client<K> {
             nat_addresses: nat.iter().map(|a| ip(a)).collect(),
             tunnel: TunnelKind::Wireguard,
             ipsec: None,
+            tls_token_sha256: None,
         }
     }
 
@@ -501,6 +502,7 @@ fn desired_state_is_validated_and_old_versions_are_ignored<K: TestKinds>() {
         nat_addresses: vec![ip("10.64.0.20")],
         tunnel: TunnelKind::Wireguard,
         ipsec: None,
+        tls_token_sha256: None,
     };
     let mut dup_key = a.peer(7, &["10.64.0.21"]);
     dup_key.site_id = SiteId(7);

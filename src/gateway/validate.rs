@@ -89,6 +89,7 @@ pub fn validate_desired(
             nat_addresses: nat.into_iter().collect(),
             tunnel: p.tunnel,
             ipsec: p.ipsec.clone(),
+            tls_token_sha256: p.tls_token_sha256.clone(),
         });
     }
     ValidatedState {

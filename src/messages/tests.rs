@@ -64,6 +64,7 @@ fn every_message_round_trips_through_json() {
         max_tunnels: 2,
         software_version: "0.1.0".into(),
         technician_prefixes: Vec::new(),
+        tls: None,
     });
     round_trip(&GatewayRegistered {
         gateway_id: GatewayId(1),
@@ -80,6 +81,7 @@ fn every_message_round_trips_through_json() {
             last_handshake: Some(UnixMillis(5)),
             rx_bytes: 1,
             tx_bytes: 2,
+            transport: None,
         }],
     });
     round_trip(&HeartbeatAck {
@@ -101,6 +103,7 @@ fn every_message_round_trips_through_json() {
             nat_addresses: vec![Ipv4Addr::new(10, 64, 0, 5)],
             tunnel: TunnelKind::Wireguard,
             ipsec: None,
+            tls_token_sha256: Some("ab".repeat(32)),
         }],
     });
     round_trip(&AppliedState {
@@ -117,6 +120,11 @@ fn every_message_round_trips_through_json() {
             public_key: key(2),
             persistent_keepalive_s: 25,
             ipsec: None,
+            tls: Some(AgentTls {
+                endpoint: "203.0.113.1:443".parse().unwrap(),
+                spki_sha256: "cd".repeat(32),
+                token: "t0ken".into(),
+            }),
         }),
         mappings: vec![AgentMapping {
             nat_address: Ipv4Addr::new(10, 64, 0, 5),
@@ -287,6 +295,7 @@ fn gateway_registration_validation() {
         max_tunnels: 2,
         software_version: "0.1.0".into(),
         technician_prefixes: Vec::new(),
+        tls: None,
     };
     assert_eq!(good.validate(), Ok(()));
     let bad = GatewayRegistration {
@@ -296,9 +305,52 @@ fn gateway_registration_validation() {
     assert_eq!(bad.validate().unwrap_err().field, "max_tunnels");
     let bad = GatewayRegistration {
         endpoints: vec!["0.0.0.0:51820".parse().unwrap()],
-        ..good
+        ..good.clone()
     };
     assert_eq!(bad.validate().unwrap_err().field, "endpoints");
+    let tls = GatewayTls {
+        endpoints: vec!["203.0.113.1:443".parse().unwrap()],
+        spki_sha256: "0f".repeat(32),
+    };
+    let with_tls = GatewayRegistration {
+        tls: Some(tls.clone()),
+        ..good.clone()
+    };
+    assert_eq!(with_tls.validate(), Ok(()));
+    round_trip(&with_tls);
+    for (bad, field) in [
+        (
+            GatewayTls {
+                spki_sha256: "0F".repeat(32),
+                ..tls.clone()
+            },
+            "tls.spki_sha256",
+        ),
+        (
+            GatewayTls {
+                endpoints: vec![],
+                ..tls.clone()
+            },
+            "tls.endpoints",
+        ),
+    ] {
+        let r = GatewayRegistration {
+            tls: Some(bad),
+            ..good.clone()
+        };
+        assert_eq!(r.validate().unwrap_err().field, field);
+    }
+    // The token never shows in logs.
+    let agent = AgentTls {
+        endpoint: "203.0.113.1:443".parse().unwrap(),
+        spki_sha256: String::new(),
+        token: "s3cret".into(),
+    };
+    assert!(!format!("{agent:?}").contains("s3cret"));
+    assert_eq!(
+        serde_json::to_string(&Transport::TlsProxy).unwrap(),
+        "\"tls_proxy\""
+    );
 }
 
 #[test]

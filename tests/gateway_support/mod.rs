@@ -242,6 +242,7 @@ impl World {
                     nat_addresses: s.nat.iter().map(|a| a.parse().unwrap()).collect(),
                     tunnel: vpnnat::messages::TunnelKind::Wireguard,
                     ipsec: None,
+                    tls_token_sha256: None,
                 })
                 .collect(),
         }

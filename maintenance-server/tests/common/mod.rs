@@ -410,6 +410,7 @@ pub async fn add_gateway(server: &TestServer, name: &str, max_tunnels: u32, n: u
                 max_tunnels,
                 software_version: "test".into(),
                 technician_prefixes: Vec::new(),
+                tls: None,
             },
         )
         .await

@@ -137,6 +137,7 @@ impl Center {
                 max_tunnels: 10,
                 software_version: "test".into(),
                 technician_prefixes: Vec::new(),
+                tls: None,
             })
             .send()
             .await
