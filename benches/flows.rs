@@ -151,6 +151,7 @@ fn connected_gateway(now: Instant) -> GatewayState {
                 public_key: client_key.public_key(),
                 nat_addresses: vec![NAT],
                 tunnel: TunnelKind::Wireguard,
+                tls_token_sha256: None,
             }],
         },
         now,

@@ -354,6 +354,7 @@ fn desired_doc(version: u64, gw_key: &PrivateKey, mappings: &[(&str, &str)]) -> 
             endpoint: "198.51.100.1:51820".parse().unwrap(),
             public_key: gw_key.public_key(),
             persistent_keepalive_s: 5,
+            tls: None,
         }),
         mappings: mappings
             .iter()
@@ -383,6 +384,7 @@ fn standalone(tag: &str, mode: AgentMode) -> World {
             public_key: agent_key,
             nat_addresses: vec![NAT.parse().unwrap(), "10.64.0.6".parse().unwrap()],
             tunnel: TunnelKind::Wireguard,
+            tls_token_sha256: None,
         }],
     };
     let peers_file = w.dir.path().join("peers.json");

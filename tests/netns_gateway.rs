@@ -21,6 +21,7 @@ fn peer(site: u64, nat: &[&str]) -> GatewayPeer {
         public_key: PrivateKey::from_bytes(rand_bytes()).public_key(),
         nat_addresses: nat.iter().map(|a| a.parse().unwrap()).collect(),
         tunnel: vpnnat::messages::TunnelKind::Wireguard,
+        tls_token_sha256: None,
     }
 }
 

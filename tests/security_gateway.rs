@@ -53,6 +53,7 @@ fn security_gateway_pool_traffic_is_discarded_when_the_tun_device_disappears() {
             public_key: PrivateKey::from_bytes(rand_bytes()).public_key(),
             nat_addresses: vec!["10.64.0.5".parse().unwrap()],
             tunnel: TunnelKind::Wireguard,
+            tls_token_sha256: None,
         }],
     });
     w.start_gateway();

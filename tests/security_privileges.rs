@@ -104,11 +104,14 @@ fn security_privileges_units_name_a_user_and_only_needed_capabilities() {
     }
     assert!(unit_values(&server, "CapabilityBoundingSet").is_empty());
     assert!(unit_values(&server, "AmbientCapabilities").is_empty());
-    for text in [&gateway, &agent] {
-        assert_eq!(
-            unit_values(text, "CapabilityBoundingSet"),
-            ["CAP_NET_ADMIN", "CAP_NET_RAW"]
-        );
+    for (text, caps) in [
+        (
+            &gateway,
+            &["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"][..],
+        ),
+        (&agent, &["CAP_NET_ADMIN", "CAP_NET_RAW"][..]),
+    ] {
+        assert_eq!(unit_values(text, "CapabilityBoundingSet"), caps);
         assert_eq!(
             unit_values(text, "AmbientCapabilities"),
             unit_values(text, "CapabilityBoundingSet")
@@ -227,8 +230,9 @@ fn security_privileges_gateway_works_with_only_its_units_capabilities() {
     );
     let (cap_eff, uid) = creds(pid);
     assert_eq!(uid, UID, "not root");
-    // CAP_NET_ADMIN is bit 12, CAP_NET_RAW bit 13: nothing else.
-    assert_eq!(cap_eff, (1 << 12) | (1 << 13), "{cap_eff:#x}");
+    // CAP_NET_BIND_SERVICE is bit 10 (the TLS fallback's port 443),
+    // CAP_NET_ADMIN bit 12, CAP_NET_RAW bit 13: nothing else.
+    assert_eq!(cap_eff, (1 << 10) | (1 << 12) | (1 << 13), "{cap_eff:#x}");
     let status = gw.sh("curl -sf http://127.0.0.1:9101/api/v1/status");
     assert!(
         status.contains("\"health\":\"healthy\""),

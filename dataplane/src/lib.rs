@@ -14,6 +14,10 @@
 //!   and the command round trip to it.
 //! - [`steering`]: several workers behind one port (`SO_REUSEPORT`), with
 //!   datagrams steered to a worker by a classic BPF program.
+//! - [`stream`]: tunnel datagrams over a byte stream (WebSocket frames),
+//!   the virtual endpoints that route a worker's sends to a stream.
+//! - [`tls`]: the TLS fallback's TLS 1.3 configurations, the agent's pin
+//!   verifier, the WebSocket upgrade and the HTTP CONNECT proxy client.
 //! - [`netlink`]: routes into the TUN device and proxy-ARP entries.
 //! - [`counters`]: how well batching works.
 //!
@@ -27,6 +31,8 @@ pub mod path;
 pub mod pump;
 #[allow(unsafe_code)]
 pub mod steering;
+pub mod stream;
+pub mod tls;
 pub mod train;
 pub mod tun;
 pub mod udp;

@@ -20,6 +20,7 @@ use tun_rs::AsyncDevice;
 
 use crate::counters::IoCounters;
 use crate::path::{Datagram, PacketPath, Step};
+use crate::stream::{Chunk, Inbox, StreamTable};
 use crate::train::TrainSender;
 use crate::tun::{DeviceGone, SEGMENT_BUF, TUN_BATCH, TunReader, TunWriter, is_device_gone};
 use crate::udp::{RecvBatch, Udp};
@@ -43,6 +44,16 @@ pub enum Ready {
     Udp(io::Result<()>),
     /// A TUN read returned this many segments (or an error).
     Tun(io::Result<usize>),
+    /// Datagrams read from a stream (the TLS fallback).
+    Stream(Chunk),
+}
+
+/// The next chunk of the inbox, or never without one.
+pub async fn next_chunk(inbox: &mut Option<Inbox>) -> Option<Chunk> {
+    match inbox {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// One TUN queue and one UDP socket with their buffers and counters.
@@ -54,6 +65,7 @@ pub struct Pump {
     writer: TunWriter,
     trains: TrainSender,
     recv: RecvBatch,
+    inbox: Option<Inbox>,
     /// Counters of this pump.
     pub io: IoCounters,
 }
@@ -81,8 +93,17 @@ impl Pump {
             reader: TunReader::new(),
             writer: TunWriter::default(),
             recv: RecvBatch::new(),
+            inbox: None,
             io: IoCounters::default(),
         }
+    }
+
+    /// Carries datagrams of the streams in `table` too: sends to their
+    /// virtual endpoints go to the streams, and what they read arrives
+    /// through `inbox`.
+    pub fn set_streams(&mut self, table: StreamTable, inbox: Inbox) {
+        self.udp.set_streams(table);
+        self.inbox = Some(inbox);
     }
 
     /// The TUN queue.
@@ -97,6 +118,7 @@ impl Pump {
         tokio::select! {
             biased;
             r = self.udp.readable() => Ready::Udp(r),
+            Some(c) = next_chunk(&mut self.inbox) => Ready::Stream(c),
             r = self.reader.recv(&self.tun) => Ready::Tun(r),
         }
     }
@@ -116,7 +138,29 @@ impl Pump {
                 Ok(())
             }
             Ready::Tun(r) => self.on_tun_ready(path, r).await,
+            Ready::Stream(c) => {
+                self.on_stream_ready(path, c).await;
+                Ok(())
+            }
         }
+    }
+
+    /// Stream → TUN: the chunk and up to [`BUDGET`] more that are ready,
+    /// decapsulated like received UDP datagrams.
+    pub async fn on_stream_ready<P: PacketPath>(&mut self, path: &mut P, first: Chunk) {
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(chunk) = next.take() {
+            let now = Instant::now();
+            for d in chunk.datagrams() {
+                decapsulate_one(path, &mut self.writer, chunk.from, d, now, &mut self.io);
+            }
+            taken += 1;
+            if taken < BUDGET {
+                next = self.inbox.as_mut().and_then(|rx| rx.try_recv().ok());
+            }
+        }
+        self.flush_outputs(path).await;
     }
 
     /// UDP → TUN: up to [`BUDGET`] `recvmmsg` calls, each batch decapsulated

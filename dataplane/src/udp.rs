@@ -10,6 +10,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use crate::counters::IoCounters;
+use crate::stream::{Routed, StreamTable};
 
 /// Datagram buffers per `recvmmsg`; each takes a GRO train of up to 64 KiB.
 pub const UDP_BATCH: usize = if quinn_udp::BATCH_SIZE < 16 {
@@ -32,6 +33,9 @@ pub struct Udp {
     sock: UdpSocket,
     state: UdpSocketState,
     port: u16,
+    /// Virtual endpoints whose datagrams go to a stream instead (the TLS
+    /// fallback).
+    streams: Option<StreamTable>,
 }
 
 impl Udp {
@@ -49,7 +53,17 @@ impl Udp {
         let _ = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER);
         let port = socket.local_addr().context("UDP socket")?.port();
         let sock = UdpSocket::from_std(socket).context("registering the UDP socket")?;
-        Ok(Self { sock, state, port })
+        Ok(Self {
+            sock,
+            state,
+            port,
+            streams: None,
+        })
+    }
+
+    /// Sends to the virtual endpoints in `table` go to their streams.
+    pub fn set_streams(&mut self, table: StreamTable) {
+        self.streams = Some(table);
     }
 
     /// The local port.
@@ -87,6 +101,11 @@ impl Udp {
         count: usize,
         io: &mut IoCounters,
     ) {
+        if let Some(t) = &self.streams
+            && t.send(dst, contents, segment) == Routed::Stream
+        {
+            return;
+        }
         let transmit = Transmit {
             destination: dst,
             ecn: None,

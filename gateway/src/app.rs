@@ -3,13 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::sync::Mutex;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vpnnat::control::{Lease, LeaseAction};
 use vpnnat::gateway::GatewayEvent;
 use vpnnat::messages::{
-    AppliedState, GatewayDesiredState, GatewayId, Health, PublicKey, UnixMillis,
+    AppliedState, GatewayDesiredState, GatewayId, Health, PublicKey, Transport, UnixMillis,
 };
 
 use crate::dataplane::{self, Snapshot};
@@ -49,6 +50,12 @@ pub struct App {
     pub route_errors: Mutex<Vec<String>>,
     /// The lease on announcing NAT addresses that acknowledged heartbeats renew.
     pub lease: Mutex<Lease>,
+    /// The TLS fallback's streams (empty without the fallback).
+    pub streams: vpnnat_dataplane::stream::StreamTable,
+    /// The sites that may open a TLS stream.
+    pub tls_tokens: Arc<crate::tls::Tokens>,
+    /// The fallback as registered: its endpoints and pin (`None`: off).
+    pub tls: Option<vpnnat::messages::GatewayTls>,
 }
 
 impl App {
@@ -61,7 +68,11 @@ impl App {
         &self,
         desired: GatewayDesiredState,
     ) -> anyhow::Result<Option<AppliedState>> {
+        let tokens: Vec<_> = desired.peers.clone();
         let result = self.dataplane.apply(desired).await?;
+        if result.applied.is_some() {
+            self.tls_tokens.set(tokens.iter());
+        }
         // Net change per address over all workers: one that moves between
         // sites of two workers is removed by one and added by the other.
         let mut delta: BTreeMap<Ipv4Addr, i32> = BTreeMap::new();
@@ -175,6 +186,16 @@ impl App {
     /// When the data plane has stopped.
     pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
         self.dataplane.snapshot().await
+    }
+
+    /// How a peer at `endpoint` is reached now: a TLS stream's virtual
+    /// endpoint, or UDP.
+    pub fn transport_of(&self, endpoint: Option<SocketAddr>) -> Option<Transport> {
+        Some(match self.streams.lookup(endpoint?) {
+            Some(true) => Transport::TlsProxy,
+            Some(false) => Transport::Tls,
+            None => Transport::Udp,
+        })
     }
 }
 

@@ -46,6 +46,7 @@ pub async fn run(
         tunnel_kinds: vec![TunnelKind::Wireguard],
         max_tunnels: settings.wireguard.max_tunnels,
         software_version: env!("CARGO_PKG_VERSION").to_owned(),
+        tls: app.tls.clone(),
     };
     let seed = u64::from_le_bytes(app.public_key.0[..8].try_into().unwrap_or([1; 8]));
     let follower = Follower::new(
@@ -199,6 +200,7 @@ async fn heartbeat(app: &App) -> anyhow::Result<GatewayHeartbeat> {
             last_handshake: p.stats.last_handshake.map(|t| unix_millis(t, snap.at)),
             rx_bytes: p.stats.rx_bytes,
             tx_bytes: p.stats.tx_bytes,
+            transport: app.transport_of(p.endpoint),
         })
         .collect();
     Ok(GatewayHeartbeat {

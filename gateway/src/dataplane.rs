@@ -40,6 +40,7 @@ use vpnnat::gateway::{
 use vpnnat::messages::{AppliedState, GatewayDesiredState};
 use vpnnat::tunnel::{Builtin, Kinds as _};
 use vpnnat_dataplane::pump::{BUDGET, Pump};
+use vpnnat_dataplane::stream::{Inbox, StreamTable};
 use vpnnat_dataplane::tun::SEGMENT_BUF;
 use vpnnat_dataplane::udp::Udp;
 use vpnnat_dataplane::{Datagram, PacketPath, Sent, Step, sleep_until, worker};
@@ -232,6 +233,9 @@ pub struct WorkerSetup {
     pub socket: std::net::UdpSocket,
     /// This worker's queue of the TUN device.
     pub tun: SyncDevice,
+    /// The TLS fallback's streams (virtual endpoints) and this worker's
+    /// inbox of their datagrams.
+    pub streams: (StreamTable, Inbox),
 }
 
 /// Starts one thread per worker. Returns once every worker runs (or one failed).
@@ -369,8 +373,11 @@ impl Worker {
             udp_gro_segments = udp.gro_segments(),
             "data plane ready"
         );
+        let mut pump = Pump::new(udp, tun, Builtin::DATA_OVERHEAD);
+        let (streams, inbox) = setup.streams;
+        pump.set_streams(streams, inbox);
         Ok(Self {
-            pump: Pump::new(udp, tun, Builtin::DATA_OVERHEAD),
+            pump,
             path: GatewayPath {
                 state: setup.state,
                 mesh,

@@ -12,7 +12,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
-use vpnnat::messages::{ApiError, GatewayId, Health, PublicKey, SiteId, UnixMillis, paths};
+use vpnnat::messages::{
+    ApiError, GatewayId, Health, PublicKey, SiteId, Transport, UnixMillis, paths,
+};
 use vpnnat_shell::metrics::{
     CONTENT_TYPE as METRICS_CONTENT_TYPE, Exposition, Kind::Counter, Kind::Gauge,
 };
@@ -74,6 +76,9 @@ pub struct PeerStatusView {
     pub rx_bytes: u64,
     /// Inner bytes sent.
     pub tx_bytes: u64,
+    /// How its datagrams travel now (`udp`, `tls`, `tls_proxy`).
+    #[serde(default)]
+    pub transport: Option<Transport>,
     /// Inner packets received.
     pub rx_packets: u64,
     /// Inner packets sent.
@@ -155,6 +160,7 @@ async fn status_view(app: &App) -> anyhow::Result<StatusView> {
                 handshakes: p.stats.handshakes,
                 rx_bytes: p.stats.rx_bytes,
                 tx_bytes: p.stats.tx_bytes,
+                transport: app.transport_of(p.endpoint),
                 rx_packets: p.stats.rx_packets,
                 tx_packets: p.stats.tx_packets,
                 drops: nonzero(&p.drops),
@@ -232,6 +238,43 @@ async fn render_metrics(app: &App) -> anyhow::Result<String> {
         Counter,
         "WireGuard cookie replies sent under load.",
         snap.counters.cookie_replies_sent,
+    );
+    let streams = app.streams.stats();
+    m.single(
+        "tls_streams_open",
+        Gauge,
+        "TLS fallback streams open now.",
+        streams.open,
+    );
+    m.single(
+        "tls_streams_opened_total",
+        Counter,
+        "TLS fallback streams opened.",
+        streams.opened,
+    );
+    m.single(
+        "tls_stream_datagrams_sent_total",
+        Counter,
+        "Tunnel datagrams queued to TLS streams.",
+        streams.datagrams_sent,
+    );
+    m.single(
+        "tls_stream_datagrams_received_total",
+        Counter,
+        "Tunnel datagrams read from TLS streams.",
+        streams.datagrams_received,
+    );
+    m.single(
+        "tls_stream_queue_drops_total",
+        Counter,
+        "Tunnel datagrams dropped because a TLS stream's queue was full.",
+        streams.queue_drops,
+    );
+    m.single(
+        "tls_streams_malformed_total",
+        Counter,
+        "TLS streams closed for a malformed frame.",
+        streams.malformed,
     );
 
     let sites: Vec<String> = snap.peers.iter().map(|p| p.site_id.to_string()).collect();

@@ -14,6 +14,7 @@ mod http;
 mod routes;
 mod settings;
 mod status;
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,6 +27,7 @@ use tokio::sync::watch;
 use vpnnat::gateway::{GatewayConfig, GatewayState};
 use vpnnat::messages::GatewayDesiredState;
 use vpnnat::tunnel::PrivateKey;
+use vpnnat_dataplane::stream::{self, StreamTable};
 use vpnnat_shell::cli::{CommonArgs, Signal, Signals, control_runtime, print_status, run_program};
 
 use crate::app::{App, ControlState};
@@ -161,11 +163,22 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
         workers as u16,
         Instant::now(),
     );
+    let streams = StreamTable::new();
+    let (inboxes, inbox_rx): (Vec<_>, Vec<_>) = (0..workers)
+        .map(|_| tokio::sync::mpsc::channel(stream::INBOX_QUEUE))
+        .unzip();
+    let tls_listener = tls_listener(&settings, &streams, inboxes).await?;
     let setups = states
         .into_iter()
         .zip(sockets)
         .zip(queues)
-        .map(|((state, socket), tun)| dataplane::WorkerSetup { state, socket, tun })
+        .zip(inbox_rx)
+        .map(|(((state, socket), tun), inbox)| dataplane::WorkerSetup {
+            state,
+            socket,
+            tun,
+            streams: (streams.clone(), inbox),
+        })
         .collect();
     let (dataplane, threads) = dataplane::spawn(setups)?;
     let routes =
@@ -189,6 +202,11 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
         }),
         route_errors: Mutex::new(Vec::new()),
         lease: Mutex::new(vpnnat::control::Lease::new()),
+        streams,
+        tls_tokens: tls_listener
+            .as_ref()
+            .map_or_else(Default::default, |(_, l, _)| l.tokens.clone()),
+        tls: tls_listener.as_ref().and_then(|(_, _, t)| t.clone()),
     });
     tracing::info!(
         public_key = %public_key,
@@ -207,6 +225,7 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
         initial,
         credential,
         &threads,
+        tls_listener.map(|(tcp, l, _)| (tcp, l)),
     )
     .await;
 
@@ -238,6 +257,7 @@ async fn serve(
     initial: Option<GatewayDesiredState>,
     credential: Option<String>,
     workers: &[std::thread::JoinHandle<anyhow::Result<()>>],
+    tls: Option<(tokio::net::TcpListener, tls::Listener)>,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.metrics.listen)
         .await
@@ -254,6 +274,7 @@ async fn serve(
                 .await;
         })
     };
+    let tls = tls.map(|(tcp, shared)| tokio::spawn(tls::serve(tcp, shared, shutdown_rx.clone())));
     if let Some(desired) = initial {
         apply_logged(&app, desired).await;
     }
@@ -307,6 +328,9 @@ async fn serve(
     let _ = shutdown_tx.send(true);
     let _ = http.await;
     let _ = retry.await;
+    if let Some(t) = tls {
+        let _ = t.await;
+    }
     if let Some(c) = control {
         let _ = c.await;
     }
@@ -314,6 +338,51 @@ async fn serve(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// The TLS fallback's listener, bound, with what it shares and what the
+/// registration announces (`None` when `tls.listen` is empty). A port that
+/// cannot be bound leaves the gateway running without the fallback.
+///
+/// # Errors
+/// When the certificate or key cannot be loaded or generated.
+async fn tls_listener(
+    settings: &Settings,
+    streams: &StreamTable,
+    inboxes: Vec<tokio::sync::mpsc::Sender<stream::Chunk>>,
+) -> anyhow::Result<
+    Option<(
+        tokio::net::TcpListener,
+        tls::Listener,
+        Option<vpnnat::messages::GatewayTls>,
+    )>,
+> {
+    let Some(addr) = settings.tls.listen().map_err(|e| anyhow!(e))? else {
+        return Ok(None);
+    };
+    let (cert, key) = settings.tls.files(&settings.wireguard.private_key_file);
+    let identity = tls::load_or_create(&cert, &key)?;
+    let config = vpnnat_dataplane::tls::server_config(identity.chain, identity.key)
+        .context("tls: the certificate and key do not fit together")?;
+    let tcp = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listen = %addr, error = %e, "tls.listen cannot be bound: running without the TLS fallback");
+            return Ok(None);
+        }
+    };
+    tracing::info!(listen = %addr, pin = %identity.spki_sha256, "TLS fallback listening");
+    let announced = (!settings.tls.endpoints.is_empty()).then(|| vpnnat::messages::GatewayTls {
+        endpoints: settings.tls.endpoints.clone(),
+        spki_sha256: identity.spki_sha256.clone(),
+    });
+    let shared = tls::Listener {
+        config,
+        tokens: Arc::default(),
+        streams: streams.clone(),
+        inboxes,
+    };
+    Ok(Some((tcp, shared, announced)))
 }
 
 async fn apply_logged(app: &App, desired: GatewayDesiredState) {

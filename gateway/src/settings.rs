@@ -30,6 +30,68 @@ pub struct Settings {
     pub metrics: Metrics,
     /// `[flows]`
     pub flows: Flows,
+    /// `[tls]`
+    pub tls: Tls,
+}
+
+/// `[tls]`: the TLS fallback (the tunnel's datagrams over TCP).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// TCP bind address; empty = no TLS fallback.
+    pub listen: String,
+    /// Endpoints announced to the server (where agents dial over TCP).
+    pub endpoints: Vec<SocketAddr>,
+    /// The certificate (PEM); empty = `tls.crt` next to the WireGuard key.
+    pub certificate_file: PathBuf,
+    /// Its private key (PEM, 0600); empty = `tls.key` next to the WireGuard key.
+    pub key_file: PathBuf,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:443".to_owned(),
+            endpoints: Vec::new(),
+            certificate_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+        }
+    }
+}
+
+impl Tls {
+    /// The bind address, `None` when the fallback is off.
+    ///
+    /// # Errors
+    /// When `listen` is not an address.
+    pub fn listen(&self) -> Result<Option<SocketAddr>, String> {
+        if self.listen.trim().is_empty() {
+            return Ok(None);
+        }
+        self.listen
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("tls.listen: {e}"))
+    }
+
+    /// The certificate and key files, defaulted next to `wireguard_key`.
+    pub fn files(&self, wireguard_key: &std::path::Path) -> (PathBuf, PathBuf) {
+        let dir = wireguard_key
+            .parent()
+            .unwrap_or_else(|| std::path::Path::new("."));
+        let or = |p: &PathBuf, name: &str| {
+            if p.as_os_str().is_empty() {
+                dir.join(name)
+            } else {
+                p.clone()
+            }
+        };
+        (
+            or(&self.certificate_file, "tls.crt"),
+            or(&self.key_file, "tls.key"),
+        )
+    }
 }
 
 /// `[wireguard]`: the tunnel side.
@@ -217,6 +279,21 @@ impl Settings {
         if self.flows.max_flows == 0 || self.flows.max_flows > 16_777_216 {
             return err("flows.max_flows", "must be 1 to 16777216");
         }
+        if let Err(e) = self.tls.listen() {
+            return Err(format!("{source}: {e}"));
+        }
+        if self.tls.endpoints.len() > 16
+            || self
+                .tls
+                .endpoints
+                .iter()
+                .any(|e| e.port() == 0 || e.ip().is_unspecified())
+        {
+            return err(
+                "tls.endpoints",
+                "at most 16, each with an address and a port",
+            );
+        }
         for (key, v) in [
             ("flows.tcp_idle_s", self.flows.tcp_idle_s),
             ("flows.udp_idle_s", self.flows.udp_idle_s),
@@ -261,6 +338,26 @@ mod tests {
         assert_eq!(s.wireguard.endpoints.len(), 1);
         assert_eq!(s.center.technician_prefixes, d.center.technician_prefixes);
         assert_eq!(s.flows.limits(), d.flows.limits());
+        assert_eq!(s.tls.listen, d.tls.listen);
+        assert_eq!(
+            s.tls.files(&s.wireguard.private_key_file),
+            (
+                "/var/lib/vpnnat/tls.crt".into(),
+                "/var/lib/vpnnat/tls.key".into()
+            )
+        );
+    }
+
+    #[test]
+    fn the_tls_fallback_is_on_by_default_and_off_when_empty() {
+        let d = Settings::default();
+        assert_eq!(d.tls.listen(), Ok(Some("0.0.0.0:443".parse().unwrap())));
+        let s: Settings =
+            vpnnat::config::load(Some(("g.toml", "[tls]\nlisten = \"\"\n")), Vec::new()).unwrap();
+        assert_eq!(s.tls.listen(), Ok(None));
+        let s: Settings =
+            vpnnat::config::load(Some(("g.toml", "[tls]\nlisten = \"x\"\n")), Vec::new()).unwrap();
+        assert!(s.validate("g.toml").unwrap_err().contains("tls.listen"));
     }
 
     #[test]

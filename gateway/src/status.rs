@@ -68,7 +68,14 @@ pub fn render(s: &StatusView, now: SystemTime) -> String {
         let _ = writeln!(o, "peer: {}", p.public_key);
         let _ = writeln!(o, "  site: {}", p.site_id);
         if let Some(ep) = p.endpoint {
-            let _ = writeln!(o, "  endpoint: {ep}");
+            match p.transport {
+                Some(t) if t != vpnnat::messages::Transport::Udp => {
+                    let _ = writeln!(o, "  endpoint: {ep} ({})", t.as_str());
+                }
+                _ => {
+                    let _ = writeln!(o, "  endpoint: {ep}");
+                }
+            }
         }
         let allowed = if p.nat_addresses.is_empty() {
             "(none)".to_owned()
@@ -179,6 +186,7 @@ mod tests {
                 handshakes: 1,
                 rx_bytes: 1536,
                 tx_bytes: 3 * 1024 * 1024,
+                transport: Some(vpnnat::messages::Transport::Tls),
                 rx_packets: 2,
                 tx_packets: 3,
                 drops: Default::default(),
@@ -188,7 +196,7 @@ mod tests {
         assert!(text.starts_with("interface: vpnnat0\n"), "{text}");
         assert!(text.contains("  listening port: 51820\n"));
         assert!(text.contains("\npeer: AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n"));
-        assert!(text.contains("  endpoint: 198.51.100.7:40000\n"));
+        assert!(text.contains("  endpoint: 198.51.100.7:40000 (tls)\n"));
         assert!(text.contains("  allowed ips: 10.64.0.5/32\n"));
         assert!(
             text.contains("  latest handshake: 1 minute, 5 seconds ago\n"),

@@ -79,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels: u32::try_from(args.sites)?,
                 software_version: "bench".into(),
+                tls: None,
             })
             .send()
             .await?

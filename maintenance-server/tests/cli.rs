@@ -105,6 +105,7 @@ async fn subcommands_work_directly_on_the_database(b: Backend) {
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels: 5,
                 software_version: "t".into(),
+                tls: None,
             },
         )
         .await;

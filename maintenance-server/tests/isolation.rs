@@ -76,6 +76,7 @@ fn endpoints(w: &World) -> Vec<(Scope, Method, String, Option<serde_json::Value>
         tunnel_kinds: vec![TunnelKind::Wireguard],
         max_tunnels: 10,
         software_version: "x".into(),
+        tls: None,
     })
     .unwrap();
     let applied = serde_json::to_value(AppliedState {
@@ -447,6 +448,7 @@ async fn bad_input_is_a_4xx_naming_the_field(backend: Backend) {
             tunnel_kinds: vec![TunnelKind::Wireguard],
             max_tunnels: 10,
             software_version: "x".into(),
+            tls: None,
         })
         .unwrap();
         for (k, val) in patch.as_object().unwrap() {

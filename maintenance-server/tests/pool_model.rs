@@ -128,6 +128,7 @@ impl Server {
             tunnel_kinds: vec![TunnelKind::Wireguard],
             max_tunnels: 100,
             software_version: "test".into(),
+            tls: None,
         };
         ops::register_gateway(&mut tx, gw, &reg, now, &self.policy)
             .await

@@ -112,6 +112,7 @@ async fn two_replicas_hand_out_every_address_once_and_wake_each_other() {
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels: 1000,
                 software_version: "test".into(),
+                tls: None,
             },
         )
         .await;

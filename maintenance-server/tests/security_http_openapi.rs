@@ -121,6 +121,7 @@ async fn security_http_every_documented_operation_answers_as_documented() {
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels: 10,
                 software_version: "test".into(),
+                tls: None,
             }),
             paths::GATEWAY_HEARTBEAT => json!(heartbeat(10)),
             paths::SITES => json!({ "name": "C" }),

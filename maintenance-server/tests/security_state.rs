@@ -306,6 +306,7 @@ async fn security_every_stranded_site_is_told() {
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels: 10,
                 software_version: "test".into(),
+                tls: None,
             },
         )
         .await;
@@ -685,6 +686,7 @@ async fn security_pool_usage_over_the_threshold_is_logged() {
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels: 10,
                 software_version: "test".into(),
+                tls: None,
             },
         )
         .await;

@@ -67,6 +67,8 @@ pub struct App {
     pub consent_gate: tokio::sync::Mutex<()>,
     /// Wakes the task that tells the server about revocations.
     pub revocations: tokio::sync::Notify,
+    /// The tunnel's carrier: UDP or the TLS fallback.
+    pub carrier: crate::carrier::Carrier,
 }
 
 impl App {

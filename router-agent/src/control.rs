@@ -151,6 +151,10 @@ pub async fn apply(
         .collect();
     let names = app.names.resolve_all(&wanted).await;
     let version = desired.version;
+    let target = desired.tunnel.as_ref().map(|t| crate::carrier::Target {
+        endpoint: t.endpoint,
+        tls: t.tls.clone(),
+    });
     // A request being created on the page right now is recorded before its
     // document is applied (the server may announce it before it answers).
     let _creating = app.consent_gate.lock().await;
@@ -163,6 +167,7 @@ pub async fn apply(
             tracing::warn!(version, error = %e, "desired state applied in part");
         }
         app.update_control(|c| c.apply_errors = a.errors.clone());
+        app.carrier.set_target(target);
     }
     Ok(applied)
 }

@@ -24,7 +24,8 @@ use vpnnat::agent::{
 };
 use vpnnat::messages::{AgentDesiredState, AppliedState, RequestId, TerminalName, UnixMillis};
 use vpnnat::tunnel::{Builtin, Kinds as _};
-use vpnnat_dataplane::pump::{BUDGET, Pump};
+use vpnnat_dataplane::pump::{BUDGET, Pump, Ready, next_chunk};
+use vpnnat_dataplane::stream::{Inbox, StreamTable};
 use vpnnat_dataplane::udp::{RecvBatch, UDP_BUF, Udp};
 use vpnnat_dataplane::{Datagram, PacketPath, Sent, Step, sleep_until, worker};
 
@@ -67,6 +68,9 @@ pub enum Command {
     RequireConsent(bool),
     /// The customer made this request on this agent.
     ConsentTo(RequestId),
+    /// Test UDP while the tunnel is on the TLS stream: a handshake
+    /// initiation leaves over UDP (the gateway answers the way it came).
+    ProbeUdp,
     /// Report the state.
     Snapshot(oneshot::Sender<Snapshot>),
     /// Stop the worker.
@@ -95,6 +99,9 @@ pub struct Snapshot {
     pub silent_for: Option<Duration>,
     /// The local UDP port of the tunnel.
     pub local_port: u16,
+    /// When an authenticated datagram last arrived over UDP (not over the
+    /// TLS fallback's stream).
+    pub udp_heard: Option<Instant>,
 }
 
 /// The handle of the worker.
@@ -153,6 +160,17 @@ impl Dataplane {
         worker::request(&self.tx, |reply| Command::Revoke { id, reply }).await
     }
 
+    /// Probes UDP while on the TLS stream ([`Command::ProbeUdp`]).
+    ///
+    /// # Errors
+    /// When the worker has stopped.
+    pub async fn probe_udp(&self) -> anyhow::Result<()> {
+        self.tx
+            .send(Command::ProbeUdp)
+            .await
+            .map_err(|_| anyhow::anyhow!("the data plane has stopped"))
+    }
+
     /// The worker's state.
     ///
     /// # Errors
@@ -196,6 +214,7 @@ enum Started {
     Packet(Box<Pump>),
     Netstack {
         udp: Udp,
+        inbox: Inbox,
         mtu: usize,
         tcp_buffer: usize,
         udp_idle: Duration,
@@ -211,10 +230,13 @@ pub fn spawn(
     state: AgentState,
     socket: std::net::UdpSocket,
     lan: LanSide,
+    (streams, inbox): (StreamTable, Inbox),
 ) -> anyhow::Result<(Dataplane, std::thread::JoinHandle<anyhow::Result<()>>)> {
     let (tx, cmds) = mpsc::channel(16);
+    let table = streams.clone();
     let start = move || -> anyhow::Result<Started> {
-        let udp = Udp::new(socket)?;
+        let mut udp = Udp::new(socket)?;
+        udp.set_streams(streams.clone());
         Ok(match lan {
             LanSide::Tun(dev) => {
                 let tun = AsyncDevice::new(dev).context("registering the TUN device")?;
@@ -224,7 +246,9 @@ pub fn spawn(
                     udp_gro_segments = udp.gro_segments(),
                     "data plane ready (packet mode)"
                 );
-                Started::Packet(Box::new(Pump::new(udp, tun, Builtin::DATA_OVERHEAD)))
+                let mut pump = Pump::new(udp, tun, Builtin::DATA_OVERHEAD);
+                pump.set_streams(streams, inbox);
+                Started::Packet(Box::new(pump))
             }
             LanSide::Netstack {
                 mtu,
@@ -235,6 +259,7 @@ pub fn spawn(
                 tracing::info!("data plane ready (netstack mode)");
                 Started::Netstack {
                     udp,
+                    inbox,
                     mtu,
                     tcp_buffer,
                     udp_idle,
@@ -244,16 +269,26 @@ pub fn spawn(
         })
     };
     let run = move |started: Started| async move {
-        let path = AgentPath::new(state);
+        let path = AgentPath::new(state, table);
         match started {
             Started::Packet(pump) => run_packet(path, *pump, cmds).await,
             Started::Netstack {
                 udp,
+                inbox,
                 mtu,
                 tcp_buffer,
                 udp_idle,
                 limits,
-            } => run_netstack(path, udp, cmds, (mtu, tcp_buffer, udp_idle), limits).await,
+            } => {
+                run_netstack(
+                    path,
+                    (udp, inbox),
+                    cmds,
+                    (mtu, tcp_buffer, udp_idle),
+                    limits,
+                )
+                .await
+            }
         }
     };
     let thread = worker::spawn("agent-dataplane".to_owned(), start, run)?;
@@ -271,6 +306,12 @@ struct AgentPath {
     /// heard: a live gateway answers within WireGuard's keepalive timeout
     /// (it sends a keepalive at the latest 10 s after data it received).
     unanswered_since: Option<Instant>,
+    /// The datagrams being decapsulated came over UDP (not a stream).
+    via_udp: bool,
+    /// When an authenticated datagram last came over UDP.
+    udp_heard: Option<Instant>,
+    /// The TLS fallback's virtual endpoints (for the UDP probe).
+    streams: StreamTable,
 }
 
 /// How long sent data may go unanswered before the tunnel counts as down:
@@ -278,11 +319,14 @@ struct AgentPath {
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(15);
 
 impl AgentPath {
-    fn new(state: AgentState) -> Self {
+    fn new(state: AgentState, streams: StreamTable) -> Self {
         Self {
             state,
             last_heard: None,
             unanswered_since: None,
+            via_udp: true,
+            udp_heard: None,
+            streams,
         }
     }
 
@@ -305,6 +349,9 @@ impl PacketPath for AgentPath {
         if outcome.is_some() {
             self.last_heard = Some(step.now);
             self.unanswered_since = None;
+            if self.via_udp {
+                self.udp_heard = Some(step.now);
+            }
         }
         outcome.filter(|n| *n > 0)
     }
@@ -366,6 +413,7 @@ fn snapshot(
         last_handshake,
         silent_for,
         local_port: port,
+        udp_heard: path.udp_heard,
     }
 }
 
@@ -402,6 +450,13 @@ fn command(
             let _ = reply.send(state.revoke_request(id, Instant::now()));
             true
         }
+        Some(Command::ProbeUdp) => {
+            let endpoint = state.tunnel().map(|t| t.endpoint);
+            if endpoint.is_some_and(|e| path.streams.probe_udp(e)) {
+                state.initiate_handshake(Instant::now());
+            }
+            true
+        }
         Some(Command::Snapshot(reply)) => {
             let ns = netstack.map(|n| n.counters());
             let _ = reply.send(snapshot(path, io, ns, port));
@@ -428,6 +483,7 @@ async fn run_packet(
                 pump.send_transmits(&mut path).await;
             }
             ready = pump.ready() => {
+                path.via_udp = !matches!(ready, Ready::Stream(_));
                 pump.on_ready(&mut path, ready).await.context("TUN device")?;
             }
             () = sleep_until(deadline) => {
@@ -461,7 +517,7 @@ fn drain_events(state: &mut AgentState, mut netstack: Option<&mut Netstack>) {
 /// sends is encrypted one datagram at a time.
 async fn run_netstack(
     mut path: AgentPath,
-    udp: Udp,
+    (udp, inbox): (Udp, Inbox),
     mut cmds: mpsc::Receiver<Command>,
     (mtu, tcp_buffer, udp_idle): (usize, usize, Duration),
     (max_udp, max_icmp): (usize, usize),
@@ -472,6 +528,7 @@ async fn run_netstack(
     let mut stack = Netstack::new(mtu, tcp_buffer, udp_idle, seed, ev_tx);
     stack.set_limits(max_udp, max_icmp);
     let mut recv = RecvBatch::new();
+    let mut inbox = Some(inbox);
     let mut lan_buf = vec![0u8; Builtin::buffer_len(UDP_BUF)];
     let mut out = vec![0u8; Builtin::buffer_len(65535)];
 
@@ -488,7 +545,20 @@ async fn run_netstack(
                     break;
                 }
             }
+            Some(chunk) = next_chunk(&mut inbox) => {
+                path.via_udp = false;
+                let now = Instant::now();
+                for bytes in chunk.datagrams() {
+                    let need = path.room(bytes.len());
+                    let dgram = Datagram { from: chunk.from, bytes };
+                    let mut step = Step { now, io: &mut io };
+                    if let Some(len) = path.decapsulate(dgram, &mut lan_buf[..need], &mut step) {
+                        stack.input(&lan_buf[..len], now);
+                    }
+                }
+            }
             r = udp.readable() => {
+                path.via_udp = true;
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "UDP socket");
                     io.io_errors += 1;

@@ -10,10 +10,12 @@
 //! reports (`health`, `probe`).
 
 mod app;
+mod carrier;
 mod client;
 mod consent;
 mod control;
 mod dataplane;
+mod fallback;
 mod health;
 mod identity;
 mod lan;
@@ -458,7 +460,9 @@ async fn run(
         },
         Instant::now(),
     );
-    let (dp, thread) = dataplane::spawn(state, socket, lan_side)?;
+    let streams = vpnnat_dataplane::stream::StreamTable::new();
+    let (inbox_tx, inbox) = tokio::sync::mpsc::channel(vpnnat_dataplane::stream::INBOX_QUEUE);
+    let (dp, thread) = dataplane::spawn(state, socket, lan_side, (streams.clone(), inbox))?;
     // The customer's decisions of earlier runs hold before any document.
     let consent_required = server.is_some() && !settings.agent.install_server_requests;
     dp.require_consent(consent_required).await?;
@@ -508,6 +512,7 @@ async fn run(
         consent,
         consent_gate: tokio::sync::Mutex::new(()),
         revocations: tokio::sync::Notify::new(),
+        carrier: carrier::Carrier::new(streams, inbox_tx),
     });
     tracing::info!(
         site.id = %site_id,
@@ -589,6 +594,7 @@ async fn serve(
     let control = tokio::spawn(control::run(app.clone(), shutdown_rx.clone()));
     let health = tokio::spawn(health::run(app.clone(), shutdown_rx.clone()));
     let revocations = tokio::spawn(revocations::run(app.clone(), shutdown_rx.clone()));
+    let carrier = tokio::spawn(carrier::run(app.clone(), shutdown_rx.clone()));
     let mut signals = Signals::new()?;
     loop {
         tokio::select! {
@@ -615,6 +621,7 @@ async fn serve(
     let _ = control.await;
     let _ = health.await;
     let _ = revocations.await;
+    let _ = carrier.await;
     Ok(())
 }
 

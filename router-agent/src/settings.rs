@@ -108,11 +108,32 @@ impl Default for Server {
 }
 
 /// `[tunnel]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TunnelSettings {
     /// UDP source port; 0 = any.
     pub listen_port: u16,
+    /// `auto` (UDP, TLS when UDP does not work), `udp` or `tls`.
+    pub transport: crate::fallback::Setting,
+    /// No handshake over UDP within this many seconds: TLS.
+    pub udp_timeout_s: u64,
+    /// While on TLS, UDP is tried this often (seconds).
+    pub udp_probe_interval_s: u64,
+    /// `http://[user:pass@]host:port`; empty = the environment's
+    /// `HTTPS_PROXY`/`ALL_PROXY` (and `NO_PROXY`).
+    pub https_proxy: String,
+}
+
+impl Default for TunnelSettings {
+    fn default() -> Self {
+        Self {
+            listen_port: 0,
+            transport: crate::fallback::Setting::Auto,
+            udp_timeout_s: 5,
+            udp_probe_interval_s: 30,
+            https_proxy: String::new(),
+        }
+    }
 }
 
 /// `[lan]`
@@ -314,6 +335,17 @@ impl Settings {
         let url = &self.server.url;
         if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return err("server.url", "must start with http:// or https://");
+        }
+        if self.tunnel.udp_timeout_s == 0 || self.tunnel.udp_timeout_s > 3600 {
+            return err("tunnel.udp_timeout_s", "must be 1 to 3600");
+        }
+        if self.tunnel.udp_probe_interval_s == 0 || self.tunnel.udp_probe_interval_s > 86_400 {
+            return err("tunnel.udp_probe_interval_s", "must be 1 to 86400");
+        }
+        if !self.tunnel.https_proxy.trim().is_empty()
+            && vpnnat_dataplane::tls::Proxy::parse(&self.tunnel.https_proxy).is_none()
+        {
+            return err("tunnel.https_proxy", "must be http://[user:pass@]host:port");
         }
         if self.packet.tun_name.is_empty() || self.packet.tun_name.len() > 15 {
             return err("packet.tun_name", "must be 1 to 15 characters");

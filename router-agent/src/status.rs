@@ -68,7 +68,14 @@ pub fn render(s: &StatusView, now: UnixMillis) -> String {
         }
         Some(t) => {
             let _ = writeln!(o, "\npeer: {} (gateway {})", t.public_key, t.gateway_id);
-            let _ = writeln!(o, "  endpoint: {}", t.endpoint);
+            match t.transport {
+                Some(tr) if tr != vpnnat::messages::Transport::Udp => {
+                    let _ = writeln!(o, "  endpoint: {} ({})", t.endpoint, tr.as_str());
+                }
+                _ => {
+                    let _ = writeln!(o, "  endpoint: {}", t.endpoint);
+                }
+            }
             let state = match (t.state.as_str(), t.up) {
                 ("", true) | ("up", _) => "up",
                 ("", false) | ("connecting", _) => "handshaking",

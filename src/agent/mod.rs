@@ -508,6 +508,23 @@ impl<K: Kinds> AgentState<K> {
         }
     }
 
+    /// Starts a new handshake now (a restarted one when one is in progress)
+    /// and queues its initiation. The session in use stays until the new
+    /// one is confirmed (WireGuard rekeying), so traffic is not interrupted;
+    /// the IO shell uses it to test another path to the gateway (the TLS
+    /// fallback's UDP probe), where the gateway answers the way it came.
+    pub fn initiate_handshake(&mut self, now: Instant) {
+        if let Some(peer) = self.peer.as_mut() {
+            let dst = peer.desired.endpoint;
+            let mut scratch = std::mem::take(&mut self.scratch);
+            if let Ok(Some(d)) = peer.tunnel.initiate_handshake(&mut scratch, true, now) {
+                let d: &[u8] = d;
+                self.queue_transmit(dst, d);
+            }
+            self.scratch = scratch;
+        }
+    }
+
     /// When [`Self::handle_timeout`] wants to run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let expiry = self.mappings.values().map(|m| m.expires_at).min();

@@ -63,6 +63,7 @@ fn tunnel_to(endpoint: SocketAddr, key: PublicKey) -> AgentTunnel {
         endpoint,
         public_key: key,
         persistent_keepalive_s: 25,
+        tls: None,
     }
 }
 
@@ -511,6 +512,7 @@ fn through_the_real_gateway_state<K: TestKinds>() {
                 public_key: keys().0.public_key(),
                 nat_addresses: vec![NAT],
                 tunnel: TunnelKind::Wireguard,
+                tls_token_sha256: None,
             }],
         },
         now,

@@ -61,6 +61,7 @@ impl<K: TestKinds> Client<K> {
             public_key: self.public_key(),
             nat_addresses: nat.iter().map(|a| ip(a)).collect(),
             tunnel: TunnelKind::Wireguard,
+            tls_token_sha256: None,
         }
     }
 
@@ -499,6 +500,7 @@ fn desired_state_is_validated_and_old_versions_are_ignored<K: TestKinds>() {
         public_key: gw.public_key(),
         nat_addresses: vec![ip("10.64.0.20")],
         tunnel: TunnelKind::Wireguard,
+        tls_token_sha256: None,
     };
     let mut dup_key = a.peer(7, &["10.64.0.21"]);
     dup_key.site_id = SiteId(7);

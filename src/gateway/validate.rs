@@ -79,6 +79,7 @@ pub fn validate_desired(
             public_key: p.public_key,
             nat_addresses: nat.into_iter().collect(),
             tunnel: p.tunnel,
+            tls_token_sha256: p.tls_token_sha256.clone(),
         });
     }
     ValidatedState {

@@ -24,6 +24,31 @@ pub struct AgentTunnel {
     pub public_key: PublicKey,
     /// WireGuard persistent keepalive, seconds (keeps the customer's NAPT mapping open).
     pub persistent_keepalive_s: u16,
+    /// The gateway's TLS fallback, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<AgentTls>,
+}
+
+/// Where and how the agent reaches its gateway over TLS when UDP is blocked.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub struct AgentTls {
+    /// The gateway's TLS endpoint (TCP).
+    pub endpoint: SocketAddr,
+    /// SHA-256 of the gateway certificate's SubjectPublicKeyInfo (DER),
+    /// lowercase hex: the only key the agent accepts.
+    pub spki_sha256: String,
+    /// This site's bearer token for the gateway's TLS port.
+    pub token: String,
+}
+
+impl std::fmt::Debug for AgentTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentTls")
+            .field("endpoint", &self.endpoint)
+            .field("spki_sha256", &self.spki_sha256)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One 1:1 static NAT mapping the agent must install.

@@ -204,6 +204,35 @@ pub enum TunnelKind {
     Wireguard,
 }
 
+/// How a site's tunnel datagrams travel between agent and gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Plain UDP datagrams.
+    Udp,
+    /// One TLS stream to the gateway's TCP port (the fallback when UDP is blocked).
+    Tls,
+    /// The TLS stream through an HTTP CONNECT proxy.
+    TlsProxy,
+}
+
+impl Transport {
+    /// The wire name (`udp`, `tls`, `tls_proxy`), also the metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tls => "tls",
+            Self::TlsProxy => "tls_proxy",
+        }
+    }
+}
+
+/// Whether `s` is a SHA-256 digest as the messages carry it (64 lowercase hex digits).
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// The error body of every 4xx/5xx answer of the API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]

@@ -4,7 +4,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{FieldError, GatewayId, PublicKey, SiteId, TunnelKind, UnixMillis, check_text};
+use super::common::{
+    FieldError, GatewayId, PublicKey, SiteId, Transport, TunnelKind, UnixMillis, check_text,
+    is_sha256_hex,
+};
 use super::operator::Health;
 
 /// A gateway announces itself (at start and after the server lost it).
@@ -22,6 +25,48 @@ pub struct GatewayRegistration {
     pub max_tunnels: u32,
     /// The gateway program's version, for the operator.
     pub software_version: String,
+    /// Its TLS fallback port, when it listens on one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<GatewayTls>,
+}
+
+/// A gateway's TLS fallback (the tunnel datagrams over TCP, docs/DESIGN.md "Tunnels").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct GatewayTls {
+    /// Where agents dial it over TCP (its public TLS endpoints).
+    pub endpoints: Vec<SocketAddr>,
+    /// SHA-256 of its certificate's SubjectPublicKeyInfo (DER), lowercase hex:
+    /// the pin agents verify it by.
+    pub spki_sha256: String,
+}
+
+impl GatewayTls {
+    /// # Errors
+    /// A [`FieldError`] naming the first invalid field.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.endpoints.is_empty() || self.endpoints.len() > 16 {
+            return Err(FieldError::new("tls.endpoints", "1 to 16 endpoints"));
+        }
+        if self
+            .endpoints
+            .iter()
+            .any(|e| e.port() == 0 || e.ip().is_unspecified())
+        {
+            return Err(FieldError::new(
+                "tls.endpoints",
+                "an endpoint needs an address and a port",
+            ));
+        }
+        if !is_sha256_hex(&self.spki_sha256) {
+            return Err(FieldError::new(
+                "tls.spki_sha256",
+                "64 lowercase hex digits",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl GatewayRegistration {
@@ -47,7 +92,8 @@ impl GatewayRegistration {
         if self.max_tunnels == 0 || self.max_tunnels > 1_000_000 {
             return Err(FieldError::new("max_tunnels", "1 to 1000000"));
         }
-        check_text("software_version", &self.software_version, 64, false)
+        check_text("software_version", &self.software_version, 64, false)?;
+        self.tls.as_ref().map_or(Ok(()), GatewayTls::validate)
     }
 }
 
@@ -75,6 +121,9 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     /// Bytes sent to the peer (inner packets).
     pub tx_bytes: u64,
+    /// How its datagrams travel now (absent: not known, e.g. an older gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
 }
 
 /// The periodic sign of life of a gateway.
@@ -145,6 +194,10 @@ pub struct GatewayPeer {
     /// The protocol of this site's tunnel (absent: WireGuard).
     #[serde(default)]
     pub tunnel: TunnelKind,
+    /// SHA-256 (lowercase hex) of the token the site's agent presents on the
+    /// gateway's TLS port; absent: the site may not use the TLS fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_token_sha256: Option<String>,
 }
 
 /// Everything a gateway should be doing, as one versioned document.

@@ -4,7 +4,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{FieldError, GatewayId, PublicKey, SiteId, TunnelKind, UnixMillis, check_text};
+use super::common::{
+    FieldError, GatewayId, PublicKey, SiteId, Transport, TunnelKind, UnixMillis, check_text,
+};
+use super::gateway::GatewayTls;
 
 /// Operator: create a site.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +56,10 @@ pub struct SiteView {
     pub nat_addresses: Vec<Ipv4Addr>,
     /// When the site was created.
     pub created_at: UnixMillis,
+    /// How its tunnel travels, as its gateway last reported (`udp`, `tls`,
+    /// `tls_proxy`); absent when not known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
 }
 
 /// Operator: create a gateway identity.
@@ -176,4 +183,7 @@ pub struct GatewayView {
     pub drain: bool,
     /// The last heartbeat received.
     pub last_heartbeat: Option<UnixMillis>,
+    /// Its TLS fallback (endpoints and pin), once registered with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<GatewayTls>,
 }

@@ -63,6 +63,7 @@ fn every_message_round_trips_through_json() {
         tunnel_kinds: vec![TunnelKind::Wireguard],
         max_tunnels: 2,
         software_version: "0.1.0".into(),
+        tls: None,
     });
     round_trip(&GatewayRegistered {
         gateway_id: GatewayId(1),
@@ -79,6 +80,7 @@ fn every_message_round_trips_through_json() {
             last_handshake: Some(UnixMillis(5)),
             rx_bytes: 1,
             tx_bytes: 2,
+            transport: None,
         }],
     });
     round_trip(&HeartbeatAck {
@@ -99,6 +101,7 @@ fn every_message_round_trips_through_json() {
             public_key: key(3),
             nat_addresses: vec![Ipv4Addr::new(10, 64, 0, 5)],
             tunnel: TunnelKind::Wireguard,
+            tls_token_sha256: Some("ab".repeat(32)),
         }],
     });
     round_trip(&AppliedState {
@@ -114,6 +117,11 @@ fn every_message_round_trips_through_json() {
             endpoint: "203.0.113.1:51820".parse().unwrap(),
             public_key: key(2),
             persistent_keepalive_s: 25,
+            tls: Some(AgentTls {
+                endpoint: "203.0.113.1:443".parse().unwrap(),
+                spki_sha256: "cd".repeat(32),
+                token: "t0ken".into(),
+            }),
         }),
         mappings: vec![AgentMapping {
             nat_address: Ipv4Addr::new(10, 64, 0, 5),
@@ -283,6 +291,7 @@ fn gateway_registration_validation() {
         tunnel_kinds: vec![TunnelKind::Wireguard],
         max_tunnels: 2,
         software_version: "0.1.0".into(),
+        tls: None,
     };
     assert_eq!(good.validate(), Ok(()));
     let bad = GatewayRegistration {
@@ -292,9 +301,52 @@ fn gateway_registration_validation() {
     assert_eq!(bad.validate().unwrap_err().field, "max_tunnels");
     let bad = GatewayRegistration {
         endpoints: vec!["0.0.0.0:51820".parse().unwrap()],
-        ..good
+        ..good.clone()
     };
     assert_eq!(bad.validate().unwrap_err().field, "endpoints");
+    let tls = GatewayTls {
+        endpoints: vec!["203.0.113.1:443".parse().unwrap()],
+        spki_sha256: "0f".repeat(32),
+    };
+    let with_tls = GatewayRegistration {
+        tls: Some(tls.clone()),
+        ..good.clone()
+    };
+    assert_eq!(with_tls.validate(), Ok(()));
+    round_trip(&with_tls);
+    for (bad, field) in [
+        (
+            GatewayTls {
+                spki_sha256: "0F".repeat(32),
+                ..tls.clone()
+            },
+            "tls.spki_sha256",
+        ),
+        (
+            GatewayTls {
+                endpoints: vec![],
+                ..tls.clone()
+            },
+            "tls.endpoints",
+        ),
+    ] {
+        let r = GatewayRegistration {
+            tls: Some(bad),
+            ..good.clone()
+        };
+        assert_eq!(r.validate().unwrap_err().field, field);
+    }
+    // The token never shows in logs.
+    let agent = AgentTls {
+        endpoint: "203.0.113.1:443".parse().unwrap(),
+        spki_sha256: String::new(),
+        token: "s3cret".into(),
+    };
+    assert!(!format!("{agent:?}").contains("s3cret"));
+    assert_eq!(
+        serde_json::to_string(&Transport::TlsProxy).unwrap(),
+        "\"tls_proxy\""
+    );
 }
 
 #[test]

@@ -241,6 +241,7 @@ impl World {
                     public_key: s.key.public_key(),
                     nat_addresses: s.nat.iter().map(|a| a.parse().unwrap()).collect(),
                     tunnel: vpnnat::messages::TunnelKind::Wireguard,
+                    tls_token_sha256: None,
                 })
                 .collect(),
         }

@@ -58,13 +58,15 @@ pub async fn register_gateway(
 ) -> OpResult<GatewayRegistered> {
     let row = tx
         .row_by_id(
-            "SELECT endpoints, public_key, health FROM gateways WHERE id = $1",
+            "SELECT endpoints, public_key, health, tls FROM gateways WHERE id = $1",
             gw.0,
             "gateway",
         )
         .await?;
     let old_endpoints: String = col(&row, "endpoints")?;
     let old_key: Option<String> = col(&row, "public_key")?;
+    let old_tls: Option<String> = col(&row, "tls")?;
+    let tls = reg.tls.as_ref().and_then(|t| serde_json::to_string(t).ok());
     let endpoints = serde_json::to_string(&reg.endpoints).unwrap_or_else(|_| "[]".into());
     let kinds = serde_json::to_string(&reg.tunnel_kinds).unwrap_or_else(|_| "[]".into());
     let key = reg.public_key.to_base64();
@@ -73,14 +75,14 @@ pub async fn register_gateway(
     if col::<String>(&row, "health")? == "down" {
         clear_stranded(tx, gw).await?;
     }
-    if old_endpoints != endpoints || old_key.as_deref() != Some(key.as_str()) {
+    if old_endpoints != endpoints || old_key.as_deref() != Some(key.as_str()) || old_tls != tls {
         for site in gateway_sites(tx, gw).await? {
             tx.bump_site(site).await?;
         }
     }
     let sql = format!(
         "UPDATE gateways SET endpoints = $1, public_key = $2, tunnel_kinds = $3, max_tunnels = $4, \
-         software_version = $5, health = 'healthy', last_heartbeat = {} WHERE id = $6",
+         software_version = $5, health = 'healthy', last_heartbeat = {}, tls = $7 WHERE id = $6",
         tx.kind.now_ms_sql()
     );
     sqlx::query(&sql)
@@ -90,6 +92,7 @@ pub async fn register_gateway(
         .bind(i64::from(reg.max_tunnels))
         .bind(&reg.software_version)
         .bind(id64(gw.0))
+        .bind(&tls)
         .execute(&mut *tx.inner)
         .await?;
     tx.audit(
@@ -147,6 +150,7 @@ pub async fn heartbeat(
         .bind(id64(gw.0))
         .fetch_one(&mut *tx.inner)
         .await?;
+    record_transports(tx, gw, hb).await?;
     if old != health {
         tx.audit(
             now,
@@ -162,6 +166,43 @@ pub async fn heartbeat(
         drain: col::<i64>(&row, "drain")? != 0,
         lease_ms: None,
     })
+}
+
+/// How each site's tunnel travels, as the heartbeat reports it; written
+/// only where it changed (a switch is rare, a heartbeat is not).
+async fn record_transports(tx: &mut Tx, gw: GatewayId, hb: &GatewayHeartbeat) -> OpResult<()> {
+    if hb.peers.iter().all(|p| p.transport.is_none()) {
+        return Ok(());
+    }
+    let rows = sqlx::query("SELECT site_id, transport FROM tunnels WHERE gateway_id = $1")
+        .bind(id64(gw.0))
+        .fetch_all(&mut *tx.inner)
+        .await?;
+    let mut known = std::collections::BTreeMap::new();
+    for r in &rows {
+        known.insert(
+            col::<i64>(r, "site_id")?,
+            col::<Option<String>>(r, "transport")?,
+        );
+    }
+    for p in &hb.peers {
+        let Some(t) = p.transport else { continue };
+        let site = id64(p.site_id.0);
+        match known.get(&site) {
+            Some(old) if old.as_deref() != Some(t.as_str()) => {
+                sqlx::query(
+                    "UPDATE tunnels SET transport = $1 WHERE site_id = $2 AND gateway_id = $3",
+                )
+                .bind(t.as_str())
+                .bind(site)
+                .bind(id64(gw.0))
+                .execute(&mut *tx.inner)
+                .await?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The gateway is back up: its sites that were told they are stranded are

@@ -11,9 +11,10 @@ use serde::de::DeserializeOwned;
 use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 use vpnnat::messages::{
-    AgentDesiredState, AgentMapping, AgentTunnel, AuditEntry, FailureView, GatewayDesiredState,
-    GatewayId, GatewayPeer, GatewayView, MaintenanceRequestView, PublicKey, RequestId,
-    RequestState, SiteId, SiteView, TerminalAssignment, TerminalName, TunnelKind, UnixMillis,
+    AgentDesiredState, AgentMapping, AgentTls, AgentTunnel, AuditEntry, FailureView,
+    GatewayDesiredState, GatewayId, GatewayPeer, GatewayTls, GatewayView, MaintenanceRequestView,
+    PublicKey, RequestId, RequestState, SiteId, SiteView, TerminalAssignment, TerminalName,
+    Transport, TunnelKind, UnixMillis,
 };
 
 use super::{DbError, DbResult, col, id64, u64_of};
@@ -79,6 +80,34 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A site's bearer token for its gateway's TLS port: derived from the hash
+/// of its credential (which only the database holds), so it needs no
+/// storage of its own and changes when the credential does. The gateway gets
+/// only its SHA-256.
+pub fn tls_token(credential_hash: &str) -> String {
+    sha256_hex(format!("vpnnat tls token\n{credential_hash}").as_bytes())
+}
+
+/// The TLS fallback for an agent: its gateway's first TLS endpoint and pin,
+/// and the site's token (none when the gateway offers no TLS or the site
+/// has no credential).
+fn agent_tls(gateway_tls: Option<String>, credential_hash: Option<&str>) -> Option<AgentTls> {
+    let tls: GatewayTls = serde_json::from_str(&gateway_tls?).ok()?;
+    Some(AgentTls {
+        endpoint: *tls.endpoints.first()?,
+        spki_sha256: tls.spki_sha256,
+        token: tls_token(credential_hash?),
+    })
+}
+
 /// The agent's desired state, or `NotFound`.
 ///
 /// # Errors
@@ -98,7 +127,8 @@ pub async fn agent_state(
     let tunnel = sqlx::query(
         // Only once the gateway has applied a document holding this peer:
         // a handshake that arrived earlier would be dropped (unknown key).
-        "SELECT g.id, g.endpoints, g.public_key FROM tunnels t JOIN gateways g ON g.id = t.gateway_id \
+        "SELECT g.id, g.endpoints, g.public_key, g.tls, s.credential_hash FROM tunnels t \
+         JOIN gateways g ON g.id = t.gateway_id JOIN sites s ON s.id = t.site_id \
          WHERE t.site_id = $1 AND t.ready_version >= 0 AND t.ready_version <= g.applied_version",
     )
     .bind(id64(site.0))
@@ -119,6 +149,10 @@ pub async fn agent_state(
                     endpoint: *ep,
                     public_key: key,
                     persistent_keepalive_s: keepalive_s,
+                    tls: agent_tls(
+                        col(&r, "tls")?,
+                        col::<Option<String>>(&r, "credential_hash")?.as_deref(),
+                    ),
                 }),
                 _ => None,
             }
@@ -169,7 +203,7 @@ pub async fn gateway_state(
         .ok_or(DbError::NotFound)
         .and_then(|r| col(&r, "version"))?;
     let rows = sqlx::query(
-        "SELECT s.id, s.public_key, n.address FROM tunnels t JOIN sites s ON s.id = t.site_id \
+        "SELECT s.id, s.public_key, s.credential_hash, n.address FROM tunnels t JOIN sites s ON s.id = t.site_id \
          LEFT JOIN nat_addresses n ON n.site_id = s.id \
          WHERE t.gateway_id = $1 AND s.public_key IS NOT NULL ORDER BY s.id, n.address",
     )
@@ -187,6 +221,8 @@ pub async fn gateway_state(
                 public_key: key.parse().map_err(decode_err)?,
                 nat_addresses: Vec::new(),
                 tunnel: TunnelKind::Wireguard,
+                tls_token_sha256: col::<Option<String>>(&r, "credential_hash")?
+                    .map(|h| sha256_hex(tls_token(&h).as_bytes())),
             });
         }
         if let (Some(a), Some(p)) = (addr, peers.last_mut()) {
@@ -363,7 +399,7 @@ pub async fn request(conn: &mut AnyConnection, id: RequestId) -> DbResult<Mainte
 /// Database failures.
 pub async fn sites(conn: &mut AnyConnection) -> DbResult<Vec<SiteView>> {
     let rows = sqlx::query(
-        "SELECT s.id, s.name, s.public_key, s.created_at, t.gateway_id FROM sites s \
+        "SELECT s.id, s.name, s.public_key, s.created_at, t.gateway_id, t.transport FROM sites s \
          LEFT JOIN tunnels t ON t.site_id = s.id ORDER BY s.id",
     )
     .fetch_all(&mut *conn)
@@ -392,6 +428,8 @@ pub async fn sites(conn: &mut AnyConnection) -> DbResult<Vec<SiteView>> {
                 gateway_id: gw.map(|g| GatewayId(u64_of(g))),
                 nat_addresses: addrs.remove(&id).unwrap_or_default(),
                 created_at: ms(col(r, "created_at")?),
+                transport: col::<Option<String>>(r, "transport")?
+                    .and_then(|t| enum_parse::<Transport>(&t).ok()),
             })
         })
         .collect()
@@ -406,7 +444,7 @@ pub async fn gateways(
     only: Option<GatewayId>,
 ) -> DbResult<Vec<GatewayView>> {
     let sql = "SELECT id, name, endpoints, public_key, tunnel_kinds, max_tunnels, tunnels, health, \
-               drain, last_heartbeat FROM gateways WHERE ($1 = 0 OR id = $1) ORDER BY id";
+               drain, last_heartbeat, tls FROM gateways WHERE ($1 = 0 OR id = $1) ORDER BY id";
     let rows = sqlx::query(sql)
         .bind(only.map_or(0, |g| id64(g.0)))
         .fetch_all(&mut *conn)
@@ -427,6 +465,7 @@ pub async fn gateways(
                 health: enum_parse(&col::<String>(r, "health")?)?,
                 drain: col::<i64>(r, "drain")? != 0,
                 last_heartbeat: opt_ms(col(r, "last_heartbeat")?),
+                tls: col::<Option<String>>(r, "tls")?.and_then(|t| serde_json::from_str(&t).ok()),
             })
         })
         .collect()

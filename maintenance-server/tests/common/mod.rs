@@ -403,6 +403,7 @@ pub async fn add_gateway(server: &TestServer, name: &str, max_tunnels: u32, n: u
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels,
                 software_version: "test".into(),
+                tls: None,
             },
         )
         .await

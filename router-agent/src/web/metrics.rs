@@ -11,10 +11,17 @@ use vpnnat_shell::metrics::{CONTENT_TYPE, Exposition, Kind};
 use super::{Web, error};
 use crate::app::FailureCounters;
 use crate::dataplane::Snapshot;
+use vpnnat::messages::Transport;
+use vpnnat_dataplane::stream::StreamStats;
 
 /// Renders the exposition of a data-plane snapshot, the control-plane state
 /// and the failure reports.
-fn render(snap: &Snapshot, control_connected: bool, failures: FailureCounters) -> String {
+fn render(
+    snap: &Snapshot,
+    control_connected: bool,
+    failures: FailureCounters,
+    carrier: (Option<Transport>, StreamStats),
+) -> String {
     use Kind::{Counter, Gauge};
     let mut m = Exposition::new("vpnnat_agent_");
     let c = &snap.counters;
@@ -93,6 +100,24 @@ fn render(snap: &Snapshot, control_connected: bool, failures: FailureCounters) -
     ];
     #[rustfmt::skip]
     m.labelled("failure_reports_total", Counter, "Failure reports, by outcome.", "outcome", outcomes);
+    let (transport, streams) = carrier;
+    m.labelled(
+        "transport",
+        Gauge,
+        "The tunnel's transport now (1 for the one in use; none without a tunnel).",
+        "transport",
+        transport.map(|t| (t.as_str(), 1u64)),
+    );
+    #[rustfmt::skip]
+    let tls: [(&str, Kind, &str, u64); 4] = [
+        ("tls_streams_opened_total", Counter, "TLS fallback streams opened.", streams.opened),
+        ("tls_stream_datagrams_sent_total", Counter, "Tunnel datagrams queued to the TLS stream.", streams.datagrams_sent),
+        ("tls_stream_datagrams_received_total", Counter, "Tunnel datagrams read from the TLS stream.", streams.datagrams_received),
+        ("tls_stream_queue_drops_total", Counter, "Tunnel datagrams dropped because the TLS stream's queue was full.", streams.queue_drops),
+    ];
+    for (name, kind, help, value) in tls {
+        m.single(name, kind, help, value);
+    }
     m.finish()
 }
 
@@ -114,7 +139,12 @@ pub(super) async fn metrics(State(web): State<Arc<Web>>) -> Response {
         .unwrap_or_else(PoisonError::into_inner);
     (
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        render(&snap, control.connected, failures),
+        render(
+            &snap,
+            control.connected,
+            failures,
+            (web.app.carrier.transport(), web.app.carrier.streams.stats()),
+        ),
     )
         .into_response()
 }

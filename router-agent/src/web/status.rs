@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use vpnnat::messages::{PublicKey, UnixMillis};
+use vpnnat::messages::{PublicKey, Transport, UnixMillis};
 
 use super::auth::Authorized;
 use super::{Web, error, mode_name};
@@ -77,6 +77,9 @@ pub struct TunnelStatus {
     /// Why it is down.
     #[serde(default)]
     pub note: Option<String>,
+    /// How its datagrams travel: `udp`, `tls` or `tls_proxy`.
+    #[serde(default)]
+    pub transport: Option<Transport>,
     /// The last handshake.
     pub latest_handshake: Option<UnixMillis>,
     /// Handshakes completed.
@@ -162,6 +165,7 @@ async fn status_view(web: &Web) -> anyhow::Result<StatusView> {
             up: state == "up",
             state: state.to_owned(),
             note: note.clone(),
+            transport: app.carrier.transport(),
             latest_handshake: snap.last_handshake,
             handshakes: t.stats.handshakes,
             rx_bytes: t.stats.rx_bytes,

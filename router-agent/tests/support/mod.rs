@@ -130,6 +130,7 @@ impl Center {
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels: 10,
                 software_version: "test".into(),
+                tls: None,
             })
             .send()
             .await
