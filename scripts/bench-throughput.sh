@@ -20,6 +20,8 @@
 #                   kernel-libipsec: ESP in userspace, in UDP 4500), IKEv2 PSK,
 #                   aes256gcm16-prfsha256-x25519 / ESP aes256gcm16; the far end does the
 #                   1:1 NAT with nft like the stock WireGuard ones     [when strongSwan is installed]
+#   tls             gateway ↔ router-agent with the tunnel over TLS on TCP 443 (the fallback)
+#   tls-proxy       the same through an HTTP CONNECT proxy (tinyproxy on the router's host)
 # Each: iperf3 TCP 1 stream and 4 streams, UDP packet rate (64-byte payloads,
 # unlimited offered load, packets received per second), ping RTT.
 #
@@ -29,6 +31,8 @@
 # With swan-swan the output also has "strongSwan single-stream TCP median:
 # X Mbit/s", the CPU seconds per Gbit of each charon, and the crypto floor:
 # `openssl speed -evp aes-256-gcm -bytes 1420` on one core.
+# With the TLS pairs: "TLS/UDP single-stream ratio: X.XX" (tls against
+# gateway-agent) and "TLS via proxy/UDP single-stream ratio: X.XX".
 #
 # Usage: sudo scripts/bench-throughput.sh   (env: REPS=3 DURATION=10 PAIRS="..." CACHE=...)
 #   BASELINE_BIN=DIR adds the pair "baseline" (DIR/gateway, DIR/router-agent,
@@ -84,6 +88,11 @@ if [ -x /usr/sbin/charon-systemd ] && [ -f /usr/lib/ipsec/plugins/libstrongswan-
   default_pairs="$default_pairs swan-swan"
 else
   log "==> strongSwan with kernel-libipsec is not installed: no IPsec baseline (scripts/setup.sh)"
+fi
+# The TLS fallback pairs, when the agent has the fallback and tinyproxy is there.
+if [ "$have_agent" = 1 ] && grep -qs https_proxy router-agent/src/settings.rs \
+   && command -v tinyproxy >/dev/null && command -v openssl >/dev/null; then
+  default_pairs="gateway-agent tls tls-proxy ${default_pairs#gateway-agent }"
 fi
 if [ -n "${BASELINE_BIN:-}" ]; then
   for b in gateway router-agent; do
@@ -191,8 +200,9 @@ interface = "lan0"
 [metrics]
 listen = "127.0.0.1:9101"
 EOF
+  [ ! -f "$WORK/gateway-tls.toml" ] || cat "$WORK/gateway-tls.toml" >> "$WORK/gateway.toml"
   cat > "$WORK/peers.json" <<EOF
-{"version":1,"gateway_id":1,"peers":[{"site_id":1,"public_key":"$(pub far)","nat_addresses":["10.64.0.5"]}]}
+{"version":1,"gateway_id":1,"peers":[{"site_id":1,"public_key":"$(pub far)","nat_addresses":["10.64.0.5"]${TLS_PEER_EXTRA:-}}]}
 EOF
   nsx $G env RUST_LOG=warn "${1:-$GATEWAY}" --config "$WORK/gateway.toml" --peers "$WORK/peers.json" >"$WORK/gateway.log" 2>&1 &
   for _ in $(seq 100); do nsx $G curl -sf http://127.0.0.1:9101/healthz >/dev/null 2>&1 && return 0; sleep 0.05; done
@@ -203,7 +213,7 @@ far_agent() {
   # The router agent's standalone packet mode: a static desired
   # state instead of a server, LAN 192.168.1.0/24, the PC named pc-1.
   cat > "$WORK/agent.json" <<EOF
-{"version":1,"site_id":1,"tunnel":{"gateway_id":1,"kind":"wireguard","endpoint":"198.51.100.1:51820","public_key":"$(pub near)","persistent_keepalive_s":25},"mappings":[{"nat_address":"10.64.0.5","terminal":"pc-1","request_id":1,"expires_at":4102444800000}]}
+{"version":1,"site_id":1,"tunnel":{"gateway_id":1,"kind":"wireguard","endpoint":"198.51.100.1:51820","public_key":"$(pub near)","persistent_keepalive_s":25${TLS_AGENT_EXTRA:-}},"mappings":[{"nat_address":"10.64.0.5","terminal":"pc-1","request_id":1,"expires_at":4102444800000}]}
 EOF
   echo "192.168.1.10 pc-1" > "$WORK/hosts"
   # Everything the agent writes stays in $WORK; no resolver, no link watch.
@@ -226,6 +236,7 @@ password = "bench-password-not-used"
 [failures]
 link_watch = false
 EOF
+  [ ! -f "$WORK/agent-tls.toml" ] || cat "$WORK/agent-tls.toml" >> "$WORK/agent.toml"
   nsx $R env RUST_LOG=warn "${1:-$AGENT}" --config "$WORK/agent.toml" --mode packet \
     --private-key-file "$(keyfile far)" --desired "$WORK/agent.json" --hosts "$WORK/hosts" \
     >"$WORK/agent.log" 2>&1 &
@@ -259,6 +270,63 @@ stop_swan() {
   ip -n $R addr del 10.64.0.5/32 dev lo 2>/dev/null || true
 }
 
+# ---- TLS fallback: gateway ↔ agent with the tunnel over TLS (TCP 443), and
+# through an HTTP CONNECT proxy (tinyproxy on 127.0.0.1:8888 in the router's
+# namespace, CONNECT only to 443). The gateway generates its certificate at
+# its first start; the agent gets the pin (SHA-256 of the certificate's
+# SubjectPublicKeyInfo) and a token whose SHA-256 the gateway holds, as the
+# server hands them out.
+TLS_TOKEN=bench-tls-token-not-secret
+
+# Before near_gateway: the gateway's TLS listener and the peer's token hash.
+tls_gateway_config() {
+  local th
+  th=$(printf %s "$TLS_TOKEN" | sha256sum | cut -d' ' -f1)
+  cat > "$WORK/gateway-tls.toml" <<EOF
+[tls]
+listen = "198.51.100.1:443"
+endpoints = ["198.51.100.1:443"]
+certificate_file = "$WORK/tls.crt"
+key_file = "$WORK/tls.key"
+EOF
+  TLS_PEER_EXTRA=",\"tls_token_sha256\":\"$th\""
+}
+
+# After near_gateway (the certificate exists): the agent's pin and token,
+# its transport, and for tls-proxy the proxy.
+tls_agent_config() { # $1 = tls | tls-proxy
+  local pin proxy=""
+  pin=$(openssl x509 -in "$WORK/tls.crt" -pubkey -noout | openssl pkey -pubin -outform der | sha256sum | cut -d' ' -f1)
+  TLS_AGENT_EXTRA=",\"tls\":{\"endpoint\":\"198.51.100.1:443\",\"spki_sha256\":\"$pin\",\"token\":\"$TLS_TOKEN\"}"
+  if [ "$1" = tls-proxy ]; then
+    cat > "$WORK/tinyproxy.conf" <<EOF
+Port 8888
+Listen 127.0.0.1
+Timeout 600
+MaxClients 20
+PidFile "$WORK/tinyproxy.pid"
+LogFile "$WORK/tinyproxy.log"
+LogLevel Connect
+Allow 127.0.0.1
+ConnectPort 443
+EOF
+    rm -f "$WORK/tinyproxy.pid"
+    nsx $R tinyproxy -d -c "$WORK/tinyproxy.conf" >"$WORK/tinyproxy.out" 2>&1 &
+    for _ in $(seq 100); do nsx $R bash -c '</dev/tcp/127.0.0.1/8888' 2>/dev/null && break; sleep 0.05; done
+    proxy='https_proxy = "http://127.0.0.1:8888"'
+  fi
+  printf '[tunnel]\ntransport = "tls"\n%s\n' "$proxy" > "$WORK/agent-tls.toml"
+}
+
+tls_pair() { # $1 = tls | tls-proxy
+  tls_gateway_config
+  near_gateway
+  tls_agent_config "$1"
+  far_agent
+  TLS_PEER_EXTRA=""; TLS_AGENT_EXTRA=""
+  rm -f "$WORK/gateway-tls.toml" "$WORK/agent-tls.toml"
+}
+
 stop_pair() {
   stop_swan
   for ns in $G $R; do
@@ -281,6 +349,7 @@ start_pair() {
     wggo-wggo) near_stock wireguard-go; far_stock wireguard-go ;;
     boringtun) near_stock boringtun; far_stock boringtun ;;
     swan-swan) near_swan; far_swan ;;
+    tls | tls-proxy) tls_pair "$1" ;;
     *) log "unknown pair $1"; return 1 ;;
   esac
   for _ in $(seq 100); do nsx $C ping -c 1 -W 1 10.64.0.5 >/dev/null 2>&1 && return 0; sleep 0.1; done
@@ -420,4 +489,8 @@ if swan:
     except (OSError, ValueError):
         pass
     print(f"strongSwan single-stream TCP median: {swan:.0f} Mbit/s")
+for pair, label in (("tls", "TLS"), ("tls-proxy", "TLS via proxy")):
+    t = med.get((pair, "tcp1_mbit"))
+    if t and now:
+        print(f"{label}/UDP single-stream ratio: {t / now:.2f}")
 EOF

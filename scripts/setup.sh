@@ -12,6 +12,9 @@ fi
 packages=(
   iproute2 iputils-ping iputils-arping nftables procps psmisc curl ca-certificates python3 tcpdump socat
   wireguard-go wireguard-tools iperf3
+  # the HTTP CONNECT proxy of the TLS-fallback tests and benchmark (started by
+  # them in a namespace with their own config, pid and log files; no service)
+  tinyproxy
   postgresql
   # strongSwan with userspace ESP (kernel-libipsec): the independent IPsec peer of the interop tests
   charon-systemd strongswan-swanctl libcharon-extra-plugins

@@ -3,6 +3,8 @@
 //! rule for a missing one ([`prereq`]), network namespaces joined by veth
 //! pairs that clean up after themselves ([`netns`]), running the built
 //! programs ([`process`]), echo checks through a namespace ([`echo`]), the
+//! TLS-fallback tests' world of a site without UDP or behind a proxy
+//! ([`fallback_world`]), the
 //! end-to-end mission played by the real programs ([`mission`]), a handshake
 //! flood while real agents rekey ([`handshake_flood`]), a strongSwan IPsec
 //! peer in a namespace ([`strongswan`]); with the
@@ -18,6 +20,7 @@ pub mod agent_world;
 #[cfg(feature = "browser")]
 pub mod browser;
 pub mod echo;
+pub mod fallback_world;
 pub mod handshake_flood;
 pub mod mission;
 pub mod netns;

@@ -371,10 +371,14 @@ pub(super) fn gateway_config(dir: &Path, name: &str, wan: &str, credential: &str
         format!(
             "[wireguard]\nlisten = \"0.0.0.0:51820\"\nendpoints = [\"{wan}:51820\"]\n\
              private_key_file = \"{key}\"\nmax_tunnels = {MAX_TUNNELS}\nworkers = 1\n\
+             [tls]\nlisten = \"0.0.0.0:443\"\nendpoints = [\"{wan}:443\"]\n\
+             certificate_file = \"{cert}\"\nkey_file = \"{tls_key}\"\n\
              [center]\ntun_name = \"vpnnat0\"\ninterface = \"eth0\"\npool = \"10.64.0.0/16\"\n\
              [server]\nurl = \"http://{SERVER_LAN}\"\ncredential_file = \"{cred}\"\npoll_wait_ms = 20000\n\
              [metrics]\nlisten = \"127.0.0.1:9101\"\n",
             key = d.join("gateway.key").display(),
+            cert = d.join("tls.crt").display(),
+            tls_key = d.join("tls.key").display(),
             cred = cred.display(),
         ),
     )
@@ -382,7 +386,9 @@ pub(super) fn gateway_config(dir: &Path, name: &str, wan: &str, credential: &str
     path
 }
 
-pub(super) fn agent_config(dir: &Path, n: usize, netstack: bool) -> PathBuf {
+/// The agent's configuration; `udp_blocked`: its site lets no UDP out, so
+/// it gives UDP 2 s before it falls back to TLS.
+pub(super) fn agent_config(dir: &Path, n: usize, netstack: bool, udp_blocked: bool) -> PathBuf {
     let d = dir.join(format!("site{n}"));
     std::fs::create_dir_all(&d).unwrap();
     let (mode, lan_if) = if netstack {
@@ -390,13 +396,18 @@ pub(super) fn agent_config(dir: &Path, n: usize, netstack: bool) -> PathBuf {
     } else {
         ("packet", "lan")
     };
+    let tunnel = if udp_blocked {
+        "[tunnel]\nudp_timeout_s = 2\n"
+    } else {
+        ""
+    };
     let path = d.join("router-agent.toml");
     std::fs::write(
         &path,
         format!(
             "[agent]\nidentity_file = \"{id}\"\nstate_dir = \"{state}\"\nmode = \"{mode}\"\n\
              [server]\npoll_wait_ms = 20000\nallow_insecure_http = true\n\
-             [lan]\ninterface = \"{lan_if}\"\nallowed_prefixes = [\"192.168.1.0/24\"]\ndns = false\n\
+             {tunnel}[lan]\ninterface = \"{lan_if}\"\nallowed_prefixes = [\"192.168.1.0/24\"]\ndns = false\n\
              [packet]\ntun_name = \"vpnnat-agent\"\ncenter_prefixes = [\"172.16.0.0/24\"]\n\
              [web]\npassword = \"{PASSWORD}\"\n\
              [[terminals]]\nname = \"pc\"\naddress = \"{PC}\"\ndescription = \"The PC at the till\"\ncheck = \"tcp:80\"\n\

@@ -1,6 +1,7 @@
 //! The whole mission, end to end: the world of `scripts/world.sh` (an
 //! internet, a center with the maintenance server, two gateways and a
-//! technician, three customer sites that all use 192.168.1.0/24) and the
+//! technician, four customer sites that all use 192.168.1.0/24, the fourth
+//! behind a firewall that lets no UDP out) and the
 //! scenario of the acceptance test, played by the real programs.
 //!
 //! One piece of code serves both the CI test (`tests/e2e_mission.rs`) and the
@@ -41,9 +42,12 @@ const TECH: (&str, &str) = ("alice", "technician password 1");
 const SERVER_LAN: &str = "172.16.0.10:8080";
 const SERVER_WAN: &str = "203.0.113.10:8080";
 const PC: &str = "192.168.1.10";
-/// Gateways' tunnel slots (`max_tunnels = 2` each: the second gateway is
-/// needed once three sites connect).
-const MAX_TUNNELS: u64 = 2;
+/// Gateways' tunnel slots (`max_tunnels = 3` each: the second gateway is
+/// needed once four sites connect, and a gateway that survives the other
+/// is full with the three sites still open then).
+const MAX_TUNNELS: u64 = 3;
+/// The site whose router lets no UDP out: its tunnel runs over TLS.
+const UDP_BLOCKED_SITE: usize = 4;
 
 /// How the mission is played.
 #[derive(Debug, Clone)]
@@ -97,7 +101,7 @@ pub fn run(opts: Options) -> Outcome {
     say(
         "world",
         &format!(
-            "building the world \"{world_name}\": an internet, a center (server, gw1, gw2, technician) and three sites, every PC at {PC}"
+            "building the world \"{world_name}\": an internet, a center (server, gw1, gw2, technician) and four sites (site 4 lets no UDP out), every PC at {PC}"
         ),
     );
     let w = World::up(opts);
@@ -109,9 +113,9 @@ pub fn run(opts: Options) -> Outcome {
     // 1. Sites and enrollment.
     say(
         "1",
-        "the operator creates three sites; each router agent enrolls with its one-time token",
+        "the operator creates four sites; each router agent enrolls with its one-time token",
     );
-    enroll_sites(&mut m, 3);
+    enroll_sites(&mut m, 4);
 
     // 2. Sites 1 and 2 press the button.
     say(
@@ -190,6 +194,23 @@ pub fn run(opts: Options) -> Outcome {
     );
     detail("the echo sessions to sites 1 and 2 kept working");
 
+    // 4b. A site that lets no UDP out.
+    say(
+        "4b",
+        "site 4 requests: its router's firewall drops all outbound UDP, so its agent falls back to the tunnel over TLS",
+    );
+    let (req4, nat4) = m.request(UDP_BLOCKED_SITE);
+    m.reached_within(&nat4, UDP_BLOCKED_SITE, Duration::from_secs(30));
+    assert_eq!(
+        m.agent_status(UDP_BLOCKED_SITE)["tunnel"]["transport"],
+        "tls",
+        "site 4's transport"
+    );
+    detail(&format!(
+        "site 4: request {req4}, PC {PC} → {nat4} on {}, transport tls",
+        m.gateway_name(m.gateway_of(UDP_BLOCKED_SITE))
+    ));
+
     // 5. Isolation.
     say(
         "5",
@@ -216,7 +237,7 @@ pub fn run(opts: Options) -> Outcome {
     }
     m.w.sh("tech", "ip route del 192.168.1.0/24");
     for addr in ["10.64.255.254", "10.64.0.1", "10.64.128.7"] {
-        if addr != nat1 && addr != nat2 && addr != nat3 {
+        if addr != nat1 && addr != nat2 && addr != nat3 && addr != nat4 {
             assert!(
                 !m.anything_answers(addr),
                 "unassigned pool address {addr} answered"
@@ -267,7 +288,10 @@ pub fn run(opts: Options) -> Outcome {
         end_to_gone.as_millis()
     ));
     let (req3b, nat3b) = m.request(3);
-    assert!(nat3b != nat1 && nat3b != nat2, "{nat3b} is free");
+    assert!(
+        nat3b != nat1 && nat3b != nat2 && nat3b != nat4,
+        "{nat3b} is free"
+    );
     m.reached_within(&nat3b, 3, Duration::from_secs(10));
     detail(&format!(
         "site 3 asks again: request {req3b} gets {nat3b} from the pool, on {}",
@@ -281,6 +305,7 @@ pub fn run(opts: Options) -> Outcome {
         &format!("kill -9 {victim}, the gateway that carries site 2"),
     );
     let held2_before = held.read(&nat2).1;
+    let site4_moves = m.gateway_name(m.gateway_of(UDP_BLOCKED_SITE)) == victim;
     let t0 = Instant::now();
     m.w.kill9(&victim);
     let other = within(
@@ -307,7 +332,18 @@ pub fn run(opts: Options) -> Outcome {
             held.read(&nat2).1
         ));
     }
-    // Both remaining slots are taken now (sites 2 and 3): a new site gets a
+    if site4_moves {
+        m.reached_within(&nat4, UDP_BLOCKED_SITE, Duration::from_secs(20));
+        assert_eq!(
+            m.agent_status(UDP_BLOCKED_SITE)["tunnel"]["transport"],
+            "tls"
+        );
+        detail(&format!(
+            "site 4 (no UDP) moved with it to {} and is reached at {nat4} over TLS",
+            m.gateway_name(m.gateway_of(UDP_BLOCKED_SITE))
+        ));
+    }
+    // Every remaining slot is taken now (sites 2, 3 and 4): a new site gets a
     // clear answer and nothing is allocated.
     let (code, v) = m.press(1);
     assert_eq!(code, 503, "no capacity: {v}");
@@ -336,7 +372,7 @@ pub fn run(opts: Options) -> Outcome {
     let snapshot = |m: &Mission| {
         let (code, reqs) = m.technician("GET", "/api/v1/requests", None);
         assert_eq!(code, 200, "{reqs}");
-        let sites: Vec<Value> = (1..=3).map(|s| m.site_view(s)).collect();
+        let sites: Vec<Value> = (1..=4).map(|s| m.site_view(s)).collect();
         (reqs, sites)
     };
     let before = snapshot(&m);
@@ -349,7 +385,7 @@ pub fn run(opts: Options) -> Outcome {
         before.1, after.1,
         "sites keep their gateways and NAT addresses"
     );
-    for (s, nat) in [(2, &nat2), (3, &nat3b)] {
+    for (s, nat) in [(2, &nat2), (3, &nat3b), (UDP_BLOCKED_SITE, &nat4)] {
         assert!(
             m.reaches(nat, s),
             "site {s} still reached after the restart"
@@ -401,16 +437,21 @@ pub fn run(opts: Options) -> Outcome {
         .as_str()
         .unwrap_or("-")
         .to_owned();
-    let rows: Vec<Row> = [(1, nat1_now), (2, nat2.clone()), (3, nat3b.clone())]
-        .into_iter()
-        .map(|(s, nat)| Row {
-            site: m.sites[s - 1].name.clone(),
-            lan: PC,
-            reached: m.reaches(&nat, s),
-            gateway: m.gateway_name(m.gateway_of(s)),
-            nat,
-        })
-        .collect();
+    let rows: Vec<Row> = [
+        (1, nat1_now),
+        (2, nat2.clone()),
+        (3, nat3b.clone()),
+        (UDP_BLOCKED_SITE, nat4.clone()),
+    ]
+    .into_iter()
+    .map(|(s, nat)| Row {
+        site: m.sites[s - 1].name.clone(),
+        lan: PC,
+        reached: m.reaches(&nat, s),
+        gateway: m.gateway_name(m.gateway_of(s)),
+        nat,
+    })
+    .collect();
     println!("\n  site     LAN address    NAT address    gateway  reached");
     for r in &rows {
         println!(
@@ -440,7 +481,8 @@ pub fn run(opts: Options) -> Outcome {
 }
 
 /// Creates sites 1..=`count` (site 3 is the netstack agent behind its
-/// router's NAPT), enrolls and starts their agents, and waits until every
+/// router's NAPT, site 4's router lets no UDP out), enrolls and starts
+/// their agents, and waits until every
 /// site's page answers and the server sees it enrolled.
 fn enroll_sites(m: &mut Mission, count: usize) {
     for n in 1..=count {
@@ -452,9 +494,10 @@ fn enroll_sites(m: &mut Mission, count: usize) {
         let (agent_host, page, lan_host) = match n {
             1 => ("r1", "192.168.1.1", "pc1"),
             2 => ("r2", "192.168.1.1", "pc2"),
-            _ => ("ah3", "192.168.1.20", "pc3"),
+            3 => ("ah3", "192.168.1.20", "pc3"),
+            _ => ("r4", "192.168.1.1", "pc4"),
         };
-        let config = agent_config(&m.w.dir, n, netstack);
+        let config = agent_config(&m.w.dir, n, netstack, n == UDP_BLOCKED_SITE);
         let cfg = config.to_str().unwrap().to_owned();
         let out = m.w.run(
             agent_host,
