@@ -46,5 +46,21 @@ fi
 # database per test. A password lets the URL form postgres://postgres:postgres@localhost work too.
 su postgres -c "psql -qAtc \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null
 
+# axe-core, the accessibility checker the browser tests run inside the pages
+# (test-support/src/browser.rs reads it from here): a pinned release from the
+# npm registry, kept only when its SHA-256 is the expected one.
+AXE_VERSION=4.10.2
+AXE_SHA256=9ea2d2d6917da998122bdacfd3b473e31ead53f4b87146c716a12edf89158100
+axe_dir=/var/cache/vpnnat-test/axe-core-$AXE_VERSION
+if [ ! -s "$axe_dir/axe.min.js" ]; then
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  curl -sSfL -o "$tmp/axe.tgz" "https://registry.npmjs.org/axe-core/-/axe-core-$AXE_VERSION.tgz"
+  echo "$AXE_SHA256  $tmp/axe.tgz" | sha256sum -c --quiet -
+  tar -xzf "$tmp/axe.tgz" -C "$tmp" package/axe.min.js
+  install -d "$axe_dir"
+  install -m 0644 "$tmp/package/axe.min.js" "$axe_dir/axe.min.js"
+fi
+
 # cargo-nextest is not needed; the tests run with plain `cargo test`.
 echo "setup.sh: prerequisites ready"

@@ -588,6 +588,28 @@ pub fn document() -> Value {
                     "integer",
                     "at most this many (1–500, default 100)",
                 ));
+                for (name, ty, desc) in [
+                    ("actor", "string", "only this actor, e.g. technician:alice"),
+                    ("object", "string", "only this object, e.g. request:17"),
+                    (
+                        "kind",
+                        "string",
+                        "only this action or actions with this prefix, e.g. request",
+                    ),
+                    (
+                        "site",
+                        "integer",
+                        "only entries by, on or about a request of this site",
+                    ),
+                    (
+                        "since",
+                        "integer",
+                        "only entries at or after this time (ms)",
+                    ),
+                    ("until", "integer", "only entries before this time (ms)"),
+                ] {
+                    params.push(param(name, "query", ty, desc));
+                }
             }
             Query::Limit => {
                 params.push(param(

@@ -750,6 +750,73 @@ async fn technicians_start_and_end_and_everything_is_audited(b: Backend) {
         .json();
     assert_eq!(page.len(), 2);
     assert_eq!(page[0].id, audit[1].id);
+    // Names instead of ids.
+    assert_eq!(
+        start.object_label.as_deref(),
+        Some(format!("{} (A)", r.acceptance_number).as_str())
+    );
+    let create = audit.iter().find(|e| e.action == "site.create").unwrap();
+    assert_eq!(create.object_label.as_deref(), Some("A"));
+    // A refused sign-in is recorded, with where it came from.
+    server
+        .client(None)
+        .post(
+            paths::LOGIN,
+            &Login {
+                name: "alice".into(),
+                password: "wrong horse".into(),
+            },
+        )
+        .await
+        .error(401, None);
+    // Filters: kind (an action or its prefix), actor, object, site, time.
+    let get = |q: String| {
+        let tech = tech.clone();
+        async move {
+            tech.get(&format!("{}?{q}", paths::AUDIT))
+                .await
+                .json::<Vec<AuditEntry>>()
+        }
+    };
+    let failed = get("kind=technician.login_failed".into()).await;
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].object, "technician:alice");
+    assert!(
+        failed[0].actor.starts_with("client:127.0.0.1"),
+        "{:?}",
+        failed[0]
+    );
+    let requests = get("kind=request".into()).await;
+    let kinds: Vec<&str> = requests.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(kinds, ["request.end", "request.start", "request.create"]);
+    let by_alice = get("actor=technician:alice".into()).await;
+    assert!(by_alice.iter().all(|e| e.actor == "technician:alice"));
+    assert!(by_alice.iter().any(|e| e.action == "request.end"));
+    let on_request = get(format!("object=request:{}", r.id)).await;
+    assert_eq!(on_request.len(), 3);
+    let on_site = get(format!("site={}", site.id)).await;
+    let site_actions: Vec<&str> = on_site.iter().map(|e| e.action.as_str()).collect();
+    for want in [
+        "site.create",
+        "site.enroll",
+        "request.create",
+        "request.end",
+    ] {
+        assert!(
+            site_actions.contains(&want),
+            "{want} not in {site_actions:?}"
+        );
+    }
+    assert!(!site_actions.contains(&"technician.login"));
+    let later = start.at.0 + 1;
+    let since = get(format!("since={later}&kind=request")).await;
+    assert!(since.iter().all(|e| e.at.0 >= later));
+    assert!(since.iter().all(|e| e.action != "request.create"));
+    let until = get(format!("until={later}&kind=request")).await;
+    assert!(until.iter().any(|e| e.action == "request.create"));
+    tech.get(&format!("{}?kind=a%25", paths::AUDIT))
+        .await
+        .error(400, Some("kind"));
     // The log cannot be rewritten, not even by the database owner.
     sqlx::any::install_default_drivers();
     let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();

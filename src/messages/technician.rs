@@ -53,6 +53,13 @@ pub struct AuditEntry {
     pub object: String,
     /// Extra detail.
     pub detail: String,
+    /// `actor` in words (a site's or gateway's name), when it names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor_label: Option<String>,
+    /// `object` in words (a request's acceptance number and site, a
+    /// site's or gateway's name), when it names one that still exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_label: Option<String>,
 }
 
 /// The console's live feed: the current version and everything it shows.

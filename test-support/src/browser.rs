@@ -2,7 +2,9 @@
 //! WebDriver by fantoccini: chromedriver on a free loopback port with a
 //! fresh profile, both gone on drop.
 //!
-//! Set `VPNNAT_SCREENSHOT_DIR` to keep the screenshots tests take.
+//! Screenshots go to `VPNNAT_SCREENSHOT_DIR`, or else to `screenshots/`
+//! in the cargo target directory. The accessibility check runs axe-core
+//! (fetched by `scripts/setup.sh`) inside the page.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,6 +18,8 @@ use crate::prereq::skip_or_fail;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// Where `scripts/setup.sh` puts axe-core (`VPNNAT_AXE_JS` overrides it).
+pub const AXE_JS: &str = "/var/cache/vpnnat-test/axe-core-4.10.2/axe.min.js";
 /// How long an element may take to appear or to show a text.
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -159,12 +163,103 @@ impl Browser {
         }
     }
 
-    /// Saves a screenshot as `name.png` in `VPNNAT_SCREENSHOT_DIR` (if set).
+    /// Saves a screenshot as `name.png` in `VPNNAT_SCREENSHOT_DIR`, or else
+    /// in `screenshots/` of the target directory the test runs from.
     pub async fn screenshot(&self, name: &str) {
-        if let Some(dir) = std::env::var_os("VPNNAT_SCREENSHOT_DIR") {
+        let dir = std::env::var_os("VPNNAT_SCREENSHOT_DIR")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                // target/debug/deps/<test binary>
+                let exe = std::env::current_exe().ok()?;
+                Some(exe.parent()?.parent()?.parent()?.join("screenshots"))
+            });
+        if let Some(dir) = dir {
             let png = self.c().screenshot().await.unwrap();
-            std::fs::write(std::path::Path::new(&dir).join(format!("{name}.png")), png).unwrap();
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
         }
+    }
+
+    /// Asserts that the page is no wider than the window (nothing to
+    /// scroll sideways); `what` names the state in the message.
+    pub async fn assert_no_horizontal_overflow(&self, what: &str) {
+        let v = self
+            .c()
+            .execute(
+                "const d = document.documentElement; \
+                 return [d.scrollWidth, window.innerWidth];",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let (scroll, inner) = (v[0].as_u64().unwrap(), v[1].as_u64().unwrap());
+        assert!(
+            scroll <= inner,
+            "{what}: the page is {scroll} px wide in a {inner} px window"
+        );
+    }
+
+    /// Runs axe-core in the page and returns its serious and critical
+    /// violations as `rule: targets` lines (empty when there are none), or
+    /// `None` when axe-core is not installed (skipped outside CI).
+    pub async fn axe_serious(&self) -> Option<Vec<String>> {
+        let path = std::env::var_os("VPNNAT_AXE_JS").map_or_else(
+            || std::path::PathBuf::from(AXE_JS),
+            std::path::PathBuf::from,
+        );
+        let Ok(source) = std::fs::read_to_string(&path) else {
+            skip_or_fail(&format!(
+                "the accessibility check needs {} (scripts/setup.sh fetches it)",
+                path.display()
+            ));
+            return None;
+        };
+        // WebDriver scripts run outside the page's Content Security Policy.
+        self.c()
+            .execute(&format!("{source}\n;return null;"), vec![])
+            .await
+            .unwrap();
+        let v = self
+            .c()
+            .execute_async(
+                "const done = arguments[arguments.length - 1]; \
+                 axe.run(document, { resultTypes: ['violations'] }).then((r) => done( \
+                   r.violations.filter((v) => v.impact === 'serious' || v.impact === 'critical') \
+                     .map((v) => v.id + ': ' + v.nodes.map((n) => n.target.join(' ')).join(', ')))) \
+                   .catch((e) => done(['axe failed: ' + e]));",
+                vec![],
+            )
+            .await
+            .unwrap();
+        Some(
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap_or_default().to_owned())
+                .collect(),
+        )
+    }
+
+    /// Asserts that axe-core finds no serious or critical violation.
+    pub async fn assert_accessible(&self, what: &str) {
+        if let Some(v) = self.axe_serious().await {
+            assert!(v.is_empty(), "{what}: accessibility violations: {v:#?}");
+        }
+    }
+
+    /// The `id` (or else the text) of the focused element.
+    pub async fn focused(&self) -> String {
+        self.c()
+            .execute(
+                "const a = document.activeElement; \
+                 return a ? (a.id || (a.dataset && a.dataset.key) || a.textContent) : '';",
+                vec![],
+            )
+            .await
+            .unwrap()
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
     }
 
     /// Replaces the text of the displayed field `css`.

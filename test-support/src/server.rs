@@ -25,7 +25,13 @@ pub struct InProcessServer {
 impl InProcessServer {
     /// Starts the server with `settings` and waits until `/healthz` answers.
     pub async fn start(settings: Settings) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(settings, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// [`Self::start`] on `addr` (a stopped server's, to start it again
+    /// where its clients look for it).
+    pub async fn start_at(settings: Settings, addr: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(maintenance_server::launch_with_listener(

@@ -1,14 +1,18 @@
 // vpnnat technician console. Plain JavaScript, no build step, no CDN.
 // Live updates: a long-poll on /api/v1/events (answered as soon as anything
 // a technician can see changes). State-changing calls carry the session's
-// CSRF token in X-CSRF-Token; the session itself is an HttpOnly cookie.
+// CSRF token in X-CSRF-Token; the session itself is an HttpOnly cookie that
+// every tab of the browser shares, so the token is kept in localStorage,
+// shared by the tabs too (a sign-in in one tab replaces the session of all).
 // All data is inserted as text (textContent), never as HTML.
 'use strict';
 
 (function () {
   const $ = (id) => document.getElementById(id);
   const CSRF_KEY = 'vpnnat.csrf';
-  let csrf = sessionStorage.getItem(CSRF_KEY);
+  const NAME_KEY = 'vpnnat.name';
+  const TITLE = 'vpnnat · Maintenance console';
+  let csrf = localStorage.getItem(CSRF_KEY);
   let version = 0;
   let pollGen = 0;
   let events = null;
@@ -20,14 +24,42 @@
   let olderClosedDone = false;
   const CLOSED_PAGE = 100;
   let activeTab = 'requests';
+  let live = false;
+  // Requests that closed while this console watched them: kept in the list,
+  // marked, until the technician dismisses them (id → note).
+  const flagged = new Map();
+  // Requests this console itself is ending (not announced as events).
+  const mine = new Set();
+  // Problem descriptions shown in full.
+  const expanded = new Set();
+  // NAT addresses seen while a request was open (id → [[terminal, address]]).
+  const natSeen = new Map();
 
   const STATE_LABEL = {
-    waiting: 'waiting', in_progress: 'in progress', ended: 'ended', revoked: 'revoked', expired: 'expired',
+    waiting: 'waiting', in_progress: 'in progress', ended: 'ended', revoked: 'ended by the customer', expired: 'expired',
+  };
+  const URGENCY_RANK = { emergency: 0, high: 1, normal: 2, low: 3 };
+  const FAILURE_LABEL = {
+    lan_link_down: 'LAN link down',
+    terminal_unreachable: 'Terminal not answering',
+    tunnel_down: 'Tunnel to the gateway down',
+    other: 'Other problem',
+  };
+  const ACTION_LABEL = {
+    'request.create': 'request received',
+    'request.start': 'started the work',
+    'request.end': 'ended the work',
+    'request.revoke': 'customer ended access',
+    'request.expire': 'request expired',
+    'technician.login': 'signed in',
+    'technician.logout': 'signed out',
+    'technician.login_failed': 'failed sign-in',
+    'failure.report': 'failure reported',
   };
 
   class ApiError extends Error {
     constructor(status, body) {
-      super((body && body.message) || ('HTTP ' + status));
+      super((body && body.message) || (status ? 'HTTP ' + status : 'the server cannot be reached'));
       this.status = status;
       this.body = body;
     }
@@ -37,10 +69,15 @@
     const headers = { Accept: 'application/json' };
     if (body !== undefined) headers['Content-Type'] = 'application/json';
     if (method !== 'GET' && csrf) headers['X-CSRF-Token'] = csrf;
-    const r = await fetch(path, {
-      method, headers, credentials: 'same-origin', cache: 'no-store',
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
+    let r;
+    try {
+      r = await fetch(path, {
+        method, headers, credentials: 'same-origin', cache: 'no-store',
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch (_) {
+      throw new ApiError(0, null);
+    }
     const text = await r.text();
     let data = null;
     if (text) {
@@ -50,12 +87,30 @@
     return data;
   }
 
+  // The server is down or unreachable (as opposed to refusing the call).
+  function unreachable(e) { return e.status === 0 || e.status === 502 || e.status === 503 || e.status === 504; }
+
+  // A refused credential: the session ended, or another tab signed in and
+  // replaced it (then this tab's CSRF token is stale). Either way: sign in again.
+  function sessionLost(e) {
+    if (e.status === 401) {
+      showLogin('Your session ended. Please sign in again.');
+      return true;
+    }
+    if (e.status === 403) {
+      showLogin('Your sign-in changed in another window or ended. Please sign in again.');
+      return true;
+    }
+    return false;
+  }
+
   const sleep = (ms) => new Promise((res) => setTimeout(res, ms));
 
   function el(tag, props, ...children) {
     const e = document.createElement(tag);
     if (props) {
       for (const [k, v] of Object.entries(props)) {
+        if (v === undefined || v === null) continue;
         if (k === 'class') e.className = v;
         else if (k === 'dataset') Object.assign(e.dataset, v);
         else if (k === 'text') e.textContent = v;
@@ -64,10 +119,16 @@
       }
     }
     for (const c of children) {
-      if (c === null || c === undefined) continue;
+      if (c === null || c === undefined || c === false) continue;
       e.append(c instanceof Node ? c : document.createTextNode(String(c)));
     }
     return e;
+  }
+
+  // A table cell whose content is one block (the phone layout puts the
+  // column's name beside it).
+  function cell(props, ...children) {
+    return el('td', props, el('div', { class: 'v' }, ...children));
   }
 
   function pad(n) { return String(n).padStart(2, '0'); }
@@ -77,21 +138,58 @@
     return d.getFullYear() + '-' + pad(d.getMonth() + 1) + '-' + pad(d.getDate()) + ' ' +
       pad(d.getHours()) + ':' + pad(d.getMinutes()) + ':' + pad(d.getSeconds());
   }
+  function fmtClock(ms) {
+    const d = new Date(ms);
+    return pad(d.getHours()) + ':' + pad(d.getMinutes()) + ':' + pad(d.getSeconds());
+  }
+  function fmtAge(ms) {
+    const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+    if (s < 60) return 'just now';
+    const m = Math.round(s / 60);
+    if (m < 60) return m + ' min ago';
+    const h = Math.floor(m / 60);
+    if (h < 48) return h + ' h ' + (m % 60) + ' min ago';
+    return Math.floor(h / 24) + ' days ago';
+  }
 
-  let toastTimer = null;
-  function toast(msg, bad) {
-    const t = $('toast');
-    t.textContent = msg;
-    t.className = bad ? 'toast bad' : 'toast';
-    t.hidden = false;
-    clearTimeout(toastTimer);
-    toastTimer = setTimeout(() => { t.hidden = true; }, bad ? 6000 : 2500);
+  // ---------------------------------------------------------------- notices
+
+  // A toast; `sticky` ones stay until dismissed (`key` dismisses the
+  // matching row mark too).
+  function toast(msg, opts) {
+    const o = opts || {};
+    const box = $('toasts');
+    if (o.key) {
+      const old = box.querySelector('[data-key="' + o.key + '"]');
+      if (old) old.remove();
+    }
+    const t = el('div', { class: 'toast' + (o.bad ? ' bad' : '') + (o.sticky ? ' sticky' : ''), dataset: o.key ? { key: o.key } : undefined },
+      el('span', { class: 'msg', text: msg }));
+    const close = () => {
+      t.remove();
+      if (o.onDismiss) o.onDismiss();
+    };
+    t.append(el('button', { type: 'button', class: 'dismiss', 'aria-label': 'Dismiss notice', onclick: close }, '×'));
+    box.append(t);
+    while (box.children.length > 5) box.firstElementChild.remove();
+    if (!o.sticky) setTimeout(() => t.remove(), o.bad ? 8000 : 4000);
   }
 
   function setLive(on) {
+    live = on;
     const l = $('live');
     l.className = on ? 'live on' : 'live off';
-    $('live-text').textContent = on ? 'live' : 'reconnecting';
+    $('live-text').textContent = on ? 'live' : 'offline';
+    const banner = $('stale');
+    if (on) {
+      banner.hidden = true;
+      document.body.classList.remove('is-stale');
+    } else if (banner.hidden) {
+      $('stale-since').textContent = 'since ' + fmtClock(Date.now());
+      banner.hidden = false;
+      document.body.classList.add('is-stale');
+    }
+    for (const b of document.querySelectorAll('button.act')) b.disabled = !on;
   }
 
   // ---------------------------------------------------------------- views
@@ -99,15 +197,28 @@
   function showLogin(message) {
     pollGen++;
     csrf = null;
-    sessionStorage.removeItem(CSRF_KEY);
+    localStorage.removeItem(CSRF_KEY);
+    localStorage.removeItem(NAME_KEY);
+    closeDialogs();
     $('app-view').hidden = true;
     $('session').hidden = true;
     $('login-view').hidden = false;
-    const err = $('login-error');
-    err.textContent = message || '';
-    err.hidden = !message;
+    document.title = TITLE;
+    const note = $('login-notice');
+    note.textContent = message || '';
+    note.hidden = !message;
+    setLoginError('');
     $('login-password').value = '';
     $('login-name').focus();
+  }
+
+  function setLoginError(msg) {
+    const err = $('login-error');
+    err.textContent = msg;
+    err.hidden = !msg;
+    for (const id of ['login-name', 'login-password']) {
+      if (msg) $(id).setAttribute('aria-invalid', 'true'); else $(id).removeAttribute('aria-invalid');
+    }
   }
 
   function showApp(name) {
@@ -120,6 +231,7 @@
     seen = null;
     olderClosed = [];
     olderClosedDone = false;
+    flagged.clear();
     const gen = ++pollGen;
     pollLoop(gen);
   }
@@ -128,31 +240,74 @@
     let delay = 500;
     while (gen === pollGen) {
       try {
-        const ev = await api('GET', '/api/v1/events?after=' + version + '&wait_ms=25000');
+        // After an outage the first call returns at once, so the console
+        // shows that it is live again without waiting for a change.
+        const wait = live ? 25000 : 0;
+        const ev = await api('GET', '/api/v1/events?after=' + version + '&wait_ms=' + wait);
         if (gen !== pollGen) return;
-        setLive(true);
+        if (!live) setLive(true);
         delay = 500;
         if (!events || ev.version !== version) {
           version = ev.version;
+          const before = events;
           events = ev;
+          announce(before, ev);
           render();
           if (activeTab === 'audit') loadAudit(true);
         }
       } catch (e) {
         if (gen !== pollGen) return;
-        if (e.status === 401) { showLogin('Your session ended. Please sign in again.'); return; }
-        setLive(false);
+        if (sessionLost(e)) return;
+        if (live || $('stale').hidden) setLive(false);
         await sleep(delay);
-        delay = Math.min(delay * 2, 5000);
+        delay = Math.min(delay * 2, 4000);
       }
     }
+  }
+
+  // What changed between two feeds that a technician must notice.
+  function announce(before, now) {
+    for (const r of now.requests) {
+      if (isOpen(r)) natSeen.set(r.id, r.terminals.filter((t) => t.nat_address).map((t) => [t.name, t.nat_address]));
+    }
+    if (!before) return;
+    const prev = new Map(before.requests.map((r) => [r.id, r]));
+    for (const r of now.requests) {
+      const p = prev.get(r.id);
+      const label = r.acceptance_number + ' (' + r.site_name + ')';
+      if (!p) {
+        if (isOpen(r)) toast('New request ' + label + ', ' + r.urgency);
+        continue;
+      }
+      if (!isOpen(p) || isOpen(r)) continue;
+      if (mine.has(r.id)) { mine.delete(r.id); continue; }
+      const note = r.state === 'revoked' ? 'The customer ended access'
+        : r.state === 'expired' ? 'The request expired'
+          : 'Ended by another technician';
+      flagged.set(r.id, note);
+      toast(note + ': ' + label, { sticky: true, key: 'r' + r.id, onDismiss: () => dismiss(r.id) });
+    }
+    const known = new Set(before.failures.map((f) => f.id));
+    for (const f of now.failures) {
+      if (known.has(f.id)) continue;
+      toast('Failure report from ' + f.site_name + ': ' + (FAILURE_LABEL[f.code] || f.code),
+        { sticky: true, bad: true, key: 'f' + f.id });
+    }
+  }
+
+  function dismiss(id) {
+    flagged.delete(id);
+    const t = document.querySelector('#toasts [data-key="r' + id + '"]');
+    if (t) t.remove();
+    render();
   }
 
   // ---------------------------------------------------------------- rendering
 
   function matchesFilter(r) {
+    if (flagged.has(r.id)) return true;
     const st = $('filter-state').value;
-    if (st === 'open' && !(r.state === 'waiting' || r.state === 'in_progress')) return false;
+    if (st === 'open' && !isOpen(r)) return false;
     if (st && st !== 'open' && r.state !== st) return false;
     const q = $('filter-text').value.trim().toLowerCase();
     if (!q) return true;
@@ -161,31 +316,101 @@
     return hay.includes(q);
   }
 
-  function requestRow(r, fresh) {
-    const nat = el('td', { class: 'nat mono' });
-    for (const t of r.terminals) {
-      nat.append(el('div', null, t.nat_address || '—', ' ', el('span', { class: 't', text: t.name })));
+  function sortRequests(list) {
+    const by = $('sort').value;
+    return list.slice().sort((a, b) => {
+      if (by === 'newest') return b.id - a.id;
+      // Open before closed; open ones by urgency, then the longest waiting first.
+      const oa = isOpen(a) ? 0 : 1;
+      const ob = isOpen(b) ? 0 : 1;
+      if (oa !== ob) return oa - ob;
+      if (oa === 1) return b.id - a.id;
+      const ua = URGENCY_RANK[a.urgency] ?? 9;
+      const ub = URGENCY_RANK[b.urgency] ?? 9;
+      if (ua !== ub) return ua - ub;
+      return a.received_at - b.received_at || a.id - b.id;
+    });
+  }
+
+  // The NAT addresses of a request: its own while open, the ones seen
+  // while it was open after its end.
+  function natList(r) {
+    if (isOpen(r)) return r.terminals.map((t) => [t.name, t.nat_address]);
+    const old = new Map(natSeen.get(r.id) || []);
+    return r.terminals.map((t) => [t.name, t.nat_address || old.get(t.name) || null]);
+  }
+
+  function actionButtons(r, inDetail) {
+    const out = [];
+    const dis = live ? undefined : 'disabled';
+    const k = (what) => r.id + ':' + what + (inDetail ? ':d' : '');
+    if (!inDetail) {
+      out.push(el('button', { type: 'button', class: 'ghost small details', dataset: { id: r.id, key: k('details') },
+        'aria-label': 'Details of ' + r.acceptance_number, onclick: (ev) => openDetail(r.id, ev.currentTarget) }, 'Details'));
     }
-    const actions = el('td', { class: 'actions' });
     if (r.state === 'waiting') {
-      actions.append(el('button', { type: 'button', class: 'act start', dataset: { id: r.id }, onclick: () => act(r, 'start') }, 'Start'));
+      out.push(el('button', { type: 'button', class: 'act start', disabled: dis, dataset: { id: r.id, key: k('start') },
+        'aria-label': 'Start ' + r.acceptance_number, onclick: () => act(r, 'start', inDetail) }, 'Start'));
+      out.push(el('button', { type: 'button', class: 'act end decline', disabled: dis, dataset: { id: r.id, key: k('end') },
+        'aria-label': 'Decline ' + r.acceptance_number, onclick: () => act(r, 'end', inDetail) }, 'Decline'));
     }
-    if (r.state === 'waiting' || r.state === 'in_progress') {
-      actions.append(el('button', { type: 'button', class: 'act end', dataset: { id: r.id }, onclick: () => act(r, 'end') }, 'End'));
+    if (r.state === 'in_progress') {
+      out.push(el('button', { type: 'button', class: 'act end', disabled: dis, dataset: { id: r.id, key: k('end') },
+        'aria-label': 'End ' + r.acceptance_number, onclick: () => act(r, 'end', inDetail) }, 'End'));
     }
-    return el('tr', { class: fresh ? 'fresh' : '', dataset: { id: r.id, state: r.state } },
-      el('td', { class: 'mono', text: r.acceptance_number }),
-      el('td', { text: r.site_name, title: 'site ' + r.site_id }),
-      el('td', { class: 'mono', text: r.global_address || '' }),
-      el('td', { text: r.requester_name }),
-      el('td', null, el('span', { class: 'lv-' + r.level, text: r.level })),
-      el('td', { class: 'mono', text: r.phone }),
-      el('td', null, el('span', { class: 'ur-' + r.urgency, text: r.urgency })),
-      el('td', { class: 'content', text: r.content }),
-      el('td', { class: 'mono', text: fmtTime(r.received_at), title: r.expires_at ? 'expires ' + fmtTime(r.expires_at) : '' }),
+    if (!inDetail && flagged.has(r.id)) {
+      out.push(el('button', { type: 'button', class: 'ghost small dismiss-row', dataset: { id: r.id, key: k('dismiss') },
+        'aria-label': 'Dismiss ' + r.acceptance_number, onclick: () => dismiss(r.id) }, 'Dismiss'));
+    }
+    return out;
+  }
+
+  function tags(r) {
+    const t = [];
+    if (r.tunnel) t.push(el('span', { class: 'tag', text: r.tunnel === 'ipsec' ? 'IPsec' : 'WireGuard' }));
+    if (r.transport) t.push(el('span', { class: 'tag', text: r.transport === 'udp' ? 'UDP' : r.transport === 'tls_proxy' ? 'TLS via proxy' : 'TLS' }));
+    return t;
+  }
+
+  function contentCell(text, key) {
+    const long = text.length > 140 || text.split('\n').length > 3;
+    const open = expanded.has(key);
+    const body = el('div', { class: 'text' + (long && !open ? ' clamp' : ''), text });
+    const td = cell({ class: 'content', 'data-label': 'Problem' }, body);
+    if (long) {
+      td.firstChild.append(el('button', { type: 'button', class: 'link more-text', 'aria-expanded': open ? 'true' : 'false', dataset: { key: key + ':more' },
+        onclick: () => { if (expanded.has(key)) expanded.delete(key); else expanded.add(key); render(); } },
+      open ? 'Show less' : 'Show all'));
+    }
+    return td;
+  }
+
+  function requestRow(r, fresh) {
+    const nat = cell({ class: 'nat', 'data-label': 'Terminals' });
+    for (const [name, addr] of natList(r)) {
+      nat.firstChild.append(el('div', null, el('span', { class: 't', text: name }), ' ', el('span', { class: 'mono', text: addr || '—' })));
+    }
+    const flag = flagged.get(r.id);
+    const cls = [fresh ? 'fresh' : '', flag ? 'flagged' : '', 'ur-row-' + r.urgency].join(' ').trim();
+    return el('tr', { class: cls, dataset: { id: r.id, state: r.state } },
+      cell({ class: 'req', 'data-label': 'Request' },
+        el('div', { class: 'mono strong', text: r.acceptance_number }),
+        el('div', null, el('span', { class: 'ur ur-' + r.urgency, text: r.urgency })),
+        el('div', { class: 'muted small', title: fmtTime(r.received_at), text: 'received ' + fmtAge(r.received_at) })),
+      cell({ class: 'site', 'data-label': 'Site' },
+        el('div', { text: r.site_name }),
+        el('div', { class: 'mono muted small', text: r.global_address || '' }),
+        ...tags(r)),
+      cell({ class: 'requester', 'data-label': 'Requester' },
+        el('div', { text: r.requester_name }),
+        el('div', { class: 'muted small' }, el('span', { class: 'lv-' + r.level, text: r.level }), ' · ',
+          el('a', { href: 'tel:' + r.phone.replace(/[^+0-9]/g, ''), class: 'mono', text: r.phone }))),
+      contentCell(r.content, 'c' + r.id),
       nat,
-      el('td', { class: 'state' }, el('span', { class: 'pill st-' + r.state, text: STATE_LABEL[r.state] || r.state })),
-      actions);
+      cell({ class: 'state', 'data-label': 'State' },
+        el('span', { class: 'pill st-' + r.state, text: STATE_LABEL[r.state] || r.state }),
+        flag ? el('div', { class: 'flag-note', text: flag }) : null),
+      el('td', { class: 'actions' }, ...actionButtons(r, false)));
   }
 
   function isOpen(r) { return r.state === 'waiting' || r.state === 'in_progress'; }
@@ -207,19 +432,33 @@
       olderClosedDone = page.length < CLOSED_PAGE;
       render();
     } catch (e) {
-      if (e.status === 401) { showLogin('Your session ended. Please sign in again.'); return; }
-      toast('Could not load older requests: ' + e.message, true);
+      if (sessionLost(e)) return;
+      toast('Could not load older requests: ' + e.message, { bad: true });
     }
+  }
+
+  // Re-rendering replaces the rows: keep the keyboard focus on the same control.
+  function focusKey() {
+    const a = document.activeElement;
+    return a && a.dataset ? a.dataset.key : undefined;
+  }
+  function restoreFocus(key) {
+    if (!key) return;
+    const a = document.activeElement;
+    if (a && a.dataset && a.dataset.key === key) return;
+    const e = document.querySelector('[data-key="' + key + '"]');
+    if (e) e.focus();
   }
 
   function render() {
     if (!events) return;
+    const fk = focusKey();
     const reqs = allRequests();
     const tbody = document.querySelector('#requests tbody');
     const rows = [];
     const firstTime = seen === null;
     if (firstTime) seen = new Set();
-    for (const r of reqs) {
+    for (const r of sortRequests(reqs)) {
       const fresh = !firstTime && !seen.has(r.id);
       seen.add(r.id);
       if (matchesFilter(r)) rows.push(requestRow(r, fresh));
@@ -231,9 +470,11 @@
     $('requests-more').hidden = olderClosedDone ||
       events.requests.filter((r) => !isOpen(r)).length < CLOSED_PAGE;
 
-    const open = reqs.filter((r) => r.state === 'waiting' || r.state === 'in_progress');
-    $('count-waiting').textContent = reqs.filter((r) => r.state === 'waiting').length;
+    const open = reqs.filter(isOpen);
+    const waiting = reqs.filter((r) => r.state === 'waiting').length;
+    $('count-waiting').textContent = waiting;
     $('count-progress').textContent = reqs.filter((r) => r.state === 'in_progress').length;
+    document.title = waiting > 0 ? '(' + waiting + ' waiting) ' + TITLE : TITLE;
     const addrs = new Set();
     for (const r of open) for (const t of r.terminals) if (t.nat_address) addrs.add(t.nat_address);
     $('count-addresses').textContent = addrs.size;
@@ -248,60 +489,274 @@
     const ftbody = document.querySelector('#failures tbody');
     ftbody.replaceChildren(...events.failures.map((f) => {
       const req = f.request_id ? byId.get(f.request_id) : null;
+      const reqCell = cell({ class: 'req', 'data-label': 'Request' });
+      if (req) {
+        reqCell.firstChild.append(el('span', { class: 'mono', text: req.acceptance_number }), ' ',
+          el('span', { class: 'pill st-' + req.state, text: STATE_LABEL[req.state] || req.state }));
+      } else {
+        reqCell.firstChild.append(el('span', { class: 'muted', text: f.request_id ? 'request ' + f.request_id : 'none opened' }));
+      }
       return el('tr', { dataset: { id: f.id } },
-        el('td', { class: 'mono', text: fmtTime(f.received_at) }),
-        el('td', { text: f.site_name }),
-        el('td', { class: 'mono', text: f.code }),
-        el('td', { class: 'mono', text: f.terminal || '' }),
-        el('td', { class: 'content', text: f.detail }),
-        el('td', { class: 'mono', text: req ? req.acceptance_number : (f.request_id ? '#' + f.request_id : '') }));
+        cell({ class: 'mono', 'data-label': 'Received' }, fmtTime(f.received_at)),
+        cell({ 'data-label': 'Site' }, f.site_name),
+        cell({ 'data-label': 'What failed' }, el('span', { class: 'code-' + f.code, text: FAILURE_LABEL[f.code] || f.code }),
+          f.terminal ? el('div', { class: 'muted small', text: 'terminal ' + f.terminal }) : null),
+        cell({ class: 'content', 'data-label': 'Detail' }, el('div', { class: 'text', text: f.detail })),
+        reqCell,
+        el('td', { class: 'actions' }, req ? el('button', { type: 'button', class: 'ghost small details', dataset: { key: 'f' + f.id + ':details' },
+          onclick: (ev) => openDetail(req.id, ev.currentTarget) }, 'Request details') : null));
     }));
     $('failures-empty').hidden = events.failures.length > 0;
+    if (!$('detail').hidden && $('detail').open) renderDetail();
+    refreshAuditSites(reqs);
+    restoreFocus(fk);
   }
 
-  async function act(r, what) {
+  // ---------------------------------------------------------------- actions
+
+  function confirmEnd(r) {
+    const dlg = $('confirm');
+    const decline = r.state === 'waiting';
+    $('confirm-title').textContent = decline ? 'Decline this request?' : 'End the maintenance?';
+    $('confirm-text').textContent = (decline
+      ? 'Request ' + r.acceptance_number + ' from ' + r.requester_name + ' (' + r.site_name + ') has not been started. ' +
+        'Declining closes it; its NAT addresses return to the pool.'
+      : 'Access to the terminals of ' + r.site_name + ' (request ' + r.acceptance_number + ') ends now; ' +
+        'its NAT addresses return to the pool.');
+    $('confirm-ok').textContent = decline ? 'Decline' : 'End access';
+    return new Promise((resolve) => {
+      const done = (ok) => {
+        $('confirm-ok').onclick = null;
+        $('confirm-cancel').onclick = null;
+        dlg.onclose = null;
+        if (dlg.open) dlg.close();
+        resolve(ok);
+      };
+      $('confirm-ok').onclick = () => done(true);
+      $('confirm-cancel').onclick = () => done(false);
+      dlg.onclose = () => done(false);
+      dlg.showModal();
+      $('confirm-cancel').focus();
+    });
+  }
+
+  async function act(r, what, inDetail) {
+    if (!live) return;
+    const key = r.id + ':' + what + (inDetail ? ':d' : '');
+    if (what === 'end' && !(await confirmEnd(r))) {
+      restoreFocus(key);
+      return;
+    }
     const buttons = document.querySelectorAll('button.act[data-id="' + r.id + '"]');
     buttons.forEach((b) => { b.disabled = true; });
+    if (what === 'end') mine.add(r.id);
     try {
       const view = await api('POST', '/api/v1/requests/' + r.id + '/' + what);
       if (events) {
         events.requests = events.requests.map((x) => (x.id === view.id ? view : x));
+        if (what === 'end') flagged.set(view.id, view.started_at ? 'Ended by you' : 'Declined by you');
         render();
       }
-      toast((what === 'start' ? 'Started ' : 'Ended ') + view.acceptance_number);
+      toast((what === 'start' ? 'Started ' : view.started_at ? 'Ended ' : 'Declined ') + view.acceptance_number);
+      // Focus stays with the request: End after Start, Details after End.
+      const next = what === 'start' ? view.id + ':end' : view.id + ':details';
+      restoreFocus(inDetail ? (what === 'start' ? view.id + ':end:d' : 'detail-close') : next);
+      if (inDetail && what === 'end') $('detail-close').focus();
     } catch (e) {
-      if (e.status === 401) { showLogin('Your session ended. Please sign in again.'); return; }
-      toast('Could not ' + what + ' ' + r.acceptance_number + ': ' + e.message, true);
-      buttons.forEach((b) => { b.disabled = false; });
+      mine.delete(r.id);
+      if (sessionLost(e)) return;
+      if (unreachable(e)) {
+        setLive(false);
+        toast('The server cannot be reached. Try again when the console is live.', { bad: true });
+      } else {
+        toast('Could not ' + (what === 'start' ? 'start ' : 'end ') + r.acceptance_number + ': ' + e.message, { bad: true });
+      }
+      buttons.forEach((b) => { b.disabled = !live; });
+      restoreFocus(key);
     }
+  }
+
+  // ---------------------------------------------------------------- detail
+
+  let detailId = null;
+  let detailOpener = null;
+  let detailTimeline = null;
+
+  async function openDetail(id, opener) {
+    detailId = id;
+    detailOpener = opener || null;
+    detailTimeline = null;
+    renderDetail();
+    const dlg = $('detail');
+    if (!dlg.open) dlg.showModal();
+    $('detail-close').focus();
+    try {
+      detailTimeline = await api('GET', '/api/v1/audit?limit=100&object=request:' + id);
+      if (detailId === id) renderDetail();
+    } catch (e) {
+      if (sessionLost(e)) return;
+      detailTimeline = [];
+      if (detailId === id) renderDetail();
+    }
+  }
+
+  // The NAT addresses the request got, from its "request received" entry
+  // ("terminal=address" pairs) when the request no longer holds them.
+  function natFromTimeline(r) {
+    const got = new Map();
+    for (const a of detailTimeline || []) {
+      if (a.action !== 'request.create') continue;
+      for (const part of a.detail.split(' ')) {
+        const i = part.indexOf('=');
+        if (i > 0) got.set(part.slice(0, i), part.slice(i + 1));
+      }
+    }
+    return natList(r).map(([n, addr]) => [n, addr || got.get(n) || null]);
+  }
+
+  function who(actor, label) {
+    if (label) return label;
+    const i = actor.indexOf(':');
+    if (i < 0) return actor;
+    const kind = actor.slice(0, i);
+    const rest = actor.slice(i + 1);
+    if (kind === 'technician') return rest;
+    if (kind === 'client') return 'from ' + rest;
+    return kind + ' ' + rest;
+  }
+
+  function renderDetail() {
+    if (detailId === null || !events) return;
+    const r = allRequests().find((x) => x.id === detailId);
+    const body = $('detail-body');
+    if (!r) {
+      body.replaceChildren(el('p', { text: 'This request is no longer in the list.' }));
+      return;
+    }
+    $('detail-title').textContent = 'Request ' + r.acceptance_number;
+    const fk = focusKey();
+    const facts = el('dl', { class: 'facts' },
+      el('dt', null, 'State'), el('dd', null, el('span', { class: 'pill st-' + r.state, text: STATE_LABEL[r.state] || r.state })),
+      el('dt', null, 'Urgency'), el('dd', null, el('span', { class: 'ur ur-' + r.urgency, text: r.urgency })),
+      el('dt', null, 'Site'), el('dd', null, r.site_name, ' ', el('span', { class: 'mono muted', text: r.global_address || '' }), ' ', ...tags(r)),
+      el('dt', null, 'Requester'), el('dd', null, r.requester_name + ' (' + r.level + ')'),
+      el('dt', null, 'Phone'), el('dd', null, el('a', { href: 'tel:' + r.phone.replace(/[^+0-9]/g, ''), class: 'mono', text: r.phone })),
+      el('dt', null, 'Problem'), el('dd', { class: 'full-text', text: r.content }));
+    const nat = el('ul', { class: 'nat-list' });
+    for (const [n, addr] of natFromTimeline(r)) {
+      nat.append(el('li', null, el('span', { class: 't', text: n }), ' ', el('span', { class: 'mono', text: addr || '—' }),
+        !isOpen(r) && addr ? el('span', { class: 'muted small', text: ' (held until the end)' }) : null));
+    }
+    const tl = el('ol', { class: 'timeline', id: 'detail-timeline' });
+    const items = [];
+    const fromLog = (detailTimeline || []).slice().sort((a, b) => a.id - b.id);
+    if (fromLog.length) {
+      for (const a of fromLog) {
+        items.push([a.at, (ACTION_LABEL[a.action] || a.action) + ' — ' + who(a.actor, a.actor_label), a.action]);
+      }
+    } else {
+      items.push([r.received_at, 'request received', 'request.create']);
+      if (r.started_at) items.push([r.started_at, 'started the work', 'request.start']);
+      if (r.ended_at) items.push([r.ended_at, STATE_LABEL[r.state], 'request.end']);
+    }
+    if (isOpen(r)) items.push([r.expires_at, 'expires by itself unless ended before', 'expiry']);
+    for (const [at, text, kind] of items) {
+      tl.append(el('li', { class: 'tl-' + kind.replace('.', '-') }, el('time', { class: 'mono', text: fmtTime(at) }), ' ', text));
+    }
+    if (detailTimeline === null) tl.append(el('li', { class: 'muted', text: 'loading the history…' }));
+    const actions = el('div', { class: 'dlg-actions' }, ...actionButtons(r, true));
+    body.replaceChildren(facts,
+      el('h3', null, 'Terminals and NAT addresses'), nat,
+      el('h3', null, 'Timeline'), tl, actions);
+    restoreFocus(fk);
+  }
+
+  function closeDialogs() {
+    for (const id of ['detail', 'confirm']) if ($(id).open) $(id).close();
+  }
+
+  // ---------------------------------------------------------------- audit
+
+  let auditSites = new Map();
+  function refreshAuditSites(reqs) {
+    let changed = false;
+    for (const r of reqs) {
+      if (!auditSites.has(r.site_id)) { auditSites.set(r.site_id, r.site_name); changed = true; }
+    }
+    if (!changed) return;
+    const sel = $('audit-site');
+    const cur = sel.value;
+    sel.replaceChildren(el('option', { value: '' }, 'all'),
+      ...[...auditSites.entries()].sort((a, b) => a[1].localeCompare(b[1]))
+        .map(([id, name]) => el('option', { value: String(id) }, name)));
+    sel.value = cur;
+  }
+
+  function auditQuery() {
+    const p = new URLSearchParams();
+    p.set('limit', '100');
+    if ($('audit-site').value) p.set('site', $('audit-site').value);
+    const tech = $('audit-tech').value.trim();
+    if (tech) p.set('actor', 'technician:' + tech);
+    const kind = $('audit-kind').value;
+    if (kind && kind !== '*') p.set('kind', kind);
+    const since = $('audit-since').value;
+    if (since) p.set('since', String(Date.now() - Number(since)));
+    return p;
   }
 
   async function loadAudit(reset) {
     try {
-      const q = reset || auditOldest === null ? '' : '&before=' + auditOldest;
-      const entries = await api('GET', '/api/v1/audit?limit=100' + q);
+      const p = auditQuery();
+      if (!reset && auditOldest !== null) p.set('before', String(auditOldest));
+      const entries = await api('GET', '/api/v1/audit?' + p.toString());
+      // "All but sign-ins": the technicians' own sign-ins and -outs would flood the list.
+      const hide = $('audit-kind').value === ''
+        ? (a) => a.action === 'technician.login' || a.action === 'technician.logout' : () => false;
       const tbody = document.querySelector('#audit tbody');
-      const rows = entries.map((a) => el('tr', null,
-        el('td', { class: 'mono muted', text: a.id }),
-        el('td', { class: 'mono', text: fmtTime(a.at) }),
-        el('td', { class: 'mono', text: a.actor }),
-        el('td', { class: 'mono', text: a.action }),
-        el('td', { class: 'mono', text: a.object }),
-        el('td', { class: 'content', text: a.detail })));
+      const rows = entries.filter((a) => !hide(a)).map((a) => el('tr', { dataset: { id: a.id, action: a.action } },
+        cell({ class: 'mono', 'data-label': 'Time' }, fmtTime(a.at)),
+        cell({ 'data-label': 'Who' }, who(a.actor, a.actor_label)),
+        cell({ 'data-label': 'What', title: a.action }, ACTION_LABEL[a.action] || a.action),
+        cell({ 'data-label': 'On' }, a.object === a.actor ? '' : who(a.object, a.object_label)),
+        cell({ class: 'content', 'data-label': 'Detail' }, el('div', { class: 'text', text: a.detail }))));
       if (reset) tbody.replaceChildren(...rows); else tbody.append(...rows);
       if (entries.length) auditOldest = entries[entries.length - 1].id;
+      else if (reset) auditOldest = null;
       $('audit-more').hidden = entries.length < 100;
+      $('audit-empty').hidden = tbody.children.length > 0;
     } catch (e) {
-      if (e.status === 401) { showLogin('Your session ended. Please sign in again.'); return; }
-      toast('Could not load the audit log: ' + e.message, true);
+      if (sessionLost(e)) return;
+      if (!unreachable(e)) toast('Could not load the audit log: ' + e.message, { bad: true });
     }
   }
 
-  function selectTab(name) {
+  // ---------------------------------------------------------------- tabs
+
+  const TABS = ['requests', 'failures', 'audit'];
+  function selectTab(name, focus) {
     activeTab = name;
-    for (const t of document.querySelectorAll('.tab')) t.classList.toggle('active', t.dataset.tab === name);
-    for (const p of ['requests', 'failures', 'audit']) $('panel-' + p).hidden = p !== name;
+    for (const t of document.querySelectorAll('.tab')) {
+      const on = t.dataset.tab === name;
+      t.classList.toggle('active', on);
+      t.setAttribute('aria-selected', on ? 'true' : 'false');
+      t.tabIndex = on ? 0 : -1;
+      if (on && focus) t.focus();
+    }
+    for (const p of TABS) $('panel-' + p).hidden = p !== name;
     if (name === 'audit') loadAudit(true);
+  }
+
+  function tabKeys(ev) {
+    const i = TABS.indexOf(activeTab);
+    let j = null;
+    if (ev.key === 'ArrowRight') j = (i + 1) % TABS.length;
+    else if (ev.key === 'ArrowLeft') j = (i + TABS.length - 1) % TABS.length;
+    else if (ev.key === 'Home') j = 0;
+    else if (ev.key === 'End') j = TABS.length - 1;
+    if (j === null) return;
+    ev.preventDefault();
+    selectTab(TABS[j], true);
   }
 
   // ---------------------------------------------------------------- wiring
@@ -309,25 +764,32 @@
   document.addEventListener('DOMContentLoaded', async () => {
     $('login-form').addEventListener('submit', async (ev) => {
       ev.preventDefault();
+      const name = $('login-name').value.trim();
+      const password = $('login-password').value;
+      if (!name || !password) {
+        setLoginError(!name ? 'Enter your name.' : 'Enter your password.');
+        $(!name ? 'login-name' : 'login-password').focus();
+        return;
+      }
       const btn = $('login-submit');
       btn.disabled = true;
-      $('login-error').hidden = true;
+      setLoginError('');
       try {
-        const r = await api('POST', '/api/v1/login', {
-          name: $('login-name').value.trim(),
-          password: $('login-password').value,
-        });
+        const r = await api('POST', '/api/v1/login', { name, password });
         csrf = r.csrf_token;
-        sessionStorage.setItem(CSRF_KEY, csrf);
+        localStorage.setItem(CSRF_KEY, csrf);
+        localStorage.setItem(NAME_KEY, r.name);
         $('login-password').value = '';
+        $('login-notice').hidden = true;
         showApp(r.name);
       } catch (e) {
         const msg = e.status === 401 ? 'Wrong name or password.'
           : e.status === 429 ? 'Too many failed sign-ins. Wait a minute and try again.'
-            : 'Sign-in failed: ' + e.message;
-        const err = $('login-error');
-        err.textContent = msg;
-        err.hidden = false;
+            : unreachable(e) ? 'The server cannot be reached. Try again in a moment.'
+              : 'Sign-in failed: ' + e.message;
+        setLoginError(msg);
+        $('login-password').value = '';
+        $('login-password').focus();
       } finally {
         btn.disabled = false;
       }
@@ -336,19 +798,43 @@
       try { await api('POST', '/api/v1/logout'); } catch (_) { /* the session is gone either way */ }
       showLogin('');
     });
-    for (const t of document.querySelectorAll('.tab')) t.addEventListener('click', () => selectTab(t.dataset.tab));
+    // Another tab signed in (new token: take it) or out (token gone).
+    window.addEventListener('storage', (ev) => {
+      if (ev.key !== CSRF_KEY) return;
+      if (ev.newValue) {
+        csrf = ev.newValue;
+        const name = localStorage.getItem(NAME_KEY) || '';
+        if ($('app-view').hidden) showApp(name); else $('who').textContent = name;
+      } else if (!$('app-view').hidden) {
+        showLogin('You signed out in another window.');
+      }
+    });
+    for (const t of document.querySelectorAll('.tab')) {
+      t.addEventListener('click', () => selectTab(t.dataset.tab, false));
+      t.addEventListener('keydown', tabKeys);
+    }
     $('filter-state').addEventListener('change', render);
+    $('sort').addEventListener('change', render);
     $('filter-text').addEventListener('input', render);
-    $('audit-refresh').addEventListener('click', () => loadAudit(true));
+    $('audit-filters').addEventListener('submit', (ev) => { ev.preventDefault(); loadAudit(true); });
+    for (const id of ['audit-site', 'audit-kind', 'audit-since']) $(id).addEventListener('change', () => loadAudit(true));
     $('audit-more').addEventListener('click', () => loadAudit(false));
     $('requests-more').addEventListener('click', loadOlderClosed);
+    $('detail-close').addEventListener('click', () => $('detail').close());
+    $('detail').addEventListener('close', () => {
+      detailId = null;
+      if (detailOpener && document.contains(detailOpener)) detailOpener.focus();
+      else if (detailOpener && detailOpener.dataset.key) restoreFocus(detailOpener.dataset.key);
+    });
+    // The relative ages ("5 min ago") move on.
+    setInterval(() => { if (events && !document.querySelector('dialog[open]')) render(); }, 30000);
 
     if (!csrf) { showLogin(''); return; }
     try {
       const me = await api('GET', '/api/v1/me');
       showApp(me.name);
-    } catch (_) {
-      showLogin('');
+    } catch (e) {
+      showLogin(e.status === 401 ? 'Your session ended. Please sign in again.' : '');
     }
   });
 })();

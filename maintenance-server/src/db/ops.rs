@@ -28,6 +28,6 @@ pub use super::sites::{
 };
 pub use super::technicians::{
     NewSession, close_session, delete_expired_sessions, delete_technician, open_session,
-    password_of, set_technician_disabled, upsert_technician,
+    password_of, record_failed_login, set_technician_disabled, upsert_technician,
 };
 pub use super::tunnels::{STRANDED, failover_site, move_site, strand_site, stranded_sites};

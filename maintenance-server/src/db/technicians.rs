@@ -162,6 +162,23 @@ pub async fn open_session(
     Ok(())
 }
 
+/// Records a refused sign-in: `name` as typed (it may name no technician),
+/// `client` the address it came from.
+///
+/// # Errors
+/// Database failures.
+pub async fn record_failed_login(tx: &mut Tx, name: &str, client: &str, now: i64) -> OpResult<()> {
+    tx.audit(
+        now,
+        &format!("client:{client}"),
+        "technician.login_failed",
+        &format!("technician:{name}"),
+        "wrong name or password",
+    )
+    .await?;
+    Ok(())
+}
+
 /// Ends a session (logout) and records it.
 ///
 /// # Errors

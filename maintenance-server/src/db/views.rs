@@ -641,24 +641,93 @@ pub async fn failures(conn: &mut AnyConnection, limit: u32) -> DbResult<Vec<Fail
         .collect()
 }
 
-/// Audit entries with id < `before` (all when `None`), newest first.
+/// Which audit entries to list.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Only entries with a smaller id (paging, newest first).
+    pub before: Option<u64>,
+    /// At most this many.
+    pub limit: u32,
+    /// Only this actor, e.g. `technician:alice`.
+    pub actor: Option<String>,
+    /// Only this object, e.g. `request:17`.
+    pub object: Option<String>,
+    /// Only actions of this kind: the action itself or its prefix before
+    /// the dot (`request` matches `request.start`).
+    pub kind: Option<String>,
+    /// Only entries about this site: by it, on it, or on one of its requests.
+    pub site: Option<SiteId>,
+    /// Only entries at or after this time (ms since the epoch).
+    pub since: Option<i64>,
+    /// Only entries before this time (ms since the epoch).
+    pub until: Option<i64>,
+}
+
+/// Audit entries matching `filter`, newest first, with their actors and
+/// objects named ([`AuditEntry::actor_label`], [`AuditEntry::object_label`]).
 ///
 /// # Errors
 /// Database failures.
-pub async fn audit(
-    conn: &mut AnyConnection,
-    before: Option<u64>,
-    limit: u32,
-) -> DbResult<Vec<AuditEntry>> {
-    let rows = sqlx::query(
-        "SELECT id, at, actor, action, object, detail FROM audit_log WHERE id < $1 \
-         ORDER BY id DESC LIMIT $2",
-    )
-    .bind(before.map_or(i64::MAX, id64))
-    .bind(i64::from(limit))
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.iter()
+pub async fn audit(conn: &mut AnyConnection, filter: &AuditFilter) -> DbResult<Vec<AuditEntry>> {
+    let mut sql =
+        String::from("SELECT id, at, actor, action, object, detail FROM audit_log WHERE id < $1");
+    let mut n = 1;
+    let mut next = || {
+        n += 1;
+        n
+    };
+    if filter.actor.is_some() {
+        sql.push_str(&format!(" AND actor = ${}", next()));
+    }
+    if filter.object.is_some() {
+        sql.push_str(&format!(" AND object = ${}", next()));
+    }
+    if filter.kind.is_some() {
+        let (a, b) = (next(), next());
+        sql.push_str(&format!(" AND (action = ${a} OR action LIKE ${b})"));
+    }
+    if filter.site.is_some() {
+        let (a, b) = (next(), next());
+        sql.push_str(&format!(
+            " AND (actor = ${a} OR object = ${a} OR object IN \
+             (SELECT 'request:' || CAST(id AS TEXT) FROM requests WHERE site_id = ${b}))"
+        ));
+    }
+    if filter.since.is_some() {
+        sql.push_str(&format!(" AND at >= ${}", next()));
+    }
+    if filter.until.is_some() {
+        sql.push_str(&format!(" AND at < ${}", next()));
+    }
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", next()));
+    let mut q = sqlx::query(&sql).bind(filter.before.map_or(i64::MAX, id64));
+    if let Some(a) = &filter.actor {
+        q = q.bind(a.clone());
+    }
+    if let Some(o) = &filter.object {
+        q = q.bind(o.clone());
+    }
+    if let Some(k) = &filter.kind {
+        // The kind is a word of letters and underscores (checked by the
+        // handler), so it holds no LIKE wildcard of its own but `_`,
+        // which matches itself too.
+        q = q.bind(k.clone()).bind(format!("{k}.%"));
+    }
+    if let Some(site) = filter.site {
+        q = q.bind(format!("site:{site}")).bind(id64(site.0));
+    }
+    if let Some(t) = filter.since {
+        q = q.bind(t);
+    }
+    if let Some(t) = filter.until {
+        q = q.bind(t);
+    }
+    let rows = q
+        .bind(i64::from(filter.limit))
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut entries = rows
+        .iter()
         .map(|r| {
             Ok(AuditEntry {
                 id: u64_of(col(r, "id")?),
@@ -667,9 +736,74 @@ pub async fn audit(
                 action: col(r, "action")?,
                 object: col(r, "object")?,
                 detail: col(r, "detail")?,
+                actor_label: None,
+                object_label: None,
             })
         })
-        .collect()
+        .collect::<DbResult<Vec<_>>>()?;
+    let labels = audit_labels(conn, &entries).await?;
+    for e in &mut entries {
+        e.actor_label = labels.get(&e.actor).cloned();
+        e.object_label = labels.get(&e.object).cloned();
+    }
+    Ok(entries)
+}
+
+/// `kind:id` → words, for the sites, gateways and requests that `entries`
+/// name and that still exist.
+async fn audit_labels(
+    conn: &mut AnyConnection,
+    entries: &[AuditEntry],
+) -> DbResult<BTreeMap<String, String>> {
+    let mut ids: BTreeMap<&str, std::collections::BTreeSet<i64>> = BTreeMap::new();
+    for e in entries {
+        for who in [&e.actor, &e.object] {
+            if let Some((kind, id)) = who.split_once(':')
+                && matches!(kind, "site" | "gateway" | "request")
+                && let Ok(id) = id.parse::<i64>()
+            {
+                ids.entry(kind).or_default().insert(id);
+            }
+        }
+    }
+    let mut labels = BTreeMap::new();
+    for (kind, set) in ids {
+        let list: Vec<i64> = set.into_iter().collect();
+        for chunk in list.chunks(500) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = match kind {
+                "site" => format!(
+                    "SELECT id, name, 0 AS received_at FROM sites WHERE id IN ({})",
+                    placeholders.join(", ")
+                ),
+                "gateway" => format!(
+                    "SELECT id, name, 0 AS received_at FROM gateways WHERE id IN ({})",
+                    placeholders.join(", ")
+                ),
+                _ => format!(
+                    "SELECT r.id, s.name, r.received_at FROM requests r JOIN sites s ON s.id = r.site_id \
+                     WHERE r.id IN ({})",
+                    placeholders.join(", ")
+                ),
+            };
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for r in q.fetch_all(&mut *conn).await? {
+                let id: i64 = col(&r, "id")?;
+                let name: String = col(&r, "name")?;
+                let label = if kind == "request" {
+                    let number = acceptance_number(RequestId(u64_of(id)), col(&r, "received_at")?);
+                    format!("{number} ({name})")
+                } else {
+                    name
+                };
+                labels.insert(format!("{kind}:{id}"), label);
+            }
+        }
+    }
+    Ok(labels)
 }
 
 /// The console feed's version.

@@ -101,6 +101,14 @@ pub async fn login(
     .map_err(AppError::internal)?;
     let Some(id) = id.filter(|_| ok) else {
         tracing::warn!(technician = %body.name, "failed login");
+        // Recorded for the console's audit view; the limiter above bounds
+        // how many a client can add.
+        let client = state.client_address(peer.0, &headers).to_string();
+        let t = now_ms();
+        write(&state, async |tx| {
+            ops::record_failed_login(tx, &name, &client, t).await
+        })
+        .await?;
         return Err(AppError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_credentials",
@@ -270,17 +278,55 @@ pub async fn failures(
     ))
 }
 
-/// `GET /api/v1/audit?before=ID&limit=N`
+/// `GET /api/v1/audit?before=&limit=&actor=&object=&kind=&site=&since=&until=`
 pub async fn audit(
     State(state): State<AppState>,
     _t: Technician,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Vec<AuditEntry>>, AppError> {
-    only_params(&q, &["before", "limit"])?;
-    let before = query_u64(&q, "before")?;
-    let limit = limit_param(&q, 100, 500)?;
+    only_params(
+        &q,
+        &[
+            "before", "limit", "actor", "object", "kind", "site", "since", "until",
+        ],
+    )?;
+    let text = |name: &str| -> Result<Option<String>, AppError> {
+        match q.get(name).map(String::as_str) {
+            None | Some("") => Ok(None),
+            Some(v) if v.len() <= 200 => Ok(Some(v.to_owned())),
+            Some(_) => Err(AppError::field(
+                StatusCode::BAD_REQUEST,
+                name,
+                format!("{name}: at most 200 characters"),
+            )),
+        }
+    };
+    let kind = text("kind")?;
+    if kind.as_deref().is_some_and(|k| {
+        !k.chars()
+            .all(|c| c.is_ascii_lowercase() || c == '_' || c == '.')
+    }) {
+        return Err(AppError::field(
+            StatusCode::BAD_REQUEST,
+            "kind",
+            "kind: an action or its prefix, e.g. request or technician.login",
+        ));
+    }
+    let time = |name: &str| -> Result<Option<i64>, AppError> {
+        Ok(query_u64(&q, name)?.map(|t| i64::try_from(t).unwrap_or(i64::MAX)))
+    };
+    let filter = views::AuditFilter {
+        before: query_u64(&q, "before")?,
+        limit: limit_param(&q, 100, 500)?,
+        actor: text("actor")?,
+        object: text("object")?,
+        kind,
+        site: query_u64(&q, "site")?.map(SiteId),
+        since: time("since")?,
+        until: time("until")?,
+    };
     Ok(Json(
-        read(&state, async |c| views::audit(c, before, limit).await).await?,
+        read(&state, async |c| views::audit(c, &filter).await).await?,
     ))
 }
 

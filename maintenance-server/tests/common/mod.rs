@@ -210,6 +210,18 @@ impl TestServer {
         }
     }
 
+    /// [`Self::start`] on `addr` (where a stopped server listened).
+    pub async fn start_at(settings: Settings, addr: SocketAddr) -> Self {
+        let operator = settings.operator.token.clone();
+        let server = InProcessServer::start_at(settings, addr).await;
+        Self {
+            addr: server.addr,
+            base: server.base.clone(),
+            operator,
+            server,
+        }
+    }
+
     /// Stops the server and waits for it.
     pub async fn stop(mut self) {
         self.server.stop().await.expect("server stops");

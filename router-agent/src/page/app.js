@@ -2,7 +2,7 @@
 // every text from the API is inserted with textContent (never as HTML).
 "use strict";
 
-const state = { csrf: null, poll: null, pending: null, terminals: [] };
+const state = { csrf: null, poll: null, pending: null, terminals: [], down: false, downSince: 0, tunnelUp: false, open: null };
 
 const $ = (id) => document.getElementById(id);
 
@@ -24,10 +24,20 @@ async function api(method, path, body) {
     opts.headers["Content-Type"] = "application/json";
     opts.body = JSON.stringify(body);
   }
-  const resp = await fetch(path, opts);
+  let resp;
+  try {
+    resp = await fetch(path, opts);
+  } catch (_) {
+    // The router's agent does not answer (restarting, or the network is gone).
+    return { ok: false, status: 0, data: null };
+  }
   let data = null;
   try { data = await resp.json(); } catch (_) { /* empty body */ }
-  if (resp.status === 401 && path !== "/api/login") showLogin();
+  if (resp.status === 401 && path !== "/api/login" && path !== "/api/session") {
+    showLogin(state.csrf
+      ? "You were logged out: the router restarted or your session ended. Please log in again."
+      : null);
+  }
   return { ok: resp.ok, status: resp.status, data };
 }
 
@@ -36,9 +46,10 @@ function show(id, text) {
   if (text) { e.textContent = text; e.hidden = false; } else { e.hidden = true; e.textContent = ""; }
 }
 
-function showLogin() {
+function showLogin(reason) {
   state.csrf = null;
   if (state.poll) { clearInterval(state.poll); state.poll = null; }
+  show("login-reason", reason || null);
   $("main").hidden = true;
   $("login").hidden = false;
   $("password").focus();
@@ -56,7 +67,7 @@ function showMain(info) {
 const STATE_TEXT = {
   waiting: "Waiting for a technician",
   in_progress: "A technician is working",
-  ended: "Finished",
+  ended: "Finished by the technician",
   revoked: "Ended by you",
   expired: "Time is up",
 };
@@ -69,26 +80,49 @@ function time(ms) {
   return new Date(ms).toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
 }
 
+function stateText(r) {
+  if (r.state === "ended" && !r.started_at) return "Declined by the maintenance center";
+  return STATE_TEXT[r.state] || r.state;
+}
+
+function clock(ms) {
+  return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+// Whether a technician can reach a terminal now, in words: only when the
+// router has set up its address and the connection to the center is up.
+function accessText(r, t) {
+  if (t.active && state.tunnelUp) return "A technician can connect";
+  if (t.active) return "Ready here; waiting for the connection to the maintenance center";
+  if (!t.address) return "Not possible: no computer of this name was found on your network";
+  return "Being set up\u2026";
+}
+
 function renderRequest(r) {
   const box = el("div", { class: "request", "data-request-id": String(r.id) });
   box.append(
     el("p", { class: "number-label", text: "Your request number (please quote it on the phone):" }),
     el("p", { class: "acceptance-number", text: r.acceptance_number }),
-    el("span", { class: "request-state state " + r.state, text: STATE_TEXT[r.state] || r.state }),
+    el("span", { class: "request-state state " + r.state, text: stateText(r) }),
   );
+  if (r.state === "in_progress" && r.started_at) {
+    box.append(el("p", { class: "working", text:
+      (r.technician ? r.technician + " is" : "A technician is") + " working on it since " + clock(r.started_at) + "." }));
+  }
   const table = el("table", { class: "terminals" });
   table.append(el("tr", {},
     el("th", { text: "Computer" }),
     el("th", { text: "Its address here" }),
     el("th", { text: "Address for the technician" }),
-    el("th", { text: "Reachable now" })));
+    el("th", { text: "Technician access" })));
   for (const t of r.local) {
     const row = el("tr", { "data-terminal": t.name });
     row.append(
-      el("td", { class: "terminal-name", text: t.name }),
-      el("td", { class: "muted", text: t.address || "?" }),
-      el("td", { class: "nat-address", text: t.nat_address || "-" }),
-      el("td", { class: "active", text: t.active ? "yes" : "not yet" }));
+      el("td", { class: "terminal-name", "data-label": "Computer", text: t.name }),
+      el("td", { class: "muted", "data-label": "Its address here", text: t.address || "not found" }),
+      el("td", { class: "nat-address", "data-label": "Address for the technician", text: t.nat_address || "-" }),
+      el("td", { class: "active" + (t.active ? " yes" : t.address ? "" : " refused"), "data-label": "Technician access",
+        text: accessText(r, t) }));
     table.append(row);
   }
   box.append(table);
@@ -97,6 +131,7 @@ function renderRequest(r) {
     " (" + (URGENCY_TEXT[r.urgency] || r.urgency) + "). Access ends by itself at " + time(r.expires_at) + "." }));
   const end = el("button", { type: "button", class: "danger end-access", id: "end-access-" + r.id,
                              text: "End access now" });
+  end.disabled = state.down;
   end.addEventListener("click", () => revoke(r, end));
   box.append(el("div", { class: "actions" }, end));
   return box;
@@ -108,7 +143,7 @@ function renderHistory(list) {
   for (const r of list) {
     ul.append(el("li", { "data-request-id": String(r.id) },
       el("strong", { text: r.acceptance_number }),
-      document.createTextNode(" \u2014 " + (STATE_TEXT[r.state] || r.state) + ", " + time(r.received_at))));
+      document.createTextNode(" \u2014 " + stateText(r) + ", " + time(r.received_at))));
   }
   $("history-card").hidden = list.length === 0;
 }
@@ -135,8 +170,12 @@ function renderTerminals(terminals) {
 
 async function refresh() {
   const r = await api("GET", "/api/overview");
+  if (r.status === 0) { agentDown(true); return; }
   if (!r.ok) return;
+  agentDown(false);
   const o = r.data;
+  state.tunnelUp = o.tunnel_state === "up";
+  noticeEnded(o.requests);
   $("site-name").textContent = o.site_name;
   if (o.standalone) {
     show("connection", "This router runs without a maintenance center: requests cannot be sent from here.");
@@ -163,6 +202,34 @@ async function refresh() {
   renderHistory(closed);
 }
 
+// The agent stopped answering: say so, keep what is shown, disable the buttons.
+function agentDown(down) {
+  if (down && !state.down) state.downSince = Date.now();
+  state.down = down;
+  show("agent-down", down
+    ? "This router does not answer since " + clock(state.downSince) +
+      " (it may be restarting). What you see may be out of date; the buttons work again once it answers."
+    : null);
+  $("submit-request").disabled = down;
+  for (const b of document.querySelectorAll(".end-access")) b.disabled = down;
+}
+
+// A request the technician ended (or the center declined) since the last look.
+function noticeEnded(requests) {
+  const open = new Set();
+  for (const q of requests) {
+    if (q.state === "waiting" || q.state === "in_progress") { open.add(q.id); continue; }
+    if (state.open && state.open.has(q.id) && q.state === "ended") {
+      show("notice", q.started_at
+        ? "The technician finished the work on request " + q.acceptance_number + " at " + clock(q.ended_at) +
+          ". Access to your computers has ended."
+        : "Request " + q.acceptance_number + " was declined by the maintenance center at " + clock(q.ended_at) +
+          ". Please call your service provider if you still need help.");
+    }
+  }
+  state.open = open;
+}
+
 function chosenTerminals() {
   const ticked = [...document.querySelectorAll("#terminal-list input:checked")].map((i) => i.value);
   const typed = $("other_terminals").value.split(",").map((s) => s.trim()).filter((s) => s.length > 0);
@@ -182,11 +249,47 @@ function formBody() {
 
 const FIELD_IDS = { requester_name: "requester_name", phone: "phone", content: "content",
                     terminals: "other_terminals", level: "level", urgency: "urgency" };
+const ERROR_IDS = { requester_name: "err-requester_name", phone: "err-phone", content: "err-content",
+                    terminals: "err-terminals" };
+
+// A server message in plain words: without its "field: " prefix, and the
+// refusal of an address outside the LAN explained.
+function plain(field, message) {
+  let m = message || "";
+  if (field && m.startsWith(field + ": ")) m = m.slice(field.length + 2);
+  const lan = /^(.*?) resolves to ([0-9.]+), which is not an allowed LAN address/.exec(m);
+  if (lan) {
+    return lan[1] + " (" + lan[2] + ") is not on your local network, so it cannot be opened for a technician. " +
+      "Check the name or address.";
+  }
+  return m.charAt(0).toUpperCase() + m.slice(1);
+}
+
+function fieldError(field, msg) {
+  const id = ERROR_IDS[field];
+  if (!id) return false;
+  show(id, msg);
+  const input = $(FIELD_IDS[field]);
+  if (msg) input.setAttribute("aria-invalid", "true"); else input.removeAttribute("aria-invalid");
+  return true;
+}
+
+function clearFieldErrors() {
+  for (const f of Object.keys(ERROR_IDS)) fieldError(f, null);
+}
 
 function showError(r) {
-  const msg = (r.data && r.data.message) || ("Something went wrong (HTTP " + r.status + ").");
-  show("request-error", msg);
+  if (r.status === 0) {
+    show("request-error", "This router does not answer. Please try again in a moment.");
+    return;
+  }
   const field = r.data && r.data.field;
+  const msg = plain(field, (r.data && r.data.message) || ("Something went wrong (HTTP " + r.status + ")."));
+  if (field && fieldError(field, msg)) {
+    $(FIELD_IDS[field]).focus();
+    return;
+  }
+  show("request-error", msg);
   if (field && FIELD_IDS[field]) $(FIELD_IDS[field]).focus();
 }
 
@@ -200,10 +303,15 @@ async function submitRequest(ev) {
   show("request-error", null);
   show("notice", null);
   $("check-warning").hidden = true;
+  clearFieldErrors();
   const body = formBody();
-  if (!body.requester_name.trim()) { show("request-error", "Please enter your name."); $("requester_name").focus(); return; }
-  if (!body.phone.trim()) { show("request-error", "Please enter a phone number."); $("phone").focus(); return; }
-  if (body.terminals.length === 0) { show("request-error", "Please choose at least one computer."); return; }
+  if (!body.requester_name.trim()) { fieldError("requester_name", "Please enter your name."); $("requester_name").focus(); return; }
+  if (!body.phone.trim()) { fieldError("phone", "Please enter a phone number."); $("phone").focus(); return; }
+  if (body.terminals.length === 0) {
+    fieldError("terminals", "Please choose at least one computer, or type its name or address here.");
+    $("other_terminals").focus();
+    return;
+  }
   busy(true);
   try {
     const c = await api("POST", "/api/check", { terminals: body.terminals });
@@ -262,9 +370,14 @@ async function login(ev) {
   const r = await api("POST", "/api/login", { password: $("password").value });
   if (r.ok) {
     $("password").value = "";
+    $("password").removeAttribute("aria-invalid");
+    show("login-reason", null);
     showMain(r.data);
   } else {
-    show("login-error", (r.data && r.data.message) || "Login failed.");
+    show("login-error", r.status === 0 ? "This router does not answer. Please try again in a moment."
+      : (r.data && r.data.message) || "Login failed.");
+    $("password").setAttribute("aria-invalid", "true");
+    $("password").focus();
   }
 }
 
@@ -275,6 +388,11 @@ async function logout() {
 
 document.addEventListener("DOMContentLoaded", async () => {
   $("login-form").addEventListener("submit", login);
+  // An error goes away as soon as its field is changed.
+  for (const [field, id] of Object.entries(FIELD_IDS)) {
+    if (ERROR_IDS[field]) $(id).addEventListener("input", () => fieldError(field, null));
+  }
+  $("terminal-list").addEventListener("change", () => fieldError("terminals", null));
   $("request-form").addEventListener("submit", submitRequest);
   $("send-anyway").addEventListener("click", async () => {
     $("check-warning").hidden = true;
