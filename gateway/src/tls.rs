@@ -272,6 +272,7 @@ mod tests {
             public_key: PublicKey([site as u8; 32]),
             nat_addresses: Vec::new(),
             tunnel: TunnelKind::Wireguard,
+            ipsec: None,
             tls_token_sha256: token.map(|t| carrier::sha256_hex(t.as_bytes())),
         };
         let tokens = Tokens::default();
