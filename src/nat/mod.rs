@@ -61,6 +61,7 @@
 //! assert_eq!(&p[16..20], &real.octets());
 //! ```
 
+pub mod ftp;
 mod masquerade;
 mod rewrite;
 #[cfg(test)]

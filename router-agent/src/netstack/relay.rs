@@ -13,6 +13,8 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use vpnnat::nat::ftp::{FTP_PORT, LineRewriter};
+
 use crate::probe;
 
 /// Bytes per chunk moved between a relay task and the stack.
@@ -84,12 +86,27 @@ pub(super) struct TcpRelay {
 }
 
 impl TcpRelay {
-    /// Starts connecting connection `id` to `target`; the outcome arrives as
-    /// [`RelayEvent::TcpConnected`].
-    pub(super) fn spawn(id: u64, target: SocketAddrV4, events: &EventSender) -> Self {
+    /// Starts connecting connection `id` to `target` (reached by the
+    /// technician at `nat`); the outcome arrives as
+    /// [`RelayEvent::TcpConnected`]. An FTP control connection (port 21)
+    /// gets the addresses in its lines rewritten both ways
+    /// ([`vpnnat::nat::ftp`]).
+    pub(super) fn spawn(
+        id: u64,
+        target: SocketAddrV4,
+        nat: Ipv4Addr,
+        events: &EventSender,
+    ) -> Self {
         let (to_os_tx, to_os_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_CHUNKS);
         let (from_os_tx, from_os_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_CHUNKS);
-        let task = tokio::spawn(tcp_relay(id, target, to_os_rx, from_os_tx, events.clone()));
+        let task = tokio::spawn(tcp_relay(
+            id,
+            target,
+            nat,
+            to_os_rx,
+            from_os_tx,
+            events.clone(),
+        ));
         Self {
             to_os: Some(to_os_tx),
             from_os: from_os_rx,
@@ -177,9 +194,15 @@ impl Drop for DatagramRelay {
     }
 }
 
+/// The FTP rewriter of one direction, for a control connection only.
+fn ftp_rewriter(target: SocketAddrV4, from: Ipv4Addr, to: Ipv4Addr) -> Option<LineRewriter> {
+    (target.port() == FTP_PORT).then(|| LineRewriter::new(from, to))
+}
+
 async fn tcp_relay(
     id: u64,
     target: SocketAddrV4,
+    nat: Ipv4Addr,
     mut to_os: mpsc::Receiver<Vec<u8>>,
     from_os: mpsc::Sender<Vec<u8>>,
     events: EventSender,
@@ -206,13 +229,33 @@ async fn tcp_relay(
     let (mut rd, mut wr) = stream.into_split();
     let ev = events.clone();
     let ev2 = events.clone();
+    let real = *target.ip();
+    let mut from_pc = ftp_rewriter(target, real, nat);
+    let mut to_pc = ftp_rewriter(target, nat, real);
     let reader = async move {
         let mut buf = vec![0u8; CHUNK];
         loop {
             match rd.read(&mut buf).await {
-                Ok(0) => return false,
+                Ok(0) => {
+                    if let Some(r) = from_pc.as_mut() {
+                        let mut rest = Vec::new();
+                        r.finish(&mut rest);
+                        if !rest.is_empty() {
+                            let _ = from_os.send(rest).await;
+                        }
+                    }
+                    return false;
+                }
                 Ok(n) => {
-                    if from_os.send(buf[..n].to_vec()).await.is_err() {
+                    let chunk = match from_pc.as_mut() {
+                        Some(r) => {
+                            let mut out = Vec::with_capacity(n);
+                            r.push(&buf[..n], &mut out);
+                            out
+                        }
+                        None => buf[..n].to_vec(),
+                    };
+                    if !chunk.is_empty() && from_os.send(chunk).await.is_err() {
                         return false;
                     }
                     // A lost wake-up is harmless: a full queue means the stack polls anyway.
@@ -223,12 +266,24 @@ async fn tcp_relay(
         }
     };
     let writer = async move {
-        while let Some(chunk) = to_os.recv().await {
+        while let Some(mut chunk) = to_os.recv().await {
+            if let Some(r) = to_pc.as_mut() {
+                let mut out = Vec::with_capacity(chunk.len());
+                r.push(&chunk, &mut out);
+                chunk = out;
+            }
             if wr.write_all(&chunk).await.is_err() {
                 return true;
             }
             // Room in the channel again: the stack may move more.
             let _ = ev2.try_send(RelayEvent::TcpWake);
+        }
+        if let Some(r) = to_pc.as_mut() {
+            let mut rest = Vec::new();
+            r.finish(&mut rest);
+            if wr.write_all(&rest).await.is_err() {
+                return true;
+            }
         }
         let _ = wr.shutdown().await;
         false
@@ -280,5 +335,65 @@ async fn icmp_reader(id: u64, sock: Arc<UdpSocket>, events: EventSender) {
             Ok(_) => {}
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Everything the relay hands the stack until `want` bytes came.
+    async fn read_from_os(r: &mut TcpRelay, want: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < want {
+            match r.recv() {
+                FromOs::Chunk(c) => got.extend_from_slice(&c),
+                FromOs::Empty => {
+                    assert!(tokio::time::Instant::now() < deadline, "{got:?}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                FromOs::Closed => break,
+            }
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn an_ftp_control_connection_gets_its_addresses_rewritten_both_ways() {
+        // A loopback address of its own (all of 127/8 is local), so port 21
+        // is free.
+        let real = Ipv4Addr::new(127, 21, (std::process::id() % 250) as u8, 7);
+        let nat = Ipv4Addr::new(10, 64, 0, 5);
+        let l = tokio::net::TcpListener::bind((real, FTP_PORT))
+            .await
+            .unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let o = real.octets();
+            let reply = format!(
+                "227 Entering Passive Mode ({},{},{},{},4,1).\r\n",
+                o[0], o[1], o[2], o[3]
+            );
+            // The reply in two writes, cut inside the address.
+            s.write_all(&reply.as_bytes()[..31]).await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            s.write_all(&reply.as_bytes()[31..]).await.unwrap();
+            let mut cmd = vec![0u8; 64];
+            let mut n = 0;
+            while !cmd[..n].ends_with(b"\n") {
+                n += s.read(&mut cmd[n..]).await.unwrap();
+            }
+            cmd.truncate(n);
+            cmd
+        });
+        let (tx, _rx) = mpsc::channel(EVENT_QUEUE);
+        let mut r = TcpRelay::spawn(1, SocketAddrV4::new(real, FTP_PORT), nat, &tx);
+        let want = b"227 Entering Passive Mode (10,64,0,5,4,1).\r\n";
+        assert_eq!(read_from_os(&mut r, want.len()).await, want);
+        r.send(b"EPRT |1|10.64.0.5|1025|\r\n".to_vec());
+        let cmd = server.await.unwrap();
+        assert_eq!(cmd, format!("EPRT |1|{real}|1025|\r\n").as_bytes());
     }
 }

@@ -433,7 +433,7 @@ impl Netstack {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let relay = TcpRelay::spawn(id, SocketAddrV4::new(real, key.port), &self.events);
+        let relay = TcpRelay::spawn(id, SocketAddrV4::new(real, key.port), key.nat, &self.events);
         self.tcp_by_key.insert(key, id);
         self.tcp.insert(
             id,
