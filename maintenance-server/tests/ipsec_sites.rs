@@ -92,6 +92,7 @@ async fn add_ipsec_gateway(server: &TestServer, name: &str, max_tunnels: u32, n:
                 max_tunnels,
                 software_version: "test".into(),
                 technician_prefixes: vec![TECHNICIANS.parse().unwrap()],
+                tls: None,
             },
         )
         .await;
@@ -463,6 +464,7 @@ async fn desired_states_carry_the_ipsec_parameters(b: Backend) {
                     TECHNICIANS.parse().unwrap(),
                     "172.16.9.0/24".parse().unwrap(),
                 ],
+                tls: None,
             },
         )
         .await;

@@ -37,6 +37,7 @@ async fn the_tls_offer_reaches_the_agent_and_the_token_hash_the_gateway(b: Backe
                 tunnel_kinds: vec![TunnelKind::Wireguard],
                 max_tunnels: 10,
                 software_version: "test".into(),
+                technician_prefixes: Vec::new(),
                 tls: Some(tls.clone()),
             },
         )

@@ -393,6 +393,7 @@ fn the_ipsec_kind_and_its_parameters_round_trip() {
         nat_addresses: vec![Ipv4Addr::new(10, 64, 0, 5)],
         tunnel: TunnelKind::Ipsec,
         ipsec: Some(ipsec_params()),
+        tls_token_sha256: None,
     };
     let json = round_trip(&peer);
     for needle in [
@@ -411,6 +412,7 @@ fn the_ipsec_kind_and_its_parameters_round_trip() {
         public_key: key(2),
         persistent_keepalive_s: 25,
         ipsec: Some(ipsec_params()),
+        tls: None,
     });
     round_trip(&SiteTunnel {
         tunnel: TunnelKind::Ipsec,
@@ -523,6 +525,7 @@ fn ipsec_parameter_validation_names_the_field() {
         max_tunnels: 2,
         software_version: "0.1.0".into(),
         technician_prefixes: vec!["172.16.0.0/24".parse().unwrap(); 64],
+        tls: None,
     };
     assert_eq!(reg.validate(), Ok(()));
     reg.technician_prefixes
