@@ -79,10 +79,11 @@ fn engine_process() {
     let mut config = Config::new(
         PSK.as_bytes(),
         Id::ipv4(local),
+        Id::ipv4(remote),
         vec![prefix(f[3])],
         vec![prefix(f[4])],
-    );
-    config.remote_id = Some(Id::ipv4(remote));
+    )
+    .expect("PSK long enough");
     config.dpd_interval = Duration::from_secs(2);
     config.retransmit_base = Duration::from_millis(500);
     config.retransmit_tries = 3;

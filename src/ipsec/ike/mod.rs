@@ -39,10 +39,13 @@ pub mod wire;
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{CryptoRng, RngCore};
 use sha1::{Digest, Sha1};
+
+use crate::ipsec::esp;
 
 use self::crypto::{AeadKey, DhGroup, DhSecret, IkeKeys, NONCE_LEN};
 use self::wire::{
@@ -80,16 +83,95 @@ crate::drops::drop_reasons! {
     Closed = "closed",
 }
 
+/// The shortest pre-shared key accepted: 16 bytes, 128 bits, so that an
+/// offline guess from a captured AUTH payload (RFC 7296 §2.15, §5) is not
+/// cheaper than breaking the cipher suite.
+pub const MIN_PSK_LEN: usize = 16;
+
+/// A pre-shared key shorter than [`MIN_PSK_LEN`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PskTooShort;
+
+impl std::fmt::Display for PskTooShort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pre-shared key shorter than {MIN_PSK_LEN} bytes")
+    }
+}
+
+impl std::error::Error for PskTooShort {}
+
+fn checked_psk(psk: &[u8]) -> Result<Vec<u8>, PskTooShort> {
+    if psk.len() < MIN_PSK_LEN {
+        return Err(PskTooShort);
+    }
+    Ok(psk.to_vec())
+}
+
+/// What a responder learns about one peer once its identity (IDi) is known:
+/// the answer of a [`PeerLookup`].
+#[derive(Clone)]
+pub struct Peer {
+    psk: Vec<u8>,
+    /// Our side of the peer's CHILD_SA selectors.
+    pub local_ts: Vec<TrafficSelector>,
+    /// The peer's side.
+    pub remote_ts: Vec<TrafficSelector>,
+    /// The tunnel index to build inbound CHILD_SA SPIs from (see
+    /// [`Config::inbound_spi_index`]).
+    pub inbound_spi_index: Option<u32>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("psk", &"<redacted>")
+            .field("local_ts", &self.local_ts)
+            .field("remote_ts", &self.remote_ts)
+            .field("inbound_spi_index", &self.inbound_spi_index)
+            .finish()
+    }
+}
+
+impl Peer {
+    /// Refuses a PSK shorter than [`MIN_PSK_LEN`].
+    pub fn new(
+        psk: &[u8],
+        local_ts: Vec<TrafficSelector>,
+        remote_ts: Vec<TrafficSelector>,
+    ) -> Result<Self, PskTooShort> {
+        Ok(Self {
+            psk: checked_psk(psk)?,
+            local_ts,
+            remote_ts,
+            inbound_spi_index: None,
+        })
+    }
+}
+
+/// The responder's choice of the peer's configuration by the identity it
+/// presents in IKE_AUTH (IDi, RFC 7296 §2.15): `None` refuses it with
+/// AUTHENTICATION_FAILED. Called once per IKE SA, before the peer's AUTH
+/// payload is checked; it must not block (no IO).
+pub type PeerLookup = Arc<dyn Fn(&Id) -> Option<Peer> + Send + Sync>;
+
 /// What a [`IkeSa`] needs to know.
 #[derive(Clone)]
 pub struct Config {
-    /// The pre-shared key.
-    pub psk: Vec<u8>,
+    /// The pre-shared key (at least [`MIN_PSK_LEN`] bytes).
+    psk: Vec<u8>,
     /// Our identity.
     pub local_id: Id,
-    /// The identity the peer must present; `None` accepts any (the PSK still
-    /// has to match).
+    /// The identity the peer must present. `None` is only meaningful with
+    /// [`Config::peer_lookup`], which then decides; without one, no identity
+    /// is accepted.
     pub remote_id: Option<Id>,
+    /// A responder's per-identity configuration; when set, it replaces the
+    /// PSK, the selectors and the SPI index of this config at IKE_AUTH.
+    pub peer_lookup: Option<PeerLookup>,
+    /// Our inbound CHILD_SA SPIs carry this tunnel index
+    /// ([`crate::ipsec::esp::spi::spi_from_index`]), so that SPIs are unique
+    /// across all peers sharing UDP 4500; `None` draws them at random.
+    pub inbound_spi_index: Option<u32>,
     /// Groups in order of preference; the initiator's first KE uses the first.
     pub groups: Vec<DhGroup>,
     /// Our side of the CHILD_SA's traffic selectors.
@@ -114,6 +196,8 @@ impl std::fmt::Debug for Config {
             .field("psk", &"<redacted>")
             .field("local_id", &self.local_id)
             .field("remote_id", &self.remote_id)
+            .field("peer_lookup", &self.peer_lookup.is_some())
+            .field("inbound_spi_index", &self.inbound_spi_index)
             .field("groups", &self.groups)
             .field("local_ts", &self.local_ts)
             .field("remote_ts", &self.remote_ts)
@@ -123,18 +207,55 @@ impl std::fmt::Debug for Config {
 }
 
 impl Config {
-    /// Defaults: groups 31 then 14, PFS on, retransmissions after 1, 2, 4, 8
-    /// and 16 s, liveness check after 30 s of silence, keepalives every 20 s.
+    /// A configuration for one known peer. Refuses a PSK shorter than
+    /// [`MIN_PSK_LEN`]. Defaults: groups 31 then 14, PFS on, random inbound
+    /// SPIs, retransmissions after 1, 2, 4, 8 and 16 s, liveness check after
+    /// 30 s of silence, keepalives every 20 s.
     pub fn new(
         psk: &[u8],
         local_id: Id,
+        remote_id: Id,
+        local_ts: Vec<TrafficSelector>,
+        remote_ts: Vec<TrafficSelector>,
+    ) -> Result<Self, PskTooShort> {
+        Ok(Self::base(
+            checked_psk(psk)?,
+            local_id,
+            Some(remote_id),
+            None,
+            local_ts,
+            remote_ts,
+        ))
+    }
+
+    /// A responder configuration that picks the peer's PSK, selectors and
+    /// SPI index by its identity with `lookup`; the other defaults as
+    /// [`Config::new`].
+    pub fn with_lookup(local_id: Id, lookup: PeerLookup) -> Self {
+        Self::base(
+            Vec::new(),
+            local_id,
+            None,
+            Some(lookup),
+            Vec::new(),
+            Vec::new(),
+        )
+    }
+
+    fn base(
+        psk: Vec<u8>,
+        local_id: Id,
+        remote_id: Option<Id>,
+        peer_lookup: Option<PeerLookup>,
         local_ts: Vec<TrafficSelector>,
         remote_ts: Vec<TrafficSelector>,
     ) -> Self {
         Self {
-            psk: psk.to_vec(),
+            psk,
             local_id,
-            remote_id: None,
+            remote_id,
+            peer_lookup,
+            inbound_spi_index: None,
             groups: vec![DhGroup::Curve25519, DhGroup::Modp2048],
             local_ts,
             remote_ts,
@@ -144,6 +265,21 @@ impl Config {
             dpd_interval: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(20),
         }
+    }
+
+    /// Replaces the PSK; refuses one shorter than [`MIN_PSK_LEN`].
+    pub fn set_psk(&mut self, psk: &[u8]) -> Result<(), PskTooShort> {
+        self.psk = checked_psk(psk)?;
+        Ok(())
+    }
+
+    /// Applies the answer of the peer lookup for the identity `id`.
+    fn adopt(&mut self, id: &Id, peer: Peer) {
+        self.psk = peer.psk;
+        self.remote_id = Some(id.clone());
+        self.local_ts = peer.local_ts;
+        self.remote_ts = peer.remote_ts;
+        self.inbound_spi_index = peer.inbound_spi_index;
     }
 }
 
@@ -455,16 +591,6 @@ fn random_nonce(rng: &mut (impl RngCore + CryptoRng)) -> Vec<u8> {
     n
 }
 
-fn random_child_spi(rng: &mut (impl RngCore + CryptoRng)) -> u32 {
-    // SPIs 0–255 are reserved (RFC 4303 §2.1).
-    loop {
-        let s = rng.next_u32();
-        if s > 255 {
-            return s;
-        }
-    }
-}
-
 fn nat_hash(spi_i: u64, spi_r: u64, addr: SocketAddr) -> [u8; 20] {
     // RFC 7296 §2.23: SHA-1(SPIi | SPIr | IP | port).
     let mut h = Sha1::new();
@@ -598,6 +724,12 @@ fn within(got: &[TrafficSelector], proposed: &[TrafficSelector]) -> bool {
 
 fn spi_u32(spi: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(spi.try_into().ok()?))
+}
+
+/// A CHILD_SA SPI the peer chose: four bytes, outside the reserved 0–255
+/// (RFC 4303 §2.1).
+fn peer_spi(spi: &[u8]) -> Option<u32> {
+    spi_u32(spi).filter(|s| *s > 255)
 }
 
 /// Payload lookups in a decrypted or plain chain.
@@ -1372,6 +1504,22 @@ impl IkeSa {
             self.go_down(DownReason::Refused(notify::INVALID_SYNTAX));
             return;
         };
+        if let Some(lookup) = self.config.peer_lookup.clone() {
+            // The peer's configuration by the identity it claims; its AUTH
+            // below proves it holds that identity's PSK.
+            match lookup(idi) {
+                Some(peer) => self.config.adopt(idi, peer),
+                None => {
+                    self.respond(
+                        exchange::IKE_AUTH,
+                        id,
+                        &[Payload::notify(notify::AUTHENTICATION_FAILED, &[])],
+                    );
+                    self.go_down(DownReason::AuthenticationFailed);
+                    return;
+                }
+            }
+        }
         let want = crypto::psk_auth(
             &self.config.psk,
             &self.init_request,
@@ -1379,7 +1527,7 @@ impl IkeSa {
             &keys.sk_pi,
             &idi.body(),
         );
-        let id_ok = self.config.remote_id.as_ref().is_none_or(|r| r == idi);
+        let id_ok = self.config.remote_id.as_ref() == Some(idi);
         if method != AUTH_SHARED_KEY_MIC || !id_ok || !crypto::ct_eq(auth, &want) {
             self.respond(
                 exchange::IKE_AUTH,
@@ -1445,7 +1593,9 @@ impl IkeSa {
                 Choice::WrongKe(_) => return Err(notify::INVALID_KE_PAYLOAD),
                 Choice::None => return Err(notify::NO_PROPOSAL_CHOSEN),
             };
-        let spi_out = spi_u32(&spi).ok_or(notify::NO_PROPOSAL_CHOSEN)?;
+        // SPIs 0–255 are reserved (RFC 4303 §2.1); 0 would also read as the
+        // non-ESP marker under UDP encapsulation (RFC 3948 §2.2).
+        let spi_out = peer_spi(&spi).ok_or(notify::NO_PROPOSAL_CHOSEN)?;
         // The peer is the initiator of this exchange: its TSi is its side.
         let ts_remote = narrow(tsi, &self.config.remote_ts);
         let ts_local = narrow(tsr, &self.config.local_ts);
@@ -1465,7 +1615,7 @@ impl IkeSa {
             }
             _ => None,
         };
-        let spi_in = random_child_spi(rng);
+        let spi_in = self.new_inbound_spi(rng);
         let (i2r, r2i) = crypto::child_keys(sk_d, shared.as_deref(), ni, nr);
         let mut prop = esp_proposal(spi_in, &group.into_iter().collect::<Vec<_>>());
         prop.num = num;
@@ -1677,6 +1827,38 @@ impl IkeSa {
             IkeKeys::derive(&seed, ni, &nr, new_spi_i, new_spi_r),
         );
         self.ike_group = Some(g);
+    }
+
+    /// A new inbound CHILD_SA SPI: of the tunnel's layout when the config
+    /// has an index, never in the reserved 0–255 (RFC 4303 §2.1), and never
+    /// equal to one still in use or offered, since the old and the new SA
+    /// live side by side during a rekey (RFC 7296 §2.8).
+    fn new_inbound_spi(&self, rng: &mut (impl RngCore + CryptoRng)) -> u32 {
+        let mut taken: Vec<u32> = self
+            .child
+            .iter()
+            .chain(&self.old_children)
+            .map(|c| c.spi_in)
+            .collect();
+        taken.push(self.pending_auth_spi);
+        taken.extend(self.peer_rekey.as_ref().map(|p| p.new_spi_in));
+        if let Some(Outstanding {
+            kind: Request::RekeyChild(p),
+            ..
+        }) = &self.outstanding
+        {
+            taken.push(p.new_spi_in);
+        }
+        loop {
+            let r = rng.next_u32();
+            let s = match self.config.inbound_spi_index {
+                Some(index) => esp::spi::spi_from_index(index, r),
+                None => r,
+            };
+            if s > 255 && !taken.contains(&s) {
+                return s;
+            }
+        }
     }
 
     /// A new local IKE SPI for a rekey: random, but with the low 24 bits of
@@ -1952,7 +2134,7 @@ impl IkeSa {
             method: AUTH_SHARED_KEY_MIC,
             data: auth.to_vec(),
         });
-        let spi_in = random_child_spi(rng);
+        let spi_in = self.new_inbound_spi(rng);
         self.pending_auth_spi = spi_in;
         ps.extend(self.child_payloads(spi_in, &[]));
         self.start_request(exchange::IKE_AUTH, &ps, Request::Auth, now);
@@ -1979,7 +2161,7 @@ impl IkeSa {
             &keys.sk_pr,
             &idr.body(),
         );
-        let id_ok = self.config.remote_id.as_ref().is_none_or(|r| r == idr);
+        let id_ok = self.config.remote_id.as_ref() == Some(idr);
         if method != AUTH_SHARED_KEY_MIC || !id_ok || !crypto::ct_eq(auth, &want) {
             self.go_down(DownReason::AuthenticationFailed);
             return;
@@ -2023,7 +2205,7 @@ impl IkeSa {
         let Choice::Chosen(_, spi, _) = choose(sa, protocol::ESP, &self.config.groups, None) else {
             return None;
         };
-        let spi_out = spi_u32(&spi)?;
+        let spi_out = peer_spi(&spi)?;
         // We started this exchange: TSi is our side.
         if !within(tsi, &self.config.local_ts) || !within(tsr, &self.config.remote_ts) {
             return None;
@@ -2074,7 +2256,7 @@ impl IkeSa {
                     let Some(old) = self.child.as_ref().map(|c| c.spi_in) else {
                         continue;
                     };
-                    let new_spi_in = random_child_spi(rng);
+                    let new_spi_in = self.new_inbound_spi(rng);
                     let ni = random_nonce(rng);
                     let dh = group.map(|g| DhSecret::generate(g, rng));
                     // Offer every group, the KE's first, so that the peer can

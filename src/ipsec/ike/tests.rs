@@ -33,15 +33,25 @@ fn tech_ts() -> Vec<TrafficSelector> {
 }
 
 fn config_a() -> Config {
-    let mut c = Config::new(PSK, Id::fqdn("site-7.vpnnat"), site_ts(), tech_ts());
-    c.remote_id = Some(Id::fqdn("gw.vpnnat"));
-    c
+    Config::new(
+        PSK,
+        Id::fqdn("site-7.vpnnat"),
+        Id::fqdn("gw.vpnnat"),
+        site_ts(),
+        tech_ts(),
+    )
+    .expect("PSK long enough")
 }
 
 fn config_b() -> Config {
-    let mut c = Config::new(PSK, Id::fqdn("gw.vpnnat"), tech_ts(), site_ts());
-    c.remote_id = Some(Id::fqdn("site-7.vpnnat"));
-    c
+    Config::new(
+        PSK,
+        Id::fqdn("gw.vpnnat"),
+        Id::fqdn("site-7.vpnnat"),
+        tech_ts(),
+        site_ts(),
+    )
+    .expect("PSK long enough")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -556,7 +566,8 @@ fn disjoint_traffic_selectors_are_unacceptable() {
 #[test]
 fn wrong_psk_fails_authentication() {
     let mut b = config_b();
-    b.psk = b"another key, also 32 bytes long!".to_vec();
+    b.set_psk(b"another key, also 32 bytes long!")
+        .expect("PSK long enough");
     let mut net = Net::new(config_a(), b);
     net.run();
     assert_eq!(
@@ -1100,4 +1111,174 @@ fn rekeys_use_the_ike_sa_group_and_follow_invalid_ke() {
     assert_eq!(net.a.ike_group, Some(DhGroup::Modp2048));
     assert_eq!(net.b.ike_group, Some(DhGroup::Modp2048));
     assert!(net.a.is_established() && net.b.is_established());
+}
+
+#[test]
+fn psk_shorter_than_16_bytes_is_refused() {
+    let short = b"fifteen bytes!!";
+    assert_eq!(short.len(), MIN_PSK_LEN - 1);
+    let c = Config::new(short, Id::fqdn("a"), Id::fqdn("b"), site_ts(), tech_ts());
+    assert_eq!(c.err(), Some(PskTooShort));
+    assert_eq!(
+        Peer::new(short, tech_ts(), site_ts()).err(),
+        Some(PskTooShort)
+    );
+    let mut b = config_b();
+    assert_eq!(b.set_psk(short), Err(PskTooShort));
+    assert!(Peer::new(b"sixteen bytes!!!", tech_ts(), site_ts()).is_ok());
+}
+
+/// A gateway responder that learns each site's PSK and selectors from its
+/// identity, and builds its inbound SPIs from the site's tunnel index.
+fn lookup_config() -> Config {
+    let lookup: PeerLookup = Arc::new(|id: &Id| {
+        (id == &Id::fqdn("site-7.vpnnat")).then(|| {
+            let mut p = Peer::new(PSK, tech_ts(), site_ts()).expect("PSK long enough");
+            p.inbound_spi_index = Some(0x00_0007);
+            p
+        })
+    });
+    Config::with_lookup(Id::fqdn("gw.vpnnat"), lookup)
+}
+
+#[test]
+fn responder_picks_the_peer_by_identity() {
+    let mut net = Net::new(config_a(), lookup_config());
+    let (ca, cb) = established(&mut net);
+    assert_eq!(esp::spi::index_from_spi(cb.spi_in), Some(7));
+    assert_eq!(ca.spi_out, cb.spi_in);
+    assert_eq!(cb.ts_remote, site_ts());
+}
+
+#[test]
+fn responder_refuses_an_identity_the_lookup_does_not_know() {
+    let mut a = config_a();
+    a.local_id = Id::fqdn("site-8.vpnnat");
+    let mut net = Net::new(a, lookup_config());
+    net.run();
+    assert_eq!(
+        Net::events(&mut net.b),
+        vec![Event::IkeSaDown(DownReason::AuthenticationFailed)]
+    );
+    assert_eq!(
+        Net::events(&mut net.a),
+        vec![Event::IkeSaDown(DownReason::AuthenticationFailed)]
+    );
+}
+
+#[test]
+fn responder_lookup_psk_must_match() {
+    let lookup: PeerLookup = Arc::new(|_: &Id| {
+        Some(Peer::new(b"another key, also 32 bytes long!", tech_ts(), site_ts()).expect("long"))
+    });
+    let mut net = Net::new(
+        config_a(),
+        Config::with_lookup(Id::fqdn("gw.vpnnat"), lookup),
+    );
+    net.run();
+    assert_eq!(
+        Net::events(&mut net.b),
+        vec![Event::IkeSaDown(DownReason::AuthenticationFailed)]
+    );
+}
+
+#[test]
+fn initiator_and_rekeys_keep_the_spi_index() {
+    let (mut a, mut b) = (config_a(), config_b());
+    a.inbound_spi_index = Some(0x00_1234);
+    b.inbound_spi_index = Some(0xab_cdef);
+    let mut net = Net::new(a, b);
+    let (ca, cb) = established(&mut net);
+    assert_eq!(esp::spi::index_from_spi(ca.spi_in), Some(0x00_1234));
+    assert_eq!(esp::spi::index_from_spi(cb.spi_in), Some(0xab_cdef));
+    for _ in 0..4 {
+        net.a.rekey_child(net.now, &mut net.rng);
+        net.run();
+        net.b.rekey_child(net.now, &mut net.rng);
+        net.run();
+    }
+    let (na, nb) = (net.a.child().expect("child"), net.b.child().expect("child"));
+    assert_eq!(esp::spi::index_from_spi(na.spi_in), Some(0x00_1234));
+    assert_eq!(esp::spi::index_from_spi(nb.spi_in), Some(0xab_cdef));
+}
+
+/// Yields the given words, then counts up from the last.
+struct Words(Vec<u32>);
+
+impl rand::RngCore for Words {
+    fn next_u32(&mut self) -> u32 {
+        if self.0.len() > 1 {
+            self.0.remove(0)
+        } else {
+            let w = self.0[0];
+            self.0[0] = w.wrapping_add(1);
+            w
+        }
+    }
+    fn next_u64(&mut self) -> u64 {
+        u64::from(self.next_u32())
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        dest.iter_mut().for_each(|b| *b = self.next_u32() as u8);
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+impl rand::CryptoRng for Words {}
+
+#[test]
+fn inbound_spi_never_repeats_a_live_one() {
+    let mut net = established_pair();
+    net.a.config.inbound_spi_index = Some(5);
+    let live = esp::spi::spi_from_index(5, 40);
+    if let Some(c) = net.a.child.as_mut() {
+        c.spi_in = live;
+    }
+    // The first draw gives the live SPI again, the second a new one.
+    let spi = net.a.new_inbound_spi(&mut Words(vec![40, 41]));
+    assert_eq!(spi, esp::spi::spi_from_index(5, 41));
+    // Without an index, the reserved 0–255 are skipped too.
+    net.a.config.inbound_spi_index = None;
+    assert_eq!(net.a.new_inbound_spi(&mut Words(vec![0, 255, 256])), 256);
+}
+
+#[test]
+fn peer_spi_in_the_reserved_range_is_refused() {
+    let mut net = established_pair();
+    let mut rng = StdRng::seed_from_u64(3);
+    for (spi, ok) in [(0, false), (255, false), (256, true)] {
+        let ps = vec![
+            Payload::Sa(vec![esp_proposal(spi, &[])]),
+            Payload::TsI(site_ts()),
+            Payload::TsR(tech_ts()),
+        ];
+        let f = Found::new(&ps);
+        let r = net
+            .b
+            .accept_child(&f, &[7; 32], None, &[1; 32], &[2; 32], &mut rng);
+        match r {
+            Ok((c, _)) => {
+                assert!(ok, "SPI {spi} accepted");
+                assert_eq!(c.spi_out, spi);
+            }
+            Err(n) => {
+                assert!(!ok, "SPI {spi} refused");
+                assert_eq!(n, notify::NO_PROPOSAL_CHOSEN);
+            }
+        }
+        // The initiator's side: a response choosing that SPI.
+        let ps = vec![
+            Payload::Sa(vec![esp_proposal(spi, &[])]),
+            Payload::TsI(site_ts()),
+            Payload::TsR(tech_ts()),
+        ];
+        let f = Found::new(&ps);
+        let c = net
+            .a
+            .offered_child(&f, &[7; 32], None, &[1; 32], &[2; 32], 0x1000);
+        assert_eq!(c.is_some(), ok, "SPI {spi}");
+    }
 }
