@@ -154,7 +154,9 @@ fn engine_process() {
                         sa.behind_nat()
                     )
                 }
-                Event::ChildSaUp(c) => format!("child_up {:08x} {:08x}", c.spi_in, c.spi_out),
+                Event::ChildSaUp { sa: c, .. } => {
+                    format!("child_up {:08x} {:08x}", c.spi_in, c.spi_out)
+                }
                 Event::ChildSaRekeyed { new, .. } => {
                     format!("child_rekeyed {:08x} {:08x}", new.spi_in, new.spi_out)
                 }

@@ -293,17 +293,14 @@ pub struct Transmit {
     pub payload: Vec<u8>,
 }
 
-/// The keys and selectors of one ESP SA pair.
+/// The SPIs and selectors of one ESP SA pair; its keys are handed out once,
+/// in the [`ChildKeys`] of the event that installs it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ChildSa {
     /// The SPI the peer puts on packets to us.
     pub spi_in: u32,
     /// The SPI we put on packets to the peer.
     pub spi_out: u32,
-    /// AES-256-GCM key ‖ salt for inbound packets.
-    pub key_in: AeadKey,
-    /// AES-256-GCM key ‖ salt for outbound packets.
-    pub key_out: AeadKey,
     /// Our traffic selectors, after narrowing.
     pub ts_local: Vec<TrafficSelector>,
     /// The peer's traffic selectors, after narrowing.
@@ -318,6 +315,24 @@ impl std::fmt::Debug for ChildSa {
             .field("ts_local", &self.ts_local)
             .field("ts_remote", &self.ts_remote)
             .finish_non_exhaustive()
+    }
+}
+
+/// The keys of one ESP SA pair, given out exactly once ([`Event::ChildSaUp`],
+/// [`Event::ChildSaRekeyed`]) and neither kept nor cloneable: an outbound SA
+/// built from them starts its sequence (the AES-GCM IV, RFC 4106 §3.1) at 1,
+/// so a second SA under the same key would repeat IVs.
+#[derive(PartialEq, Eq)]
+pub struct ChildKeys {
+    /// AES-256-GCM key ‖ salt for inbound packets.
+    pub key_in: AeadKey,
+    /// AES-256-GCM key ‖ salt for outbound packets.
+    pub key_out: AeadKey,
+}
+
+impl std::fmt::Debug for ChildKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChildKeys(<redacted>)")
     }
 }
 
@@ -337,15 +352,19 @@ pub enum DownReason {
 }
 
 /// What happened, for the caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Event {
     /// IKE_AUTH completed: the IKE SA is established.
     IkeSaUp { spi_i: u64, spi_r: u64 },
     /// The CHILD_SA is installed: start ESP with these keys.
-    ChildSaUp(ChildSa),
+    ChildSaUp { sa: ChildSa, keys: ChildKeys },
     /// A rekey installed `new`; the SA whose inbound SPI is `old_spi_in`
     /// stays valid until its [`Event::ChildSaDeleted`].
-    ChildSaRekeyed { old_spi_in: u32, new: ChildSa },
+    ChildSaRekeyed {
+        old_spi_in: u32,
+        new: ChildSa,
+        keys: ChildKeys,
+    },
     /// The CHILD_SA could not be created (the IKE SA stays up).
     ChildSaFailed { notify: u16 },
     /// The CHILD_SA pair is gone.
@@ -1559,11 +1578,11 @@ impl IkeSa {
         });
         let (ni, nr) = (self.ni.clone(), self.nr.clone());
         match self.accept_child(f, &keys.sk_d, None, &ni, &nr, rng) {
-            Ok((child, reply)) => {
+            Ok((child, keys, reply)) => {
                 ps.extend(reply);
                 self.respond(exchange::IKE_AUTH, id, &ps);
                 self.child = Some(child.clone());
-                self.events.push_back(Event::ChildSaUp(child));
+                self.events.push_back(Event::ChildSaUp { sa: child, keys });
             }
             Err(n) => {
                 ps.push(Payload::notify(n, &[]));
@@ -1583,7 +1602,7 @@ impl IkeSa {
         ni: &[u8],
         nr: &[u8],
         rng: &mut (impl RngCore + CryptoRng),
-    ) -> Result<(ChildSa, Vec<Payload>), u16> {
+    ) -> Result<(ChildSa, ChildKeys, Vec<Payload>), u16> {
         let (Some(sa), Some(tsi), Some(tsr)) = (f.sa, f.tsi, f.tsr) else {
             return Err(notify::INVALID_SYNTAX);
         };
@@ -1627,10 +1646,12 @@ impl IkeSa {
             ChildSa {
                 spi_in,
                 spi_out,
-                key_in: i2r,
-                key_out: r2i,
                 ts_local,
                 ts_remote,
+            },
+            ChildKeys {
+                key_in: i2r,
+                key_out: r2i,
             },
             ps,
         ))
@@ -1724,7 +1745,7 @@ impl IkeSa {
         };
         let nr = random_nonce(rng);
         match self.accept_child(f, &keys.sk_d, f.ke, &ni, &nr, rng) {
-            Ok((child, mut ps)) => {
+            Ok((child, keys, mut ps)) => {
                 ps.insert(1, Payload::Nonce(nr.clone()));
                 self.respond(exchange::CREATE_CHILD_SA, id, &ps);
                 let lowest = [ni.as_slice(), nr.as_slice()]
@@ -1737,7 +1758,7 @@ impl IkeSa {
                     new_spi_in: child.spi_in,
                     lowest_nonce: lowest,
                 });
-                self.install_rekeyed(old, child);
+                self.install_rekeyed(old, child, keys);
             }
             Err(notify::INVALID_KE_PAYLOAD) => {
                 let g = self.config.groups.first().map_or(0, |g| g.id());
@@ -1754,13 +1775,16 @@ impl IkeSa {
         }
     }
 
-    fn install_rekeyed(&mut self, old_spi_in: u32, new: ChildSa) {
+    fn install_rekeyed(&mut self, old_spi_in: u32, new: ChildSa, keys: ChildKeys) {
         if let Some(old) = self.child.take() {
             self.old_children.push(old);
         }
         self.child = Some(new.clone());
-        self.events
-            .push_back(Event::ChildSaRekeyed { old_spi_in, new });
+        self.events.push_back(Event::ChildSaRekeyed {
+            old_spi_in,
+            new,
+            keys,
+        });
     }
 
     fn respond_rekey_ike(
@@ -2177,9 +2201,9 @@ impl IkeSa {
         }
         let (ni, nr) = (self.ni.clone(), self.nr.clone());
         match self.offered_child(f, &keys.sk_d, None, &ni, &nr, self.pending_auth_spi) {
-            Some(c) => {
+            Some((c, keys)) => {
                 self.child = Some(c.clone());
-                self.events.push_back(Event::ChildSaUp(c));
+                self.events.push_back(Event::ChildSaUp { sa: c, keys });
             }
             None => self.events.push_back(Event::ChildSaFailed {
                 notify: notify::NO_PROPOSAL_CHOSEN,
@@ -2197,7 +2221,7 @@ impl IkeSa {
         ni: &[u8],
         nr: &[u8],
         spi_in: u32,
-    ) -> Option<ChildSa> {
+    ) -> Option<(ChildSa, ChildKeys)> {
         let (sa, tsi, tsr) = (f.sa?, f.tsi?, f.tsr?);
         if sa.len() != 1 {
             return None;
@@ -2211,14 +2235,18 @@ impl IkeSa {
             return None;
         }
         let (i2r, r2i) = crypto::child_keys(sk_d, shared, ni, nr);
-        Some(ChildSa {
-            spi_in,
-            spi_out,
-            key_in: r2i,
-            key_out: i2r,
-            ts_local: tsi.to_vec(),
-            ts_remote: tsr.to_vec(),
-        })
+        Some((
+            ChildSa {
+                spi_in,
+                spi_out,
+                ts_local: tsi.to_vec(),
+                ts_remote: tsr.to_vec(),
+            },
+            ChildKeys {
+                key_in: r2i,
+                key_out: i2r,
+            },
+        ))
     }
 
     /// Starts queued actions while no request of ours is in flight.
@@ -2362,7 +2390,7 @@ impl IkeSa {
                 return;
             }
         };
-        let Some(new) =
+        let Some((new, child_keys)) =
             self.offered_child(f, &keys.sk_d, shared.as_deref(), &p.ni, nr, p.new_spi_in)
         else {
             self.events.push_back(Event::ChildSaFailed {
@@ -2377,7 +2405,6 @@ impl IkeSa {
             .peer_rekey
             .take()
             .filter(|r| r.old_spi_in == p.old_spi_in);
-        self.install_rekeyed(p.old_spi_in, new.clone());
         let ours_lowest = [p.ni.as_slice(), nr]
             .into_iter()
             .min()
@@ -2385,23 +2412,15 @@ impl IkeSa {
             .to_vec();
         match collision {
             Some(peer) if ours_lowest < peer.lowest_nonce => {
-                // Our SA is the redundant one: the peer's stays current.
-                if let Some(i) = self
-                    .old_children
-                    .iter()
-                    .position(|c| c.spi_in == peer.new_spi_in)
-                {
-                    let theirs = self.old_children.remove(i);
-                    if let Some(ours) = self.child.replace(theirs) {
-                        self.old_children.push(ours);
-                    }
-                }
+                // Our SA is the redundant one: the peer's stays current, ours
+                // is never installed nor announced (its keys are dropped here),
+                // only deleted.
                 self.actions.push_front(Action::DeleteChild(new.spi_in));
             }
-            Some(_) => {
+            _ => {
+                self.install_rekeyed(p.old_spi_in, new, child_keys);
                 self.actions.push_front(Action::DeleteChild(p.old_spi_in));
             }
-            None => self.actions.push_front(Action::DeleteChild(p.old_spi_in)),
         }
     }
 
