@@ -585,6 +585,8 @@ pub struct IkeSa {
     pending_auth_spi: u32,
     /// The IKE SA replaced by a rekey, until its Delete exchange is done.
     old_ike: Option<OldIke>,
+    /// When to try again an IKE rekey the peer refused with TEMPORARY_FAILURE.
+    rekey_ike_retry: Option<Instant>,
     last_inbound: Instant,
     next_keepalive: Option<Instant>,
     transmits: VecDeque<Transmit>,
@@ -852,6 +854,7 @@ impl IkeSa {
             peer_rekey: None,
             pending_auth_spi: 0,
             old_ike: None,
+            rekey_ike_retry: None,
             last_inbound: now,
             next_keepalive: None,
             transmits: VecDeque::new(),
@@ -1006,6 +1009,9 @@ impl IkeSa {
         if let Some(k) = self.next_keepalive {
             earliest(k);
         }
+        if let Some(r) = self.rekey_ike_retry {
+            earliest(r);
+        }
         if let Some((_, _, at)) = self.old_ike.as_ref().and_then(|o| o.delete.as_ref()) {
             earliest(*at);
         }
@@ -1053,6 +1059,18 @@ impl IkeSa {
             let bytes = o.bytes.clone();
             self.stats.retransmissions += 1;
             self.send_raw(bytes);
+        }
+        if let Some(r) = self.rekey_ike_retry
+            && now >= r
+        {
+            self.rekey_ike_retry = None;
+            if !self
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::RekeyIke(_)))
+            {
+                self.actions.push_back(Action::RekeyIke(None));
+            }
         }
         if self.phase == Phase::Established
             && self.outstanding.is_none()
@@ -1720,6 +1738,19 @@ impl IkeSa {
         if f.sa
             .is_some_and(|ps| ps.iter().any(|p| p.protocol == protocol::IKE))
         {
+            if self.outstanding.is_some() {
+                // A request of ours is in flight on this IKE SA; moving to a
+                // new one now would strand it (its response would come on
+                // the old SPIs), and a simultaneous IKE rekey would leave
+                // each side on the other's SA. Refuse; the peer retries
+                // later (RFC 7296 §2.25, §2.25.2).
+                self.respond(
+                    exchange::CREATE_CHILD_SA,
+                    id,
+                    &[Payload::notify(notify::TEMPORARY_FAILURE, &[])],
+                );
+                return;
+            }
             self.respond_rekey_ike(id, f, &keys, &ni, rng);
             return;
         }
@@ -2046,6 +2077,17 @@ impl IkeSa {
                 Ok(())
             }
             Request::RekeyIke { new_spi, ni, dh } => {
+                if f.error() == Some(notify::TEMPORARY_FAILURE) {
+                    // The peer is busy (or rekeying itself, §2.25.2): retry
+                    // after 1 to 3 retransmission intervals, at random so
+                    // that two sides refusing each other do not collide again.
+                    let wait = self
+                        .config
+                        .retransmit_base
+                        .saturating_mul(1 + rng.next_u32() % 3);
+                    self.rekey_ike_retry = Some(now + wait);
+                    return Ok(());
+                }
                 self.rekey_ike_response(&f, new_spi, &ni, &dh, now);
                 Ok(())
             }

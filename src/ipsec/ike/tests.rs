@@ -1329,3 +1329,76 @@ fn peer_spi_in_the_reserved_range_is_refused() {
         assert_eq!(c.is_some(), ok, "SPI {spi}");
     }
 }
+
+/// Runs timers and traffic until both sides sit on one IKE SA other than
+/// `old`, or gives up.
+fn settle_on_new_ike_sa(net: &mut Net, old: (u64, u64)) {
+    for _ in 0..20 {
+        net.run();
+        if net.a.spis() != old && net.a.spis() == net.b.spis() && net.a.outstanding.is_none() {
+            break;
+        }
+        net.tick();
+    }
+    net.run();
+}
+
+#[test]
+fn simultaneous_ike_rekey_ends_on_one_sa() {
+    let mut net = established_pair();
+    let old = net.a.spis();
+    Net::events(&mut net.a);
+    Net::events(&mut net.b);
+    net.a.rekey_ike(net.now, &mut net.rng);
+    net.b.rekey_ike(net.now, &mut net.rng);
+    // Both requests cross before either response.
+    let (d1, r1) = net.take().unwrap();
+    let (d2, r2) = net.take().unwrap();
+    assert_eq!((d1, d2), (Dir::AtoB, Dir::BtoA));
+    net.deliver(d1, &r1).unwrap();
+    net.deliver(d2, &r2).unwrap();
+    settle_on_new_ike_sa(&mut net, old);
+    let (ea, eb) = (Net::events(&mut net.a), Net::events(&mut net.b));
+    assert!(
+        net.a.is_established() && net.b.is_established(),
+        "{ea:?} {eb:?}"
+    );
+    assert_ne!(net.a.spis(), old);
+    assert_eq!(net.a.spis(), net.b.spis());
+    // The new SA carries traffic: a CHILD_SA rekey from each side.
+    net.a.rekey_child(net.now, &mut net.rng);
+    net.run();
+    net.b.rekey_child(net.now, &mut net.rng);
+    net.run();
+    assert_eq!(rekeyed(&Net::events(&mut net.a)).len(), 2);
+    assert_eq!(net.a.stats().drops.total(), 0);
+    assert_eq!(net.b.stats().drops.total(), 0);
+}
+
+#[test]
+fn peer_ike_rekey_while_our_dpd_is_in_flight() {
+    let mut net = established_pair();
+    let old = net.a.spis();
+    Net::events(&mut net.a);
+    Net::events(&mut net.b);
+    // A's liveness check and B's IKE rekey cross.
+    net.now += net.a.config.dpd_interval;
+    net.a.handle_timeout(net.now, &mut net.rng);
+    net.b.rekey_ike(net.now, &mut net.rng);
+    let (d1, r1) = net.take().unwrap();
+    let (d2, r2) = net.take().unwrap();
+    assert_eq!((d1, d2), (Dir::AtoB, Dir::BtoA));
+    net.deliver(d1, &r1).unwrap();
+    net.deliver(d2, &r2).unwrap();
+    settle_on_new_ike_sa(&mut net, old);
+    let (ea, eb) = (Net::events(&mut net.a), Net::events(&mut net.b));
+    assert!(
+        net.a.is_established() && net.b.is_established(),
+        "{ea:?} {eb:?}"
+    );
+    assert_ne!(net.a.spis(), old);
+    assert_eq!(net.a.spis(), net.b.spis());
+    assert!(net.a.outstanding.is_none() && net.b.outstanding.is_none());
+    assert_eq!(net.a.stats().drops.total(), 0);
+    assert_eq!(net.b.stats().drops.total(), 0);
+}
