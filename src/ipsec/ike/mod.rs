@@ -188,6 +188,9 @@ pub struct Config {
     pub dpd_interval: Duration,
     /// Interval of NAT keepalives when we are behind a NAT.
     pub keepalive_interval: Duration,
+    /// How long a responder waits for IKE_AUTH after answering IKE_SA_INIT
+    /// before it gives the half-open SA up (`IkeSaDown(Timeout)`).
+    pub half_open_timeout: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -264,6 +267,7 @@ impl Config {
             retransmit_tries: 5,
             dpd_interval: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(20),
+            half_open_timeout: Duration::from_secs(30),
         }
     }
 
@@ -587,6 +591,9 @@ pub struct IkeSa {
     old_ike: Option<OldIke>,
     /// When to try again an IKE rekey the peer refused with TEMPORARY_FAILURE.
     rekey_ike_retry: Option<Instant>,
+    /// Responder: when the half-open SA (IKE_SA_INIT answered, no IKE_AUTH
+    /// yet) is given up.
+    half_open_until: Option<Instant>,
     last_inbound: Instant,
     next_keepalive: Option<Instant>,
     transmits: VecDeque<Transmit>,
@@ -855,6 +862,7 @@ impl IkeSa {
             pending_auth_spi: 0,
             old_ike: None,
             rekey_ike_retry: None,
+            half_open_until: None,
             last_inbound: now,
             next_keepalive: None,
             transmits: VecDeque::new(),
@@ -896,6 +904,13 @@ impl IkeSa {
     /// [`IkeSa::handle_input`]. `spi_r` is our SPI (non-zero; the caller may
     /// encode what it needs to route in it); `local_ip` is the address the
     /// request was sent to (for NAT detection).
+    ///
+    /// A responder still [`IkeSa::awaits_init`] after `handle_input` has
+    /// answered statelessly (INVALID_KE_PAYLOAD, NO_PROPOSAL_CHOSEN) or
+    /// dropped the datagram holds nothing worth keeping: the caller drops
+    /// it. One that answered is half-open until IKE_AUTH and goes down with
+    /// [`DownReason::Timeout`] after [`Config::half_open_timeout`]; a caller
+    /// counting its half-open SAs turns [`CookieJar`] on above a limit.
     pub fn responder(
         config: Config,
         spi_r: u64,
@@ -906,6 +921,11 @@ impl IkeSa {
         let mut sa = Self::blank(config, local_ip, remote, false, now);
         sa.spi_r = spi_r;
         sa
+    }
+
+    /// A responder that has not answered an IKE_SA_INIT request yet.
+    pub fn awaits_init(&self) -> bool {
+        self.phase == Phase::Idle
     }
 
     /// The SPIs (initiator's, responder's) of the current IKE SA.
@@ -1012,6 +1032,11 @@ impl IkeSa {
         if let Some(r) = self.rekey_ike_retry {
             earliest(r);
         }
+        if self.phase == Phase::AuthPending
+            && let Some(h) = self.half_open_until
+        {
+            earliest(h);
+        }
         if let Some((_, _, at)) = self.old_ike.as_ref().and_then(|o| o.delete.as_ref()) {
             earliest(*at);
         }
@@ -1021,6 +1046,12 @@ impl IkeSa {
     /// Retransmissions, liveness checks and keepalives that are due.
     pub fn handle_timeout(&mut self, now: Instant, rng: &mut (impl RngCore + CryptoRng)) {
         if self.phase == Phase::Closed {
+            return;
+        }
+        if self.phase == Phase::AuthPending && self.half_open_until.is_some_and(|h| now >= h) {
+            // No IKE_AUTH came: a half-open SA holds keys and the peer's
+            // message; it must not outlive a spoofed or abandoned IKE_SA_INIT.
+            self.go_down(DownReason::Timeout);
             return;
         }
         if let Some(old) = &mut self.old_ike
@@ -1101,6 +1132,13 @@ impl IkeSa {
         self.outstanding = None;
         self.actions.clear();
         self.next_keepalive = None;
+        // Nothing is answered any more: drop the key material and the
+        // initial messages kept for AUTH.
+        self.keys = None;
+        self.dh = None;
+        self.old_ike = None;
+        self.init_request = Vec::new();
+        self.init_response = Vec::new();
         self.events.push_back(Event::IkeSaDown(reason));
     }
 
@@ -1506,6 +1544,7 @@ impl IkeSa {
         self.expected_request_id = 1;
         self.ike_group = Some(g);
         self.phase = Phase::AuthPending;
+        self.half_open_until = Some(now + self.config.half_open_timeout);
         self.last_inbound = now;
         if let Some((_, we_natted)) = nat.filter(|n| n.0) {
             self.behind_nat = we_natted;

@@ -3,7 +3,7 @@
 //! NAT it.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use rand::SeedableRng;
@@ -1401,4 +1401,40 @@ fn peer_ike_rekey_while_our_dpd_is_in_flight() {
     assert!(net.a.outstanding.is_none() && net.b.outstanding.is_none());
     assert_eq!(net.a.stats().drops.total(), 0);
     assert_eq!(net.b.stats().drops.total(), 0);
+}
+
+#[test]
+fn half_open_responder_expires() {
+    let mut net = Net::new(config_a(), config_b());
+    // IKE_SA_INIT reaches B; its answer and everything after are lost.
+    let (d, init) = net.take().unwrap();
+    assert_eq!(d, Dir::AtoB);
+    net.deliver(d, &init).unwrap();
+    assert!(!net.b.awaits_init() && !net.b.is_established());
+    while net.b.poll_transmit().is_some() {}
+    let deadline = net.b.poll_timeout().expect("a half-open deadline");
+    assert_eq!(deadline, net.now + net.b.config.half_open_timeout);
+    net.b
+        .handle_timeout(deadline - Duration::from_millis(1), &mut net.rng);
+    assert!(!net.b.is_closed());
+    net.b.handle_timeout(deadline, &mut net.rng);
+    assert!(net.b.is_closed());
+    assert_eq!(
+        Net::events(&mut net.b),
+        vec![Event::IkeSaDown(DownReason::Timeout)]
+    );
+    assert!(net.b.keys.is_none() && net.b.init_request.is_empty());
+}
+
+#[test]
+fn stateless_answer_leaves_the_responder_awaiting_init() {
+    let mut b = config_b();
+    b.groups = vec![DhGroup::Modp2048];
+    let mut net = Net::new(config_a(), b);
+    let (d, init) = net.take().unwrap();
+    net.deliver(d, &init).unwrap();
+    // INVALID_KE_PAYLOAD went back; B kept nothing and is to be dropped.
+    assert!(net.b.poll_transmit().is_some());
+    assert!(net.b.awaits_init());
+    assert_eq!(net.b.poll_timeout(), None);
 }
