@@ -728,18 +728,48 @@ fn choose(props: &[Proposal], proto: u8, ours: &[DhGroup], ke: Option<u16>) -> C
 }
 
 /// §2.9 narrowing: the parts of the peer's selectors that our policy allows.
-fn narrow(peer: &[TrafficSelector], policy: &[TrafficSelector]) -> Vec<TrafficSelector> {
+/// The most traffic selectors taken from, or put in, one TS payload: a
+/// peer's long list times our policy must neither grow quadratically nor
+/// overflow the payload's one-byte count (RFC 7296 §3.13).
+const MAX_SELECTORS: usize = 16;
+
+/// The intersections of the peer's selectors with our policy; `None` when
+/// the peer sent more than [`MAX_SELECTORS`] or there would be more.
+fn narrow(peer: &[TrafficSelector], policy: &[TrafficSelector]) -> Option<Vec<TrafficSelector>> {
+    if peer.len() > MAX_SELECTORS {
+        return None;
+    }
     let mut out: Vec<TrafficSelector> = Vec::new();
     for a in peer {
         for b in policy {
             if let Some(c) = a.intersect(b)
                 && !out.contains(&c)
             {
+                if out.len() == MAX_SELECTORS {
+                    return None;
+                }
                 out.push(c);
             }
         }
     }
-    out
+    Some(out)
+}
+
+/// Why a CHILD_SA request is refused: the error notify and, for
+/// INVALID_KE_PAYLOAD, the group (one the peer offered) to ask for.
+#[derive(Debug, PartialEq, Eq)]
+struct Refusal {
+    notify: u16,
+    group: Option<DhGroup>,
+}
+
+impl From<u16> for Refusal {
+    fn from(notify: u16) -> Self {
+        Self {
+            notify,
+            group: None,
+        }
+    }
 }
 
 /// Every selector of `got` lies inside one of `proposed`.
@@ -1641,7 +1671,7 @@ impl IkeSa {
                 self.child = Some(child.clone());
                 self.events.push_back(Event::ChildSaUp { sa: child, keys });
             }
-            Err(n) => {
+            Err(Refusal { notify: n, .. }) => {
                 ps.push(Payload::notify(n, &[]));
                 self.respond(exchange::IKE_AUTH, id, &ps);
                 self.events.push_back(Event::ChildSaFailed { notify: n });
@@ -1659,24 +1689,33 @@ impl IkeSa {
         ni: &[u8],
         nr: &[u8],
         rng: &mut (impl RngCore + CryptoRng),
-    ) -> Result<(ChildSa, ChildKeys, Vec<Payload>), u16> {
+    ) -> Result<(ChildSa, ChildKeys, Vec<Payload>), Refusal> {
         let (Some(sa), Some(tsi), Some(tsr)) = (f.sa, f.tsi, f.tsr) else {
-            return Err(notify::INVALID_SYNTAX);
+            return Err(notify::INVALID_SYNTAX.into());
         };
         let (num, spi, group) =
             match choose(sa, protocol::ESP, &self.config.groups, ke.map(|k| k.0)) {
                 Choice::Chosen(num, spi, g) => (num, spi, g),
-                Choice::WrongKe(_) => return Err(notify::INVALID_KE_PAYLOAD),
-                Choice::None => return Err(notify::NO_PROPOSAL_CHOSEN),
+                Choice::WrongKe(g) => {
+                    return Err(Refusal {
+                        notify: notify::INVALID_KE_PAYLOAD,
+                        group: Some(g),
+                    });
+                }
+                Choice::None => return Err(notify::NO_PROPOSAL_CHOSEN.into()),
             };
         // SPIs 0–255 are reserved (RFC 4303 §2.1); 0 would also read as the
         // non-ESP marker under UDP encapsulation (RFC 3948 §2.2).
         let spi_out = peer_spi(&spi).ok_or(notify::NO_PROPOSAL_CHOSEN)?;
         // The peer is the initiator of this exchange: its TSi is its side.
-        let ts_remote = narrow(tsi, &self.config.remote_ts);
-        let ts_local = narrow(tsr, &self.config.local_ts);
+        let (Some(ts_remote), Some(ts_local)) = (
+            narrow(tsi, &self.config.remote_ts),
+            narrow(tsr, &self.config.local_ts),
+        ) else {
+            return Err(notify::TS_UNACCEPTABLE.into());
+        };
         if ts_remote.is_empty() || ts_local.is_empty() {
-            return Err(notify::TS_UNACCEPTABLE);
+            return Err(notify::TS_UNACCEPTABLE.into());
         }
         let mut extra = Vec::new();
         let shared = match (group, ke) {
@@ -1830,18 +1869,20 @@ impl IkeSa {
                 });
                 self.install_rekeyed(old, child, keys);
             }
-            Err(notify::INVALID_KE_PAYLOAD) => {
-                let g = self.config.groups.first().map_or(0, |g| g.id());
+            Err(Refusal {
+                notify: n,
+                group: Some(g),
+            }) => {
+                // The group chosen from those the peer offered (§1.3).
                 self.respond(
                     exchange::CREATE_CHILD_SA,
                     id,
-                    &[Payload::notify(
-                        notify::INVALID_KE_PAYLOAD,
-                        &g.to_be_bytes(),
-                    )],
+                    &[Payload::notify(n, &g.id().to_be_bytes())],
                 );
             }
-            Err(n) => self.respond(exchange::CREATE_CHILD_SA, id, &[Payload::notify(n, &[])]),
+            Err(Refusal { notify: n, .. }) => {
+                self.respond(exchange::CREATE_CHILD_SA, id, &[Payload::notify(n, &[])])
+            }
         }
     }
 

@@ -1313,7 +1313,7 @@ fn peer_spi_in_the_reserved_range_is_refused() {
             }
             Err(n) => {
                 assert!(!ok, "SPI {spi} refused");
-                assert_eq!(n, notify::NO_PROPOSAL_CHOSEN);
+                assert_eq!(n, notify::NO_PROPOSAL_CHOSEN.into());
             }
         }
         // The initiator's side: a response choosing that SPI.
@@ -1437,4 +1437,73 @@ fn stateless_answer_leaves_the_responder_awaiting_init() {
     assert!(net.b.poll_transmit().is_some());
     assert!(net.b.awaits_init());
     assert_eq!(net.b.poll_timeout(), None);
+}
+
+#[test]
+fn child_invalid_ke_names_a_group_the_peer_offered() {
+    let mut net = established_pair();
+    let mut rng = StdRng::seed_from_u64(5);
+    // The peer offers group 19 (unknown here) with its KE, then 14; we
+    // prefer 31, which it did not offer: the answer must name 14.
+    let mut prop = esp_proposal(0x1000, &[]);
+    prop.transforms
+        .insert(1, Transform::new(transform::DH, 19, None));
+    prop.transforms.insert(
+        2,
+        Transform::new(transform::DH, DhGroup::Modp2048.id(), None),
+    );
+    let ps = vec![
+        Payload::Sa(vec![prop]),
+        Payload::TsI(site_ts()),
+        Payload::TsR(tech_ts()),
+    ];
+    let f = Found::new(&ps);
+    assert_eq!(net.b.config.groups.first(), Some(&DhGroup::Curve25519));
+    let r = net.b.accept_child(
+        &f,
+        &[7; 32],
+        Some((19, &[1; 32])),
+        &[1; 32],
+        &[2; 32],
+        &mut rng,
+    );
+    assert_eq!(
+        r.err(),
+        Some(Refusal {
+            notify: notify::INVALID_KE_PAYLOAD,
+            group: Some(DhGroup::Modp2048),
+        })
+    );
+}
+
+#[test]
+fn too_many_selectors_are_unacceptable() {
+    let mut net = established_pair();
+    let mut rng = StdRng::seed_from_u64(5);
+    let many = |n: u8| -> Vec<TrafficSelector> {
+        (0..n)
+            .map(|i| TrafficSelector::ipv4_prefix(Ipv4Addr::new(100, 64, 7, i), 32))
+            .collect()
+    };
+    for (n, ok) in [(16, true), (17, false), (255, false)] {
+        let ps = vec![
+            Payload::Sa(vec![esp_proposal(0x1000, &[])]),
+            Payload::TsI(many(n)),
+            Payload::TsR(tech_ts()),
+        ];
+        let f = Found::new(&ps);
+        let r = net
+            .b
+            .accept_child(&f, &[7; 32], None, &[1; 32], &[2; 32], &mut rng);
+        match r {
+            Ok((c, _, _)) => {
+                assert!(ok, "{n} selectors accepted");
+                assert_eq!(c.ts_remote.len(), usize::from(n));
+            }
+            Err(e) => {
+                assert!(!ok, "{n} selectors refused");
+                assert_eq!(e, notify::TS_UNACCEPTABLE.into());
+            }
+        }
+    }
 }
