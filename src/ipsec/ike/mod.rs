@@ -575,6 +575,7 @@ pub struct IkeSa {
     init_request: Vec<u8>,
     init_response: Vec<u8>,
     cookie: Option<Vec<u8>>,
+    cookie_retries: u32,
     ke_retries: u32,
     next_request_id: u32,
     outstanding: Option<Outstanding>,
@@ -755,6 +756,10 @@ fn narrow(peer: &[TrafficSelector], policy: &[TrafficSelector]) -> Option<Vec<Tr
     Some(out)
 }
 
+/// Replaced CHILD_SAs kept until their Delete exchange: the one a rekey
+/// replaces, and one more for a rekey racing its Delete.
+const MAX_OLD_CHILDREN: usize = 2;
+
 /// Why a CHILD_SA request is refused: the error notify and, for
 /// INVALID_KE_PAYLOAD, the group (one the peer offered) to ask for.
 #[derive(Debug, PartialEq, Eq)]
@@ -880,6 +885,7 @@ impl IkeSa {
             init_request: Vec::new(),
             init_response: Vec::new(),
             cookie: None,
+            cookie_retries: 0,
             ke_retries: 0,
             next_request_id: 0,
             outstanding: None,
@@ -1042,6 +1048,12 @@ impl IkeSa {
     /// Deletes the IKE SA (and its CHILD_SA); [`Event::IkeSaDown`] follows
     /// when the peer answers or the retransmissions run out.
     pub fn close(&mut self, now: Instant, rng: &mut (impl RngCore + CryptoRng)) {
+        if self.phase != Phase::Established {
+            // Nothing to delete with the peer before IKE_AUTH completed
+            // (there is no Delete without an authenticated SA, §1.4).
+            self.go_down(DownReason::Closed);
+            return;
+        }
         self.actions.push_back(Action::Close);
         self.drive(now, rng);
     }
@@ -1242,7 +1254,9 @@ impl IkeSa {
         let Some(bytes) = self.seal(exchange, false, id, payloads) else {
             return;
         };
-        self.next_request_id += 1;
+        // Message IDs do not wrap (§2.2): at 2^32 - 1 the SA must be
+        // rekeyed; a repeated ID is then only ever taken for a retransmission.
+        self.next_request_id = self.next_request_id.saturating_add(1);
         self.outstanding = Some(Outstanding {
             message_id: id,
             bytes: bytes.clone(),
@@ -1453,7 +1467,7 @@ impl IkeSa {
             Ok(c) => c,
             Err(ParseError::UnsupportedCritical(t)) => {
                 // §2.5: refuse the request, naming the payload type.
-                self.expected_request_id += 1;
+                self.expected_request_id = self.expected_request_id.saturating_add(1);
                 self.respond(
                     h.exchange,
                     h.message_id,
@@ -1476,17 +1490,19 @@ impl IkeSa {
         let f = Found::new(&chain.payloads);
         match (h.exchange, self.phase) {
             (exchange::IKE_AUTH, Phase::AuthPending) if !self.original_initiator => {
-                self.expected_request_id += 1;
+                self.expected_request_id = self.expected_request_id.saturating_add(1);
                 self.respond_auth(h.message_id, &f, rng);
                 Ok(())
             }
-            (exchange::INFORMATIONAL, Phase::Established | Phase::AuthPending) => {
-                self.expected_request_id += 1;
+            // Only after the initial exchanges (§1.4): before IKE_AUTH the
+            // peer is not authenticated, and a Delete must not end the SA.
+            (exchange::INFORMATIONAL, Phase::Established) => {
+                self.expected_request_id = self.expected_request_id.saturating_add(1);
                 self.respond_informational(h.message_id, &f);
                 Ok(())
             }
             (exchange::CREATE_CHILD_SA, Phase::Established) => {
-                self.expected_request_id += 1;
+                self.expected_request_id = self.expected_request_id.saturating_add(1);
                 self.respond_create_child(h.message_id, &f, rng);
                 Ok(())
             }
@@ -1890,6 +1906,16 @@ impl IkeSa {
         if let Some(old) = self.child.take() {
             self.old_children.push(old);
         }
+        if self.old_children.len() > MAX_OLD_CHILDREN {
+            // A peer that rekeys without deleting would grow this without
+            // bound: the oldest goes now, and the peer is told.
+            let oldest = self.old_children.remove(0);
+            self.events.push_back(Event::ChildSaDeleted {
+                spi_in: oldest.spi_in,
+                spi_out: oldest.spi_out,
+            });
+            self.actions.push_back(Action::DeleteChild(oldest.spi_in));
+        }
         self.child = Some(new.clone());
         self.events.push_back(Event::ChildSaRekeyed {
             old_spi_in,
@@ -2094,7 +2120,7 @@ impl IkeSa {
         };
         let iv = old.iv.to_be_bytes();
         old.iv += 1;
-        old.expected_request_id += 1;
+        old.expected_request_id = old.expected_request_id.saturating_add(1);
         let bytes = crypto::encode_encrypted(rh, &[], &out_key, iv);
         old.last_response = Some((h.message_id, bytes.clone()));
         self.send_raw(bytes);
@@ -2196,9 +2222,13 @@ impl IkeSa {
         let f = Found::new(&m.chain.payloads);
         if let Some(c) = f.notify(notify::COOKIE) {
             // §2.6: retry with the cookie first, everything else unchanged.
-            if c.is_empty() || c.len() > 64 || m.header.spi_r != 0 {
+            // A few cookie rounds at most: each resets the request, and an
+            // attacker answering every try with a cookie would otherwise
+            // keep us from ever timing out.
+            if c.is_empty() || c.len() > 64 || m.header.spi_r != 0 || self.cookie_retries >= 3 {
                 return Err(DropReason::Unexpected);
             }
+            self.cookie_retries += 1;
             self.cookie = Some(c.to_vec());
             self.outstanding = None;
             self.send_init(now);

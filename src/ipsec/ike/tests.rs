@@ -1507,3 +1507,132 @@ fn too_many_selectors_are_unacceptable() {
         }
     }
 }
+
+#[test]
+fn informational_before_ike_auth_is_not_acted_on() {
+    let mut net = Net::new(config_a(), config_b());
+    // IKE_SA_INIT both ways; A's IKE_AUTH is lost.
+    for _ in 0..2 {
+        let (d, t) = net.take().unwrap();
+        net.deliver(d, &t).unwrap();
+    }
+    let (d, auth) = net.take().unwrap();
+    assert_eq!(d, Dir::AtoB);
+    drop(auth);
+    // A Delete of the IKE SA under the IKE_SA_INIT keys, in IKE_AUTH's place.
+    let d = Payload::Delete {
+        protocol: protocol::IKE,
+        spi_size: 0,
+        spis: Vec::new(),
+    };
+    let bytes = net.a.seal(exchange::INFORMATIONAL, false, 1, &[d]).unwrap();
+    let from = SocketAddr::new(IpAddr::V4(A_IP), NAT_T_PORT);
+    let datagram = [&NON_ESP_MARKER[..], &bytes].concat();
+    let port = net.a.local_port();
+    let datagram = if port == NAT_T_PORT { datagram } else { bytes };
+    let r = net
+        .b
+        .handle_input(port, from, &datagram, net.now, &mut net.rng);
+    assert_eq!(r, Err(DropReason::Unexpected));
+    assert!(!net.b.is_closed());
+    assert!(net.b.poll_transmit().is_none());
+    assert!(Net::events(&mut net.b).is_empty());
+}
+
+#[test]
+fn close_before_established_goes_down_at_once() {
+    let mut net = Net::new(config_a(), config_b());
+    net.a.close(net.now, &mut net.rng);
+    assert!(net.a.is_closed());
+    assert_eq!(
+        Net::events(&mut net.a),
+        vec![Event::IkeSaDown(DownReason::Closed)]
+    );
+    assert_eq!(net.a.poll_timeout(), None);
+}
+
+#[test]
+fn message_ids_stop_at_the_last_one() {
+    let mut net = established_pair();
+    net.a.next_request_id = u32::MAX;
+    net.b.expected_request_id = u32::MAX;
+    for _ in 0..2 {
+        net.now += net.a.config.dpd_interval;
+        net.a.handle_timeout(net.now, &mut net.rng);
+        net.run();
+    }
+    assert!(net.a.is_established() && net.b.is_established());
+    assert_eq!(net.a.next_request_id, u32::MAX);
+    assert_eq!(net.b.expected_request_id, u32::MAX);
+}
+
+#[test]
+fn rekeys_without_deletes_keep_two_old_children() {
+    let mut net = established_pair();
+    Net::events(&mut net.a);
+    let mut replaced = Vec::new();
+    for i in 0..5u32 {
+        let old = net.a.child().expect("child").clone();
+        replaced.push(old.clone());
+        let new = ChildSa {
+            spi_in: 0x1000 + i,
+            spi_out: 0x2000 + i,
+            ..old.clone()
+        };
+        let keys = ChildKeys {
+            key_in: [1; 36],
+            key_out: [2; 36],
+        };
+        net.a.install_rekeyed(old.spi_in, new, keys);
+        assert!(net.a.old_children.len() <= MAX_OLD_CHILDREN);
+    }
+    // The three oldest went, announced and queued for a Delete to the peer.
+    let ea = Net::events(&mut net.a);
+    for old in &replaced[..3] {
+        assert!(
+            ea.contains(&Event::ChildSaDeleted {
+                spi_in: old.spi_in,
+                spi_out: old.spi_out,
+            }),
+            "{ea:?}"
+        );
+        assert!(net.a.actions.contains(&Action::DeleteChild(old.spi_in)));
+    }
+    let kept: Vec<u32> = net.a.old_children.iter().map(|c| c.spi_in).collect();
+    assert_eq!(kept, vec![replaced[3].spi_in, replaced[4].spi_in]);
+}
+
+#[test]
+fn cookie_rounds_are_capped() {
+    let mut net = Net::new(config_a(), config_b());
+    while net.a.poll_transmit().is_some() {}
+    let (spi_i, _) = net.a.spis();
+    let from = SocketAddr::new(IpAddr::V4(B_IP), IKE_PORT);
+    for round in 0..4 {
+        let h = Header {
+            spi_i,
+            spi_r: 0,
+            next_payload: 0,
+            exchange: exchange::IKE_SA_INIT,
+            flags: flags::RESPONSE,
+            message_id: 0,
+            length: 0,
+        };
+        let reply = wire::encode(h, &[Payload::notify(notify::COOKIE, &[round; 16])]);
+        let r = net
+            .a
+            .handle_input(IKE_PORT, from, &reply, net.now, &mut net.rng);
+        if round < 3 {
+            assert_eq!(r, Ok(()));
+            let t = net.a.poll_transmit().expect("IKE_SA_INIT again");
+            let m = wire::parse(&t.payload).unwrap();
+            assert_eq!(
+                m.chain.payloads.first(),
+                Some(&Payload::notify(notify::COOKIE, &[round; 16]))
+            );
+        } else {
+            assert_eq!(r, Err(DropReason::Unexpected));
+            assert!(net.a.poll_transmit().is_none());
+        }
+    }
+}
