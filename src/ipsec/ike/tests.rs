@@ -623,6 +623,12 @@ fn wrong_identity_fails_authentication() {
     let mut net = Net::new(config_a(), b);
     net.run();
     assert!(net.a.is_closed() && net.b.is_closed());
+    for sa in [&mut net.a, &mut net.b] {
+        assert_eq!(
+            Net::events(sa),
+            vec![Event::IkeSaDown(DownReason::AuthenticationFailed)]
+        );
+    }
 }
 
 #[test]
