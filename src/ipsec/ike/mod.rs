@@ -394,9 +394,15 @@ pub struct Stats {
 /// The stateless COOKIE check of a responder (RFC 7296 §2.6): when the
 /// caller is under load, an IKE_SA_INIT without a valid cookie gets one
 /// back and no state is created.
+///
+/// The secret is rotated by the caller ([`CookieJar::rotate`], e.g. every
+/// few minutes); cookies carry the version of their secret and those of the
+/// current and the previous one are accepted (§2.6).
 #[derive(Clone)]
 pub struct CookieJar {
-    secret: [u8; 32],
+    version: u8,
+    current: [u8; 32],
+    previous: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for CookieJar {
@@ -407,18 +413,51 @@ impl std::fmt::Debug for CookieJar {
 
 impl CookieJar {
     pub fn new(rng: &mut (impl RngCore + CryptoRng)) -> Self {
-        let mut secret = [0; 32];
-        rng.fill_bytes(&mut secret);
-        Self { secret }
+        let mut current = [0; 32];
+        rng.fill_bytes(&mut current);
+        Self {
+            version: 0,
+            current,
+            previous: None,
+        }
     }
 
-    fn cookie(&self, ni: &[u8], remote: SocketAddr, spi_i: u64) -> [u8; 32] {
-        // Cookie = H(Ni | IPi | SPIi | <secret>) (§2.6), as an HMAC keyed by the secret.
+    /// A new secret; cookies made with the one before stay valid until the
+    /// next rotation.
+    pub fn rotate(&mut self, rng: &mut (impl RngCore + CryptoRng)) {
+        let mut next = [0; 32];
+        rng.fill_bytes(&mut next);
+        self.previous = Some(std::mem::replace(&mut self.current, next));
+        self.version = self.version.wrapping_add(1);
+    }
+
+    fn cookie(
+        version: u8,
+        secret: &[u8; 32],
+        ni: &[u8],
+        remote: SocketAddr,
+        spi_i: u64,
+    ) -> Vec<u8> {
+        // Cookie = <VersionIDofSecret> | H(Ni | IPi | SPIi | <secret>)
+        // (§2.6), the hash an HMAC keyed by the secret.
         let ip = match remote.ip() {
             IpAddr::V4(a) => a.octets().to_vec(),
             IpAddr::V6(a) => a.octets().to_vec(),
         };
-        crypto::prf(&self.secret, &[ni, &ip, &spi_i.to_be_bytes()])
+        let h = crypto::prf(secret, &[ni, &ip, &spi_i.to_be_bytes()]);
+        [&[version][..], &h].concat()
+    }
+
+    /// The cookie's secret by its version byte: the current or the previous one.
+    fn secret_of(&self, cookie: &[u8]) -> Option<(u8, &[u8; 32])> {
+        let v = *cookie.first()?;
+        if v == self.version {
+            Some((v, &self.current))
+        } else if v == self.version.wrapping_sub(1) {
+            self.previous.as_ref().map(|p| (v, p))
+        } else {
+            None
+        }
     }
 
     /// Checks an IKE_SA_INIT request (`message`, marker removed). `Ok` means
@@ -448,17 +487,18 @@ impl CookieJar {
             _ => None,
         });
         let Some(ni) = ni else { return Err(None) };
-        let want = self.cookie(ni, remote, h.spi_i);
         // §2.6: the COOKIE notify must be the first payload.
         if let Some(Payload::Notify {
             kind: notify::COOKIE,
             data,
             ..
         }) = m.chain.payloads.first()
-            && crypto::ct_eq(data, &want)
+            && let Some((v, secret)) = self.secret_of(data)
+            && crypto::ct_eq(data, &Self::cookie(v, secret, ni, remote, h.spi_i))
         {
             return Ok(());
         }
+        let want = Self::cookie(self.version, &self.current, ni, remote, h.spi_i);
         let reply = Header {
             spi_i: h.spi_i,
             spi_r: 0,

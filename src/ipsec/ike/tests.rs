@@ -428,6 +428,45 @@ fn cookie_under_load() {
 }
 
 #[test]
+fn cookie_secret_rotates_keeping_the_previous_one() {
+    let mut net = Net::new(config_a(), config_b());
+    let mut jar = CookieJar::new(&mut net.rng);
+    let (_, first) = net.take().unwrap();
+    let from = SocketAddr::new(IpAddr::V4(A_IP), IKE_PORT);
+    let Err(Some(reply)) = jar.check(&first.payload, from, true) else {
+        panic!("no cookie")
+    };
+    let b_addr = SocketAddr::new(IpAddr::V4(B_IP), IKE_PORT);
+    net.a
+        .handle_input(IKE_PORT, b_addr, &reply, net.now, &mut net.rng)
+        .unwrap();
+    let (_, with_cookie) = net.take().unwrap();
+    // A forged cookie (right version, wrong hash) or a non-first one fails.
+    let m = wire::parse(&with_cookie.payload).unwrap();
+    let Payload::Notify { data: cookie, .. } = &m.chain.payloads[0] else {
+        panic!("cookie first")
+    };
+    let mut forged_payloads = m.chain.payloads.clone();
+    let mut bad = cookie.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    forged_payloads[0] = Payload::notify(notify::COOKIE, &bad);
+    let forged = wire::encode(m.header, &forged_payloads);
+    assert!(jar.check(&forged, from, true).is_err());
+    let mut moved = m.chain.payloads.clone();
+    moved.rotate_left(1);
+    let not_first = wire::encode(m.header, &moved);
+    assert!(jar.check(&not_first, from, true).is_err());
+    // One rotation: still good; two: refused, with a fresh cookie.
+    jar.rotate(&mut net.rng);
+    assert_eq!(jar.check(&with_cookie.payload, from, true), Ok(()));
+    jar.rotate(&mut net.rng);
+    let Err(Some(fresh)) = jar.check(&with_cookie.payload, from, true) else {
+        panic!("an expired cookie must get a new one")
+    };
+    assert_ne!(fresh, reply);
+}
+
+#[test]
 fn lost_messages_are_retransmitted_and_answered_from_the_cache() {
     let mut net = Net::new(config_a(), config_b());
     // Lose the first IKE_SA_INIT and the first IKE_AUTH response.
