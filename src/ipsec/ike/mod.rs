@@ -617,6 +617,8 @@ pub struct IkeSa {
     cookie: Option<Vec<u8>>,
     cookie_retries: u32,
     ke_retries: u32,
+    /// The last unprotected error notify answering our IKE_SA_INIT.
+    init_error: Option<u16>,
     next_request_id: u32,
     outstanding: Option<Outstanding>,
     expected_request_id: u32,
@@ -927,6 +929,7 @@ impl IkeSa {
             cookie: None,
             cookie_retries: 0,
             ke_retries: 0,
+            init_error: None,
             next_request_id: 0,
             outstanding: None,
             expected_request_id: 0,
@@ -1160,7 +1163,11 @@ impl IkeSa {
         {
             if o.tries >= self.config.retransmit_tries {
                 self.outstanding = None;
-                self.go_down(DownReason::Timeout);
+                let reason = match (self.phase, self.init_error) {
+                    (Phase::InitSent, Some(e)) => DownReason::Refused(e),
+                    _ => DownReason::Timeout,
+                };
+                self.go_down(reason);
                 return;
             }
             o.tries += 1;
@@ -2250,6 +2257,15 @@ impl IkeSa {
         None
     }
 
+    /// An error notify in the IKE_SA_INIT response, which nothing protects:
+    /// anyone on the path could have sent it. It is noted and the request
+    /// keeps its retransmissions; only when they run out does the SA go
+    /// down, refused with it (RFC 7296 §2.21.1).
+    fn unprotected_error(&mut self, e: u16) -> Result<(), DropReason> {
+        self.init_error = Some(e);
+        Err(DropReason::Unexpected)
+    }
+
     fn init_response(
         &mut self,
         local_port: u16,
@@ -2287,14 +2303,13 @@ impl IkeSa {
                     self.dh = Some(DhSecret::generate(g, rng));
                     self.outstanding = None;
                     self.send_init(now);
+                    return Ok(());
                 }
-                _ => self.go_down(DownReason::Refused(notify::INVALID_KE_PAYLOAD)),
+                _ => return self.unprotected_error(notify::INVALID_KE_PAYLOAD),
             }
-            return Ok(());
         }
         if let Some(e) = f.error() {
-            self.go_down(DownReason::Refused(e));
-            return Ok(());
+            return self.unprotected_error(e);
         }
         let (Some(sa), Some((group, ke)), Some(nr)) = (f.sa, f.ke, f.nonce) else {
             return Err(DropReason::Unexpected);

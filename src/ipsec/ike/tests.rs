@@ -315,6 +315,15 @@ fn no_common_proposal_is_refused() {
     b.groups = vec![];
     let mut net = Net::new(config_a(), b);
     net.run();
+    // The refusal is unprotected (RFC 7296 §2.21.1): A keeps retrying until
+    // its retransmissions run out, then reports it.
+    assert!(!net.a.is_closed());
+    assert!(Net::events(&mut net.a).is_empty());
+    while !net.a.is_closed() {
+        net.tick();
+        net.run();
+    }
+    assert_eq!(net.a.stats().retransmissions, 4);
     assert_eq!(
         Net::events(&mut net.a),
         vec![Event::IkeSaDown(DownReason::Refused(
@@ -322,6 +331,33 @@ fn no_common_proposal_is_refused() {
         ))]
     );
     assert!(!net.b.is_established());
+}
+
+#[test]
+fn forged_init_error_does_not_stop_the_handshake() {
+    let mut net = Net::new(config_a(), config_b());
+    let (d, init) = net.take().unwrap();
+    assert_eq!(d, Dir::AtoB);
+    // An on-path attacker answers first with NO_PROPOSAL_CHOSEN.
+    let h = Header {
+        spi_i: net.a.spis().0,
+        spi_r: 0,
+        next_payload: 0,
+        exchange: exchange::IKE_SA_INIT,
+        flags: flags::RESPONSE,
+        message_id: 0,
+        length: 0,
+    };
+    let forged = wire::encode(h, &[Payload::notify(notify::NO_PROPOSAL_CHOSEN, &[])]);
+    let from = SocketAddr::new(IpAddr::V4(B_IP), IKE_PORT);
+    let r = net
+        .a
+        .handle_input(IKE_PORT, from, &forged, net.now, &mut net.rng);
+    assert_eq!(r, Err(DropReason::Unexpected));
+    assert!(!net.a.is_closed());
+    // The real answer still comes through.
+    net.deliver(d, &init).unwrap();
+    established(&mut net);
 }
 
 #[test]
