@@ -21,12 +21,13 @@ use super::wire::{self, HEADER_LEN, Header, Payload};
 
 /// Output length of PRF-HMAC-SHA256 (and the length of SK_d, SK_pi, SK_pr).
 pub const PRF_LEN: usize = 32;
-/// An AES-256-GCM key plus its 4-byte salt.
-pub const AEAD_KEY_LEN: usize = 36;
+/// An AES-256-GCM key plus its 4-byte salt: the same for the SK payload
+/// (RFC 5282 §7.1) and ESP (RFC 4106 §8.1).
+pub const AEAD_KEY_LEN: usize = crate::ipsec::esp::KEYMAT_LEN;
 /// The explicit IV of the SK payload (RFC 5282 §3.1).
 pub const IV_LEN: usize = 8;
-/// The 16-byte ICV of AES-GCM-16.
-pub const ICV_LEN: usize = 16;
+/// The 16-byte ICV of AES-GCM-16, as in ESP.
+pub const ICV_LEN: usize = crate::ipsec::esp::ICV_LEN;
 /// The nonce length we send (RFC 7296 §2.10: at least half the PRF key size).
 pub const NONCE_LEN: usize = 32;
 

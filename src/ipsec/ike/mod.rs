@@ -46,6 +46,7 @@ use rand::{CryptoRng, RngCore};
 use sha1::{Digest, Sha1};
 
 use crate::ipsec::esp;
+use crate::ipsec::esp::natt::{self, Udp4500};
 
 use self::crypto::{AeadKey, DhGroup, DhSecret, IkeKeys, NONCE_LEN};
 use self::wire::{
@@ -57,8 +58,7 @@ use self::wire::{
 pub const IKE_PORT: u16 = 500;
 /// The NAT-T port (RFC 3948).
 pub const NAT_T_PORT: u16 = 4500;
-/// The non-ESP marker that precedes IKE messages on port 4500.
-pub const NON_ESP_MARKER: [u8; 4] = [0; 4];
+pub use crate::ipsec::esp::natt::NON_ESP_MARKER;
 
 crate::drops::drop_reasons! {
     /// Why an IKE datagram was dropped.
@@ -1206,7 +1206,7 @@ impl IkeSa {
             self.transmits.push_back(Transmit {
                 local_port: NAT_T_PORT,
                 remote: self.remote,
-                payload: vec![0xff],
+                payload: natt::KEEPALIVE.to_vec(),
             });
             self.next_keepalive = Some(now + self.config.keepalive_interval);
         }
@@ -1422,13 +1422,12 @@ impl IkeSa {
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<(), DropReason> {
         let msg = if local_port == NAT_T_PORT {
-            if datagram == [0xff] {
+            match natt::classify(datagram) {
                 // A NAT keepalive (RFC 3948 §2.3): nothing to do.
-                return Ok(());
-            }
-            match datagram.strip_prefix(&NON_ESP_MARKER[..]) {
-                Some(m) => m,
-                None => return Err(DropReason::NotIke),
+                Ok(Udp4500::Keepalive) => return Ok(()),
+                Ok(Udp4500::Ike(m)) => m,
+                Ok(Udp4500::Esp(_)) => return Err(DropReason::NotIke),
+                Err(natt::Malformed) => return Err(DropReason::Malformed),
             }
         } else {
             datagram

@@ -615,6 +615,14 @@ fn nat_traversal_floats_to_4500_and_keeps_alive() {
             .handle_input(NAT_T_PORT, net.b.remote(), &esp, net.now, &mut net.rng),
         Err(DropReason::NotIke)
     );
+    // Too short for an SPI, or a marker with nothing behind it (RFC 3948 §2).
+    for junk in [&[1, 2, 3][..], &NON_ESP_MARKER[..]] {
+        assert_eq!(
+            net.b
+                .handle_input(NAT_T_PORT, net.b.remote(), junk, net.now, &mut net.rng),
+            Err(DropReason::Malformed)
+        );
+    }
     // Only the side behind the NAT sends keepalives, to 4500.
     net.now += net.a.config.keepalive_interval;
     net.a.handle_timeout(net.now, &mut net.rng);
