@@ -1816,6 +1816,13 @@ impl IkeSa {
     }
 
     fn respond_informational(&mut self, id: u32, f: &Found<'_>) {
+        if f.notify(notify::AUTHENTICATION_FAILED).is_some() {
+            // The initiator refused our AUTH after we considered the SA up
+            // (§2.21.2): it is gone on its side.
+            self.respond(exchange::INFORMATIONAL, id, &[]);
+            self.go_down(DownReason::AuthenticationFailed);
+            return;
+        }
         let mut reply = Vec::new();
         for (proto, spis) in &f.deletes {
             if *proto == protocol::IKE {
@@ -2393,6 +2400,14 @@ impl IkeSa {
         );
         let id_ok = self.config.remote_id.as_ref() == Some(idr);
         if method != AUTH_SHARED_KEY_MIC || !id_ok || !crypto::ct_eq(auth, &want) {
+            // The responder thinks the SA is up: tell it, once, in a
+            // separate INFORMATIONAL (§2.21.2); we are gone either way.
+            let n = Payload::notify(notify::AUTHENTICATION_FAILED, &[]);
+            if let Some(bytes) =
+                self.seal(exchange::INFORMATIONAL, false, self.next_request_id, &[n])
+            {
+                self.send_raw(bytes);
+            }
             self.go_down(DownReason::AuthenticationFailed);
             return;
         }

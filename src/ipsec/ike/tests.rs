@@ -1725,3 +1725,23 @@ fn cookie_rounds_are_capped() {
         }
     }
 }
+
+#[test]
+fn initiator_refusing_the_responders_auth_tells_it() {
+    let mut a = config_a();
+    a.remote_id = Some(Id::fqdn("another-gw.vpnnat"));
+    let mut net = Net::new(a, config_b());
+    net.run();
+    assert!(net.a.is_closed() && net.b.is_closed());
+    assert_eq!(
+        Net::events(&mut net.a),
+        vec![Event::IkeSaDown(DownReason::AuthenticationFailed)]
+    );
+    // B had the SA up, then learned of the refusal (RFC 7296 §2.21.2).
+    let eb = Net::events(&mut net.b);
+    assert!(matches!(eb.first(), Some(Event::IkeSaUp { .. })), "{eb:?}");
+    assert_eq!(
+        eb.last(),
+        Some(&Event::IkeSaDown(DownReason::AuthenticationFailed))
+    );
+}
