@@ -93,8 +93,8 @@ pub fn rekey_skeyseed(old_sk_d: &[u8], shared: &[u8], ni: &[u8], nr: &[u8]) -> [
     prf(old_sk_d, &[shared, ni, nr])
 }
 
-/// The keys of one IKE SA (RFC 7296 §2.14).
-#[derive(Clone, PartialEq, Eq)]
+/// The keys of one IKE SA (RFC 7296 §2.14), wiped on drop.
+#[derive(Clone, PartialEq, Eq, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 pub struct IkeKeys {
     pub sk_d: [u8; PRF_LEN],
     pub sk_ei: AeadKey,

@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use rand::{CryptoRng, RngCore};
 use sha1::{Digest, Sha1};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::ipsec::esp;
 use crate::ipsec::esp::natt::{self, Udp4500};
@@ -100,18 +101,18 @@ impl std::fmt::Display for PskTooShort {
 
 impl std::error::Error for PskTooShort {}
 
-fn checked_psk(psk: &[u8]) -> Result<Vec<u8>, PskTooShort> {
+fn checked_psk(psk: &[u8]) -> Result<Zeroizing<Vec<u8>>, PskTooShort> {
     if psk.len() < MIN_PSK_LEN {
         return Err(PskTooShort);
     }
-    Ok(psk.to_vec())
+    Ok(Zeroizing::new(psk.to_vec()))
 }
 
 /// What a responder learns about one peer once its identity (IDi) is known:
 /// the answer of a [`PeerLookup`].
 #[derive(Clone)]
 pub struct Peer {
-    psk: Vec<u8>,
+    psk: Zeroizing<Vec<u8>>,
     /// Our side of the peer's CHILD_SA selectors.
     pub local_ts: Vec<TrafficSelector>,
     /// The peer's side.
@@ -157,8 +158,8 @@ pub type PeerLookup = Arc<dyn Fn(&Id) -> Option<Peer> + Send + Sync>;
 /// What a [`IkeSa`] needs to know.
 #[derive(Clone)]
 pub struct Config {
-    /// The pre-shared key (at least [`MIN_PSK_LEN`] bytes).
-    psk: Vec<u8>,
+    /// The pre-shared key (at least [`MIN_PSK_LEN`] bytes), wiped on drop.
+    psk: Zeroizing<Vec<u8>>,
     /// Our identity.
     pub local_id: Id,
     /// The identity the peer must present. `None` is only meaningful with
@@ -236,7 +237,7 @@ impl Config {
     /// [`Config::new`].
     pub fn with_lookup(local_id: Id, lookup: PeerLookup) -> Self {
         Self::base(
-            Vec::new(),
+            Zeroizing::new(Vec::new()),
             local_id,
             None,
             Some(lookup),
@@ -246,7 +247,7 @@ impl Config {
     }
 
     fn base(
-        psk: Vec<u8>,
+        psk: Zeroizing<Vec<u8>>,
         local_id: Id,
         remote_id: Option<Id>,
         peer_lookup: Option<PeerLookup>,
@@ -326,7 +327,7 @@ impl std::fmt::Debug for ChildSa {
 /// [`Event::ChildSaRekeyed`]) and neither kept nor cloneable: an outbound SA
 /// built from them starts its sequence (the AES-GCM IV, RFC 4106 §3.1) at 1,
 /// so a second SA under the same key would repeat IVs.
-#[derive(PartialEq, Eq)]
+#[derive(PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
 pub struct ChildKeys {
     /// AES-256-GCM key ‖ salt for inbound packets.
     pub key_in: AeadKey,
@@ -398,7 +399,7 @@ pub struct Stats {
 /// The secret is rotated by the caller ([`CookieJar::rotate`], e.g. every
 /// few minutes); cookies carry the version of their secret and those of the
 /// current and the previous one are accepted (§2.6).
-#[derive(Clone)]
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct CookieJar {
     version: u8,
     current: [u8; 32],
@@ -1213,6 +1214,14 @@ impl IkeSa {
         self.drive(now, rng);
     }
 
+    /// Once authenticated, the IKE_SA_INIT secret and messages (kept for
+    /// the AUTH payloads, §2.15) are of no more use.
+    fn forget_initial_exchange(&mut self) {
+        self.dh = None;
+        self.init_request = Vec::new();
+        self.init_response = Vec::new();
+    }
+
     fn go_down(&mut self, reason: DownReason) {
         if self.phase == Phase::Closed {
             return;
@@ -1721,6 +1730,7 @@ impl IkeSa {
             },
         ];
         self.phase = Phase::Established;
+        self.forget_initial_exchange();
         self.events.push_back(Event::IkeSaUp {
             spi_i: self.spi_i,
             spi_r: self.spi_r,
@@ -2412,6 +2422,7 @@ impl IkeSa {
             return;
         }
         self.phase = Phase::Established;
+        self.forget_initial_exchange();
         self.events.push_back(Event::IkeSaUp {
             spi_i: self.spi_i,
             spi_r: self.spi_r,

@@ -1817,3 +1817,19 @@ fn initiator_refusing_the_responders_auth_tells_it() {
         Some(&Event::IkeSaDown(DownReason::AuthenticationFailed))
     );
 }
+
+#[test]
+fn key_material_is_dropped_once_established_and_wiped() {
+    let net = established_pair();
+    for sa in [&net.a, &net.b] {
+        assert!(sa.dh.is_none());
+        assert!(sa.init_request.is_empty() && sa.init_response.is_empty());
+    }
+    fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+    wiped_on_drop::<ChildKeys>();
+    wiped_on_drop::<crypto::IkeKeys>();
+    wiped_on_drop::<CookieJar>();
+    let mut keys = net.a.keys.clone().expect("keys");
+    zeroize::Zeroize::zeroize(&mut keys);
+    assert!(keys.sk_d.iter().chain(&keys.sk_ei).all(|b| *b == 0));
+}
