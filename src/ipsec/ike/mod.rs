@@ -828,6 +828,21 @@ fn within(got: &[TrafficSelector], proposed: &[TrafficSelector]) -> bool {
             .all(|g| proposed.iter().any(|p| p.intersect(g) == Some(*g)))
 }
 
+/// The group an INVALID_KE_PAYLOAD notify asks for (its data: the 2-byte
+/// group number, RFC 7296 §3.10.1), when it is one we know.
+fn asked_group(data: &[u8]) -> Option<DhGroup> {
+    data.try_into()
+        .ok()
+        .map(u16::from_be_bytes)
+        .and_then(DhGroup::from_id)
+}
+
+/// The wait before send number `tries + 1` of a request: the base,
+/// doubling after each send (capped so that it cannot overflow).
+fn backoff(base: Duration, tries: u32) -> Duration {
+    base.saturating_mul(1u32 << tries.saturating_sub(1).min(16))
+}
+
 fn spi_u32(spi: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(spi.try_into().ok()?))
 }
@@ -1149,11 +1164,7 @@ impl IkeSa {
                 self.old_ike = None;
             } else {
                 *tries += 1;
-                *at = now
-                    + self
-                        .config
-                        .retransmit_base
-                        .saturating_mul(1u32 << (*tries - 1).min(16));
+                *at = now + backoff(self.config.retransmit_base, *tries);
                 let bytes = bytes.clone();
                 self.stats.retransmissions += 1;
                 self.send_raw(bytes);
@@ -1172,11 +1183,7 @@ impl IkeSa {
                 return;
             }
             o.tries += 1;
-            o.next_at = now
-                + self
-                    .config
-                    .retransmit_base
-                    .saturating_mul(1u32 << (o.tries - 1).min(16));
+            o.next_at = now + backoff(self.config.retransmit_base, o.tries);
             let bytes = o.bytes.clone();
             self.stats.retransmissions += 1;
             self.send_raw(bytes);
@@ -1460,7 +1467,9 @@ impl IkeSa {
         // §2.21.2 / §3.1: messages are matched by SPIs. IKE_SA_INIT
         // requests carry a zero responder SPI.
         let spi_ok = if self.phase == Phase::Idle {
-            init_request && h.spi_r == 0
+            // A responder made with SPI 0 could never be told from an
+            // IKE_SA_INIT request (§3.1: the responder's SPI is non-zero).
+            init_request && h.spi_r == 0 && self.spi_r != 0
         } else if init_request {
             h.spi_i == self.spi_i && h.spi_r == 0
         } else if h.exchange == exchange::IKE_SA_INIT {
@@ -2308,11 +2317,7 @@ impl IkeSa {
         }
         if let Some(g) = f.notify(notify::INVALID_KE_PAYLOAD) {
             // §1.2: retry with the group the responder asks for, if we offer it.
-            let group = g
-                .try_into()
-                .ok()
-                .map(u16::from_be_bytes)
-                .and_then(DhGroup::from_id);
+            let group = asked_group(g);
             match group {
                 Some(g) if self.config.groups.contains(&g) && self.ke_retries < 2 => {
                     self.ke_retries += 1;
@@ -2582,11 +2587,7 @@ impl IkeSa {
 
     fn rekey_child_response(&mut self, f: &Found<'_>, p: PendingRekey) {
         if let Some(g) = f.notify(notify::INVALID_KE_PAYLOAD) {
-            let group = g
-                .try_into()
-                .ok()
-                .map(u16::from_be_bytes)
-                .and_then(DhGroup::from_id);
+            let group = asked_group(g);
             match group.filter(|g| {
                 self.config.groups.contains(g) && p.dh.as_ref().is_some_and(|d| d.group() != *g)
             }) {
@@ -2665,12 +2666,8 @@ impl IkeSa {
         now: Instant,
     ) {
         if let Some(g) = f.notify(notify::INVALID_KE_PAYLOAD) {
-            let group = g
-                .try_into()
-                .ok()
-                .map(u16::from_be_bytes)
-                .and_then(DhGroup::from_id)
-                .filter(|g| self.config.groups.contains(g) && *g != dh.group());
+            let group =
+                asked_group(g).filter(|g| self.config.groups.contains(g) && *g != dh.group());
             if let Some(g) = group {
                 self.actions.push_front(Action::RekeyIke(Some(g)));
             }

@@ -1833,3 +1833,23 @@ fn key_material_is_dropped_once_established_and_wiped() {
     zeroize::Zeroize::zeroize(&mut keys);
     assert!(keys.sk_d.iter().chain(&keys.sk_ei).all(|b| *b == 0));
 }
+
+#[test]
+fn responder_with_spi_zero_answers_nothing() {
+    let mut net = Net::new(config_a(), config_b());
+    let from = SocketAddr::new(IpAddr::V4(A_IP), IKE_PORT);
+    let mut r = IkeSa::responder(config_b(), 0, IpAddr::V4(B_IP), from, net.now);
+    let (_, init) = net.take().unwrap();
+    let got = r.handle_input(IKE_PORT, from, &init.payload, net.now, &mut net.rng);
+    assert_eq!(got, Err(DropReason::WrongSpi));
+    assert!(r.poll_transmit().is_none() && r.awaits_init());
+}
+
+#[test]
+fn retransmission_backoff_doubles_and_saturates() {
+    let base = Duration::from_secs(1);
+    let waits: Vec<u64> = (1..=5).map(|t| backoff(base, t).as_secs()).collect();
+    assert_eq!(waits, vec![1, 2, 4, 8, 16]);
+    assert_eq!(backoff(base, 40), backoff(base, 17));
+    assert_eq!(backoff(Duration::MAX, 3), Duration::MAX);
+}
