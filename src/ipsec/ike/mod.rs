@@ -591,6 +591,9 @@ struct OldIke {
     iv: u64,
     /// Our Delete of it (we started the rekey): bytes, sends so far, next retransmission.
     delete: Option<(Vec<u8>, u32, Instant)>,
+    /// Once we answered the peer's request on it (its Delete), it is kept
+    /// only as long as the peer may retransmit that request.
+    expires: Option<Instant>,
 }
 
 /// One IKE SA and its CHILD_SA. See the [module documentation](self).
@@ -1133,6 +1136,9 @@ impl IkeSa {
         if let Some(r) = self.rekey_ike_retry {
             earliest(r);
         }
+        if let Some(x) = self.old_ike.as_ref().and_then(|o| o.expires) {
+            earliest(x);
+        }
         if self.phase == Phase::AuthPending
             && let Some(h) = self.half_open_until
         {
@@ -1154,6 +1160,14 @@ impl IkeSa {
             // message; it must not outlive a spoofed or abandoned IKE_SA_INIT.
             self.go_down(DownReason::Timeout);
             return;
+        }
+        if self
+            .old_ike
+            .as_ref()
+            .and_then(|o| o.expires)
+            .is_some_and(|x| now >= x)
+        {
+            self.old_ike = None;
         }
         if let Some(old) = &mut self.old_ike
             && let Some((bytes, tries, at)) = &mut old.delete
@@ -1461,7 +1475,7 @@ impl IkeSa {
         if let Some(old) = &self.old_ike
             && (h.spi_i, h.spi_r) == (old.spi_i, old.spi_r)
         {
-            return self.old_input(msg, &m);
+            return self.old_input(msg, &m, now);
         }
         let init_request = h.exchange == exchange::IKE_SA_INIT && !h.is_response();
         // §2.21.2 / §3.1: messages are matched by SPIs. IKE_SA_INIT
@@ -2124,6 +2138,7 @@ impl IkeSa {
                 last_response: self.last_response.take(),
                 iv: self.iv,
                 delete: None,
+                expires: None,
             });
         }
         self.spi_i = spi_i;
@@ -2137,7 +2152,12 @@ impl IkeSa {
 
     /// A message on the IKE SA that a rekey replaced: the answer to our
     /// Delete, or the peer's Delete (answered, with the old keys).
-    fn old_input(&mut self, msg: &[u8], m: &wire::Message) -> Result<(), DropReason> {
+    fn old_input(&mut self, msg: &[u8], m: &wire::Message, now: Instant) -> Result<(), DropReason> {
+        // The peer's retransmissions of a request span at most this long.
+        let linger = self
+            .config
+            .retransmit_base
+            .saturating_mul((1u32 << self.config.retransmit_tries.min(16)) - 1);
         let Some(old) = self.old_ike.as_mut() else {
             return Err(DropReason::WrongSpi);
         };
@@ -2195,6 +2215,9 @@ impl IkeSa {
         old.expected_request_id = old.expected_request_id.saturating_add(1);
         let bytes = crypto::encode_encrypted(rh, &[], &out_key, iv);
         old.last_response = Some((h.message_id, bytes.clone()));
+        if old.delete.is_none() {
+            old.expires = Some(now + linger);
+        }
         self.send_raw(bytes);
         Ok(())
     }

@@ -1853,3 +1853,26 @@ fn retransmission_backoff_doubles_and_saturates() {
     assert_eq!(backoff(base, 40), backoff(base, 17));
     assert_eq!(backoff(Duration::MAX, 3), Duration::MAX);
 }
+
+#[test]
+fn replaced_ike_sa_is_forgotten_after_the_peers_delete() {
+    let mut net = established_pair();
+    net.a.rekey_ike(net.now, &mut net.rng);
+    net.run();
+    // A started the rekey and deleted the old SA; B answered on it.
+    assert!(net.a.old_ike.is_none());
+    let expires = net
+        .b
+        .old_ike
+        .as_ref()
+        .and_then(|o| o.expires)
+        .expect("kept for retransmissions");
+    assert_eq!(net.b.poll_timeout().map(|t| t <= expires), Some(true));
+    while net.b.old_ike.is_some() {
+        net.tick();
+        net.run();
+        assert!(net.now <= expires);
+    }
+    assert!(net.a.is_established() && net.b.is_established());
+    assert_eq!(net.a.spis(), net.b.spis());
+}
