@@ -32,7 +32,15 @@
 //! **Rekeying.** Either side may rekey the CHILD_SA (with or without a new
 //! Diffie-Hellman exchange) and the IKE SA with CREATE_CHILD_SA (§1.3.2,
 //! §1.3.3, §2.18). A simultaneous CHILD_SA rekey is resolved by the lowest
-//! nonce (§2.8.1). The rekey initiator deletes the old SA.
+//! nonce (§2.8.1); only the surviving SA's keys are handed out, once
+//! ([`ChildKeys`]). The rekey initiator deletes the old SA. A peer's IKE SA
+//! rekey that meets a request of ours in flight is refused with
+//! TEMPORARY_FAILURE (§2.25) and ours is retried later.
+//!
+//! **Peers.** A responder may choose the peer's PSK, selectors and tunnel
+//! index by the identity in IKE_AUTH ([`PeerLookup`]); inbound CHILD_SA
+//! SPIs carry the tunnel index (`esp::spi`). A half-open responder expires
+//! ([`Config::half_open_timeout`]).
 
 pub mod crypto;
 pub mod wire;
