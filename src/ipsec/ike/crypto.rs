@@ -173,9 +173,9 @@ pub fn psk_auth(
     prf(&pad, &[message, peer_nonce, &maced_id])
 }
 
-/// Constant-time equality of two byte strings of equal length.
+/// Constant-time equality of two byte strings (the length is not secret).
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    bool::from(subtle::ConstantTimeEq::ct_eq(a, b))
 }
 
 fn cipher(key: &AeadKey) -> (Aes256Gcm, [u8; 4]) {
@@ -564,6 +564,14 @@ mod tests {
             open_encrypted(&msg, body, &[8; AEAD_KEY_LEN]),
             Err(CryptoError::Integrity)
         );
+    }
+
+    #[test]
+    fn ct_eq_compares_content_and_length() {
+        assert!(ct_eq(b"same bytes", b"same bytes"));
+        assert!(!ct_eq(b"same bytes", b"same bytez"));
+        assert!(!ct_eq(b"same bytes", b"same byte"));
+        assert!(ct_eq(b"", b""));
     }
 
     #[test]
