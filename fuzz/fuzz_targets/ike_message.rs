@@ -34,7 +34,15 @@ fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
     let mut rng = StdRng::seed_from_u64(1);
     let ts = |a: [u8; 4]| vec![TrafficSelector::ipv4_prefix(Ipv4Addr::from(a), 24)];
-    let config = Config::new(b"fuzz psk", Id::fqdn("gw"), ts([172, 16, 0, 0]), ts([10, 64, 1, 0]));
+    let Ok(config) = Config::new(
+        b"fuzz psk, 16 bytes or more",
+        Id::fqdn("gw"),
+        Id::fqdn("site"),
+        ts([172, 16, 0, 0]),
+        ts([10, 64, 1, 0]),
+    ) else {
+        return;
+    };
     let from = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 11)), port);
     let local = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
     let mut sa = IkeSa::responder(config, 0xab_cdef, local, from, now);

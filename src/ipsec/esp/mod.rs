@@ -140,6 +140,9 @@ crate::drops::drop_reasons! {
     Dummy = "dummy",
     /// A next header other than IPv4 (4) or IPv6 (41).
     UnknownNextHeader = "unknown_next_header",
+    /// The inner packet does not fit its next header: shorter than the IPv4
+    /// (20 bytes) or IPv6 (40 bytes) header, or of the other IP version.
+    BadInner = "bad_inner",
     /// The caller's output buffer was too small.
     BufferTooSmall = "buffer_too_small",
 }
@@ -159,7 +162,8 @@ pub enum SealError {
     /// (RFC 4303 §3.3.3).
     #[error("sequence numbers exhausted")]
     Exhausted,
-    /// The inner packet is neither IPv4 nor IPv6.
+    /// The inner packet is neither IPv4 nor IPv6, or shorter than its
+    /// version's header.
     #[error("inner packet is not IPv4 or IPv6")]
     NotIp,
     /// The output buffer is shorter than [`sealed_len`].
@@ -274,8 +278,9 @@ impl OutboundSa {
         let len = sealed_len(inner_len);
         let buf = buf.get_mut(..len).ok_or(SealError::BufferTooSmall)?;
         let next_header = match buf.get(HEADER_LEN).map(|b| b >> 4) {
-            Some(4) if inner_len > 0 => NextHeader::Ipv4,
-            Some(6) if inner_len > 0 => NextHeader::Ipv6,
+            // No shorter than the IP header: the receiver refuses less.
+            Some(4) if inner_len >= 20 => NextHeader::Ipv4,
+            Some(6) if inner_len >= 40 => NextHeader::Ipv6,
             _ => return Err(SealError::NotIp),
         };
         let seq = u32::try_from(self.next_seq).map_err(|_| SealError::Exhausted)?;
@@ -492,10 +497,18 @@ fn trailer(plain: &[u8]) -> Result<(usize, NextHeader), DropReason> {
     if padding.iter().zip(1u8..).any(|(b, want)| *b != want) {
         return Err(DropReason::BadPadding);
     }
-    match next_header {
-        4 => Ok((inner_len, NextHeader::Ipv4)),
-        41 => Ok((inner_len, NextHeader::Ipv6)),
-        NEXT_HEADER_NONE => Err(DropReason::Dummy),
-        _ => Err(DropReason::UnknownNextHeader),
+    let (kind, version, min_len) = match next_header {
+        4 => (NextHeader::Ipv4, 4, 20),
+        41 => (NextHeader::Ipv6, 6, 40),
+        NEXT_HEADER_NONE => return Err(DropReason::Dummy),
+        _ => return Err(DropReason::UnknownNextHeader),
+    };
+    // Tunnel mode carries a whole IP packet of the version the next header
+    // names (RFC 4303 §2.6); anything else is not handed on. Whether its
+    // addresses are within the CHILD_SA's selectors (RFC 4301 §5.2) is the
+    // caller's check, which holds the selectors.
+    if inner_len < min_len || plain[0] >> 4 != version {
+        return Err(DropReason::BadInner);
     }
+    Ok((inner_len, kind))
 }

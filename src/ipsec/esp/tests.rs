@@ -239,7 +239,7 @@ fn seals_the_bytes_an_independent_implementation_makes() {
 #[test]
 fn round_trips_every_padding_length_both_ways() {
     let (mut tx, mut rx) = pair();
-    for len in 1..=80 {
+    for len in 40..=120 {
         for v6 in [false, true] {
             let packet = inner(len, v6);
             let sealed = seal(&mut tx, &packet);
@@ -265,8 +265,8 @@ fn round_trips_every_padding_length_both_ways() {
             assert_eq!(&buf[HEADER_LEN..HEADER_LEN + len], packet.as_slice());
         }
     }
-    assert_eq!(tx.sealed(), 160);
-    assert_eq!(rx.opened(), 160);
+    assert_eq!(tx.sealed(), 162);
+    assert_eq!(rx.opened(), 162);
     assert_eq!(rx.drops().total(), 0);
 }
 
@@ -304,6 +304,8 @@ fn seal_refuses_what_it_cannot_send_without_using_a_sequence_number() {
     let mut out = [0u8; 256];
     assert_eq!(tx.seal(&[], &mut out), Err(SealError::NotIp));
     assert_eq!(tx.seal(&[0x50; 20], &mut out), Err(SealError::NotIp));
+    assert_eq!(tx.seal(&[0x45; 19], &mut out), Err(SealError::NotIp));
+    assert_eq!(tx.seal(&[0x60; 39], &mut out), Err(SealError::NotIp));
     let packet = inner(100, false);
     assert_eq!(
         tx.seal(&packet, &mut out[..sealed_len(100) - 1]),
@@ -415,10 +417,7 @@ fn bad_padding_dummies_and_other_next_headers_are_refused() {
     ];
     for (seq, (trailer, expected)) in (1u32..).zip(cases) {
         // An inner "packet" that makes the encrypted part 4-byte aligned.
-        let inner_len = match trailer.len() % 4 {
-            0 => 4,
-            r => 4 - r,
-        };
+        let inner_len = 20 + (4 - trailer.len() % 4) % 4;
         let plain = [&vec![0x45; inner_len][..], trailer].concat();
         let pkt = seal_raw(&KEYMAT, SPI, seq, &plain);
         let opened = rx.open(&pkt, &mut out);
@@ -545,4 +544,42 @@ fn arbitrary_bytes_are_refused_without_panic(
     prop_assert!(rx.open(&datagram, &mut out).is_err());
     prop_assert!(rx.open_in_place(&mut datagram).is_err());
     prop_assert_eq!(rx.drops().total(), 2);
+}
+
+#[test]
+fn inner_packets_that_do_not_fit_their_next_header_are_refused() {
+    let mut rx = InboundSa::new(SPI, &KEYMAT);
+    let mut out = [0u8; 128];
+    // (inner length, first byte, next header, accepted)
+    let cases = [
+        (0, 0x45, 4, false),
+        (19, 0x45, 4, false),
+        (20, 0x60, 4, false),
+        (20, 0x45, 4, true),
+        (39, 0x60, 41, false),
+        (40, 0x45, 41, false),
+        (40, 0x60, 41, true),
+    ];
+    for (seq, (len, first, nh, ok)) in (1u32..).zip(cases) {
+        let mut packet = vec![first; len];
+        packet.iter_mut().skip(1).for_each(|b| *b = 0);
+        // Padding 1, 2, … so that the encrypted part is 4-byte aligned.
+        let pad = (4 - (len + 2) % 4) % 4;
+        packet.extend((1..=pad).map(|p| p as u8));
+        packet.extend([pad as u8, nh]);
+        let pkt = seal_raw(&KEYMAT, SPI, seq, &packet);
+        let kind = if nh == 4 {
+            NextHeader::Ipv4
+        } else {
+            NextHeader::Ipv6
+        };
+        let want = if ok {
+            Ok((len, kind))
+        } else {
+            Err(DropReason::BadInner)
+        };
+        assert_eq!(rx.open(&pkt, &mut out), want, "{len} {first:#x} {nh}");
+    }
+    assert_eq!(rx.drops().get(DropReason::BadInner), 5);
+    assert_eq!(rx.opened(), 2);
 }

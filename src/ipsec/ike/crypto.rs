@@ -12,7 +12,7 @@
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use crypto_bigint::modular::runtime_mod::{DynResidue, DynResidueParams};
-use crypto_bigint::{Encoding, U2048};
+use crypto_bigint::{Encoding, U256, U2048};
 use hmac::{Hmac, Mac};
 use rand::{CryptoRng, RngCore};
 use sha2::Sha256;
@@ -21,12 +21,13 @@ use super::wire::{self, HEADER_LEN, Header, Payload};
 
 /// Output length of PRF-HMAC-SHA256 (and the length of SK_d, SK_pi, SK_pr).
 pub const PRF_LEN: usize = 32;
-/// An AES-256-GCM key plus its 4-byte salt.
-pub const AEAD_KEY_LEN: usize = 36;
+/// An AES-256-GCM key plus its 4-byte salt: the same for the SK payload
+/// (RFC 5282 §7.1) and ESP (RFC 4106 §8.1).
+pub const AEAD_KEY_LEN: usize = crate::ipsec::esp::KEYMAT_LEN;
 /// The explicit IV of the SK payload (RFC 5282 §3.1).
 pub const IV_LEN: usize = 8;
-/// The 16-byte ICV of AES-GCM-16.
-pub const ICV_LEN: usize = 16;
+/// The 16-byte ICV of AES-GCM-16, as in ESP.
+pub const ICV_LEN: usize = crate::ipsec::esp::ICV_LEN;
 /// The nonce length we send (RFC 7296 §2.10: at least half the PRF key size).
 pub const NONCE_LEN: usize = 32;
 
@@ -92,8 +93,8 @@ pub fn rekey_skeyseed(old_sk_d: &[u8], shared: &[u8], ni: &[u8], nr: &[u8]) -> [
     prf(old_sk_d, &[shared, ni, nr])
 }
 
-/// The keys of one IKE SA (RFC 7296 §2.14).
-#[derive(Clone, PartialEq, Eq)]
+/// The keys of one IKE SA (RFC 7296 §2.14), wiped on drop.
+#[derive(Clone, PartialEq, Eq, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 pub struct IkeKeys {
     pub sk_d: [u8; PRF_LEN],
     pub sk_ei: AeadKey,
@@ -172,9 +173,9 @@ pub fn psk_auth(
     prf(&pad, &[message, peer_nonce, &maced_id])
 }
 
-/// Constant-time equality of two byte strings of equal length.
+/// Constant-time equality of two byte strings (the length is not secret).
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    bool::from(subtle::ConstantTimeEq::ct_eq(a, b))
 }
 
 fn cipher(key: &AeadKey) -> (Aes256Gcm, [u8; 4]) {
@@ -330,7 +331,11 @@ const MODP2048_P: U2048 = U2048::from_be_hex(concat!(
 #[derive(Clone)]
 pub enum DhSecret {
     Curve25519(x25519_dalek::StaticSecret),
-    Modp2048(Box<U2048>),
+    /// The exponent, and the public value computed once from it.
+    Modp2048 {
+        x: Box<U256>,
+        public: Box<[u8; 256]>,
+    },
 }
 
 impl std::fmt::Debug for DhSecret {
@@ -349,11 +354,18 @@ impl DhSecret {
                 DhSecret::Curve25519(x25519_dalek::StaticSecret::from(b))
             }
             DhGroup::Modp2048 => {
-                let mut b = [0; 256];
+                // A 256-bit exponent: twice the ~110–128-bit strength of the
+                // 2048-bit group, within the 220–320 bits RFC 3526 §8
+                // suggests for it, and some 8 times cheaper than a full-size
+                // one in both exponentiations.
+                let mut b = [0; 32];
                 rng.fill_bytes(&mut b);
-                // Clear the top bit: the exponent stays below p.
-                b[0] &= 0x7f;
-                DhSecret::Modp2048(Box::new(U2048::from_be_slice(&b)))
+                let x = U256::from_be_slice(&b);
+                let public = modp_pow(&U2048::from_u8(2), &x).to_be_bytes();
+                DhSecret::Modp2048 {
+                    x: Box::new(x),
+                    public: Box::new(public),
+                }
             }
         }
     }
@@ -361,7 +373,7 @@ impl DhSecret {
     pub fn group(&self) -> DhGroup {
         match self {
             DhSecret::Curve25519(_) => DhGroup::Curve25519,
-            DhSecret::Modp2048(_) => DhGroup::Modp2048,
+            DhSecret::Modp2048 { .. } => DhGroup::Modp2048,
         }
     }
 
@@ -369,7 +381,7 @@ impl DhSecret {
     pub fn public(&self) -> Vec<u8> {
         match self {
             DhSecret::Curve25519(s) => x25519_dalek::PublicKey::from(s).as_bytes().to_vec(),
-            DhSecret::Modp2048(x) => modp_pow(&U2048::from_u8(2), x).to_be_bytes().to_vec(),
+            DhSecret::Modp2048 { public, .. } => public.to_vec(),
         }
     }
 
@@ -386,7 +398,7 @@ impl DhSecret {
                 }
                 Ok(g.as_bytes().to_vec())
             }
-            DhSecret::Modp2048(x) => {
+            DhSecret::Modp2048 { x, .. } => {
                 if peer.len() != 256 {
                     return Err(CryptoError::InvalidPublic);
                 }
@@ -401,7 +413,7 @@ impl DhSecret {
     }
 }
 
-fn modp_pow(base: &U2048, exp: &U2048) -> U2048 {
+fn modp_pow(base: &U2048, exp: &U256) -> U2048 {
     let params = DynResidueParams::new(&MODP2048_P);
     DynResidue::new(base, params).pow(exp).retrieve()
 }
@@ -552,6 +564,35 @@ mod tests {
             open_encrypted(&msg, body, &[8; AEAD_KEY_LEN]),
             Err(CryptoError::Integrity)
         );
+    }
+
+    #[test]
+    fn ct_eq_compares_content_and_length() {
+        assert!(ct_eq(b"same bytes", b"same bytes"));
+        assert!(!ct_eq(b"same bytes", b"same bytez"));
+        assert!(!ct_eq(b"same bytes", b"same byte"));
+        assert!(ct_eq(b"", b""));
+    }
+
+    #[test]
+    fn modp2048_exponent_is_256_bits_and_public_is_cached() {
+        // The exponent is the first 32 bytes drawn, nothing more.
+        let seed = [0x5a; 32];
+        let mut rng = rand::rngs::StdRng::from_seed(seed);
+        let mut b = [0; 32];
+        rng.fill_bytes(&mut b);
+        let mut rng = rand::rngs::StdRng::from_seed(seed);
+        let a = DhSecret::generate(DhGroup::Modp2048, &mut rng);
+        let full = U2048::from_be_slice(&[[0; 224].as_slice(), &b].concat());
+        let params = DynResidueParams::new(&MODP2048_P);
+        let want = DynResidue::new(&U2048::from_u8(2), params)
+            .pow(&full)
+            .retrieve();
+        assert_eq!(a.public(), want.to_be_bytes().to_vec());
+        let DhSecret::Modp2048 { public, .. } = &a else {
+            panic!("group")
+        };
+        assert_eq!(public.to_vec(), a.public());
     }
 
     #[test]

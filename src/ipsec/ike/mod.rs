@@ -32,17 +32,30 @@
 //! **Rekeying.** Either side may rekey the CHILD_SA (with or without a new
 //! Diffie-Hellman exchange) and the IKE SA with CREATE_CHILD_SA (§1.3.2,
 //! §1.3.3, §2.18). A simultaneous CHILD_SA rekey is resolved by the lowest
-//! nonce (§2.8.1). The rekey initiator deletes the old SA.
+//! nonce (§2.8.1); only the surviving SA's keys are handed out, once
+//! ([`ChildKeys`]). The rekey initiator deletes the old SA. A peer's IKE SA
+//! rekey that meets a request of ours in flight is refused with
+//! TEMPORARY_FAILURE (§2.25) and ours is retried later.
+//!
+//! **Peers.** A responder may choose the peer's PSK, selectors and tunnel
+//! index by the identity in IKE_AUTH ([`PeerLookup`]); inbound CHILD_SA
+//! SPIs carry the tunnel index (`esp::spi`). A half-open responder expires
+//! ([`Config::half_open_timeout`]).
 
 pub mod crypto;
 pub mod wire;
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{CryptoRng, RngCore};
 use sha1::{Digest, Sha1};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::ipsec::esp;
+use crate::ipsec::esp::natt::{self, Udp4500};
 
 use self::crypto::{AeadKey, DhGroup, DhSecret, IkeKeys, NONCE_LEN};
 use self::wire::{
@@ -54,8 +67,7 @@ use self::wire::{
 pub const IKE_PORT: u16 = 500;
 /// The NAT-T port (RFC 3948).
 pub const NAT_T_PORT: u16 = 4500;
-/// The non-ESP marker that precedes IKE messages on port 4500.
-pub const NON_ESP_MARKER: [u8; 4] = [0; 4];
+pub use crate::ipsec::esp::natt::NON_ESP_MARKER;
 
 crate::drops::drop_reasons! {
     /// Why an IKE datagram was dropped.
@@ -80,16 +92,95 @@ crate::drops::drop_reasons! {
     Closed = "closed",
 }
 
+/// The shortest pre-shared key accepted: 16 bytes, 128 bits, so that an
+/// offline guess from a captured AUTH payload (RFC 7296 §2.15, §5) is not
+/// cheaper than breaking the cipher suite.
+pub const MIN_PSK_LEN: usize = 16;
+
+/// A pre-shared key shorter than [`MIN_PSK_LEN`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PskTooShort;
+
+impl std::fmt::Display for PskTooShort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pre-shared key shorter than {MIN_PSK_LEN} bytes")
+    }
+}
+
+impl std::error::Error for PskTooShort {}
+
+fn checked_psk(psk: &[u8]) -> Result<Zeroizing<Vec<u8>>, PskTooShort> {
+    if psk.len() < MIN_PSK_LEN {
+        return Err(PskTooShort);
+    }
+    Ok(Zeroizing::new(psk.to_vec()))
+}
+
+/// What a responder learns about one peer once its identity (IDi) is known:
+/// the answer of a [`PeerLookup`].
+#[derive(Clone)]
+pub struct Peer {
+    psk: Zeroizing<Vec<u8>>,
+    /// Our side of the peer's CHILD_SA selectors.
+    pub local_ts: Vec<TrafficSelector>,
+    /// The peer's side.
+    pub remote_ts: Vec<TrafficSelector>,
+    /// The tunnel index to build inbound CHILD_SA SPIs from (see
+    /// [`Config::inbound_spi_index`]).
+    pub inbound_spi_index: Option<u32>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("psk", &"<redacted>")
+            .field("local_ts", &self.local_ts)
+            .field("remote_ts", &self.remote_ts)
+            .field("inbound_spi_index", &self.inbound_spi_index)
+            .finish()
+    }
+}
+
+impl Peer {
+    /// Refuses a PSK shorter than [`MIN_PSK_LEN`].
+    pub fn new(
+        psk: &[u8],
+        local_ts: Vec<TrafficSelector>,
+        remote_ts: Vec<TrafficSelector>,
+    ) -> Result<Self, PskTooShort> {
+        Ok(Self {
+            psk: checked_psk(psk)?,
+            local_ts,
+            remote_ts,
+            inbound_spi_index: None,
+        })
+    }
+}
+
+/// The responder's choice of the peer's configuration by the identity it
+/// presents in IKE_AUTH (IDi, RFC 7296 §2.15): `None` refuses it with
+/// AUTHENTICATION_FAILED. Called once per IKE SA, before the peer's AUTH
+/// payload is checked; it must not block (no IO).
+pub type PeerLookup = Arc<dyn Fn(&Id) -> Option<Peer> + Send + Sync>;
+
 /// What a [`IkeSa`] needs to know.
 #[derive(Clone)]
 pub struct Config {
-    /// The pre-shared key.
-    pub psk: Vec<u8>,
+    /// The pre-shared key (at least [`MIN_PSK_LEN`] bytes), wiped on drop.
+    psk: Zeroizing<Vec<u8>>,
     /// Our identity.
     pub local_id: Id,
-    /// The identity the peer must present; `None` accepts any (the PSK still
-    /// has to match).
+    /// The identity the peer must present. `None` is only meaningful with
+    /// [`Config::peer_lookup`], which then decides; without one, no identity
+    /// is accepted.
     pub remote_id: Option<Id>,
+    /// A responder's per-identity configuration; when set, it replaces the
+    /// PSK, the selectors and the SPI index of this config at IKE_AUTH.
+    pub peer_lookup: Option<PeerLookup>,
+    /// Our inbound CHILD_SA SPIs carry this tunnel index
+    /// ([`crate::ipsec::esp::spi::spi_from_index`]), so that SPIs are unique
+    /// across all peers sharing UDP 4500; `None` draws them at random.
+    pub inbound_spi_index: Option<u32>,
     /// Groups in order of preference; the initiator's first KE uses the first.
     pub groups: Vec<DhGroup>,
     /// Our side of the CHILD_SA's traffic selectors.
@@ -106,6 +197,9 @@ pub struct Config {
     pub dpd_interval: Duration,
     /// Interval of NAT keepalives when we are behind a NAT.
     pub keepalive_interval: Duration,
+    /// How long a responder waits for IKE_AUTH after answering IKE_SA_INIT
+    /// before it gives the half-open SA up (`IkeSaDown(Timeout)`).
+    pub half_open_timeout: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -114,6 +208,8 @@ impl std::fmt::Debug for Config {
             .field("psk", &"<redacted>")
             .field("local_id", &self.local_id)
             .field("remote_id", &self.remote_id)
+            .field("peer_lookup", &self.peer_lookup.is_some())
+            .field("inbound_spi_index", &self.inbound_spi_index)
             .field("groups", &self.groups)
             .field("local_ts", &self.local_ts)
             .field("remote_ts", &self.remote_ts)
@@ -123,18 +219,55 @@ impl std::fmt::Debug for Config {
 }
 
 impl Config {
-    /// Defaults: groups 31 then 14, PFS on, retransmissions after 1, 2, 4, 8
-    /// and 16 s, liveness check after 30 s of silence, keepalives every 20 s.
+    /// A configuration for one known peer. Refuses a PSK shorter than
+    /// [`MIN_PSK_LEN`]. Defaults: groups 31 then 14, PFS on, random inbound
+    /// SPIs, retransmissions after 1, 2, 4, 8 and 16 s, liveness check after
+    /// 30 s of silence, keepalives every 20 s.
     pub fn new(
         psk: &[u8],
         local_id: Id,
+        remote_id: Id,
+        local_ts: Vec<TrafficSelector>,
+        remote_ts: Vec<TrafficSelector>,
+    ) -> Result<Self, PskTooShort> {
+        Ok(Self::base(
+            checked_psk(psk)?,
+            local_id,
+            Some(remote_id),
+            None,
+            local_ts,
+            remote_ts,
+        ))
+    }
+
+    /// A responder configuration that picks the peer's PSK, selectors and
+    /// SPI index by its identity with `lookup`; the other defaults as
+    /// [`Config::new`].
+    pub fn with_lookup(local_id: Id, lookup: PeerLookup) -> Self {
+        Self::base(
+            Zeroizing::new(Vec::new()),
+            local_id,
+            None,
+            Some(lookup),
+            Vec::new(),
+            Vec::new(),
+        )
+    }
+
+    fn base(
+        psk: Zeroizing<Vec<u8>>,
+        local_id: Id,
+        remote_id: Option<Id>,
+        peer_lookup: Option<PeerLookup>,
         local_ts: Vec<TrafficSelector>,
         remote_ts: Vec<TrafficSelector>,
     ) -> Self {
         Self {
-            psk: psk.to_vec(),
+            psk,
             local_id,
-            remote_id: None,
+            remote_id,
+            peer_lookup,
+            inbound_spi_index: None,
             groups: vec![DhGroup::Curve25519, DhGroup::Modp2048],
             local_ts,
             remote_ts,
@@ -143,7 +276,23 @@ impl Config {
             retransmit_tries: 5,
             dpd_interval: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(20),
+            half_open_timeout: Duration::from_secs(30),
         }
+    }
+
+    /// Replaces the PSK; refuses one shorter than [`MIN_PSK_LEN`].
+    pub fn set_psk(&mut self, psk: &[u8]) -> Result<(), PskTooShort> {
+        self.psk = checked_psk(psk)?;
+        Ok(())
+    }
+
+    /// Applies the answer of the peer lookup for the identity `id`.
+    fn adopt(&mut self, id: &Id, peer: Peer) {
+        self.psk = peer.psk;
+        self.remote_id = Some(id.clone());
+        self.local_ts = peer.local_ts;
+        self.remote_ts = peer.remote_ts;
+        self.inbound_spi_index = peer.inbound_spi_index;
     }
 }
 
@@ -157,17 +306,14 @@ pub struct Transmit {
     pub payload: Vec<u8>,
 }
 
-/// The keys and selectors of one ESP SA pair.
+/// The SPIs and selectors of one ESP SA pair; its keys are handed out once,
+/// in the [`ChildKeys`] of the event that installs it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ChildSa {
     /// The SPI the peer puts on packets to us.
     pub spi_in: u32,
     /// The SPI we put on packets to the peer.
     pub spi_out: u32,
-    /// AES-256-GCM key ‖ salt for inbound packets.
-    pub key_in: AeadKey,
-    /// AES-256-GCM key ‖ salt for outbound packets.
-    pub key_out: AeadKey,
     /// Our traffic selectors, after narrowing.
     pub ts_local: Vec<TrafficSelector>,
     /// The peer's traffic selectors, after narrowing.
@@ -182,6 +328,24 @@ impl std::fmt::Debug for ChildSa {
             .field("ts_local", &self.ts_local)
             .field("ts_remote", &self.ts_remote)
             .finish_non_exhaustive()
+    }
+}
+
+/// The keys of one ESP SA pair, given out exactly once ([`Event::ChildSaUp`],
+/// [`Event::ChildSaRekeyed`]) and neither kept nor cloneable: an outbound SA
+/// built from them starts its sequence (the AES-GCM IV, RFC 4106 §3.1) at 1,
+/// so a second SA under the same key would repeat IVs.
+#[derive(PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+pub struct ChildKeys {
+    /// AES-256-GCM key ‖ salt for inbound packets.
+    pub key_in: AeadKey,
+    /// AES-256-GCM key ‖ salt for outbound packets.
+    pub key_out: AeadKey,
+}
+
+impl std::fmt::Debug for ChildKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChildKeys(<redacted>)")
     }
 }
 
@@ -201,15 +365,19 @@ pub enum DownReason {
 }
 
 /// What happened, for the caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Event {
     /// IKE_AUTH completed: the IKE SA is established.
     IkeSaUp { spi_i: u64, spi_r: u64 },
     /// The CHILD_SA is installed: start ESP with these keys.
-    ChildSaUp(ChildSa),
+    ChildSaUp { sa: ChildSa, keys: ChildKeys },
     /// A rekey installed `new`; the SA whose inbound SPI is `old_spi_in`
     /// stays valid until its [`Event::ChildSaDeleted`].
-    ChildSaRekeyed { old_spi_in: u32, new: ChildSa },
+    ChildSaRekeyed {
+        old_spi_in: u32,
+        new: ChildSa,
+        keys: ChildKeys,
+    },
     /// The CHILD_SA could not be created (the IKE SA stays up).
     ChildSaFailed { notify: u16 },
     /// The CHILD_SA pair is gone.
@@ -235,9 +403,15 @@ pub struct Stats {
 /// The stateless COOKIE check of a responder (RFC 7296 §2.6): when the
 /// caller is under load, an IKE_SA_INIT without a valid cookie gets one
 /// back and no state is created.
-#[derive(Clone)]
+///
+/// The secret is rotated by the caller ([`CookieJar::rotate`], e.g. every
+/// few minutes); cookies carry the version of their secret and those of the
+/// current and the previous one are accepted (§2.6).
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct CookieJar {
-    secret: [u8; 32],
+    version: u8,
+    current: [u8; 32],
+    previous: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for CookieJar {
@@ -248,18 +422,51 @@ impl std::fmt::Debug for CookieJar {
 
 impl CookieJar {
     pub fn new(rng: &mut (impl RngCore + CryptoRng)) -> Self {
-        let mut secret = [0; 32];
-        rng.fill_bytes(&mut secret);
-        Self { secret }
+        let mut current = [0; 32];
+        rng.fill_bytes(&mut current);
+        Self {
+            version: 0,
+            current,
+            previous: None,
+        }
     }
 
-    fn cookie(&self, ni: &[u8], remote: SocketAddr, spi_i: u64) -> [u8; 32] {
-        // Cookie = H(Ni | IPi | SPIi | <secret>) (§2.6), as an HMAC keyed by the secret.
+    /// A new secret; cookies made with the one before stay valid until the
+    /// next rotation.
+    pub fn rotate(&mut self, rng: &mut (impl RngCore + CryptoRng)) {
+        let mut next = [0; 32];
+        rng.fill_bytes(&mut next);
+        self.previous = Some(std::mem::replace(&mut self.current, next));
+        self.version = self.version.wrapping_add(1);
+    }
+
+    fn cookie(
+        version: u8,
+        secret: &[u8; 32],
+        ni: &[u8],
+        remote: SocketAddr,
+        spi_i: u64,
+    ) -> Vec<u8> {
+        // Cookie = <VersionIDofSecret> | H(Ni | IPi | SPIi | <secret>)
+        // (§2.6), the hash an HMAC keyed by the secret.
         let ip = match remote.ip() {
             IpAddr::V4(a) => a.octets().to_vec(),
             IpAddr::V6(a) => a.octets().to_vec(),
         };
-        crypto::prf(&self.secret, &[ni, &ip, &spi_i.to_be_bytes()])
+        let h = crypto::prf(secret, &[ni, &ip, &spi_i.to_be_bytes()]);
+        [&[version][..], &h].concat()
+    }
+
+    /// The cookie's secret by its version byte: the current or the previous one.
+    fn secret_of(&self, cookie: &[u8]) -> Option<(u8, &[u8; 32])> {
+        let v = *cookie.first()?;
+        if v == self.version {
+            Some((v, &self.current))
+        } else if v == self.version.wrapping_sub(1) {
+            self.previous.as_ref().map(|p| (v, p))
+        } else {
+            None
+        }
     }
 
     /// Checks an IKE_SA_INIT request (`message`, marker removed). `Ok` means
@@ -289,17 +496,18 @@ impl CookieJar {
             _ => None,
         });
         let Some(ni) = ni else { return Err(None) };
-        let want = self.cookie(ni, remote, h.spi_i);
         // §2.6: the COOKIE notify must be the first payload.
         if let Some(Payload::Notify {
             kind: notify::COOKIE,
             data,
             ..
         }) = m.chain.payloads.first()
-            && crypto::ct_eq(data, &want)
+            && let Some((v, secret)) = self.secret_of(data)
+            && crypto::ct_eq(data, &Self::cookie(v, secret, ni, remote, h.spi_i))
         {
             return Ok(());
         }
+        let want = Self::cookie(self.version, &self.current, ni, remote, h.spi_i);
         let reply = Header {
             spi_i: h.spi_i,
             spi_r: 0,
@@ -391,6 +599,9 @@ struct OldIke {
     iv: u64,
     /// Our Delete of it (we started the rekey): bytes, sends so far, next retransmission.
     delete: Option<(Vec<u8>, u32, Instant)>,
+    /// Once we answered the peer's request on it (its Delete), it is kept
+    /// only as long as the peer may retransmit that request.
+    expires: Option<Instant>,
 }
 
 /// One IKE SA and its CHILD_SA. See the [module documentation](self).
@@ -416,7 +627,10 @@ pub struct IkeSa {
     init_request: Vec<u8>,
     init_response: Vec<u8>,
     cookie: Option<Vec<u8>>,
+    cookie_retries: u32,
     ke_retries: u32,
+    /// The last unprotected error notify answering our IKE_SA_INIT.
+    init_error: Option<u16>,
     next_request_id: u32,
     outstanding: Option<Outstanding>,
     expected_request_id: u32,
@@ -430,6 +644,11 @@ pub struct IkeSa {
     pending_auth_spi: u32,
     /// The IKE SA replaced by a rekey, until its Delete exchange is done.
     old_ike: Option<OldIke>,
+    /// When to try again an IKE rekey the peer refused with TEMPORARY_FAILURE.
+    rekey_ike_retry: Option<Instant>,
+    /// Responder: when the half-open SA (IKE_SA_INIT answered, no IKE_AUTH
+    /// yet) is given up.
+    half_open_until: Option<Instant>,
     last_inbound: Instant,
     next_keepalive: Option<Instant>,
     transmits: VecDeque<Transmit>,
@@ -453,16 +672,6 @@ fn random_nonce(rng: &mut (impl RngCore + CryptoRng)) -> Vec<u8> {
     let mut n = vec![0; NONCE_LEN];
     rng.fill_bytes(&mut n);
     n
-}
-
-fn random_child_spi(rng: &mut (impl RngCore + CryptoRng)) -> u32 {
-    // SPIs 0–255 are reserved (RFC 4303 §2.1).
-    loop {
-        let s = rng.next_u32();
-        if s > 255 {
-            return s;
-        }
-    }
 }
 
 fn nat_hash(spi_i: u64, spi_r: u64, addr: SocketAddr) -> [u8; 20] {
@@ -574,18 +783,52 @@ fn choose(props: &[Proposal], proto: u8, ours: &[DhGroup], ke: Option<u16>) -> C
 }
 
 /// §2.9 narrowing: the parts of the peer's selectors that our policy allows.
-fn narrow(peer: &[TrafficSelector], policy: &[TrafficSelector]) -> Vec<TrafficSelector> {
+/// The most traffic selectors taken from, or put in, one TS payload: a
+/// peer's long list times our policy must neither grow quadratically nor
+/// overflow the payload's one-byte count (RFC 7296 §3.13).
+const MAX_SELECTORS: usize = 16;
+
+/// The intersections of the peer's selectors with our policy; `None` when
+/// the peer sent more than [`MAX_SELECTORS`] or there would be more.
+fn narrow(peer: &[TrafficSelector], policy: &[TrafficSelector]) -> Option<Vec<TrafficSelector>> {
+    if peer.len() > MAX_SELECTORS {
+        return None;
+    }
     let mut out: Vec<TrafficSelector> = Vec::new();
     for a in peer {
         for b in policy {
             if let Some(c) = a.intersect(b)
                 && !out.contains(&c)
             {
+                if out.len() == MAX_SELECTORS {
+                    return None;
+                }
                 out.push(c);
             }
         }
     }
-    out
+    Some(out)
+}
+
+/// Replaced CHILD_SAs kept until their Delete exchange: the one a rekey
+/// replaces, and one more for a rekey racing its Delete.
+const MAX_OLD_CHILDREN: usize = 2;
+
+/// Why a CHILD_SA request is refused: the error notify and, for
+/// INVALID_KE_PAYLOAD, the group (one the peer offered) to ask for.
+#[derive(Debug, PartialEq, Eq)]
+struct Refusal {
+    notify: u16,
+    group: Option<DhGroup>,
+}
+
+impl From<u16> for Refusal {
+    fn from(notify: u16) -> Self {
+        Self {
+            notify,
+            group: None,
+        }
+    }
 }
 
 /// Every selector of `got` lies inside one of `proposed`.
@@ -596,8 +839,29 @@ fn within(got: &[TrafficSelector], proposed: &[TrafficSelector]) -> bool {
             .all(|g| proposed.iter().any(|p| p.intersect(g) == Some(*g)))
 }
 
+/// The group an INVALID_KE_PAYLOAD notify asks for (its data: the 2-byte
+/// group number, RFC 7296 §3.10.1), when it is one we know.
+fn asked_group(data: &[u8]) -> Option<DhGroup> {
+    data.try_into()
+        .ok()
+        .map(u16::from_be_bytes)
+        .and_then(DhGroup::from_id)
+}
+
+/// The wait before send number `tries + 1` of a request: the base,
+/// doubling after each send (capped so that it cannot overflow).
+fn backoff(base: Duration, tries: u32) -> Duration {
+    base.saturating_mul(1u32 << tries.saturating_sub(1).min(16))
+}
+
 fn spi_u32(spi: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(spi.try_into().ok()?))
+}
+
+/// A CHILD_SA SPI the peer chose: four bytes, outside the reserved 0–255
+/// (RFC 4303 §2.1).
+fn peer_spi(spi: &[u8]) -> Option<u32> {
+    spi_u32(spi).filter(|s| *s > 255)
 }
 
 /// Payload lookups in a decrypted or plain chain.
@@ -690,7 +954,9 @@ impl IkeSa {
             init_request: Vec::new(),
             init_response: Vec::new(),
             cookie: None,
+            cookie_retries: 0,
             ke_retries: 0,
+            init_error: None,
             next_request_id: 0,
             outstanding: None,
             expected_request_id: 0,
@@ -701,6 +967,8 @@ impl IkeSa {
             peer_rekey: None,
             pending_auth_spi: 0,
             old_ike: None,
+            rekey_ike_retry: None,
+            half_open_until: None,
             last_inbound: now,
             next_keepalive: None,
             transmits: VecDeque::new(),
@@ -742,6 +1010,13 @@ impl IkeSa {
     /// [`IkeSa::handle_input`]. `spi_r` is our SPI (non-zero; the caller may
     /// encode what it needs to route in it); `local_ip` is the address the
     /// request was sent to (for NAT detection).
+    ///
+    /// A responder still [`IkeSa::awaits_init`] after `handle_input` has
+    /// answered statelessly (INVALID_KE_PAYLOAD, NO_PROPOSAL_CHOSEN) or
+    /// dropped the datagram holds nothing worth keeping: the caller drops
+    /// it. One that answered is half-open until IKE_AUTH and goes down with
+    /// [`DownReason::Timeout`] after [`Config::half_open_timeout`]; a caller
+    /// counting its half-open SAs turns [`CookieJar`] on above a limit.
     pub fn responder(
         config: Config,
         spi_r: u64,
@@ -752,6 +1027,11 @@ impl IkeSa {
         let mut sa = Self::blank(config, local_ip, remote, false, now);
         sa.spi_r = spi_r;
         sa
+    }
+
+    /// A responder that has not answered an IKE_SA_INIT request yet.
+    pub fn awaits_init(&self) -> bool {
+        self.phase == Phase::Idle
     }
 
     /// The SPIs (initiator's, responder's) of the current IKE SA.
@@ -838,6 +1118,12 @@ impl IkeSa {
     /// Deletes the IKE SA (and its CHILD_SA); [`Event::IkeSaDown`] follows
     /// when the peer answers or the retransmissions run out.
     pub fn close(&mut self, now: Instant, rng: &mut (impl RngCore + CryptoRng)) {
+        if self.phase != Phase::Established {
+            // Nothing to delete with the peer before IKE_AUTH completed
+            // (there is no Delete without an authenticated SA, §1.4).
+            self.go_down(DownReason::Closed);
+            return;
+        }
         self.actions.push_back(Action::Close);
         self.drive(now, rng);
     }
@@ -855,6 +1141,17 @@ impl IkeSa {
         if let Some(k) = self.next_keepalive {
             earliest(k);
         }
+        if let Some(r) = self.rekey_ike_retry {
+            earliest(r);
+        }
+        if let Some(x) = self.old_ike.as_ref().and_then(|o| o.expires) {
+            earliest(x);
+        }
+        if self.phase == Phase::AuthPending
+            && let Some(h) = self.half_open_until
+        {
+            earliest(h);
+        }
         if let Some((_, _, at)) = self.old_ike.as_ref().and_then(|o| o.delete.as_ref()) {
             earliest(*at);
         }
@@ -866,6 +1163,20 @@ impl IkeSa {
         if self.phase == Phase::Closed {
             return;
         }
+        if self.phase == Phase::AuthPending && self.half_open_until.is_some_and(|h| now >= h) {
+            // No IKE_AUTH came: a half-open SA holds keys and the peer's
+            // message; it must not outlive a spoofed or abandoned IKE_SA_INIT.
+            self.go_down(DownReason::Timeout);
+            return;
+        }
+        if self
+            .old_ike
+            .as_ref()
+            .and_then(|o| o.expires)
+            .is_some_and(|x| now >= x)
+        {
+            self.old_ike = None;
+        }
         if let Some(old) = &mut self.old_ike
             && let Some((bytes, tries, at)) = &mut old.delete
             && now >= *at
@@ -875,11 +1186,7 @@ impl IkeSa {
                 self.old_ike = None;
             } else {
                 *tries += 1;
-                *at = now
-                    + self
-                        .config
-                        .retransmit_base
-                        .saturating_mul(1u32 << (*tries - 1).min(16));
+                *at = now + backoff(self.config.retransmit_base, *tries);
                 let bytes = bytes.clone();
                 self.stats.retransmissions += 1;
                 self.send_raw(bytes);
@@ -890,18 +1197,30 @@ impl IkeSa {
         {
             if o.tries >= self.config.retransmit_tries {
                 self.outstanding = None;
-                self.go_down(DownReason::Timeout);
+                let reason = match (self.phase, self.init_error) {
+                    (Phase::InitSent, Some(e)) => DownReason::Refused(e),
+                    _ => DownReason::Timeout,
+                };
+                self.go_down(reason);
                 return;
             }
             o.tries += 1;
-            o.next_at = now
-                + self
-                    .config
-                    .retransmit_base
-                    .saturating_mul(1u32 << (o.tries - 1).min(16));
+            o.next_at = now + backoff(self.config.retransmit_base, o.tries);
             let bytes = o.bytes.clone();
             self.stats.retransmissions += 1;
             self.send_raw(bytes);
+        }
+        if let Some(r) = self.rekey_ike_retry
+            && now >= r
+        {
+            self.rekey_ike_retry = None;
+            if !self
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::RekeyIke(_)))
+            {
+                self.actions.push_back(Action::RekeyIke(None));
+            }
         }
         if self.phase == Phase::Established
             && self.outstanding.is_none()
@@ -917,11 +1236,19 @@ impl IkeSa {
             self.transmits.push_back(Transmit {
                 local_port: NAT_T_PORT,
                 remote: self.remote,
-                payload: vec![0xff],
+                payload: natt::KEEPALIVE.to_vec(),
             });
             self.next_keepalive = Some(now + self.config.keepalive_interval);
         }
         self.drive(now, rng);
+    }
+
+    /// Once authenticated, the IKE_SA_INIT secret and messages (kept for
+    /// the AUTH payloads, §2.15) are of no more use.
+    fn forget_initial_exchange(&mut self) {
+        self.dh = None;
+        self.init_request = Vec::new();
+        self.init_response = Vec::new();
     }
 
     fn go_down(&mut self, reason: DownReason) {
@@ -932,6 +1259,13 @@ impl IkeSa {
         self.outstanding = None;
         self.actions.clear();
         self.next_keepalive = None;
+        // Nothing is answered any more: drop the key material and the
+        // initial messages kept for AUTH.
+        self.keys = None;
+        self.dh = None;
+        self.old_ike = None;
+        self.init_request = Vec::new();
+        self.init_response = Vec::new();
         self.events.push_back(Event::IkeSaDown(reason));
     }
 
@@ -1005,7 +1339,9 @@ impl IkeSa {
         let Some(bytes) = self.seal(exchange, false, id, payloads) else {
             return;
         };
-        self.next_request_id += 1;
+        // Message IDs do not wrap (§2.2): at 2^32 - 1 the SA must be
+        // rekeyed; a repeated ID is then only ever taken for a retransmission.
+        self.next_request_id = self.next_request_id.saturating_add(1);
         self.outstanding = Some(Outstanding {
             message_id: id,
             bytes: bytes.clone(),
@@ -1124,13 +1460,12 @@ impl IkeSa {
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<(), DropReason> {
         let msg = if local_port == NAT_T_PORT {
-            if datagram == [0xff] {
+            match natt::classify(datagram) {
                 // A NAT keepalive (RFC 3948 §2.3): nothing to do.
-                return Ok(());
-            }
-            match datagram.strip_prefix(&NON_ESP_MARKER[..]) {
-                Some(m) => m,
-                None => return Err(DropReason::NotIke),
+                Ok(Udp4500::Keepalive) => return Ok(()),
+                Ok(Udp4500::Ike(m)) => m,
+                Ok(Udp4500::Esp(_)) => return Err(DropReason::NotIke),
+                Err(natt::Malformed) => return Err(DropReason::Malformed),
             }
         } else {
             datagram
@@ -1148,13 +1483,15 @@ impl IkeSa {
         if let Some(old) = &self.old_ike
             && (h.spi_i, h.spi_r) == (old.spi_i, old.spi_r)
         {
-            return self.old_input(msg, &m);
+            return self.old_input(msg, &m, now);
         }
         let init_request = h.exchange == exchange::IKE_SA_INIT && !h.is_response();
         // §2.21.2 / §3.1: messages are matched by SPIs. IKE_SA_INIT
         // requests carry a zero responder SPI.
         let spi_ok = if self.phase == Phase::Idle {
-            init_request && h.spi_r == 0
+            // A responder made with SPI 0 could never be told from an
+            // IKE_SA_INIT request (§3.1: the responder's SPI is non-zero).
+            init_request && h.spi_r == 0 && self.spi_r != 0
         } else if init_request {
             h.spi_i == self.spi_i && h.spi_r == 0
         } else if h.exchange == exchange::IKE_SA_INIT {
@@ -1216,7 +1553,7 @@ impl IkeSa {
             Ok(c) => c,
             Err(ParseError::UnsupportedCritical(t)) => {
                 // §2.5: refuse the request, naming the payload type.
-                self.expected_request_id += 1;
+                self.expected_request_id = self.expected_request_id.saturating_add(1);
                 self.respond(
                     h.exchange,
                     h.message_id,
@@ -1239,17 +1576,19 @@ impl IkeSa {
         let f = Found::new(&chain.payloads);
         match (h.exchange, self.phase) {
             (exchange::IKE_AUTH, Phase::AuthPending) if !self.original_initiator => {
-                self.expected_request_id += 1;
+                self.expected_request_id = self.expected_request_id.saturating_add(1);
                 self.respond_auth(h.message_id, &f, rng);
                 Ok(())
             }
-            (exchange::INFORMATIONAL, Phase::Established | Phase::AuthPending) => {
-                self.expected_request_id += 1;
+            // Only after the initial exchanges (§1.4): before IKE_AUTH the
+            // peer is not authenticated, and a Delete must not end the SA.
+            (exchange::INFORMATIONAL, Phase::Established) => {
+                self.expected_request_id = self.expected_request_id.saturating_add(1);
                 self.respond_informational(h.message_id, &f);
                 Ok(())
             }
             (exchange::CREATE_CHILD_SA, Phase::Established) => {
-                self.expected_request_id += 1;
+                self.expected_request_id = self.expected_request_id.saturating_add(1);
                 self.respond_create_child(h.message_id, &f, rng);
                 Ok(())
             }
@@ -1337,6 +1676,7 @@ impl IkeSa {
         self.expected_request_id = 1;
         self.ike_group = Some(g);
         self.phase = Phase::AuthPending;
+        self.half_open_until = Some(now + self.config.half_open_timeout);
         self.last_inbound = now;
         if let Some((_, we_natted)) = nat.filter(|n| n.0) {
             self.behind_nat = we_natted;
@@ -1372,6 +1712,22 @@ impl IkeSa {
             self.go_down(DownReason::Refused(notify::INVALID_SYNTAX));
             return;
         };
+        if let Some(lookup) = self.config.peer_lookup.clone() {
+            // The peer's configuration by the identity it claims; its AUTH
+            // below proves it holds that identity's PSK.
+            match lookup(idi) {
+                Some(peer) => self.config.adopt(idi, peer),
+                None => {
+                    self.respond(
+                        exchange::IKE_AUTH,
+                        id,
+                        &[Payload::notify(notify::AUTHENTICATION_FAILED, &[])],
+                    );
+                    self.go_down(DownReason::AuthenticationFailed);
+                    return;
+                }
+            }
+        }
         let want = crypto::psk_auth(
             &self.config.psk,
             &self.init_request,
@@ -1379,7 +1735,7 @@ impl IkeSa {
             &keys.sk_pi,
             &idi.body(),
         );
-        let id_ok = self.config.remote_id.as_ref().is_none_or(|r| r == idi);
+        let id_ok = self.config.remote_id.as_ref() == Some(idi);
         if method != AUTH_SHARED_KEY_MIC || !id_ok || !crypto::ct_eq(auth, &want) {
             self.respond(
                 exchange::IKE_AUTH,
@@ -1405,19 +1761,20 @@ impl IkeSa {
             },
         ];
         self.phase = Phase::Established;
+        self.forget_initial_exchange();
         self.events.push_back(Event::IkeSaUp {
             spi_i: self.spi_i,
             spi_r: self.spi_r,
         });
         let (ni, nr) = (self.ni.clone(), self.nr.clone());
         match self.accept_child(f, &keys.sk_d, None, &ni, &nr, rng) {
-            Ok((child, reply)) => {
+            Ok((child, keys, reply)) => {
                 ps.extend(reply);
                 self.respond(exchange::IKE_AUTH, id, &ps);
                 self.child = Some(child.clone());
-                self.events.push_back(Event::ChildSaUp(child));
+                self.events.push_back(Event::ChildSaUp { sa: child, keys });
             }
-            Err(n) => {
+            Err(Refusal { notify: n, .. }) => {
                 ps.push(Payload::notify(n, &[]));
                 self.respond(exchange::IKE_AUTH, id, &ps);
                 self.events.push_back(Event::ChildSaFailed { notify: n });
@@ -1435,22 +1792,33 @@ impl IkeSa {
         ni: &[u8],
         nr: &[u8],
         rng: &mut (impl RngCore + CryptoRng),
-    ) -> Result<(ChildSa, Vec<Payload>), u16> {
+    ) -> Result<(ChildSa, ChildKeys, Vec<Payload>), Refusal> {
         let (Some(sa), Some(tsi), Some(tsr)) = (f.sa, f.tsi, f.tsr) else {
-            return Err(notify::INVALID_SYNTAX);
+            return Err(notify::INVALID_SYNTAX.into());
         };
         let (num, spi, group) =
             match choose(sa, protocol::ESP, &self.config.groups, ke.map(|k| k.0)) {
                 Choice::Chosen(num, spi, g) => (num, spi, g),
-                Choice::WrongKe(_) => return Err(notify::INVALID_KE_PAYLOAD),
-                Choice::None => return Err(notify::NO_PROPOSAL_CHOSEN),
+                Choice::WrongKe(g) => {
+                    return Err(Refusal {
+                        notify: notify::INVALID_KE_PAYLOAD,
+                        group: Some(g),
+                    });
+                }
+                Choice::None => return Err(notify::NO_PROPOSAL_CHOSEN.into()),
             };
-        let spi_out = spi_u32(&spi).ok_or(notify::NO_PROPOSAL_CHOSEN)?;
+        // SPIs 0–255 are reserved (RFC 4303 §2.1); 0 would also read as the
+        // non-ESP marker under UDP encapsulation (RFC 3948 §2.2).
+        let spi_out = peer_spi(&spi).ok_or(notify::NO_PROPOSAL_CHOSEN)?;
         // The peer is the initiator of this exchange: its TSi is its side.
-        let ts_remote = narrow(tsi, &self.config.remote_ts);
-        let ts_local = narrow(tsr, &self.config.local_ts);
+        let (Some(ts_remote), Some(ts_local)) = (
+            narrow(tsi, &self.config.remote_ts),
+            narrow(tsr, &self.config.local_ts),
+        ) else {
+            return Err(notify::TS_UNACCEPTABLE.into());
+        };
         if ts_remote.is_empty() || ts_local.is_empty() {
-            return Err(notify::TS_UNACCEPTABLE);
+            return Err(notify::TS_UNACCEPTABLE.into());
         }
         let mut extra = Vec::new();
         let shared = match (group, ke) {
@@ -1465,7 +1833,7 @@ impl IkeSa {
             }
             _ => None,
         };
-        let spi_in = random_child_spi(rng);
+        let spi_in = self.new_inbound_spi(rng);
         let (i2r, r2i) = crypto::child_keys(sk_d, shared.as_deref(), ni, nr);
         let mut prop = esp_proposal(spi_in, &group.into_iter().collect::<Vec<_>>());
         prop.num = num;
@@ -1477,16 +1845,25 @@ impl IkeSa {
             ChildSa {
                 spi_in,
                 spi_out,
-                key_in: i2r,
-                key_out: r2i,
                 ts_local,
                 ts_remote,
+            },
+            ChildKeys {
+                key_in: i2r,
+                key_out: r2i,
             },
             ps,
         ))
     }
 
     fn respond_informational(&mut self, id: u32, f: &Found<'_>) {
+        if f.notify(notify::AUTHENTICATION_FAILED).is_some() {
+            // The initiator refused our AUTH after we considered the SA up
+            // (§2.21.2): it is gone on its side.
+            self.respond(exchange::INFORMATIONAL, id, &[]);
+            self.go_down(DownReason::AuthenticationFailed);
+            return;
+        }
         let mut reply = Vec::new();
         for (proto, spis) in &f.deletes {
             if *proto == protocol::IKE {
@@ -1549,6 +1926,19 @@ impl IkeSa {
         if f.sa
             .is_some_and(|ps| ps.iter().any(|p| p.protocol == protocol::IKE))
         {
+            if self.outstanding.is_some() {
+                // A request of ours is in flight on this IKE SA; moving to a
+                // new one now would strand it (its response would come on
+                // the old SPIs), and a simultaneous IKE rekey would leave
+                // each side on the other's SA. Refuse; the peer retries
+                // later (RFC 7296 §2.25, §2.25.2).
+                self.respond(
+                    exchange::CREATE_CHILD_SA,
+                    id,
+                    &[Payload::notify(notify::TEMPORARY_FAILURE, &[])],
+                );
+                return;
+            }
             self.respond_rekey_ike(id, f, &keys, &ni, rng);
             return;
         }
@@ -1574,7 +1964,7 @@ impl IkeSa {
         };
         let nr = random_nonce(rng);
         match self.accept_child(f, &keys.sk_d, f.ke, &ni, &nr, rng) {
-            Ok((child, mut ps)) => {
+            Ok((child, keys, mut ps)) => {
                 ps.insert(1, Payload::Nonce(nr.clone()));
                 self.respond(exchange::CREATE_CHILD_SA, id, &ps);
                 let lowest = [ni.as_slice(), nr.as_slice()]
@@ -1587,30 +1977,45 @@ impl IkeSa {
                     new_spi_in: child.spi_in,
                     lowest_nonce: lowest,
                 });
-                self.install_rekeyed(old, child);
+                self.install_rekeyed(old, child, keys);
             }
-            Err(notify::INVALID_KE_PAYLOAD) => {
-                let g = self.config.groups.first().map_or(0, |g| g.id());
+            Err(Refusal {
+                notify: n,
+                group: Some(g),
+            }) => {
+                // The group chosen from those the peer offered (§1.3).
                 self.respond(
                     exchange::CREATE_CHILD_SA,
                     id,
-                    &[Payload::notify(
-                        notify::INVALID_KE_PAYLOAD,
-                        &g.to_be_bytes(),
-                    )],
+                    &[Payload::notify(n, &g.id().to_be_bytes())],
                 );
             }
-            Err(n) => self.respond(exchange::CREATE_CHILD_SA, id, &[Payload::notify(n, &[])]),
+            Err(Refusal { notify: n, .. }) => {
+                self.respond(exchange::CREATE_CHILD_SA, id, &[Payload::notify(n, &[])])
+            }
         }
     }
 
-    fn install_rekeyed(&mut self, old_spi_in: u32, new: ChildSa) {
+    fn install_rekeyed(&mut self, old_spi_in: u32, new: ChildSa, keys: ChildKeys) {
         if let Some(old) = self.child.take() {
             self.old_children.push(old);
         }
+        if self.old_children.len() > MAX_OLD_CHILDREN {
+            // A peer that rekeys without deleting would grow this without
+            // bound: the oldest goes now, and the peer is told.
+            let oldest = self.old_children.remove(0);
+            self.events.push_back(Event::ChildSaDeleted {
+                spi_in: oldest.spi_in,
+                spi_out: oldest.spi_out,
+            });
+            self.actions.push_back(Action::DeleteChild(oldest.spi_in));
+        }
         self.child = Some(new.clone());
-        self.events
-            .push_back(Event::ChildSaRekeyed { old_spi_in, new });
+        self.events.push_back(Event::ChildSaRekeyed {
+            old_spi_in,
+            new,
+            keys,
+        });
     }
 
     fn respond_rekey_ike(
@@ -1679,6 +2084,38 @@ impl IkeSa {
         self.ike_group = Some(g);
     }
 
+    /// A new inbound CHILD_SA SPI: of the tunnel's layout when the config
+    /// has an index, never in the reserved 0–255 (RFC 4303 §2.1), and never
+    /// equal to one still in use or offered, since the old and the new SA
+    /// live side by side during a rekey (RFC 7296 §2.8).
+    fn new_inbound_spi(&self, rng: &mut (impl RngCore + CryptoRng)) -> u32 {
+        let mut taken: Vec<u32> = self
+            .child
+            .iter()
+            .chain(&self.old_children)
+            .map(|c| c.spi_in)
+            .collect();
+        taken.push(self.pending_auth_spi);
+        taken.extend(self.peer_rekey.as_ref().map(|p| p.new_spi_in));
+        if let Some(Outstanding {
+            kind: Request::RekeyChild(p),
+            ..
+        }) = &self.outstanding
+        {
+            taken.push(p.new_spi_in);
+        }
+        loop {
+            let r = rng.next_u32();
+            let s = match self.config.inbound_spi_index {
+                Some(index) => esp::spi::spi_from_index(index, r),
+                None => r,
+            };
+            if s > 255 && !taken.contains(&s) {
+                return s;
+            }
+        }
+    }
+
     /// A new local IKE SPI for a rekey: random, but with the low 24 bits of
     /// the current one, so that a caller that routes by them keeps working.
     fn new_local_spi(&self, rng: &mut (impl RngCore + CryptoRng)) -> u64 {
@@ -1709,6 +2146,7 @@ impl IkeSa {
                 last_response: self.last_response.take(),
                 iv: self.iv,
                 delete: None,
+                expires: None,
             });
         }
         self.spi_i = spi_i;
@@ -1722,7 +2160,12 @@ impl IkeSa {
 
     /// A message on the IKE SA that a rekey replaced: the answer to our
     /// Delete, or the peer's Delete (answered, with the old keys).
-    fn old_input(&mut self, msg: &[u8], m: &wire::Message) -> Result<(), DropReason> {
+    fn old_input(&mut self, msg: &[u8], m: &wire::Message, now: Instant) -> Result<(), DropReason> {
+        // The peer's retransmissions of a request span at most this long.
+        let linger = self
+            .config
+            .retransmit_base
+            .saturating_mul((1u32 << self.config.retransmit_tries.min(16)) - 1);
         let Some(old) = self.old_ike.as_mut() else {
             return Err(DropReason::WrongSpi);
         };
@@ -1777,9 +2220,12 @@ impl IkeSa {
         };
         let iv = old.iv.to_be_bytes();
         old.iv += 1;
-        old.expected_request_id += 1;
+        old.expected_request_id = old.expected_request_id.saturating_add(1);
         let bytes = crypto::encode_encrypted(rh, &[], &out_key, iv);
         old.last_response = Some((h.message_id, bytes.clone()));
+        if old.delete.is_none() {
+            old.expires = Some(now + linger);
+        }
         self.send_raw(bytes);
         Ok(())
     }
@@ -1840,6 +2286,17 @@ impl IkeSa {
                 Ok(())
             }
             Request::RekeyIke { new_spi, ni, dh } => {
+                if f.error() == Some(notify::TEMPORARY_FAILURE) {
+                    // The peer is busy (or rekeying itself, §2.25.2): retry
+                    // after 1 to 3 retransmission intervals, at random so
+                    // that two sides refusing each other do not collide again.
+                    let wait = self
+                        .config
+                        .retransmit_base
+                        .saturating_mul(1 + rng.next_u32() % 3);
+                    self.rekey_ike_retry = Some(now + wait);
+                    return Ok(());
+                }
                 self.rekey_ike_response(&f, new_spi, &ni, &dh, now);
                 Ok(())
             }
@@ -1856,6 +2313,15 @@ impl IkeSa {
         None
     }
 
+    /// An error notify in the IKE_SA_INIT response, which nothing protects:
+    /// anyone on the path could have sent it. It is noted and the request
+    /// keeps its retransmissions; only when they run out does the SA go
+    /// down, refused with it (RFC 7296 §2.21.1).
+    fn unprotected_error(&mut self, e: u16) -> Result<(), DropReason> {
+        self.init_error = Some(e);
+        Err(DropReason::Unexpected)
+    }
+
     fn init_response(
         &mut self,
         local_port: u16,
@@ -1868,9 +2334,13 @@ impl IkeSa {
         let f = Found::new(&m.chain.payloads);
         if let Some(c) = f.notify(notify::COOKIE) {
             // §2.6: retry with the cookie first, everything else unchanged.
-            if c.is_empty() || c.len() > 64 || m.header.spi_r != 0 {
+            // A few cookie rounds at most: each resets the request, and an
+            // attacker answering every try with a cookie would otherwise
+            // keep us from ever timing out.
+            if c.is_empty() || c.len() > 64 || m.header.spi_r != 0 || self.cookie_retries >= 3 {
                 return Err(DropReason::Unexpected);
             }
+            self.cookie_retries += 1;
             self.cookie = Some(c.to_vec());
             self.outstanding = None;
             self.send_init(now);
@@ -1878,25 +2348,20 @@ impl IkeSa {
         }
         if let Some(g) = f.notify(notify::INVALID_KE_PAYLOAD) {
             // §1.2: retry with the group the responder asks for, if we offer it.
-            let group = g
-                .try_into()
-                .ok()
-                .map(u16::from_be_bytes)
-                .and_then(DhGroup::from_id);
+            let group = asked_group(g);
             match group {
                 Some(g) if self.config.groups.contains(&g) && self.ke_retries < 2 => {
                     self.ke_retries += 1;
                     self.dh = Some(DhSecret::generate(g, rng));
                     self.outstanding = None;
                     self.send_init(now);
+                    return Ok(());
                 }
-                _ => self.go_down(DownReason::Refused(notify::INVALID_KE_PAYLOAD)),
+                _ => return self.unprotected_error(notify::INVALID_KE_PAYLOAD),
             }
-            return Ok(());
         }
         if let Some(e) = f.error() {
-            self.go_down(DownReason::Refused(e));
-            return Ok(());
+            return self.unprotected_error(e);
         }
         let (Some(sa), Some((group, ke)), Some(nr)) = (f.sa, f.ke, f.nonce) else {
             return Err(DropReason::Unexpected);
@@ -1952,7 +2417,7 @@ impl IkeSa {
             method: AUTH_SHARED_KEY_MIC,
             data: auth.to_vec(),
         });
-        let spi_in = random_child_spi(rng);
+        let spi_in = self.new_inbound_spi(rng);
         self.pending_auth_spi = spi_in;
         ps.extend(self.child_payloads(spi_in, &[]));
         self.start_request(exchange::IKE_AUTH, &ps, Request::Auth, now);
@@ -1979,12 +2444,21 @@ impl IkeSa {
             &keys.sk_pr,
             &idr.body(),
         );
-        let id_ok = self.config.remote_id.as_ref().is_none_or(|r| r == idr);
+        let id_ok = self.config.remote_id.as_ref() == Some(idr);
         if method != AUTH_SHARED_KEY_MIC || !id_ok || !crypto::ct_eq(auth, &want) {
+            // The responder thinks the SA is up: tell it, once, in a
+            // separate INFORMATIONAL (§2.21.2); we are gone either way.
+            let n = Payload::notify(notify::AUTHENTICATION_FAILED, &[]);
+            if let Some(bytes) =
+                self.seal(exchange::INFORMATIONAL, false, self.next_request_id, &[n])
+            {
+                self.send_raw(bytes);
+            }
             self.go_down(DownReason::AuthenticationFailed);
             return;
         }
         self.phase = Phase::Established;
+        self.forget_initial_exchange();
         self.events.push_back(Event::IkeSaUp {
             spi_i: self.spi_i,
             spi_r: self.spi_r,
@@ -1995,9 +2469,9 @@ impl IkeSa {
         }
         let (ni, nr) = (self.ni.clone(), self.nr.clone());
         match self.offered_child(f, &keys.sk_d, None, &ni, &nr, self.pending_auth_spi) {
-            Some(c) => {
+            Some((c, keys)) => {
                 self.child = Some(c.clone());
-                self.events.push_back(Event::ChildSaUp(c));
+                self.events.push_back(Event::ChildSaUp { sa: c, keys });
             }
             None => self.events.push_back(Event::ChildSaFailed {
                 notify: notify::NO_PROPOSAL_CHOSEN,
@@ -2015,7 +2489,7 @@ impl IkeSa {
         ni: &[u8],
         nr: &[u8],
         spi_in: u32,
-    ) -> Option<ChildSa> {
+    ) -> Option<(ChildSa, ChildKeys)> {
         let (sa, tsi, tsr) = (f.sa?, f.tsi?, f.tsr?);
         if sa.len() != 1 {
             return None;
@@ -2023,20 +2497,24 @@ impl IkeSa {
         let Choice::Chosen(_, spi, _) = choose(sa, protocol::ESP, &self.config.groups, None) else {
             return None;
         };
-        let spi_out = spi_u32(&spi)?;
+        let spi_out = peer_spi(&spi)?;
         // We started this exchange: TSi is our side.
         if !within(tsi, &self.config.local_ts) || !within(tsr, &self.config.remote_ts) {
             return None;
         }
         let (i2r, r2i) = crypto::child_keys(sk_d, shared, ni, nr);
-        Some(ChildSa {
-            spi_in,
-            spi_out,
-            key_in: r2i,
-            key_out: i2r,
-            ts_local: tsi.to_vec(),
-            ts_remote: tsr.to_vec(),
-        })
+        Some((
+            ChildSa {
+                spi_in,
+                spi_out,
+                ts_local: tsi.to_vec(),
+                ts_remote: tsr.to_vec(),
+            },
+            ChildKeys {
+                key_in: r2i,
+                key_out: i2r,
+            },
+        ))
     }
 
     /// Starts queued actions while no request of ours is in flight.
@@ -2074,7 +2552,7 @@ impl IkeSa {
                     let Some(old) = self.child.as_ref().map(|c| c.spi_in) else {
                         continue;
                     };
-                    let new_spi_in = random_child_spi(rng);
+                    let new_spi_in = self.new_inbound_spi(rng);
                     let ni = random_nonce(rng);
                     let dh = group.map(|g| DhSecret::generate(g, rng));
                     // Offer every group, the KE's first, so that the peer can
@@ -2140,11 +2618,7 @@ impl IkeSa {
 
     fn rekey_child_response(&mut self, f: &Found<'_>, p: PendingRekey) {
         if let Some(g) = f.notify(notify::INVALID_KE_PAYLOAD) {
-            let group = g
-                .try_into()
-                .ok()
-                .map(u16::from_be_bytes)
-                .and_then(DhGroup::from_id);
+            let group = asked_group(g);
             match group.filter(|g| {
                 self.config.groups.contains(g) && p.dh.as_ref().is_some_and(|d| d.group() != *g)
             }) {
@@ -2180,7 +2654,7 @@ impl IkeSa {
                 return;
             }
         };
-        let Some(new) =
+        let Some((new, child_keys)) =
             self.offered_child(f, &keys.sk_d, shared.as_deref(), &p.ni, nr, p.new_spi_in)
         else {
             self.events.push_back(Event::ChildSaFailed {
@@ -2195,7 +2669,6 @@ impl IkeSa {
             .peer_rekey
             .take()
             .filter(|r| r.old_spi_in == p.old_spi_in);
-        self.install_rekeyed(p.old_spi_in, new.clone());
         let ours_lowest = [p.ni.as_slice(), nr]
             .into_iter()
             .min()
@@ -2203,23 +2676,15 @@ impl IkeSa {
             .to_vec();
         match collision {
             Some(peer) if ours_lowest < peer.lowest_nonce => {
-                // Our SA is the redundant one: the peer's stays current.
-                if let Some(i) = self
-                    .old_children
-                    .iter()
-                    .position(|c| c.spi_in == peer.new_spi_in)
-                {
-                    let theirs = self.old_children.remove(i);
-                    if let Some(ours) = self.child.replace(theirs) {
-                        self.old_children.push(ours);
-                    }
-                }
+                // Our SA is the redundant one: the peer's stays current, ours
+                // is never installed nor announced (its keys are dropped here),
+                // only deleted.
                 self.actions.push_front(Action::DeleteChild(new.spi_in));
             }
-            Some(_) => {
+            _ => {
+                self.install_rekeyed(p.old_spi_in, new, child_keys);
                 self.actions.push_front(Action::DeleteChild(p.old_spi_in));
             }
-            None => self.actions.push_front(Action::DeleteChild(p.old_spi_in)),
         }
     }
 
@@ -2232,12 +2697,8 @@ impl IkeSa {
         now: Instant,
     ) {
         if let Some(g) = f.notify(notify::INVALID_KE_PAYLOAD) {
-            let group = g
-                .try_into()
-                .ok()
-                .map(u16::from_be_bytes)
-                .and_then(DhGroup::from_id)
-                .filter(|g| self.config.groups.contains(g) && *g != dh.group());
+            let group =
+                asked_group(g).filter(|g| self.config.groups.contains(g) && *g != dh.group());
             if let Some(g) = group {
                 self.actions.push_front(Action::RekeyIke(Some(g)));
             }
