@@ -357,7 +357,21 @@ start_pair() {
 }
 
 # iperf3 JSON → one number.
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+# A figure out of iperf3's JSON; "nan" (left out of the medians) when a run
+# gave none, e.g. a connection refused under load: one failed run must not
+# lose the others.
+json() {
+  python3 -c "
+import json, sys
+d = None
+try:
+    d = json.load(sys.stdin)
+    print($1)
+except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+    print('nan')
+    print('bench-throughput.sh: no figure from iperf3:', d.get('error', e) if isinstance(d, dict) else e, file=sys.stderr)
+" || echo nan
+}
 
 # CPU time (clock ticks) of every process in a namespace so far.
 cpu_ticks() {
@@ -441,13 +455,14 @@ for rep in $(seq "$REPS"); do
 done
 
 python3 - "$RESULTS" "$PAIRS" "$REPS" "$DURATION" "$WORK/aes_gcm_mbit" <<'EOF'
-import statistics, sys
+import math, statistics, sys
 from collections import defaultdict
 path, pairs, reps, duration = sys.argv[1], sys.argv[2].split(), sys.argv[3], sys.argv[4]
 vals = defaultdict(list)
 for line in open(path):
     pair, rep, metric, v = line.rstrip("\n").split("\t")
-    vals[(pair, metric)].append(float(v))
+    if not math.isnan(float(v)):
+        vals[(pair, metric)].append(float(v))
 metrics = [("tcp1_mbit", "TCP 1 stream Mbit/s"), ("tcp4_mbit", "TCP 4 streams Mbit/s"),
            ("udp64_kpps", "UDP 64 B kpps rcvd"), ("ping_us", "ping RTT µs"),
            ("near_cpu_pct", "near end CPU % (TCP 1)"), ("far_cpu_pct", "far end CPU % (TCP 1)"),
