@@ -27,6 +27,7 @@ fn fallback_udp_blocked_tls_then_back_to_udp_keeps_the_session() {
     let fallback = Duration::from_secs(UDP_TIMEOUT_S + 25);
     w.wait_transport("tls", fallback);
     assert!(w.udp_dropped() > 0, "the agent never tried UDP");
+    w.wait_shown_transport("tls", Duration::from_secs(15));
     w.tech_reaches(&nat, Duration::from_secs(20));
     assert_eq!(udp_received(&w), 0, "nothing came over UDP");
     let gw_metrics = w.gateway_metrics();
@@ -42,6 +43,7 @@ fn fallback_udp_blocked_tls_then_back_to_udp_keeps_the_session() {
     assert!(held.alive(Duration::from_secs(10)), "held session on TLS");
     w.open_uplink();
     w.wait_transport("udp", Duration::from_secs(UDP_PROBE_INTERVAL_S * 3 + 20));
+    w.wait_shown_transport("udp", Duration::from_secs(15));
     // The same TCP session keeps echoing after the move (it may stall
     // while the gateway still answers on the closed stream, but it is not
     // reset), and then echoes steadily again.

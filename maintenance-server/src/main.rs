@@ -345,15 +345,16 @@ async fn site(c: SiteCmd, settings: &Settings) -> anyhow::Result<()> {
             let mut c = db.reader().acquire().await?;
             let sites = views::sites(&mut c).await?;
             let mut out = format!(
-                "{:>6}  {:<30}  {:<9}  {:<8}  {:<7}  NAT addresses",
-                "ID", "NAME", "TUNNEL", "ENROLLED", "GATEWAY"
+                "{:>6}  {:<30}  {:<9}  {:<9}  {:<8}  {:<7}  NAT addresses",
+                "ID", "NAME", "TUNNEL", "TRANSPORT", "ENROLLED", "GATEWAY"
             );
             for s in sites {
                 out.push_str(&format!(
-                    "\n{:>6}  {:<30}  {:<9}  {:<8}  {:<7}  {}",
+                    "\n{:>6}  {:<30}  {:<9}  {:<9}  {:<8}  {:<7}  {}",
                     s.site_id,
                     s.name,
                     s.tunnel,
+                    s.transport.map_or("-", |t| t.as_str()),
                     if s.enrolled { "yes" } else { "no" },
                     s.gateway_id.map_or("-".into(), |g| g.to_string()),
                     s.nat_addresses

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::IpsecParams;
 use super::common::{
-    FieldError, GatewayId, PublicKey, RequestId, SiteId, TerminalName, TunnelKind, UnixMillis,
-    check_text,
+    FieldError, GatewayId, PublicKey, RequestId, SiteId, TerminalName, Transport, TunnelKind,
+    UnixMillis, check_text,
 };
 
 /// The agent's tunnel to its gateway.
@@ -237,6 +237,14 @@ pub struct MaintenanceRequestView {
     pub ended_at: Option<UnixMillis>,
     /// When it expires by itself.
     pub expires_at: UnixMillis,
+    /// The site's tunnel kind.
+    #[serde(default)]
+    pub tunnel: TunnelKind,
+    /// How the site's tunnel travels while the request is open (`udp`,
+    /// `tls`, `tls_proxy`), as its gateway last reported; absent when not
+    /// known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
 }
 
 /// A failure code the agent reports.

@@ -43,6 +43,8 @@ fn request_view() -> MaintenanceRequestView {
         started_at: None,
         ended_at: None,
         expires_at: UnixMillis(1_700_014_400_000),
+        tunnel: TunnelKind::Wireguard,
+        transport: Some(Transport::Tls),
     }
 }
 

@@ -543,6 +543,39 @@ impl FallbackWorld {
         self.gw.sh("curl -sf http://127.0.0.1:9101/metrics")
     }
 
+    /// Waits until what people see says `transport`: the customer page's
+    /// overview, the server's view of the open request (the console's
+    /// data; the overview carries the server's views) and the operator's
+    /// `site list`.
+    pub fn wait_shown_transport(&self, transport: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (_, overview) = self.agent_api("GET", "/api/overview", None);
+            let page = overview["transport"].as_str().map(str::to_owned);
+            let requests = &overview["requests"];
+            let console = requests
+                .as_array()
+                .and_then(|a| a.iter().find(|r| r["state"] == "waiting"))
+                .and_then(|r| r["transport"].as_str())
+                .map(str::to_owned);
+            let list = self.server(&["site", "list"], None);
+            let listed = list
+                .lines()
+                .nth(1)
+                .is_some_and(|l| l.split_whitespace().any(|w| w == transport));
+            if page.as_deref() == Some(transport) && console.as_deref() == Some(transport) && listed
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for transport {transport} to be shown: \
+                 page {page:?}, request view {console:?}, site list:\n{list}\nrequests: {requests}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
     /// Waits until the agent's status, the agent's metrics and the
     /// gateway's peer status all say `transport`.
     pub fn wait_transport(&self, transport: &str, timeout: Duration) {

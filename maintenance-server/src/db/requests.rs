@@ -5,14 +5,14 @@ use std::net::IpAddr;
 
 use vpnnat::messages::{
     FailureReport, MaintenanceRequestView, NewMaintenanceRequest, RequestId, RequestState, SiteId,
-    TerminalAssignment, UnixMillis,
+    TerminalAssignment, Transport, UnixMillis,
 };
 
 use super::addresses::{address_for, held_by, release};
 use super::error::{OpError, OpResult};
 use super::policy::Policy;
 use super::tunnels::{ensure_tunnel, release_slot, site_gateway};
-use super::views::{acceptance_number, addr_to_i64, enum_str};
+use super::views::{acceptance_number, addr_to_i64, enum_parse, enum_str};
 use super::{Tx, col, id64, ids_of, u64_of};
 use crate::settings::{Quotas, Retention};
 use sqlx::Row as _;
@@ -110,7 +110,13 @@ pub async fn new_request(
     )
     .await?;
     tx.bump_gateway(gw).await?;
-    // Everything the view shows is known here: no need to read it back.
+    let carried = sqlx::query(
+        "SELECT s.tunnel, t.transport FROM sites s LEFT JOIN tunnels t ON t.site_id = s.id \
+         WHERE s.id = $1",
+    )
+    .bind(id64(site.0))
+    .fetch_one(&mut *tx.inner)
+    .await?;
     Ok(MaintenanceRequestView {
         id,
         acceptance_number: acceptance_number(id, now),
@@ -129,6 +135,9 @@ pub async fn new_request(
         started_at: None,
         ended_at: None,
         expires_at: UnixMillis(u64_of(expires)),
+        tunnel: enum_parse(&col::<String>(&carried, "tunnel")?)?,
+        transport: col::<Option<String>>(&carried, "transport")?
+            .and_then(|t| enum_parse::<Transport>(&t).ok()),
     })
 }
 

@@ -322,7 +322,8 @@ pub async fn requests(
     let mut sql = String::from(
         "SELECT r.id, r.site_id, s.name AS site_name, r.global_address, r.requester_name, r.level, \
          r.urgency, r.phone, r.content, r.state, t.gateway_id, r.received_at, r.started_at, \
-         r.ended_at, r.expires_at FROM requests r JOIN sites s ON s.id = r.site_id \
+         r.ended_at, r.expires_at, s.tunnel, t.transport \
+         FROM requests r JOIN sites s ON s.id = r.site_id \
          LEFT JOIN tunnels t ON t.site_id = r.site_id WHERE 1 = 1",
     );
     let mut n = 0;
@@ -430,6 +431,10 @@ fn request_from_row(
         started_at: opt_ms(col(r, "started_at")?),
         ended_at: opt_ms(col(r, "ended_at")?),
         expires_at: ms(col(r, "expires_at")?),
+        tunnel: enum_parse(&col::<String>(r, "tunnel")?)?,
+        transport: col::<Option<String>>(r, "transport")?
+            .filter(|_| state.is_open())
+            .and_then(|t| enum_parse::<Transport>(&t).ok()),
     })
 }
 

@@ -46,6 +46,14 @@ function show(id, text) {
   if (text) { e.textContent = text; e.hidden = false; } else { e.hidden = true; e.textContent = ""; }
 }
 
+// How the maintenance connection travels, in words (udp, tls, tls_proxy).
+function transportText(t) {
+  if (t === "udp") return "Connection to the maintenance center: direct (UDP).";
+  if (t === "tls") return "Connection to the maintenance center: over HTTPS (TLS on port 443), because this network blocks the direct way.";
+  if (t === "tls_proxy") return "Connection to the maintenance center: over HTTPS through your network's web proxy.";
+  return null;
+}
+
 function showLogin(reason) {
   state.csrf = null;
   if (state.poll) { clearInterval(state.poll); state.poll = null; }
@@ -192,6 +200,7 @@ async function refresh() {
         ". Technicians cannot reach your computers until it is back."
       : null,
   );
+  show("transport", transportText(o.transport));
   $("failure-requests").checked = !!o.failure_requests;
   renderTerminals(o.terminals);
   const open = o.requests.filter((q) => q.state === "waiting" || q.state === "in_progress");

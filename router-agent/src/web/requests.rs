@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use vpnnat::messages::{
     ApiError, Level, MaintenanceRequestView, NewMaintenanceRequest, RequestId, TerminalName,
-    UnixMillis, Urgency,
+    Transport, UnixMillis, Urgency,
 };
 
 use super::auth::Authorized;
@@ -311,6 +311,8 @@ struct Overview {
     tunnel_state: &'static str,
     /// Why the tunnel is down.
     tunnel_note: Option<String>,
+    /// How the tunnel travels: `udp`, `tls` or `tls_proxy` (none without a tunnel).
+    transport: Option<Transport>,
     failure_requests: bool,
     now: UnixMillis,
 }
@@ -383,6 +385,7 @@ pub(super) async fn overview(_: Authorized, State(web): State<Arc<Web>>) -> Resp
         tunnel_up: tunnel_state == "up",
         tunnel_state,
         tunnel_note,
+        transport: app.carrier.transport(),
         failure_requests: app.consent.failure_requests(),
         now: crate::dataplane::wall_now(),
     })
