@@ -336,6 +336,25 @@ impl Agent {
 
     /// Starts the agent and waits for its page.
     pub async fn start(&mut self) {
+        for _ in 0..5 {
+            if self.try_start().await {
+                return;
+            }
+            // Another test took the web port between `free_port` and the
+            // agent's bind: move to another one.
+            let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let text = std::fs::read_to_string(&self.config).unwrap().replace(
+                &format!("listen = \"{}\"", self.web),
+                &format!("listen = \"{web}\""),
+            );
+            std::fs::write(&self.config, text).unwrap();
+            self.web = web;
+        }
+        panic!("the agent's web port was taken five times:\n{}", self.log());
+    }
+
+    /// One start; `false` when the agent found its web port taken.
+    async fn try_start(&mut self) -> bool {
         let log = std::fs::File::create(self.log_path()).unwrap();
         let child = Command::new(bin())
             .arg("--config")
@@ -354,12 +373,17 @@ impl Agent {
                 .await
                 .is_ok_and(|r| r.status().is_success())
             {
-                return;
+                return true;
             }
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
-                panic!("the agent exited ({status}):\n{}", self.log());
+                self.child = None;
+                let log = self.log();
+                if log.contains("binding web.listen") && log.contains("Address already in use") {
+                    return false;
+                }
+                panic!("the agent exited ({status}):\n{log}");
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
