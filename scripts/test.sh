@@ -16,6 +16,12 @@ elif [ -n "${CI:-}" ]; then
   exit 1
 fi
 
+if [ -n "${CI:-}" ]; then
+  # A fresh clone gains nothing from incremental state, and it doubles the
+  # size of target/ (the CI disk is not large).
+  export CARGO_INCREMENTAL=0
+fi
+
 step() { printf '\n==> %s\n' "$*"; }
 start=$(date +%s)
 
