@@ -14,15 +14,34 @@
 //! §5.3 requires on frames from the client). A full queue drops the datagram
 //! (counted) instead of blocking the worker: the tunnel's own protocol
 //! recovers from loss, and one slow stream never stalls the other peers.
+//!
+//! What a peer at the other end cannot do (it may be anyone who got through
+//! the upgrade, so these hold on both sides):
+//! - hold memory or a worker: each stream has at most [`CHUNKS_IN_FLIGHT`]
+//!   chunks waiting for its worker; beyond that the stream stops reading and
+//!   TCP's flow control slows the sender, so one fast stream cannot crowd
+//!   the others out of the worker's inbox;
+//! - keep a dead stream open: nothing read for [`StreamOptions::idle_timeout`]
+//!   (the client pings every [`PING_INTERVAL`]) or a write stuck for
+//!   [`WRITE_TIMEOUT`] ends it;
+//! - flood with control frames: a ping longer than 125 bytes ends the stream
+//!   (RFC 6455 §5.5), and only the latest ping is answered (§5.5.3 allows
+//!   it), so pongs never pile up in the send queue.
+//!
+//! On the gateway a stream's virtual endpoint is an address that no UDP
+//! peer can have ([`virtual_endpoint`]: 240.0.0.0/4, port 0), so a stream
+//! never shadows a UDP peer, and a send to a stream that has just closed
+//! is dropped rather than sent.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 /// The largest tunnel datagram a stream carries.
 pub const MAX_DATAGRAM: usize = 65535;
@@ -33,6 +52,35 @@ pub const STREAM_QUEUE: usize = 256;
 pub const INBOX_QUEUE: usize = 1024;
 /// Bytes a stream reads at once.
 const READ_CHUNK: usize = 64 * 1024;
+/// Chunks of one stream waiting for its worker; then the stream stops
+/// reading until the worker took one.
+pub const CHUNKS_IN_FLIGHT: usize = 8;
+/// How often the client pings (so that both sides see traffic on an idle
+/// tunnel, and a proxy does not time the connection out).
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// Nothing read for this long ends a stream: three pings missed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+/// A write that cannot finish in this time ends the stream (the peer does
+/// not read).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest control frame payload (RFC 6455 §5.5).
+const MAX_CONTROL: usize = 125;
+
+/// The virtual endpoint of the gateway's stream number `id`: in 240.0.0.0/4
+/// (reserved, RFC 1112 §4) with port 0, which no UDP datagram can come
+/// from or be sent to, so it never collides with a UDP peer's address.
+pub fn virtual_endpoint(id: u64) -> SocketAddr {
+    let low = (id & 0x0fff_ffff) as u32;
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0xf000_0000 | low)), 0)
+}
+
+/// Whether `addr` is a [`virtual_endpoint`].
+pub fn is_virtual(addr: SocketAddr) -> bool {
+    match addr.ip() {
+        IpAddr::V4(v4) => addr.port() == 0 && v4.octets()[0] >= 240,
+        IpAddr::V6(_) => false,
+    }
+}
 
 const OP_CONTINUATION: u8 = 0x0;
 const OP_BINARY: u8 = 0x2;
@@ -96,6 +144,9 @@ pub enum FrameError {
     /// Longer than a tunnel datagram.
     #[error("frame too long")]
     TooLong,
+    /// A control frame longer than 125 bytes (RFC 6455 §5.5).
+    #[error("control frame too long")]
+    ControlTooLong,
 }
 
 /// A frame the reader acts on.
@@ -105,8 +156,8 @@ pub enum Frame {
     Binary(std::ops::Range<usize>),
     /// A ping to answer with a pong carrying this range.
     Ping(std::ops::Range<usize>),
-    /// A pong (ignored).
-    Pong,
+    /// A pong with this range (ignored).
+    Pong(std::ops::Range<usize>),
     /// The peer closes the stream.
     Close,
 }
@@ -181,6 +232,9 @@ impl Deframer {
         if len > MAX_DATAGRAM {
             return Err(FrameError::TooLong);
         }
+        if opcode & 0x8 != 0 && len > MAX_CONTROL {
+            return Err(FrameError::ControlTooLong);
+        }
         let key = if self.masked {
             let Some(k) = b.get(at..at + 4) else {
                 return Ok(None);
@@ -202,7 +256,7 @@ impl Deframer {
         Ok(Some(match opcode {
             OP_BINARY => Frame::Binary(range),
             OP_PING => Frame::Ping(range),
-            OP_PONG => Frame::Pong,
+            OP_PONG => Frame::Pong(range),
             OP_CLOSE => Frame::Close,
             _ => return Err(FrameError::Unexpected),
         }))
@@ -218,9 +272,21 @@ pub struct Chunk {
     pub from: SocketAddr,
     /// The length-prefixed datagrams.
     pub bytes: Vec<u8>,
+    /// One of the stream's [`CHUNKS_IN_FLIGHT`], returned when the worker
+    /// drops the chunk.
+    _credit: Option<OwnedSemaphorePermit>,
 }
 
 impl Chunk {
+    /// A chunk outside any stream's credit (tests, tools).
+    pub fn new(from: SocketAddr, bytes: Vec<u8>) -> Self {
+        Self {
+            from,
+            bytes,
+            _credit: None,
+        }
+    }
+
     /// The datagrams in the chunk.
     pub fn datagrams(&self) -> impl Iterator<Item = &[u8]> {
         let mut rest = &self.bytes[..];
@@ -251,6 +317,11 @@ pub struct StreamCounters {
     pub queue_drops: AtomicU64,
     /// Streams closed for a malformed frame.
     pub malformed: AtomicU64,
+    /// Streams closed because nothing was read for the idle timeout or a
+    /// write did not finish in time.
+    pub timed_out: AtomicU64,
+    /// Sends to a virtual endpoint whose stream had closed (dropped).
+    pub closed_drops: AtomicU64,
 }
 
 /// A snapshot of [`StreamCounters`] with the streams open now.
@@ -268,6 +339,10 @@ pub struct StreamStats {
     pub queue_drops: u64,
     /// Streams closed for a malformed frame.
     pub malformed: u64,
+    /// Streams closed for silence or a stuck write.
+    pub timed_out: u64,
+    /// Sends to a stream that had closed (dropped).
+    pub closed_drops: u64,
 }
 
 struct Route {
@@ -279,6 +354,8 @@ struct Route {
     probe_udp: Arc<AtomicBool>,
     /// The stream goes through an HTTP proxy (shown as `tls_proxy`).
     via_proxy: bool,
+    /// The address of the stream's TCP peer (for display).
+    remote: SocketAddr,
 }
 
 #[derive(Default)]
@@ -330,7 +407,23 @@ impl StreamTable {
             datagrams_received: c.datagrams_received.load(Ordering::Relaxed),
             queue_drops: c.queue_drops.load(Ordering::Relaxed),
             malformed: c.malformed.load(Ordering::Relaxed),
+            timed_out: c.timed_out.load(Ordering::Relaxed),
+            closed_drops: c.closed_drops.load(Ordering::Relaxed),
         }
+    }
+
+    /// A new virtual endpoint for a stream (the gateway's side).
+    pub fn allocate_endpoint(&self) -> SocketAddr {
+        virtual_endpoint(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The TCP peer of the stream at `endpoint`.
+    pub fn remote_of(&self, endpoint: SocketAddr) -> Option<SocketAddr> {
+        if self.inner.count.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let routes = self.inner.routes.read().ok()?;
+        routes.get(&endpoint).map(|r| r.remote)
     }
 
     /// Whether `endpoint` is a stream now, and whether through a proxy.
@@ -359,20 +452,25 @@ impl StreamTable {
     /// `count` datagrams of `segment` bytes each (the last may be shorter),
     /// or one datagram without `segment`.
     pub fn send(&self, dst: SocketAddr, contents: &[u8], segment: Option<usize>) -> Routed {
+        let seg = segment.unwrap_or(contents.len()).max(1);
+        let n = contents.len().div_ceil(seg).max(1) as u64;
+        let c = &self.inner.counters;
+        let gone = || {
+            c.closed_drops.fetch_add(n, Ordering::Relaxed);
+            Routed::Stream
+        };
         if self.inner.count.load(Ordering::Relaxed) == 0 {
-            return Routed::Udp;
+            return if is_virtual(dst) { gone() } else { Routed::Udp };
         }
         let Ok(routes) = self.inner.routes.read() else {
             return Routed::Udp;
         };
         let Some(route) = routes.get(&dst) else {
-            return Routed::Udp;
+            return if is_virtual(dst) { gone() } else { Routed::Udp };
         };
         if route.probe_udp.swap(false, Ordering::Relaxed) {
             return Routed::Udp;
         }
-        let seg = segment.unwrap_or(contents.len()).max(1);
-        let n = contents.len().div_ceil(seg).max(1) as u64;
         let mut out = Vec::with_capacity(contents.len() + 14 * n as usize);
         let empty: &[u8] = &[];
         let datagrams = contents.chunks(seg);
@@ -380,7 +478,6 @@ impl StreamTable {
             let mask = route.mask.then(rand::random::<[u8; 4]>);
             encode_frame(&mut out, OP_BINARY, d, mask);
         }
-        let c = &self.inner.counters;
         match route.tx.try_send(out) {
             Ok(()) => c.datagrams_sent.fetch_add(n, Ordering::Relaxed),
             Err(_) => c.queue_drops.fetch_add(n, Ordering::Relaxed),
@@ -422,6 +519,10 @@ pub struct StreamOptions {
     pub client: bool,
     /// The stream goes through an HTTP proxy.
     pub via_proxy: bool,
+    /// The address of the TCP peer (shown instead of a virtual endpoint).
+    pub remote: SocketAddr,
+    /// Nothing read for this long ends the stream ([`IDLE_TIMEOUT`]).
+    pub idle_timeout: Duration,
 }
 
 /// Removes a route when the session ends, also on cancellation.
@@ -447,7 +548,8 @@ impl Drop for RouteGuard<'_> {
 /// are written. `early` holds bytes read past the upgrade's head.
 ///
 /// # Errors
-/// The stream's IO error or malformed frame; `Ok` when the peer closed it.
+/// The stream's IO error, malformed frame or timeout (`TimedOut`); `Ok`
+/// when the peer closed it.
 pub async fn run<S>(
     stream: S,
     early: &[u8],
@@ -464,34 +566,74 @@ where
         opts.endpoint,
         Route {
             id,
-            tx: tx.clone(),
+            tx,
             mask: opts.client,
             probe_udp: Arc::new(AtomicBool::new(false)),
             via_proxy: opts.via_proxy,
+            remote: opts.remote,
         },
     );
-    table.inner.counters.opened.fetch_add(1, Ordering::Relaxed);
+    let counters = &table.inner.counters;
+    counters.opened.fetch_add(1, Ordering::Relaxed);
     let _guard = RouteGuard {
         table,
         endpoint: opts.endpoint,
         id,
     };
+    // The payload of the latest ping not answered yet (RFC 6455 §5.5.3).
+    let (pong_tx, mut pong_rx) = watch::channel::<Option<Vec<u8>>>(None);
+    let mask = |client: bool| client.then(rand::random::<[u8; 4]>);
     let (mut rd, mut wr) = tokio::io::split(stream);
     let writer = async {
-        while let Some(frames) = rx.recv().await {
-            wr.write_all(&frames).await?;
-            // Whatever else is queued goes in the same TLS records.
-            while let Ok(more) = rx.try_recv() {
-                wr.write_all(&more).await?;
+        let mut ping = tokio::time::interval(PING_INTERVAL);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        let mut out = Vec::new();
+        loop {
+            out.clear();
+            // `changed()` marks the value seen, so remember that it fired.
+            let mut pong_due = false;
+            tokio::select! {
+                frames = rx.recv() => {
+                    let Some(frames) = frames else { return Ok(()) };
+                    out.extend_from_slice(&frames);
+                    // Whatever else is queued goes in the same TLS records.
+                    while let Ok(more) = rx.try_recv() {
+                        out.extend_from_slice(&more);
+                    }
+                }
+                changed = pong_rx.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    pong_due = true;
+                }
+                _ = ping.tick(), if opts.client => {
+                    encode_frame(&mut out, OP_PING, &[], mask(opts.client));
+                }
             }
-            wr.flush().await?;
+            if (pong_due || pong_rx.has_changed().unwrap_or(false))
+                && let Some(payload) = pong_rx.borrow_and_update().as_deref()
+            {
+                encode_frame(&mut out, OP_PONG, payload, mask(opts.client));
+            }
+            let write = async {
+                wr.write_all(&out).await?;
+                wr.flush().await
+            };
+            match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "write stuck"));
+                }
+            }
         }
-        io::Result::Ok(())
     };
     let reader = async {
+        let credits = Arc::new(Semaphore::new(CHUNKS_IN_FLIGHT));
         let mut de = Deframer::new(!opts.client);
         de.buffer().extend_from_slice(early);
-        let counters = &table.inner.counters;
         loop {
             let mut chunk = Vec::new();
             let mut datagrams = 0u64;
@@ -513,31 +655,43 @@ where
                         datagrams += 1;
                     }
                     Frame::Ping(r) => {
-                        let mut pong = Vec::new();
-                        let mask = opts.client.then(rand::random::<[u8; 4]>);
-                        encode_frame(&mut pong, OP_PONG, &de.bytes()[r], mask);
-                        let _ = tx.try_send(pong);
+                        pong_tx.send_replace(Some(de.bytes()[r].to_vec()));
                     }
-                    Frame::Pong => {}
+                    Frame::Pong(_) => {}
                     Frame::Close => return Ok(()),
                 }
             }
             if datagrams > 0 {
+                // Waits while the worker still holds this stream's share:
+                // the stream stops reading and TCP slows the peer down.
+                let Ok(credit) = credits.clone().acquire_owned().await else {
+                    return Ok(());
+                };
                 let c = Chunk {
                     from: opts.endpoint,
                     bytes: chunk,
+                    _credit: Some(credit),
                 };
                 match inbox.try_send(c) {
                     Ok(()) => counters
                         .datagrams_received
                         .fetch_add(datagrams, Ordering::Relaxed),
-                    Err(_) => counters.queue_drops.fetch_add(datagrams, Ordering::Relaxed),
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        counters.queue_drops.fetch_add(datagrams, Ordering::Relaxed)
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
                 };
             }
             let buf = de.buffer();
             buf.reserve(READ_CHUNK);
-            if rd.read_buf(buf).await? == 0 {
-                return Ok(());
+            match tokio::time::timeout(opts.idle_timeout, rd.read_buf(buf)).await {
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "nothing read"));
+                }
             }
         }
     };
@@ -560,7 +714,7 @@ mod tests {
             got.push(match f {
                 Frame::Binary(r) => (OP_BINARY, de.bytes()[r].to_vec()),
                 Frame::Ping(r) => (OP_PING, de.bytes()[r].to_vec()),
-                Frame::Pong => (OP_PONG, vec![]),
+                Frame::Pong(r) => (OP_PONG, de.bytes()[r].to_vec()),
                 Frame::Close => (OP_CLOSE, vec![]),
             });
         }
@@ -638,10 +792,10 @@ mod tests {
 
     #[test]
     fn chunks_yield_their_datagrams_and_stop_at_a_truncated_one() {
-        let c = Chunk {
-            from: "192.0.2.1:443".parse().unwrap(),
-            bytes: vec![0, 2, 7, 8, 0, 0, 0, 5, 1],
-        };
+        let c = Chunk::new(
+            "192.0.2.1:443".parse().unwrap(),
+            vec![0, 2, 7, 8, 0, 0, 0, 5, 1],
+        );
         let got: Vec<&[u8]> = c.datagrams().collect();
         assert_eq!(got, vec![&[7u8, 8][..], &[][..]]);
     }
@@ -662,6 +816,7 @@ mod tests {
                 mask: false,
                 probe_udp: probe.clone(),
                 via_proxy: true,
+                remote: "198.51.100.7:40000".parse().unwrap(),
             },
         );
         assert_eq!(table.lookup(ep), Some(true));
@@ -696,11 +851,7 @@ mod tests {
         let table = StreamTable::new();
         let (inbox_tx, mut inbox) = mpsc::channel(16);
         let ep: SocketAddr = "192.0.2.9:443".parse().unwrap();
-        let opts = StreamOptions {
-            endpoint: ep,
-            client: true,
-            via_proxy: false,
-        };
+        let opts = options(ep, true, IDLE_TIMEOUT);
         let t = table.clone();
         let session =
             tokio::spawn(async move { run(a, &[], opts, &t, &inbox_tx).await.map(|()| t) });
@@ -730,5 +881,152 @@ mod tests {
         let t = session.await.unwrap().unwrap();
         assert_eq!(t.lookup(ep), None, "the route is gone with the stream");
         assert_eq!(t.stats().open, 0);
+    }
+
+    fn options(endpoint: SocketAddr, client: bool, idle_timeout: Duration) -> StreamOptions {
+        StreamOptions {
+            endpoint,
+            client,
+            via_proxy: false,
+            remote: "198.51.100.7:40000".parse().unwrap(),
+            idle_timeout,
+        }
+    }
+
+    #[test]
+    fn control_frames_longer_than_125_bytes_end_the_stream() {
+        let mut wire = Vec::new();
+        encode_frame(&mut wire, OP_PING, &[7; 125], None);
+        assert_eq!(frames(false, &wire).unwrap(), vec![(OP_PING, vec![7; 125])]);
+        for op in [OP_PING, OP_PONG, OP_CLOSE] {
+            let mut wire = Vec::new();
+            encode_frame(&mut wire, op, &[7; 126], None);
+            assert_eq!(frames(false, &wire), Err(FrameError::ControlTooLong));
+        }
+    }
+
+    #[test]
+    fn virtual_endpoints_are_never_udp_addresses() {
+        let table = StreamTable::new();
+        let a = table.allocate_endpoint();
+        let b = table.allocate_endpoint();
+        assert_ne!(a, b);
+        assert!(is_virtual(a) && is_virtual(virtual_endpoint(u64::MAX)));
+        assert_eq!(a.port(), 0);
+        assert!(!is_virtual("192.0.2.1:0".parse().unwrap()));
+        assert!(!is_virtual("240.0.0.1:443".parse().unwrap()));
+        assert!(!is_virtual("[100::1]:0".parse().unwrap()));
+        // A send to a virtual endpoint whose stream is gone is dropped and
+        // counted, never handed to the UDP socket.
+        assert_eq!(table.send(a, &[1; 10], Some(4)), Routed::Stream);
+        assert_eq!(table.stats().closed_drops, 3);
+        assert_eq!(
+            table.send("192.0.2.1:51820".parse().unwrap(), &[1], None),
+            Routed::Udp
+        );
+    }
+
+    /// Runs a server-side session over a duplex pipe; returns the peer's end.
+    fn serve(
+        table: &StreamTable,
+        inbox: mpsc::Sender<Chunk>,
+        idle: Duration,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let t = table.clone();
+        let opts = options(t.allocate_endpoint(), false, idle);
+        let session = tokio::spawn(async move { run(a, &[], opts, &t, &inbox).await });
+        (b, session)
+    }
+
+    #[tokio::test]
+    async fn a_ping_flood_is_answered_with_the_latest_pong_only() {
+        let table = StreamTable::new();
+        let (inbox_tx, _inbox) = mpsc::channel(16);
+        let (peer, session) = serve(&table, inbox_tx, IDLE_TIMEOUT);
+        let (mut prd, mut pwr) = tokio::io::split(peer);
+        let mut wire = Vec::new();
+        for i in 0..1000u32 {
+            encode_frame(&mut wire, OP_PING, &i.to_be_bytes(), Some([1, 2, 3, 4]));
+        }
+        pwr.write_all(&wire).await.unwrap();
+        let mut pongs = Vec::new();
+        let mut de = Deframer::new(false);
+        while pongs.last() != Some(&999u32.to_be_bytes().to_vec()) {
+            let buf = de.buffer();
+            buf.reserve(4096);
+            assert!(prd.read_buf(buf).await.unwrap() > 0);
+            while let Some(f) = de.next_frame().unwrap() {
+                let Frame::Pong(r) = f else {
+                    panic!("only pongs expected, got {f:?}");
+                };
+                pongs.push(de.bytes()[r].to_vec());
+            }
+        }
+        // Answering every ping would queue hundreds of pongs ahead of data.
+        assert!(
+            pongs.len() <= 4,
+            "{} pongs for a burst of pings",
+            pongs.len()
+        );
+        session.abort();
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_is_dropped_after_the_idle_timeout() {
+        let table = StreamTable::new();
+        let (inbox_tx, _inbox) = mpsc::channel(16);
+        let (_peer, session) = serve(&table, inbox_tx, Duration::from_millis(200));
+        let r = tokio::time::timeout(Duration::from_secs(30), session)
+            .await
+            .expect("the session ends by itself")
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(table.stats().timed_out, 1);
+        assert_eq!(table.stats().open, 0);
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_outruns_its_worker_stops_reading_instead_of_filling_the_inbox() {
+        let table = StreamTable::new();
+        let (inbox_tx, mut inbox) = mpsc::channel(INBOX_QUEUE);
+        let (peer, session) = serve(&table, inbox_tx, IDLE_TIMEOUT);
+        let (_prd, mut pwr) = tokio::io::split(peer);
+        // Frames in many separate writes (many chunks), never drained: the
+        // peer's writes must eventually block.
+        let mut frame = Vec::new();
+        encode_frame(&mut frame, OP_BINARY, &[5; 1400], Some([9, 9, 9, 9]));
+        let mut written = 0usize;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(500), pwr.write_all(&frame)).await {
+                Ok(r) => r.unwrap(),
+                Err(_) => break,
+            }
+            written += 1;
+            // Let the session read between writes so that reads stay small.
+            tokio::task::yield_now().await;
+            assert!(written < 100_000, "the stream never pushed back");
+        }
+        let s = table.stats();
+        assert_eq!(s.queue_drops, 0, "nothing dropped: the stream waited");
+        assert!(
+            inbox.len() <= CHUNKS_IN_FLIGHT,
+            "{} chunks queued",
+            inbox.len()
+        );
+        // The worker takes the chunks; the stream reads again.
+        let mut received = 0;
+        while received < written {
+            let c = tokio::time::timeout(Duration::from_secs(30), inbox.recv())
+                .await
+                .expect("the stream goes on once the worker reads")
+                .unwrap();
+            received += c.datagrams().count();
+        }
+        assert_eq!(received, written);
+        session.abort();
     }
 }

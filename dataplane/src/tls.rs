@@ -81,65 +81,17 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// One DER element, and the bytes after it.
-struct Der<'a> {
-    tag: u8,
-    /// The whole element (header and contents).
-    whole: &'a [u8],
-    contents: &'a [u8],
-    rest: &'a [u8],
-}
-
-/// The DER element at the start of `buf`.
-fn der_element(buf: &[u8]) -> Option<Der<'_>> {
-    let (&tag, rest) = buf.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        // Long form (X.690 §8.1.3.5); certificates need at most 4 length bytes.
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (len, &rest[n..])
-    };
-    let header = buf.len() - rest.len();
-    let contents = rest.get(..len)?;
-    Some(Der {
-        tag,
-        whole: &buf[..header + len],
-        contents,
-        rest: &rest[len..],
-    })
-}
-
-/// The DER SubjectPublicKeyInfo of an X.509 certificate (RFC 5280 §4.1):
-/// the seventh field of its TBSCertificate when the version is present,
-/// the sixth otherwise.
-pub fn spki_of(cert_der: &[u8]) -> Option<&[u8]> {
-    const SEQUENCE: u8 = 0x30;
-    let cert = der_element(cert_der).filter(|d| d.tag == SEQUENCE)?;
-    let tbs = der_element(cert.contents).filter(|d| d.tag == SEQUENCE)?;
-    let mut fields = tbs.contents;
-    // [0] EXPLICIT version
-    if fields.first() == Some(&0xa0) {
-        fields = der_element(fields)?.rest;
-    }
-    // serialNumber, signature, issuer, validity, subject
-    for _ in 0..5 {
-        fields = der_element(fields)?.rest;
-    }
-    let spki = der_element(fields).filter(|d| d.tag == SEQUENCE)?;
-    Some(spki.whole)
+/// The DER SubjectPublicKeyInfo (RFC 5280 §4.1) of an X.509 certificate,
+/// as webpki parses it; `None` when it is not a certificate.
+pub fn spki_of(cert_der: &[u8]) -> Option<Vec<u8>> {
+    let der = CertificateDer::from(cert_der);
+    let cert = webpki::EndEntityCert::try_from(&der).ok()?;
+    Some(cert.subject_public_key_info().as_ref().to_vec())
 }
 
 /// The pin of a certificate: SHA-256 of its SubjectPublicKeyInfo, hex.
 pub fn spki_sha256(cert_der: &[u8]) -> Option<String> {
-    spki_of(cert_der).map(sha256_hex)
+    spki_of(cert_der).map(|spki| sha256_hex(&spki))
 }
 
 /// Accepts exactly the gateway key the desired state pinned: the end-entity
@@ -164,7 +116,7 @@ impl ServerCertVerifier for PinVerifier {
         let spki = spki_of(end_entity).ok_or(rustls::Error::InvalidCertificate(
             rustls::CertificateError::BadEncoding,
         ))?;
-        if Sha256::digest(spki)[..] == self.pin[..] {
+        if Sha256::digest(&spki)[..] == self.pin[..] {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -265,8 +217,12 @@ impl Head {
 pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<(Head, Vec<u8>)> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
+    // Where the search for the empty line resumes: bytes before it were
+    // searched already (a head trickled in byte by byte costs O(n)).
+    let mut searched = 0;
     loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+        if let Some(at) = buf[searched..].windows(4).position(|w| w == b"\r\n\r\n") {
+            let end = searched + at;
             let head = Head::parse(&buf[..end])
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed HTTP head"))?;
             return Ok((head, buf[end + 4..].to_vec()));
@@ -277,6 +233,7 @@ pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<(Head, Vec
                 "HTTP head too long",
             ));
         }
+        searched = buf.len().saturating_sub(3);
         let n = s.read(&mut chunk).await?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
@@ -491,16 +448,27 @@ impl Proxy {
     /// The proxy the usual environment names for `target`: `HTTPS_PROXY`,
     /// `https_proxy`, `ALL_PROXY`, `all_proxy` (first set wins), unless
     /// `NO_PROXY`/`no_proxy` exempts the target.
-    pub fn from_env(var: impl Fn(&str) -> Option<String>, target: SocketAddr) -> Option<Self> {
+    ///
+    /// # Errors
+    /// The name of the variable when its value is not a proxy URL we can
+    /// use (an `https://` proxy, a missing port): dialling directly instead
+    /// would hide the mistake.
+    pub fn from_env(
+        var: impl Fn(&str) -> Option<String>,
+        target: SocketAddr,
+    ) -> Result<Option<Self>, &'static str> {
         let set = |name: &str| var(name).filter(|v| !v.trim().is_empty());
-        let url = ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
-            .iter()
-            .find_map(|n| set(n))?;
+        let Some((name, url)) = ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
+            .into_iter()
+            .find_map(|n| Some((n, set(n)?)))
+        else {
+            return Ok(None);
+        };
         let no_proxy = set("NO_PROXY").or_else(|| set("no_proxy"));
         if no_proxy.is_some_and(|list| exempt(&list, target)) {
-            return None;
+            return Ok(None);
         }
-        Self::parse(&url)
+        Self::parse(&url).map(Some).ok_or(name)
     }
 
     /// Opens a tunnel through the proxy to `target` (RFC 9110 §9.3.6).
@@ -636,15 +604,24 @@ mod tests {
                     .map(|(_, v)| (*v).to_owned())
             }
         };
-        assert_eq!(Proxy::from_env(env(&[]), target), None);
+        assert_eq!(Proxy::from_env(env(&[]), target), Ok(None));
         let p = Proxy::from_env(env(&[("all_proxy", "http://a:1")]), target).unwrap();
-        assert_eq!(p.host, "a");
+        assert_eq!(p.unwrap().host, "a");
         let p = Proxy::from_env(
             env(&[("https_proxy", "http://b:2"), ("ALL_PROXY", "http://a:1")]),
             target,
         )
         .unwrap();
-        assert_eq!(p.host, "b");
+        assert_eq!(p.unwrap().host, "b");
+        // An unusable value is an error naming the variable, not "direct".
+        assert_eq!(
+            Proxy::from_env(env(&[("https_proxy", "https://b:2")]), target),
+            Err("https_proxy")
+        );
+        assert_eq!(
+            Proxy::from_env(env(&[("ALL_PROXY", "proxy.example")]), target),
+            Err("ALL_PROXY")
+        );
         for no in ["*", "example.com, 198.51.100.7", "198.51.100.7:443"] {
             let vars: &'static [(&'static str, &'static str)] = match no {
                 "*" => &[("HTTPS_PROXY", "http://b:2"), ("NO_PROXY", "*")],
@@ -657,13 +634,13 @@ mod tests {
                     ("NO_PROXY", "example.com, 198.51.100.7"),
                 ],
             };
-            assert_eq!(Proxy::from_env(env(vars), target), None, "{no}");
+            assert_eq!(Proxy::from_env(env(vars), target), Ok(None), "{no}");
         }
         let vars: &'static [(&'static str, &'static str)] = &[
             ("HTTPS_PROXY", "http://b:2"),
             ("NO_PROXY", "198.51.100.8,198.51.100.7:8443"),
         ];
-        assert!(Proxy::from_env(env(vars), target).is_some());
+        assert!(Proxy::from_env(env(vars), target).unwrap().is_some());
     }
 
     #[test]
@@ -704,7 +681,7 @@ mod tests {
         let der = cert.der().clone();
         // The pin taken from the certificate is the key's SubjectPublicKeyInfo.
         use rcgen::PublicKeyData as _;
-        assert_eq!(spki_of(&der), Some(&key.subject_public_key_info()[..]));
+        assert_eq!(spki_of(&der), Some(key.subject_public_key_info()));
         let pin = parse_pin(&spki_sha256(&der).unwrap()).unwrap();
         let server = server_config(
             vec![der],

@@ -188,6 +188,13 @@ impl App {
         self.dataplane.snapshot().await
     }
 
+    /// The address to show for a peer at `endpoint`: a TLS stream's TCP
+    /// peer instead of its virtual endpoint.
+    pub fn shown_endpoint(&self, endpoint: Option<SocketAddr>) -> Option<SocketAddr> {
+        let e = endpoint?;
+        Some(self.streams.remote_of(e).unwrap_or(e))
+    }
+
     /// How a peer at `endpoint` is reached now: a TLS stream's virtual
     /// endpoint, or UDP.
     pub fn transport_of(&self, endpoint: Option<SocketAddr>) -> Option<Transport> {

@@ -200,7 +200,7 @@ async fn heartbeat(app: &App) -> anyhow::Result<GatewayHeartbeat> {
         .iter()
         .map(|p| PeerStatus {
             site_id: p.site_id,
-            endpoint: p.endpoint,
+            endpoint: app.shown_endpoint(p.endpoint),
             last_handshake: p.stats.last_handshake.map(|t| unix_millis(t, snap.at)),
             rx_bytes: p.stats.rx_bytes,
             tx_bytes: p.stats.tx_bytes,

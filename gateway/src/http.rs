@@ -154,7 +154,7 @@ async fn status_view(app: &App) -> anyhow::Result<StatusView> {
             .map(|p| PeerStatusView {
                 site_id: p.site_id,
                 public_key: p.public_key,
-                endpoint: p.endpoint,
+                endpoint: app.shown_endpoint(p.endpoint),
                 nat_addresses: p.nat_addresses.clone(),
                 latest_handshake: p.stats.last_handshake.map(|t| unix_millis(t, snap.at)),
                 handshakes: p.stats.handshakes,
@@ -275,6 +275,25 @@ async fn render_metrics(app: &App) -> anyhow::Result<String> {
         Counter,
         "TLS streams closed for a malformed frame.",
         streams.malformed,
+    );
+    m.single(
+        "tls_streams_timed_out_total",
+        Counter,
+        "TLS streams closed because nothing was read for the idle timeout or a write was stuck.",
+        streams.timed_out,
+    );
+    m.single(
+        "tls_stream_closed_drops_total",
+        Counter,
+        "Tunnel datagrams dropped because their TLS stream had just closed.",
+        streams.closed_drops,
+    );
+    m.labelled(
+        "tls_connections_refused_total",
+        Counter,
+        "TLS connections refused or streams ended before their time, by reason.",
+        "reason",
+        app.tls_tokens.refusals.by_reason(),
     );
 
     let sites: Vec<String> = snap.peers.iter().map(|p| p.site_id.to_string()).collect();

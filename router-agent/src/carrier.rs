@@ -166,7 +166,16 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
 /// The proxy to use for `target`: the setting, else the environment.
 fn proxy_for(settings: &TunnelSettings, target: SocketAddr) -> Option<Proxy> {
     if settings.https_proxy.trim().is_empty() {
-        Proxy::from_env(|k| std::env::var(k).ok(), target)
+        match Proxy::from_env(|k| std::env::var(k).ok(), target) {
+            Ok(p) => p,
+            Err(var) => {
+                tracing::error!(
+                    variable = var,
+                    "the environment's proxy is not http://[user:pass@]host:port: dialling the gateway directly"
+                );
+                None
+            }
+        }
     } else {
         // Validated at start.
         Proxy::parse(&settings.https_proxy)
@@ -192,6 +201,8 @@ async fn keep_stream(app: Arc<App>, endpoint: SocketAddr, tls: AgentTls) {
                     endpoint,
                     client: true,
                     via_proxy: proxy.is_some(),
+                    remote: tls.endpoint,
+                    idle_timeout: stream::IDLE_TIMEOUT,
                 };
                 let r =
                     stream::run(s, &early, opts, &app.carrier.streams, &app.carrier.inbox).await;

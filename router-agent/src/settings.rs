@@ -108,7 +108,7 @@ impl Default for Server {
 }
 
 /// `[tunnel]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TunnelSettings {
     /// UDP source port; 0 = any.
@@ -122,6 +122,21 @@ pub struct TunnelSettings {
     /// `http://[user:pass@]host:port`; empty = the environment's
     /// `HTTPS_PROXY`/`ALL_PROXY` (and `NO_PROXY`).
     pub https_proxy: String,
+}
+
+/// The proxy's credentials never reach a log.
+impl std::fmt::Debug for TunnelSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let proxy = (!self.https_proxy.trim().is_empty())
+            .then(|| vpnnat_dataplane::tls::Proxy::parse(&self.https_proxy));
+        f.debug_struct("TunnelSettings")
+            .field("listen_port", &self.listen_port)
+            .field("transport", &self.transport)
+            .field("udp_timeout_s", &self.udp_timeout_s)
+            .field("udp_probe_interval_s", &self.udp_probe_interval_s)
+            .field("https_proxy", &proxy)
+            .finish()
+    }
 }
 
 impl Default for TunnelSettings {
@@ -502,5 +517,17 @@ mod tests {
                 .unwrap_err()
                 .contains("terminals[0].address")
         );
+    }
+
+    #[test]
+    fn the_proxy_password_never_shows_in_debug_output() {
+        let t = TunnelSettings {
+            https_proxy: "http://alice:s3cr%40t@proxy.example:3128".into(),
+            ..TunnelSettings::default()
+        };
+        let shown = format!("{t:?}");
+        assert!(!shown.contains("s3cr"), "{shown}");
+        assert!(!shown.contains("alice"), "{shown}");
+        assert!(shown.contains("proxy.example"), "{shown}");
     }
 }
