@@ -864,6 +864,12 @@
       t.addEventListener('click', () => selectTab(t.dataset.tab, false));
       t.addEventListener('keydown', tabKeys);
     }
+    // The page keeps room for the notices below its content (see style.css).
+    new MutationObserver(() => {
+      const box = $('toasts');
+      const h = box.children.length ? box.offsetHeight + 16 : 0;
+      document.documentElement.style.setProperty('--toasts-h', h + 'px');
+    }).observe($('toasts'), { childList: true });
     $('filter-state').addEventListener('change', render);
     $('failures-filter').addEventListener('change', render);
     $('sort').addEventListener('change', render);
