@@ -366,7 +366,7 @@ async fn console_layout_detail_confirmation(width: u32, height: u32, tag: &str) 
         .as_array()
         .unwrap()
         .iter()
-        .find(|f| f["id"].to_string() == failure_id)
+        .find(|f| f["id"].as_u64().map(|i| i.to_string()).as_deref() == Some(failure_id.as_str()))
         .unwrap();
     assert_eq!(listed["acknowledged_by"], json!("alice"), "{listed}");
     assert!(listed["acknowledged_at"].as_u64().is_some(), "{listed}");
