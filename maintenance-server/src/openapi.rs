@@ -325,6 +325,16 @@ pub fn operations() -> Vec<Operation> {
             "Technician: failure reports, newest first"
         ),
         op!(
+            "post",
+            paths::FAILURE_ACK,
+            SessionCsrf,
+            None,
+            200,
+            (),
+            FailureView,
+            "Technician: acknowledge a failure report (seen and taken on; 409 when acknowledged already)"
+        ),
+        op!(
             "get",
             paths::AUDIT,
             Session,
@@ -684,6 +694,7 @@ pub fn document() -> Value {
             paths::AGENT_REVOKE
                 | paths::REQUEST_START
                 | paths::REQUEST_END
+                | paths::FAILURE_ACK
                 | paths::SITES
                 | paths::GATEWAYS
                 | paths::ENROLL
@@ -692,7 +703,7 @@ pub fn document() -> Value {
             responses.insert(
                 "409".into(),
                 error_response(
-                    "conflict (taken name or key, or a request not in a state that allows this)",
+                    "conflict (taken name or key, a request not in a state that allows this, or a failure report acknowledged already)",
                 ),
             );
         }
@@ -838,6 +849,7 @@ mod tests {
             paths::REQUEST_START,
             paths::REQUEST_END,
             paths::FAILURES,
+            paths::FAILURE_ACK,
             paths::AUDIT,
             paths::CONSOLE_EVENTS,
             paths::HEALTH,

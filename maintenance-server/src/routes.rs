@@ -109,6 +109,11 @@ pub fn api_routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::POST, paths::REQUEST_START, post(technician::start)),
         (Method::POST, paths::REQUEST_END, post(technician::end)),
         (Method::GET, paths::FAILURES, get(technician::failures)),
+        (
+            Method::POST,
+            paths::FAILURE_ACK,
+            post(technician::acknowledge_failure),
+        ),
         (Method::GET, paths::AUDIT, get(technician::audit)),
         (Method::GET, paths::CONSOLE_EVENTS, get(technician::events)),
         (Method::GET, technician::ME, get(technician::me)),

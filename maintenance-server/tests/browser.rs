@@ -7,7 +7,9 @@
 //! ends access, a request expires, a failure report) are announced and the
 //! row kept; two tabs share one session; a stale session says "sign in
 //! again"; a server outage marks the data stale and disables the actions.
-//! axe-core finds no serious or critical violation in any of the views.
+//! A failure report is acknowledged from the failures tab (then shown as
+//! such, and filtered). axe-core finds no serious or critical violation in
+//! any of the views.
 //!
 //! Screenshots of every state go to `target/screenshots/` (or
 //! `VPNNAT_SCREENSHOT_DIR`).
@@ -206,9 +208,10 @@ async fn console_layout_detail_confirmation(width: u32, height: u32, tag: &str) 
     click(&b, "#detail-close").await;
     wait_focus(&b, &format!("{}:details", reqs[6].id)).await;
 
-    // Start: focus moves to End of the same request.
+    // Start: focus moves to End of the same request; the row names who works.
     click(&b, &format!("{row} button.start")).await;
     b.wait_text(&format!("{row} td.state"), "in progress").await;
+    b.wait_text(&format!("{row} td.state"), "alice since").await;
     wait_focus(&b, &format!("{}:end", reqs[6].id)).await;
 
     // End asks first; Cancel changes nothing and keeps the focus.
@@ -222,6 +225,9 @@ async fn console_layout_detail_confirmation(width: u32, height: u32, tag: &str) 
     let own: Vec<MaintenanceRequestView> = a.agent.get(paths::AGENT_REQUESTS).await.json();
     let me = own.iter().find(|r| r.id == reqs[6].id).unwrap();
     assert_eq!(me.state, RequestState::InProgress);
+    // The site's agent learns who works on it.
+    assert_eq!(me.technician.as_deref(), Some("alice"));
+    assert!(me.started_at.is_some());
 
     // Confirmed: ended, the row stays (marked) with its NAT address.
     let nat = reqs[6].terminals[0].nat_address.unwrap().to_string();
@@ -289,6 +295,164 @@ async fn console_layout_detail_confirmation(width: u32, height: u32, tag: &str) 
         .unwrap();
     assert_eq!(sel, json!("true"));
     b.visible("#panel-failures").await;
+
+    // A failure report, in words, not acknowledged yet; acknowledged, it
+    // leaves the default list and the badge, and is shown as such.
+    a.agent
+        .post(
+            paths::AGENT_FAILURES,
+            &FailureReport {
+                code: FailureCode::TerminalUnreachable,
+                detail: "till-0 does not answer".into(),
+                terminal: None,
+                open_request: false,
+            },
+        )
+        .await;
+    b.wait_text("#failures-badge", "1").await;
+    let fresh = "#failures tbody tr.unacknowledged";
+    b.wait_text(fresh, "Terminal not answering").await;
+    b.wait_text(fresh, "Not acknowledged yet").await;
+    let failure_id = b
+        .visible(fresh)
+        .await
+        .attr("data-id")
+        .await
+        .unwrap()
+        .unwrap();
+    b.assert_no_horizontal_overflow("failures").await;
+    b.assert_accessible("failures").await;
+    b.screenshot(&format!("console-{tag}-failures")).await;
+    click(&b, &format!("{fresh} button.ack")).await;
+    b.visible("#failures-empty").await;
+    wait_focus(&b, "failures-filter").await;
+    let badge = b.c().find(Locator::Id("failures-badge")).await.unwrap();
+    assert!(!badge.is_displayed().await.unwrap(), "the badge stayed");
+    b.select("#failures-filter", "acknowledged").await;
+    let done = format!("#failures tbody tr.acknowledged[data-id=\"{failure_id}\"]");
+    b.wait_text(&done, "Acknowledged by alice at").await;
+    b.wait_text(&done, "Terminal not answering").await;
+    assert!(
+        b.c()
+            .find(Locator::Css(&format!("{done} button.ack")))
+            .await
+            .is_err(),
+        "an acknowledged report offers Acknowledge"
+    );
+    b.assert_no_horizontal_overflow("acknowledged failures")
+        .await;
+    b.assert_accessible("acknowledged failures").await;
+    b.screenshot(&format!("console-{tag}-failures-acknowledged"))
+        .await;
+    // The route: the CSRF header is required, a second acknowledgement is a
+    // conflict, an unknown report is 404; the list names who acknowledged.
+    let answers = b
+        .c()
+        .execute_async(
+            "const [id, done] = [arguments[0], arguments[arguments.length - 1]]; \
+             const t = localStorage.getItem('vpnnat.csrf'); \
+             const post = (i, h) => fetch('/api/v1/failures/' + i + '/acknowledge', \
+               { method: 'POST', headers: h }).then((r) => r.status); \
+             Promise.all([post(id, {}), post(id, { 'X-CSRF-Token': t }), post(999999, { 'X-CSRF-Token': t }), \
+               fetch('/api/v1/failures').then((r) => r.json())]).then(done);",
+            vec![json!(failure_id)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(answers[0], json!(403), "{answers}");
+    assert_eq!(answers[1], json!(409), "{answers}");
+    assert_eq!(answers[2], json!(404), "{answers}");
+    let listed = answers[3]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["id"].as_u64().map(|i| i.to_string()).as_deref() == Some(failure_id.as_str()))
+        .unwrap();
+    assert_eq!(listed["acknowledged_by"], json!("alice"), "{listed}");
+    assert!(listed["acknowledged_at"].as_u64().is_some(), "{listed}");
+    // The audit log records it in words.
+    click(&b, "#tab-audit").await;
+    b.select("#audit-kind", "failure").await;
+    b.wait_text("#audit tbody", "acknowledged a failure report")
+        .await;
+    b.close().await;
+    server.stop().await;
+}
+
+/// The console's notices of events it did not cause (the customer ends
+/// access, a request expires, a failure report) on a phone: announced, the
+/// rows kept and marked, nothing wider than the screen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_console_event_notices_on_a_phone() {
+    if !require_browser() {
+        return;
+    }
+    let db = TestDb::new(Backend::Sqlite);
+    let server = TestServer::start(db.settings()).await;
+    add_gateway(&server, "gw1", 10, 1).await;
+    let site = add_site(&server, "Bakery Schmidt", 1).await;
+    add_technician(&db, "alice", "correct horse").await;
+    let b = Browser::start(390, 844).await;
+    login(&b, &server.base, "alice", "correct horse").await;
+    b.wait_text("#live-text", "live").await;
+    let gone = ask(&site, "Anna Schmidt", Urgency::High, "Till PC", "till-pc").await;
+    let expiring = ask(&site, "Anna Schmidt", Urgency::Low, "NAS slow", "nas").await;
+    let row = |r: &MaintenanceRequestView| format!("#requests tbody tr[data-id=\"{}\"]", r.id);
+    b.wait_for(&row(&gone)).await;
+    b.wait_for(&row(&expiring)).await;
+
+    site.agent
+        .post_empty(&at(paths::AGENT_REVOKE, gone.id))
+        .await;
+    b.wait_text("#toasts", "The customer ended access").await;
+    b.wait_text(
+        &format!("{} td.state", row(&gone)),
+        "The customer ended access",
+    )
+    .await;
+    db.scalar(&format!(
+        "UPDATE requests SET expires_at = 1 WHERE id = {} RETURNING id",
+        expiring.id
+    ))
+    .await;
+    b.wait_text("#toasts", "The request expired").await;
+    b.wait_text(
+        &format!("{} td.state", row(&expiring)),
+        "The request expired",
+    )
+    .await;
+    site.agent
+        .post(
+            paths::AGENT_FAILURES,
+            &FailureReport {
+                code: FailureCode::TunnelDown,
+                detail: "no handshake for 3 minutes".into(),
+                terminal: None,
+                open_request: false,
+            },
+        )
+        .await;
+    b.wait_text(
+        "#toasts",
+        "Failure report from Bakery Schmidt: Tunnel to the gateway down",
+    )
+    .await;
+    b.wait_text("#failures-badge", "1").await;
+    b.assert_no_horizontal_overflow("event notices").await;
+    b.assert_accessible("event notices").await;
+    b.screenshot("console-phone-events").await;
+    // Acknowledging the report from the failures tab takes its notice away.
+    click(&b, "#tab-failures").await;
+    click(&b, "#failures tbody tr.unacknowledged button.ack").await;
+    b.visible("#failures-empty").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while text_of(&b, "#toasts").await.contains("Failure report from") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failure notice stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     b.close().await;
     server.stop().await;
 }

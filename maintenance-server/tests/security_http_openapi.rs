@@ -87,6 +87,19 @@ async fn security_http_every_documented_operation_answers_as_documented() {
         )
         .await
         .json();
+    let failure: FailureAccepted = site
+        .agent
+        .post(
+            paths::AGENT_FAILURES,
+            &FailureReport {
+                code: FailureCode::Other,
+                detail: "a report to acknowledge".into(),
+                terminal: None,
+                open_request: false,
+            },
+        )
+        .await
+        .json();
     add_technician(&db, "bob", "bob's long password").await;
     add_technician(&db, "carol", "carol's long password").await;
     let agent_version = agent_state(&site, 0, 0).await.version;
@@ -108,6 +121,7 @@ async fn security_http_every_documented_operation_answers_as_documented() {
         let id = match path.as_str() {
             paths::AGENT_REVOKE | paths::REQUEST_START | paths::REQUEST_END => request.id.0,
             paths::SITE_TOKEN => site.id.0,
+            paths::FAILURE_ACK => failure.failure_id,
             paths::SITE_IPSEC => ipsec_site.site_id.0,
             paths::GATEWAY_DRAIN => gw.id.0,
             p if spare_gateways.iter().any(|(q, _)| *q == p) => {

@@ -245,6 +245,10 @@ pub struct MaintenanceRequestView {
     /// known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
+    /// The technician who started the work (their name as the console
+    /// shows it); absent until started, and from servers that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub technician: Option<String>,
 }
 
 /// A failure code the agent reports.
@@ -318,4 +322,10 @@ pub struct FailureView {
     pub received_at: UnixMillis,
     /// The request opened for it.
     pub request_id: Option<RequestId>,
+    /// When a technician acknowledged it (absent: not yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged_at: Option<UnixMillis>,
+    /// Who acknowledged it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged_by: Option<String>,
 }

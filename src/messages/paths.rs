@@ -74,6 +74,8 @@ pub const REQUEST_START: &str = "/api/v1/requests/{id}/start";
 pub const REQUEST_END: &str = "/api/v1/requests/{id}/end";
 /// Technician: `GET` → `Vec<FailureView>`.
 pub const FAILURES: &str = "/api/v1/failures";
+/// Technician: `POST` → [`super::FailureView`] (the report, acknowledged).
+pub const FAILURE_ACK: &str = "/api/v1/failures/{id}/acknowledge";
 /// Technician: `GET ?before=ID&limit=N` → `Vec<AuditEntry>`.
 pub const AUDIT: &str = "/api/v1/audit";
 /// Technician: `GET ?after=VERSION&wait_ms=N` → [`super::ConsoleEvents`] (long-poll for live updates).

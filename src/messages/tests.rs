@@ -45,6 +45,7 @@ fn request_view() -> MaintenanceRequestView {
         expires_at: UnixMillis(1_700_014_400_000),
         tunnel: TunnelKind::Wireguard,
         transport: Some(Transport::Tls),
+        technician: None,
     }
 }
 
@@ -168,6 +169,39 @@ fn every_message_round_trips_through_json() {
         error: "invalid_field".into(),
         message: "phone: bad".into(),
         field: Some("phone".into()),
+    });
+}
+
+#[test]
+fn who_works_and_acknowledgements_are_optional_both_ways() {
+    // A started request names its technician; a server without the field
+    // (or a request not started) leaves it out, and both read back.
+    let mut started = request_view();
+    started.state = RequestState::InProgress;
+    started.started_at = Some(UnixMillis(1_700_000_100_000));
+    started.technician = Some("alice".into());
+    let json = round_trip(&started);
+    assert!(json.contains("\"technician\":\"alice\""), "{json}");
+    let old = round_trip(&request_view());
+    assert!(!old.contains("technician"), "{old}");
+    let failure = FailureView {
+        id: 4,
+        site_id: SiteId(3),
+        site_name: "Bakery Schmidt".into(),
+        code: FailureCode::LanLinkDown,
+        detail: "eth1 carrier lost".into(),
+        terminal: None,
+        received_at: UnixMillis(1_700_000_000_000),
+        request_id: None,
+        acknowledged_at: None,
+        acknowledged_by: None,
+    };
+    let json = round_trip(&failure);
+    assert!(!json.contains("acknowledged"), "{json}");
+    round_trip(&FailureView {
+        acknowledged_at: Some(UnixMillis(1_700_000_200_000)),
+        acknowledged_by: Some("alice".into()),
+        ..failure
     });
 }
 

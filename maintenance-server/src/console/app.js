@@ -55,6 +55,7 @@
     'technician.logout': 'signed out',
     'technician.login_failed': 'failed sign-in',
     'failure.report': 'failure reported',
+    'failure.acknowledge': 'acknowledged a failure report',
   };
 
   class ApiError extends Error {
@@ -289,6 +290,12 @@
     }
     const known = new Set(before.failures.map((f) => f.id));
     for (const f of now.failures) {
+      if (f.acknowledged_at) {
+        // Taken on (here or by someone else): its notice has done its job.
+        const t = document.querySelector('#toasts [data-key="f' + f.id + '"]');
+        if (t) t.remove();
+        continue;
+      }
       if (known.has(f.id)) continue;
       toast('Failure report from ' + f.site_name + ': ' + (FAILURE_LABEL[f.code] || f.code),
         { sticky: true, bad: true, key: 'f' + f.id });
@@ -409,6 +416,8 @@
       nat,
       cell({ class: 'state', 'data-label': 'State' },
         el('span', { class: 'pill st-' + r.state, text: STATE_LABEL[r.state] || r.state }),
+        r.state === 'in_progress' && r.technician && r.started_at
+          ? el('div', { class: 'muted small', text: r.technician + ' since ' + fmtClock(r.started_at).slice(0, 5) }) : null,
         flag ? el('div', { class: 'flag-note', text: flag }) : null),
       el('td', { class: 'actions' }, ...actionButtons(r, false)));
   }
@@ -481,13 +490,17 @@
     const dayAgo = Date.now() - 86400000;
     const recent = events.failures.filter((f) => f.received_at >= dayAgo).length;
     $('count-failures').textContent = recent;
+    // The badge counts what nobody has acknowledged yet.
+    const unseen = events.failures.filter((f) => !f.acknowledged_at).length;
     const badge = $('failures-badge');
-    badge.textContent = recent;
-    badge.hidden = recent === 0;
+    badge.textContent = unseen;
+    badge.hidden = unseen === 0;
 
     const byId = new Map(reqs.map((r) => [r.id, r]));
     const ftbody = document.querySelector('#failures tbody');
-    ftbody.replaceChildren(...events.failures.map((f) => {
+    const show = $('failures-filter').value;
+    const shown = events.failures.filter((f) => show === '' || (show === 'acknowledged') === !!f.acknowledged_at);
+    ftbody.replaceChildren(...shown.map((f) => {
       const req = f.request_id ? byId.get(f.request_id) : null;
       const reqCell = cell({ class: 'req', 'data-label': 'Request' });
       if (req) {
@@ -496,17 +509,26 @@
       } else {
         reqCell.firstChild.append(el('span', { class: 'muted', text: f.request_id ? 'request ' + f.request_id : 'none opened' }));
       }
-      return el('tr', { dataset: { id: f.id } },
+      const acked = !!f.acknowledged_at;
+      return el('tr', { class: acked ? 'acknowledged' : 'unacknowledged', dataset: { id: f.id } },
         cell({ class: 'mono', 'data-label': 'Received' }, fmtTime(f.received_at)),
         cell({ 'data-label': 'Site' }, f.site_name),
-        cell({ 'data-label': 'What failed' }, el('span', { class: 'code-' + f.code, text: FAILURE_LABEL[f.code] || f.code }),
-          f.terminal ? el('div', { class: 'muted small', text: 'terminal ' + f.terminal }) : null),
+        cell({ class: 'what', 'data-label': 'What failed' }, el('span', { class: 'code-' + f.code, text: FAILURE_LABEL[f.code] || f.code }),
+          f.terminal ? el('div', { class: 'muted small', text: 'terminal ' + f.terminal }) : null,
+          acked ? el('div', { class: 'ack-note', title: fmtTime(f.acknowledged_at),
+            text: 'Acknowledged by ' + (f.acknowledged_by || 'a technician') + ' at ' + fmtClock(f.acknowledged_at) })
+            : el('div', { class: 'new-note', text: 'Not acknowledged yet' })),
         cell({ class: 'content', 'data-label': 'Detail' }, el('div', { class: 'text', text: f.detail })),
         reqCell,
-        el('td', { class: 'actions' }, req ? el('button', { type: 'button', class: 'ghost small details', dataset: { key: 'f' + f.id + ':details' },
-          onclick: (ev) => openDetail(req.id, ev.currentTarget) }, 'Request details') : null));
+        el('td', { class: 'actions' },
+          acked ? null : el('button', { type: 'button', class: 'act ack', disabled: live ? undefined : 'disabled',
+            dataset: { key: 'f' + f.id + ':ack' }, 'aria-label': 'Acknowledge the failure report from ' + f.site_name + ' (' + fmtTime(f.received_at) + ')',
+            onclick: (ev) => acknowledge(f, ev.currentTarget) }, 'Acknowledge'),
+          req ? el('button', { type: 'button', class: 'ghost small details', dataset: { key: 'f' + f.id + ':details' },
+            onclick: (ev) => openDetail(req.id, ev.currentTarget) }, 'Request details') : null));
     }));
-    $('failures-empty').hidden = events.failures.length > 0;
+    $('failures-empty').hidden = shown.length > 0;
+    $('failures-hint').textContent = shown.length + ' of ' + events.failures.length + ' shown';
     if (!$('detail').hidden && $('detail').open) renderDetail();
     refreshAuditSites(reqs);
     restoreFocus(fk);
@@ -573,6 +595,35 @@
       }
       buttons.forEach((b) => { b.disabled = !live; });
       restoreFocus(key);
+    }
+  }
+
+  // A failure report seen and taken on. The focus moves to the next
+  // report still to acknowledge (the row may leave the filtered list).
+  async function acknowledge(f, button) {
+    if (!live) return;
+    button.disabled = true;
+    try {
+      const view = await api('POST', '/api/v1/failures/' + f.id + '/acknowledge');
+      if (events) {
+        events.failures = events.failures.map((x) => (x.id === view.id ? view : x));
+        const t = document.querySelector('#toasts [data-key="f' + view.id + '"]');
+        if (t) t.remove();
+        render();
+      }
+      toast('Acknowledged the failure report from ' + view.site_name);
+      const next = document.querySelector('#failures button.ack:not([disabled])');
+      if (next) next.focus(); else $('failures-filter').focus();
+    } catch (e) {
+      if (sessionLost(e)) return;
+      if (unreachable(e)) {
+        setLive(false);
+        toast('The server cannot be reached. Try again when the console is live.', { bad: true });
+        return;
+      }
+      // 409: another technician was quicker; the feed brings their name.
+      toast('Could not acknowledge: ' + e.message, { bad: true });
+      button.disabled = !live;
     }
   }
 
@@ -813,7 +864,14 @@
       t.addEventListener('click', () => selectTab(t.dataset.tab, false));
       t.addEventListener('keydown', tabKeys);
     }
+    // The page keeps room for the notices below its content (see style.css).
+    new MutationObserver(() => {
+      const box = $('toasts');
+      const h = box.children.length ? box.offsetHeight + 16 : 0;
+      document.documentElement.style.setProperty('--toasts-h', h + 'px');
+    }).observe($('toasts'), { childList: true });
     $('filter-state').addEventListener('change', render);
+    $('failures-filter').addEventListener('change', render);
     $('sort').addEventListener('change', render);
     $('filter-text').addEventListener('input', render);
     $('audit-filters').addEventListener('submit', (ev) => { ev.preventDefault(); loadAudit(true); });

@@ -138,6 +138,7 @@ pub async fn new_request(
         tunnel: enum_parse(&col::<String>(&carried, "tunnel")?)?,
         transport: col::<Option<String>>(&carried, "transport")?
             .and_then(|t| enum_parse::<Transport>(&t).ok()),
+        technician: None,
     })
 }
 
@@ -208,17 +209,26 @@ async fn request_site(tx: &mut Tx, id: RequestId) -> OpResult<SiteId> {
     Ok(SiteId(u64_of(col(&r, "site_id")?)))
 }
 
-/// A technician starts work: waiting → in progress.
+/// A technician starts work: waiting → in progress. `technician` (the
+/// name the console shows) is kept as who works on it, for the customer.
 ///
 /// # Errors
 /// `NotFound`; `InvalidState` unless waiting.
-pub async fn start_request(tx: &mut Tx, id: RequestId, actor: &str, now: i64) -> OpResult<()> {
+pub async fn start_request(
+    tx: &mut Tx,
+    id: RequestId,
+    technician: &str,
+    actor: &str,
+    now: i64,
+) -> OpResult<()> {
     let site = request_site(tx, id).await?;
     tx.lock_site(site).await?;
     let r = sqlx::query(
-        "UPDATE requests SET state = 'in_progress', started_at = $1 WHERE id = $2 AND state = 'waiting'",
+        "UPDATE requests SET state = 'in_progress', started_at = $1, started_by = $2 \
+         WHERE id = $3 AND state = 'waiting'",
     )
     .bind(now)
+    .bind(technician)
     .bind(id64(id.0))
     .execute(&mut *tx.inner)
     .await?;
@@ -408,6 +418,54 @@ pub async fn apply_retention(tx: &mut Tx, now: i64, retention: &Retention) -> Op
         .bind(now.saturating_sub(audit_days * DAY_MS))
         .execute(&mut *tx.inner)
         .await?;
+    Ok(())
+}
+
+/// A technician acknowledges a failure report: it is seen and taken on.
+/// `technician` is the name the console shows.
+///
+/// # Errors
+/// `NotFound`; `InvalidState` when it was acknowledged already.
+pub async fn acknowledge_failure(
+    tx: &mut Tx,
+    id: u64,
+    technician: &str,
+    actor: &str,
+    now: i64,
+) -> OpResult<()> {
+    let row = sqlx::query("SELECT acknowledged_by FROM failures WHERE id = $1")
+        .bind(id64(id))
+        .fetch_optional(&mut *tx.inner)
+        .await?
+        .ok_or(OpError::NotFound("failure report"))?;
+    if let Some(by) = col::<Option<String>>(&row, "acknowledged_by")? {
+        return Err(OpError::InvalidState(format!(
+            "this failure report was acknowledged already, by {by}"
+        )));
+    }
+    // The condition again: of two technicians at once, one wins.
+    let r = sqlx::query(
+        "UPDATE failures SET acknowledged_at = $1, acknowledged_by = $2 \
+         WHERE id = $3 AND acknowledged_at IS NULL",
+    )
+    .bind(now)
+    .bind(technician)
+    .bind(id64(id))
+    .execute(&mut *tx.inner)
+    .await?;
+    if r.rows_affected() == 0 {
+        return Err(OpError::InvalidState(
+            "this failure report was acknowledged already".into(),
+        ));
+    }
+    tx.audit(
+        now,
+        actor,
+        "failure.acknowledge",
+        &format!("failure:{id}"),
+        "",
+    )
+    .await?;
     Ok(())
 }
 

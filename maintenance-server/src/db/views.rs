@@ -322,7 +322,7 @@ pub async fn requests(
     let mut sql = String::from(
         "SELECT r.id, r.site_id, s.name AS site_name, r.global_address, r.requester_name, r.level, \
          r.urgency, r.phone, r.content, r.state, t.gateway_id, r.received_at, r.started_at, \
-         r.ended_at, r.expires_at, s.tunnel, t.transport \
+         r.ended_at, r.expires_at, s.tunnel, t.transport, r.started_by \
          FROM requests r JOIN sites s ON s.id = r.site_id \
          LEFT JOIN tunnels t ON t.site_id = r.site_id WHERE 1 = 1",
     );
@@ -435,6 +435,7 @@ fn request_from_row(
         transport: col::<Option<String>>(r, "transport")?
             .filter(|_| state.is_open())
             .and_then(|t| enum_parse::<Transport>(&t).ok()),
+        technician: col(r, "started_by")?,
     })
 }
 
@@ -621,13 +622,37 @@ pub async fn gateways(
 /// # Errors
 /// Database failures.
 pub async fn failures(conn: &mut AnyConnection, limit: u32) -> DbResult<Vec<FailureView>> {
-    let rows = sqlx::query(
+    failure_rows(conn, None, limit).await
+}
+
+/// One failure report.
+///
+/// # Errors
+/// `NotFound` or database failures.
+pub async fn failure(conn: &mut AnyConnection, id: u64) -> DbResult<FailureView> {
+    failure_rows(conn, Some(id), 1)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or(DbError::NotFound)
+}
+
+async fn failure_rows(
+    conn: &mut AnyConnection,
+    id: Option<u64>,
+    limit: u32,
+) -> DbResult<Vec<FailureView>> {
+    let sql = format!(
         "SELECT f.id, f.site_id, s.name AS site_name, f.code, f.detail, f.terminal, f.received_at, \
-         f.request_id FROM failures f JOIN sites s ON s.id = f.site_id ORDER BY f.id DESC LIMIT $1",
-    )
-    .bind(i64::from(limit))
-    .fetch_all(&mut *conn)
-    .await?;
+         f.request_id, f.acknowledged_at, f.acknowledged_by \
+         FROM failures f JOIN sites s ON s.id = f.site_id {} ORDER BY f.id DESC LIMIT $1",
+        if id.is_some() { "WHERE f.id = $2" } else { "" }
+    );
+    let mut q = sqlx::query(&sql).bind(i64::from(limit));
+    if let Some(id) = id {
+        q = q.bind(id64(id));
+    }
+    let rows = q.fetch_all(&mut *conn).await?;
     rows.iter()
         .map(|r| {
             let terminal: Option<String> = col(r, "terminal")?;
@@ -641,6 +666,8 @@ pub async fn failures(conn: &mut AnyConnection, limit: u32) -> DbResult<Vec<Fail
                 terminal: terminal.and_then(|t| TerminalName::new(t).ok()),
                 received_at: ms(col(r, "received_at")?),
                 request_id: req.map(|q| RequestId(u64_of(q))),
+                acknowledged_at: opt_ms(col(r, "acknowledged_at")?),
+                acknowledged_by: col(r, "acknowledged_by")?,
             })
         })
         .collect()

@@ -1,5 +1,5 @@
 //! Technician endpoints: login (rate-limited), logout, the request list,
-//! start / end, failures, the audit log and the console's live feed. Reads
+//! start / end, failures (and acknowledging them), the audit log and the console's live feed. Reads
 //! need the session cookie; changes need the cookie and `X-CSRF-Token`.
 
 use std::collections::HashMap;
@@ -237,7 +237,7 @@ pub async fn start(
     let now = now_ms();
     let actor = t.actor();
     write(&state, async |tx| {
-        ops::start_request(tx, id, &actor, now).await
+        ops::start_request(tx, id, &t.name, &actor, now).await
     })
     .await?;
     tracing::info!(request.id = %id, technician = %t.name, "maintenance started");
@@ -275,6 +275,25 @@ pub async fn failures(
     let limit = limit_param(&q, 200, 1000)?;
     Ok(Json(
         read(&state, async |c| views::failures(c, limit).await).await?,
+    ))
+}
+
+/// `POST /api/v1/failures/{id}/acknowledge`
+pub async fn acknowledge_failure(
+    State(state): State<AppState>,
+    TechnicianWrite(t): TechnicianWrite,
+    Path(id): Path<String>,
+) -> Result<Json<FailureView>, AppError> {
+    let id = path_id(&id)?;
+    let now = now_ms();
+    let actor = t.actor();
+    write(&state, async |tx| {
+        ops::acknowledge_failure(tx, id, &t.name, &actor, now).await
+    })
+    .await?;
+    tracing::info!(failure.id = id, technician = %t.name, "failure report acknowledged");
+    Ok(Json(
+        read(&state, async |c| views::failure(c, id).await).await?,
     ))
 }
 

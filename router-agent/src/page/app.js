@@ -93,8 +93,9 @@ function stateText(r) {
   return STATE_TEXT[r.state] || r.state;
 }
 
+// A time of today as HH:MM (24 hours, the way it is said on the phone).
 function clock(ms) {
-  return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hourCycle: "h23" });
 }
 
 // Whether a technician can reach a terminal now, in words: only when the
@@ -102,8 +103,16 @@ function clock(ms) {
 function accessText(r, t) {
   if (t.active && state.tunnelUp) return "A technician can connect";
   if (t.active) return "Ready here; waiting for the connection to the maintenance center";
+  // The router refused it: say why, instead of "being set up" for ever.
+  if (t.state === "refused" && t.reason) return t.reason;
   if (!t.address) return "Not possible: no computer of this name was found on your network";
   return "Being set up\u2026";
+}
+
+function accessClass(t) {
+  if (t.active) return "active yes";
+  if (t.state === "refused" || !t.address) return "active refused";
+  return "active";
 }
 
 function renderRequest(r) {
@@ -115,7 +124,7 @@ function renderRequest(r) {
   );
   if (r.state === "in_progress" && r.started_at) {
     box.append(el("p", { class: "working", text:
-      (r.technician ? r.technician + " is" : "A technician is") + " working on it since " + clock(r.started_at) + "." }));
+      (r.technician ? r.technician : "A technician") + " is working since " + clock(r.started_at) + "." }));
   }
   const table = el("table", { class: "terminals" });
   table.append(el("tr", {},
@@ -129,7 +138,7 @@ function renderRequest(r) {
       el("td", { class: "terminal-name", "data-label": "Computer", text: t.name }),
       el("td", { class: "muted", "data-label": "Its address here", text: t.address || "not found" }),
       el("td", { class: "nat-address", "data-label": "Address for the technician", text: t.nat_address || "-" }),
-      el("td", { class: "active" + (t.active ? " yes" : t.address ? "" : " refused"), "data-label": "Technician access",
+      el("td", { class: accessClass(t), "data-label": "Technician access", "data-state": t.state || "",
         text: accessText(r, t) }));
     table.append(row);
   }
@@ -228,12 +237,16 @@ function noticeEnded(requests) {
   const open = new Set();
   for (const q of requests) {
     if (q.state === "waiting" || q.state === "in_progress") { open.add(q.id); continue; }
-    if (state.open && state.open.has(q.id) && q.state === "ended") {
+    if (!state.open || !state.open.has(q.id)) continue;
+    if (q.state === "ended") {
       show("notice", q.started_at
-        ? "The technician finished the work on request " + q.acceptance_number + " at " + clock(q.ended_at) +
-          ". Access to your computers has ended."
+        ? (q.technician || "The technician") + " finished the work on request " + q.acceptance_number +
+          " at " + clock(q.ended_at) + ". Access to your computers has ended."
         : "Request " + q.acceptance_number + " was declined by the maintenance center at " + clock(q.ended_at) +
           ". Please call your service provider if you still need help.");
+    } else if (q.state === "expired") {
+      show("notice", "The time for request " + q.acceptance_number + " ran out at " + clock(q.ended_at) +
+        ". Access to your computers has ended.");
     }
   }
   state.open = open;

@@ -82,6 +82,55 @@ struct TerminalLocal {
     address: Option<Ipv4Addr>,
     nat_address: Option<Ipv4Addr>,
     active: bool,
+    /// `active` (mapped here), `setting_up` (not yet), `refused` (this
+    /// router would not map it: see `reason`), `not_found` (no such
+    /// computer on the LAN) or `closed` (the request is over).
+    state: &'static str,
+    /// Why the router refused the terminal, in plain words.
+    reason: Option<String>,
+}
+
+/// The data plane's refusal of a mapping ("NAT: why", as it reports it in
+/// the applied state) in words for the customer.
+fn plain_refusal(why: &str) -> String {
+    if why.contains("was not made on this router's page") {
+        return "Not opened: this request was not made on this page, and this router only opens \
+                access that was asked for here (or by a failure report you allowed below)."
+            .to_owned();
+    }
+    if why.contains("does not resolve on the LAN") {
+        return "Not opened: no computer of this name was found on your network.".to_owned();
+    }
+    if let Some((_, other)) = why.split_once("is already mapped as ") {
+        return format!(
+            "Not opened: this computer is already open to the technician under the address {other}."
+        );
+    }
+    if let Some((_, other)) = why.split_once("the real address is already mapped to ") {
+        return format!(
+            "Not opened: this computer is already open to the technician under the address {other}."
+        );
+    }
+    if why.contains("not a unicast NAT address") || why.contains("is the masquerade address") {
+        return "Not opened: the address the maintenance center chose for it cannot be used on \
+                this router. Please call your service provider."
+            .to_owned();
+    }
+    if why.contains("listed twice") {
+        return "Not opened: the maintenance center sent this address twice. Please call your \
+                service provider."
+            .to_owned();
+    }
+    format!("Not opened: the router could not set up its address ({why}).")
+}
+
+/// The refusal the last applied document recorded for `nat`, if any.
+fn refusal_of(errors: &[String], nat: Ipv4Addr) -> Option<String> {
+    let prefix = format!("{nat}: ");
+    errors
+        .iter()
+        .find_map(|e| e.strip_prefix(&prefix))
+        .map(plain_refusal)
 }
 
 #[derive(Debug, Serialize)]
@@ -268,6 +317,7 @@ async fn request_info(
     view: MaintenanceRequestView,
     snap: Option<&Snapshot>,
 ) -> RequestInfo {
+    let errors = web.app.control().apply_errors;
     let mut local = Vec::with_capacity(view.terminals.len());
     for t in &view.terminals {
         let mapped = snap.and_then(|s| {
@@ -279,11 +329,28 @@ async fn request_info(
             Some(m) => Some(m.real),
             None => web.app.names.resolve(&t.name).await.ok(),
         };
+        let reason = match (mapped, t.nat_address) {
+            (None, Some(nat)) if view.state.is_open() => refusal_of(&errors, nat),
+            _ => None,
+        };
+        let state = if !view.state.is_open() {
+            "closed"
+        } else if mapped.is_some() {
+            "active"
+        } else if reason.is_some() {
+            "refused"
+        } else if address.is_none() {
+            "not_found"
+        } else {
+            "setting_up"
+        };
         local.push(TerminalLocal {
             name: t.name.clone(),
             address,
             nat_address: t.nat_address,
             active: mapped.is_some(),
+            state,
+            reason,
         });
     }
     RequestInfo { view, local }
@@ -489,4 +556,44 @@ pub(super) async fn set_preferences(
         "the customer changed whether failure reports may open access"
     );
     axum::Json(serde_json::json!({ "failure_requests": p.failure_requests })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_of_the_data_plane_reads_in_plain_words() {
+        let nat = Ipv4Addr::new(10, 64, 0, 5);
+        let errors = vec![
+            "this router agent cannot run ipsec tunnels yet".to_owned(),
+            "10.64.0.9: terminal nas does not resolve on the LAN".to_owned(),
+            "10.64.0.5: request 7 was not made on this router's page; not installed".to_owned(),
+        ];
+        let r = refusal_of(&errors, nat).unwrap();
+        assert!(r.contains("not made on this page"), "{r}");
+        assert!(
+            refusal_of(&errors, Ipv4Addr::new(10, 64, 0, 9))
+                .unwrap()
+                .contains("no computer of this name")
+        );
+        // A refusal of another address is not this terminal's.
+        assert_eq!(refusal_of(&errors, Ipv4Addr::new(10, 64, 0, 50)), None);
+        assert_eq!(refusal_of(&errors, Ipv4Addr::new(10, 64, 0, 1)), None);
+        for (raw, want) in [
+            ("terminal pc-1 is already mapped as 10.64.0.3", "10.64.0.3"),
+            (
+                "the real address is already mapped to 10.64.0.4",
+                "10.64.0.4",
+            ),
+            ("not a unicast NAT address", "cannot be used"),
+            ("10.64.0.1 is the masquerade address", "cannot be used"),
+            ("listed twice", "twice"),
+            ("something new", "(something new)"),
+        ] {
+            let got = plain_refusal(raw);
+            assert!(got.starts_with("Not opened: "), "{got}");
+            assert!(got.contains(want), "{raw}: {got}");
+        }
+    }
 }
