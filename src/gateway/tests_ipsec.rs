@@ -183,11 +183,7 @@ fn an_ipsec_site_reaches_its_nat_address_next_to_a_wireguard_site() {
     gw.handle_tun_input(&ping, now).unwrap();
     let t = gw.poll_transmit().unwrap();
     assert_eq!(t.dst, endpoint);
-    assert_eq!(
-        ipsec::Responder::fast_index(&t.payload).is_some(),
-        true,
-        "ESP"
-    );
+    assert!(ipsec::Responder::fast_index(&t.payload).is_some(), "ESP");
     let mut buf = vec![0; 2048];
     match s4.decapsulate(Some(gw_endpoint()), &t.payload, &mut buf, now) {
         Ok(Decapsulated::Tunnel(p)) => assert_eq!(p, &ping[..]),

@@ -625,7 +625,10 @@ fn copy_out<'b>(bytes: &[u8], buf: &'b mut [u8]) -> Result<&'b [u8], Error> {
 /// Which side of the IKE SA a tunnel is.
 enum Role {
     /// The agent: dials `remote` with `config`.
-    Initiator { config: Config, remote: SocketAddr },
+    Initiator {
+        config: Box<Config>,
+        remote: SocketAddr,
+    },
     /// The gateway: takes over SAs its responder authenticated for `entry`.
     Responder {
         shared: Arc<Mutex<Shared>>,
@@ -733,7 +736,10 @@ impl Tunnel {
         now: Instant,
     ) -> Self {
         Self::new(
-            Role::Initiator { config, remote },
+            Role::Initiator {
+                config: Box::new(config),
+                remote,
+            },
             index,
             settings,
             seed,
@@ -915,7 +921,7 @@ impl Tunnel {
             return false;
         };
         let sa = IkeSa::initiator(
-            config.clone(),
+            Config::clone(config),
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             *remote,
             now,
@@ -1051,10 +1057,11 @@ impl super::Tunnel for Tunnel {
                 return Err(Error::NoSession);
             }
             self.queued.push_back(packet.to_vec());
-            if self.ike.as_ref().is_none_or(IkeSa::is_closed) && self.dial(now) {
-                if let Some(d) = self.next_out(buf) {
-                    return Ok(Encapsulated::Network(d));
-                }
+            if self.ike.as_ref().is_none_or(IkeSa::is_closed)
+                && self.dial(now)
+                && let Some(d) = self.next_out(buf)
+            {
+                return Ok(Encapsulated::Network(d));
             }
             return Ok(Encapsulated::Queued);
         }

@@ -394,12 +394,16 @@ pub trait Kinds: 'static {
 pub struct Builtin;
 
 /// A tunnel of one of the [`Builtin`] kinds.
+// Unboxed although the kinds differ in size: a tunnel lives in its peer's
+// slot for the peer's lifetime and is never moved on the packet path, so a
+// box would only add an indirection per packet.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum AnyTunnel {
     /// WireGuard.
     Wireguard(wireguard::Tunnel),
-    /// IPsec (boxed: its SAs' cipher states are larger than a WireGuard tunnel).
-    Ipsec(Box<ipsec::Tunnel>),
+    /// IPsec.
+    Ipsec(ipsec::Tunnel),
 }
 
 /// Forwards a call to the tunnel of whatever kind.
@@ -461,59 +465,6 @@ impl Tunnel for AnyTunnel {
     }
     fn poll_event(&mut self) -> Option<TunnelEvent> {
         any_tunnel!(self, t => t.poll_event())
-    }
-}
-
-/// A boxed tunnel is a tunnel ([`AnyTunnel`] boxes its larger kinds).
-impl<T: Tunnel> Tunnel for Box<T> {
-    fn has_session(&self) -> bool {
-        (**self).has_session()
-    }
-    fn stats(&self) -> TunnelStats {
-        (**self).stats()
-    }
-    fn initiate_handshake<'b>(
-        &mut self,
-        buf: &'b mut [u8],
-        force: bool,
-        now: Instant,
-    ) -> Result<Option<&'b [u8]>, Error> {
-        (**self).initiate_handshake(buf, force, now)
-    }
-    #[inline]
-    fn encapsulate<'b>(
-        &mut self,
-        packet: &[u8],
-        buf: &'b mut [u8],
-        now: Instant,
-    ) -> Result<Encapsulated<'b>, Error> {
-        (**self).encapsulate(packet, buf, now)
-    }
-    #[inline]
-    fn decapsulate<'b>(
-        &mut self,
-        from: Option<SocketAddr>,
-        datagram: &[u8],
-        buf: &'b mut [u8],
-        now: Instant,
-    ) -> Result<Decapsulated<'b>, Error> {
-        (**self).decapsulate(from, datagram, buf, now)
-    }
-    fn poll_network<'b>(&mut self, buf: &'b mut [u8]) -> Option<&'b [u8]> {
-        (**self).poll_network(buf)
-    }
-    fn poll_timeout(&self) -> Instant {
-        (**self).poll_timeout()
-    }
-    fn handle_timeout<'b>(
-        &mut self,
-        buf: &'b mut [u8],
-        now: Instant,
-    ) -> Result<Option<&'b [u8]>, Error> {
-        (**self).handle_timeout(buf, now)
-    }
-    fn poll_event(&mut self) -> Option<TunnelEvent> {
-        (**self).poll_event()
     }
 }
 
@@ -619,7 +570,7 @@ impl Responder for Responders {
             TunnelKind::Ipsec => {
                 let params = peer.ipsec.as_ref()?;
                 let t = self.ipsec.ipsec_tunnel(params, index, now).ok()?;
-                Some(AnyTunnel::Ipsec(Box::new(t)))
+                Some(AnyTunnel::Ipsec(t))
             }
         }
     }
@@ -661,12 +612,12 @@ impl Kinds for Builtin {
             TunnelKind::Ipsec => {
                 let params = desired.ipsec.as_ref()?;
                 let config = ipsec::Tunnel::initiator_config(params).ok()?;
-                Some(AnyTunnel::Ipsec(Box::new(ipsec::Tunnel::initiator(
+                Some(AnyTunnel::Ipsec(ipsec::Tunnel::initiator(
                     config,
                     desired.endpoint,
                     index,
                     now,
-                ))))
+                )))
             }
         }
     }

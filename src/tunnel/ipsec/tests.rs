@@ -116,11 +116,11 @@ impl Pair {
     }
 
     /// A datagram from the agent, routed as the gateway routes it.
-    fn to_gw(&mut self, d: &[u8]) -> Result<Out, Error> {
+    fn gw_gets(&mut self, d: &[u8]) -> Result<Out, Error> {
         to_gateway(&mut self.gw, &mut self.gw_tunnel, d, self.now)
     }
 
-    fn to_agent(&mut self, d: &[u8]) -> Result<Out, Error> {
+    fn agent_gets(&mut self, d: &[u8]) -> Result<Out, Error> {
         let mut buf = vec![0; buffer_len(d.len())];
         out_of(
             self.agent
@@ -137,13 +137,13 @@ impl Pair {
         for _ in 0..20 {
             for d in std::mem::take(&mut to_gw) {
                 sent.push(d.clone());
-                if let Ok(Out::Reply(r)) = self.to_gw(&d) {
+                if let Ok(Out::Reply(r)) = self.gw_gets(&d) {
                     to_agent.push(r);
                 }
             }
             to_agent.extend(drain(&mut self.gw_tunnel));
             for d in std::mem::take(&mut to_agent) {
-                if let Ok(Out::Reply(r)) = self.to_agent(&d) {
+                if let Ok(Out::Reply(r)) = self.agent_gets(&d) {
                     to_gw.push(r);
                 }
             }
@@ -176,7 +176,7 @@ impl Pair {
             Encapsulated::Network(d) => d.to_vec(),
             Encapsulated::Queued => return Ok(Out::Nothing),
         };
-        self.to_gw(&d)
+        self.gw_gets(&d)
     }
 
     fn center_sends(&mut self, packet: &[u8]) -> Result<Out, Error> {
@@ -185,7 +185,7 @@ impl Pair {
             Encapsulated::Network(d) => d.to_vec(),
             Encapsulated::Queued => return Ok(Out::Nothing),
         };
-        self.to_agent(&d)
+        self.agent_gets(&d)
     }
 }
 
@@ -329,7 +329,7 @@ fn child_sa_rekeys_on_demand_by_lifetime_and_by_sequence_numbers() {
     req.extend(drain(&mut p.gw_tunnel));
     let mut to_gw = vec![];
     for d in req {
-        if let Ok(Out::Reply(r)) = p.to_agent(&d) {
+        if let Ok(Out::Reply(r)) = p.agent_gets(&d) {
             to_gw.push(r);
         }
     }
@@ -354,7 +354,7 @@ fn a_spoofed_inner_source_is_dropped_and_counted() {
     let c = p.agent.current.as_mut().unwrap();
     let mut esp = vec![0; esp::sealed_len(spoofed.len())];
     let n = c.outbound.seal(&spoofed, &mut esp).unwrap();
-    assert_eq!(p.to_gw(&esp[..n]), Err(Error::OutsideSelectors));
+    assert_eq!(p.gw_gets(&esp[..n]), Err(Error::OutsideSelectors));
     assert_eq!(
         p.gw_tunnel.drops().get(DropReason::InboundOutsideSelectors),
         1
@@ -364,7 +364,7 @@ fn a_spoofed_inner_source_is_dropped_and_counted() {
     let elsewhere = udp(SITE_NAT, "192.168.9.9", b"x");
     let c = p.agent.current.as_mut().unwrap();
     let n = c.outbound.seal(&elsewhere, &mut esp).unwrap();
-    assert_eq!(p.to_gw(&esp[..n]), Err(Error::OutsideSelectors));
+    assert_eq!(p.gw_gets(&esp[..n]), Err(Error::OutsideSelectors));
     assert_eq!(
         p.gw_tunnel.drops().get(DropReason::InboundOutsideSelectors),
         2
@@ -384,14 +384,14 @@ fn forged_replayed_and_unknown_esp_is_dropped() {
     let mut forged = esp.clone();
     let last = forged.len() - 1;
     forged[last] ^= 1;
-    assert_eq!(p.to_gw(&forged), Err(Error::AuthenticationFailed));
-    assert_eq!(p.to_gw(&esp), Ok(Out::Inner(ping.clone())));
-    assert_eq!(p.to_gw(&esp), Err(Error::Replay));
+    assert_eq!(p.gw_gets(&forged), Err(Error::AuthenticationFailed));
+    assert_eq!(p.gw_gets(&esp), Ok(Out::Inner(ping.clone())));
+    assert_eq!(p.gw_gets(&esp), Err(Error::Replay));
     // Right index, SPI of no SA.
     let mut unknown = esp.clone();
     unknown[0] = if esp[0] == 1 { 2 } else { 1 };
     assert_eq!(Responder::fast_index(&unknown), Some(INDEX));
-    assert_eq!(p.to_gw(&unknown), Err(Error::NoSession));
+    assert_eq!(p.gw_gets(&unknown), Err(Error::NoSession));
     assert_eq!(p.gw_tunnel.drops().get(DropReason::UnknownSpi), 1);
     assert_eq!(p.gw_tunnel.drops().get(DropReason::Esp), 2);
     assert_eq!(p.gw_tunnel.stats().rx_packets, 1);
@@ -473,7 +473,7 @@ fn cookies_are_demanded_above_the_half_open_limit() {
             .unwrap()
             .unwrap()
             .to_vec();
-        assert!(matches!(p.to_gw(&init), Ok(Out::Reply(_))));
+        assert!(matches!(p.gw_gets(&init), Ok(Out::Reply(_))));
     }
     assert_eq!(p.gw.half_open(), 2);
     // A third initiator gets a cookie and no state.
@@ -497,7 +497,7 @@ fn cookies_are_demanded_above_the_half_open_limit() {
         "no state for a request without a cookie"
     );
     // The initiator proves its address with the cookie and gets through.
-    let retry = match p.to_agent(&cookie) {
+    let retry = match p.agent_gets(&cookie) {
         Ok(Out::Reply(r)) => r,
         other => panic!("the initiator should retry with the cookie: {other:?}"),
     };
@@ -534,7 +534,7 @@ fn cookies_are_demanded_above_the_half_open_limit() {
 fn the_builtin_responders_route_ipsec_and_wireguard_apart() {
     use crate::tunnel::{Builtin, Kinds, Responder as _, Responders};
     assert!(Builtin::buffer_len(1400) >= esp::sealed_len(1400));
-    assert!(Builtin::DATA_OVERHEAD >= esp::MAX_OVERHEAD);
+    const { assert!(Builtin::DATA_OVERHEAD >= esp::MAX_OVERHEAD) };
     // ESP by its SPI, WireGuard data by its receiver index.
     let spi = spi::spi_from_index(INDEX, 4);
     let mut esp = vec![0u8; 64];
