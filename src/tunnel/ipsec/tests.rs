@@ -258,6 +258,18 @@ fn ike_starts_on_500_floats_to_4500_and_pings_go_both_ways() {
     assert_eq!(g.rx_bytes, ping.len() as u64);
     let (spi_in, _) = p.gw_tunnel.child_spis().unwrap();
     assert_eq!(spi::index_from_spi(spi_in), Some(INDEX));
+
+    // The agent, behind a NAT as far as it knows, keeps the mapping open
+    // (RFC 3948 §2.3); the gateway consumes the keepalive.
+    let mut buf = vec![0; MIN_BUFFER_LEN];
+    let later = p.now + Duration::from_secs(21);
+    let ka = p
+        .agent
+        .handle_timeout(&mut buf, later)
+        .unwrap()
+        .map(<[u8]>::to_vec);
+    assert_eq!(ka.as_deref(), Some(&natt::KEEPALIVE[..]));
+    assert_eq!(p.gw_gets(&natt::KEEPALIVE), Ok(Out::Nothing));
 }
 
 #[test]
