@@ -29,15 +29,21 @@
 //! ([`Kinds::MAX_INDEX`]) that encodes its shard and slot; a kind must carry
 //! it back in every message after the first handshake message, so that
 //! [`Incoming::ForIndex`] routes without crypto. WireGuard puts `index << 8`
-//! in its receiver index; ESP would put it in the SPI the gateway chooses
-//! (and IKEv2 in its responder SPI).
+//! in its receiver index; ESP puts it in the SPIs the gateway chooses. IKEv2
+//! cannot: the responder SPI is chosen at IKE_SA_INIT, before the peer is
+//! known, so the IPsec responder routes IKE by a map of responder SPIs and
+//! finds the peer of a new IKE SA by the identity it authenticated
+//! ([`Incoming::Authenticated`], see [`ipsec`]).
 //!
 //! **Adding a kind** (ESP with IKEv2, a TLS stream carrier): a variant of
 //! [`TunnelKind`], of [`AnyTunnel`] and a classifier in [`Responders`]. The
 //! packet logic stays as it is.
 //!
-//! [`wireguard`] is the first kind: boringtun's noise layer. The seam and
-//! the planned kinds are described in docs/DESIGN.md, "Tunnels".
+//! [`wireguard`] is the first kind: boringtun's noise layer. [`ipsec`] is the
+//! second: IKEv2 and ESP from [`crate::ipsec`]; [`Builtin`] carries it but
+//! admits it ([`Kinds::KINDS`]) only as [`BuiltinIpsec`] until the programs'
+//! IO serves UDP 500 and 4500. The seam and the kinds are described in
+//! docs/DESIGN.md, "Tunnels".
 
 pub mod admission;
 pub mod ipsec;
