@@ -29,7 +29,7 @@
 //!   responder SPI (a map kept by the tunnels, [`Incoming::ForIndex`]);
 //!   ESP routes by its SPI without any lookup: the inbound SPIs carry the
 //!   peer's tunnel index ([`spi`], [`Responder::fast_index`]). The state is
-//!   shared by every worker's responder ([`Responder::share`]), so an
+//!   shared by every worker's responder (`Responders::share`), so an
 //!   IKE_AUTH may reach another worker than its IKE_SA_INIT did.
 //!
 //! **Ports: one datagram form for 500 and 4500.** The seam has one input and
@@ -222,7 +222,7 @@ fn seam_form(t: &Transmit) -> Vec<u8> {
 /// little-endian `u32` (WireGuard paper §5.4). No IPsec datagram does: IKE
 /// and keepalives start with 0 or are one byte, and the ESP SPIs we choose
 /// carry a non-zero tunnel index below a non-zero high byte.
-pub(crate) fn looks_like_wireguard(datagram: &[u8]) -> bool {
+pub fn looks_like_wireguard(datagram: &[u8]) -> bool {
     matches!(datagram, [1..=4, 0, 0, 0, ..])
 }
 
