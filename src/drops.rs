@@ -96,6 +96,7 @@ macro_rules! from_tunnel_errors {
                     E::UnderLoad => Self::UnderLoad,
                     E::RateLimited => Self::RateLimited,
                     E::UnknownPeer => Self::UnknownPeer,
+                    E::OutsideSelectors => Self::OutsideSelectors,
                 }
             }
         }

@@ -31,7 +31,7 @@ impl<K: Kinds> AgentState<K> {
             return NetworkOutcome::Dropped(DropReason::UnknownSender);
         }
         let dst = peer.desired.endpoint;
-        let packet = match peer.tunnel.decapsulate(Some(from.ip()), datagram, out, now) {
+        let packet = match peer.tunnel.decapsulate(Some(from), datagram, out, now) {
             Ok(Decapsulated::Tunnel(p)) => p,
             Ok(Decapsulated::Network(reply)) => {
                 let reply: &[u8] = reply;

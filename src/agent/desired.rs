@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use super::{AgentEvent, AgentState, DataMode, Mapping, Peer, RemovedBecause, deadline};
 use crate::messages::{
-    AgentDesiredState, AgentTunnel, AppliedState, RequestId, TerminalName, UnixMillis,
+    AgentDesiredState, AgentTunnel, AppliedState, IpsecParams, RequestId, TerminalName, TunnelKind,
+    UnixMillis,
 };
 use crate::tunnel::{Kinds, Tunnel};
 
@@ -157,6 +158,18 @@ impl<K: Kinds> AgentState<K> {
                 errors.push(e);
                 None
             }
+            Some(t)
+                if t.kind == TunnelKind::Ipsec
+                    && t.ipsec.as_ref().is_none_or(|p| p.validate().is_err()) =>
+            {
+                let e = match t.ipsec.as_ref().map(IpsecParams::validate) {
+                    Some(Err(e)) => format!("IPsec tunnel parameters: {e}"),
+                    _ => "an IPsec tunnel without IPsec parameters".to_owned(),
+                };
+                tracing::warn!(gateway.id = %t.gateway_id, "{e}");
+                errors.push(e);
+                None
+            }
             t => t.clone(),
         };
         self.reconcile_tunnel(now);
@@ -200,7 +213,8 @@ impl<K: Kinds> AgentState<K> {
                 if p.desired.endpoint == w.endpoint
                     && p.desired.public_key == w.public_key
                     && p.desired.persistent_keepalive_s == w.persistent_keepalive_s
-                    && p.desired.kind == w.kind =>
+                    && p.desired.kind == w.kind
+                    && p.desired.ipsec == w.ipsec =>
             {
                 // Same gateway; the id may be renamed without a new handshake.
                 if let Some(p) = self.peer.as_mut() {
@@ -218,16 +232,9 @@ impl<K: Kinds> AgentState<K> {
 
     pub(super) fn dial(&mut self, desired: AgentTunnel, now: Instant) {
         let index = (self.next_random() as u32) & K::MAX_INDEX;
-        let keepalive = Some(desired.persistent_keepalive_s).filter(|s| *s > 0);
-        let Some(mut tunnel) = K::initiator(
-            desired.kind,
-            self.private_key.clone(),
-            desired.public_key,
-            index,
-            keepalive,
-            now,
-        ) else {
-            // `handle_desired_state` refused the kind already.
+        let Some(mut tunnel) = K::initiator(&desired, self.private_key.clone(), index, now) else {
+            // `handle_desired_state` refused the kind, or the parameters
+            // that do not fit it, already.
             return;
         };
         tracing::info!(

@@ -50,6 +50,8 @@ mod desired;
 pub mod nat;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_ipsec;
 
 pub use nat::{AgentNat, NatConfig};
 
@@ -114,6 +116,8 @@ crate::drops::drop_reasons! {
     RateLimited = "rate_limited",
     /// A handshake from a key that is not our gateway's.
     UnknownPeer = "unknown_peer",
+    /// An inner packet outside its IPsec SA's traffic selectors (RFC 4301 §5.2).
+    OutsideSelectors = "outside_selectors",
     /// An inner packet that is not IPv4 (the NAT pool is IPv4).
     NotIpv4 = "not_ipv4",
     /// From the tunnel: the destination is not a currently mapped NAT address.

@@ -128,7 +128,18 @@ impl<K: TestKinds> Pair<K> {
             .unwrap();
         assert!(a.errors.is_empty(), "{:?}", a.errors);
         let gw = K::Responder::new(keys().1, WireguardResponder::DEFAULT_HANDSHAKE_LIMIT)
-            .tunnel(TunnelKind::Wireguard, keys().0.public_key(), 9, now)
+            .tunnel(
+                &GatewayPeer {
+                    site_id: SiteId(3),
+                    public_key: keys().0.public_key(),
+                    nat_addresses: vec![NAT],
+                    tunnel: TunnelKind::Wireguard,
+                    ipsec: None,
+                    tls_token_sha256: None,
+                },
+                9,
+                now,
+            )
             .unwrap();
         let mut pair = Self { agent, gw, now };
         pair.handshake();

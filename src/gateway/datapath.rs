@@ -74,7 +74,7 @@ impl<K: Kinds> GatewayState<K> {
             return NetworkOutcome::Dropped(DropReason::UnknownIndex);
         };
         let authenticated_kind = K::Responder::proves_sender(datagram);
-        match peer.tunnel.decapsulate(Some(from.ip()), datagram, out, now) {
+        match peer.tunnel.decapsulate(Some(from), datagram, out, now) {
             Ok(Decapsulated::Tunnel(p)) => {
                 roam(peer, from, &mut self.events);
                 let site = peer.site_id;
@@ -161,7 +161,7 @@ impl<K: Kinds> GatewayState<K> {
             self.responder.classify_admitted(datagram, &mut scratch)
         } else {
             self.responder
-                .classify(Some(from.ip()), datagram, &mut scratch, now)
+                .classify(Some(from), datagram, &mut scratch, now)
         };
         let routed = match classified {
             Ok(Incoming::CookieReply(cookie)) => {
@@ -188,6 +188,30 @@ impl<K: Kinds> GatewayState<K> {
                 Some(r) if r.owner != self.shard.index => Err(NetworkOutcome::Handoff(r.owner)),
                 Some(r) => Ok(r.slot),
             },
+            Ok(Incoming::Reply(reply)) => {
+                if self.transmits.len() < MAX_QUEUE {
+                    let mut buf = self.free_bufs.pop().unwrap_or_default();
+                    buf.clear();
+                    buf.extend_from_slice(reply);
+                    self.transmits.push_back(Transmit {
+                        dst: from,
+                        payload: buf,
+                    });
+                    Err(NetworkOutcome::Consumed)
+                } else {
+                    Err(NetworkOutcome::Dropped(DropReason::QueueFull))
+                }
+            }
+            Ok(Incoming::Authenticated { identity }) => match self.by_identity.get(identity) {
+                None => {
+                    // Only reachable when the peer went between IKE_AUTH and here.
+                    tracing::debug!(%from, identity, "authenticated identity of no peer");
+                    Err(NetworkOutcome::Dropped(DropReason::UnknownPeer))
+                }
+                Some(r) if r.owner != self.shard.index => Err(NetworkOutcome::Handoff(r.owner)),
+                Some(r) => Ok(r.slot),
+            },
+            Ok(Incoming::Consumed) => Err(NetworkOutcome::Consumed),
             Ok(Incoming::ForIndex(index)) => self.own_slot(index),
             Err(e) => Err(NetworkOutcome::Dropped(e.into())),
         };

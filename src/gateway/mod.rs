@@ -57,6 +57,8 @@ mod peers;
 mod tests;
 #[cfg(test)]
 mod tests_flows;
+#[cfg(test)]
+mod tests_ipsec;
 mod validate;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -76,7 +78,7 @@ use crate::tunnel::{self, Builtin, Kinds, PrivateKey, Responder, Tunnel, TunnelS
 pub const MAX_PACKET: usize = 65535;
 /// Internal output buffers hold any result for a [`MAX_PACKET`] input
 /// (of the [`Builtin`] kinds).
-pub const BUF_LEN: usize = tunnel::wireguard::buffer_len(MAX_PACKET);
+pub const BUF_LEN: usize = tunnel::builtin_buffer_len(MAX_PACKET);
 /// Bound of each internal output queue; beyond it outputs are dropped and counted.
 pub const MAX_QUEUE: usize = 4096;
 
@@ -170,6 +172,8 @@ crate::drops::drop_reasons! {
     RateLimited = "rate_limited",
     /// A handshake from a key that is not a configured peer.
     UnknownPeer = "unknown_peer",
+    /// An inner packet outside its IPsec SA's traffic selectors (RFC 4301 §5.2).
+    OutsideSelectors = "outside_selectors",
     /// A message for a tunnel index that does not exist.
     UnknownIndex = "unknown_index",
     /// An inner packet that is not IPv4 (the pool is IPv4).
@@ -338,6 +342,8 @@ pub struct GatewayState<K: Kinds = Builtin> {
     by_site: BTreeMap<SiteId, u32>,
     /// Every peer's key and every NAT address (all shards).
     by_key: FastMap<PublicKey, Route>,
+    /// Every IPsec peer by the identity it authenticates with (all shards).
+    by_identity: FastMap<String, Route>,
     by_nat: FastMap<Ipv4Addr, Route>,
     applied_version: Option<u64>,
     counters: GatewayCounters,
@@ -391,6 +397,7 @@ impl<K: Kinds> GatewayState<K> {
             free_slots: VecDeque::new(),
             by_site: BTreeMap::new(),
             by_key: FastMap::default(),
+            by_identity: FastMap::default(),
             by_nat: FastMap::default(),
             applied_version: None,
             counters: GatewayCounters::default(),

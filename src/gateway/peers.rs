@@ -9,7 +9,9 @@ use std::time::Instant;
 use super::{
     DropCounters, DropReason, GatewayEvent, GatewayState, NetworkOutcome, Shard, validate_desired,
 };
-use crate::messages::{AppliedState, GatewayDesiredState, GatewayPeer, PublicKey, SiteId};
+use crate::messages::{
+    AppliedState, GatewayDesiredState, GatewayPeer, IpsecParams, PublicKey, SiteId,
+};
 use crate::tunnel::{Kinds, Responder, TunnelKind};
 
 /// Where a key or address leads: its site, the owning shard and, when the
@@ -26,6 +28,8 @@ pub(super) struct Peer<T> {
     pub(super) site_id: SiteId,
     pub(super) public_key: PublicKey,
     pub(super) kind: TunnelKind,
+    /// An IPsec peer's parameters (a change replaces its tunnel).
+    pub(super) ipsec: Option<IpsecParams>,
     pub(super) index: u32,
     pub(super) tunnel: T,
     pub(super) endpoint: Option<SocketAddr>,
@@ -94,7 +98,9 @@ impl<K: Kinds> GatewayState<K> {
             match self.by_site.get(site).copied() {
                 Some(slot) => {
                     let same_key = self.slots[slot as usize].as_ref().is_some_and(|peer| {
-                        peer.public_key == p.public_key && peer.kind == p.tunnel
+                        peer.public_key == p.public_key
+                            && peer.kind == p.tunnel
+                            && peer.ipsec == p.ipsec
                     });
                     if !same_key {
                         self.remove_peer(*site);
@@ -118,6 +124,7 @@ impl<K: Kinds> GatewayState<K> {
         }
         // Routing tables for every peer of every shard.
         self.by_key.clear();
+        self.by_identity.clear();
         self.by_nat.clear();
         for p in &valid.peers {
             let owner = Shard::of(count, p.site_id);
@@ -132,6 +139,9 @@ impl<K: Kinds> GatewayState<K> {
                 slot,
             };
             self.by_key.insert(p.public_key, route);
+            if let Some(ipsec) = p.ipsec.as_ref().filter(|_| p.tunnel == TunnelKind::Ipsec) {
+                self.by_identity.insert(ipsec.remote_id.clone(), route);
+            }
             for a in &p.nat_addresses {
                 self.by_nat.insert(*a, route);
             }
@@ -191,8 +201,9 @@ impl<K: Kinds> GatewayState<K> {
         let generation = &mut self.generations[slot as usize];
         *generation = generation.wrapping_add(1) & 0x0f;
         let index = (u32::from(*generation) << INDEX_GENERATION_SHIFT) | base;
-        let Some(tunnel) = self.responder.tunnel(p.tunnel, p.public_key, index, now) else {
-            // A kind outside `K::KINDS`: `validate_desired` refused it already.
+        let Some(tunnel) = self.responder.tunnel(p, index, now) else {
+            // A kind outside `K::KINDS` or unusable IPsec parameters:
+            // `validate_desired` refused them already.
             self.free_slots.push_back(slot);
             return false;
         };
@@ -200,6 +211,7 @@ impl<K: Kinds> GatewayState<K> {
             site_id: p.site_id,
             public_key: p.public_key,
             kind: p.tunnel,
+            ipsec: p.ipsec.clone(),
             index,
             tunnel,
             endpoint: None,

@@ -34,6 +34,7 @@ pub fn validate_desired(
     sorted.sort_by_key(|p| p.site_id);
     let mut sites = BTreeSet::new();
     let mut keys = BTreeSet::new();
+    let mut identities = BTreeSet::new();
     let mut addresses = BTreeSet::new();
     let mut peers = Vec::new();
     for p in sorted {
@@ -48,6 +49,25 @@ pub fn validate_desired(
                 p.tunnel.label()
             ));
             continue;
+        }
+        if p.tunnel == TunnelKind::Ipsec {
+            let Some(ipsec) = &p.ipsec else {
+                errors.push(format!(
+                    "site {site}: an IPsec site without IPsec parameters"
+                ));
+                continue;
+            };
+            if let Err(e) = ipsec.validate() {
+                errors.push(format!("site {site}: IPsec parameters: {e}"));
+                continue;
+            }
+            if !identities.insert(ipsec.remote_id.clone()) {
+                errors.push(format!(
+                    "site {site}: identity {} already belongs to another site",
+                    ipsec.remote_id
+                ));
+                continue;
+            }
         }
         if p.public_key == *own_key {
             errors.push(format!("site {site}: public key is the gateway's own"));

@@ -29,17 +29,24 @@
 //! ([`Kinds::MAX_INDEX`]) that encodes its shard and slot; a kind must carry
 //! it back in every message after the first handshake message, so that
 //! [`Incoming::ForIndex`] routes without crypto. WireGuard puts `index << 8`
-//! in its receiver index; ESP would put it in the SPI the gateway chooses
-//! (and IKEv2 in its responder SPI).
+//! in its receiver index; ESP puts it in the SPIs the gateway chooses. IKEv2
+//! cannot: the responder SPI is chosen at IKE_SA_INIT, before the peer is
+//! known, so the IPsec responder routes IKE by a map of responder SPIs and
+//! finds the peer of a new IKE SA by the identity it authenticated
+//! ([`Incoming::Authenticated`], see [`ipsec`]).
 //!
 //! **Adding a kind** (ESP with IKEv2, a TLS stream carrier): a variant of
 //! [`TunnelKind`], of [`AnyTunnel`] and a classifier in [`Responders`]. The
 //! packet logic stays as it is.
 //!
-//! [`wireguard`] is the first kind: boringtun's noise layer. The seam and
-//! the planned kinds are described in docs/DESIGN.md, "Tunnels".
+//! [`wireguard`] is the first kind: boringtun's noise layer. [`ipsec`] is the
+//! second: IKEv2 and ESP from [`crate::ipsec`]; [`Builtin`] carries it but
+//! admits it ([`Kinds::KINDS`]) only as [`BuiltinIpsec`] until the programs'
+//! IO serves UDP 500 and 4500. The seam and the kinds are described in
+//! docs/DESIGN.md, "Tunnels".
 
 pub mod admission;
+pub mod ipsec;
 pub mod wireguard;
 
 #[cfg(test)]
@@ -48,12 +55,12 @@ pub(crate) mod null;
 pub(crate) mod testing;
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 pub use self::wireguard::PrivateKey;
-use crate::messages::PublicKey;
 pub use crate::messages::TunnelKind;
+use crate::messages::{AgentTunnel, GatewayPeer, PublicKey};
 
 /// How a kind frames its messages on the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +115,10 @@ pub enum Error {
     /// The handshake's initiator key is not one we know.
     #[error("unknown peer")]
     UnknownPeer,
+    /// An inner packet outside the traffic selectors its SA was negotiated
+    /// for (IPsec, RFC 4301 §5.2).
+    #[error("outside the traffic selectors")]
+    OutsideSelectors,
 }
 
 impl Error {
@@ -123,6 +134,7 @@ impl Error {
             Self::UnderLoad => "under_load",
             Self::RateLimited => "rate_limited",
             Self::UnknownPeer => "unknown_peer",
+            Self::OutsideSelectors => "outside_selectors",
         }
     }
 }
@@ -191,9 +203,24 @@ pub enum Incoming<'b> {
     ForIndex(u32),
     /// A stateless answer to send back to the sender, routing nothing: under
     /// load, a cookie reply that makes the initiator prove its address
-    /// (WireGuard paper §5.4.7; IKEv2's COOKIE notification, RFC 7296
-    /// §2.6, would take the same path).
+    /// (WireGuard paper §5.4.7; IKEv2's COOKIE notification, RFC 7296 §2.6).
     CookieReply(&'b [u8]),
+    /// An answer of the responder itself, before any peer is known (IKEv2:
+    /// the IKE_SA_INIT response of a half-open SA the responder keeps, or
+    /// the refusal of an IKE_AUTH). Send it back to the sender.
+    Reply(&'b [u8]),
+    /// The responder authenticated a peer that presented `identity` (IKEv2's
+    /// IDi, RFC 7296 §2.15; an IPsec site's `site-N.vpnnat`): feed the
+    /// datagram to that peer's [`Tunnel::decapsulate`], which takes the
+    /// authenticated session over and answers.
+    Authenticated {
+        /// The identity, as the desired state names it
+        /// ([`crate::messages::IpsecParams::remote_id`]).
+        identity: &'b str,
+    },
+    /// Handled, nothing to send and no peer concerned (a NAT keepalive,
+    /// RFC 3948 §2.3).
+    Consumed,
 }
 
 /// One peer's tunnel: a session state machine of some kind.
@@ -232,14 +259,15 @@ pub trait Tunnel: fmt::Debug + Send {
         now: Instant,
     ) -> Result<Encapsulated<'b>, Error>;
 
-    /// Processes one message from the peer. `from` is its source address
-    /// (for stateless replies under load), `None` when unknown.
+    /// Processes one message from the peer. `from` is its source address and
+    /// port (for stateless replies under load and NAT detection), `None`
+    /// when unknown.
     ///
     /// # Errors
     /// Why the message was dropped.
     fn decapsulate<'b>(
         &mut self,
-        from: Option<IpAddr>,
+        from: Option<SocketAddr>,
         datagram: &[u8],
         buf: &'b mut [u8],
         now: Instant,
@@ -292,7 +320,7 @@ pub trait Responder: fmt::Debug + Send + Sized {
     /// Why the message was dropped before reaching any peer.
     fn classify<'b>(
         &mut self,
-        from: Option<IpAddr>,
+        from: Option<SocketAddr>,
         datagram: &[u8],
         buf: &'b mut [u8],
         now: Instant,
@@ -315,15 +343,11 @@ pub trait Responder: fmt::Debug + Send + Sized {
     /// sender holds the session (so the peer's endpoint may move to it).
     fn proves_sender(datagram: &[u8]) -> bool;
 
-    /// A responder tunnel of `kind` to the holder of `peer`, carrying
-    /// `index`; `None` for a kind outside the set ([`Kinds::KINDS`]).
-    fn tunnel(
-        &self,
-        kind: TunnelKind,
-        peer: PublicKey,
-        index: u32,
-        now: Instant,
-    ) -> Option<Self::Tunnel>;
+    /// A responder tunnel for `peer` (of its kind, `peer.tunnel`), carrying
+    /// `index`; `None` for a kind outside the set ([`Kinds::KINDS`]) or a
+    /// peer whose parameters do not fit its kind (an IPsec peer without
+    /// usable [`crate::messages::IpsecParams`]).
+    fn tunnel(&self, peer: &GatewayPeer, index: u32, now: Instant) -> Option<Self::Tunnel>;
 }
 
 /// A set of tunnel kinds a program runs: the type parameter of the gateway's
@@ -353,28 +377,39 @@ pub trait Kinds: 'static {
     /// to `packet_len` bytes, for every kind in the set.
     fn buffer_len(packet_len: usize) -> usize;
 
-    /// An initiator tunnel of `kind` to `peer` with an optional keepalive
-    /// interval (seconds); `None` for a kind outside the set ([`Self::KINDS`]).
+    /// An initiator tunnel of `desired.kind` to the gateway `desired`
+    /// names (its key, endpoint, keepalive interval, IPsec parameters);
+    /// `None` for a kind outside the set ([`Self::KINDS`]) or parameters
+    /// that do not fit the kind.
     fn initiator(
-        kind: TunnelKind,
+        desired: &AgentTunnel,
         private_key: PrivateKey,
-        peer: PublicKey,
         index: u32,
-        keepalive_s: Option<u16>,
         now: Instant,
     ) -> Option<Self::Tunnel>;
 }
 
-/// The kinds the product runs (WireGuard today; IPsec sites are refused
-/// until its tunnel joins [`AnyTunnel`]).
+/// The kinds the product runs. Its tunnel ([`AnyTunnel`]) and responder
+/// ([`Responders`]) carry WireGuard and IPsec (IKEv2 with ESP), but
+/// [`Kinds::KINDS`] names WireGuard only until the programs' IO binds UDP
+/// 500 and 4500: the gateway registers its kinds with the server, which
+/// places IPsec sites only on gateways that name IPsec, and the agent
+/// refuses a kind outside them. [`BuiltinIpsec`] is the same set with IPsec
+/// admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Builtin;
 
 /// A tunnel of one of the [`Builtin`] kinds.
+// Unboxed although the kinds differ in size: a tunnel lives in its peer's
+// slot for the peer's lifetime and is never moved on the packet path, so a
+// box would only add an indirection per packet.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum AnyTunnel {
     /// WireGuard.
     Wireguard(wireguard::Tunnel),
+    /// IPsec.
+    Ipsec(ipsec::Tunnel),
 }
 
 /// Forwards a call to the tunnel of whatever kind.
@@ -382,6 +417,7 @@ macro_rules! any_tunnel {
     ($self:expr, $t:ident => $e:expr) => {
         match $self {
             AnyTunnel::Wireguard($t) => $e,
+            AnyTunnel::Ipsec($t) => $e,
         }
     };
 }
@@ -413,12 +449,12 @@ impl Tunnel for AnyTunnel {
     #[inline]
     fn decapsulate<'b>(
         &mut self,
-        from: Option<IpAddr>,
+        from: Option<SocketAddr>,
         datagram: &[u8],
         buf: &'b mut [u8],
         now: Instant,
     ) -> Result<Decapsulated<'b>, Error> {
-        any_tunnel!(self, t => t.decapsulate(from, datagram, buf, now))
+        any_tunnel!(self, t => Tunnel::decapsulate(t, from, datagram, buf, now))
     }
     fn poll_network<'b>(&mut self, buf: &'b mut [u8]) -> Option<&'b [u8]> {
         any_tunnel!(self, t => t.poll_network(buf))
@@ -438,18 +474,25 @@ impl Tunnel for AnyTunnel {
     }
 }
 
-/// The [`Builtin`] kinds' classifiers for one gateway socket. Only WireGuard
-/// exists; a kind added later gets a field here and [`Self::classify`] picks
-/// the classifier by the message's shape (or the listener it came in on).
+/// The [`Builtin`] kinds' classifiers for one gateway. [`Self::classify`]
+/// picks the classifier by the message's shape: a WireGuard message starts
+/// with its type 1–4 and three zero bytes, which no IPsec datagram at the
+/// seam does ([`ipsec::looks_like_wireguard`]).
 #[derive(Debug)]
 pub struct Responders {
     wireguard: wireguard::Responder,
+    ipsec: ipsec::Responder,
 }
 
 impl Responders {
     /// The WireGuard classifier.
     pub fn wireguard(&self) -> &wireguard::Responder {
         &self.wireguard
+    }
+
+    /// The IPsec classifier.
+    pub fn ipsec(&self) -> &ipsec::Responder {
+        &self.ipsec
     }
 }
 
@@ -459,28 +502,39 @@ impl Responder for Responders {
     fn new(private_key: PrivateKey, handshake_limit: u64) -> Self {
         Self {
             wireguard: wireguard::Responder::new(private_key, handshake_limit),
+            ipsec: ipsec::Responder::new(ipsec::Settings::default()),
         }
     }
 
     fn share(&self) -> Self {
         Self {
             wireguard: self.wireguard.share(),
+            ipsec: self.ipsec.clone(),
         }
     }
 
     #[inline]
     fn fast_index(datagram: &[u8]) -> Option<u32> {
-        wireguard::Responder::data_receiver_index(datagram)
+        if ipsec::looks_like_wireguard(datagram) {
+            wireguard::Responder::data_receiver_index(datagram)
+        } else {
+            ipsec::Responder::fast_index(datagram)
+        }
     }
 
     fn classify<'b>(
         &mut self,
-        from: Option<IpAddr>,
+        from: Option<SocketAddr>,
         datagram: &[u8],
         buf: &'b mut [u8],
         now: Instant,
     ) -> Result<Incoming<'b>, Error> {
-        self.wireguard.classify(from, datagram, buf, now)
+        if ipsec::looks_like_wireguard(datagram) {
+            self.wireguard
+                .classify(from.map(|a| a.ip()), datagram, buf, now)
+        } else {
+            self.ipsec.classify(from, datagram, buf, now, false)
+        }
     }
 
     fn classify_admitted<'b>(
@@ -488,34 +542,42 @@ impl Responder for Responders {
         datagram: &[u8],
         buf: &'b mut [u8],
     ) -> Result<Incoming<'b>, Error> {
-        self.wireguard.classify_admitted(datagram, buf)
+        if ipsec::looks_like_wireguard(datagram) {
+            self.wireguard.classify_admitted(datagram, buf)
+        } else {
+            // A handed-over IPsec message is an IKE_AUTH (or later) whose SA
+            // is already known; the source only matters for new SAs.
+            self.ipsec.classify_admitted(datagram, buf)
+        }
     }
 
     #[inline]
     fn proves_sender(datagram: &[u8]) -> bool {
-        wireguard::Responder::proves_sender(datagram)
+        if ipsec::looks_like_wireguard(datagram) {
+            wireguard::Responder::proves_sender(datagram)
+        } else {
+            ipsec::Responder::proves_sender(datagram)
+        }
     }
 
-    fn tunnel(
-        &self,
-        kind: TunnelKind,
-        peer: PublicKey,
-        index: u32,
-        now: Instant,
-    ) -> Option<AnyTunnel> {
-        match kind {
+    fn tunnel(&self, peer: &GatewayPeer, index: u32, now: Instant) -> Option<AnyTunnel> {
+        match peer.tunnel {
             TunnelKind::Wireguard => Some(AnyTunnel::Wireguard(wireguard::Tunnel::new(
                 wireguard::TunnelConfig {
                     limiter: Some(self.wireguard.limiter()),
                     ..wireguard::TunnelConfig::responder(
                         self.wireguard.private_key().clone(),
-                        peer,
+                        peer.public_key,
                         index,
                     )
                 },
                 now,
             ))),
-            TunnelKind::Ipsec => None,
+            TunnelKind::Ipsec => {
+                let params = peer.ipsec.as_ref()?;
+                let t = self.ipsec.ipsec_tunnel(params, index, now).ok()?;
+                Some(AnyTunnel::Ipsec(t))
+            }
         }
     }
 }
@@ -526,28 +588,89 @@ impl Kinds for Builtin {
 
     const KINDS: &'static [TunnelKind] = &[TunnelKind::Wireguard];
     const TIMER_TICK: Duration = wireguard::TIMER_TICK;
-    const MAX_INDEX: u32 = wireguard::MAX_INDEX;
-    const DATA_OVERHEAD: usize = wireguard::DATA_OVERHEAD;
+    const MAX_INDEX: u32 = min_u32(wireguard::MAX_INDEX, crate::ipsec::esp::spi::MAX_INDEX);
+    const DATA_OVERHEAD: usize = max_usize(wireguard::DATA_OVERHEAD, ipsec::DATA_OVERHEAD);
 
     #[inline]
     fn buffer_len(packet_len: usize) -> usize {
-        wireguard::buffer_len(packet_len)
+        builtin_buffer_len(packet_len)
     }
 
     fn initiator(
-        kind: TunnelKind,
+        desired: &AgentTunnel,
         private_key: PrivateKey,
-        peer: PublicKey,
         index: u32,
-        keepalive_s: Option<u16>,
         now: Instant,
     ) -> Option<AnyTunnel> {
-        match kind {
-            TunnelKind::Wireguard => Some(AnyTunnel::Wireguard(wireguard::Tunnel::new(
-                wireguard::TunnelConfig::initiator(private_key, peer, index, keepalive_s),
-                now,
-            ))),
-            TunnelKind::Ipsec => None,
+        match desired.kind {
+            TunnelKind::Wireguard => {
+                let keepalive_s = Some(desired.persistent_keepalive_s).filter(|s| *s > 0);
+                Some(AnyTunnel::Wireguard(wireguard::Tunnel::new(
+                    wireguard::TunnelConfig::initiator(
+                        private_key,
+                        desired.public_key,
+                        index,
+                        keepalive_s,
+                    ),
+                    now,
+                )))
+            }
+            TunnelKind::Ipsec => {
+                let params = desired.ipsec.as_ref()?;
+                let config = ipsec::Tunnel::initiator_config(params).ok()?;
+                Some(AnyTunnel::Ipsec(ipsec::Tunnel::initiator(
+                    config,
+                    desired.endpoint,
+                    index,
+                    now,
+                )))
+            }
         }
+    }
+}
+
+/// [`Kinds::buffer_len`] of [`Builtin`], for constants.
+pub const fn builtin_buffer_len(packet_len: usize) -> usize {
+    max_usize(
+        wireguard::buffer_len(packet_len),
+        ipsec::buffer_len(packet_len),
+    )
+}
+
+const fn min_u32(a: u32, b: u32) -> u32 {
+    if a < b { a } else { b }
+}
+
+const fn max_usize(a: usize, b: usize) -> usize {
+    if a > b { a } else { b }
+}
+
+/// [`Builtin`] with IPsec admitted ([`Kinds::KINDS`] names both kinds): the
+/// same tunnels and responder, for programs whose IO serves UDP 500 and
+/// 4500 (see [`ipsec`]) and for the core's tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BuiltinIpsec;
+
+impl Kinds for BuiltinIpsec {
+    type Tunnel = AnyTunnel;
+    type Responder = Responders;
+
+    const KINDS: &'static [TunnelKind] = &[TunnelKind::Wireguard, TunnelKind::Ipsec];
+    const TIMER_TICK: Duration = Builtin::TIMER_TICK;
+    const MAX_INDEX: u32 = Builtin::MAX_INDEX;
+    const DATA_OVERHEAD: usize = Builtin::DATA_OVERHEAD;
+
+    #[inline]
+    fn buffer_len(packet_len: usize) -> usize {
+        Builtin::buffer_len(packet_len)
+    }
+
+    fn initiator(
+        desired: &AgentTunnel,
+        private_key: PrivateKey,
+        index: u32,
+        now: Instant,
+    ) -> Option<AnyTunnel> {
+        Builtin::initiator(desired, private_key, index, now)
     }
 }

@@ -29,7 +29,7 @@ use super::{
     TunnelKind, TunnelStats,
 };
 use crate::ipv4::FastHasher;
-use crate::messages::PublicKey;
+use crate::messages::{AgentTunnel, GatewayPeer, PublicKey};
 
 const INIT: u8 = 1;
 const RESPONSE: u8 = 2;
@@ -246,7 +246,7 @@ impl Tunnel for NullTunnel {
 
     fn decapsulate<'b>(
         &mut self,
-        _from: Option<IpAddr>,
+        _from: Option<std::net::SocketAddr>,
         datagram: &[u8],
         buf: &'b mut [u8],
         now: Instant,
@@ -423,12 +423,12 @@ impl Responder for NullResponder {
 
     fn classify<'b>(
         &mut self,
-        from: Option<IpAddr>,
+        from: Option<std::net::SocketAddr>,
         datagram: &[u8],
         buf: &'b mut [u8],
         now: Instant,
     ) -> Result<Incoming<'b>, Error> {
-        self.route(Some((from, now)), datagram, buf)
+        self.route(Some((from.map(|a| a.ip()), now)), datagram, buf)
     }
 
     fn classify_admitted<'b>(
@@ -443,16 +443,10 @@ impl Responder for NullResponder {
         datagram.first() != Some(&COOKIE)
     }
 
-    fn tunnel(
-        &self,
-        kind: TunnelKind,
-        peer: PublicKey,
-        index: u32,
-        now: Instant,
-    ) -> Option<NullTunnel> {
+    fn tunnel(&self, peer: &GatewayPeer, index: u32, now: Instant) -> Option<NullTunnel> {
         Null::KINDS
-            .contains(&kind)
-            .then(|| NullTunnel::new(self.key, peer, index, false, now))
+            .contains(&peer.tunnel)
+            .then(|| NullTunnel::new(self.key, peer.public_key, index, false, now))
     }
 }
 
@@ -523,18 +517,24 @@ impl Kinds for Null {
     }
 
     fn initiator(
-        kind: TunnelKind,
+        desired: &AgentTunnel,
         private_key: PrivateKey,
-        peer: PublicKey,
         index: u32,
-        keepalive_s: Option<u16>,
         now: Instant,
     ) -> Option<NullTunnel> {
-        if !Self::KINDS.contains(&kind) {
+        if !Self::KINDS.contains(&desired.kind) {
             return None;
         }
-        let mut t = NullTunnel::new(private_key.public_key(), peer, index, true, now);
-        t.keepalive = keepalive_s.map(|s| Duration::from_secs(u64::from(s)));
+        let mut t = NullTunnel::new(
+            private_key.public_key(),
+            desired.public_key,
+            index,
+            true,
+            now,
+        );
+        t.keepalive = Some(desired.persistent_keepalive_s)
+            .filter(|s| *s > 0)
+            .map(|s| Duration::from_secs(u64::from(s)));
         Some(t)
     }
 }

@@ -3,12 +3,15 @@
 //! which instantiates generic test functions for [`Builtin`] (WireGuard,
 //! against a plain boringtun client) and for the test-only [`Null`] kind.
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
 
 use super::null::{Null, NullTunnel};
+use crate::messages::{AgentTunnel, GatewayId};
+
 use super::{Builtin, Decapsulated, Encapsulated, Kinds, PrivateKey, Tunnel, TunnelKind};
 
 /// The far end of a tunnel as a site's client would run it.
@@ -96,6 +99,10 @@ impl TestKinds for Builtin {
     type Client = BoringtunClient;
 }
 
+impl TestKinds for super::BuiltinIpsec {
+    type Client = BoringtunClient;
+}
+
 /// The null kind's client: the core's own null tunnel as initiator.
 pub(crate) struct NullClient(NullTunnel);
 
@@ -103,11 +110,17 @@ impl TestClient for NullClient {
     fn new(seed: u8, server: &PrivateKey) -> Self {
         Self(
             Null::initiator(
-                TunnelKind::Wireguard,
+                &AgentTunnel {
+                    gateway_id: GatewayId(1),
+                    kind: TunnelKind::Wireguard,
+                    endpoint: SocketAddr::from(([192, 0, 2, 1], 51820)),
+                    public_key: server.public_key(),
+                    persistent_keepalive_s: 25,
+                    ipsec: None,
+                    tls: None,
+                },
                 PrivateKey::from_bytes([seed; 32]),
-                server.public_key(),
                 u32::from(seed),
-                Some(25),
                 Instant::now(),
             )
             .expect("the null kind runs WireGuard"),

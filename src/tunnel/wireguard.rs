@@ -601,12 +601,12 @@ impl super::Tunnel for Tunnel {
     #[inline]
     fn decapsulate<'b>(
         &mut self,
-        from: Option<IpAddr>,
+        from: Option<std::net::SocketAddr>,
         datagram: &[u8],
         buf: &'b mut [u8],
         now: Instant,
     ) -> Result<Decapsulated<'b>, Error> {
-        Tunnel::decapsulate(self, from, datagram, buf, now)
+        Tunnel::decapsulate(self, from.map(|a| a.ip()), datagram, buf, now)
     }
     fn poll_network<'b>(&mut self, buf: &'b mut [u8]) -> Option<&'b [u8]> {
         Tunnel::poll_network(self, buf)

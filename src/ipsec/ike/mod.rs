@@ -128,6 +128,10 @@ pub struct Peer {
     /// The tunnel index to build inbound CHILD_SA SPIs from (see
     /// [`Config::inbound_spi_index`]).
     pub inbound_spi_index: Option<u32>,
+    /// The identity we present to this peer (IDr), when it is not the
+    /// config's: the gateways name themselves after the site they answer
+    /// (`gw-N.vpnnat`), so one responder has one local identity per peer.
+    pub local_id: Option<Id>,
 }
 
 impl std::fmt::Debug for Peer {
@@ -137,6 +141,7 @@ impl std::fmt::Debug for Peer {
             .field("local_ts", &self.local_ts)
             .field("remote_ts", &self.remote_ts)
             .field("inbound_spi_index", &self.inbound_spi_index)
+            .field("local_id", &self.local_id)
             .finish()
     }
 }
@@ -153,6 +158,7 @@ impl Peer {
             local_ts,
             remote_ts,
             inbound_spi_index: None,
+            local_id: None,
         })
     }
 }
@@ -293,6 +299,9 @@ impl Config {
         self.local_ts = peer.local_ts;
         self.remote_ts = peer.remote_ts;
         self.inbound_spi_index = peer.inbound_spi_index;
+        if let Some(local_id) = peer.local_id {
+            self.local_id = local_id;
+        }
     }
 }
 
@@ -1065,6 +1074,12 @@ impl IkeSa {
 
     pub fn is_closed(&self) -> bool {
         self.phase == Phase::Closed
+    }
+
+    /// The identity the peer must present, or presented: after IKE_AUTH
+    /// with a [`PeerLookup`], the IDi it authenticated with.
+    pub fn remote_id(&self) -> Option<&Id> {
+        self.config.remote_id.as_ref()
     }
 
     /// The current CHILD_SA.
