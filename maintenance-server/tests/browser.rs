@@ -155,6 +155,16 @@ async fn console_layout_detail_confirmation(width: u32, height: u32, tag: &str) 
         .await
         .unwrap();
     assert_eq!(invalid, json!("true"));
+    // A screen reader reads the error with the field.
+    let described = b
+        .c()
+        .execute(
+            "return document.getElementById('login-password').getAttribute('aria-describedby');",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(described, json!("login-error"));
     b.screenshot(&format!("console-{tag}-sign-in-refused"))
         .await;
     sign_in(&b, "alice", "correct horse").await;
@@ -272,6 +282,29 @@ async fn console_layout_detail_confirmation(width: u32, height: u32, tag: &str) 
         !audit.contains("signed in"),
         "sign-ins are hidden by default"
     );
+    b.select("#audit-kind", "technician.login_failed").await;
+    b.wait_text("#audit tbody", "failed sign-in").await;
+    // The other filters: one site, then one technician, then a time window.
+    b.select("#audit-kind", "request").await;
+    b.select("#audit-site", &s2.id.0.to_string()).await;
+    b.wait_text("#audit tbody", "Pharmacy Müller").await;
+    let one_site = text_of(&b, "#audit tbody").await;
+    assert!(!one_site.contains("Bakery Schmidt"), "{one_site}");
+    b.select("#audit-site", &a.id.0.to_string()).await;
+    b.wait_text("#audit tbody", "ended the work").await;
+    b.type_into("#audit-tech", "bob").await;
+    click(&b, "#audit-refresh").await;
+    b.visible("#audit-empty").await;
+    b.type_into("#audit-tech", "alice").await;
+    click(&b, "#audit-refresh").await;
+    b.wait_text("#audit tbody", "ended the work").await;
+    let by_alice = text_of(&b, "#audit tbody").await;
+    assert!(!by_alice.contains("request received"), "{by_alice}");
+    b.select("#audit-since", "3600000").await;
+    b.wait_text("#audit tbody", "started the work").await;
+    b.type_into("#audit-tech", "").await;
+    b.select("#audit-site", "").await;
+    b.select("#audit-since", "").await;
     b.select("#audit-kind", "technician.login_failed").await;
     b.wait_text("#audit tbody", "failed sign-in").await;
     b.assert_no_horizontal_overflow("audit").await;
@@ -617,6 +650,7 @@ async fn browser_console_events_two_tabs_and_outage() {
         .await
         .unwrap();
     assert_eq!(enabled, json!(0), "actions stay enabled during the outage");
+    b.assert_no_horizontal_overflow("outage").await;
     b.assert_accessible("outage").await;
     b.screenshot("console-outage").await;
     let server = TestServer::start_at(settings, addr).await;
