@@ -22,6 +22,8 @@ packages=(
   # the AES-GCM crypto floor of scripts/bench-throughput.sh (openssl speed)
   openssl
   chromium chromium-driver
+  # the Debian packages of scripts/package.sh and their checks
+  dpkg-dev binutils lintian
 )
 
 missing=()
