@@ -30,17 +30,23 @@ fn netns_harness_connects_two_namespaces_and_cleans_up() {
         let mut sleeper = a.command("sleep");
         sleeper.arg("60");
         pid = a.spawn(&mut sleeper, None);
-        let pids = String::from_utf8(
-            Command::new("ip")
+        // `ip netns exec` enters the namespace after it has been spawned, so
+        // the sleeper shows up in the namespace's list a moment later.
+        let in_namespace = || {
+            let pids = Command::new("ip")
                 .args(["netns", "pids", &name_a])
                 .output()
                 .unwrap()
-                .stdout,
-        )
-        .unwrap();
-        assert!(
-            pids.split_whitespace().any(|p| p == pid.to_string()),
-            "{pid} not in {pids}"
+                .stdout;
+            String::from_utf8(pids)
+                .unwrap()
+                .split_whitespace()
+                .any(|p| p == pid.to_string())
+        };
+        vpnnat_test_support::wait_until(
+            "the sleeper to be in the namespace",
+            Duration::from_secs(5),
+            in_namespace,
         );
         assert!(
             !a.try_sh("ping -c 1 -W 1 203.0.113.9"),
