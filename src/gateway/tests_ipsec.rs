@@ -123,6 +123,17 @@ fn connect_site(
             .collect();
         for t in out {
             assert_eq!(t.dst, endpoint);
+            // The responder's own answers before a peer is known (the
+            // IKE_SA_INIT response on 500, a refused IKE_AUTH) carry no
+            // kind; the peer's tunnel's answers carry its kind.
+            assert!(
+                t.kind.is_none() || t.kind == Some(TunnelKind::Ipsec),
+                "{:?}",
+                t.kind
+            );
+            if t.payload.starts_with(&IKE_500_TAG) {
+                assert_eq!(t.kind, None, "IKE_SA_INIT is the responder's");
+            }
             if let Ok(Decapsulated::Network(r)) =
                 site.decapsulate(Some(gw_endpoint()), &t.payload, &mut buf, now)
             {
@@ -183,6 +194,7 @@ fn an_ipsec_site_reaches_its_nat_address_next_to_a_wireguard_site() {
     gw.handle_tun_input(&ping, now).unwrap();
     let t = gw.poll_transmit().unwrap();
     assert_eq!(t.dst, endpoint);
+    assert_eq!(t.kind, Some(TunnelKind::Ipsec));
     assert!(ipsec::Responder::fast_index(&t.payload).is_some(), "ESP");
     let mut buf = vec![0; 2048];
     match s4.decapsulate(Some(gw_endpoint()), &t.payload, &mut buf, now) {
@@ -203,6 +215,7 @@ fn an_ipsec_site_reaches_its_nat_address_next_to_a_wireguard_site() {
     gw.handle_tun_input(&ping1, now).unwrap();
     let t = gw.poll_transmit().unwrap();
     assert_eq!(t.dst, wg.endpoint);
+    assert_eq!(t.kind, Some(TunnelKind::Wireguard));
     assert_eq!(wg.receive(&t.payload), Some(ping1));
 }
 
