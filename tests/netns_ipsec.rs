@@ -299,3 +299,40 @@ fn netns_ipsec_agent_site_reaches_the_gateway_and_the_technician_reaches_the_pc(
     assert_eq!(ike, 0, "bytes to UDP 500\n{}", logs(&w));
     assert!(nat_t > 300_000, "bytes to UDP 4500: {nat_t}");
 }
+
+/// With its IPsec ports turned off the gateway binds neither 500 nor 4500,
+/// runs WireGuard only, and refuses an IPsec site (no route for its NAT
+/// address) instead of leaving it silent.
+#[test]
+fn netns_ipsec_gateway_without_ipsec_ports_refuses_ipsec_sites() {
+    if !require(PREREQS) || !require(&[Prereq::Program("ss")]) {
+        return;
+    }
+    let mut w = World::new("ipn", "dev eth0");
+    let mut config = std::fs::read_to_string(&w.config).unwrap();
+    config.push_str("[ipsec]\nike_listen = \"\"\nnat_t_listen = \"\"\n");
+    std::fs::write(&w.config, config).unwrap();
+    let psk = PrivateKey::from_bytes(rand_bytes()).to_base64();
+    w.set_peers(&GatewayDesiredState {
+        version: 1,
+        gateway_id: GatewayId(1),
+        peers: vec![GatewayPeer {
+            site_id: SITE,
+            public_key: PrivateKey::from_bytes(rand_bytes()).public_key(),
+            nat_addresses: vec![NAT.parse().unwrap()],
+            tunnel: TunnelKind::Ipsec,
+            ipsec: Some(gateway_params(&psk)),
+            tls_token_sha256: None,
+        }],
+    });
+    w.start_gateway();
+    wait_until("the peers file applied", Duration::from_secs(10), || {
+        w.gateway_log().contains("cannot run")
+    });
+    let log = w.gateway_log();
+    assert!(!log.contains("IPsec ports bound"), "{log}");
+    let udp = w.gw.sh("ss -Huln");
+    assert!(udp.contains(":51820"), "{udp}");
+    assert!(!udp.contains(":500 ") && !udp.contains(":4500 "), "{udp}");
+    assert!(!w.gw.sh("ip -4 route show proto 118").contains(NAT));
+}
