@@ -6,9 +6,15 @@
 //! ```text
 //!  tech 172.16.0.50 ──lan0── gw (gateway: WireGuard 51820, IKE 500, NAT-T 4500)
 //!                            │ inet bridge 198.51.100.1/24
-//!                            └── router wan0 198.51.100.11 (router-agent, packet mode)
-//!                                  └── lan0 192.168.1.1/24 ── pc 192.168.1.10 (HTTP :80, TCP echo :7)
+//!                            └── router wan0 198.51.100.11 (router-agent in packet mode,
+//!                                  │                          or NAPT to its WAN)
+//!                                  └── lan0 bridge 192.168.1.1/24
+//!                                        ├── pc 192.168.1.10 (HTTP :80, TCP echo :7)
+//!                                        └── ah 192.168.1.20 (router-agent in netstack mode)
 //! ```
+//!
+//! Behind the NAPT the agent's NAT-T port is translated (a real NAT,
+//! RFC 3948), as at most customers.
 //!
 //! Every address lives in namespaces created here (named per run); none
 //! has a default route. The namespaces and their processes go when the
@@ -42,10 +48,30 @@ const PREREQS: &[Prereq] = &[
 const NAT: &str = "10.64.0.5";
 const SITE: SiteId = SiteId(1);
 
-/// The site's router (where the agent runs) and its PC.
+/// Where the agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// On the router, packet mode (the LAN's router toward the center).
+    Packet,
+    /// On a LAN host behind the router's NAPT, netstack mode.
+    NetstackBehindNapt,
+}
+
+/// The site's router, its PC and the agent's host when it is not the
+/// router.
 struct Site {
     router: Netns,
     _pc: Netns,
+    ah: Option<Netns>,
+}
+
+impl Site {
+    fn agent_ns(&mut self) -> &mut Netns {
+        match self.ah.as_mut() {
+            Some(ah) => ah,
+            None => &mut self.router,
+        }
+    }
 }
 
 fn wall_ms() -> u64 {
@@ -82,8 +108,8 @@ fn gateway_params(psk: &str) -> IpsecParams {
 }
 
 /// The router (WAN on the gateway's "internet" bridge) and the PC behind
-/// it, serving `scripts/lan-pc.py`.
-fn add_site(w: &World) -> Site {
+/// it, serving `scripts/lan-pc.py`; behind a NAPT, the agent's host too.
+fn add_site(w: &World, mode: Mode) -> Site {
     let router = Netns::new("ipr");
     let mut pc = Netns::new("ipp");
     veth(
@@ -95,15 +121,33 @@ fn add_site(w: &World) -> Site {
         Some("198.51.100.11/24"),
     );
     w.gw.sh("ip link set site1 master inet");
-    veth(
-        &router,
-        "lan0",
-        Some("192.168.1.1/24"),
-        &pc,
-        "eth0",
-        Some("192.168.1.10/24"),
+    router.sh(
+        "ip link add lan0 type bridge && ip addr add 192.168.1.1/24 dev lan0 && ip link set lan0 up \
+         && sysctl -qw net.ipv4.ip_forward=1",
     );
-    router.sh("sysctl -qw net.ipv4.ip_forward=1");
+    veth(&router, "l-pc", None, &pc, "eth0", Some("192.168.1.10/24"));
+    router.sh("ip link set l-pc master lan0");
+    let ah = (mode == Mode::NetstackBehindNapt).then(|| {
+        let ah = Netns::new("ipa");
+        veth(&router, "l-ah", None, &ah, "eth0", Some("192.168.1.20/24"));
+        router.sh("ip link set l-ah master lan0");
+        ah.sh("ip route add 198.51.100.0/24 via 192.168.1.1");
+        // A home router: NAPT to its WAN, no unsolicited inbound.
+        router.sh(
+            "nft -f - <<'EOF'\n\
+             table ip nat {\n\
+               chain post { type nat hook postrouting priority srcnat; oifname \"wan0\" masquerade; }\n\
+             }\n\
+             table inet filter {\n\
+               chain filter_forward { type filter hook forward priority filter; policy accept;\n\
+                 iifname \"wan0\" ct state established,related accept; iifname \"wan0\" drop; }\n\
+             }\n\
+             EOF",
+        );
+        // Unprivileged ICMP sockets for the netstack agent's pings.
+        ah.sh("sysctl -qw net.ipv4.ping_group_range='0 2147483647'");
+        ah
+    });
     // Replies to the center go through the router; deliberately no default route.
     pc.sh("ip route add 172.16.0.0/24 via 192.168.1.1");
     let mut cmd = pc.command("python3");
@@ -113,16 +157,25 @@ fn add_site(w: &World) -> Site {
     wait_until("the LAN PC's HTTP server", Duration::from_secs(10), || {
         pcr.try_sh("python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 80), 0.2)'")
     });
-    Site { router, _pc: pc }
+    Site {
+        router,
+        _pc: pc,
+        ah,
+    }
 }
 
-/// Writes the agent's configuration (standalone, packet mode on the router).
-fn agent_config(w: &World) -> std::path::PathBuf {
+/// Writes the agent's configuration (standalone; packet mode on the
+/// router, or netstack mode on its host).
+fn agent_config(w: &World, mode: Mode) -> std::path::PathBuf {
     let d = w.dir.path();
+    let (mode, lan_if) = match mode {
+        Mode::Packet => ("packet", "lan0"),
+        Mode::NetstackBehindNapt => ("netstack", "eth0"),
+    };
     let text = format!(
-        "[agent]\nidentity_file = \"{id}\"\nstate_dir = \"{state}\"\nmode = \"packet\"\n\
+        "[agent]\nidentity_file = \"{id}\"\nstate_dir = \"{state}\"\nmode = \"{mode}\"\n\
          [server]\nallow_insecure_http = true\n\
-         [lan]\ninterface = \"lan0\"\nallowed_prefixes = [\"192.168.1.0/24\"]\ndns = false\n\
+         [lan]\ninterface = \"{lan_if}\"\nallowed_prefixes = [\"192.168.1.0/24\"]\ndns = false\n\
          [packet]\ntun_name = \"vpnagent0\"\ncenter_prefixes = [\"172.16.0.0/24\"]\n\
          [web]\npassword = \"ipsec site page password\"\n\
          [[terminals]]\nname = \"pc-1\"\naddress = \"192.168.1.10\"\ncheck = \"tcp:80\"\n\
@@ -176,13 +229,25 @@ fn netns_ipsec_agent_site_reaches_the_gateway_and_the_technician_reaches_the_pc(
     if !require(PREREQS) {
         return;
     }
-    let mut w = World::new("ips", "dev eth0");
-    let mut site = add_site(&w);
-    let config = agent_config(&w);
+    agent_site_through_the_gateway("ips", Mode::Packet);
+}
+
+#[test]
+fn netns_ipsec_netstack_agent_behind_a_napt_reaches_the_gateway() {
+    if !require(PREREQS) {
+        return;
+    }
+    agent_site_through_the_gateway("ipt", Mode::NetstackBehindNapt);
+}
+
+fn agent_site_through_the_gateway(tag: &str, mode: Mode) {
+    let mut w = World::new(tag, "dev eth0");
+    let mut site = add_site(&w, mode);
+    let config = agent_config(&w, mode);
     // A key-only identity (standalone): the agent's key is the peer's
     // `public_key`, which an IPsec peer carries but does not use.
     let out = vpnnat_test_support::run(
-        site.router
+        site.agent_ns()
             .command(vpnnat_test_support::bin("router-agent"))
             .arg("--config")
             .arg(&config)
@@ -244,14 +309,14 @@ fn netns_ipsec_agent_site_reaches_the_gateway_and_the_technician_reaches_the_pc(
     std::fs::write(&desired_file, serde_json::to_vec(&desired).unwrap()).unwrap();
     let agent_log = w.dir.path().join("agent.log");
     let mut cmd = site
-        .router
+        .agent_ns()
         .command(vpnnat_test_support::bin("router-agent"));
     cmd.arg("--config")
         .arg(&config)
         .arg("--desired")
         .arg(&desired_file)
         .env("RUST_LOG", "info,vpnnat=debug,router_agent=debug");
-    site.router.spawn(&mut cmd, Some(&agent_log));
+    site.agent_ns().spawn(&mut cmd, Some(&agent_log));
     let logs = |w: &World| {
         format!(
             "--- agent\n{}\n--- gateway\n{}",
@@ -276,8 +341,8 @@ fn netns_ipsec_agent_site_reaches_the_gateway_and_the_technician_reaches_the_pc(
     );
     tcp_echo_transfer(&w.tech, NAT, 300_000);
 
-    // The gateway shows the IPsec peer up, at the router's address, with
-    // traffic both ways.
+    // The gateway shows the IPsec peer up, at the router's address (its
+    // NAPT's, for an agent behind it), with traffic both ways.
     let status = w.status();
     let peers = status["peers"].as_array().unwrap();
     assert_eq!(peers.len(), 1, "{status}");
