@@ -71,23 +71,26 @@ pub async fn next_chunk(inbox: &mut Option<Inbox>) -> Option<Chunk> {
     }
 }
 
-/// Waits until one of `side` may have data: its [`Via`] (from 1), or never
-/// without any. Cancel-safe: it only polls readiness.
-async fn side_readable(side: &[Udp]) -> (Via, io::Result<()>) {
-    if side.is_empty() {
-        return std::future::pending().await;
-    }
-    std::future::poll_fn(|cx| {
-        for (i, udp) in side.iter().enumerate() {
-            if let std::task::Poll::Ready(r) = udp.poll_readable(cx) {
-                // At most 255 sockets are ever added (`add_socket`).
-                let via = Via(u8::try_from(i + 1).unwrap_or(u8::MAX));
-                return std::task::Poll::Ready((via, r));
-            }
+/// Polls the sockets (`main`, then `side` as [`Via`] 1, 2, …) for
+/// readiness, starting at number `first` and going round: the caller moves
+/// `first` past the socket it served, so that a port under a flood (IKE
+/// on 500, say) cannot starve the others. Only polls readiness (cancel-safe).
+fn poll_sockets(
+    (main, side): (&Udp, &[Udp]),
+    first: usize,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<(Via, io::Result<()>)> {
+    let n = side.len() + 1;
+    for k in 0..n {
+        let i = (first + k) % n;
+        let udp = if i == 0 { main } else { &side[i - 1] };
+        if let std::task::Poll::Ready(r) = udp.poll_readable(cx) {
+            // At most 255 sockets are ever added (`add_socket`).
+            let via = Via(u8::try_from(i).unwrap_or(u8::MAX));
+            return std::task::Poll::Ready((via, r));
         }
-        std::task::Poll::Pending
-    })
-    .await
+    }
+    std::task::Poll::Pending
 }
 
 /// One TUN queue and a program's UDP sockets with their buffers and counters.
@@ -96,6 +99,8 @@ pub struct Pump {
     pub udp: Udp,
     /// The sockets added ([`Via`] 1, 2, …).
     side: Vec<Udp>,
+    /// The socket [`Self::ready`] polls first (round robin).
+    turn: usize,
     tun: AsyncDevice,
     reader: TunReader,
     writer: TunWriter,
@@ -127,6 +132,7 @@ impl Pump {
             trains: TrainSender::new(capacity, &udp),
             udp,
             side: Vec::new(),
+            turn: 0,
             tun,
             reader: TunReader::new(),
             writer: TunWriter::default(),
@@ -174,17 +180,24 @@ impl Pump {
     }
 
     /// Waits until a socket may have data or a TUN read returns, the
-    /// sockets first (the main one, then those added). Cancel-safe as a
-    /// `select!` arm: a TUN read that has not returned has taken nothing
-    /// from the device.
+    /// sockets first (taking turns among them). Cancel-safe as a `select!`
+    /// arm: a TUN read that has not returned has taken nothing from the
+    /// device.
     pub async fn ready(&mut self) -> Ready {
-        tokio::select! {
+        let sockets = (&self.udp, &self.side[..]);
+        let first = self.turn;
+        let ready = tokio::select! {
             biased;
-            r = self.udp.readable() => Ready::Udp(Via::MAIN, r),
-            (via, r) = side_readable(&self.side) => Ready::Udp(via, r),
+            (via, r) = std::future::poll_fn(|cx| poll_sockets(sockets, first, cx)) => {
+                Ready::Udp(via, r)
+            }
             Some(c) = next_chunk(&mut self.inbox) => Ready::Stream(c),
             r = self.reader.recv(&self.tun) => Ready::Tun(r),
+        };
+        if let Ready::Udp(via, _) = &ready {
+            self.turn = (usize::from(via.0) + 1) % (self.side.len() + 1);
         }
+        ready
     }
 
     /// Handles what [`Self::ready`] returned.
@@ -368,5 +381,47 @@ fn decapsulate_one<P: PacketPath>(
     let out = writer.next_buf(path.room(dgram.bytes.len()));
     if let Some(len) = path.decapsulate(dgram, out, &mut Step { now, io }) {
         writer.commit(len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn bound() -> Udp {
+        Udp::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap()
+    }
+
+    /// Polls once: the socket served first, or `None`.
+    async fn poll_once(sockets: (&Udp, &[Udp]), first: usize) -> Option<Via> {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match poll_sockets(sockets, first, cx) {
+                std::task::Poll::Ready((via, _)) => Some(via),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn sockets_take_turns_when_all_have_data() {
+        let main = bound();
+        let side = [bound(), bound()];
+        assert_eq!(poll_once((&main, &side), 0).await, None, "nothing yet");
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for udp in std::iter::once(&main).chain(&side) {
+            client.send_to(b"x", ("127.0.0.1", udp.port())).unwrap();
+        }
+        let all = (&main, &side[..]);
+        // Readiness stays set until a read finds nothing.
+        for udp in std::iter::once(&main).chain(&side) {
+            udp.readable().await.unwrap();
+        }
+        // Whoever comes first in the turn is served, whatever its number.
+        assert_eq!(poll_once(all, 0).await, Some(Via::MAIN));
+        assert_eq!(poll_once(all, 1).await, Some(Via(1)));
+        assert_eq!(poll_once(all, 2).await, Some(Via(2)));
+        assert_eq!(poll_once(all, 3).await, Some(Via::MAIN), "round");
     }
 }
