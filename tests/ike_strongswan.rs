@@ -17,7 +17,14 @@
 //! Addresses as in tests/strongswan_harness.rs: the gateway namespace at
 //! 198.51.100.1 for the technician prefix 172.16.0.0/24, the site namespace
 //! at 198.51.100.11 for the site's NAT addresses 10.64.1.0/24.
+//!
+//! The last test is program-level: strongSwan as a hand-configured router
+//! at an IPsec site dials the real `gateway` binary (IKE on its port 500,
+//! then NAT-T on 4500 with ESP in UDP), in the namespaces of
+//! `tests/gateway_support`, and the technician reaches the site through it.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod gateway_support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
@@ -523,5 +530,133 @@ fn ike_strongswan_through_napt() {
         (40000..41000).contains(&port.parse::<u16>().unwrap()),
         "{}",
         sa.remote
+    );
+}
+
+/// A hand-configured router (strongSwan, initiator, as an IPsec site's
+/// parameters for such routers describe it) dials the real gateway
+/// program: IKE_SA_INIT reaches its IKE socket on 500, IKE_AUTH and ESP
+/// its NAT-T socket on 4500, and the technician pings and opens TCP to
+/// the site's NAT address (served by the router itself).
+#[test]
+fn ike_strongswan_router_reaches_the_gateway_program() {
+    if !prereqs()
+        || !require(&[
+            Prereq::Program("ping"),
+            Prereq::Program("python3"),
+            Prereq::Program("curl"),
+        ])
+    {
+        return;
+    }
+    use vpnnat::messages::{
+        ESP_PROPOSAL, GatewayDesiredState, GatewayId, GatewayPeer, IKE_PROPOSAL, IpsecParams,
+        SiteId, TunnelKind, gateway_identity, site_identity,
+    };
+    const NAT: &str = "10.64.0.5";
+    let mut w = gateway_support::World::new("swgp", "dev eth0");
+    let mut router = Netns::new("swgr");
+    veth(
+        &w.gw,
+        "site1",
+        None,
+        &router,
+        "wan0",
+        Some("198.51.100.11/24"),
+    );
+    w.gw.sh("ip link set site1 master inet");
+    // The site's NAT address is the router's own: its page and echo answer.
+    router.ip(&["addr", "add", &format!("{NAT}/32"), "dev", "lo"]);
+    let mut cmd = router.command("python3");
+    cmd.arg(vpnnat_test_support::repo_path("scripts/lan-pc.py"))
+        .arg("site 1");
+    router.spawn(&mut cmd, Some(&w.dir.path().join("pc.log")));
+
+    let site = SiteId(1);
+    let psk = vpnnat::tunnel::PrivateKey::from_bytes(vpnnat_test_support::rand_bytes()).to_base64();
+    w.set_peers(&GatewayDesiredState {
+        version: 1,
+        gateway_id: GatewayId(1),
+        peers: vec![GatewayPeer {
+            site_id: site,
+            public_key: vpnnat::tunnel::PrivateKey::from_bytes(vpnnat_test_support::rand_bytes())
+                .public_key(),
+            nat_addresses: vec![NAT.parse().unwrap()],
+            tunnel: TunnelKind::Ipsec,
+            ipsec: Some(IpsecParams {
+                psk: psk.clone(),
+                local_id: gateway_identity(site),
+                remote_id: site_identity(site),
+                ike_proposal: IKE_PROPOSAL.to_owned(),
+                esp_proposal: ESP_PROPOSAL.to_owned(),
+                local_ts: vec!["172.16.0.0/24".parse().unwrap()],
+                remote_ts: vec![format!("{NAT}/32").parse().unwrap()],
+            }),
+            tls_token_sha256: None,
+        }],
+    });
+    w.start_gateway();
+    let gw = &w;
+    wait_until("the gateway's route to the site", SETTLE, || {
+        gw.gw.sh("ip -4 route show proto 118").contains(NAT)
+    });
+
+    let swan = StrongSwan::start(
+        &router,
+        &PeerOptions {
+            initiator: true,
+            local_id: Some(site_identity(site)),
+            remote_id: Some(gateway_identity(site)),
+            ike_proposals: Some("aes256gcm16-prfsha256-x25519".to_owned()),
+            esp_proposals: Some("aes256gcm16-noesn".to_owned()),
+            ..PeerOptions::new(
+                "198.51.100.11",
+                "198.51.100.1",
+                &psk,
+                &format!("{NAT}/32"),
+                "172.16.0.0/24",
+            )
+        },
+    );
+    let sa = swan.wait_established(SETTLE);
+    // IKE moved to the gateway's NAT-T port (RFC 7296 §2.23).
+    assert_eq!(sa.remote, "198.51.100.1:4500", "{sa:?}");
+    let child = sa.installed_child().expect("a CHILD_SA");
+    assert_eq!(child.local_ts, vec![format!("{NAT}/32")], "{sa:?}");
+
+    let ok = (0..40).any(|_| {
+        w.tech
+            .command("curl")
+            .args(["-s", "--max-time", "2", &format!("http://{NAT}/")])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("at site 1"))
+            || {
+                std::thread::sleep(Duration::from_millis(250));
+                false
+            }
+    });
+    assert!(
+        ok,
+        "the technician never reached the site\n--- gateway\n{}\n--- charon\n{}",
+        w.gateway_log(),
+        swan.log()
+    );
+    assert!(
+        vpnnat_test_support::echo::ping_within(&w.tech, NAT, Duration::from_secs(5)),
+        "ping through the gateway"
+    );
+    vpnnat_test_support::echo::tcp_echo_transfer(&w.tech, NAT, 200_000);
+    let sa = swan.sas().into_iter().next().unwrap();
+    let child = sa.installed_child().unwrap();
+    assert!(
+        child.packets_in > 50 && child.packets_out > 50,
+        "ESP both ways: {child:?}"
+    );
+    let status = w.status();
+    let peer = &status["peers"][0];
+    assert!(peer["handshakes"].as_u64().unwrap() >= 1, "{peer}");
+    assert!(
+        peer["endpoint"].as_str() == Some("198.51.100.11:4500"),
+        "{peer}"
     );
 }

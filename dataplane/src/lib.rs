@@ -8,8 +8,9 @@
 //!   on read, GRO coalescing on write) through tun-rs.
 //! - [`train`]: runs of equal-size datagrams to one destination that leave as
 //!   one GSO `sendmsg`.
-//! - [`pump`]: the packet pump between one TUN queue and one UDP socket; the
-//!   program plugs its packet logic in as a [`PacketPath`] ([`path`]).
+//! - [`pump`]: the packet pump between one TUN queue and a program's UDP
+//!   sockets (one, or a few ports that [`Via`] tells apart); the program
+//!   plugs its packet logic in as a [`PacketPath`] ([`path`]).
 //! - [`worker`]: a data-plane thread with its own single-threaded runtime,
 //!   and the command round trip to it.
 //! - [`steering`]: several workers behind one port (`SO_REUSEPORT`), with
@@ -39,7 +40,7 @@ pub mod udp;
 pub mod worker;
 
 pub use counters::IoCounters;
-pub use path::{Datagram, PacketPath, Sent, Step};
+pub use path::{Datagram, PacketPath, Sent, Step, Via};
 
 /// Waits until `deadline`, or forever without one (a `select!` arm for the
 /// next timer of the packet logic).

@@ -14,6 +14,19 @@ pub struct Step<'a> {
     pub io: &'a mut IoCounters,
 }
 
+/// One of a pump's UDP sockets: [`Via::MAIN`], the one it was made with,
+/// or one added with [`crate::pump::Pump::add_socket`] (numbered from 1 in
+/// the order they were added). A program with several ports (the gateway:
+/// WireGuard, IKE on 500, NAT-T on 4500) tells by it where a datagram
+/// arrived and picks where one leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Via(pub u8);
+
+impl Via {
+    /// The pump's first socket.
+    pub const MAIN: Via = Via(0);
+}
+
 /// A datagram received from the network.
 #[derive(Debug, Clone, Copy)]
 pub struct Datagram<'d> {
@@ -21,11 +34,15 @@ pub struct Datagram<'d> {
     pub from: SocketAddr,
     /// Its bytes.
     pub bytes: &'d [u8],
+    /// The socket it arrived on ([`Via::MAIN`] for what came another way,
+    /// e.g. a stream or another worker's hand-over).
+    pub via: Via,
 }
 
-/// An encapsulated datagram's destination and length (written at the start
-/// of the output buffer), or `None` when nothing is to be sent now.
-pub type Sent = Option<(SocketAddr, usize)>;
+/// An encapsulated datagram's destination, the socket it leaves from and
+/// its length (written at the start of the output buffer), or `None` when
+/// nothing is to be sent now.
+pub type Sent = Option<(SocketAddr, Via, usize)>;
 
 /// A program's packet logic, as the pump drives it.
 pub trait PacketPath {
@@ -47,8 +64,9 @@ pub trait PacketPath {
         None
     }
 
-    /// A datagram the logic generated (handshakes, keepalives, cookie replies).
-    fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)>;
+    /// A datagram the logic generated (handshakes, keepalives, cookie
+    /// replies), with the socket it leaves from.
+    fn poll_transmit(&mut self) -> Option<(SocketAddr, Via, Vec<u8>)>;
 
     /// Hands a buffer from [`Self::poll_tun_output`] or
     /// [`Self::poll_transmit`] back for reuse.

@@ -11,6 +11,13 @@
 //! payload offset 4). Handshake initiations carry no receiver index and keep
 //! the kernel's hash; the worker that gets one hands it to the owner.
 //!
+//! The gateway's NAT-T port (UDP 4500) is steered the same way by ESP's SPI
+//! ([`esp_program`]): the SPIs the gateway chooses carry the tunnel index in
+//! their low 24 bits (RFC 4303 §2.1 leaves the SPI's value to the
+//! receiver). IKE messages on that port (the non-ESP marker, four zero
+//! bytes, RFC 3948 §2.2) and everything on the IKE port keep the kernel's
+//! hash: IKE is routed by the shared responder and handed over.
+//!
 //! `setsockopt` with a filter program needs `libc`: this module holds the
 //! crate's only `unsafe` block ([`attach`]).
 
@@ -20,14 +27,38 @@ use std::os::fd::AsRawFd;
 
 use anyhow::Context as _;
 
+/// Which program steers a socket group's datagrams to workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steering {
+    /// WireGuard's receiver index ([`program`]).
+    Wireguard,
+    /// ESP's SPI, on the NAT-T port ([`esp_program`]).
+    Esp,
+    /// None: the kernel's hash of the 4-tuple.
+    Hash,
+}
+
 /// Binds one UDP socket per worker to `listen` (port 0: the first picks the
 /// port the others share). With more than one worker they form a
-/// `SO_REUSEPORT` group with the steering program attached.
+/// `SO_REUSEPORT` group with the WireGuard steering program attached.
 ///
 /// # Errors
 /// When a socket cannot be created or bound, or the kernel refuses the
 /// steering program.
 pub fn bind_group(listen: SocketAddr, workers: usize) -> anyhow::Result<Vec<std::net::UdpSocket>> {
+    bind_group_steered(listen, workers, Steering::Wireguard)
+}
+
+/// [`bind_group`] with the steering program of `steering`.
+///
+/// # Errors
+/// When a socket cannot be created or bound, or the kernel refuses the
+/// steering program.
+pub fn bind_group_steered(
+    listen: SocketAddr,
+    workers: usize,
+    steering: Steering,
+) -> anyhow::Result<Vec<std::net::UdpSocket>> {
     let mut sockets = Vec::with_capacity(workers);
     let mut addr = listen;
     for _ in 0..workers.max(1) {
@@ -48,7 +79,12 @@ pub fn bind_group(listen: SocketAddr, workers: usize) -> anyhow::Result<Vec<std:
     }
     if workers > 1 {
         let count = u16::try_from(workers).context("too many workers")?;
-        attach(&sockets[0], count).context("attaching the reuseport steering program")?;
+        let prog = match steering {
+            Steering::Wireguard => program(count),
+            Steering::Esp => esp_program(count),
+            Steering::Hash => return Ok(sockets),
+        };
+        attach(&sockets[0], &prog).context("attaching the reuseport steering program")?;
     }
     Ok(sockets)
 }
@@ -91,12 +127,39 @@ pub fn program(workers: u16) -> Vec<libc::sock_filter> {
     ]
 }
 
-/// Attaches the steering program to the reuseport group of `socket`.
+/// The NAT-T port's program: socket index = ((b1 & 0x0f) << 16 | b2 << 8 |
+/// b3) % workers, the low 20 bits of the big-endian SPI (the gateway's
+/// `slot * workers + shard` under the index's generation and the SPI's
+/// random high byte), for ESP; a datagram whose first byte is 0 (the
+/// non-ESP marker of IKE, or an SPI the gateway never chooses) returns an
+/// out-of-range index so that the kernel falls back to its hash. A NAT
+/// keepalive (one byte `0xFF`) ends the program at the load of b1, which
+/// the kernel answers with socket 0; any worker consumes it.
+pub fn esp_program(workers: u16) -> Vec<libc::sock_filter> {
+    vec![
+        insn(BPF_LD_B_ABS, 0, 0, 0), // A = b0 (the SPI's high byte)
+        insn(BPF_JEQ_K, 12, 0, 0),   // 0: not an SPI of ours → fallback
+        insn(BPF_LD_B_ABS, 0, 0, 1), // A = b1
+        insn(BPF_AND_K, 0, 0, 0x0f), // A &= 0x0f
+        insn(BPF_LSH_K, 0, 0, 8),    // A <<= 8
+        insn(BPF_TAX, 0, 0, 0),      // X = A
+        insn(BPF_LD_B_ABS, 0, 0, 2), // A = b2
+        insn(BPF_OR_X, 0, 0, 0),     // A |= X
+        insn(BPF_LSH_K, 0, 0, 8),    // A <<= 8
+        insn(BPF_TAX, 0, 0, 0),      // X = A
+        insn(BPF_LD_B_ABS, 0, 0, 3), // A = b3
+        insn(BPF_OR_X, 0, 0, 0),     // A |= X
+        insn(BPF_MOD_K, 0, 0, u32::from(workers.max(1))),
+        insn(BPF_RET_A, 0, 0, 0),        // socket index
+        insn(BPF_RET_K, 0, 0, u32::MAX), // fallback: the kernel's hash
+    ]
+}
+
+/// Attaches a steering program to the reuseport group of `socket`.
 ///
 /// # Errors
 /// When the kernel refuses the option (e.g. before Linux 4.5).
-pub fn attach(socket: &impl AsRawFd, workers: u16) -> io::Result<()> {
-    let prog = program(workers);
+pub fn attach(socket: &impl AsRawFd, prog: &[libc::sock_filter]) -> io::Result<()> {
     let fprog = libc::sock_fprog {
         len: u16::try_from(prog.len()).map_err(|_| io::ErrorKind::InvalidInput)?,
         filter: prog.as_ptr().cast_mut(),
@@ -193,6 +256,60 @@ mod tests {
             let mut buf = [0u8; 64];
             let (n, _) = sockets[shard as usize].recv_from(&mut buf).unwrap();
             assert_eq!(&buf[..n], &data_message(index, 1)[..], "shard {shard}");
+        }
+    }
+
+    fn esp(spi: u32) -> Vec<u8> {
+        let mut m = spi.to_be_bytes().to_vec();
+        m.extend_from_slice(&[0x5a; 40]);
+        m
+    }
+
+    #[test]
+    fn esp_goes_to_the_shard_encoded_in_the_spi() {
+        for workers in [1u16, 2, 3, 4, 7] {
+            let prog = esp_program(workers);
+            for slot in [0u32, 1, 5, 1000, 200_000] {
+                for shard in 0..u32::from(workers) {
+                    let base = slot * u32::from(workers) + shard;
+                    if base >= 1 << 20 {
+                        continue;
+                    }
+                    for generation in [0u32, 1, 15] {
+                        for high in [1u32, 0x7f, 0xff] {
+                            let spi = high << 24 | generation << 20 | base;
+                            let got = run(&prog, &esp(spi));
+                            assert_eq!(got, shard, "workers {workers} spi {spi:#x}");
+                        }
+                    }
+                }
+            }
+        }
+        // IKE behind the non-ESP marker keeps the kernel's hash.
+        let mut ike = vec![0, 0, 0, 0];
+        ike.extend_from_slice(&[0x11; 60]);
+        assert_eq!(run(&esp_program(4), &ike), u32::MAX);
+        // A NAT keepalive stops at the first load past its end.
+        assert_eq!(run(&esp_program(4), &[0xff]), 0);
+    }
+
+    #[test]
+    fn the_kernel_steers_esp_by_the_program() {
+        let workers = 3;
+        let sockets =
+            bind_group_steered("127.0.0.1:0".parse().unwrap(), workers, Steering::Esp).unwrap();
+        for s in &sockets {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .unwrap();
+        }
+        let to = sockets[0].local_addr().unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for shard in 0..workers as u32 {
+            let spi = 0xc3 << 24 | (11 * workers as u32 + shard);
+            client.send_to(&esp(spi), to).unwrap();
+            let mut buf = [0u8; 64];
+            let (n, _) = sockets[shard as usize].recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &esp(spi)[..], "shard {shard}");
         }
     }
 

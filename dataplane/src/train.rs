@@ -7,20 +7,23 @@
 //! 64 KiB UDP limit. The last train stays open across TUN reads while the
 //! device has more ready: one super-packet is often only a few segments, and
 //! one train per read would mean one `sendmsg` (and one skb through both
-//! kernels) for each.
+//! kernels) for each. A train also leaves from one socket ([`Via`]): a
+//! datagram for another socket starts a new one.
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::counters::IoCounters;
-use crate::path::{PacketPath, Step};
-use crate::udp::{MAX_GSO_BYTES, Udp};
+use crate::path::{PacketPath, Step, Via};
+use crate::udp::{MAX_GSO_BYTES, Udp, pick};
 
 /// A run of datagrams to one destination in the send buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Train {
     /// Where the datagrams go.
     pub dst: SocketAddr,
+    /// The socket they leave from.
+    pub via: Via,
     /// The size of every datagram but the last.
     pub segment: usize,
     /// Where the train starts in the send buffer.
@@ -34,9 +37,10 @@ pub struct Train {
 }
 
 impl Train {
-    fn new(dst: SocketAddr, at: usize, len: usize) -> Self {
+    fn new(dst: SocketAddr, via: Via, at: usize, len: usize) -> Self {
         Self {
             dst,
+            via,
             segment: len,
             start: at,
             end: at + len,
@@ -45,9 +49,11 @@ impl Train {
         }
     }
 
-    /// Whether a datagram of `len` bytes to `dst`, written at `at`, may join.
-    fn takes(&self, dst: SocketAddr, at: usize, len: usize, max_segments: usize) -> bool {
+    /// Whether a datagram of `len` bytes to `dst` from `via`, written at
+    /// `at`, may join.
+    fn takes(&self, dst: SocketAddr, via: Via, at: usize, len: usize, max_segments: usize) -> bool {
         self.dst == dst
+            && self.via == via
             && !self.closed
             && len <= self.segment
             && self.count < max_segments
@@ -94,19 +100,19 @@ impl Trains {
         (self.pos, None)
     }
 
-    /// A datagram of `len` bytes to `dst` was written where [`Self::reserve`]
-    /// said. Returns the train it ended, to be sent now.
-    pub fn push(&mut self, dst: SocketAddr, len: usize) -> Option<Train> {
+    /// A datagram of `len` bytes to `dst` from `via` was written where
+    /// [`Self::reserve`] said. Returns the train it ended, to be sent now.
+    pub fn push(&mut self, dst: SocketAddr, via: Via, len: usize) -> Option<Train> {
         let at = self.pos;
         self.pos += len;
         match &mut self.open {
-            Some(t) if t.takes(dst, at, len, self.max_segments) => {
+            Some(t) if t.takes(dst, via, at, len, self.max_segments) => {
                 t.end += len;
                 t.count += 1;
                 t.closed = len < t.segment;
                 None
             }
-            open => open.replace(Train::new(dst, at, len)),
+            open => open.replace(Train::new(dst, via, at, len)),
         }
     }
 
@@ -126,7 +132,7 @@ pub struct TrainSender {
 }
 
 impl TrainSender {
-    /// A send buffer of `capacity` bytes for `udp`.
+    /// A send buffer of `capacity` bytes for `udp` (and sockets like it).
     pub fn new(capacity: usize, udp: &Udp) -> Self {
         Self {
             out: vec![0u8; capacity],
@@ -135,11 +141,12 @@ impl TrainSender {
     }
 
     /// Encapsulates `packets` through `path` straight into the send buffer
-    /// and sends complete trains. The last train stays open for the next
-    /// call; send it with [`Self::flush`] when nothing more is ready.
+    /// and sends complete trains from `udp` or the socket of `side` their
+    /// [`Via`] names. The last train stays open for the next call; send it
+    /// with [`Self::flush`] when nothing more is ready.
     pub async fn send<'p, P: PacketPath>(
         &mut self,
-        udp: &Udp,
+        (udp, side): (&Udp, &[Udp]),
         path: &mut P,
         packets: impl Iterator<Item = &'p mut [u8]>,
         now: Instant,
@@ -150,27 +157,32 @@ impl TrainSender {
             let need = path.room(packet.len());
             let (at, full) = self.trains.reserve(need);
             if let Some(t) = full {
-                send_train(udp, &self.out, &t, step.io).await;
+                send_train((udp, side), &self.out, &t, step.io).await;
             }
             let out = &mut self.out[at..at + need];
-            let Some((dst, len)) = path.encapsulate(packet, out, &mut step) else {
+            let Some((dst, via, len)) = path.encapsulate(packet, out, &mut step) else {
                 continue;
             };
-            if let Some(t) = self.trains.push(dst, len) {
-                send_train(udp, &self.out, &t, step.io).await;
+            if let Some(t) = self.trains.push(dst, via, len) {
+                send_train((udp, side), &self.out, &t, step.io).await;
             }
         }
     }
 
     /// Sends the open train, if any.
-    pub async fn flush(&mut self, udp: &Udp, io: &mut IoCounters) {
+    pub async fn flush(&mut self, sockets: (&Udp, &[Udp]), io: &mut IoCounters) {
         if let Some(t) = self.trains.take_open() {
-            send_train(udp, &self.out, &t, io).await;
+            send_train(sockets, &self.out, &t, io).await;
         }
     }
 }
 
-async fn send_train(udp: &Udp, out: &[u8], t: &Train, io: &mut IoCounters) {
+async fn send_train(sockets: (&Udp, &[Udp]), out: &[u8], t: &Train, io: &mut IoCounters) {
+    let Some(udp) = pick(sockets, t.via) else {
+        // A socket the program never added: its bug, counted, not a panic.
+        io.io_errors += 1;
+        return;
+    };
     udp.send(t.dst, &out[t.start..t.end], t.segment_size(), t.count, io)
         .await;
 }
@@ -191,7 +203,7 @@ mod tests {
         for &(dst, len) in datagrams {
             let (_, full) = trains.reserve(len);
             sent.extend(full);
-            sent.extend(trains.push(addr(dst), len));
+            sent.extend(trains.push(addr(dst), Via::MAIN, len));
         }
         sent.extend(trains.take_open());
         sent
@@ -205,6 +217,7 @@ mod tests {
             sent,
             vec![Train {
                 dst: addr(1),
+                via: Via::MAIN,
                 segment: 1000,
                 start: 0,
                 end: 3000,
@@ -245,6 +258,20 @@ mod tests {
     }
 
     #[test]
+    fn another_socket_starts_a_new_train() {
+        let mut t = Trains::new(1 << 20, 64);
+        let mut sent = Vec::new();
+        for via in [Via::MAIN, Via::MAIN, Via(2), Via(2), Via::MAIN] {
+            let (_, full) = t.reserve(1000);
+            sent.extend(full);
+            sent.extend(t.push(addr(1), via, 1000));
+        }
+        sent.extend(t.take_open());
+        let shape: Vec<(Via, usize)> = sent.iter().map(|t| (t.via, t.count)).collect();
+        assert_eq!(shape, vec![(Via::MAIN, 2), (Via(2), 2), (Via::MAIN, 1)]);
+    }
+
+    #[test]
     fn trains_respect_the_segment_and_byte_limits() {
         let mut t = Trains::new(1 << 20, 3);
         let sent = run(&mut t, &[(1, 100); 7]);
@@ -262,13 +289,13 @@ mod tests {
     fn a_full_buffer_sends_the_open_train_and_starts_over() {
         let mut t = Trains::new(2500, 64);
         assert_eq!(t.reserve(1000), (0, None));
-        assert_eq!(t.push(addr(1), 1000), None);
+        assert_eq!(t.push(addr(1), Via::MAIN, 1000), None);
         assert_eq!(t.reserve(1000), (1000, None));
-        assert_eq!(t.push(addr(1), 1000), None);
+        assert_eq!(t.push(addr(1), Via::MAIN, 1000), None);
         let (at, full) = t.reserve(1000);
         assert_eq!(at, 0);
         assert_eq!(full.map(|t| (t.start, t.end, t.count)), Some((0, 2000, 2)));
-        assert_eq!(t.push(addr(1), 1000), None);
+        assert_eq!(t.push(addr(1), Via::MAIN, 1000), None);
         assert_eq!(t.take_open().map(|t| (t.start, t.count)), Some((0, 1)));
         assert_eq!(t.take_open(), None);
         assert_eq!(t.reserve(10), (0, None), "a flush starts the buffer over");
@@ -280,11 +307,11 @@ mod tests {
         for _ in 0..2 {
             let (_, full) = t.reserve(1200);
             assert_eq!(full, None);
-            assert_eq!(t.push(addr(1), 1200), None);
+            assert_eq!(t.push(addr(1), Via::MAIN, 1200), None);
         }
         // A dropped packet (reserved, nothing pushed) leaves the train open.
         assert_eq!(t.reserve(1200), (2400, None));
-        assert_eq!(t.push(addr(1), 1200), None);
+        assert_eq!(t.push(addr(1), Via::MAIN, 1200), None);
         assert_eq!(t.take_open().map(|t| t.count), Some(3));
     }
 }

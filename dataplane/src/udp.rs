@@ -10,6 +10,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use crate::counters::IoCounters;
+use crate::path::Via;
 use crate::stream::{Routed, StreamTable};
 
 /// Datagram buffers per `recvmmsg`; each takes a GRO train of up to 64 KiB.
@@ -66,6 +67,11 @@ impl Udp {
         self.streams = Some(table);
     }
 
+    /// The streams' table, when set.
+    pub fn streams(&self) -> Option<&StreamTable> {
+        self.streams.as_ref()
+    }
+
     /// The local port.
     pub fn port(&self) -> u16 {
         self.port
@@ -87,6 +93,17 @@ impl Udp {
     /// When the runtime reports the socket broken.
     pub async fn readable(&self) -> io::Result<()> {
         self.sock.readable().await
+    }
+
+    /// [`Self::readable`] as a poll (to wait on several sockets at once).
+    ///
+    /// # Errors
+    /// When the runtime reports the socket broken.
+    pub fn poll_readable(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.sock.poll_recv_ready(cx)
     }
 
     /// Sends `contents` to `dst` in one `sendmsg`: `count` datagrams of
@@ -138,6 +155,15 @@ impl Udp {
     /// Sends one datagram.
     pub async fn send_one(&self, dst: SocketAddr, datagram: &[u8], io: &mut IoCounters) {
         self.send(dst, datagram, None, 1, io).await;
+    }
+}
+
+/// The socket `via` names among a pump's main socket and those added
+/// (`side`, [`Via`] 1, 2, …); `None` for a number never added.
+pub fn pick<'a>((main, side): (&'a Udp, &'a [Udp]), via: Via) -> Option<&'a Udp> {
+    match usize::from(via.0) {
+        0 => Some(main),
+        n => side.get(n - 1),
     }
 }
 

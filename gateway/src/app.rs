@@ -40,6 +40,8 @@ pub struct App {
     pub public_key: PublicKey,
     /// The UDP port of the WireGuard socket.
     pub listen_port: u16,
+    /// The tunnel kinds the data plane runs (registered with the server).
+    pub tunnel_kinds: Vec<vpnnat::messages::TunnelKind>,
     /// The TUN device.
     pub tun_name: String,
     /// Capacity announced to the server.

@@ -15,7 +15,6 @@ use vpnnat::messages::{
     AppliedState, GatewayDesiredState, GatewayHeartbeat, GatewayRegistered, GatewayRegistration,
     HeartbeatAck, PeerStatus, paths,
 };
-use vpnnat::tunnel::{Builtin, Kinds as _};
 use vpnnat_shell::follow::{ControlCalls, follow};
 use vpnnat_shell::http::{ApiClient, CallError, HttpOptions, http_client};
 
@@ -46,7 +45,7 @@ pub async fn run(
         public_key: app.public_key,
         // Only the kinds its data plane runs: the server places a site of
         // another kind elsewhere.
-        tunnel_kinds: Builtin::KINDS.to_vec(),
+        tunnel_kinds: app.tunnel_kinds.clone(),
         max_tunnels: settings.wireguard.max_tunnels,
         software_version: env!("CARGO_PKG_VERSION").to_owned(),
         technician_prefixes: settings.center.technician_prefixes.clone(),

@@ -27,6 +27,16 @@
 //! checking it again ([`GatewayState::handle_handed_over_input_into`]), so a
 //! cookie is valid whichever worker the retry reaches and an initiation is
 //! counted once.
+//!
+//! **IPsec ports.** A gateway that runs IPsec has two more sockets per worker
+//! on the same pump: IKE on UDP 500 and NAT-T on UDP 4500 (RFC 7296 §2.23,
+//! RFC 3948). The core takes both ports' datagrams in one form (as on 4500;
+//! a datagram of 500 behind [`IKE_500_TAG`], see [`vpnnat::tunnel::ipsec`]),
+//! so the tag is put on and taken off here, at the IO boundary: what the
+//! IKE socket receives gets the tag in front, and a datagram the core sends
+//! leaves from the IKE socket without the tag when it has one, from the
+//! NAT-T socket when it belongs to an IPsec peer, and from the WireGuard
+//! socket otherwise ([`egress`]).
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -37,13 +47,14 @@ use tun_rs::{AsyncDevice, SyncDevice};
 use vpnnat::gateway::{
     GatewayCounters, GatewayEvent, GatewayState, NetworkOutcome, PeerView, TunOutcome,
 };
-use vpnnat::messages::{AppliedState, GatewayDesiredState};
-use vpnnat::tunnel::{Builtin, Kinds as _};
+use vpnnat::messages::{AppliedState, GatewayDesiredState, TunnelKind};
+use vpnnat::tunnel::Kinds;
+use vpnnat::tunnel::ipsec::{IKE_500_TAG, looks_like_wireguard};
 use vpnnat_dataplane::pump::{BUDGET, Pump};
 use vpnnat_dataplane::stream::{Inbox, StreamTable};
 use vpnnat_dataplane::tun::SEGMENT_BUF;
-use vpnnat_dataplane::udp::Udp;
-use vpnnat_dataplane::{Datagram, PacketPath, Sent, Step, sleep_until, worker};
+use vpnnat_dataplane::udp::{UDP_BUF, Udp};
+use vpnnat_dataplane::{Datagram, PacketPath, Sent, Step, Via, sleep_until, worker};
 
 pub use vpnnat_dataplane::IoCounters;
 
@@ -226,11 +237,14 @@ impl Mesh {
 }
 
 /// What a worker needs to start.
-pub struct WorkerSetup {
+pub struct WorkerSetup<K: Kinds> {
     /// The sans-IO gateway, owning this worker's shard of peers.
-    pub state: GatewayState,
-    /// The bound UDP socket.
+    pub state: GatewayState<K>,
+    /// The bound WireGuard socket.
     pub socket: std::net::UdpSocket,
+    /// The bound IKE (UDP 500) and NAT-T (UDP 4500) sockets, when the
+    /// gateway runs IPsec.
+    pub ipsec: Option<(std::net::UdpSocket, std::net::UdpSocket)>,
     /// This worker's queue of the TUN device.
     pub tun: SyncDevice,
     /// The TLS fallback's streams (virtual endpoints) and this worker's
@@ -242,8 +256,8 @@ pub struct WorkerSetup {
 ///
 /// # Errors
 /// When a thread, its runtime or its TUN queue cannot be set up.
-pub fn spawn(
-    setups: Vec<WorkerSetup>,
+pub fn spawn<K: Kinds>(
+    setups: Vec<WorkerSetup<K>>,
 ) -> anyhow::Result<(Dataplane, Vec<std::thread::JoinHandle<anyhow::Result<()>>>)> {
     let n = setups.len();
     let (handoff_tx, handoff_rx): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::channel(4096)).unzip();
@@ -277,43 +291,101 @@ pub fn spawn(
     Ok((Dataplane { workers }, threads))
 }
 
+/// The pump's sockets of the IPsec ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IpsecVia {
+    /// IKE, UDP 500: datagrams carry [`IKE_500_TAG`] in the core.
+    ike: Via,
+    /// NAT-T, UDP 4500: ESP and IKE as on the wire.
+    nat_t: Via,
+}
+
+/// The socket a datagram from the core leaves from, and whether the
+/// port-500 tag comes off first. `kind` is the kind of the peer whose
+/// tunnel made it (`None`: an answer of a responder before any peer is
+/// known, which its shape tells: only WireGuard's messages start with a
+/// type 1–4 and three zero bytes). A WireGuard peer's datagram never starts
+/// with the tag (its first byte is its type), and an ESP SPI is the peer's
+/// choice, so an IPsec peer's datagram goes by its peer, not its shape.
+fn egress(ipsec: Option<IpsecVia>, kind: Option<TunnelKind>, datagram: &[u8]) -> (Via, bool) {
+    let Some(p) = ipsec else {
+        return (Via::MAIN, false);
+    };
+    let wireguard = match kind {
+        Some(k) => k == TunnelKind::Wireguard,
+        None => looks_like_wireguard(datagram),
+    };
+    if wireguard {
+        (Via::MAIN, false)
+    } else if datagram.starts_with(&IKE_500_TAG) {
+        (p.ike, true)
+    } else {
+        (p.nat_t, false)
+    }
+}
+
 /// The gateway's packet logic as the pump drives it: [`GatewayState`], with
 /// packets of another worker's peers handed to that worker.
-struct GatewayPath {
-    state: GatewayState,
+struct GatewayPath<K: Kinds> {
+    state: GatewayState<K>,
     mesh: Mesh,
     /// The packets being processed were handed over by another worker.
     handed_over: bool,
+    /// The IPsec ports' sockets, when the gateway runs IPsec.
+    ipsec: Option<IpsecVia>,
+    /// A datagram of the IKE port with the tag in front (allocated once;
+    /// IKE is rare, so one copy per message costs nothing that matters).
+    tagged: Vec<u8>,
 }
 
-impl GatewayPath {
+impl Mesh {
+    /// Hands `bytes` to the worker `owner` unless they were handed over
+    /// already (`handed_over`).
     fn hand_off(
         &mut self,
+        handed_over: bool,
         owner: u16,
         from: Option<SocketAddr>,
         bytes: &[u8],
         io: &mut IoCounters,
     ) {
-        if self.handed_over {
+        if handed_over {
             // Owners never disagree (site id % workers), so a second handoff
             // cannot happen; drop rather than loop.
             io.handoff_dropped += 1;
         } else {
-            self.mesh.send(owner, from, bytes, io);
+            self.send(owner, from, bytes, io);
         }
     }
 }
 
-impl PacketPath for GatewayPath {
+impl<K: Kinds> PacketPath for GatewayPath<K> {
     fn room(&self, len: usize) -> usize {
-        Builtin::buffer_len(len)
+        // Room for the tag of a datagram of the IKE port, too.
+        K::buffer_len(len + IKE_500_TAG.len())
     }
 
     fn encapsulate(&mut self, packet: &mut [u8], out: &mut [u8], step: &mut Step) -> Sent {
         match self.state.handle_tun_input_into(packet, out, step.now) {
-            TunOutcome::Send { dst, datagram } => Some((dst, datagram.len())),
+            TunOutcome::Send {
+                dst,
+                kind,
+                datagram,
+            } => {
+                let len = datagram.len();
+                match egress(self.ipsec, Some(kind), datagram) {
+                    (via, false) => Some((dst, via, len)),
+                    (via, true) => {
+                        // A responder tunnel never dials, so no IKE message
+                        // leaves here today; should one, it leaves untagged.
+                        out.copy_within(IKE_500_TAG.len()..len, 0);
+                        Some((dst, via, len - IKE_500_TAG.len()))
+                    }
+                }
+            }
             TunOutcome::Handoff(owner) => {
-                self.hand_off(owner, None, packet, step.io);
+                self.mesh
+                    .hand_off(self.handed_over, owner, None, packet, step.io);
                 None
             }
             TunOutcome::Queued | TunOutcome::Dropped(_) => None,
@@ -321,7 +393,19 @@ impl PacketPath for GatewayPath {
     }
 
     fn decapsulate(&mut self, dgram: Datagram, out: &mut [u8], step: &mut Step) -> Option<usize> {
-        let Datagram { from, bytes } = dgram;
+        let Datagram { from, bytes, via } = dgram;
+        let bytes = match self.ipsec {
+            Some(p) if via == p.ike => {
+                // UDP 500 → the core's form: the tag in front. `tagged`
+                // holds a whole receive buffer and the tag.
+                let n = IKE_500_TAG.len() + bytes.len();
+                let buf = self.tagged.get_mut(..n)?;
+                buf[..IKE_500_TAG.len()].copy_from_slice(&IKE_500_TAG);
+                buf[IKE_500_TAG.len()..].copy_from_slice(bytes);
+                &self.tagged[..n]
+            }
+            _ => bytes,
+        };
         let outcome = if self.handed_over {
             // The receiving worker admitted it (one admission per gateway).
             self.state
@@ -333,7 +417,8 @@ impl PacketPath for GatewayPath {
         match outcome {
             NetworkOutcome::Tunnel(p) => Some(p.len()),
             NetworkOutcome::Handoff(owner) => {
-                self.hand_off(owner, Some(from), bytes, step.io);
+                self.mesh
+                    .hand_off(self.handed_over, owner, Some(from), bytes, step.io);
                 None
             }
             NetworkOutcome::Consumed | NetworkOutcome::Dropped(_) => None,
@@ -344,8 +429,13 @@ impl PacketPath for GatewayPath {
         self.state.poll_tun_output()
     }
 
-    fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
-        self.state.poll_transmit().map(|t| (t.dst, t.payload))
+    fn poll_transmit(&mut self) -> Option<(SocketAddr, Via, Vec<u8>)> {
+        let mut t = self.state.poll_transmit()?;
+        let (via, untag) = egress(self.ipsec, t.kind, &t.payload);
+        if untag {
+            t.payload.drain(..IKE_500_TAG.len());
+        }
+        Some((t.dst, via, t.payload))
     }
 
     fn recycle(&mut self, buf: Vec<u8>) {
@@ -353,16 +443,20 @@ impl PacketPath for GatewayPath {
     }
 }
 
-struct Worker {
+struct Worker<K: Kinds> {
     pump: Pump,
-    path: GatewayPath,
+    path: GatewayPath<K>,
     cmds: mpsc::Receiver<Command>,
     /// TUN packets handed over by other workers, waiting for encryption.
     handed_tun: Vec<Handoff>,
 }
 
-impl Worker {
-    fn new(setup: WorkerSetup, cmds: mpsc::Receiver<Command>, mesh: Mesh) -> anyhow::Result<Self> {
+impl<K: Kinds> Worker<K> {
+    fn new(
+        setup: WorkerSetup<K>,
+        cmds: mpsc::Receiver<Command>,
+        mesh: Mesh,
+    ) -> anyhow::Result<Self> {
         let tun = AsyncDevice::new(setup.tun).context("registering the TUN queue")?;
         let udp = Udp::new(setup.socket)?;
         tracing::info!(
@@ -373,7 +467,14 @@ impl Worker {
             udp_gro_segments = udp.gro_segments(),
             "data plane ready"
         );
-        let mut pump = Pump::new(udp, tun, Builtin::DATA_OVERHEAD);
+        let mut pump = Pump::new(udp, tun, K::DATA_OVERHEAD + IKE_500_TAG.len());
+        let ipsec = match setup.ipsec {
+            Some((ike, nat_t)) => Some(IpsecVia {
+                ike: pump.add_socket(Udp::new(ike)?)?,
+                nat_t: pump.add_socket(Udp::new(nat_t)?)?,
+            }),
+            None => None,
+        };
         let (streams, inbox) = setup.streams;
         pump.set_streams(streams, inbox);
         Ok(Self {
@@ -382,6 +483,12 @@ impl Worker {
                 state: setup.state,
                 mesh,
                 handed_over: false,
+                ipsec,
+                tagged: if ipsec.is_some() {
+                    vec![0; UDP_BUF + IKE_500_TAG.len()]
+                } else {
+                    Vec::new()
+                },
             },
             cmds,
             handed_tun: Vec::new(),
@@ -446,7 +553,13 @@ impl Worker {
         while let Some(h) = next.take() {
             match h.from {
                 Some(from) => {
-                    self.pump.decapsulate(&mut self.path, from, &h.buf, now);
+                    // Already in the core's form (tagged when it came on 500).
+                    let dgram = Datagram {
+                        from,
+                        bytes: &h.buf,
+                        via: Via::MAIN,
+                    };
+                    self.pump.decapsulate(&mut self.path, dgram, now);
                     self.path.mesh.give_back(h);
                 }
                 None => self.handed_tun.push(h),
@@ -476,5 +589,58 @@ impl Worker {
     async fn on_timer(&mut self) {
         self.path.state.handle_timeout(Instant::now());
         self.pump.flush_outputs(&mut self.path).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PORTS: Option<IpsecVia> = Some(IpsecVia {
+        ike: Via(1),
+        nat_t: Via(2),
+    });
+
+    #[test]
+    fn ike_of_port_500_leaves_from_the_ike_socket_without_its_tag() {
+        let init = [&IKE_500_TAG[..], &[0x11; 28]].concat();
+        assert_eq!(egress(PORTS, None, &init), (Via(1), true));
+        assert_eq!(
+            egress(PORTS, Some(TunnelKind::Ipsec), &init),
+            (Via(1), true)
+        );
+    }
+
+    #[test]
+    fn an_ipsec_peers_datagrams_leave_from_nat_t_whatever_their_shape() {
+        // IKE behind the non-ESP marker, a keepalive, ESP.
+        for d in [
+            &[0, 0, 0, 0, 0x11, 0x22][..],
+            &[0xff],
+            &[0xc1, 2, 3, 4, 0, 0, 0, 1],
+        ] {
+            assert_eq!(egress(PORTS, Some(TunnelKind::Ipsec), d), (Via(2), false));
+            assert_eq!(egress(PORTS, None, d), (Via(2), false));
+        }
+        // ESP to an SPI the peer chose as 0x02000000 looks like a WireGuard
+        // message; the peer's kind decides.
+        let esp = [2, 0, 0, 0, 0, 0, 0, 1, 0xaa];
+        assert_eq!(
+            egress(PORTS, Some(TunnelKind::Ipsec), &esp),
+            (Via(2), false)
+        );
+    }
+
+    #[test]
+    fn wireguard_leaves_from_the_main_socket() {
+        let data = [4, 0, 0, 0, 7, 0, 0, 0, 1, 2, 3];
+        let cookie = [3, 0, 0, 0, 7, 0, 0, 0];
+        assert_eq!(
+            egress(PORTS, Some(TunnelKind::Wireguard), &data),
+            (Via::MAIN, false)
+        );
+        assert_eq!(egress(PORTS, None, &cookie), (Via::MAIN, false));
+        // Without IPsec ports everything leaves from the main socket.
+        assert_eq!(egress(None, None, &[0, 0, 0, 0xF4, 1]), (Via::MAIN, false));
     }
 }

@@ -1,5 +1,6 @@
-//! `gateway`: terminates many sites' WireGuard tunnels and routes their
-//! pooled NAT addresses to and from the center LAN.
+//! `gateway`: terminates many sites' tunnels (WireGuard, or IPsec: IKEv2
+//! with ESP in UDP) and routes their pooled NAT addresses to and from the
+//! center LAN.
 //!
 //! The packet logic is `vpnnat::gateway` (sans-IO); this binary is the IO
 //! shell: the data-plane workers (`dataplane`), routes and proxy ARP
@@ -25,8 +26,8 @@ use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use vpnnat::gateway::{GatewayConfig, GatewayState};
-use vpnnat::messages::GatewayDesiredState;
-use vpnnat::tunnel::PrivateKey;
+use vpnnat::messages::{GatewayDesiredState, TunnelKind};
+use vpnnat::tunnel::{Builtin, BuiltinIpsec, Kinds, PrivateKey};
 use vpnnat_dataplane::stream::{self, StreamTable};
 use vpnnat_shell::cli::{CommonArgs, Signal, Signals, control_runtime, print_status, run_program};
 
@@ -145,42 +146,40 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
     let sockets = vpnnat_dataplane::steering::bind_group(settings.wireguard.listen, workers)
         .context("wireguard.listen")?;
     let listen_port = sockets[0].local_addr().context("UDP socket")?.port();
+    let ipsec_sockets = bind_ipsec(&settings, workers)?;
     let queues =
         vpnnat_dataplane::tun::create(&settings.center.tun_name, settings.center.tun_mtu, workers)?;
     let tun_name = settings.center.tun_name.clone();
-    // One handshake admission (cookie secret, load, per-source buckets) for
-    // all workers: a cookie one worker gave must be valid at the owner.
-    let states = GatewayState::shards(
-        GatewayConfig {
-            pool: Some(settings.center.pool),
-            max_tunnels: settings.wireguard.max_tunnels,
-            handshake_limit: settings.wireguard.handshake_limit,
-            icmp_source: settings.center.icmp_source,
-            technician_prefixes: settings.center.technician_prefixes.clone(),
-            flows: settings.flows.limits(),
-            ..GatewayConfig::new(key.clone())
-        },
-        workers as u16,
-        Instant::now(),
-    );
+    let config = GatewayConfig {
+        pool: Some(settings.center.pool),
+        max_tunnels: settings.wireguard.max_tunnels,
+        handshake_limit: settings.wireguard.handshake_limit,
+        icmp_source: settings.center.icmp_source,
+        technician_prefixes: settings.center.technician_prefixes.clone(),
+        flows: settings.flows.limits(),
+        ..GatewayConfig::new(key.clone())
+    };
     let streams = StreamTable::new();
     let (inboxes, inbox_rx): (Vec<_>, Vec<_>) = (0..workers)
         .map(|_| tokio::sync::mpsc::channel(stream::INBOX_QUEUE))
         .unzip();
     let tls_listener = tls_listener(&settings, &streams, inboxes).await?;
-    let setups = states
-        .into_iter()
-        .zip(sockets)
-        .zip(queues)
-        .zip(inbox_rx)
-        .map(|(((state, socket), tun), inbox)| dataplane::WorkerSetup {
-            state,
-            socket,
-            tun,
-            streams: (streams.clone(), inbox),
-        })
-        .collect();
-    let (dataplane, threads) = dataplane::spawn(setups)?;
+    let io = WorkerIo {
+        sockets,
+        ipsec: ipsec_sockets,
+        queues,
+        streams: streams.clone(),
+        inboxes: inbox_rx,
+    };
+    // The kinds follow the sockets: IPsec only with its ports bound, so
+    // that the server never places an IPsec site on a gateway that cannot
+    // hear it, and such a peer is refused here (an error in the applied
+    // state) rather than left silent.
+    let (dataplane, threads, tunnel_kinds) = if io.ipsec.is_some() {
+        start_workers::<BuiltinIpsec>(config, io)?
+    } else {
+        start_workers::<Builtin>(config, io)?
+    };
     let routes =
         routes::Routes::new(&tun_name, &settings.center.interface, settings.center.pool).await?;
     let mode = match (&peers_file, &credential) {
@@ -193,6 +192,7 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
         routes: tokio::sync::Mutex::new(routes),
         public_key,
         listen_port,
+        tunnel_kinds,
         tun_name,
         max_tunnels: settings.wireguard.max_tunnels,
         control: Mutex::new(ControlState {
@@ -215,6 +215,7 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
         workers,
         pool = %settings.center.pool,
         center = %settings.center.interface,
+        kinds = ?app.tunnel_kinds,
         "gateway started"
     );
 
@@ -247,6 +248,72 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
     joined.context("data plane")?;
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Binds the IPsec ports (`[ipsec]`) for `workers` workers: the IKE
+/// port's group on the kernel's hash (IKE is routed by the shared
+/// responder), the NAT-T port's group steered by the ESP SPI. `None` when
+/// IPsec is off.
+///
+/// # Errors
+/// When a port cannot be bound (the error names its key).
+fn bind_ipsec(
+    settings: &Settings,
+    workers: usize,
+) -> anyhow::Result<Option<Vec<(std::net::UdpSocket, std::net::UdpSocket)>>> {
+    use vpnnat_dataplane::steering::{Steering, bind_group_steered};
+    let Some((ike, nat_t)) = settings.ipsec.listen().map_err(|e| anyhow!("{e}"))? else {
+        return Ok(None);
+    };
+    let ike = bind_group_steered(ike, workers, Steering::Hash).context("ipsec.ike_listen")?;
+    let nat_t = bind_group_steered(nat_t, workers, Steering::Esp).context("ipsec.nat_t_listen")?;
+    tracing::info!(
+        ike = %ike[0].local_addr().context("UDP socket")?,
+        nat_t = %nat_t[0].local_addr().context("UDP socket")?,
+        "IPsec ports bound"
+    );
+    Ok(Some(ike.into_iter().zip(nat_t).collect()))
+}
+
+/// What each worker gets besides its state, one entry per worker.
+struct WorkerIo {
+    sockets: Vec<std::net::UdpSocket>,
+    ipsec: Option<Vec<(std::net::UdpSocket, std::net::UdpSocket)>>,
+    queues: Vec<tun_rs::SyncDevice>,
+    streams: StreamTable,
+    inboxes: Vec<vpnnat_dataplane::stream::Inbox>,
+}
+
+/// The data plane's handle, its threads and the tunnel kinds it runs.
+type Started = (
+    dataplane::Dataplane,
+    Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
+    Vec<TunnelKind>,
+);
+
+/// Starts the data-plane workers running the tunnel kinds `K`; returns
+/// their handle, threads and the kinds (to register).
+fn start_workers<K: Kinds>(config: GatewayConfig, io: WorkerIo) -> anyhow::Result<Started> {
+    let workers = io.sockets.len();
+    // One handshake admission (cookie secret, load, per-source buckets) for
+    // all workers: a cookie one worker gave must be valid at the owner.
+    let states = GatewayState::<K>::shards(config, workers as u16, Instant::now());
+    let mut ipsec = io.ipsec.map(Vec::into_iter);
+    let setups = states
+        .into_iter()
+        .zip(io.sockets)
+        .zip(io.queues)
+        .zip(io.inboxes)
+        .map(|(((state, socket), tun), inbox)| dataplane::WorkerSetup {
+            state,
+            socket,
+            ipsec: ipsec.as_mut().and_then(Iterator::next),
+            tun,
+            streams: (io.streams.clone(), inbox),
+        })
+        .collect();
+    let (dataplane, threads) = dataplane::spawn(setups)?;
+    Ok((dataplane, threads, K::KINDS.to_vec()))
 }
 
 /// Runs the HTTP listener and the control plane until SIGTERM/SIGINT.

@@ -32,6 +32,54 @@ pub struct Settings {
     pub flows: Flows,
     /// `[tls]`
     pub tls: Tls,
+    /// `[ipsec]`
+    pub ipsec: Ipsec,
+}
+
+/// `[ipsec]`: the IPsec sites' ports (IKEv2, RFC 7296; ESP in UDP, RFC 3948).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ipsec {
+    /// UDP bind address of IKE (port 500); empty = no IPsec.
+    pub ike_listen: String,
+    /// UDP bind address of NAT traversal (port 4500: IKE after the float
+    /// and ESP in UDP); empty = no IPsec.
+    pub nat_t_listen: String,
+}
+
+impl Default for Ipsec {
+    fn default() -> Self {
+        Self {
+            ike_listen: "0.0.0.0:500".to_owned(),
+            nat_t_listen: "0.0.0.0:4500".to_owned(),
+        }
+    }
+}
+
+impl Ipsec {
+    /// The IKE and NAT-T bind addresses, `None` when IPsec is off (both
+    /// empty).
+    ///
+    /// # Errors
+    /// When one is not an address, or only one is empty.
+    pub fn listen(&self) -> Result<Option<(SocketAddr, SocketAddr)>, String> {
+        let parse = |key: &str, v: &str| {
+            v.trim()
+                .parse::<SocketAddr>()
+                .map_err(|e| format!("ipsec.{key}: {e}"))
+        };
+        match (self.ike_listen.trim(), self.nat_t_listen.trim()) {
+            ("", "") => Ok(None),
+            ("", _) | (_, "") => Err(
+                "ipsec.ike_listen, ipsec.nat_t_listen: both empty (no IPsec) or both set"
+                    .to_owned(),
+            ),
+            (ike, nat_t) => Ok(Some((
+                parse("ike_listen", ike)?,
+                parse("nat_t_listen", nat_t)?,
+            ))),
+        }
+    }
 }
 
 /// `[tls]`: the TLS fallback (the tunnel's datagrams over TCP).
@@ -282,6 +330,9 @@ impl Settings {
         if let Err(e) = self.tls.listen() {
             return Err(format!("{source}: {e}"));
         }
+        if let Err(e) = self.ipsec.listen() {
+            return Err(format!("{source}: {e}"));
+        }
         if self.tls.endpoints.len() > 16
             || self
                 .tls
@@ -339,6 +390,7 @@ mod tests {
         assert_eq!(s.center.technician_prefixes, d.center.technician_prefixes);
         assert_eq!(s.flows.limits(), d.flows.limits());
         assert_eq!(s.tls.listen, d.tls.listen);
+        assert_eq!(s.ipsec.listen(), d.ipsec.listen());
         assert_eq!(
             s.tls.files(&s.wireguard.private_key_file),
             (
@@ -358,6 +410,36 @@ mod tests {
         let s: Settings =
             vpnnat::config::load(Some(("g.toml", "[tls]\nlisten = \"x\"\n")), Vec::new()).unwrap();
         assert!(s.validate("g.toml").unwrap_err().contains("tls.listen"));
+    }
+
+    #[test]
+    fn ipsec_is_on_by_default_and_off_when_both_ports_are_empty() {
+        let d = Settings::default();
+        assert_eq!(
+            d.ipsec.listen(),
+            Ok(Some((
+                "0.0.0.0:500".parse().unwrap(),
+                "0.0.0.0:4500".parse().unwrap()
+            )))
+        );
+        let s: Settings = vpnnat::config::load(
+            Some((
+                "g.toml",
+                "[ipsec]\nike_listen = \"\"\nnat_t_listen = \"\"\n",
+            )),
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(s.ipsec.listen(), Ok(None));
+        for toml in [
+            "[ipsec]\nike_listen = \"\"\n",
+            "[ipsec]\nnat_t_listen = \"\"\n",
+            "[ipsec]\nike_listen = \"500\"\n",
+        ] {
+            let s: Settings = vpnnat::config::load(Some(("g.toml", toml)), Vec::new()).unwrap();
+            let e = s.validate("g.toml").unwrap_err();
+            assert!(e.contains("ipsec."), "{toml}: {e}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use vpnnat::backoff::Backoff;
-use vpnnat::messages::{AgentTls, Transport};
+use vpnnat::messages::{AgentTls, Transport, TunnelKind};
 use vpnnat_dataplane::stream::{self, Chunk, StreamOptions, StreamTable};
 use vpnnat_dataplane::tls::{self as carrier, Proxy};
 
@@ -118,9 +118,16 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             return;
         };
         let now = Instant::now();
+        // An IPsec tunnel sends to the gateway's NAT-T port, never to the
+        // endpoint a stream stands for: it has no TLS carrier (yet) and
+        // stays on UDP.
+        let ipsec = snap
+            .tunnel
+            .as_ref()
+            .is_some_and(|t| t.kind == TunnelKind::Ipsec);
         let seen = Observed {
             tunnel: snap.tunnel.is_some() && target.is_some(),
-            tls_offered: target.as_ref().is_some_and(|t| t.tls.is_some()),
+            tls_offered: target.as_ref().is_some_and(|t| t.tls.is_some()) && !ipsec,
             udp_heard: snap.udp_heard,
             silent: snap.silent_for.is_some(),
         };

@@ -11,6 +11,17 @@
 //! The event loop takes commands first, then ready IO (bounded work per
 //! wake-up), then due timers; queued outputs and events follow each step
 //! (docs/DESIGN.md, "Data plane").
+//!
+//! **IPsec.** The agent runs IPsec tunnels too ([`Kinds`]: WireGuard and
+//! IPsec) from the same socket: everything, IKE_SA_INIT included, goes to
+//! the gateway's NAT-T port 4500 (RFC 7296 §2.23 lets an initiator use 4500
+//! from the start; userspace cannot send raw ESP, so ESP is always in UDP,
+//! RFC 3948, as strongSwan's `encap = yes`). The core makes datagrams for
+//! port 500 behind a tag ([`IKE_500_TAG`]); on their way out here the tag
+//! becomes the non-ESP marker that IKE carries on 4500. What comes back from
+//! the gateway's 4500 is presented to the core as coming from the one
+//! endpoint of its desired state (the gateway's IKE port), and anything from
+//! that port itself gets the tag ([`AgentPath::decapsulate`]).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -22,14 +33,25 @@ use tun_rs::{AsyncDevice, SyncDevice};
 use vpnnat::agent::{
     AgentCounters, AgentEvent, AgentState, LanOutcome, MappingView, NetworkOutcome, TunnelView,
 };
-use vpnnat::messages::{AgentDesiredState, AppliedState, RequestId, TerminalName, UnixMillis};
-use vpnnat::tunnel::{Builtin, Kinds as _};
+use vpnnat::ipsec::esp::natt::NON_ESP_MARKER;
+use vpnnat::ipsec::ike::NAT_T_PORT;
+use vpnnat::messages::{
+    AgentDesiredState, AppliedState, RequestId, TerminalName, TunnelKind, UnixMillis,
+};
+use vpnnat::tunnel::ipsec::IKE_500_TAG;
+use vpnnat::tunnel::{BuiltinIpsec, Kinds as _};
 use vpnnat_dataplane::pump::{BUDGET, Pump, Ready, next_chunk};
 use vpnnat_dataplane::stream::{Inbox, StreamTable};
 use vpnnat_dataplane::udp::{RecvBatch, UDP_BUF, Udp};
-use vpnnat_dataplane::{Datagram, PacketPath, Sent, Step, sleep_until, worker};
+use vpnnat_dataplane::{Datagram, PacketPath, Sent, Step, Via, sleep_until, worker};
 
 pub use vpnnat_dataplane::IoCounters;
+
+/// The tunnel kinds the agent runs: WireGuard and IPsec.
+pub type Kinds = BuiltinIpsec;
+
+/// The agent's state with its kinds.
+pub type State = AgentState<Kinds>;
 
 use crate::netstack::{self, Netstack, NetstackCounters, RelayEvent};
 
@@ -227,7 +249,7 @@ enum Started {
 /// # Errors
 /// When the thread, its runtime or its sockets cannot be set up.
 pub fn spawn(
-    state: AgentState,
+    state: State,
     socket: std::net::UdpSocket,
     lan: LanSide,
     (streams, inbox): (StreamTable, Inbox),
@@ -246,7 +268,7 @@ pub fn spawn(
                     udp_gro_segments = udp.gro_segments(),
                     "data plane ready (packet mode)"
                 );
-                let mut pump = Pump::new(udp, tun, Builtin::DATA_OVERHEAD);
+                let mut pump = Pump::new(udp, tun, Kinds::DATA_OVERHEAD + IKE_500_TAG.len());
                 pump.set_streams(streams, inbox);
                 Started::Packet(Box::new(pump))
             }
@@ -295,10 +317,48 @@ pub fn spawn(
     Ok((Dataplane { tx }, thread))
 }
 
+/// An IPsec tunnel's gateway: the endpoint of the desired state (its IKE
+/// port) and its NAT-T port, where everything goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IpsecGateway {
+    endpoint: SocketAddr,
+    nat_t: SocketAddr,
+}
+
+impl IpsecGateway {
+    /// The gateway of `state`'s tunnel, when it is an IPsec one.
+    fn of(state: &State) -> Option<Self> {
+        let t = state.tunnel()?;
+        (t.kind == TunnelKind::Ipsec).then(|| Self {
+            endpoint: t.endpoint,
+            nat_t: SocketAddr::new(t.endpoint.ip(), NAT_T_PORT),
+        })
+    }
+
+    /// A datagram of the core for the gateway, as sent to its NAT-T port:
+    /// one the core made for port 500 (behind the tag) carries the non-ESP
+    /// marker instead (RFC 3948 §2.2), in place (both are four bytes).
+    fn outbound(&self, dst: SocketAddr, datagram: &mut [u8]) -> SocketAddr {
+        if dst != self.endpoint {
+            return dst;
+        }
+        if datagram.starts_with(&IKE_500_TAG) {
+            datagram[..NON_ESP_MARKER.len()].copy_from_slice(&NON_ESP_MARKER);
+        }
+        self.nat_t
+    }
+}
+
 /// The agent's packet logic as the pump drives it: [`AgentState`] (the
 /// tunnel and the NAT).
 struct AgentPath {
-    state: AgentState,
+    state: State,
+    /// The tunnel's gateway when it is an IPsec one (follows each applied
+    /// desired state).
+    ipsec: Option<IpsecGateway>,
+    /// A datagram from the gateway's IKE port with the tag in front
+    /// (allocated once, for the rare IKE message from there).
+    tagged: Vec<u8>,
     /// When the gateway last sent an authenticated datagram (data,
     /// keepalive, handshake response).
     last_heard: Option<Instant>,
@@ -319,8 +379,10 @@ struct AgentPath {
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(15);
 
 impl AgentPath {
-    fn new(state: AgentState, streams: StreamTable) -> Self {
+    fn new(state: State, streams: StreamTable) -> Self {
         Self {
+            ipsec: IpsecGateway::of(&state),
+            tagged: vec![0; UDP_BUF + IKE_500_TAG.len()],
             state,
             last_heard: None,
             unanswered_since: None,
@@ -340,7 +402,27 @@ impl AgentPath {
 
 impl PacketPath for AgentPath {
     fn decapsulate(&mut self, dgram: Datagram, out: &mut [u8], step: &mut Step) -> Option<usize> {
-        let (state, Datagram { from, bytes }) = (&mut self.state, dgram);
+        let Datagram {
+            mut from,
+            mut bytes,
+            ..
+        } = dgram;
+        if let Some(g) = self.ipsec {
+            if from == g.nat_t {
+                // The gateway's NAT-T port: the core's form as it is, from
+                // the one endpoint it knows.
+                from = g.endpoint;
+            } else if from == g.endpoint {
+                // The gateway's IKE port (we never send there, but a
+                // gateway may answer from it): the core wants the tag.
+                let n = IKE_500_TAG.len() + bytes.len();
+                let buf = self.tagged.get_mut(..n)?;
+                buf[..IKE_500_TAG.len()].copy_from_slice(&IKE_500_TAG);
+                buf[IKE_500_TAG.len()..].copy_from_slice(bytes);
+                bytes = &self.tagged[..n];
+            }
+        }
+        let state = &mut self.state;
         let outcome = match state.handle_network_input_into(from, bytes, out, step.now) {
             NetworkOutcome::Lan(p) => Some(p.len()),
             NetworkOutcome::Consumed => Some(0),
@@ -358,7 +440,14 @@ impl PacketPath for AgentPath {
 
     fn encapsulate(&mut self, packet: &mut [u8], out: &mut [u8], step: &mut Step) -> Sent {
         let sent = match self.state.handle_lan_input_into(packet, out, step.now) {
-            LanOutcome::Send { dst, datagram } => Some((dst, datagram.len())),
+            LanOutcome::Send { dst, datagram } => {
+                let len = datagram.len();
+                let dst = match &self.ipsec {
+                    Some(g) => g.outbound(dst, &mut out[..len]),
+                    None => dst,
+                };
+                Some((dst, Via::MAIN, len))
+            }
             LanOutcome::Queued | LanOutcome::Dropped(_) => None,
         };
         if sent.is_some() && self.unanswered_since.is_none() {
@@ -368,11 +457,17 @@ impl PacketPath for AgentPath {
     }
 
     fn room(&self, len: usize) -> usize {
-        Builtin::buffer_len(len)
+        // Room for the tag of a datagram from the gateway's IKE port, too.
+        Kinds::buffer_len(len + IKE_500_TAG.len())
     }
 
-    fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
-        self.state.poll_transmit().map(|t| (t.dst, t.payload))
+    fn poll_transmit(&mut self) -> Option<(SocketAddr, Via, Vec<u8>)> {
+        let mut t = self.state.poll_transmit()?;
+        let dst = match &self.ipsec {
+            Some(g) => g.outbound(t.dst, &mut t.payload),
+            None => t.dst,
+        };
+        Some((dst, Via::MAIN, t.payload))
     }
 
     fn recycle(&mut self, buf: Vec<u8>) {
@@ -435,6 +530,7 @@ fn command(
             reply,
         }) => {
             let applied = state.handle_desired_state(&desired, &names, Instant::now(), reference);
+            path.ipsec = IpsecGateway::of(&path.state);
             let _ = reply.send(applied);
             true
         }
@@ -496,7 +592,7 @@ async fn run_packet(
     Ok(())
 }
 
-fn drain_events(state: &mut AgentState, mut netstack: Option<&mut Netstack>) {
+fn drain_events(state: &mut State, mut netstack: Option<&mut Netstack>) {
     while let Some(e) = state.poll_event() {
         if let Some(n) = netstack.as_deref_mut() {
             n.on_agent_event(&e);
@@ -529,8 +625,8 @@ async fn run_netstack(
     stack.set_limits(max_udp, max_icmp);
     let mut recv = RecvBatch::new();
     let mut inbox = Some(inbox);
-    let mut lan_buf = vec![0u8; Builtin::buffer_len(UDP_BUF)];
-    let mut out = vec![0u8; Builtin::buffer_len(65535)];
+    let mut lan_buf = vec![0u8; Kinds::buffer_len(UDP_BUF + IKE_500_TAG.len())];
+    let mut out = vec![0u8; Kinds::buffer_len(65535)];
 
     loop {
         let now = Instant::now();
@@ -550,7 +646,7 @@ async fn run_netstack(
                 let now = Instant::now();
                 for bytes in chunk.datagrams() {
                     let need = path.room(bytes.len());
-                    let dgram = Datagram { from: chunk.from, bytes };
+                    let dgram = Datagram { from: chunk.from, bytes, via: Via::MAIN };
                     let mut step = Step { now, io: &mut io };
                     if let Some(len) = path.decapsulate(dgram, &mut lan_buf[..need], &mut step) {
                         stack.input(&lan_buf[..len], now);
@@ -570,7 +666,7 @@ async fn run_netstack(
                     let now = Instant::now();
                     for (from, bytes) in recv.datagrams() {
                         let need = path.room(bytes.len());
-                        let dgram = Datagram { from, bytes };
+                        let dgram = Datagram { from, bytes, via: Via::MAIN };
                         let mut step = Step { now, io: &mut io };
                         if let Some(len) = path.decapsulate(dgram, &mut lan_buf[..need], &mut step) {
                             stack.input(&lan_buf[..len], now);
@@ -600,11 +696,11 @@ async fn run_netstack(
         while let Some(mut p) = stack.poll_output() {
             let need = path.room(p.len());
             let mut step = Step { now, io: &mut io };
-            if let Some((dst, len)) = path.encapsulate(&mut p, &mut out[..need], &mut step) {
+            if let Some((dst, _, len)) = path.encapsulate(&mut p, &mut out[..need], &mut step) {
                 udp.send_one(dst, &out[..len], &mut io).await;
             }
         }
-        vpnnat_dataplane::pump::send_transmits(&mut path, &udp, &mut io).await;
+        vpnnat_dataplane::pump::send_transmits(&mut path, (&udp, &[]), &mut io).await;
     }
     tracing::info!("data plane stopped");
     Ok(())

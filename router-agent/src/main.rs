@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
-use vpnnat::agent::{AgentConfig, AgentState, DataMode};
+use vpnnat::agent::{AgentConfig, DataMode};
 use vpnnat::gateway::Prefix;
 use vpnnat::messages::AgentDesiredState;
 use vpnnat_shell::cli::{CommonArgs, Signal, Signals, control_runtime, print_status, run_program};
@@ -450,7 +450,7 @@ async fn run(
             },
         ),
     };
-    let state = AgentState::new(
+    let state = dataplane::State::with_kinds(
         AgentConfig {
             site_id,
             private_key: key.clone(),

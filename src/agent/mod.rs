@@ -43,7 +43,7 @@ use crate::ipv4::Prefix;
 use crate::messages::{
     AgentTunnel, GatewayId, PublicKey, RequestId, SiteId, TerminalName, UnixMillis,
 };
-use crate::tunnel::{Builtin, Kinds, PrivateKey, Tunnel, TunnelStats};
+use crate::tunnel::{Builtin, Kinds, PrivateKey, Tunnel, TunnelKind, TunnelStats};
 
 mod datapath;
 mod desired;
@@ -310,6 +310,8 @@ pub struct TunnelView {
     pub gateway_id: GatewayId,
     /// Its endpoint.
     pub endpoint: SocketAddr,
+    /// The tunnel's kind.
+    pub kind: TunnelKind,
     /// Its key.
     pub public_key: PublicKey,
     /// Whether a session is established.
@@ -477,6 +479,7 @@ impl<K: Kinds> AgentState<K> {
         self.peer.as_ref().map(|p| TunnelView {
             gateway_id: p.desired.gateway_id,
             endpoint: p.desired.endpoint,
+            kind: p.desired.kind,
             public_key: p.desired.public_key,
             up: p.tunnel.has_session(),
             stats: p.tunnel.stats(),

@@ -120,6 +120,7 @@ impl<K: Kinds> GatewayState<K> {
                     buf.extend_from_slice(reply);
                     self.transmits.push_back(Transmit {
                         dst: from,
+                        kind: Some(peer.kind),
                         payload: buf,
                     });
                 } else {
@@ -171,6 +172,7 @@ impl<K: Kinds> GatewayState<K> {
                     buf.extend_from_slice(cookie);
                     self.transmits.push_back(Transmit {
                         dst: from,
+                        kind: None,
                         payload: buf,
                     });
                     self.counters.cookie_replies_sent += 1;
@@ -195,6 +197,7 @@ impl<K: Kinds> GatewayState<K> {
                     buf.extend_from_slice(reply);
                     self.transmits.push_back(Transmit {
                         dst: from,
+                        kind: None,
                         payload: buf,
                     });
                     Err(NetworkOutcome::Consumed)
@@ -233,7 +236,11 @@ impl<K: Kinds> GatewayState<K> {
             let mut buf = self.free_bufs.pop().unwrap_or_default();
             buf.clear();
             buf.extend_from_slice(d);
-            self.transmits.push_back(Transmit { dst, payload: buf });
+            self.transmits.push_back(Transmit {
+                dst,
+                kind: Some(peer.kind),
+                payload: buf,
+            });
         }
         while let Some(e) = peer.tunnel.poll_event() {
             match e {
@@ -301,7 +308,11 @@ impl<K: Kinds> GatewayState<K> {
         };
         match peer.tunnel.encapsulate(packet, out, now) {
             Ok(Encapsulated::Network(datagram)) => match peer.endpoint {
-                Some(dst) => TunOutcome::Send { dst, datagram },
+                Some(dst) => TunOutcome::Send {
+                    dst,
+                    kind: peer.kind,
+                    datagram,
+                },
                 // Without a session boringtun queued the packet and wants to
                 // initiate; with no endpoint to initiate to, the packet waits
                 // (bounded) until the peer connects.
@@ -397,7 +408,11 @@ impl<K: Kinds> GatewayState<K> {
         let mut buf = self.free_bufs.pop().unwrap_or_default();
         buf.resize(K::buffer_len(MAX_PACKET.max(packet.len())), 0);
         let result = match self.handle_tun_input_into(packet, &mut buf, now) {
-            TunOutcome::Send { dst, datagram } => Ok(Some((dst, datagram.len()))),
+            TunOutcome::Send {
+                dst,
+                kind,
+                datagram,
+            } => Ok(Some((dst, kind, datagram.len()))),
             TunOutcome::Queued => Ok(None),
             TunOutcome::Dropped(r) => Err(r),
             TunOutcome::Handoff(_) => {
@@ -406,9 +421,13 @@ impl<K: Kinds> GatewayState<K> {
             }
         };
         match result {
-            Ok(Some((dst, len))) if self.transmits.len() < MAX_QUEUE => {
+            Ok(Some((dst, kind, len))) if self.transmits.len() < MAX_QUEUE => {
                 buf.truncate(len);
-                self.transmits.push_back(Transmit { dst, payload: buf });
+                self.transmits.push_back(Transmit {
+                    dst,
+                    kind: Some(kind),
+                    payload: buf,
+                });
                 Ok(())
             }
             Ok(Some(_)) => {
@@ -443,7 +462,11 @@ impl<K: Kinds> GatewayState<K> {
                         let mut buf = self.free_bufs.pop().unwrap_or_default();
                         buf.clear();
                         buf.extend_from_slice(d);
-                        self.transmits.push_back(Transmit { dst, payload: buf });
+                        self.transmits.push_back(Transmit {
+                            dst,
+                            kind: Some(peer.kind),
+                            payload: buf,
+                        });
                     }
                 }
                 Ok(None) => {}

@@ -71,7 +71,7 @@ pub use self::validate::{ValidatedState, validate_desired};
 use crate::ipv4::FastMap;
 pub use crate::ipv4::{Prefix, PrefixError};
 use crate::messages::{PublicKey, SiteId};
-use crate::tunnel::{self, Builtin, Kinds, PrivateKey, Responder, Tunnel, TunnelStats};
+use crate::tunnel::{self, Builtin, Kinds, PrivateKey, Responder, Tunnel, TunnelKind, TunnelStats};
 
 /// The largest datagram or IP packet the gateway handles, and the size of its
 /// internal buffers.
@@ -217,11 +217,17 @@ pub struct GatewayCounters {
     pub cookie_replies_sent: u64,
 }
 
-/// A datagram to send from the gateway's socket.
+/// A datagram to send from the gateway's sockets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
     /// Where to.
     pub dst: SocketAddr,
+    /// The kind of the peer whose tunnel made it; `None` for an answer of
+    /// the responder before any peer is known (a cookie reply, an
+    /// IKE_SA_INIT response), whose shape tells its kind. The IO shell
+    /// picks the socket by it: an ESP SPI is the peer's choice and may look
+    /// like anything.
+    pub kind: Option<TunnelKind>,
     /// The UDP payload. Hand the buffer back with [`GatewayState::recycle`] to
     /// avoid an allocation next time.
     pub payload: Vec<u8>,
@@ -294,6 +300,8 @@ pub enum TunOutcome<'b> {
     Send {
         /// The peer's endpoint.
         dst: SocketAddr,
+        /// The peer's tunnel kind (which socket the datagram leaves from).
+        kind: TunnelKind,
         /// The encrypted datagram.
         datagram: &'b [u8],
     },

@@ -199,7 +199,11 @@ impl<K: Kinds> GatewayState<K> {
             return false;
         }
         let generation = &mut self.generations[slot as usize];
-        *generation = generation.wrapping_add(1) & 0x0f;
+        // 1 to 15, never 0: slot 0 of shard 0 would otherwise get index 0
+        // on every 16th reuse, and an ESP SPI with index 0 under a high byte
+        // of 1–4 looks like a WireGuard message to the classifier
+        // (`tunnel::ipsec::looks_like_wireguard`).
+        *generation = *generation % 15 + 1;
         let index = (u32::from(*generation) << INDEX_GENERATION_SHIFT) | base;
         let Some(tunnel) = self.responder.tunnel(p, index, now) else {
             // A kind outside `K::KINDS` or unusable IPsec parameters:

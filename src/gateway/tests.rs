@@ -178,7 +178,7 @@ fn the_fast_path_writes_into_the_callers_buffers<K: TestKinds>() {
     let mut out = vec![0; 2048];
     let down = udp("172.16.0.50", "10.64.0.5", &[2; 1000]);
     let d = match gw.handle_tun_input_into(&down, &mut out, now) {
-        TunOutcome::Send { dst, datagram } => {
+        TunOutcome::Send { dst, datagram, .. } => {
             assert_eq!(dst, c.endpoint);
             datagram.to_vec()
         }

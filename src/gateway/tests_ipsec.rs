@@ -123,6 +123,17 @@ fn connect_site(
             .collect();
         for t in out {
             assert_eq!(t.dst, endpoint);
+            // The responder's own answers before a peer is known (the
+            // IKE_SA_INIT response on 500, a refused IKE_AUTH) carry no
+            // kind; the peer's tunnel's answers carry its kind.
+            assert!(
+                t.kind.is_none() || t.kind == Some(TunnelKind::Ipsec),
+                "{:?}",
+                t.kind
+            );
+            if t.payload.starts_with(&IKE_500_TAG) {
+                assert_eq!(t.kind, None, "IKE_SA_INIT is the responder's");
+            }
             if let Ok(Decapsulated::Network(r)) =
                 site.decapsulate(Some(gw_endpoint()), &t.payload, &mut buf, now)
             {
@@ -183,6 +194,7 @@ fn an_ipsec_site_reaches_its_nat_address_next_to_a_wireguard_site() {
     gw.handle_tun_input(&ping, now).unwrap();
     let t = gw.poll_transmit().unwrap();
     assert_eq!(t.dst, endpoint);
+    assert_eq!(t.kind, Some(TunnelKind::Ipsec));
     assert!(ipsec::Responder::fast_index(&t.payload).is_some(), "ESP");
     let mut buf = vec![0; 2048];
     match s4.decapsulate(Some(gw_endpoint()), &t.payload, &mut buf, now) {
@@ -203,6 +215,7 @@ fn an_ipsec_site_reaches_its_nat_address_next_to_a_wireguard_site() {
     gw.handle_tun_input(&ping1, now).unwrap();
     let t = gw.poll_transmit().unwrap();
     assert_eq!(t.dst, wg.endpoint);
+    assert_eq!(t.kind, Some(TunnelKind::Wireguard));
     assert_eq!(wg.receive(&t.payload), Some(ping1));
 }
 
@@ -310,4 +323,34 @@ fn a_builtin_gateway_still_refuses_ipsec_sites() {
         .unwrap();
     assert_eq!(applied.errors.len(), 2, "{:?}", applied.errors);
     assert_eq!(gw.peer_count(), 0);
+}
+
+#[test]
+fn a_reused_slot_never_gets_index_zero() {
+    // Slot 0 of the only shard, removed and added again: its index's
+    // generation goes round, and the site's ESP must reach it every time.
+    let now = Instant::now();
+    let mut gw = gateway(now);
+    let p4 = ipsec_peer(4, PSK_4, "10.64.0.4");
+    let endpoint = addr("198.51.100.4:4500");
+    for round in 0..20u64 {
+        gw.handle_control(&desired(2 * round + 1, vec![p4.clone()]), now)
+            .unwrap();
+        let mut s4 = site(p4.ipsec.as_ref().unwrap(), round, now);
+        let drops = connect_site(std::slice::from_mut(&mut gw), &mut s4, endpoint, now);
+        assert_eq!(drops, vec![], "round {round}");
+        let (_, spi_out) = s4.child_spis().unwrap();
+        assert_ne!(spi_out & 0x00FF_FFFF, 0, "round {round}: index 0");
+        let pong = udp_reply("10.64.0.4", TECH, b"pong");
+        // Only a reply passes: open the flow from the center first.
+        gw.handle_tun_input(&udp(TECH, "10.64.0.4", b"ping"), now)
+            .unwrap();
+        let _ = gw.poll_transmit();
+        let esp = seal(&mut s4, &pong, now);
+        gw.handle_network_input(endpoint, &esp, now).unwrap();
+        assert_eq!(gw.poll_tun_output(), Some(pong), "round {round}");
+        gw.handle_control(&desired(2 * round + 2, vec![]), now)
+            .unwrap();
+        drain_events(&mut gw);
+    }
 }

@@ -41,9 +41,9 @@
 //!
 //! [`wireguard`] is the first kind: boringtun's noise layer. [`ipsec`] is the
 //! second: IKEv2 and ESP from [`crate::ipsec`]; [`Builtin`] carries it but
-//! admits it ([`Kinds::KINDS`]) only as [`BuiltinIpsec`] until the programs'
-//! IO serves UDP 500 and 4500. The seam and the kinds are described in
-//! docs/DESIGN.md, "Tunnels".
+//! admits it ([`Kinds::KINDS`]) only as [`BuiltinIpsec`], which the programs
+//! run when their IO serves UDP 500 and 4500. The seam and the kinds are
+//! described in docs/DESIGN.md, "Tunnels".
 
 pub mod admission;
 pub mod ipsec;
@@ -389,12 +389,12 @@ pub trait Kinds: 'static {
     ) -> Option<Self::Tunnel>;
 }
 
-/// The kinds the product runs. Its tunnel ([`AnyTunnel`]) and responder
+/// The WireGuard-only set. Its tunnel ([`AnyTunnel`]) and responder
 /// ([`Responders`]) carry WireGuard and IPsec (IKEv2 with ESP), but
-/// [`Kinds::KINDS`] names WireGuard only until the programs' IO binds UDP
-/// 500 and 4500: the gateway registers its kinds with the server, which
-/// places IPsec sites only on gateways that name IPsec, and the agent
-/// refuses a kind outside them. [`BuiltinIpsec`] is the same set with IPsec
+/// [`Kinds::KINDS`] names WireGuard only: for a gateway that does not bind
+/// UDP 500 and 4500 (it registers its kinds with the server, which places
+/// IPsec sites only on gateways that name IPsec, and an agent refuses a
+/// kind outside them). [`BuiltinIpsec`] is the same set with IPsec
 /// admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Builtin;
