@@ -591,6 +591,8 @@ fn ike_strongswan_router_reaches_the_gateway_program() {
                 esp_proposal: ESP_PROPOSAL.to_owned(),
                 local_ts: vec!["172.16.0.0/24".parse().unwrap()],
                 remote_ts: vec![format!("{NAT}/32").parse().unwrap()],
+                child_rekey_s: None,
+                ike_rekey_s: None,
             }),
             tls_token_sha256: None,
         }],

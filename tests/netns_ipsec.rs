@@ -92,6 +92,8 @@ fn site_params(psk: &str) -> IpsecParams {
         esp_proposal: ESP_PROPOSAL.to_owned(),
         local_ts: vec![format!("{NAT}/32").parse().unwrap()],
         remote_ts: vec!["172.16.0.0/24".parse().unwrap()],
+        child_rekey_s: None,
+        ike_rekey_s: None,
     }
 }
 

@@ -111,6 +111,8 @@ mod tests {
             esp_proposal: ESP_PROPOSAL.into(),
             local_ts: vec!["10.64.0.5/32".parse().unwrap()],
             remote_ts: vec!["172.16.0.0/24".parse().unwrap()],
+            child_rekey_s: None,
+            ike_rekey_s: None,
         };
         let c = swanctl_conf(
             SiteId(7),
@@ -129,7 +131,7 @@ mod tests {
             "id = gw-7.vpnnat",
             "local_ts = 10.64.0.5/32",
             "remote_ts = 172.16.0.0/24",
-            "esp_proposals = aes256gcm16",
+            "esp_proposals = aes256gcm16-x25519-modp2048",
             "secret = \"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI=\"",
         ] {
             assert!(

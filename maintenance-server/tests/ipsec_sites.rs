@@ -407,7 +407,7 @@ async fn desired_states_carry_the_ipsec_parameters(b: Backend) {
     assert_eq!(p.local_id, format!("gw-{}.vpnnat", site.id));
     assert_eq!(p.remote_id, format!("site-{}.vpnnat", site.id));
     assert_eq!(p.ike_proposal, "aes256gcm16-prfsha256-x25519-modp2048");
-    assert_eq!(p.esp_proposal, "aes256gcm16");
+    assert_eq!(p.esp_proposal, "aes256gcm16-x25519-modp2048");
     assert_eq!(p.local_ts, vec![TECHNICIANS.parse::<Prefix>().unwrap()]);
     let mut site_ts: Vec<Prefix> = nat.iter().copied().map(host).collect();
     site_ts.sort();
@@ -612,7 +612,7 @@ async fn the_parameters_endpoint_is_operator_only_audited_and_ipsec_only(b: Back
         format!("remote_ts = {TECHNICIANS}"),
         format!("secret = \"{}\"", p.psk),
         "proposals = aes256gcm16-prfsha256-x25519-modp2048".to_owned(),
-        "esp_proposals = aes256gcm16".to_owned(),
+        "esp_proposals = aes256gcm16-x25519-modp2048".to_owned(),
     ] {
         assert!(
             cfg.swanctl_conf.lines().any(|l| l.trim() == line),
@@ -812,7 +812,7 @@ async fn the_cli_sets_the_kind_and_prints_the_parameters(b: Backend) {
         "site identity:     site-1.vpnnat (ID_FQDN)",
         "gateway identity:  gw-1.vpnnat (ID_FQDN)",
         "IKE proposal:      aes256gcm16-prfsha256-x25519-modp2048",
-        "ESP proposal:      aes256gcm16",
+        "ESP proposal:      aes256gcm16-x25519-modp2048",
         "# swanctl.conf",
         "connections {",
     ] {

@@ -37,6 +37,8 @@ fn site_params() -> IpsecParams {
         esp_proposal: crate::messages::ESP_PROPOSAL.to_owned(),
         local_ts: vec!["10.64.0.5/32".parse().unwrap()],
         remote_ts: vec!["172.16.0.0/24".parse().unwrap()],
+        child_rekey_s: None,
+        ike_rekey_s: None,
     }
 }
 

@@ -31,6 +31,8 @@ fn params(site: u64, psk: &str, nat: &str) -> IpsecParams {
         esp_proposal: ESP_PROPOSAL.to_owned(),
         local_ts: vec![GatewayConfig::default_technician_prefix()],
         remote_ts: vec![format!("{nat}/32").parse().unwrap()],
+        child_rekey_s: None,
+        ike_rekey_s: None,
     }
 }
 

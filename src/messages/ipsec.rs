@@ -23,8 +23,13 @@ pub const IKE_NAT_T_PORT: u16 = 4500;
 /// RFC 8031) preferred over group 14 (MODP-2048, RFC 3526).
 pub const IKE_PROPOSAL: &str = "aes256gcm16-prfsha256-x25519-modp2048";
 
-/// The ESP proposal: AES-GCM-16 with a 256-bit key (RFC 4106).
-pub const ESP_PROPOSAL: &str = "aes256gcm16";
+/// The ESP proposal: AES-GCM-16 with a 256-bit key (RFC 4106), and
+/// perfect forward secrecy: every CHILD_SA rekey runs a new x25519 (or
+/// MODP-2048) exchange (RFC 7296 §1.3.1). The groups do not apply to the
+/// first CHILD_SA, which IKE_AUTH keys without one (§1.2). Both ends must
+/// name them: a rekey with a new exchange fails against a peer configured
+/// without one.
+pub const ESP_PROPOSAL: &str = "aes256gcm16-x25519-modp2048";
 
 /// The fewest bytes a pre-shared key has (RFC 7296 §2.15 asks for a key as
 /// strong as the PRF's: 32 bytes for HMAC-SHA-256).
@@ -54,6 +59,15 @@ pub struct IpsecParams {
     pub local_ts: Vec<Prefix>,
     /// The other side's traffic selectors.
     pub remote_ts: Vec<Prefix>,
+    /// Seconds after which the CHILD_SA is rekeyed, less up to a tenth at
+    /// random; absent: one hour (strongSwan's default). 10 to 604 800.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_rekey_s: Option<u32>,
+    /// Seconds after which the IKE SA is rekeyed (RFC 7296 §2.8), less up to
+    /// a tenth at random; absent: four hours (strongSwan's default).
+    /// 10 to 604 800.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ike_rekey_s: Option<u32>,
 }
 
 impl std::fmt::Debug for IpsecParams {
@@ -66,6 +80,8 @@ impl std::fmt::Debug for IpsecParams {
             .field("esp_proposal", &self.esp_proposal)
             .field("local_ts", &self.local_ts)
             .field("remote_ts", &self.remote_ts)
+            .field("child_rekey_s", &self.child_rekey_s)
+            .field("ike_rekey_s", &self.ike_rekey_s)
             .finish()
     }
 }
@@ -73,6 +89,10 @@ impl std::fmt::Debug for IpsecParams {
 impl IpsecParams {
     /// The most traffic selectors per side.
     pub const MAX_TS: usize = 1024;
+
+    /// The range of the rekey intervals, in seconds: a CHILD_SA or IKE SA
+    /// lives at least 10 s and at most a week.
+    pub const REKEY_S: std::ops::RangeInclusive<u32> = 10..=604_800;
 
     /// # Errors
     /// A [`FieldError`] naming the first invalid field.
@@ -106,6 +126,14 @@ impl IpsecParams {
         }
         if self.remote_ts.len() > Self::MAX_TS {
             return Err(FieldError::new("remote_ts", "at most 1024 selectors"));
+        }
+        for (field, secs) in [
+            ("child_rekey_s", self.child_rekey_s),
+            ("ike_rekey_s", self.ike_rekey_s),
+        ] {
+            if secs.is_some_and(|s| !Self::REKEY_S.contains(&s)) {
+                return Err(FieldError::new(field, "10 to 604800 seconds"));
+            }
         }
         Ok(())
     }

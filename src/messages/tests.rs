@@ -408,6 +408,8 @@ fn ipsec_params() -> IpsecParams {
         esp_proposal: ESP_PROPOSAL.into(),
         local_ts: vec!["10.64.0.5/32".parse().unwrap()],
         remote_ts: vec!["172.16.0.0/24".parse().unwrap()],
+        child_rekey_s: None,
+        ike_rekey_s: None,
     }
 }
 
@@ -437,7 +439,7 @@ fn the_ipsec_kind_and_its_parameters_round_trip() {
         "\"local_ts\":[\"10.64.0.5/32\"]",
         "\"remote_ts\":[\"172.16.0.0/24\"]",
         "\"ike_proposal\":\"aes256gcm16-prfsha256-x25519-modp2048\"",
-        "\"esp_proposal\":\"aes256gcm16\"",
+        "\"esp_proposal\":\"aes256gcm16-x25519-modp2048\"",
     ] {
         assert!(json.contains(needle), "{needle} not in {json}");
     }
@@ -549,6 +551,32 @@ fn ipsec_parameter_validation_names_the_field() {
         }),
         "remote_ts"
     );
+    assert_eq!(
+        field(IpsecParams {
+            child_rekey_s: Some(9),
+            ..ipsec_params()
+        }),
+        "child_rekey_s"
+    );
+    assert_eq!(
+        field(IpsecParams {
+            ike_rekey_s: Some(604_801),
+            ..ipsec_params()
+        }),
+        "ike_rekey_s"
+    );
+    let bounds = IpsecParams {
+        child_rekey_s: Some(10),
+        ike_rekey_s: Some(604_800),
+        ..ipsec_params()
+    };
+    assert_eq!(bounds.validate(), Ok(()));
+    // Absent intervals stay absent on the wire (older agents and gateways
+    // read the same document), present ones round-trip.
+    let wire = serde_json::to_value(ipsec_params()).unwrap();
+    assert!(wire.get("child_rekey_s").is_none() && wire.get("ike_rekey_s").is_none());
+    let back: IpsecParams = serde_json::from_value(serde_json::to_value(&bounds).unwrap()).unwrap();
+    assert_eq!(back, bounds);
     // The key never shows in Debug output.
     let p = ipsec_params();
     assert!(!format!("{p:?}").contains(&p.psk));

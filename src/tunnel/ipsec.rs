@@ -135,6 +135,9 @@ crate::drops::drop_reasons! {
 pub struct Settings {
     /// A CHILD_SA is rekeyed after this long (less up to a tenth, at random).
     pub child_lifetime: Duration,
+    /// The IKE SA is rekeyed after this long (less up to a tenth, at
+    /// random), RFC 7296 §2.8.
+    pub ike_lifetime: Duration,
     /// Outbound packets after which the CHILD_SA is rekeyed
     /// ([`OutboundSa::with_soft_limit`]).
     pub soft_limit: u32,
@@ -145,14 +148,30 @@ pub struct Settings {
 }
 
 impl Default for Settings {
-    /// One hour CHILD_SAs (strongSwan's default rekey time), the ESP soft
-    /// limit, re-dial after 10 s, cookies above 64 half-open SAs.
+    /// One hour CHILD_SAs and four hour IKE SAs (strongSwan's default rekey
+    /// times), the ESP soft limit, re-dial after 10 s, cookies above 64
+    /// half-open SAs.
     fn default() -> Self {
         Self {
             child_lifetime: Duration::from_secs(3600),
+            ike_lifetime: Duration::from_secs(4 * 3600),
             soft_limit: esp::DEFAULT_SOFT_LIMIT,
             redial_after: Duration::from_secs(10),
             cookie_threshold: 64,
+        }
+    }
+}
+
+impl Settings {
+    /// These settings with the rekey intervals a site's parameters name.
+    pub fn for_site(self, params: &IpsecParams) -> Self {
+        let secs = |s: Option<u32>, default: Duration| {
+            s.map_or(default, |s| Duration::from_secs(u64::from(s)))
+        };
+        Self {
+            child_lifetime: secs(params.child_rekey_s, self.child_lifetime),
+            ike_lifetime: secs(params.ike_rekey_s, self.ike_lifetime),
+            ..self
         }
     }
 }
@@ -442,7 +461,7 @@ impl Responder {
         lock(&self.registry).insert(params.remote_id.clone(), Arc::downgrade(&entry));
         let (settings, seed) = {
             let mut s = lock(&self.shared);
-            (s.settings, s.rng.next_u64())
+            (s.settings.for_site(params), s.rng.next_u64())
         };
         Ok(Tunnel::new(
             Role::Responder {
@@ -647,6 +666,8 @@ pub struct Tunnel {
     rng: StdRng,
     rekey_at: Option<Instant>,
     rekey_pending: bool,
+    /// When we start the next IKE SA rekey; `None` while no IKE SA is up.
+    ike_rekey_at: Option<Instant>,
     redial_at: Option<Instant>,
     /// IKE datagrams to send, in seam form.
     out: VecDeque<Vec<u8>>,
@@ -689,6 +710,7 @@ impl Tunnel {
             rng: StdRng::seed_from_u64(seed),
             rekey_at: None,
             rekey_pending: false,
+            ike_rekey_at: None,
             redial_at: None,
             out: VecDeque::new(),
             queued: VecDeque::new(),
@@ -715,12 +737,18 @@ impl Tunnel {
 
     /// An initiator to `remote` (the gateway's IKE port), seeded from the
     /// operating system; it dials on [`super::Tunnel::initiate_handshake`].
-    pub fn initiator(config: Config, remote: SocketAddr, index: u32, now: Instant) -> Self {
+    pub fn initiator(
+        config: Config,
+        remote: SocketAddr,
+        index: u32,
+        settings: Settings,
+        now: Instant,
+    ) -> Self {
         Self::initiator_seeded(
             config,
             remote,
             index,
-            Settings::default(),
+            settings,
             StdRng::from_entropy().next_u64(),
             now,
         )
@@ -775,6 +803,18 @@ impl Tunnel {
         }
     }
 
+    /// Starts an IKE SA rekey now (it also starts by itself, by lifetime).
+    pub fn rekey_ike(&mut self, now: Instant) {
+        if let Some(sa) = self.ike.as_mut()
+            && sa.is_established()
+        {
+            // Tried again after a while unless `IkeSaRekeyed` reschedules.
+            self.ike_rekey_at = Some(now + REKEY_RETRY);
+            sa.rekey_ike(now, &mut self.rng);
+            self.pump(now);
+        }
+    }
+
     /// Seals `packet` with the current outbound SA without the selector
     /// check: what a misbehaving peer holding the keys could send (tests).
     #[cfg(test)]
@@ -793,16 +833,24 @@ impl Tunnel {
         }
     }
 
-    fn schedule_rekey(&mut self, now: Instant) {
-        let life = self.settings.child_lifetime;
+    /// `life` less up to a tenth at random, so that both ends rarely start
+    /// the same rekey at once (RFC 7296 §2.8.1).
+    fn jittered(&mut self, life: Duration) -> Duration {
         let jitter = life / 10;
-        let less = if jitter.is_zero() {
-            Duration::ZERO
+        if jitter.is_zero() {
+            life
         } else {
-            self.rng.gen_range(Duration::ZERO..jitter)
-        };
-        self.rekey_at = Some(now + life - less);
+            life - self.rng.gen_range(Duration::ZERO..jitter)
+        }
+    }
+
+    fn schedule_rekey(&mut self, now: Instant) {
+        self.rekey_at = Some(now + self.jittered(self.settings.child_lifetime));
         self.rekey_pending = false;
+    }
+
+    fn schedule_ike_rekey(&mut self, now: Instant) {
+        self.ike_rekey_at = Some(now + self.jittered(self.settings.ike_lifetime));
     }
 
     /// Drains the engine: events applied, datagrams into `out`.
@@ -856,6 +904,7 @@ impl Tunnel {
                 }
             }
             Event::IkeSaRekeyed { spi_r, .. } => {
+                self.schedule_ike_rekey(now);
                 if let Role::Responder { shared, .. } = &self.role {
                     let mut s = lock(shared);
                     s.by_spi_r.retain(|_, i| *i != self.index);
@@ -871,6 +920,7 @@ impl Tunnel {
                 self.previous = None;
                 self.rekey_at = None;
                 self.rekey_pending = false;
+                self.ike_rekey_at = None;
                 if matches!(self.role, Role::Initiator { .. }) && reason != DownReason::Closed {
                     self.redial_at = Some(now + self.settings.redial_after);
                 }
@@ -884,6 +934,10 @@ impl Tunnel {
         self.stats.last_handshake = Some(now);
         self.events.push_back(TunnelEvent::HandshakeCompleted);
         self.schedule_rekey(now);
+        if self.ike_rekey_at.is_none() {
+            // The first CHILD_SA of this IKE SA: its lifetime starts.
+            self.schedule_ike_rekey(now);
+        }
     }
 
     /// Seals what waited for the CHILD_SA into `out`.
@@ -929,6 +983,7 @@ impl Tunnel {
         );
         self.ike = Some(sa);
         self.redial_at = None;
+        self.ike_rekey_at = None;
         self.pump(now);
         true
     }
@@ -977,6 +1032,7 @@ impl Tunnel {
         self.ike = Some(sa);
         self.current = None;
         self.previous = None;
+        self.ike_rekey_at = None;
         true
     }
 
@@ -1130,6 +1186,7 @@ impl super::Tunnel for Tunnel {
         [
             self.ike.as_ref().and_then(IkeSa::poll_timeout),
             self.rekey_at.filter(|_| !self.rekey_pending),
+            self.ike_rekey_at,
             self.redial_at,
         ]
         .into_iter()
@@ -1157,6 +1214,9 @@ impl super::Tunnel for Tunnel {
                 .is_some_and(|c| c.outbound.needs_rekey())
         {
             self.rekey_child(now);
+        }
+        if self.ike_rekey_at.is_some_and(|t| now >= t) {
+            self.rekey_ike(now);
         }
         if self.redial_at.is_some_and(|t| now >= t) {
             self.dial(now);

@@ -622,6 +622,7 @@ impl Kinds for Builtin {
                     config,
                     desired.endpoint,
                     index,
+                    ipsec::Settings::default().for_site(params),
                     now,
                 )))
             }

@@ -186,6 +186,8 @@ pub async fn agent_state(
                                     esp_proposal: ESP_PROPOSAL.to_owned(),
                                     local_ts: host_prefixes(&nat),
                                     remote_ts: center,
+                                    child_rekey_s: None,
+                                    ike_rekey_s: None,
                                 }),
                             )
                         }
@@ -273,6 +275,8 @@ pub async fn gateway_state(
                         esp_proposal: ESP_PROPOSAL.to_owned(),
                         local_ts: center.clone(),
                         remote_ts: Vec::new(),
+                        child_rekey_s: None,
+                        ike_rekey_s: None,
                     }),
                 tls_token_sha256: col::<Option<String>>(&r, "credential_hash")?
                     .map(|h| sha256_hex(tls_token(&h).as_bytes())),
@@ -569,6 +573,8 @@ pub async fn ipsec_config(
         esp_proposal: ESP_PROPOSAL.to_owned(),
         local_ts: host_prefixes(&nat),
         remote_ts: center.unwrap_or_default(),
+        child_rekey_s: None,
+        ike_rekey_s: None,
     };
     let swanctl_conf = crate::swanctl::swanctl_conf(site, &name, &gateway_addresses, &ipsec);
     Ok(Some(IpsecSiteConfig {

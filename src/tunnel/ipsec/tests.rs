@@ -40,6 +40,8 @@ fn gw_params() -> IpsecParams {
         esp_proposal: crate::messages::ESP_PROPOSAL.to_owned(),
         local_ts: vec![prefix("172.16.0.0/24")],
         remote_ts: vec![prefix("10.64.0.7/32")],
+        child_rekey_s: None,
+        ike_rekey_s: None,
     }
 }
 
@@ -351,6 +353,88 @@ fn child_sa_rekeys_on_demand_by_lifetime_and_by_sequence_numbers() {
     assert_ne!(p.agent.child_spis().unwrap(), third, "the gateway rekeyed");
     assert_eq!(p.center_sends(&pong), Ok(Out::Inner(pong.clone())));
     assert_eq!(p.site_sends(&ping), Ok(Out::Inner(ping)));
+}
+
+/// Runs one side's timers `secs` seconds on and lets the two finish what
+/// that started; `agent` picks the side whose timers run.
+fn after(p: &mut Pair, secs: u64, agent: bool) {
+    p.now += Duration::from_secs(secs);
+    let mut buf = vec![0; MIN_BUFFER_LEN];
+    let t = if agent {
+        &mut p.agent
+    } else {
+        &mut p.gw_tunnel
+    };
+    let mut sent: Vec<Vec<u8>> = t
+        .handle_timeout(&mut buf, p.now)
+        .unwrap()
+        .map(<[u8]>::to_vec)
+        .into_iter()
+        .collect();
+    sent.extend(drain(t));
+    for d in sent {
+        if agent {
+            p.exchange(d);
+        } else if let Ok(Out::Reply(r)) = p.agent_gets(&d) {
+            p.exchange(r);
+        }
+    }
+    let rest = drain(&mut p.agent);
+    for d in rest {
+        p.exchange(d);
+    }
+}
+
+#[test]
+fn ike_sa_rekeys_by_the_lifetime_the_site_parameters_name_on_either_side() {
+    let short = |p: IpsecParams| IpsecParams {
+        ike_rekey_s: Some(100),
+        child_rekey_s: Some(10_000),
+        ..p
+    };
+    for site_side in [true, false] {
+        let now = Instant::now();
+        let gw = Responder::seeded(Settings::default(), 11);
+        let (gw_p, agent_p) = if site_side {
+            (gw_params(), short(agent_params()))
+        } else {
+            (short(gw_params()), agent_params())
+        };
+        let gw_tunnel = gw.ipsec_tunnel(&gw_p, INDEX, now).unwrap();
+        let agent = initiator(&agent_p, Settings::default().for_site(&agent_p), 5, now);
+        let mut p = Pair {
+            gw,
+            gw_tunnel,
+            agent,
+            now,
+        };
+        p.establish();
+        let first = p.agent.ike().unwrap().spis();
+        let child = p.agent.child_spis();
+        // Not before 90 s (the lifetime less a tenth at most) ...
+        after(&mut p, 89, site_side);
+        assert_eq!(p.agent.ike().unwrap().spis(), first, "side {site_side}");
+        // ... and by 100 s: a new IKE SA on both ends, the CHILD_SA moved
+        // over unchanged, traffic both ways.
+        after(&mut p, 11, site_side);
+        let second = p.agent.ike().unwrap().spis();
+        assert_ne!(second, first, "site side {site_side}");
+        assert_eq!(p.gw_tunnel.ike().unwrap().spis(), second);
+        assert_eq!(p.agent.child_spis(), child);
+        let ping = udp(SITE_NAT, TECH, b"after the IKE rekey");
+        assert_eq!(p.site_sends(&ping), Ok(Out::Inner(ping.clone())));
+        let pong = udp(TECH, SITE_NAT, b"back");
+        assert_eq!(p.center_sends(&pong), Ok(Out::Inner(pong)));
+        // The new SA's lifetime starts over: it is rekeyed in turn.
+        after(&mut p, 100, site_side);
+        let third = p.agent.ike().unwrap().spis();
+        assert_ne!(third, second, "site side {site_side}");
+        assert_eq!(p.gw_tunnel.ike().unwrap().spis(), third);
+    }
+    // By default an IKE SA lives four hours, a CHILD_SA one.
+    let d = Settings::default().for_site(&agent_params());
+    assert_eq!(d.ike_lifetime, Duration::from_secs(4 * 3600));
+    assert_eq!(d.child_lifetime, Duration::from_secs(3600));
 }
 
 #[test]
