@@ -549,10 +549,7 @@ fn ike_strongswan_router_reaches_the_gateway_program() {
     {
         return;
     }
-    use vpnnat::messages::{
-        ESP_PROPOSAL, GatewayDesiredState, GatewayId, GatewayPeer, IKE_PROPOSAL, IpsecParams,
-        SiteId, TunnelKind, gateway_identity, site_identity,
-    };
+    use vpnnat::messages::{IpsecParams, SiteId, gateway_identity, site_identity};
     const NAT: &str = "10.64.0.5";
     let mut w = gateway_support::World::new("swgp", "dev eth0");
     let mut router = Netns::new("swgr");
@@ -574,29 +571,17 @@ fn ike_strongswan_router_reaches_the_gateway_program() {
 
     let site = SiteId(1);
     let psk = vpnnat::tunnel::PrivateKey::from_bytes(vpnnat_test_support::rand_bytes()).to_base64();
-    w.set_peers(&GatewayDesiredState {
-        version: 1,
-        gateway_id: GatewayId(1),
-        peers: vec![GatewayPeer {
-            site_id: site,
-            public_key: vpnnat::tunnel::PrivateKey::from_bytes(vpnnat_test_support::rand_bytes())
-                .public_key(),
-            nat_addresses: vec![NAT.parse().unwrap()],
-            tunnel: TunnelKind::Ipsec,
-            ipsec: Some(IpsecParams {
-                psk: psk.clone(),
-                local_id: gateway_identity(site),
-                remote_id: site_identity(site),
-                ike_proposal: IKE_PROPOSAL.to_owned(),
-                esp_proposal: ESP_PROPOSAL.to_owned(),
-                local_ts: vec!["172.16.0.0/24".parse().unwrap()],
-                remote_ts: vec![format!("{NAT}/32").parse().unwrap()],
-                child_rekey_s: None,
-                ike_rekey_s: None,
-            }),
-            tls_token_sha256: None,
-        }],
-    });
+    w.set_peers(&gateway_support::World::ipsec_desired(
+        site,
+        NAT,
+        IpsecParams::for_site(
+            site,
+            psk.clone(),
+            vec![format!("{NAT}/32").parse().unwrap()],
+            vec!["172.16.0.0/24".parse().unwrap()],
+        )
+        .mirrored(),
+    ));
     w.start_gateway();
     let gw = &w;
     wait_until("the gateway's route to the site", SETTLE, || {

@@ -42,9 +42,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use vpnnat::messages::{
-    AgentDesiredState, AgentMapping, AgentTunnel, ESP_PROPOSAL, GatewayDesiredState, GatewayId,
-    GatewayPeer, IKE_PROPOSAL, IpsecParams, RequestId, SiteId, TerminalName, TunnelKind,
-    UnixMillis, gateway_identity, site_identity,
+    AgentDesiredState, AgentMapping, AgentTunnel, ESP_PROPOSAL, GatewayId, IKE_PROPOSAL,
+    IpsecParams, RequestId, SiteId, TerminalName, TunnelKind, UnixMillis,
 };
 use vpnnat::tunnel::PrivateKey;
 use vpnnat_test_support::echo::{ping_within, tcp_echo_transfer};
@@ -76,27 +75,14 @@ fn prereqs() -> bool {
 /// site), with a random key and our short rekey intervals.
 fn site_params(psk: &str) -> IpsecParams {
     IpsecParams {
-        psk: psk.to_owned(),
-        local_id: site_identity(SITE),
-        remote_id: gateway_identity(SITE),
-        ike_proposal: IKE_PROPOSAL.to_owned(),
-        esp_proposal: ESP_PROPOSAL.to_owned(),
-        local_ts: vec![format!("{NAT}/32").parse().unwrap()],
-        remote_ts: vec![TECH_NET.parse().unwrap()],
         child_rekey_s: Some(CHILD_REKEY_S),
         ike_rekey_s: Some(IKE_REKEY_S),
-    }
-}
-
-/// The same as the gateway sees them.
-fn gateway_params(psk: &str) -> IpsecParams {
-    let s = site_params(psk);
-    IpsecParams {
-        local_id: s.remote_id.clone(),
-        remote_id: s.local_id.clone(),
-        local_ts: s.remote_ts.clone(),
-        remote_ts: s.local_ts.clone(),
-        ..s
+        ..IpsecParams::for_site(
+            SITE,
+            psk.to_owned(),
+            vec![format!("{NAT}/32").parse().unwrap()],
+            vec![TECH_NET.parse().unwrap()],
+        )
     }
 }
 
@@ -290,7 +276,7 @@ fn interop_strongswan_agent_to_a_strongswan_responder() {
     let _pc = pc_behind(&router, "isa", &dir.path().join("pc.log"));
 
     let psk = random_psk();
-    let gw = gateway_params(&psk);
+    let gw = site_params(&psk).mirrored();
     let opts = PeerOptions {
         local_id: Some(gw.local_id.clone()),
         remote_id: Some(gw.remote_id.clone()),
@@ -423,18 +409,11 @@ fn interop_strongswan_router_to_the_gateway() {
     ));
 
     let psk = random_psk();
-    w.set_peers(&GatewayDesiredState {
-        version: 1,
-        gateway_id: GatewayId(1),
-        peers: vec![GatewayPeer {
-            site_id: SITE,
-            public_key: PrivateKey::from_bytes(rand_bytes()).public_key(),
-            nat_addresses: vec![NAT.parse().unwrap()],
-            tunnel: TunnelKind::Ipsec,
-            ipsec: Some(gateway_params(&psk)),
-            tls_token_sha256: None,
-        }],
-    });
+    w.set_peers(&gateway_support::World::ipsec_desired(
+        SITE,
+        NAT,
+        site_params(&psk).mirrored(),
+    ));
     w.start_gateway();
     let g = &w;
     wait_until("the gateway's route to the site", SETTLE, || {

@@ -27,9 +27,8 @@ use std::time::Duration;
 
 use gateway_support::World;
 use vpnnat::messages::{
-    AgentDesiredState, AgentMapping, AgentTunnel, ESP_PROPOSAL, GatewayDesiredState, GatewayId,
-    GatewayPeer, IKE_PROPOSAL, IpsecParams, RequestId, SiteId, TerminalName, TunnelKind,
-    UnixMillis, gateway_identity, site_identity,
+    AgentDesiredState, AgentMapping, AgentTunnel, GatewayId, IpsecParams, RequestId, SiteId,
+    TerminalName, TunnelKind, UnixMillis,
 };
 use vpnnat::tunnel::PrivateKey;
 use vpnnat_test_support::echo::{ping_within, tcp_echo_transfer};
@@ -84,29 +83,12 @@ fn wall_ms() -> u64 {
 /// The site's IPsec parameters as the server hands them to the agent
 /// (`local_*`: the site), with a random pre-shared key.
 fn site_params(psk: &str) -> IpsecParams {
-    IpsecParams {
-        psk: psk.to_owned(),
-        local_id: site_identity(SITE),
-        remote_id: gateway_identity(SITE),
-        ike_proposal: IKE_PROPOSAL.to_owned(),
-        esp_proposal: ESP_PROPOSAL.to_owned(),
-        local_ts: vec![format!("{NAT}/32").parse().unwrap()],
-        remote_ts: vec!["172.16.0.0/24".parse().unwrap()],
-        child_rekey_s: None,
-        ike_rekey_s: None,
-    }
-}
-
-/// The same, as the gateway sees them.
-fn gateway_params(psk: &str) -> IpsecParams {
-    let s = site_params(psk);
-    IpsecParams {
-        local_id: s.remote_id.clone(),
-        remote_id: s.local_id.clone(),
-        local_ts: s.remote_ts.clone(),
-        remote_ts: s.local_ts.clone(),
-        ..s
-    }
+    IpsecParams::for_site(
+        SITE,
+        psk.to_owned(),
+        vec![format!("{NAT}/32").parse().unwrap()],
+        vec!["172.16.0.0/24".parse().unwrap()],
+    )
 }
 
 /// The router (WAN on the gateway's "internet" bridge) and the PC behind
@@ -246,31 +228,22 @@ fn agent_site_through_the_gateway(tag: &str, mode: Mode) {
     let mut w = World::new(tag, "dev eth0");
     let mut site = add_site(&w, mode);
     let config = agent_config(&w, mode);
-    // A key-only identity (standalone): the agent's key is the peer's
-    // `public_key`, which an IPsec peer carries but does not use.
-    let out = vpnnat_test_support::run(
+    // A key-only identity (standalone, no server): `pubkey` creates it.
+    vpnnat_test_support::run(
         site.agent_ns()
             .command(vpnnat_test_support::bin("router-agent"))
             .arg("--config")
             .arg(&config)
             .arg("pubkey"),
     );
-    let agent_key = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     // A random pre-shared key, base64 as the server makes them.
     let psk = PrivateKey::from_bytes(rand_bytes()).to_base64();
 
-    w.set_peers(&GatewayDesiredState {
-        version: 1,
-        gateway_id: GatewayId(1),
-        peers: vec![GatewayPeer {
-            site_id: SITE,
-            public_key: agent_key,
-            nat_addresses: vec![NAT.parse().unwrap()],
-            tunnel: TunnelKind::Ipsec,
-            ipsec: Some(gateway_params(&psk)),
-            tls_token_sha256: None,
-        }],
-    });
+    w.set_peers(&World::ipsec_desired(
+        SITE,
+        NAT,
+        site_params(&psk).mirrored(),
+    ));
     count_ike_ports(&w);
     w.start_gateway();
     let log = w.gateway_log();
@@ -380,18 +353,11 @@ fn netns_ipsec_gateway_without_ipsec_ports_refuses_ipsec_sites() {
     config.push_str("[ipsec]\nike_listen = \"\"\nnat_t_listen = \"\"\n");
     std::fs::write(&w.config, config).unwrap();
     let psk = PrivateKey::from_bytes(rand_bytes()).to_base64();
-    w.set_peers(&GatewayDesiredState {
-        version: 1,
-        gateway_id: GatewayId(1),
-        peers: vec![GatewayPeer {
-            site_id: SITE,
-            public_key: PrivateKey::from_bytes(rand_bytes()).public_key(),
-            nat_addresses: vec![NAT.parse().unwrap()],
-            tunnel: TunnelKind::Ipsec,
-            ipsec: Some(gateway_params(&psk)),
-            tls_token_sha256: None,
-        }],
-    });
+    w.set_peers(&World::ipsec_desired(
+        SITE,
+        NAT,
+        site_params(&psk).mirrored(),
+    ));
     w.start_gateway();
     wait_until("the peers file applied", Duration::from_secs(10), || {
         w.gateway_log().contains("cannot run")

@@ -29,28 +29,16 @@ fn agent_addr() -> SocketAddr {
 
 /// The site's parameters (`local_*`: the site).
 fn site_params() -> IpsecParams {
-    IpsecParams {
-        psk: PSK.to_owned(),
-        local_id: "site-3.vpnnat".to_owned(),
-        remote_id: "gw-3.vpnnat".to_owned(),
-        ike_proposal: crate::messages::IKE_PROPOSAL.to_owned(),
-        esp_proposal: crate::messages::ESP_PROPOSAL.to_owned(),
-        local_ts: vec!["10.64.0.5/32".parse().unwrap()],
-        remote_ts: vec!["172.16.0.0/24".parse().unwrap()],
-        child_rekey_s: None,
-        ike_rekey_s: None,
-    }
+    IpsecParams::for_site(
+        crate::messages::SiteId(3),
+        PSK.to_owned(),
+        vec!["10.64.0.5/32".parse().unwrap()],
+        vec!["172.16.0.0/24".parse().unwrap()],
+    )
 }
 
 fn gw_params() -> IpsecParams {
-    let s = site_params();
-    IpsecParams {
-        local_id: s.remote_id.clone(),
-        remote_id: s.local_id.clone(),
-        local_ts: s.remote_ts.clone(),
-        remote_ts: s.local_ts.clone(),
-        ..s
-    }
+    site_params().mirrored()
 }
 
 fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {

@@ -7,10 +7,7 @@ use std::time::Instant;
 
 use super::tests::{Client, addr, connect, desired, drain_events, gw_config, ip, udp, udp_reply};
 use super::*;
-use crate::messages::{
-    ESP_PROPOSAL, GatewayPeer, IKE_PROPOSAL, IpsecParams, SiteId, TunnelKind, gateway_identity,
-    site_identity,
-};
+use crate::messages::{GatewayPeer, IpsecParams, SiteId, TunnelKind};
 use crate::tunnel::ipsec::{self, IKE_500_TAG, Settings};
 use crate::tunnel::{BuiltinIpsec, Decapsulated, Encapsulated, Tunnel as _};
 
@@ -23,17 +20,13 @@ fn gw_endpoint() -> SocketAddr {
 }
 
 fn params(site: u64, psk: &str, nat: &str) -> IpsecParams {
-    IpsecParams {
-        psk: psk.to_owned(),
-        local_id: gateway_identity(SiteId(site)),
-        remote_id: site_identity(SiteId(site)),
-        ike_proposal: IKE_PROPOSAL.to_owned(),
-        esp_proposal: ESP_PROPOSAL.to_owned(),
-        local_ts: vec![GatewayConfig::default_technician_prefix()],
-        remote_ts: vec![format!("{nat}/32").parse().unwrap()],
-        child_rekey_s: None,
-        ike_rekey_s: None,
-    }
+    IpsecParams::for_site(
+        SiteId(site),
+        psk.to_owned(),
+        vec![format!("{nat}/32").parse().unwrap()],
+        vec![GatewayConfig::default_technician_prefix()],
+    )
+    .mirrored()
 }
 
 fn ipsec_peer(site: u64, psk: &str, nat: &str) -> GatewayPeer {
@@ -49,13 +42,7 @@ fn ipsec_peer(site: u64, psk: &str, nat: &str) -> GatewayPeer {
 
 /// A site's initiator for `p` (the gateway's parameters, turned around).
 fn site(p: &IpsecParams, seed: u64, now: Instant) -> ipsec::Tunnel {
-    let mine = IpsecParams {
-        local_id: p.remote_id.clone(),
-        remote_id: p.local_id.clone(),
-        local_ts: p.remote_ts.clone(),
-        remote_ts: p.local_ts.clone(),
-        ..p.clone()
-    };
+    let mine = p.clone().mirrored();
     ipsec::Tunnel::initiator_seeded(
         ipsec::Tunnel::initiator_config(&mine).unwrap(),
         gw_endpoint(),

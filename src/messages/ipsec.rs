@@ -87,6 +87,37 @@ impl std::fmt::Debug for IpsecParams {
 }
 
 impl IpsecParams {
+    /// The parameters the server hands to `site`'s router (`local_*`: the
+    /// site): its identities, the one suite, its NAT addresses (`nat`, one
+    /// /32 each) against the technician prefixes (`center`), and the
+    /// default rekey intervals.
+    pub fn for_site(site: SiteId, psk: String, nat: Vec<Prefix>, center: Vec<Prefix>) -> Self {
+        Self {
+            psk,
+            local_id: site_identity(site),
+            remote_id: gateway_identity(site),
+            ike_proposal: IKE_PROPOSAL.to_owned(),
+            esp_proposal: ESP_PROPOSAL.to_owned(),
+            local_ts: nat,
+            remote_ts: center,
+            child_rekey_s: None,
+            ike_rekey_s: None,
+        }
+    }
+
+    /// The same tunnel seen from the other end: identities and traffic
+    /// selectors swapped (a gateway's view of a site's parameters).
+    #[must_use]
+    pub fn mirrored(self) -> Self {
+        Self {
+            local_id: self.remote_id,
+            remote_id: self.local_id,
+            local_ts: self.remote_ts,
+            remote_ts: self.local_ts,
+            ..self
+        }
+    }
+
     /// The most traffic selectors per side.
     pub const MAX_TS: usize = 1024;
 

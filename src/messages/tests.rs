@@ -577,6 +577,25 @@ fn ipsec_parameter_validation_names_the_field() {
     assert!(wire.get("child_rekey_s").is_none() && wire.get("ike_rekey_s").is_none());
     let back: IpsecParams = serde_json::from_value(serde_json::to_value(&bounds).unwrap()).unwrap();
     assert_eq!(back, bounds);
+    // The server's constructor gives exactly this, the gateway the mirror.
+    let site = IpsecParams::for_site(
+        SiteId(3),
+        ipsec_params().psk,
+        ipsec_params().local_ts,
+        ipsec_params().remote_ts,
+    );
+    assert_eq!(site, ipsec_params());
+    let gw = site.clone().mirrored();
+    assert_eq!(
+        (gw.local_id.as_str(), gw.remote_id.as_str()),
+        ("gw-3.vpnnat", "site-3.vpnnat")
+    );
+    assert_eq!(
+        (&gw.local_ts, &gw.remote_ts),
+        (&site.remote_ts, &site.local_ts)
+    );
+    assert_eq!(gw.clone().mirrored(), site);
+    assert_eq!(gw.validate(), Ok(()));
     // The key never shows in Debug output.
     let p = ipsec_params();
     assert!(!format!("{p:?}").contains(&p.psk));

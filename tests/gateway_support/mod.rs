@@ -248,6 +248,28 @@ impl World {
         }
     }
 
+    /// The desired state with one IPsec site `site` holding `nat`, with the
+    /// gateway's view of its parameters.
+    pub fn ipsec_desired(
+        site: SiteId,
+        nat: &str,
+        params: vpnnat::messages::IpsecParams,
+    ) -> GatewayDesiredState {
+        GatewayDesiredState {
+            version: 1,
+            gateway_id: GatewayId(1),
+            peers: vec![GatewayPeer {
+                site_id: site,
+                // Carried by every peer, unused by IPsec.
+                public_key: PrivateKey::from_bytes(rand_bytes()).public_key(),
+                nat_addresses: vec![nat.parse().unwrap()],
+                tunnel: vpnnat::messages::TunnelKind::Ipsec,
+                ipsec: Some(params),
+                tls_token_sha256: None,
+            }],
+        }
+    }
+
     /// Writes the peers file (and tells a running gateway to re-read it).
     pub fn set_peers(&self, desired: &GatewayDesiredState) {
         std::fs::write(&self.peers, serde_json::to_vec(desired).unwrap()).unwrap();

@@ -12,11 +12,10 @@ use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 use vpnnat::ipv4::Prefix;
 use vpnnat::messages::{
-    AgentDesiredState, AgentMapping, AgentTls, AgentTunnel, AuditEntry, ESP_PROPOSAL, FailureView,
-    GatewayDesiredState, GatewayId, GatewayPeer, GatewayTls, GatewayView, IKE_PORT, IKE_PROPOSAL,
-    IpsecParams, IpsecSiteConfig, MaintenanceRequestView, PublicKey, RequestId, RequestState,
-    SiteId, SiteView, TerminalAssignment, TerminalName, Transport, TunnelKind, UnixMillis,
-    gateway_identity, site_identity,
+    AgentDesiredState, AgentMapping, AgentTls, AgentTunnel, AuditEntry, FailureView,
+    GatewayDesiredState, GatewayId, GatewayPeer, GatewayTls, GatewayView, IKE_PORT, IpsecParams,
+    IpsecSiteConfig, MaintenanceRequestView, PublicKey, RequestId, RequestState, SiteId, SiteView,
+    TerminalAssignment, TerminalName, Transport, TunnelKind, UnixMillis,
 };
 
 use super::{DbError, DbResult, col, id64, u64_of};
@@ -178,16 +177,8 @@ pub async fn agent_state(
                                 mappings.iter().map(|m| m.nat_address).collect();
                             (
                                 SocketAddr::new(ep.ip(), IKE_PORT),
-                                psk.clone().map(|psk| IpsecParams {
-                                    psk,
-                                    local_id: site_identity(site),
-                                    remote_id: gateway_identity(site),
-                                    ike_proposal: IKE_PROPOSAL.to_owned(),
-                                    esp_proposal: ESP_PROPOSAL.to_owned(),
-                                    local_ts: host_prefixes(&nat),
-                                    remote_ts: center,
-                                    child_rekey_s: None,
-                                    ike_rekey_s: None,
+                                psk.clone().map(|psk| {
+                                    IpsecParams::for_site(site, psk, host_prefixes(&nat), center)
                                 }),
                             )
                         }
@@ -265,19 +256,9 @@ pub async fn gateway_state(
                 public_key: key.parse().map_err(decode_err)?,
                 nat_addresses: Vec::new(),
                 tunnel: kind,
-                ipsec: psk
-                    .filter(|_| kind == TunnelKind::Ipsec)
-                    .map(|psk| IpsecParams {
-                        psk,
-                        local_id: gateway_identity(site),
-                        remote_id: site_identity(site),
-                        ike_proposal: IKE_PROPOSAL.to_owned(),
-                        esp_proposal: ESP_PROPOSAL.to_owned(),
-                        local_ts: center.clone(),
-                        remote_ts: Vec::new(),
-                        child_rekey_s: None,
-                        ike_rekey_s: None,
-                    }),
+                ipsec: psk.filter(|_| kind == TunnelKind::Ipsec).map(|psk| {
+                    IpsecParams::for_site(site, psk, Vec::new(), center.clone()).mirrored()
+                }),
                 tls_token_sha256: col::<Option<String>>(&r, "credential_hash")?
                     .map(|h| sha256_hex(tls_token(&h).as_bytes())),
             });
@@ -565,17 +546,7 @@ pub async fn ipsec_config(
             .iter()
             .map(|r| col(r, "address").map(addr_of))
             .collect::<DbResult<_>>()?;
-    let ipsec = IpsecParams {
-        psk,
-        local_id: site_identity(site),
-        remote_id: gateway_identity(site),
-        ike_proposal: IKE_PROPOSAL.to_owned(),
-        esp_proposal: ESP_PROPOSAL.to_owned(),
-        local_ts: host_prefixes(&nat),
-        remote_ts: center.unwrap_or_default(),
-        child_rekey_s: None,
-        ike_rekey_s: None,
-    };
+    let ipsec = IpsecParams::for_site(site, psk, host_prefixes(&nat), center.unwrap_or_default());
     let swanctl_conf = crate::swanctl::swanctl_conf(site, &name, &gateway_addresses, &ipsec);
     Ok(Some(IpsecSiteConfig {
         site_id: site,

@@ -32,29 +32,17 @@ fn gw_addr() -> SocketAddr {
 
 /// The parameters of site 7 as the gateway gets them (`local_*`: the center).
 fn gw_params() -> IpsecParams {
-    IpsecParams {
-        psk: PSK.to_owned(),
-        local_id: "gw-7.vpnnat".to_owned(),
-        remote_id: "site-7.vpnnat".to_owned(),
-        ike_proposal: crate::messages::IKE_PROPOSAL.to_owned(),
-        esp_proposal: crate::messages::ESP_PROPOSAL.to_owned(),
-        local_ts: vec![prefix("172.16.0.0/24")],
-        remote_ts: vec![prefix("10.64.0.7/32")],
-        child_rekey_s: None,
-        ike_rekey_s: None,
-    }
+    agent_params().mirrored()
 }
 
 /// The same from the site's side.
 fn agent_params() -> IpsecParams {
-    let g = gw_params();
-    IpsecParams {
-        local_id: g.remote_id.clone(),
-        remote_id: g.local_id.clone(),
-        local_ts: g.remote_ts.clone(),
-        remote_ts: g.local_ts.clone(),
-        ..g
-    }
+    IpsecParams::for_site(
+        crate::messages::SiteId(7),
+        PSK.to_owned(),
+        vec![prefix("10.64.0.7/32")],
+        vec![prefix("172.16.0.0/24")],
+    )
 }
 
 pub(crate) fn udp(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
