@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Throughput benchmark of the WireGuard data path, in network namespaces.
+# Throughput benchmark of the tunnel data paths (WireGuard, IPsec, TLS), in
+# network namespaces.
 #
-#   technician (iperf3 client) ── [near tunnel end] ══ WireGuard ══ [far tunnel end] ── PC (iperf3 server)
+#   technician (iperf3 client) ── [near tunnel end] ══ tunnel ══ [far tunnel end] ── PC (iperf3 server)
 #   172.16.0.50                    172.16.0.1 / 198.51.100.1        198.51.100.2 / 192.168.1.1   192.168.1.10
 #
 # The technician addresses the PC by its NAT address 10.64.0.5; the far end
@@ -20,6 +21,10 @@
 #                   kernel-libipsec: ESP in userspace, in UDP 4500), IKEv2 PSK,
 #                   aes256gcm16-prfsha256-x25519 / ESP aes256gcm16; the far end does the
 #                   1:1 NAT with nft like the stock WireGuard ones     [when strongSwan is installed]
+#   ipsec           gateway ↔ router-agent (packet mode) with the site's tunnel kind IPsec:
+#                   IKEv2 PSK, ESP AES-GCM-256 in UDP 4500, both ends userspace; the
+#                   parameters the server hands out for site 1 (src/messages/ipsec.rs)
+#                   [when router-agent has a packet mode and IPsec; next to swan-swan]
 #   tls             gateway ↔ router-agent with the tunnel over TLS on TCP 443 (the fallback)
 #   tls-proxy       the same through an HTTP CONNECT proxy (tinyproxy on the router's host)
 # Each: iperf3 TCP 1 stream and 4 streams, UDP packet rate (64-byte payloads,
@@ -30,7 +35,11 @@
 # gateway-agent when available, else gateway-wggo (said in the output).
 # With swan-swan the output also has "strongSwan single-stream TCP median:
 # X Mbit/s", the CPU seconds per Gbit of each charon, and the crypto floor:
-# `openssl speed -evp aes-256-gcm -bytes 1420` on one core.
+# `openssl speed -evp aes-256-gcm -bytes 1420` on one core. With ipsec:
+# "IPsec (gateway ↔ agent) single-stream TCP median: X Mbit/s", the CPU
+# seconds per Gbit of the gateway and of the agent, and the crypto floor;
+# with both, next to the wireguard-go ratio: "throughput ratio vs
+# strongSwan: X.XX" (ipsec against swan-swan, single-stream TCP medians).
 # With the TLS pairs: "TLS/UDP single-stream ratio: X.XX" (tls against
 # gateway-agent) and "TLS via proxy/UDP single-stream ratio: X.XX".
 #
@@ -63,8 +72,12 @@ done
 log() { printf '%s\n' "$*" >&2; }
 
 # The release binaries are needed only by the pairs with our gateway.
-if [ -n "${PAIRS:-}" ] && [[ " $PAIRS " != *" gateway-"* ]] && [[ " $PAIRS " != *" baseline "* ]]; then
-  NO_BUILD=1
+if [ -n "${PAIRS:-}" ]; then
+  needs_build=0
+  for p in $PAIRS; do
+    case $p in gateway-* | baseline | tls | tls-proxy | ipsec) needs_build=1 ;; esac
+  done
+  [ "$needs_build" = 1 ] || NO_BUILD=1
 fi
 have_agent=0
 if [ "${NO_BUILD:-0}" = 1 ]; then
@@ -83,6 +96,10 @@ AGENT=${CARGO_TARGET_DIR:-$PWD/target}/release/router-agent
 
 default_pairs="gateway-wggo wggo-wggo boringtun"
 [ "$have_agent" = 1 ] && default_pairs="gateway-agent $default_pairs"
+# Our IPsec pair, when the agent runs IPsec tunnels: next to strongSwan's.
+if [ "$have_agent" = 1 ] && grep -rqs -- "TunnelKind::Ipsec" router-agent/src; then
+  default_pairs="$default_pairs ipsec"
+fi
 SWAN=$PWD/scripts/strongswan-peer.sh
 if [ -x /usr/sbin/charon-systemd ] && [ -f /usr/lib/ipsec/plugins/libstrongswan-kernel-libipsec.so ]; then
   default_pairs="$default_pairs swan-swan"
@@ -200,9 +217,12 @@ interface = "lan0"
 [metrics]
 listen = "127.0.0.1:9101"
 EOF
-  [ ! -f "$WORK/gateway-tls.toml" ] || cat "$WORK/gateway-tls.toml" >> "$WORK/gateway.toml"
+  local extra
+  for extra in "$WORK/gateway-tls.toml" "$WORK/gateway-ipsec.toml"; do
+    [ ! -f "$extra" ] || cat "$extra" >> "$WORK/gateway.toml"
+  done
   cat > "$WORK/peers.json" <<EOF
-{"version":1,"gateway_id":1,"peers":[{"site_id":1,"public_key":"$(pub far)","nat_addresses":["10.64.0.5"]${TLS_PEER_EXTRA:-}}]}
+{"version":1,"gateway_id":1,"peers":[{"site_id":1,"public_key":"$(pub far)","nat_addresses":["10.64.0.5"]${TLS_PEER_EXTRA:-}${IPSEC_PEER_EXTRA:-}}]}
 EOF
   nsx $G env RUST_LOG=warn "${1:-$GATEWAY}" --config "$WORK/gateway.toml" --peers "$WORK/peers.json" >"$WORK/gateway.log" 2>&1 &
   for _ in $(seq 100); do nsx $G curl -sf http://127.0.0.1:9101/healthz >/dev/null 2>&1 && return 0; sleep 0.05; done
@@ -212,8 +232,10 @@ EOF
 far_agent() {
   # The router agent's standalone packet mode: a static desired
   # state instead of a server, LAN 192.168.1.0/24, the PC named pc-1.
+  # A WireGuard tunnel unless AGENT_TUNNEL_KIND and AGENT_ENDPOINT say
+  # otherwise (ipsec_pair).
   cat > "$WORK/agent.json" <<EOF
-{"version":1,"site_id":1,"tunnel":{"gateway_id":1,"kind":"wireguard","endpoint":"198.51.100.1:51820","public_key":"$(pub near)","persistent_keepalive_s":25${TLS_AGENT_EXTRA:-}},"mappings":[{"nat_address":"10.64.0.5","terminal":"pc-1","request_id":1,"expires_at":4102444800000}]}
+{"version":1,"site_id":1,"tunnel":{"gateway_id":1,"kind":"${AGENT_TUNNEL_KIND:-wireguard}","endpoint":"${AGENT_ENDPOINT:-198.51.100.1:51820}","public_key":"$(pub near)","persistent_keepalive_s":25${TLS_AGENT_EXTRA:-}${IPSEC_AGENT_EXTRA:-}},"mappings":[{"nat_address":"10.64.0.5","terminal":"pc-1","request_id":1,"expires_at":4102444800000}]}
 EOF
   echo "192.168.1.10 pc-1" > "$WORK/hosts"
   # Everything the agent writes stays in $WORK; no resolver, no link watch.
@@ -249,9 +271,17 @@ EOF
 # address inside its local traffic selector) and maps it onto the PC.
 swan_opts=(--psk bench-psk-0123456789abcdef0123456789 --loglevel 0
   --ike-proposals aes256gcm16-prfsha256-x25519 --esp-proposals aes256gcm16-noesn)
+# A failed start says why (swanctl's output and charon's log; the cleanup
+# removes the runtime directory).
+swan_failed() { # $1 = near | far
+  log "strongSwan ($1) did not come up:"
+  cat "$WORK/swan-$1.out" "$WORK/swan-$1/charon.log" >&2 2>/dev/null || true
+  return 1
+}
 near_swan() {
   "$SWAN" start --ns $G --dir "$WORK/swan-near" --local 198.51.100.1 --remote 198.51.100.2 \
-    --local-ts 172.16.0.0/24 --remote-ts 10.64.0.5/32 "${swan_opts[@]}" >/dev/null
+    --local-ts 172.16.0.0/24 --remote-ts 10.64.0.5/32 "${swan_opts[@]}" >"$WORK/swan-near.out" 2>&1 \
+    || swan_failed near
 }
 far_swan() {
   ip -n $R addr add 10.64.0.5/32 dev lo
@@ -262,7 +292,8 @@ table ip bench {
 }
 EOF
   "$SWAN" start --ns $R --dir "$WORK/swan-far" --local 198.51.100.2 --remote 198.51.100.1 \
-    --local-ts 10.64.0.5/32 --remote-ts 172.16.0.0/24 --role initiator "${swan_opts[@]}" >/dev/null
+    --local-ts 10.64.0.5/32 --remote-ts 172.16.0.0/24 --role initiator "${swan_opts[@]}" >"$WORK/swan-far.out" 2>&1 \
+    || swan_failed far
 }
 stop_swan() {
   [ ! -d "$WORK/swan-near" ] || "$SWAN" stop --ns $G --dir "$WORK/swan-near" >/dev/null 2>&1 || true
@@ -327,6 +358,37 @@ tls_pair() { # $1 = tls | tls-proxy
   rm -f "$WORK/gateway-tls.toml" "$WORK/agent-tls.toml"
 }
 
+# ---- IPsec: gateway ↔ agent with the site's tunnel kind IPsec (IKEv2 with
+# a pre-shared key, ESP AES-GCM-256 in UDP 4500; both ends userspace). The
+# parameters the server hands out for site 1 (src/messages/ipsec.rs:
+# IKE_PROPOSAL, ESP_PROPOSAL, gateway_identity, site_identity), `local_*`
+# being the side that receives them. The agent is handed the gateway's IKE
+# port 500 and sends everything to its 4500 (RFC 7296 §2.23 lets an initiator
+# start there). The key is the text of base64 of
+# 32 random bytes (IpsecParams::validate wants at least 32).
+IPSEC_PSK=$(head -c32 /dev/urandom | base64 -w0)
+IPSEC_GW_ID=gw-1.vpnnat
+IPSEC_SITE_ID=site-1.vpnnat
+ipsec_params() { # $1 local_id, $2 remote_id, $3 local_ts, $4 remote_ts
+  printf '{"psk":"%s","local_id":"%s","remote_id":"%s","ike_proposal":"%s","esp_proposal":"%s","local_ts":["%s"],"remote_ts":["%s"]}' \
+    "$IPSEC_PSK" "$1" "$2" aes256gcm16-prfsha256-x25519-modp2048 aes256gcm16-x25519-modp2048 "$3" "$4"
+}
+
+ipsec_pair() {
+  cat > "$WORK/gateway-ipsec.toml" <<EOF
+[ipsec]
+ike_listen = "198.51.100.1:500"
+nat_t_listen = "198.51.100.1:4500"
+EOF
+  IPSEC_PEER_EXTRA=",\"tunnel\":\"ipsec\",\"ipsec\":$(ipsec_params "$IPSEC_GW_ID" "$IPSEC_SITE_ID" 172.16.0.0/24 10.64.0.5/32)"
+  near_gateway
+  AGENT_TUNNEL_KIND=ipsec AGENT_ENDPOINT=198.51.100.1:500
+  IPSEC_AGENT_EXTRA=",\"ipsec\":$(ipsec_params "$IPSEC_SITE_ID" "$IPSEC_GW_ID" 10.64.0.5/32 172.16.0.0/24)"
+  far_agent
+  IPSEC_PEER_EXTRA=""; IPSEC_AGENT_EXTRA=""; AGENT_TUNNEL_KIND=""; AGENT_ENDPOINT=""
+  rm -f "$WORK/gateway-ipsec.toml"
+}
+
 stop_pair() {
   stop_swan
   for ns in $G $R; do
@@ -350,6 +412,7 @@ start_pair() {
     boringtun) near_stock boringtun; far_stock boringtun ;;
     swan-swan) near_swan; far_swan ;;
     tls | tls-proxy) tls_pair "$1" ;;
+    ipsec) ipsec_pair ;;
     *) log "unknown pair $1"; return 1 ;;
   esac
   for _ in $(seq 100); do nsx $C ping -c 1 -W 1 10.64.0.5 >/dev/null 2>&1 && return 0; sleep 0.1; done
@@ -438,7 +501,7 @@ measure() {
 
 # The crypto floor of the IPsec pairs: AES-256-GCM on one core at the size of
 # a full tunnel packet.
-if [[ " $PAIRS " == *" swan-swan "* ]] && command -v openssl >/dev/null; then
+if [[ " $PAIRS " == *" swan-swan "* || " $PAIRS " == *" ipsec "* ]] && command -v openssl >/dev/null; then
   log "==> crypto floor: openssl speed -evp aes-256-gcm -bytes 1420 (one core)"
   openssl speed -evp aes-256-gcm -bytes 1420 -seconds 3 2>/dev/null \
     | awk 'tolower($1) == "aes-256-gcm" {v = $NF; sub(/k$/, "", v); print v * 1000 * 8 / 1e6}' \
@@ -487,23 +550,37 @@ mine = med.get((ours, "tcp1_mbit"))
 if base and mine:
     print(f"ours = {ours}")
     print(f"throughput ratio vs wireguard-go: {mine / base:.2f}")
+ipsec = med.get(("ipsec", "tcp1_mbit"))
+swan = med.get(("swan-swan", "tcp1_mbit"))
+if ipsec and swan:
+    print(f"throughput ratio vs strongSwan: {ipsec / swan:.2f}")
 old = med.get(("baseline", "tcp1_mbit"))
 now = med.get(("gateway-agent", "tcp1_mbit"))
 if old and now:
     print(f"throughput ratio vs baseline: {now / old:.2f}")
-swan = med.get(("swan-swan", "tcp1_mbit"))
-if swan:
+def cpu_s_per_gbit(pair):
     # % of one core per Gbit/s, / 100 = CPU seconds per Gbit moved.
-    cpu = {end: med.get(("swan-swan", f"{end}_cpu_per_gbit"), float("nan")) / 100 for end in ("near", "far")}
+    return {end: med.get((pair, f"{end}_cpu_per_gbit"), float("nan")) / 100 for end in ("near", "far")}
+if swan:
+    cpu = cpu_s_per_gbit("swan-swan")
     print(f"IPsec baseline (strongSwan ↔ strongSwan, kernel-libipsec): TCP 4 streams median "
           f"{med.get(('swan-swan', 'tcp4_mbit'), float('nan')):.0f} Mbit/s; CPU per Gbit "
           f"(single stream): near charon {cpu['near']:.2f} s, far charon {cpu['far']:.2f} s")
+if ipsec:
+    cpu = cpu_s_per_gbit("ipsec")
+    print(f"IPsec (gateway ↔ agent, userspace IKEv2/ESP): TCP 4 streams median "
+          f"{med.get(('ipsec', 'tcp4_mbit'), float('nan')):.0f} Mbit/s; CPU per Gbit "
+          f"(single stream): gateway {cpu['near']:.2f} s, router-agent {cpu['far']:.2f} s")
+if swan or ipsec:
     try:
         floor = float(open(sys.argv[5]).read())
         print(f"crypto floor (openssl speed -evp aes-256-gcm -bytes 1420, one core): {floor:.0f} Mbit/s")
     except (OSError, ValueError):
         pass
+if swan:
     print(f"strongSwan single-stream TCP median: {swan:.0f} Mbit/s")
+if ipsec:
+    print(f"IPsec (gateway ↔ agent) single-stream TCP median: {ipsec:.0f} Mbit/s")
 for pair, label in (("tls", "TLS"), ("tls-proxy", "TLS via proxy")):
     t = med.get((pair, "tcp1_mbit"))
     if t and now:
