@@ -1743,15 +1743,7 @@ impl IkeSa {
                 }
             }
         }
-        let want = crypto::psk_auth(
-            &self.config.psk,
-            &self.init_request,
-            &self.nr,
-            &keys.sk_pi,
-            &idi.body(),
-        );
-        let id_ok = self.config.remote_id.as_ref() == Some(idi);
-        if method != AUTH_SHARED_KEY_MIC || !id_ok || !crypto::ct_eq(auth, &want) {
+        if !self.peer_auth_ok(&self.init_request, &self.nr, &keys.sk_pi, idi, method, auth) {
             self.respond(
                 exchange::IKE_AUTH,
                 id,
@@ -2439,6 +2431,24 @@ impl IkeSa {
         Ok(())
     }
 
+    /// Whether the peer proved the PSK of the identity we expect (RFC 7296
+    /// §2.15): `auth` is the PSK's MAC over the peer's first message
+    /// (`signed`), our nonce and its identity, keyed by its `sk_p`.
+    fn peer_auth_ok(
+        &self,
+        signed: &[u8],
+        our_nonce: &[u8],
+        sk_p: &[u8],
+        id: &Id,
+        method: u8,
+        auth: &[u8],
+    ) -> bool {
+        let want = crypto::psk_auth(&self.config.psk, signed, our_nonce, sk_p, &id.body());
+        method == AUTH_SHARED_KEY_MIC
+            && self.config.remote_id.as_ref() == Some(id)
+            && crypto::ct_eq(auth, &want)
+    }
+
     fn auth_response(&mut self, f: &Found<'_>) {
         let Some(keys) = self.keys.clone() else {
             return;
@@ -2452,15 +2462,14 @@ impl IkeSa {
             });
             return;
         };
-        let want = crypto::psk_auth(
-            &self.config.psk,
+        if !self.peer_auth_ok(
             &self.init_response,
             &self.ni,
             &keys.sk_pr,
-            &idr.body(),
-        );
-        let id_ok = self.config.remote_id.as_ref() == Some(idr);
-        if method != AUTH_SHARED_KEY_MIC || !id_ok || !crypto::ct_eq(auth, &want) {
+            idr,
+            method,
+            auth,
+        ) {
             // The responder thinks the SA is up: tell it, once, in a
             // separate INFORMATIONAL (§2.21.2); we are gone either way.
             let n = Payload::notify(notify::AUTHENTICATION_FAILED, &[]);
