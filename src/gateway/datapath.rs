@@ -373,7 +373,7 @@ impl<K: Kinds> GatewayState<K> {
         let mut buf = self.free_bufs.pop().unwrap_or_default();
         buf.resize(K::buffer_len(MAX_PACKET), 0);
         let result = match self.handle_network_input_into(from, datagram, &mut buf, now) {
-            NetworkOutcome::Tunnel(p) => Ok(Some(p.len())),
+            NetworkOutcome::Tunnel(p) => Ok(Some((p.len(), ()))),
             NetworkOutcome::Consumed => Ok(None),
             NetworkOutcome::Dropped(r) => Err(r),
             NetworkOutcome::Handoff(_) => {
@@ -381,22 +381,12 @@ impl<K: Kinds> GatewayState<K> {
                 Err(DropReason::OtherShard)
             }
         };
-        match result {
-            Ok(Some(len)) if self.tun_out.len() < MAX_QUEUE => {
-                buf.truncate(len);
-                self.tun_out.push_back(buf);
-                Ok(())
-            }
-            Ok(Some(_)) => {
-                self.counters.drops.add(DropReason::QueueFull);
-                self.free_bufs.push(buf);
-                Err(DropReason::QueueFull)
-            }
-            other => {
-                self.free_bufs.push(buf);
-                other.map(|_| ())
-            }
-        }
+        self.enqueue_or_recycle(
+            buf,
+            result,
+            |s| s.tun_out.len() < MAX_QUEUE,
+            |s, buf, ()| s.tun_out.push_back(buf),
+        )
     }
 
     /// Processes a packet from the TUN device; the datagram is queued for
@@ -412,7 +402,7 @@ impl<K: Kinds> GatewayState<K> {
                 dst,
                 kind,
                 datagram,
-            } => Ok(Some((dst, kind, datagram.len()))),
+            } => Ok(Some((datagram.len(), (dst, kind)))),
             TunOutcome::Queued => Ok(None),
             TunOutcome::Dropped(r) => Err(r),
             TunOutcome::Handoff(_) => {
@@ -420,14 +410,34 @@ impl<K: Kinds> GatewayState<K> {
                 Err(DropReason::OtherShard)
             }
         };
-        match result {
-            Ok(Some((dst, kind, len))) if self.transmits.len() < MAX_QUEUE => {
-                buf.truncate(len);
-                self.transmits.push_back(Transmit {
+        self.enqueue_or_recycle(
+            buf,
+            result,
+            |s| s.transmits.len() < MAX_QUEUE,
+            |s, payload, (dst, kind)| {
+                s.transmits.push_back(Transmit {
                     dst,
                     kind: Some(kind),
-                    payload: buf,
+                    payload,
                 });
+            },
+        )
+    }
+
+    /// The end of `handle_*_input`: an output of `len` bytes in `buf` goes
+    /// to its queue through `push` while the queue has `room` (else it is
+    /// dropped and counted); an unused `buf` goes back to the pool.
+    fn enqueue_or_recycle<X>(
+        &mut self,
+        mut buf: Vec<u8>,
+        result: Result<Option<(usize, X)>, DropReason>,
+        room: impl FnOnce(&Self) -> bool,
+        push: impl FnOnce(&mut Self, Vec<u8>, X),
+    ) -> Result<(), DropReason> {
+        match result {
+            Ok(Some((len, what))) if room(self) => {
+                buf.truncate(len);
+                push(self, buf, what);
                 Ok(())
             }
             Ok(Some(_)) => {
