@@ -756,7 +756,41 @@ fn a_peer_of_a_kind_the_gateway_cannot_run_is_refused<K: TestKinds>() {
     );
 }
 
+/// Neither output queue grows past [`MAX_QUEUE`]: one more packet is
+/// dropped and counted, and its buffer goes back to the pool.
+fn output_queues_are_bounded_and_a_full_one_drops_and_counts<K: TestKinds>() {
+    let now = Instant::now();
+    let mut gw = gateway::<K>(now);
+    let mut c = Client::<K>::new(1, "198.51.100.7:40000");
+    gw.handle_control(&desired(1, vec![c.peer(3, &["10.64.0.5"])]), now)
+        .unwrap();
+    connect(&mut gw, &mut c, now);
+    let down = udp("172.16.0.50", "10.64.0.5", b"to the site");
+    for _ in 0..MAX_QUEUE {
+        gw.handle_tun_input(&down, now).unwrap();
+    }
+    assert_eq!(gw.handle_tun_input(&down, now), Err(DropReason::QueueFull));
+    let up = udp_reply("10.64.0.5", "172.16.0.50", b"to the center");
+    for _ in 0..MAX_QUEUE {
+        let d = c.send(&up);
+        gw.handle_network_input(c.endpoint, &d, now).unwrap();
+    }
+    let d = c.send(&up);
+    assert_eq!(
+        gw.handle_network_input(c.endpoint, &d, now),
+        Err(DropReason::QueueFull)
+    );
+    assert_eq!(gw.counters().drops.get(DropReason::QueueFull), 2);
+    // Draining one makes room for one.
+    assert!(gw.poll_transmit().is_some());
+    gw.handle_tun_input(&down, now).unwrap();
+    assert!(gw.poll_tun_output().is_some());
+    let d = c.send(&up);
+    gw.handle_network_input(c.endpoint, &d, now).unwrap();
+}
+
 for_each_kind! {
+    output_queues_are_bounded_and_a_full_one_drops_and_counts,
     a_peer_of_a_kind_the_gateway_cannot_run_is_refused,
     gateway_and_a_site_client_handshake_and_exchange_packets,
     the_fast_path_writes_into_the_callers_buffers,
