@@ -335,9 +335,15 @@ EOF
   STRONGSWAN_CONF="$DIR/strongswan.conf" ip netns exec "$NS" \
     setsid "$CHARON" > "$DIR/charon.stdout" 2>&1 < /dev/null &
   echo $! > "$DIR/charon.pid"
+  # Until the background job has exec'd, its pid is still the forked shell
+  # (`bash`), which charon_running does not accept: here, where the pid is
+  # our own child of a moment ago, it is enough that it exists.
   for _ in $(seq 1 100); do
     [ -S "$DIR/charon.vici" ] && break
-    charon_running || { cat "$DIR/charon.stdout" "$DIR/charon.log" >&2 2>/dev/null; die "charon exited"; }
+    kill -0 "$(charon_pid)" 2>/dev/null || {
+      cat "$DIR/charon.stdout" "$DIR/charon.log" >&2 2>/dev/null || true
+      die "charon exited"
+    }
     sleep 0.05
   done
   [ -S "$DIR/charon.vici" ] || die "vici socket $DIR/charon.vici did not appear"

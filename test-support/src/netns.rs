@@ -25,6 +25,8 @@ pub struct Netns {
     /// The namespace's name (`ip netns` and `ip -n`).
     pub name: String,
     children: Vec<Child>,
+    /// Made here, so deleted on drop; see [`Netns::existing`].
+    owned: bool,
 }
 
 impl Netns {
@@ -35,9 +37,21 @@ impl Netns {
         let ns = Self {
             name,
             children: Vec::new(),
+            owned: true,
         };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// A handle on a namespace made elsewhere (e.g. by `scripts/world.sh`),
+    /// which dropping it leaves in place; only the processes started
+    /// through this handle are killed then.
+    pub fn existing(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            children: Vec::new(),
+            owned: false,
+        }
     }
 
     /// `ip -n NS <args>`.
@@ -115,6 +129,9 @@ impl Drop for Netns {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if !self.owned {
+            return;
         }
         // Anything else still running in the namespace (e.g. started by a script).
         if let Ok(out) = Command::new("ip")
