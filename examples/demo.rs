@@ -53,9 +53,25 @@ fn main() {
         outcome.press_to_tcp.len()
     );
     println!(
-        "end → mapping, address and tunnel gone: {} ms; kill -9 of a gateway → its site reached again: {} ms",
+        "end → mapping, address and tunnel gone: {} ms; kill -9 of a gateway → its site reached again: {} ms (site 2)",
         outcome.end_to_gone.as_millis(),
         outcome.failover.as_millis()
     );
+    for kind in [
+        mission::Tunnel::Wireguard,
+        mission::Tunnel::WireguardTls,
+        mission::Tunnel::IpsecAgent,
+        mission::Tunnel::IpsecRouter,
+    ] {
+        let times: Vec<String> = outcome
+            .failovers
+            .iter()
+            .filter(|f| f.tunnel == kind)
+            .map(|f| format!("{} ms", f.reached.as_millis()))
+            .collect();
+        if !times.is_empty() {
+            println!("  failover of {}: {}", kind.label(), times.join(", "));
+        }
+    }
     println!("demo: all {} sites reached", outcome.rows.len());
 }

@@ -2,9 +2,11 @@
 # The whole vpnnat system, for real, in network namespaces (the README's first
 # command). Installs the prerequisites, builds the three programs, builds the
 # world (scripts/world.sh: an internet, a center with the maintenance server,
-# two gateways and a technician, three customer sites that all use
-# 192.168.1.0/24), plays the mission step by step, prints the final table
-# (site, LAN address, NAT address, gateway, reached) and tears everything down.
+# two gateways and a technician, six customer sites that all use
+# 192.168.1.0/24: WireGuard, WireGuard over TLS, IPsec by the agent, IPsec by a
+# strongSwan router configured by hand), plays the mission step by step, prints
+# the final table (site, tunnel, LAN address, NAT address, gateway, reached)
+# and the failover times, and tears everything down.
 #
 #   bash scripts/demo.sh [--keep] [--samples N]
 #
@@ -17,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-case " $* " in *" -h "*|*" --help "*) sed -n '2,16p' "$0"; exit 0 ;; esac
+case " $* " in *" -h "*|*" --help "*) sed -n '2,18p' "$0"; exit 0 ;; esac
 if [ "$(id -u)" -ne 0 ]; then
   echo "demo.sh: run as root (network namespaces, TUN devices)" >&2
   exit 1

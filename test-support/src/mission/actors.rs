@@ -9,15 +9,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use super::ipsec::HandRouter;
 use super::world::{World, within};
-use super::{MAX_TUNNELS, PASSWORD, PC, SERVER_LAN, TECH};
+use super::{MAX_TUNNELS, PASSWORD, PC, SERVER_LAN, TECH, Tunnel};
 
 /// One customer site as the scenario sees it.
 pub(super) struct Site {
     pub(super) n: usize,
     pub(super) name: String,
     pub(super) id: u64,
-    /// Where its agent's page is.
+    /// How its tunnel runs.
+    pub(super) tunnel: Tunnel,
+    /// Where its agent's page is (none for the hand-configured router).
     pub(super) page: &'static str,
     /// The LAN host the customer uses to open the page.
     pub(super) lan_host: &'static str,
@@ -32,6 +35,8 @@ pub(super) struct Mission {
     /// gateway id → name (gw1, gw2).
     pub(super) gateway_names: BTreeMap<u64, String>,
     pub(super) prober: Option<(Child, ChildStdin, BufReader<ChildStdout>)>,
+    /// Site 6's router: strongSwan, configured by hand (step 4d).
+    pub(super) router: Option<HandRouter>,
 }
 
 impl Mission {
@@ -177,6 +182,44 @@ impl Mission {
                 .is_some()
     }
 
+    /// Which of `sites` ((NAT address, site)) the technician gets the page
+    /// of, all tried at once (one try each, at most a second).
+    pub(super) fn reaches_many(&self, sites: &[(&str, usize)]) -> Vec<bool> {
+        let d = self.w.dir.display();
+        let mut script = String::new();
+        for (addr, _) in sites {
+            script.push_str(&format!(
+                "curl -s --max-time 1 --connect-timeout 1 -o {d}/reach-{addr} http://{addr}/ & "
+            ));
+        }
+        script.push_str("wait");
+        let _ = self.w.sh_output("tech", &script);
+        sites
+            .iter()
+            .map(|(addr, s)| {
+                let file = self.w.dir.join(format!("reach-{addr}"));
+                let page = std::fs::read_to_string(&file).unwrap_or_default();
+                let _ = std::fs::remove_file(&file);
+                page.contains(&format!("PC {PC} at site {s}<"))
+            })
+            .collect()
+    }
+
+    /// Every site's gateway id (`None`: no tunnel), by site number - 1.
+    pub(super) fn placement(&self) -> Vec<Option<u64>> {
+        let (code, v) = self.operator("GET", "/api/v1/sites", None);
+        assert_eq!(code, 200, "{v}");
+        let all = v.as_array().unwrap();
+        self.sites
+            .iter()
+            .map(|s| {
+                all.iter()
+                    .find(|x| x["site_id"].as_u64() == Some(s.id))
+                    .and_then(|x| x["gateway_id"].as_u64())
+            })
+            .collect()
+    }
+
     pub(super) fn reached_within(&self, addr: &str, s: usize, timeout: Duration) -> Duration {
         within(
             &format!("the technician reaching site {s} at {addr}"),
@@ -244,6 +287,16 @@ impl Drop for Mission {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // strongSwan's guard goes before the world's namespaces (the fields
+        // drop after this body, `w` with them); with `--keep` charon stays
+        // (`world.sh down` ends it with its namespace).
+        if let Some(router) = self.router.take() {
+            if self.w.opts.keep && !std::thread::panicking() {
+                router.leave_running();
+            } else {
+                drop(router);
+            }
+        }
     }
 }
 
@@ -254,8 +307,9 @@ pub(super) struct HeldEcho {
 }
 
 impl HeldEcho {
-    pub(super) fn start(w: &World, addrs: &[&str]) -> Self {
-        let status = w.dir.join("held");
+    /// Sessions to `addrs`; `name` names its status directory and log.
+    pub(super) fn start(w: &World, name: &str, addrs: &[&str]) -> Self {
+        let status = w.dir.join(name);
         std::fs::create_dir_all(&status).unwrap();
         // One line every 100 ms per session; "open N" counts echoed lines.
         let script = r#"
@@ -302,7 +356,7 @@ while True:
             .arg(&status)
             .args(addrs)
             .stdin(Stdio::null())
-            .stderr(std::fs::File::create(w.dir.join("held-echo.log")).unwrap())
+            .stderr(std::fs::File::create(w.dir.join(format!("{name}.log"))).unwrap())
             .spawn()
             .unwrap();
         Self { child, status }
@@ -497,6 +551,7 @@ pub(super) fn center(mut w: World) -> Mission {
         sites: Vec::new(),
         gateway_names: BTreeMap::new(),
         prober: None,
+        router: None,
     };
     within(
         "both gateways registered and healthy",
