@@ -38,13 +38,10 @@
 
 mod gateway_support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use vpnnat::messages::{
-    AgentDesiredState, AgentMapping, AgentTunnel, ESP_PROPOSAL, GatewayId, IKE_PROPOSAL,
-    IpsecParams, RequestId, SiteId, TerminalName, TunnelKind, UnixMillis,
-};
+use vpnnat::messages::{ESP_PROPOSAL, IKE_PROPOSAL, IpsecParams, SiteId};
 use vpnnat::tunnel::PrivateKey;
 use vpnnat_test_support::echo::{ping_within, tcp_echo_transfer};
 use vpnnat_test_support::strongswan::{IkeSa, PeerOptions, StrongSwan};
@@ -247,13 +244,6 @@ fn rekeys_by_both_sides(swan: &StrongSwan, tech: &Netns, logs: &dyn Fn() -> Stri
     });
 }
 
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -284,60 +274,16 @@ fn interop_strongswan_agent_to_a_strongswan_responder() {
     };
     let swan = StrongSwan::start(&center, &opts);
 
-    let config = dir.path().join("router-agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\nidentity_file = \"{id}\"\nstate_dir = \"{state}\"\nmode = \"packet\"\n\
-             [server]\nallow_insecure_http = true\n\
-             [lan]\ninterface = \"lan0\"\nallowed_prefixes = [\"192.168.1.0/24\"]\ndns = false\n\
-             [packet]\ntun_name = \"vpnagent0\"\ncenter_prefixes = [\"{TECH_NET}\"]\n\
-             [web]\npassword = \"interop site page password\"\n\
-             [[terminals]]\nname = \"pc-1\"\naddress = \"192.168.1.10\"\ncheck = \"tcp:80\"\n\
-             [failures]\nlink_watch = false\n",
-            id = dir.path().join("agent.identity").display(),
-            state = dir.path().join("state").display(),
-        ),
-    )
-    .unwrap();
-    // A key-only identity (standalone, no server): `pubkey` creates it.
-    vpnnat_test_support::run(
-        router
-            .command(vpnnat_test_support::bin("router-agent"))
-            .arg("--config")
-            .arg(&config)
-            .arg("pubkey"),
+    let agent = gateway_support::StandaloneAgent::ipsec(
+        dir.path(),
+        "packet",
+        "lan0",
+        "198.51.100.1:500",
+        site_params(&psk),
+        NAT,
     );
-    let desired = AgentDesiredState {
-        version: 1,
-        site_id: SITE,
-        tunnel: Some(AgentTunnel {
-            gateway_id: GatewayId(1),
-            kind: TunnelKind::Ipsec,
-            endpoint: "198.51.100.1:500".parse().unwrap(),
-            public_key: PrivateKey::from_bytes(rand_bytes()).public_key(),
-            persistent_keepalive_s: 5,
-            ipsec: Some(site_params(&psk)),
-            tls: None,
-        }),
-        mappings: vec![AgentMapping {
-            nat_address: NAT.parse().unwrap(),
-            terminal: TerminalName::new("pc-1").unwrap(),
-            request_id: RequestId(1),
-            expires_at: UnixMillis(wall_ms() + 3_600_000),
-        }],
-        problem: None,
-    };
-    let desired_file = dir.path().join("desired.json");
-    std::fs::write(&desired_file, serde_json::to_vec(&desired).unwrap()).unwrap();
-    let agent_log: PathBuf = dir.path().join("agent.log");
-    let mut cmd = router.command(vpnnat_test_support::bin("router-agent"));
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("--desired")
-        .arg(&desired_file)
-        .env("RUST_LOG", "info,vpnnat=debug,router_agent=debug");
-    router.spawn(&mut cmd, Some(&agent_log));
+    agent.start(&mut router);
+    let agent_log = agent.log.clone();
 
     let mut swan = swan;
     let logs = || {

@@ -25,11 +25,8 @@ mod gateway_support;
 
 use std::time::Duration;
 
-use gateway_support::World;
-use vpnnat::messages::{
-    AgentDesiredState, AgentMapping, AgentTunnel, GatewayId, IpsecParams, RequestId, SiteId,
-    TerminalName, TunnelKind, UnixMillis,
-};
+use gateway_support::{StandaloneAgent, World};
+use vpnnat::messages::{IpsecParams, SiteId};
 use vpnnat::tunnel::PrivateKey;
 use vpnnat_test_support::echo::{ping_within, tcp_echo_transfer};
 use vpnnat_test_support::{Netns, Prereq, rand_bytes, repo_path, require, veth, wait_until};
@@ -71,13 +68,6 @@ impl Site {
             None => &mut self.router,
         }
     }
-}
-
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 /// The site's IPsec parameters as the server hands them to the agent
@@ -148,30 +138,6 @@ fn add_site(w: &World, mode: Mode) -> Site {
     }
 }
 
-/// Writes the agent's configuration (standalone; packet mode on the
-/// router, or netstack mode on its host).
-fn agent_config(w: &World, mode: Mode) -> std::path::PathBuf {
-    let d = w.dir.path();
-    let (mode, lan_if) = match mode {
-        Mode::Packet => ("packet", "lan0"),
-        Mode::NetstackBehindNapt => ("netstack", "eth0"),
-    };
-    let text = format!(
-        "[agent]\nidentity_file = \"{id}\"\nstate_dir = \"{state}\"\nmode = \"{mode}\"\n\
-         [server]\nallow_insecure_http = true\n\
-         [lan]\ninterface = \"{lan_if}\"\nallowed_prefixes = [\"192.168.1.0/24\"]\ndns = false\n\
-         [packet]\ntun_name = \"vpnagent0\"\ncenter_prefixes = [\"172.16.0.0/24\"]\n\
-         [web]\npassword = \"ipsec site page password\"\n\
-         [[terminals]]\nname = \"pc-1\"\naddress = \"192.168.1.10\"\ncheck = \"tcp:80\"\n\
-         [failures]\nlink_watch = false\n",
-        id = d.join("agent.identity").display(),
-        state = d.join("state").display(),
-    );
-    let path = d.join("router-agent.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 /// Counters of UDP datagrams arriving at the gateway's ports 500 and 4500
 /// (an nftables table in the gateway's namespace).
 fn count_ike_ports(w: &World) {
@@ -227,15 +193,6 @@ fn netns_ipsec_netstack_agent_behind_a_napt_reaches_the_gateway() {
 fn agent_site_through_the_gateway(tag: &str, mode: Mode) {
     let mut w = World::new(tag, "dev eth0");
     let mut site = add_site(&w, mode);
-    let config = agent_config(&w, mode);
-    // A key-only identity (standalone, no server): `pubkey` creates it.
-    vpnnat_test_support::run(
-        site.agent_ns()
-            .command(vpnnat_test_support::bin("router-agent"))
-            .arg("--config")
-            .arg(&config)
-            .arg("pubkey"),
-    );
     // A random pre-shared key, base64 as the server makes them.
     let psk = PrivateKey::from_bytes(rand_bytes()).to_base64();
 
@@ -259,39 +216,21 @@ fn agent_site_through_the_gateway(tag: &str, mode: Mode) {
         || w.gw.sh("ip -4 route show proto 118").contains(NAT),
     );
 
-    let desired = AgentDesiredState {
-        version: 1,
-        site_id: SITE,
-        tunnel: Some(AgentTunnel {
-            gateway_id: GatewayId(1),
-            kind: TunnelKind::Ipsec,
-            // What the server hands out: the gateway's IKE port.
-            endpoint: "198.51.100.1:500".parse().unwrap(),
-            public_key: w.gw_key.public_key(),
-            persistent_keepalive_s: 5,
-            ipsec: Some(site_params(&psk)),
-            tls: None,
-        }),
-        mappings: vec![AgentMapping {
-            nat_address: NAT.parse().unwrap(),
-            terminal: TerminalName::new("pc-1").unwrap(),
-            request_id: RequestId(1),
-            expires_at: UnixMillis(wall_ms() + 3_600_000),
-        }],
-        problem: None,
+    let (mode, lan_if) = match mode {
+        Mode::Packet => ("packet", "lan0"),
+        Mode::NetstackBehindNapt => ("netstack", "eth0"),
     };
-    let desired_file = w.dir.path().join("desired.json");
-    std::fs::write(&desired_file, serde_json::to_vec(&desired).unwrap()).unwrap();
-    let agent_log = w.dir.path().join("agent.log");
-    let mut cmd = site
-        .agent_ns()
-        .command(vpnnat_test_support::bin("router-agent"));
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("--desired")
-        .arg(&desired_file)
-        .env("RUST_LOG", "info,vpnnat=debug,router_agent=debug");
-    site.agent_ns().spawn(&mut cmd, Some(&agent_log));
+    // What the server hands out: the gateway's IKE port.
+    let agent = StandaloneAgent::ipsec(
+        w.dir.path(),
+        mode,
+        lan_if,
+        "198.51.100.1:500",
+        site_params(&psk),
+        NAT,
+    );
+    agent.start(site.agent_ns());
+    let agent_log = agent.log.clone();
     let logs = |w: &World| {
         format!(
             "--- agent\n{}\n--- gateway\n{}",

@@ -335,3 +335,103 @@ impl World {
             .unwrap_or(0)
     }
 }
+
+/// A standalone router agent of an IPsec site (no server): its
+/// configuration and desired state in `dir`, from which it runs in `mode`
+/// (`packet` on the router with its LAN on `lan_if`, or `netstack` on a LAN
+/// host), the PC 192.168.1.10 as terminal `pc-1`, the technicians on
+/// 172.16.0.0/24.
+pub struct StandaloneAgent {
+    pub config: PathBuf,
+    pub desired: PathBuf,
+    pub log: PathBuf,
+}
+
+impl StandaloneAgent {
+    /// Writes both files: the tunnel to `endpoint` with `params` (the
+    /// site's view), `nat` mapped onto `pc-1` for an hour.
+    pub fn ipsec(
+        dir: &std::path::Path,
+        mode: &str,
+        lan_if: &str,
+        endpoint: &str,
+        params: vpnnat::messages::IpsecParams,
+        nat: &str,
+    ) -> Self {
+        use vpnnat::messages::{
+            AgentDesiredState, AgentMapping, AgentTunnel, RequestId, TerminalName, TunnelKind,
+            UnixMillis,
+        };
+        let config = dir.join("router-agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\nidentity_file = \"{id}\"\nstate_dir = \"{state}\"\nmode = \"{mode}\"\n\
+                 [server]\nallow_insecure_http = true\n\
+                 [lan]\ninterface = \"{lan_if}\"\nallowed_prefixes = [\"192.168.1.0/24\"]\ndns = false\n\
+                 [packet]\ntun_name = \"vpnagent0\"\ncenter_prefixes = [\"172.16.0.0/24\"]\n\
+                 [web]\npassword = \"ipsec site page password\"\n\
+                 [[terminals]]\nname = \"pc-1\"\naddress = \"192.168.1.10\"\ncheck = \"tcp:80\"\n\
+                 [failures]\nlink_watch = false\n",
+                id = dir.join("agent.identity").display(),
+                state = dir.join("state").display(),
+            ),
+        )
+        .unwrap();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let desired = AgentDesiredState {
+            version: 1,
+            site_id: SiteId(1),
+            tunnel: Some(AgentTunnel {
+                gateway_id: GatewayId(1),
+                kind: TunnelKind::Ipsec,
+                endpoint: endpoint.parse().unwrap(),
+                // Carried by every tunnel, unused by IPsec.
+                public_key: PrivateKey::from_bytes(rand_bytes()).public_key(),
+                persistent_keepalive_s: 5,
+                ipsec: Some(params),
+                tls: None,
+            }),
+            mappings: vec![AgentMapping {
+                nat_address: nat.parse().unwrap(),
+                terminal: TerminalName::new("pc-1").unwrap(),
+                request_id: RequestId(1),
+                expires_at: UnixMillis(now_ms + 3_600_000),
+            }],
+            problem: None,
+        };
+        let desired_path = dir.join("desired.json");
+        std::fs::write(&desired_path, serde_json::to_vec(&desired).unwrap()).unwrap();
+        Self {
+            config,
+            desired: desired_path,
+            log: dir.join("agent.log"),
+        }
+    }
+
+    /// Creates the agent's key-only identity (`pubkey`), then starts it in
+    /// `ns`; it runs as long as `ns`.
+    pub fn start(&self, ns: &mut Netns) -> u32 {
+        support::run(
+            ns.command(support::bin("router-agent"))
+                .arg("--config")
+                .arg(&self.config)
+                .arg("pubkey"),
+        );
+        let mut cmd = ns.command(support::bin("router-agent"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("--desired")
+            .arg(&self.desired)
+            .env("RUST_LOG", "info,vpnnat=debug,router_agent=debug");
+        ns.spawn(&mut cmd, Some(&self.log))
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
