@@ -267,6 +267,19 @@ impl FtpCounters {
         .into_iter()
     }
 
+    /// What was counted since `earlier` (a copy of these counters taken
+    /// before).
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            rewritten: self.rewritten.saturating_sub(earlier.rewritten),
+            long_lines: self.long_lines.saturating_sub(earlier.long_lines),
+            split_lines: self.split_lines.saturating_sub(earlier.split_lines),
+            no_room: self.no_room.saturating_sub(earlier.no_room),
+            table_full: self.table_full.saturating_sub(earlier.table_full),
+            bad_checksum: self.bad_checksum.saturating_sub(earlier.bad_checksum),
+        }
+    }
+
     /// Adds `other`'s counts.
     pub fn merge(&mut self, other: &Self) {
         self.rewritten += other.rewritten;

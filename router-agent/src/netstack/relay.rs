@@ -52,9 +52,11 @@ pub enum RelayEvent {
         id: u64,
         /// The OS side failed (reset): abort toward the technician.
         reset: bool,
-        /// What the FTP rewriting of a control connection did.
-        ftp: FtpCounters,
     },
+    /// What the FTP rewriting of a control connection did since its last
+    /// report (sent as it happens: the stack may end a connection's task
+    /// before the task could report at its end).
+    FtpCounted(FtpCounters),
     /// Active-mode FTP: the PC opened the data connection a technician's
     /// `PORT`/`EPRT` asked for (to the agent, which announced itself in
     /// the technician's place); the stack opens it on to the technician.
@@ -147,8 +149,8 @@ impl TcpRelay {
         let (from_os_tx, from_os_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_CHUNKS);
         let events = events.clone();
         let task = tokio::spawn(async move {
-            let (reset, ftp) = pipe(stream, None, (to_os_rx, from_os_tx), &events).await;
-            let _ = events.send(RelayEvent::TcpDone { id, reset, ftp }).await;
+            let reset = pipe(stream, None, (to_os_rx, from_os_tx), &events).await;
+            let _ = events.send(RelayEvent::TcpDone { id, reset }).await;
         });
         Self {
             to_os: Some(to_os_tx),
@@ -357,19 +359,30 @@ async fn tcp_relay(
         events: events.clone(),
         waiting: JoinSet::new(),
     });
-    let (reset, ftp) = pipe(stream, ftp, channels, &events).await;
-    let _ = events.send(RelayEvent::TcpDone { id, reset, ftp }).await;
+    let reset = pipe(stream, ftp, channels, &events).await;
+    let _ = events.send(RelayEvent::TcpDone { id, reset }).await;
+}
+
+/// Tells the stack what a rewriter counted since `reported`.
+async fn report(events: &EventSender, r: &LineRewriter, reported: &mut FtpCounters) {
+    let now = r.counters();
+    if now != *reported {
+        let _ = events
+            .send(RelayEvent::FtpCounted(now.since(reported)))
+            .await;
+        *reported = now;
+    }
 }
 
 /// Moves data between `stream` and the stack's channels until both
-/// directions closed; whether the OS side failed, and what the FTP
-/// rewriting did (a control connection: `ftp`).
+/// directions closed (a control connection's lines through the FTP
+/// rewriting, `ftp`); whether the OS side failed.
 async fn pipe(
     stream: TcpStream,
     ftp: Option<ActiveProxy>,
     (mut to_os, from_os): (mpsc::Receiver<Vec<u8>>, mpsc::Sender<Vec<u8>>),
     events: &EventSender,
-) -> (bool, FtpCounters) {
+) -> bool {
     let (mut rd, mut wr) = stream.into_split();
     let ev = events.clone();
     let ev2 = events.clone();
@@ -378,6 +391,7 @@ async fn pipe(
     let mut proxy = ftp;
     let reader = async move {
         let mut buf = vec![0u8; CHUNK];
+        let mut reported = FtpCounters::default();
         let reset = loop {
             match rd.read(&mut buf).await {
                 Ok(0) => {
@@ -395,6 +409,7 @@ async fn pipe(
                         Some(r) => {
                             let mut out = Vec::with_capacity(n);
                             r.push(&buf[..n], &mut out);
+                            report(&ev, r, &mut reported).await;
                             out
                         }
                         None => buf[..n].to_vec(),
@@ -408,14 +423,16 @@ async fn pipe(
                 Err(_) => break true,
             }
         };
-        (reset, from_pc.map(|r| r.counters()).unwrap_or_default())
+        reset
     };
     let writer = async move {
+        let mut reported = FtpCounters::default();
         let reset = 'relay: {
             while let Some(mut chunk) = to_os.recv().await {
                 if let (Some(r), Some(p)) = (to_pc.as_mut(), proxy.as_mut()) {
                     let mut out = Vec::with_capacity(chunk.len());
                     r.push_with(&chunk, &mut out, |line, new| p.rewrite(line, new));
+                    report(&ev2, r, &mut reported).await;
                     chunk = out;
                 }
                 if wr.write_all(&chunk).await.is_err() {
@@ -436,11 +453,10 @@ async fn pipe(
         };
         // Listeners still waiting go with the control connection.
         drop(proxy);
-        (reset, to_pc.map(|r| r.counters()).unwrap_or_default())
+        reset
     };
-    let ((read_reset, mut counters), (write_reset, to_pc)) = tokio::join!(reader, writer);
-    counters.merge(&to_pc);
-    (read_reset || write_reset, counters)
+    let (read_reset, write_reset) = tokio::join!(reader, writer);
+    read_reset || write_reset
 }
 
 async fn udp_reader(id: u64, sock: Arc<UdpSocket>, events: EventSender) {
@@ -590,15 +606,20 @@ mod tests {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.bind((real, 0).into()).unwrap();
         let mut pc = sock.connect(announced.into()).await.unwrap();
+        let mut counted = FtpCounters::default();
         let e = loop {
             let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
                 .await
                 .expect("the PC's connection reported")
                 .unwrap();
-            if !matches!(e, RelayEvent::TcpConnected { .. } | RelayEvent::TcpWake) {
-                break e;
+            match e {
+                RelayEvent::TcpConnected { .. } | RelayEvent::TcpWake => {}
+                RelayEvent::FtpCounted(c) => counted.merge(&c),
+                e => break e,
             }
         };
+        // The takeover is counted as a rewritten line; the other PORT is not.
+        assert_eq!(counted.rewritten, 1);
         let RelayEvent::ActiveData {
             nat: n,
             tech: t,

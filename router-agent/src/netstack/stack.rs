@@ -53,7 +53,7 @@ pub struct NetstackCounters {
     pub icmp_unavailable: u64,
     /// Packets dropped (unsupported protocol, malformed, full queues).
     pub dropped: u64,
-    /// The FTP rewriting of control connections that ended.
+    /// The FTP rewriting of control connections.
     pub ftp: FtpCounters,
     /// Active-mode FTP data connections opened toward technicians.
     pub ftp_active_data: u64,
@@ -590,8 +590,8 @@ impl Netstack {
                 self.active_data(nat, tech, stream, now)
             }
             RelayEvent::ActiveRefused => self.counters.ftp_active_refused += 1,
-            RelayEvent::TcpDone { id, reset, ftp } => {
-                self.counters.ftp.merge(&ftp);
+            RelayEvent::FtpCounted(ftp) => self.counters.ftp.merge(&ftp),
+            RelayEvent::TcpDone { id, reset } => {
                 let Some(c) = self.tcp.get_mut(&id) else {
                     return;
                 };
