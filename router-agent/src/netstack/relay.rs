@@ -392,7 +392,7 @@ async fn pipe(
     let reader = async move {
         let mut buf = vec![0u8; CHUNK];
         let mut reported = FtpCounters::default();
-        let reset = loop {
+        loop {
             match rd.read(&mut buf).await {
                 Ok(0) => {
                     if let Some(r) = from_pc.as_mut() {
@@ -422,8 +422,7 @@ async fn pipe(
                 }
                 Err(_) => break true,
             }
-        };
-        reset
+        }
     };
     let writer = async move {
         let mut reported = FtpCounters::default();
