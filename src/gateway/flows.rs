@@ -1288,6 +1288,47 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any payload toward port 21 and any site SYNs: no panic, the
+        /// expectations stay within their bound, and a site SYN passes only
+        /// toward an address and port a command of the technician named.
+        #[test]
+        fn expectations_stay_bounded_and_open_only_what_was_named(
+            cmds in proptest::collection::vec(
+                (proptest::collection::vec(proptest::prelude::any::<u8>(), 0..60), 0u16..4),
+                0..60,
+            ),
+            syns in proptest::collection::vec((0u16..4, 1000u16..1030), 0..20),
+        ) {
+            let now = Instant::now();
+            let mut t = table(now);
+            let mut named = Vec::new();
+            for (junk, k) in &cmds {
+                let port = 40000 + k;
+                let [hi, lo] = port.to_be_bytes();
+                let mut payload = junk.clone();
+                if k % 2 == 0 {
+                    payload.extend_from_slice(format!("\r\nPORT 172,16,0,50,{hi},{lo}\r\n").as_bytes());
+                    named.push(port);
+                }
+                let mut p = Vec::new();
+                etherparse::PacketBuilder::ipv4(TECH, NAT, 64)
+                    .tcp(50000, 21, 7, 1000)
+                    .ack(1)
+                    .write(&mut p, &payload)
+                    .unwrap();
+                center(&mut t, &p, now).unwrap();
+                proptest::prop_assert!(t.expectations() <= MAX_EXPECTATIONS);
+            }
+            for (k, sport) in syns {
+                let port = 40000 + k;
+                if site(&mut t, &tcp(NAT, TECH, sport, port, "S"), now).is_ok() {
+                    proptest::prop_assert!(named.contains(&port), "{port} was not named");
+                }
+            }
+        }
+    }
+
     #[test]
     fn truncated_transport_headers_are_malformed() {
         let now = Instant::now();

@@ -580,6 +580,27 @@ proptest! {
         prop_assert_eq!(diff % 3, 0);
     }
 
+    /// Any line: no panic; an address and port the command helpers write
+    /// are read back exactly, in either form and either case.
+    #[test]
+    fn data_port_reads_back_what_is_written_and_survives_anything(
+        junk in proptest::collection::vec(any::<u8>(), 0..80),
+        addr in any::<[u8; 4]>(),
+        port in 1u16..,
+        lower in any::<bool>(),
+    ) {
+        let _ = data_port(&junk);
+        let a = SocketAddrV4::new(Ipv4Addr::from(addr), port);
+        for write in [port_command, eprt_command] {
+            let mut line = Vec::new();
+            write(a, &mut line);
+            if lower {
+                line[..4].make_ascii_lowercase();
+            }
+            prop_assert_eq!(data_port(&line), Some(a));
+        }
+    }
+
     /// Arbitrary segments on tracked and untracked flows: no panic, the
     /// packet length stays within the buffer, the table within its cap.
     #[test]
