@@ -21,6 +21,9 @@ packages=(
   libstrongswan-standard-plugins libstrongswan-extra-plugins
   # the AES-GCM crypto floor of scripts/bench-throughput.sh (openssl speed)
   openssl
+  # the customer PC's FTP server of the alg_* tests (started by them in a
+  # namespace with their own config, in the foreground; no service)
+  vsftpd
   chromium chromium-driver
   # the Debian packages of scripts/package.sh and their checks
   dpkg-dev binutils lintian
@@ -33,8 +36,22 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup.sh: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Servers the tests run themselves (vsftpd, tinyproxy) must not start as
+  # services in the host's own namespace: without a policy that forbids it,
+  # forbid starting services for the time of the install.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy"
+    chmod 0755 "$policy"
+    own_policy=1
+  fi
+  status=0
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } || status=$?
+  if [ -n "$own_policy" ]; then
+    rm -f "$policy"
+  fi
+  [ "$status" -eq 0 ] || exit "$status"
 fi
 
 # PostgreSQL: the Debian cluster "15 main", started without systemd.

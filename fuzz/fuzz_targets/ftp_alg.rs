@@ -6,15 +6,20 @@
 //! SYN, bits 2–3 the client port, bits 4–7 tailroom), four bytes of
 //! sequence number, a length byte and that many payload bytes. The payload
 //! goes through the byte-stream rewriter as it is and, inside a TCP segment
-//! with valid checksums, through the packet-mode table.
+//! with valid checksums, through the packet-mode table; a technician's
+//! segment also through a gateway flow table, whose FTP expectations stay
+//! within their cap.
 #![no_main]
 
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
+use vpnnat::gateway::flows::{FlowLimits, FlowTable, MAX_EXPECTATIONS};
+use vpnnat::ipv4::Ipv4Header;
+use vpnnat::messages::SiteId;
 use vpnnat::nat::checksum;
-use vpnnat::nat::ftp::{Direction, FtpAlg, LineRewriter, MAX_FLOWS, MAX_LINE};
+use vpnnat::nat::ftp::{Direction, FtpAlg, LineRewriter, MAX_FLOWS, MAX_LINE, data_port};
 
 const REAL: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
 const NAT: Ipv4Addr = Ipv4Addr::new(10, 64, 0, 5);
@@ -61,6 +66,7 @@ fn segment(
 fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
     let mut alg = FtpAlg::new();
+    let mut flows = FlowTable::new(FlowLimits::default(), now);
     let mut streams = [LineRewriter::new(REAL, NAT), LineRewriter::new(NAT, REAL)];
     let mut out = Vec::new();
     let mut rest = data;
@@ -84,6 +90,12 @@ fuzz_target!(|data: &[u8]| {
                 Direction::ToPc,
             )
         };
+        let _ = data_port(payload);
+        if !from_pc {
+            let h = Ipv4Header::new_checked(&p).expect("a well-formed segment");
+            let _ = flows.center_to_site(&h, SiteId(1), now);
+            assert!(flows.expectations() <= MAX_EXPECTATIONS);
+        }
         let mut buf = p.clone();
         buf.resize(p.len() + usize::from(steer >> 4) * 4, 0);
         let len = alg.process(&mut buf, p.len(), dir, REAL, NAT, now);

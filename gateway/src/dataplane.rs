@@ -164,6 +164,9 @@ impl Dataplane {
                     a.counters.drops.merge(&s.counters.drops);
                     a.counters.icmp_unreachable_sent += s.counters.icmp_unreachable_sent;
                     a.counters.cookie_replies_sent += s.counters.cookie_replies_sent;
+                    a.counters
+                        .ftp_expectations
+                        .merge(&s.counters.ftp_expectations);
                     a.io.merge(&s.io);
                     a.applied_version = a.applied_version.min(s.applied_version);
                 }

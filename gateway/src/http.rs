@@ -239,6 +239,13 @@ async fn render_metrics(app: &App) -> anyhow::Result<String> {
         "WireGuard cookie replies sent under load.",
         snap.counters.cookie_replies_sent,
     );
+    m.labelled(
+        "ftp_expectations_total",
+        Counter,
+        "Active-mode FTP data-connection expectations: created by a technician's PORT/EPRT, used by the site's connection, refused (another address or a port below 1024), evicted, expired.",
+        "event",
+        snap.counters.ftp_expectations.iter(),
+    );
     let streams = app.streams.stats();
     m.single(
         "tls_streams_open",

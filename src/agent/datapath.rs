@@ -7,7 +7,8 @@ use std::time::Instant;
 use super::{
     AgentEvent, AgentState, DataMode, DropReason, LanOutcome, MAX_QUEUE, NetworkOutcome, Transmit,
 };
-use crate::ipv4::{FixedHeader, HeaderError, Ipv4Header};
+use crate::ipv4::{FixedHeader, HeaderError, Ipv4Header, PROTO_TCP};
+use crate::nat::ftp::{Direction, FTP_PORT};
 use crate::tunnel::{Decapsulated, Encapsulated, Kinds, Tunnel, TunnelEvent};
 
 impl<K: Kinds> AgentState<K> {
@@ -31,8 +32,14 @@ impl<K: Kinds> AgentState<K> {
             return NetworkOutcome::Dropped(DropReason::UnknownSender);
         }
         let dst = peer.desired.endpoint;
-        let packet = match peer.tunnel.decapsulate(Some(from), datagram, out, now) {
-            Ok(Decapsulated::Tunnel(p)) => p,
+        let start = out.as_ptr() as usize;
+        let (at, len) = match peer
+            .tunnel
+            .decapsulate(Some(from), datagram, &mut *out, now)
+        {
+            // Where the kind put the packet (at the start of `out`, for the
+            // built-in ones); what follows it is tailroom for the FTP ALG.
+            Ok(Decapsulated::Tunnel(p)) => ((p.as_ptr() as usize).wrapping_sub(start), p.len()),
             Ok(Decapsulated::Network(reply)) => {
                 let reply: &[u8] = reply;
                 self.queue_transmit(dst, reply);
@@ -50,11 +57,19 @@ impl<K: Kinds> AgentState<K> {
                 return NetworkOutcome::Dropped(r);
             }
         };
-        match self.inbound(packet, now) {
-            Ok(()) => {
+        let Some(end) = at.checked_add(len).filter(|end| *end <= out.len()) else {
+            // Not inside `out` (no kind does that): nothing to forward.
+            self.counters.drops.add(DropReason::Malformed);
+            return NetworkOutcome::Dropped(DropReason::Malformed);
+        };
+        if at != 0 {
+            out.copy_within(at..end, 0);
+        }
+        match self.inbound(out, len, now) {
+            Ok(n) => {
                 self.counters.to_lan_packets += 1;
-                self.counters.to_lan_bytes += packet.len() as u64;
-                NetworkOutcome::Lan(packet)
+                self.counters.to_lan_bytes += n as u64;
+                NetworkOutcome::Lan(&mut out[..n])
             }
             Err(r) => {
                 self.counters.drops.add(r);
@@ -65,23 +80,42 @@ impl<K: Kinds> AgentState<K> {
     }
 
     /// Tunnel → LAN: the source is a technician's, consent check and
-    /// (packet mode) the NAT rewrite.
-    pub(super) fn inbound(&mut self, packet: &mut [u8], now: Instant) -> Result<(), DropReason> {
+    /// (packet mode) the FTP ALG and the NAT rewrite, on the packet of
+    /// `len` bytes at the start of `buf` (the rest is tailroom). Returns
+    /// the packet's new length.
+    pub(super) fn inbound(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        now: Instant,
+    ) -> Result<usize, DropReason> {
+        let packet = buf.get(..len).ok_or(DropReason::Malformed)?;
         let h = fixed_header(packet)?;
         let (src, dst) = (h.src(), h.dst());
         if !self.center_prefixes.iter().any(|p| p.contains(src)) {
             return Err(DropReason::NotTechnician);
         }
-        match self.mappings.get(&dst) {
+        let real = match self.mappings.get(&dst) {
             None => return Err(DropReason::NotMapped),
             Some(m) if now >= m.expires_at => return Err(DropReason::Expired),
-            Some(_) => {}
-        }
+            Some(m) => m.real,
+        };
         match self.mode {
-            DataMode::Packet { .. } => self.nat.translate_inbound(packet, now),
+            DataMode::Packet { .. } => {
+                // Before the NAT: the technician's address and port are
+                // still in the header (masquerade replaces them), as they
+                // are in the replies after the reverse rewrite.
+                let n = if ftp_control(packet, Direction::ToPc) {
+                    self.ftp.process(buf, len, Direction::ToPc, real, dst, now)
+                } else {
+                    len
+                };
+                self.nat.translate_inbound(&mut buf[..n], now)?;
+                Ok(n)
+            }
             DataMode::Netstack => {
                 ipv4_check(packet)?;
-                Ok(())
+                Ok(len)
             }
         }
     }
@@ -95,14 +129,22 @@ impl<K: Kinds> AgentState<K> {
         out: &'b mut [u8],
         now: Instant,
     ) -> LanOutcome<'b> {
-        if let Err(r) = self.outbound(packet, now) {
-            self.counters.drops.add(r);
-            tracing::trace!(reason = r.as_str(), "LAN packet dropped");
-            return LanOutcome::Dropped(r);
-        }
+        let moved = match self.outbound(packet, now) {
+            Ok(moved) => moved,
+            Err(r) => {
+                self.counters.drops.add(r);
+                tracing::trace!(reason = r.as_str(), "LAN packet dropped");
+                return LanOutcome::Dropped(r);
+            }
+        };
         let Some(peer) = self.peer.as_mut() else {
             self.counters.drops.add(DropReason::TunnelDown);
             return LanOutcome::Dropped(DropReason::TunnelDown);
+        };
+        // An FTP control segment the ALG rewrote lives in `alg_buf` now.
+        let packet: &[u8] = match moved {
+            Some(n) => &self.alg_buf[..n],
+            None => packet,
         };
         match peer.tunnel.encapsulate(packet, out, now) {
             Ok(Encapsulated::Network(d)) => {
@@ -126,15 +168,40 @@ impl<K: Kinds> AgentState<K> {
         }
     }
 
-    /// LAN → tunnel: (packet mode) the reverse NAT rewrite; (netstack) the
-    /// source must be a mapped NAT address.
-    pub(super) fn outbound(&mut self, packet: &mut [u8], now: Instant) -> Result<(), DropReason> {
+    /// LAN → tunnel: (packet mode) the reverse NAT rewrite, then the FTP
+    /// ALG; (netstack) the source must be a mapped NAT address. An FTP
+    /// control segment goes through the ALG in `alg_buf` (its length may
+    /// change): `Some(len)` then, and the packet to send is there.
+    pub(super) fn outbound(
+        &mut self,
+        packet: &mut [u8],
+        now: Instant,
+    ) -> Result<Option<usize>, DropReason> {
         match self.mode {
-            DataMode::Packet { .. } => self.nat.translate_outbound(packet, now),
+            DataMode::Packet { .. } => {
+                self.nat.translate_outbound(packet, now)?;
+                if !ftp_control(packet, Direction::FromPc) {
+                    return Ok(None);
+                }
+                // After the NAT: the source is the NAT address now, and with
+                // masquerade the destination the technician again.
+                let nat = fixed_header(packet)?.src();
+                let Some(real) = self.mappings.get(&nat).map(|m| m.real) else {
+                    return Ok(None);
+                };
+                let len = packet.len();
+                self.alg_buf.clear();
+                self.alg_buf.extend_from_slice(packet);
+                self.alg_buf.resize(len + ALG_TAILROOM, 0);
+                let n = self
+                    .ftp
+                    .process(&mut self.alg_buf, len, Direction::FromPc, real, nat, now);
+                Ok(Some(n))
+            }
             DataMode::Netstack => {
                 let src = fixed_header(packet)?.src();
                 match self.mappings.get(&src) {
-                    Some(m) if now < m.expires_at => Ok(()),
+                    Some(m) if now < m.expires_at => Ok(None),
                     Some(_) => Err(DropReason::Expired),
                     None => Err(DropReason::UnmappedSource),
                 }
@@ -178,6 +245,29 @@ impl<K: Kinds> AgentState<K> {
             self.push_event(AgentEvent::TunnelUp { gateway_id });
         }
     }
+}
+
+/// Room a rewritten FTP control segment may grow by: each address line
+/// grows by at most 8 bytes ("1,1,1,1" → "255,255,255,255"), and a segment
+/// of a full MTU holds fewer than 128 such lines.
+const ALG_TAILROOM: usize = 1024;
+
+/// Whether `p` is (the first fragment of) a TCP segment of an FTP control
+/// connection going `dir`: to the PC's port 21, or from it. A quick look at
+/// the headers; the ALG checks everything else.
+fn ftp_control(p: &[u8], dir: Direction) -> bool {
+    let Some(&vihl) = p.first() else {
+        return false;
+    };
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if p.len() < ihl + 4 || p.get(9) != Some(&PROTO_TCP) || (p[6] & 0x1f) | p[7] != 0 {
+        return false;
+    }
+    let at = match dir {
+        Direction::FromPc => ihl,
+        Direction::ToPc => ihl + 2,
+    };
+    u16::from_be_bytes([p[at], p[at + 1]]) == FTP_PORT
 }
 
 /// The fixed IPv4 header of a packet from the tunnel or the LAN side: an

@@ -17,6 +17,10 @@
 //!   [`crate::nat::StaticNat`]: destination NAT address → real LAN address,
 //!   and optionally the source to a masquerade address) and
 //!   handed to the caller for its TUN device; replies take the reverse rewrite.
+//!   FTP control connections (the PC's port 21) also pass the FTP ALG
+//!   ([`crate::nat::ftp::FtpAlg`]): a `227` reply naming the PC's LAN
+//!   address names its NAT address toward the technician, with the
+//!   sequence and acknowledgement numbers corrected for the length change.
 //! - [`DataMode::Netstack`]: packets keep their NAT addresses and go to the
 //!   caller's userspace stack (smoltcp), which terminates them and relays to
 //!   the real hosts; only packets to and from a mapped NAT address pass.
@@ -194,6 +198,9 @@ pub struct AgentCounters {
     pub to_tunnel_bytes: u64,
     /// Mappings removed because their consent ended locally.
     pub mappings_expired: u64,
+    /// The packet-mode FTP ALG ([`crate::nat::ftp::FtpAlg`]): lines
+    /// rewritten, and what it could not rewrite.
+    pub ftp: crate::nat::ftp::FtpCounters,
 }
 
 /// A datagram for the gateway.
@@ -356,6 +363,11 @@ pub struct AgentState<K: Kinds = Builtin> {
     consent_required: bool,
     consented: std::collections::BTreeSet<RequestId>,
     nat: Box<dyn PacketNat>,
+    /// Packet mode: addresses inside FTP control connections.
+    ftp: crate::nat::ftp::FtpAlg,
+    /// An FTP control segment from the LAN while the ALG rewrites it (its
+    /// length may change; the TUN buffer's may not).
+    alg_buf: Vec<u8>,
     transmits: VecDeque<Transmit>,
     free_bufs: Vec<Vec<u8>>,
     scratch: Vec<u8>,
@@ -421,6 +433,8 @@ impl<K: Kinds> AgentState<K> {
             consent_required: false,
             consented: std::collections::BTreeSet::new(),
             nat,
+            ftp: crate::nat::ftp::FtpAlg::new(),
+            alg_buf: Vec::new(),
             transmits: VecDeque::new(),
             free_bufs: Vec::new(),
             scratch: vec![0; K::buffer_len(MAX_PACKET)],
@@ -455,7 +469,10 @@ impl<K: Kinds> AgentState<K> {
 
     /// Traffic and drop counters.
     pub fn counters(&self) -> AgentCounters {
-        self.counters
+        AgentCounters {
+            ftp: self.ftp.counters(),
+            ..self.counters
+        }
     }
 
     /// The mappings in force, by NAT address.

@@ -596,6 +596,252 @@ fn through_the_real_gateway_state<K: TestKinds>() {
     assert_eq!(&p[16..20], &TECH.octets());
 }
 
+fn tcp_seg(
+    (src, sport): (Ipv4Addr, u16),
+    (dst, dport): (Ipv4Addr, u16),
+    seq: u32,
+    ack: Option<u32>,
+    syn: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut b = etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, seq, 64240);
+    if syn {
+        b = b.syn();
+    }
+    if let Some(a) = ack {
+        b = b.ack(a);
+    }
+    let mut p = Vec::new();
+    b.write(&mut p, payload).unwrap();
+    p
+}
+
+/// Sequence and acknowledgement numbers, payload; the IPv4 and TCP
+/// checksums must be right.
+fn tcp_fields(p: &[u8]) -> (u32, u32, Vec<u8>) {
+    assert_eq!(crate::ipv4::checksum(&p[..20]), 0, "IPv4 header checksum");
+    let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+    assert_eq!(total, p.len());
+    let seg = &p[20..total];
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&p[12..20]);
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(seg);
+    assert_eq!(crate::ipv4::checksum(&pseudo), 0, "TCP checksum");
+    let thl = usize::from(seg[12] >> 4) * 4;
+    (
+        u32::from_be_bytes(seg[4..8].try_into().unwrap()),
+        u32::from_be_bytes(seg[8..12].try_into().unwrap()),
+        seg[thl..].to_vec(),
+    )
+}
+
+/// Packet mode: the PC's `227` reply names its NAT address toward the
+/// technician; the shorter line shifts the PC's later sequence numbers and,
+/// back the other way, the technician's acknowledgements. With and without
+/// masquerade.
+fn packet_mode_ftp_pasv_reply_names_the_nat_address<K: TestKinds>() {
+    for masquerade in [None, Some(Ipv4Addr::new(192, 168, 1, 250))] {
+        let mut p = Pair::<K>::new(DataMode::Packet { masquerade });
+        let tech = (TECH, 50000);
+        let syn = tcp_seg(tech, (NAT, 21), 1000, None, true, b"");
+        let lan = p.gateway_sends(&syn).unwrap();
+        // The PC answers whoever the NAT made the technician.
+        let peer = (
+            Ipv4Addr::from(<[u8; 4]>::try_from(&lan[12..16]).unwrap()),
+            u16::from_be_bytes([lan[20], lan[21]]),
+        );
+        let pc = (REAL, 21);
+        p.lan_sends(&tcp_seg(pc, peer, 5000, Some(1001), true, b""))
+            .unwrap();
+        let reply = b"227 Entering Passive Mode (192,168,1,10,195,80).\r\n";
+        let back = p
+            .lan_sends(&tcp_seg(pc, peer, 5001, Some(1001), false, reply))
+            .unwrap();
+        let want = b"227 Entering Passive Mode (10,64,0,5,195,80).\r\n";
+        assert_eq!(tcp_fields(&back), (5001, 1001, want.to_vec()));
+        assert_eq!(&back[12..16], &NAT.octets());
+        assert_eq!(&back[16..20], &TECH.octets());
+        // The PC's next segment is 3 bytes earlier for the technician …
+        let next = 5001 + reply.len() as u32;
+        let back = p
+            .lan_sends(&tcp_seg(pc, peer, next, Some(1001), false, b"150 ok\r\n"))
+            .unwrap();
+        assert_eq!(tcp_fields(&back).0, next - 3);
+        // … and the technician's acknowledgement of it 3 bytes later for the PC.
+        let ack = next - 3 + 8;
+        let lan = p
+            .gateway_sends(&tcp_seg(tech, (NAT, 21), 1001, Some(ack), false, b""))
+            .unwrap();
+        assert_eq!(tcp_fields(&lan).1, next + 8);
+        let c = p.agent.counters().ftp;
+        assert_eq!((c.rewritten, c.split_lines), (1, 0), "{masquerade:?}");
+        // The technician's PORT naming its own address passes unchanged.
+        let port = b"PORT 172,16,0,50,156,65\r\n";
+        let lan = p
+            .gateway_sends(&tcp_seg(tech, (NAT, 21), 1001, Some(ack), false, port))
+            .unwrap();
+        assert_eq!(tcp_fields(&lan).2, port.to_vec());
+    }
+}
+
+/// What the ALG cannot rewrite passes unchanged and is counted: a `227`
+/// line cut across two segments.
+fn packet_mode_ftp_lines_the_alg_cannot_rewrite_are_counted<K: TestKinds>() {
+    let mut p = Pair::<K>::new(DataMode::Packet { masquerade: None });
+    let (tech, pc) = ((TECH, 50000), (REAL, 21));
+    p.gateway_sends(&tcp_seg(tech, (NAT, 21), 1000, None, true, b""))
+        .unwrap();
+    p.lan_sends(&tcp_seg(pc, tech, 5000, Some(1001), true, b""))
+        .unwrap();
+    let first = b"227 Entering Passive Mode (192,168,";
+    let back = p
+        .lan_sends(&tcp_seg(pc, tech, 5001, Some(1001), false, first))
+        .unwrap();
+    assert_eq!(tcp_fields(&back).2, first.to_vec());
+    let rest = b"1,10,195,80).\r\n";
+    let back = p
+        .lan_sends(&tcp_seg(pc, tech, 5001 + 35, Some(1001), false, rest))
+        .unwrap();
+    assert_eq!(tcp_fields(&back).2, rest.to_vec());
+    let c = p.agent.counters().ftp;
+    assert_eq!((c.rewritten, c.split_lines), (0, 1));
+}
+
+/// Active-mode FTP through the agent and the real gateway state: the PC's
+/// data connection toward the technician passes the gateway only after the
+/// technician's `PORT` named that address and port, and only once.
+fn security_active_ftp_through_the_real_gateway_state<K: TestKinds>() {
+    let now = Instant::now();
+    let mut gw = GatewayState::<K>::with_kinds(GatewayConfig::new(keys().1), now);
+    gw.handle_control(
+        &GatewayDesiredState {
+            version: 1,
+            gateway_id: GatewayId(1),
+            peers: vec![GatewayPeer {
+                site_id: SiteId(3),
+                public_key: keys().0.public_key(),
+                nat_addresses: vec![NAT],
+                tunnel: TunnelKind::Wireguard,
+                ipsec: None,
+                tls_token_sha256: None,
+            }],
+        },
+        now,
+    );
+    let mut a = agent::<K>(DataMode::Packet { masquerade: None }, now);
+    a.handle_desired_state(&desired(1, &[(NAT, "pc-1", 60)]), &names(), now, WALL)
+        .unwrap();
+    for _ in 0..10 {
+        let mut moved = false;
+        while let Some(t) = a.poll_transmit() {
+            moved = true;
+            let mut out = vec![0; 70000];
+            let _ = gw.handle_network_input_into(agent_addr(), &t.payload, &mut out, now);
+        }
+        while let Some(t) = gw.poll_transmit() {
+            moved = true;
+            let mut out = vec![0; 70000];
+            let _ = a.handle_network_input_into(gw_addr(), &t.payload, &mut out, now);
+        }
+        if !moved {
+            break;
+        }
+    }
+    assert!(a.tunnel().unwrap().up);
+    // Technician → gateway TUN → tunnel → agent → LAN.
+    let to_pc = |gw: &mut GatewayState<K>, a: &mut AgentState<K>, packet: &[u8]| {
+        let mut out = vec![0; 70000];
+        let crate::gateway::TunOutcome::Send { datagram, .. } =
+            gw.handle_tun_input_into(packet, &mut out, now)
+        else {
+            panic!("gateway did not send")
+        };
+        let datagram = datagram.to_vec();
+        let mut lan = vec![0; 70000];
+        let NetworkOutcome::Lan(p) =
+            a.handle_network_input_into(gw_addr(), &datagram, &mut lan, now)
+        else {
+            panic!("agent did not forward")
+        };
+        p.to_vec()
+    };
+    // PC → agent → tunnel → gateway: what the gateway makes of it.
+    let to_center = |gw: &mut GatewayState<K>, a: &mut AgentState<K>, packet: &[u8]| {
+        let mut packet = packet.to_vec();
+        let mut enc = vec![0; 70000];
+        let LanOutcome::Send { datagram, .. } = a.handle_lan_input_into(&mut packet, &mut enc, now)
+        else {
+            panic!("agent did not send")
+        };
+        let datagram = datagram.to_vec();
+        let mut out = vec![0; 70000];
+        match gw.handle_network_input_into(agent_addr(), &datagram, &mut out, now) {
+            crate::gateway::NetworkOutcome::Tunnel(p) => Ok(p.to_vec()),
+            crate::gateway::NetworkOutcome::Dropped(r) => Err(r),
+            other => panic!("{other:?}"),
+        }
+    };
+    let tech = (TECH, 50000);
+    let data = (TECH, 40001);
+    let pc_data = (REAL, 20);
+    // Before any PORT, the PC's SYN toward the technician is refused.
+    assert_eq!(
+        to_center(&mut gw, &mut a, &tcp_seg(pc_data, data, 1, None, true, b"")),
+        Err(crate::gateway::DropReason::SiteInitiated)
+    );
+    to_pc(
+        &mut gw,
+        &mut a,
+        &tcp_seg(tech, (NAT, 21), 1000, None, true, b""),
+    );
+    to_center(
+        &mut gw,
+        &mut a,
+        &tcp_seg((REAL, 21), tech, 5000, Some(1001), true, b""),
+    )
+    .unwrap();
+    let lan = to_pc(
+        &mut gw,
+        &mut a,
+        &tcp_seg(
+            tech,
+            (NAT, 21),
+            1001,
+            Some(5001),
+            false,
+            b"PORT 172,16,0,50,156,65\r\n",
+        ),
+    );
+    assert!(lan.ends_with(b"PORT 172,16,0,50,156,65\r\n"));
+    // Now the PC's data connection comes through, from its NAT address.
+    let syn = to_center(&mut gw, &mut a, &tcp_seg(pc_data, data, 1, None, true, b"")).unwrap();
+    assert_eq!(&syn[12..16], &NAT.octets());
+    to_pc(
+        &mut gw,
+        &mut a,
+        &tcp_seg(data, (NAT, 20), 9, Some(2), true, b""),
+    );
+    to_center(
+        &mut gw,
+        &mut a,
+        &tcp_seg(pc_data, data, 2, Some(10), false, b"file"),
+    )
+    .unwrap();
+    // Once: a second connection (another source port) is refused.
+    assert_eq!(
+        to_center(
+            &mut gw,
+            &mut a,
+            &tcp_seg((REAL, 21000), data, 1, None, true, b"")
+        ),
+        Err(crate::gateway::DropReason::SiteInitiated)
+    );
+    assert_eq!(gw.counters().ftp_expectations.used, 1);
+}
+
 /// Only technicians' packets reach the LAN side, in both data modes: a
 /// gateway (or anyone holding its key) cannot send from another source.
 fn security_tunnel_sources_outside_the_center_prefixes_are_dropped<K: TestKinds>() {
@@ -694,6 +940,9 @@ fn an_ipsec_tunnel_is_refused_with_a_clear_error<K: TestKinds>() {
 }
 
 for_each_kind! {
+    packet_mode_ftp_pasv_reply_names_the_nat_address,
+    packet_mode_ftp_lines_the_alg_cannot_rewrite_are_counted,
+    security_active_ftp_through_the_real_gateway_state,
     an_ipsec_tunnel_is_refused_with_a_clear_error,
     security_only_requests_made_here_are_installed_when_consent_is_required,
     mapping_is_installed_and_the_gateway_dialled,

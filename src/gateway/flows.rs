@@ -24,6 +24,21 @@
 //! gateway receives (swept every [`SWEEP_INTERVAL_S`] by
 //! [`FlowTable::handle_timeout`], and checked on every lookup).
 //!
+//! **Expectations (active-mode FTP).** In active mode the FTP server opens
+//! the data connection toward the client (RFC 959 §3.2), i.e. the site
+//! toward the center. A technician's `PORT` or `EPRT` command (RFC 959
+//! §4.1.2, RFC 2428 §2) on a control connection to a NAT address's port 21
+//! that names the technician's own source address and a port of at least
+//! [`MIN_DATA_PORT`] arms one expectation: for [`EXPECTATION_TTL`], one TCP
+//! SYN from that NAT address (any source port) to exactly that address and
+//! port opens a flow, once. Any other address or port in such a command is
+//! ignored and counted (`refused`); a site's SYN that matches no live,
+//! unused expectation is still [`DropReason::SiteInitiated`]. At most
+//! [`MAX_EXPECTATIONS`] are kept per table, the oldest evicted first. A
+//! retransmitted command (same TCP sequence number) does not re-arm a used
+//! expectation. The command must start the segment's payload or follow a
+//! line end inside it; a command split across segments arms nothing.
+//!
 //! Per packet: a few header reads, one hash lookup with
 //! [`crate::ipv4::FastHasher`] over two words, no allocation (the map
 //! grows amortised until its bound).
@@ -46,6 +61,15 @@ pub const TCP_TRANSITORY_IDLE: Duration = Duration::from_secs(60);
 pub const FRAGMENT_IDLE: Duration = Duration::from_secs(30);
 /// Fragment allowances per table; beyond it later fragments are dropped.
 pub const MAX_FRAGMENTS: usize = 4096;
+/// How long an FTP data-connection expectation waits for its SYN.
+pub const EXPECTATION_TTL: Duration = Duration::from_secs(30);
+/// Expectations per table; a new one evicts the oldest.
+pub const MAX_EXPECTATIONS: usize = 32;
+/// The lowest technician port an expectation opens: below are the
+/// well-known services (RFC 6335 §6), never an FTP client's data port.
+pub const MIN_DATA_PORT: u16 = 1024;
+/// The FTP control port (RFC 959 §3.2).
+const FTP_CONTROL_PORT: u16 = crate::nat::ftp::FTP_PORT;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -117,6 +141,9 @@ impl Hash for FlowKey {
 enum TcpState {
     /// Seen from the center only.
     Opening,
+    /// Opened by the site's SYN under an expectation; the site has sent
+    /// nothing but SYNs yet (a retransmitted SYN passes).
+    SiteOpening,
     /// The site has answered.
     Established,
     /// A FIN or RST was seen.
@@ -169,6 +196,64 @@ fn is_icmp_error(kind: u8) -> bool {
     matches!(kind, 3 | 4 | 5 | 11 | 12)
 }
 
+/// What happened to FTP data-connection expectations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpectationCounters {
+    /// Armed by a technician's `PORT`/`EPRT`.
+    pub created: u64,
+    /// Matched by a site's SYN, which opened its flow.
+    pub used: u64,
+    /// `PORT`/`EPRT` commands ignored: another address than the
+    /// technician's, a port below [`MIN_DATA_PORT`].
+    pub refused: u64,
+    /// Unused ones evicted for a newer one (the table was full).
+    pub evicted: u64,
+    /// Unused ones whose time ran out.
+    pub expired: u64,
+}
+
+impl ExpectationCounters {
+    /// Adds `other`'s counts (the workers' tables into one view).
+    pub fn merge(&mut self, other: &Self) {
+        self.created += other.created;
+        self.used += other.used;
+        self.refused += other.refused;
+        self.evicted += other.evicted;
+        self.expired += other.expired;
+    }
+
+    /// Each count with its name, for the metrics.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [
+            ("created", self.created),
+            ("used", self.used),
+            ("refused", self.refused),
+            ("evicted", self.evicted),
+            ("expired", self.expired),
+        ]
+        .into_iter()
+    }
+}
+
+/// One armed expectation: the site's NAT address may open one TCP
+/// connection to the technician's address and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Expectation {
+    site: SiteId,
+    nat: Ipv4Addr,
+    tech: Ipv4Addr,
+    port: u16,
+    /// The TCP sequence number of the control segment that armed it.
+    seq: u32,
+    /// Seconds since the table's epoch at which it expires.
+    expires: u32,
+    /// Matched already (kept until it expires so that a retransmitted
+    /// command does not arm it again).
+    used: bool,
+    /// Arming order (the oldest is evicted first).
+    order: u64,
+}
+
 /// The flows of one gateway core (one shard). See the module docs.
 #[derive(Debug)]
 pub struct FlowTable {
@@ -183,6 +268,10 @@ pub struct FlowTable {
     /// When a full table was last swept outside the timer.
     swept_when_full: Option<u32>,
     idle_s: [u32; 5],
+    /// FTP data-connection expectations, at most [`MAX_EXPECTATIONS`].
+    expectations: Vec<Expectation>,
+    next_order: u64,
+    expectation_counters: ExpectationCounters,
 }
 
 /// Indices into `FlowTable::idle_s`.
@@ -213,7 +302,20 @@ impl FlowTable {
                 secs(limits.icmp_idle),
                 secs(FRAGMENT_IDLE),
             ],
+            expectations: Vec::with_capacity(MAX_EXPECTATIONS),
+            next_order: 0,
+            expectation_counters: ExpectationCounters::default(),
         }
+    }
+
+    /// What happened to FTP data-connection expectations so far.
+    pub fn expectation_counters(&self) -> ExpectationCounters {
+        self.expectation_counters
+    }
+
+    /// Expectations held now (used and expired ones until they are swept).
+    pub fn expectations(&self) -> usize {
+        self.expectations.len()
     }
 
     /// Flows in the table (expired ones until they are swept).
@@ -257,6 +359,9 @@ impl FlowTable {
         let (tech, nat) = (h.src(), h.dst());
         let (key, idle, tcp) = match transport(h.protocol(), h.payload())? {
             Transport::Tcp { src, dst, flags } => {
+                if dst == FTP_CONTROL_PORT {
+                    self.arm_expectations(h, site, now_s);
+                }
                 let key = FlowKey::new(tech, nat, src, dst, PROTO_TCP);
                 if let Some(f) = self.live_mut(&key, site, now_s) {
                     if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
@@ -267,7 +372,9 @@ impl FlowTable {
                     }
                     let idle = match f.tcp {
                         TcpState::Established => IDLE_TCP,
-                        TcpState::Opening | TcpState::Closing => IDLE_TRANSITORY,
+                        TcpState::Opening | TcpState::SiteOpening | TcpState::Closing => {
+                            IDLE_TRANSITORY
+                        }
                     };
                     f.expires = now_s.saturating_add(idle_s[idle]);
                     return Ok(());
@@ -345,19 +452,21 @@ impl FlowTable {
         let idle_s = self.idle_s;
         match transport(h.protocol(), h.payload())? {
             Transport::Tcp { src, dst, flags } => {
-                if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
-                    return Err(DropReason::SiteInitiated);
-                }
                 let key = FlowKey::new(tech, nat, dst, src, PROTO_TCP);
+                if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
+                    return self.site_syn(key, site, now_s);
+                }
                 let f = self.live_mut(&key, site, now_s).ok_or(DropReason::NoFlow)?;
                 if flags & (TCP_FIN | TCP_RST) != 0 {
                     f.tcp = TcpState::Closing;
-                } else if f.tcp == TcpState::Opening {
+                } else if matches!(f.tcp, TcpState::Opening | TcpState::SiteOpening) {
                     f.tcp = TcpState::Established;
                 }
                 let idle = match f.tcp {
                     TcpState::Established => IDLE_TCP,
-                    TcpState::Opening | TcpState::Closing => IDLE_TRANSITORY,
+                    TcpState::Opening | TcpState::SiteOpening | TcpState::Closing => {
+                        IDLE_TRANSITORY
+                    }
                 };
                 f.expires = now_s.saturating_add(idle_s[idle]);
             }
@@ -398,6 +507,130 @@ impl FlowTable {
             );
         }
         Ok(())
+    }
+
+    /// A site's TCP SYN (without ACK) for the flow `key`: a retransmission
+    /// of a SYN an expectation let through passes; otherwise it needs a
+    /// live, unused expectation, which it uses up to open the flow.
+    fn site_syn(&mut self, key: FlowKey, site: SiteId, now_s: u32) -> Result<(), DropReason> {
+        let transitory = self.idle_s[IDLE_TRANSITORY];
+        if let Some(f) = self.live_mut(&key, site, now_s)
+            && f.tcp == TcpState::SiteOpening
+        {
+            f.expires = now_s.saturating_add(transitory);
+            return Ok(());
+        }
+        let nat = key.nat();
+        let tech = Ipv4Addr::from_bits((key.addrs >> 32) as u32);
+        let tech_port = (key.rest >> 24) as u16;
+        let matches = |e: &Expectation| {
+            !e.used
+                && e.expires > now_s
+                && e.site == site
+                && e.nat == nat
+                && e.tech == tech
+                && e.port == tech_port
+        };
+        if !self.expectations.iter().any(matches) {
+            return Err(DropReason::SiteInitiated);
+        }
+        if self.flows.len() >= self.limits.max_flows && !self.flows.contains_key(&key) {
+            self.sweep_when_full(now_s);
+            if self.flows.len() >= self.limits.max_flows {
+                return Err(DropReason::FlowTableFull);
+            }
+        }
+        // A sweep removes only expired expectations: the match is still there.
+        if let Some(e) = self.expectations.iter_mut().find(|e| matches(e)) {
+            e.used = true;
+        }
+        self.expectation_counters.used += 1;
+        self.flows.insert(
+            key,
+            Flow {
+                site,
+                expires: now_s.saturating_add(transitory),
+                tcp: TcpState::SiteOpening,
+            },
+        );
+        Ok(())
+    }
+
+    /// A technician's segment to a NAT address's FTP control port: every
+    /// `PORT`/`EPRT` line in it that names the technician's own address and
+    /// a port of at least [`MIN_DATA_PORT`] arms an expectation.
+    fn arm_expectations(&mut self, h: &Ipv4Header<'_>, site: SiteId, now_s: u32) {
+        let tcp = h.payload();
+        let Some(&off) = tcp.get(12) else {
+            return;
+        };
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let Some(payload) = tcp.get(usize::from(off >> 4) * 4..) else {
+            return;
+        };
+        let (tech, nat) = (h.src(), h.dst());
+        for line in payload.split_inclusive(|b| *b == b'\n') {
+            if line.last() != Some(&b'\n') {
+                // Cut off by the segment's end: a command split across
+                // segments arms nothing (the client retries or fails).
+                break;
+            }
+            let Some(addr) = crate::nat::ftp::data_port(line) else {
+                continue;
+            };
+            if *addr.ip() != tech || addr.port() < MIN_DATA_PORT {
+                self.expectation_counters.refused += 1;
+                continue;
+            }
+            self.arm(Expectation {
+                site,
+                nat,
+                tech,
+                port: addr.port(),
+                seq,
+                expires: now_s.saturating_add(secs(EXPECTATION_TTL)),
+                used: false,
+                order: 0,
+            });
+        }
+    }
+
+    fn arm(&mut self, mut new: Expectation) {
+        let same = |e: &Expectation| {
+            e.site == new.site && e.nat == new.nat && e.tech == new.tech && e.port == new.port
+        };
+        if let Some(e) = self.expectations.iter_mut().find(|e| same(e)) {
+            if e.seq == new.seq && e.used {
+                // A retransmission of the command whose connection came.
+                return;
+            }
+            // Armed again (a retransmission, or a new command naming the
+            // same port): one connection, from now.
+            if e.used {
+                self.expectation_counters.created += 1;
+            }
+            e.seq = new.seq;
+            e.expires = new.expires;
+            e.used = false;
+            return;
+        }
+        self.next_order += 1;
+        new.order = self.next_order;
+        self.expectation_counters.created += 1;
+        if self.expectations.len() < MAX_EXPECTATIONS {
+            self.expectations.push(new);
+            return;
+        }
+        let oldest = self
+            .expectations
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, e)| e.order)
+            .map_or(0, |(i, _)| i);
+        if !self.expectations[oldest].used {
+            self.expectation_counters.evicted += 1;
+        }
+        self.expectations[oldest] = new;
     }
 
     /// An ICMP error from a site passes when it goes to the technician of a
@@ -451,6 +684,14 @@ impl FlowTable {
     fn sweep(&mut self, now_s: u32) {
         self.flows.retain(|_, f| f.expires > now_s);
         self.fragments.retain(|_, f| f.expires > now_s);
+        let c = &mut self.expectation_counters;
+        self.expectations.retain(|e| {
+            let live = e.expires > now_s;
+            if !live && !e.used {
+                c.expired += 1;
+            }
+            live
+        });
     }
 
     /// Removes expired entries, at most every [`SWEEP_INTERVAL_S`].
@@ -468,6 +709,7 @@ impl FlowTable {
     pub fn retain_open(&mut self, mut is_open: impl FnMut(Ipv4Addr, SiteId) -> bool) {
         self.flows.retain(|k, f| is_open(k.nat(), f.site));
         self.fragments.retain(|k, f| is_open(k.nat(), f.site));
+        self.expectations.retain(|e| is_open(e.nat, e.site));
     }
 }
 
@@ -798,6 +1040,293 @@ mod tests {
         let mut stray_later = later.clone();
         stray_later[4..6].copy_from_slice(&79u16.to_be_bytes());
         assert_eq!(site(&mut t, &stray_later, now), Err(DropReason::NoFlow));
+    }
+
+    /// A technician's segment with `payload` on the FTP control connection
+    /// (`seq` its sequence number).
+    fn ftp_command(tech: [u8; 4], payload: &str, seq: u32) -> Vec<u8> {
+        let mut p = Vec::new();
+        etherparse::PacketBuilder::ipv4(tech, NAT, 64)
+            .tcp(50000, 21, seq, 1000)
+            .ack(1)
+            .psh()
+            .write(&mut p, payload.as_bytes())
+            .unwrap();
+        p
+    }
+
+    /// The technician at TECH has sent `PORT` for `port` (and the control
+    /// connection exists).
+    fn announce(t: &mut FlowTable, port: u16, now: Instant) {
+        let [hi, lo] = port.to_be_bytes();
+        center(t, &tcp(TECH, NAT, 50000, 21, "S"), now).unwrap();
+        let cmd = format!("PORT 172,16,0,50,{hi},{lo}\r\n");
+        center(t, &ftp_command(TECH, &cmd, 7), now).unwrap();
+    }
+
+    #[test]
+    fn security_an_announced_active_ftp_connection_is_let_through_once() {
+        let now = Instant::now();
+        let mut t = table(now);
+        announce(&mut t, 40001, now);
+        assert_eq!(t.expectation_counters().created, 1);
+        // The PC's SYN from port 20 to the announced port opens the flow;
+        // the technician's SYN-ACK and the rest pass both ways.
+        site(&mut t, &tcp(NAT, TECH, 20, 40001, "S"), now).unwrap();
+        center(&mut t, &tcp(TECH, NAT, 40001, 20, "SA"), now).unwrap();
+        site(&mut t, &tcp(NAT, TECH, 20, 40001, "A"), now).unwrap();
+        center(&mut t, &tcp(TECH, NAT, 40001, 20, "A"), now).unwrap();
+        site(&mut t, &tcp(NAT, TECH, 20, 40001, "FA"), now).unwrap();
+        assert_eq!(t.expectation_counters().used, 1);
+        // Once: a second connection to the same port is refused, from any
+        // source port.
+        assert_eq!(
+            site(&mut t, &tcp(NAT, TECH, 21, 40001, "S"), now),
+            Err(DropReason::SiteInitiated)
+        );
+        assert_eq!(
+            site(&mut t, &tcp(NAT, TECH, 20, 40002, "S"), now),
+            Err(DropReason::SiteInitiated)
+        );
+    }
+
+    #[test]
+    fn security_a_retransmitted_syn_of_an_expected_connection_passes_until_answered() {
+        let now = Instant::now();
+        let mut t = table(now);
+        announce(&mut t, 40001, now);
+        site(&mut t, &tcp(NAT, TECH, 20, 40001, "S"), now).unwrap();
+        site(&mut t, &tcp(NAT, TECH, 20, 40001, "S"), now).unwrap();
+        center(&mut t, &tcp(TECH, NAT, 40001, 20, "SA"), now).unwrap();
+        site(&mut t, &tcp(NAT, TECH, 20, 40001, "A"), now).unwrap();
+        // Established: a SYN on it now is a new connection, refused.
+        assert_eq!(
+            site(&mut t, &tcp(NAT, TECH, 20, 40001, "S"), now),
+            Err(DropReason::SiteInitiated)
+        );
+        assert_eq!(t.expectation_counters().used, 1);
+    }
+
+    #[test]
+    fn security_an_expectation_is_only_for_the_announcing_technician_and_its_port() {
+        let now = Instant::now();
+        let mut t = table(now);
+        announce(&mut t, 40001, now);
+        for p in [
+            // Another technician, another NAT address, another port.
+            tcp(NAT, [172, 16, 0, 51], 20, 40001, "S"),
+            tcp([10, 64, 0, 6], TECH, 20, 40001, "S"),
+            tcp(NAT, TECH, 20, 40000, "S"),
+            tcp(NAT, TECH, 20, 40002, "S"),
+        ] {
+            assert_eq!(site(&mut t, &p, now), Err(DropReason::SiteInitiated));
+        }
+        // Another site holding the same NAT address number.
+        assert_eq!(
+            t.site_to_center(&h(&tcp(NAT, TECH, 20, 40001, "S")), SiteId(4), now),
+            Err(DropReason::SiteInitiated)
+        );
+        // UDP to the announced port is still no flow.
+        assert_eq!(
+            site(&mut t, &udp(NAT, TECH, 20, 40001), now),
+            Err(DropReason::NoFlow)
+        );
+        // The right one still passes afterwards.
+        site(&mut t, &tcp(NAT, TECH, 20, 40001, "S"), now).unwrap();
+    }
+
+    #[test]
+    fn security_port_commands_naming_others_or_low_ports_arm_nothing() {
+        let now = Instant::now();
+        let mut t = table(now);
+        for (cmd, port) in [
+            // Another technician's address (an FTP bounce toward a colleague).
+            ("PORT 172,16,0,51,156,65\r\n", 40001),
+            // A server on the center LAN.
+            ("EPRT |1|172.16.0.10|40001|\r\n", 40001),
+            // The technician's own address, but a service port (ssh).
+            ("PORT 172,16,0,50,0,22\r\n", 22),
+            ("EPRT |1|172.16.0.50|1023|\r\n", 1023),
+        ] {
+            center(&mut t, &ftp_command(TECH, cmd, 7), now).unwrap();
+            assert_eq!(
+                site(&mut t, &tcp(NAT, TECH, 20, port, "S"), now),
+                Err(DropReason::SiteInitiated),
+                "{cmd}"
+            );
+            assert_eq!(
+                site(&mut t, &tcp(NAT, [172, 16, 0, 51], 20, port, "S"), now),
+                Err(DropReason::SiteInitiated),
+                "{cmd}"
+            );
+        }
+        assert_eq!(t.expectation_counters().refused, 4);
+        assert_eq!(t.expectation_counters().created, 0);
+        assert_eq!(t.expectations(), 0);
+        // Not the FTP control port, not a command, or cut off before its
+        // line end: nothing either.
+        let mut other = Vec::new();
+        etherparse::PacketBuilder::ipv4(TECH, NAT, 64)
+            .tcp(50000, 2121, 7, 1000)
+            .ack(1)
+            .write(&mut other, b"PORT 172,16,0,50,156,65\r\n")
+            .unwrap();
+        center(&mut t, &other, now).unwrap();
+        center(
+            &mut t,
+            &ftp_command(TECH, "NOOP 172,16,0,50,156,65\r\n", 7),
+            now,
+        )
+        .unwrap();
+        center(&mut t, &ftp_command(TECH, "PORT 172,16,0,50,156,6", 7), now).unwrap();
+        assert_eq!(t.expectations(), 0);
+        // A site's segment to port 21 of the technician arms nothing.
+        let mut from_site = Vec::new();
+        etherparse::PacketBuilder::ipv4(NAT, TECH, 64)
+            .tcp(50000, 21, 7, 1000)
+            .ack(1)
+            .write(&mut from_site, b"PORT 172,16,0,50,156,65\r\n")
+            .unwrap();
+        let _ = site(&mut t, &from_site, now);
+        assert_eq!(t.expectations(), 0);
+        // EPRT of the technician's own address works as PORT does, and so
+        // does a command after another line in the same segment.
+        center(
+            &mut t,
+            &ftp_command(TECH, "TYPE I\r\nEPRT |1|172.16.0.50|40001|\r\n", 8),
+            now,
+        )
+        .unwrap();
+        site(&mut t, &tcp(NAT, TECH, 20, 40001, "S"), now).unwrap();
+    }
+
+    #[test]
+    fn security_an_expectation_expires() {
+        let now = Instant::now();
+        let mut t = table(now);
+        announce(&mut t, 40001, now);
+        announce(&mut t, 40002, now);
+        let late = now + EXPECTATION_TTL + Duration::from_secs(1);
+        assert_eq!(
+            site(&mut t, &tcp(NAT, TECH, 20, 40001, "S"), late),
+            Err(DropReason::SiteInitiated)
+        );
+        site(
+            &mut t,
+            &tcp(NAT, TECH, 20, 40002, "S"),
+            now + EXPECTATION_TTL - Duration::from_secs(2),
+        )
+        .unwrap();
+        t.handle_timeout(late);
+        assert_eq!(t.expectations(), 0);
+        let c = t.expectation_counters();
+        assert_eq!((c.created, c.used, c.expired), (2, 1, 1));
+    }
+
+    #[test]
+    fn security_a_retransmitted_port_command_does_not_rearm_a_used_expectation() {
+        let now = Instant::now();
+        let mut t = table(now);
+        announce(&mut t, 40001, now);
+        site(&mut t, &tcp(NAT, TECH, 20, 40001, "S"), now).unwrap();
+        center(&mut t, &tcp(TECH, NAT, 40001, 20, "R"), now).unwrap();
+        // The same segment again (a retransmission the site provoked by
+        // withholding its ACK): no second connection.
+        center(
+            &mut t,
+            &ftp_command(TECH, "PORT 172,16,0,50,156,65\r\n", 7),
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            site(&mut t, &tcp(NAT, TECH, 20, 40001, "S"), now),
+            Err(DropReason::SiteInitiated)
+        );
+        // A new command (later in the stream) naming the same port does.
+        center(
+            &mut t,
+            &ftp_command(TECH, "PORT 172,16,0,50,156,65\r\n", 40),
+            now,
+        )
+        .unwrap();
+        site(&mut t, &tcp(NAT, TECH, 20, 40001, "S"), now).unwrap();
+        assert_eq!(t.expectation_counters().used, 2);
+    }
+
+    #[test]
+    fn security_expectations_are_bounded_and_the_oldest_goes_first() {
+        let now = Instant::now();
+        let mut t = table(now);
+        for i in 0..=MAX_EXPECTATIONS as u16 {
+            announce(&mut t, 40000 + i, now);
+        }
+        assert_eq!(t.expectations(), MAX_EXPECTATIONS);
+        assert_eq!(t.expectation_counters().evicted, 1);
+        assert_eq!(
+            site(&mut t, &tcp(NAT, TECH, 20, 40000, "S"), now),
+            Err(DropReason::SiteInitiated)
+        );
+        site(&mut t, &tcp(NAT, TECH, 20, 40001, "S"), now).unwrap();
+        site(
+            &mut t,
+            &tcp(NAT, TECH, 20, 40000 + MAX_EXPECTATIONS as u16, "S"),
+            now,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn security_closing_a_nat_address_drops_its_expectations() {
+        let now = Instant::now();
+        let mut t = table(now);
+        announce(&mut t, 40001, now);
+        t.retain_open(|_, _| false);
+        assert_eq!(t.expectations(), 0);
+        assert_eq!(
+            site(&mut t, &tcp(NAT, TECH, 20, 40001, "S"), now),
+            Err(DropReason::SiteInitiated)
+        );
+    }
+
+    proptest::proptest! {
+        /// Any payload toward port 21 and any site SYNs: no panic, the
+        /// expectations stay within their bound, and a site SYN passes only
+        /// toward an address and port a command of the technician named.
+        #[test]
+        fn expectations_stay_bounded_and_open_only_what_was_named(
+            cmds in proptest::collection::vec(
+                (proptest::collection::vec(proptest::prelude::any::<u8>(), 0..60), 0u16..4),
+                0..60,
+            ),
+            syns in proptest::collection::vec((0u16..4, 1000u16..1030), 0..20),
+        ) {
+            let now = Instant::now();
+            let mut t = table(now);
+            let mut named = Vec::new();
+            for (junk, k) in &cmds {
+                let port = 40000 + k;
+                let [hi, lo] = port.to_be_bytes();
+                let mut payload = junk.clone();
+                if k % 2 == 0 {
+                    payload.extend_from_slice(format!("\r\nPORT 172,16,0,50,{hi},{lo}\r\n").as_bytes());
+                    named.push(port);
+                }
+                let mut p = Vec::new();
+                etherparse::PacketBuilder::ipv4(TECH, NAT, 64)
+                    .tcp(50000, 21, 7, 1000)
+                    .ack(1)
+                    .write(&mut p, &payload)
+                    .unwrap();
+                center(&mut t, &p, now).unwrap();
+                proptest::prop_assert!(t.expectations() <= MAX_EXPECTATIONS);
+            }
+            for (k, sport) in syns {
+                let port = 40000 + k;
+                if site(&mut t, &tcp(NAT, TECH, sport, port, "S"), now).is_ok() {
+                    proptest::prop_assert!(named.contains(&port), "{port} was not named");
+                }
+            }
+        }
     }
 
     #[test]

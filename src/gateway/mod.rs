@@ -215,6 +215,8 @@ pub struct GatewayCounters {
     pub icmp_unreachable_sent: u64,
     /// Cookie replies sent under load.
     pub cookie_replies_sent: u64,
+    /// Active-mode FTP data-connection expectations ([`flows`]).
+    pub ftp_expectations: flows::ExpectationCounters,
 }
 
 /// A datagram to send from the gateway's sockets.
@@ -463,7 +465,10 @@ impl<K: Kinds> GatewayState<K> {
 
     /// Gateway-wide counters.
     pub fn counters(&self) -> GatewayCounters {
-        self.counters
+        GatewayCounters {
+            ftp_expectations: self.flows.expectation_counters(),
+            ..self.counters
+        }
     }
 
     /// Flows in this state's table (expired ones until they are swept).

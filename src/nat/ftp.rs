@@ -27,7 +27,7 @@
 //!   Anything malformed passes unchanged or is counted; nothing here panics
 //!   on input.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use crate::ipv4::{Ipv4Header, PROTO_TCP, checksum};
@@ -116,27 +116,34 @@ fn number(line: &[u8], at: usize) -> Option<(u8, usize)> {
     Some((u8::try_from(v).ok()?, i))
 }
 
-/// `h1,h2,h3,h4,p1,p2` at `at` (RFC 959 §4.1.2 "host-port").
-fn rewrite_six(line: &[u8], at: usize, from: Ipv4Addr, to: Ipv4Addr, out: &mut Vec<u8>) -> bool {
+/// `h1,h2,h3,h4,p1,p2` at `at` (RFC 959 §4.1.2 "host-port"): the six
+/// numbers, where the address part ends and where the last number ends.
+fn six(line: &[u8], at: usize) -> Option<([u8; 6], usize, usize)> {
     let mut v = [0u8; 6];
     let mut i = at;
     let mut addr_end = at;
     for (k, slot) in v.iter_mut().enumerate() {
         if k > 0 {
             if line.get(i) != Some(&b',') {
-                return false;
+                return None;
             }
             i += 1;
         }
-        let Some((n, end)) = number(line, i) else {
-            return false;
-        };
+        let (n, end) = number(line, i)?;
         *slot = n;
         i = end;
         if k == 3 {
             addr_end = i;
         }
     }
+    Some((v, addr_end, i))
+}
+
+/// `h1,h2,h3,h4,p1,p2` at `at` naming `from`, rewritten to name `to`.
+fn rewrite_six(line: &[u8], at: usize, from: Ipv4Addr, to: Ipv4Addr, out: &mut Vec<u8>) -> bool {
+    let Some((v, addr_end, _)) = six(line, at) else {
+        return false;
+    };
     if Ipv4Addr::new(v[0], v[1], v[2], v[3]) != from {
         return false;
     }
@@ -148,35 +155,86 @@ fn rewrite_six(line: &[u8], at: usize, from: Ipv4Addr, to: Ipv4Addr, out: &mut V
     true
 }
 
-/// `<d>1<d>a.b.c.d<d>port<d>` at `at` (RFC 2428 §2); only protocol 1 (IPv4).
-fn rewrite_eprt(line: &[u8], at: usize, from: Ipv4Addr, to: Ipv4Addr, out: &mut Vec<u8>) -> bool {
-    let Some(&d) = line.get(at) else {
-        return false;
-    };
+/// `<d>1<d>a.b.c.d<d>port<d>` at `at` (RFC 2428 §2); only protocol 1
+/// (IPv4): the address, the port field (unchecked) and the address's
+/// length (it starts at `at + 3`).
+fn eprt(line: &[u8], at: usize) -> Option<(Ipv4Addr, &[u8], usize)> {
+    let &d = line.get(at)?;
     // RFC 2428 §2: the delimiter is a printable ASCII character.
     if !(33..=126).contains(&d) {
-        return false;
+        return None;
     }
     let body = &line[at + 1..];
     let mut fields = body.splitn(4, |&b| b == d);
     let (Some(b"1"), Some(addr)) = (fields.next(), fields.next()) else {
+        return None;
+    };
+    let port = fields.next()?;
+    fields.next()?;
+    let parsed = std::str::from_utf8(addr).ok()?.parse::<Ipv4Addr>().ok()?;
+    Some((parsed, port, addr.len()))
+}
+
+/// An `EPRT` at `at` naming `from`, rewritten to name `to`.
+fn rewrite_eprt(line: &[u8], at: usize, from: Ipv4Addr, to: Ipv4Addr, out: &mut Vec<u8>) -> bool {
+    let Some((addr, _, addr_len)) = eprt(line, at) else {
         return false;
     };
-    if fields.next().is_none() || fields.next().is_none() {
-        return false;
-    }
-    let parsed = std::str::from_utf8(addr)
-        .ok()
-        .and_then(|s| s.parse::<Ipv4Addr>().ok());
-    if parsed != Some(from) {
+    if addr != from {
         return false;
     }
     let addr_at = at + 3;
     out.clear();
     out.extend_from_slice(&line[..addr_at]);
     out.extend_from_slice(to.to_string().as_bytes());
-    out.extend_from_slice(&line[addr_at + addr.len()..]);
+    out.extend_from_slice(&line[addr_at + addr_len..]);
     true
+}
+
+/// The address and port an active-mode `PORT` or `EPRT` (IPv4) command line
+/// announces (RFC 959 §4.1.2, RFC 2428 §2): where the server is to open the
+/// data connection. `None` for any other line, a malformed one, or port 0.
+pub fn data_port(line: &[u8]) -> Option<SocketAddrV4> {
+    let line = line
+        .strip_suffix(b"\n")
+        .map_or(line, |l| l.strip_suffix(b"\r").unwrap_or(l));
+    let (addr, port) = if let Some(rest) = strip_prefix_ci(line, b"PORT ") {
+        let at = line.len() - rest.len();
+        let (v, _, end) = six(line, at)?;
+        // Nothing but blanks may follow the numbers.
+        if !line[end..].iter().all(|b| *b == b' ') {
+            return None;
+        }
+        (
+            Ipv4Addr::new(v[0], v[1], v[2], v[3]),
+            u16::from_be_bytes([v[4], v[5]]),
+        )
+    } else if let Some(rest) = strip_prefix_ci(line, b"EPRT ") {
+        let at = line.len() - rest.len();
+        let (addr, port, _) = eprt(line, at)?;
+        if port.is_empty() || port.len() > 5 || !port.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let port = std::str::from_utf8(port).ok()?.parse::<u16>().ok()?;
+        (addr, port)
+    } else {
+        return None;
+    };
+    (port != 0).then(|| SocketAddrV4::new(addr, port))
+}
+
+/// A `PORT` command line naming `addr` (RFC 959 §4.1.2), with CRLF.
+pub fn port_command(addr: SocketAddrV4, out: &mut Vec<u8>) {
+    let o = addr.ip().octets();
+    let [p1, p2] = addr.port().to_be_bytes();
+    out.extend_from_slice(
+        format!("PORT {},{},{},{},{p1},{p2}\r\n", o[0], o[1], o[2], o[3]).as_bytes(),
+    );
+}
+
+/// An `EPRT` command line naming `addr` (RFC 2428 §2), with CRLF.
+pub fn eprt_command(addr: SocketAddrV4, out: &mut Vec<u8>) {
+    out.extend_from_slice(format!("EPRT |1|{}|{}|\r\n", addr.ip(), addr.port()).as_bytes());
 }
 
 /// Counters of the ALG.
@@ -194,6 +252,43 @@ pub struct FtpCounters {
     pub table_full: u64,
     /// Segments passed unchanged because their TCP checksum was wrong.
     pub bad_checksum: u64,
+}
+
+impl FtpCounters {
+    /// What could not be rewritten, by reason (for the metrics).
+    pub fn unrewritten(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [
+            ("long_line", self.long_lines),
+            ("split_line", self.split_lines),
+            ("no_room", self.no_room),
+            ("table_full", self.table_full),
+            ("bad_checksum", self.bad_checksum),
+        ]
+        .into_iter()
+    }
+
+    /// What was counted since `earlier` (a copy of these counters taken
+    /// before).
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            rewritten: self.rewritten.saturating_sub(earlier.rewritten),
+            long_lines: self.long_lines.saturating_sub(earlier.long_lines),
+            split_lines: self.split_lines.saturating_sub(earlier.split_lines),
+            no_room: self.no_room.saturating_sub(earlier.no_room),
+            table_full: self.table_full.saturating_sub(earlier.table_full),
+            bad_checksum: self.bad_checksum.saturating_sub(earlier.bad_checksum),
+        }
+    }
+
+    /// Adds `other`'s counts.
+    pub fn merge(&mut self, other: &Self) {
+        self.rewritten += other.rewritten;
+        self.long_lines += other.long_lines;
+        self.split_lines += other.split_lines;
+        self.no_room += other.no_room;
+        self.table_full += other.table_full;
+        self.bad_checksum += other.bad_checksum;
+    }
 }
 
 /// One direction of a control connection as a byte stream (netstack mode):
@@ -236,6 +331,21 @@ impl LineRewriter {
 
     /// Feeds `input`, appending what may be sent on to `out`.
     pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        let (from, to) = (self.from, self.to);
+        self.push_with(input, out, |line, new| rewrite_line(line, from, to, new));
+    }
+
+    /// [`Self::push`] with another rewrite of the address lines: `rewrite`
+    /// gets each complete line that may carry an address (`PORT`, `EPRT`,
+    /// `227`, with its line end) and an empty buffer; it fills the buffer
+    /// with the line to send instead and returns `true`, or returns `false`
+    /// to send the line unchanged.
+    pub fn push_with(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        mut rewrite: impl FnMut(&[u8], &mut Vec<u8>) -> bool,
+    ) {
         for &b in input {
             if self.passing {
                 out.push(b);
@@ -246,7 +356,8 @@ impl LineRewriter {
             self.len += 1;
             let held = &self.line[..self.len];
             if b == b'\n' {
-                if rewrite_line(held, self.from, self.to, &mut self.scratch) {
+                self.scratch.clear();
+                if rewrite(held, &mut self.scratch) {
                     self.counters.rewritten += 1;
                     out.extend_from_slice(&self.scratch);
                 } else {

@@ -231,4 +231,103 @@ mod tests {
         .await;
         assert_eq!(n.counters().tcp_refused, 1);
     }
+    /// Active-mode FTP: the PC's data connection (taken over by the relay)
+    /// becomes a connection from the NAT address's port 20 to the address
+    /// the technician announced, and the PC's data reaches the technician.
+    #[tokio::test]
+    async fn an_active_ftp_data_connection_is_opened_toward_the_technician() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut pc = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (agent_side, _) = l.accept().await.unwrap();
+        let (mut n, mut rx) = stack();
+        let announced = std::net::SocketAddrV4::new(TECH, 40000);
+        n.on_relay(
+            RelayEvent::ActiveData {
+                nat: NAT,
+                tech: announced,
+                stream: agent_side,
+            },
+            Instant::now(),
+        );
+        let out: Vec<Vec<u8>> = std::iter::from_fn(|| n.poll_output()).collect();
+        let syn = out
+            .iter()
+            .find_map(|p| {
+                let s = etherparse::SlicedPacket::from_ip(p).ok()?;
+                let Some(etherparse::NetSlice::Ipv4(ip)) = &s.net else {
+                    return None;
+                };
+                let (src, dst) = (ip.header().source_addr(), ip.header().destination_addr());
+                match s.transport? {
+                    etherparse::TransportSlice::Tcp(t) if t.syn() && !t.ack() => {
+                        Some((src, dst, t.to_header()))
+                    }
+                    _ => None,
+                }
+            })
+            .expect("a SYN toward the technician");
+        assert_eq!((syn.0, syn.1), (NAT, TECH));
+        assert_eq!((syn.2.source_port, syn.2.destination_port), (20, 40000));
+        // The technician accepts; the PC's data follows.
+        let isn = syn.2.sequence_number;
+        n.input(&tcp("SA", 7000, isn + 1, 20, &[]), Instant::now());
+        n.poll(Instant::now());
+        pc.write_all(b"file contents").await.unwrap();
+        let mut data = Vec::new();
+        relay_until(&mut n, &mut rx, |n| {
+            for p in std::iter::from_fn(|| n.poll_output()) {
+                let s = etherparse::SlicedPacket::from_ip(&p).unwrap();
+                if let Some(etherparse::TransportSlice::Tcp(t)) = s.transport {
+                    data.extend_from_slice(t.payload());
+                }
+            }
+            data == b"file contents"
+        })
+        .await;
+        let c = n.counters();
+        assert_eq!((c.ftp_active_data, c.ftp_active_refused), (1, 0));
+        // A second data connection to the same technician endpoint while
+        // the first is open leaves from another port.
+        let mut pc2 = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (agent_side, _) = l.accept().await.unwrap();
+        n.on_relay(
+            RelayEvent::ActiveData {
+                nat: NAT,
+                tech: announced,
+                stream: agent_side,
+            },
+            Instant::now(),
+        );
+        let second = outputs(&mut n)
+            .into_iter()
+            .find(|t| t.syn && !t.ack)
+            .expect("a second SYN");
+        assert_ne!(second.source_port, 20);
+        pc2.write_all(b"x").await.unwrap();
+        // A connection for a NAT address that is no longer mapped is refused.
+        n.on_agent_event(&AgentEvent::MappingRemoved {
+            nat: NAT,
+            real: Ipv4Addr::LOCALHOST,
+            terminal: TerminalName::new("pc-1").unwrap(),
+            because: vpnnat::agent::RemovedBecause::Revoked,
+        });
+        let _pc3 = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (agent_side, _) = l.accept().await.unwrap();
+        n.on_relay(
+            RelayEvent::ActiveData {
+                nat: NAT,
+                tech: announced,
+                stream: agent_side,
+            },
+            Instant::now(),
+        );
+        assert!(outputs(&mut n).iter().all(|t| !t.syn));
+        assert_eq!(n.counters().ftp_active_refused, 1);
+    }
 }

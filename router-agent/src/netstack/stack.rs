@@ -11,6 +11,8 @@ use smoltcp::wire::{
 };
 use vpnnat::agent::AgentEvent;
 
+use vpnnat::nat::ftp::FtpCounters;
+
 use super::relay::{CHUNK, DatagramRelay, EventSender, FromOs, RelayEvent, TcpRelay};
 use crate::probe;
 
@@ -25,6 +27,12 @@ const MAX_TCP: usize = 4096;
 pub const DEFAULT_MAX_UDP: usize = 512;
 /// Default bound of ICMP echo flows (each an OS socket).
 pub const DEFAULT_MAX_ICMP: usize = 256;
+/// The source port of an FTP server's active-mode data connections
+/// (RFC 959 §3.2, L-1).
+const FTP_DATA_PORT: u16 = 20;
+/// Source ports of active-mode data connections when port 20 is taken
+/// toward the same technician endpoint: 4096 from here.
+const ACTIVE_PORTS_FROM: u16 = 61440;
 
 /// Counters of the netstack.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -45,6 +53,13 @@ pub struct NetstackCounters {
     pub icmp_unavailable: u64,
     /// Packets dropped (unsupported protocol, malformed, full queues).
     pub dropped: u64,
+    /// The FTP rewriting of control connections.
+    pub ftp: FtpCounters,
+    /// Active-mode FTP data connections opened toward technicians.
+    pub ftp_active_data: u64,
+    /// Active-mode FTP commands that could not be taken over (passed to
+    /// the PC unchanged), or whose connection could not be opened.
+    pub ftp_active_refused: u64,
 }
 
 /// The tunnel side as a smoltcp device: packets in, packets out.
@@ -433,7 +448,12 @@ impl Netstack {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let relay = TcpRelay::spawn(id, SocketAddrV4::new(real, key.port), key.nat, &self.events);
+        let relay = TcpRelay::spawn(
+            id,
+            SocketAddrV4::new(real, key.port),
+            (key.nat, *key.remote.ip()),
+            &self.events,
+        );
         self.tcp_by_key.insert(key, id);
         self.tcp.insert(
             id,
@@ -566,6 +586,11 @@ impl Netstack {
                 }
             }
             RelayEvent::TcpWake => {}
+            RelayEvent::ActiveData { nat, tech, stream } => {
+                self.active_data(nat, tech, stream, now)
+            }
+            RelayEvent::ActiveRefused => self.counters.ftp_active_refused += 1,
+            RelayEvent::FtpCounted(ftp) => self.counters.ftp.merge(&ftp),
             RelayEvent::TcpDone { id, reset } => {
                 let Some(c) = self.tcp.get_mut(&id) else {
                     return;
@@ -631,6 +656,69 @@ impl Netstack {
                 }
             }
         }
+    }
+
+    /// Active-mode FTP: the PC connected to the agent in the technician's
+    /// place; open the data connection from its NAT address (port 20, as
+    /// an FTP server's, or another one when that is taken) to the address
+    /// the technician announced, and relay the two.
+    fn active_data(
+        &mut self,
+        nat: Ipv4Addr,
+        tech: SocketAddrV4,
+        stream: tokio::net::TcpStream,
+        now: Instant,
+    ) {
+        if !self.mappings.contains_key(&nat) || self.tcp.len() >= MAX_TCP {
+            self.counters.ftp_active_refused += 1;
+            return;
+        }
+        let key_for = |port| FlowKey {
+            nat,
+            port,
+            remote: tech,
+        };
+        let port = std::iter::once(FTP_DATA_PORT)
+            .chain((0..64).map(|i| ACTIVE_PORTS_FROM + ((self.next_id + i) % 4096) as u16))
+            .find(|p| !self.tcp_by_key.contains_key(&key_for(*p)));
+        let Some(port) = port else {
+            self.counters.ftp_active_refused += 1;
+            return;
+        };
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.tcp_buffer]),
+            tcp::SocketBuffer::new(vec![0; self.tcp_buffer]),
+        );
+        s.set_nagle_enabled(false);
+        s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(60)));
+        s.set_timeout(Some(smoltcp::time::Duration::from_secs(300)));
+        let remote = IpEndpoint::new((*tech.ip()).into(), tech.port());
+        let local = IpListenEndpoint {
+            addr: Some(nat.into()),
+            port,
+        };
+        if s.connect(self.iface.context(), remote, local).is_err() {
+            self.counters.ftp_active_refused += 1;
+            return;
+        }
+        let handle = self.sockets.add(s);
+        let id = self.next_id;
+        self.next_id += 1;
+        let key = key_for(port);
+        self.tcp_by_key.insert(key, id);
+        self.tcp.insert(
+            id,
+            TcpConn {
+                key,
+                phase: TcpPhase::Open { handle },
+                relay: TcpRelay::adopt(id, stream, &self.events),
+                pending: None,
+                os_eof: false,
+            },
+        );
+        self.counters.ftp_active_data += 1;
+        self.counters.tcp_connections += 1;
+        self.poll(now);
     }
 
     /// Runs the stack: processes queued input, moves data between sockets and

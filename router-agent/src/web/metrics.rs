@@ -54,6 +54,16 @@ fn render(
     );
     #[rustfmt::skip]
     m.single("mappings_expired_total", Counter, "Mappings the agent removed at their expiry.", c.mappings_expired);
+    // The FTP ALG: packet mode's in the agent state, netstack mode's in
+    // the relays of FTP control connections.
+    let mut ftp = c.ftp;
+    if let Some(n) = &snap.netstack {
+        ftp.merge(&n.ftp);
+    }
+    #[rustfmt::skip]
+    m.single("ftp_alg_lines_rewritten_total", Counter, "FTP control lines (PORT, EPRT, 227) whose address the ALG rewrote.", ftp.rewritten);
+    #[rustfmt::skip]
+    m.labelled("ftp_alg_unrewritten_total", Counter, "FTP control lines the ALG passed unchanged although they may name an address, by reason.", "reason", ftp.unrewritten());
     if let Some(t) = &snap.tunnel {
         m.single(
             "tunnel_handshakes_total",
@@ -76,12 +86,14 @@ fn render(
     m.labelled("udp_datagrams_total", Counter, "Tunnel datagrams, by direction.", "direction", datagrams);
     if let Some(n) = &snap.netstack {
         #[rustfmt::skip]
-        let netstack: [(&str, Kind, &str, u64); 5] = [
+        let netstack: [(&str, Kind, &str, u64); 7] = [
             ("netstack_tcp_connections_total", Counter, "TCP connections relayed.", n.tcp_connections),
             ("netstack_tcp_open", Gauge, "TCP connections open.", n.tcp_open),
             ("netstack_tcp_refused_total", Counter, "TCP connections the terminal refused.", n.tcp_refused),
             ("netstack_udp_flows_total", Counter, "UDP flows relayed.", n.udp_flows),
             ("netstack_dropped_total", Counter, "Packets the netstack dropped.", n.dropped),
+            ("netstack_ftp_active_data_total", Counter, "Active-mode FTP data connections opened toward technicians.", n.ftp_active_data),
+            ("netstack_ftp_active_refused_total", Counter, "Active-mode FTP commands not taken over, or whose data connection could not be opened.", n.ftp_active_refused),
         ];
         for (name, kind, help, value) in netstack {
             m.single(name, kind, help, value);

@@ -69,6 +69,79 @@ fn other_addresses_epsv_and_malformed_lines_pass() {
     }
 }
 
+#[test]
+fn data_port_reads_active_mode_commands_only() {
+    let at = |s: &str| s.parse::<SocketAddrV4>().unwrap();
+    for (line, want) in [
+        ("PORT 172,16,0,50,156,65\r\n", "172.16.0.50:40001"),
+        ("port 172,16,0,50,0,21", "172.16.0.50:21"),
+        ("PORT 172,16,0,50,255,255 \r\n", "172.16.0.50:65535"),
+        ("EPRT |1|172.16.0.50|40001|\r\n", "172.16.0.50:40001"),
+        ("eprt !1!10.0.0.1!7!\n", "10.0.0.1:7"),
+    ] {
+        assert_eq!(data_port(line.as_bytes()), Some(at(want)), "{line:?}");
+    }
+    for line in [
+        "PORT 172,16,0,50,0,0\r\n",
+        "PORT 172,16,0,50,4\r\n",
+        "PORT 172,16,0,50,4,1,9\r\n",
+        "PORT 172,16,0,50,4,1x\r\n",
+        "PORT 172,16,0,256,4,1\r\n",
+        "EPRT |1|172.16.0.50|0|\r\n",
+        "EPRT |1|172.16.0.50|65536|\r\n",
+        "EPRT |1|172.16.0.50|+1|\r\n",
+        "EPRT |1|172.16.0.50||\r\n",
+        "EPRT |2|::1|40001|\r\n",
+        "EPRT |1|172.16.0.50|40001\r\n",
+        "227 Entering Passive Mode (172,16,0,50,156,65).\r\n",
+        "EPSV\r\n",
+        "RETR file\r\n",
+        "",
+    ] {
+        assert_eq!(data_port(line.as_bytes()), None, "{line:?}");
+    }
+}
+
+#[test]
+fn port_and_eprt_commands_read_back() {
+    let a: SocketAddrV4 = "192.168.1.20:40001".parse().unwrap();
+    let mut out = Vec::new();
+    port_command(a, &mut out);
+    assert_eq!(out, b"PORT 192,168,1,20,156,65\r\n");
+    assert_eq!(data_port(&out), Some(a));
+    out.clear();
+    eprt_command(a, &mut out);
+    assert_eq!(out, b"EPRT |1|192.168.1.20|40001|\r\n");
+    assert_eq!(data_port(&out), Some(a));
+}
+
+#[test]
+fn a_stream_can_rewrite_its_address_lines_its_own_way() {
+    let mut r = LineRewriter::new(NAT, REAL);
+    let mut seen = Vec::new();
+    let mut out = Vec::new();
+    for chunk in [
+        &b"USER x\r\nPO"[..],
+        b"RT 172,16,0,50,4,1\r\n",
+        b"RETR f\r\n",
+    ] {
+        r.push_with(chunk, &mut out, |line, new| {
+            seen.push(line.to_vec());
+            match data_port(line) {
+                Some(_) => {
+                    port_command("192.168.1.20:1025".parse().unwrap(), new);
+                    true
+                }
+                None => false,
+            }
+        });
+    }
+    assert_eq!(out, b"USER x\r\nPORT 192,168,1,20,4,1\r\nRETR f\r\n");
+    // Only the line that may carry an address was handed over.
+    assert_eq!(seen, vec![b"PORT 172,16,0,50,4,1\r\n".to_vec()]);
+    assert_eq!(r.counters().rewritten, 1);
+}
+
 fn stream(r: &mut LineRewriter, chunks: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::new();
     for c in chunks {
@@ -505,6 +578,27 @@ proptest! {
         // Nothing is lost or invented: only the address changes length.
         let diff = (input.len() as i64 - out.len() as i64).unsigned_abs();
         prop_assert_eq!(diff % 3, 0);
+    }
+
+    /// Any line: no panic; an address and port the command helpers write
+    /// are read back exactly, in either form and either case.
+    #[test]
+    fn data_port_reads_back_what_is_written_and_survives_anything(
+        junk in proptest::collection::vec(any::<u8>(), 0..80),
+        addr in any::<[u8; 4]>(),
+        port in 1u16..,
+        lower in any::<bool>(),
+    ) {
+        let _ = data_port(&junk);
+        let a = SocketAddrV4::new(Ipv4Addr::from(addr), port);
+        for write in [port_command, eprt_command] {
+            let mut line = Vec::new();
+            write(a, &mut line);
+            if lower {
+                line[..4].make_ascii_lowercase();
+            }
+            prop_assert_eq!(data_port(&line), Some(a));
+        }
     }
 
     /// Arbitrary segments on tracked and untracked flows: no panic, the
