@@ -12,6 +12,12 @@
 //! through bounded channels in both directions, so a slow side slows the
 //! other down (TCP windows on the tunnel side, the kernel's on the LAN side).
 //!
+//! FTP (port 21): the relay rewrites the addresses in the control lines
+//! both ways, and takes an active-mode `PORT`/`EPRT` naming the technician
+//! over: the PC connects to the agent, and the stack opens the data
+//! connection from the NAT address to the technician (docs/ARCHITECTURE.md,
+//! "FTP: the ALG and the expectations").
+//!
 //! Only packets the agent state has already checked reach this module: the
 //! destination is a mapped NAT address. When a mapping goes away every
 //! connection and flow of its NAT address is dropped at once.
