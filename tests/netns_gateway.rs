@@ -246,10 +246,11 @@ fn netns_gateway_clean_shutdown_removes_routes_and_arp_entries() {
     let mut w = World::new("ns", "dev eth0");
     w.set_peers(&desired(1, vec![peer(3, &["10.64.0.5", "10.64.0.6"])]));
     w.start_gateway();
-    wait_until("routes", Duration::from_secs(10), || {
+    // The proxy ARP entries follow the routes a moment later.
+    wait_until("routes and proxy entries", Duration::from_secs(10), || {
         routes(&w) == strs(&["10.64.0.5", "10.64.0.6"])
+            && proxies(&w) == strs(&["10.64.0.5", "10.64.0.6"])
     });
-    assert_eq!(proxies(&w), strs(&["10.64.0.5", "10.64.0.6"]));
     let pid = w.gw_pid.take().unwrap();
     let status =
         w.gw.terminate(pid, Duration::from_secs(10))
@@ -268,9 +269,11 @@ fn netns_gateway_clean_shutdown_removes_routes_and_arp_entries() {
     // After a crash (SIGKILL) the proxy entries stay behind; the next start
     // finds them by their protocol number and removes what it no longer holds.
     w.start_gateway();
-    wait_until("routes again", Duration::from_secs(10), || {
-        routes(&w).len() == 2
-    });
+    wait_until(
+        "routes and proxy entries again",
+        Duration::from_secs(10),
+        || routes(&w).len() == 2 && proxies(&w).len() == 2,
+    );
     let pid = w.gw_pid.take().unwrap();
     w.gw.kill(pid);
     assert_eq!(proxies(&w), strs(&["10.64.0.5", "10.64.0.6"]));
