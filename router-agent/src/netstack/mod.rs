@@ -88,6 +88,16 @@ mod tests {
             .collect()
     }
 
+    /// Appends the TCP payloads of everything the stack sends to `data`.
+    fn take_tcp_payloads(n: &mut Netstack, data: &mut Vec<u8>) {
+        for p in std::iter::from_fn(|| n.poll_output()) {
+            let s = etherparse::SlicedPacket::from_ip(&p).unwrap();
+            if let Some(etherparse::TransportSlice::Tcp(t)) = s.transport {
+                data.extend_from_slice(t.payload());
+            }
+        }
+    }
+
     async fn relay_until(
         n: &mut Netstack,
         rx: &mut mpsc::Receiver<RelayEvent>,
@@ -135,12 +145,7 @@ mod tests {
         n.poll(Instant::now());
         let mut data = Vec::new();
         relay_until(&mut n, &mut rx, |n| {
-            for p in std::iter::from_fn(|| n.poll_output()) {
-                let s = etherparse::SlicedPacket::from_ip(&p).unwrap();
-                if let Some(etherparse::TransportSlice::Tcp(t)) = s.transport {
-                    data.extend_from_slice(t.payload());
-                }
-            }
+            take_tcp_payloads(n, &mut data);
             data == b"world"
         })
         .await;
@@ -283,12 +288,7 @@ mod tests {
         pc.write_all(b"file contents").await.unwrap();
         let mut data = Vec::new();
         relay_until(&mut n, &mut rx, |n| {
-            for p in std::iter::from_fn(|| n.poll_output()) {
-                let s = etherparse::SlicedPacket::from_ip(&p).unwrap();
-                if let Some(etherparse::TransportSlice::Tcp(t)) = s.transport {
-                    data.extend_from_slice(t.payload());
-                }
-            }
+            take_tcp_payloads(n, &mut data);
             data == b"file contents"
         })
         .await;

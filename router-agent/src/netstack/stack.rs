@@ -555,13 +555,7 @@ impl Netstack {
                 };
                 let syn = std::mem::take(syn);
                 if ok {
-                    let mut s = tcp::Socket::new(
-                        tcp::SocketBuffer::new(vec![0; self.tcp_buffer]),
-                        tcp::SocketBuffer::new(vec![0; self.tcp_buffer]),
-                    );
-                    s.set_nagle_enabled(false);
-                    s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(60)));
-                    s.set_timeout(Some(smoltcp::time::Duration::from_secs(300)));
+                    let mut s = tcp_socket(self.tcp_buffer);
                     if s.listen(IpListenEndpoint {
                         addr: Some(c.key.nat.into()),
                         port: c.key.port,
@@ -685,13 +679,7 @@ impl Netstack {
             self.counters.ftp_active_refused += 1;
             return;
         };
-        let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.tcp_buffer]),
-            tcp::SocketBuffer::new(vec![0; self.tcp_buffer]),
-        );
-        s.set_nagle_enabled(false);
-        s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(60)));
-        s.set_timeout(Some(smoltcp::time::Duration::from_secs(300)));
+        let mut s = tcp_socket(self.tcp_buffer);
         let remote = IpEndpoint::new((*tech.ip()).into(), tech.port());
         let local = IpListenEndpoint {
             addr: Some(nat.into()),
@@ -944,4 +932,17 @@ impl Netstack {
             (!self.udp.is_empty() || !self.icmp.is_empty()).then(|| now + Duration::from_secs(5));
         [stack, flows].into_iter().flatten().min()
     }
+}
+
+/// A relayed TCP connection's socket: `buffer` bytes each way, no Nagle,
+/// keep-alive after 60 s, given up after 300 s without an answer.
+fn tcp_socket(buffer: usize) -> tcp::Socket<'static> {
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; buffer]),
+        tcp::SocketBuffer::new(vec![0; buffer]),
+    );
+    s.set_nagle_enabled(false);
+    s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(60)));
+    s.set_timeout(Some(smoltcp::time::Duration::from_secs(300)));
+    s
 }
