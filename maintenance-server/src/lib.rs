@@ -7,7 +7,8 @@
 //! desired-state long-polls and their wake-ups ([`notify`]), gateway
 //! selection, failover and lease expiry ([`tasks`], [`db::ops`]) and the
 //! technician console ([`console`]); [`swanctl`] writes the strongSwan
-//! configuration of a hand-configured IPsec site. [`server`] starts it all around the
+//! configuration of a hand-configured IPsec site; [`webhooks`] delivers the
+//! signed notifications for the provider's ticketing system. [`server`] starts it all around the
 //! shared [`state`]; the binary (`main.rs`) is the CLI around
 //! [`launch_with_listener`].
 #![forbid(unsafe_code)]
@@ -29,6 +30,7 @@ pub mod state;
 pub mod swanctl;
 pub mod tasks;
 pub mod tls;
+pub mod webhooks;
 
 pub use server::{launch_with_listener, open_database, operator_token};
 pub use state::{AppState, Inner, PeerAddr, RateLimiter};

@@ -32,6 +32,8 @@ pub struct Counts {
     pub pool_used: i64,
     /// Sites.
     pub sites: i64,
+    /// Webhook deliveries not yet delivered nor given up.
+    pub webhooks_pending: i64,
 }
 
 /// Reads the counts; `pool_size` is the number of addresses the configured
@@ -66,12 +68,20 @@ pub async fn counts(conn: &mut AnyConnection, pool_size: i64) -> DbResult<Counts
         .fetch_one(&mut *conn)
         .await?;
     c.sites = col(&r, "n")?;
+    // Answered from the partial index of waiting deliveries.
+    c.webhooks_pending = crate::db::outbox::pending(conn).await?;
     Ok(c)
 }
 
 /// Renders the gauges and counters; every labelled series is present, zero
 /// when nothing counts.
-pub fn render(c: &Counts, long_polls: i64, logins: &PasswordCheckCounts) -> String {
+pub fn render(
+    c: &Counts,
+    long_polls: i64,
+    logins: &PasswordCheckCounts,
+    webhooks: &crate::webhooks::Stats,
+) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
     let count = |rows: &[(String, i64)], key: &str| {
         rows.iter().find(|(k, _)| k == key).map_or(0, |(_, n)| *n)
     };
@@ -137,6 +147,33 @@ pub fn render(c: &Counts, long_polls: i64, logins: &PasswordCheckCounts) -> Stri
         logins.rate_limited,
     );
     m.sample("login_refused_total", &[("reason", "busy")], logins.busy);
+    m.single(
+        "webhook_deliveries_pending",
+        Gauge,
+        "Webhook deliveries waiting for their next attempt (all replicas).",
+        c.webhooks_pending,
+    );
+    m.family(
+        "webhook_attempts_total",
+        Counter,
+        "Webhook delivery attempts this replica made, by outcome.",
+    );
+    m.sample(
+        "webhook_attempts_total",
+        &[("outcome", "delivered")],
+        webhooks.delivered.load(Relaxed),
+    );
+    m.sample(
+        "webhook_attempts_total",
+        &[("outcome", "failed")],
+        webhooks.failed.load(Relaxed),
+    );
+    m.single(
+        "webhook_deliveries_given_up_total",
+        Counter,
+        "Webhook deliveries this replica gave up after notifications.max_attempts.",
+        webhooks.given_up.load(Relaxed),
+    );
     m.finish()
 }
 
@@ -152,6 +189,7 @@ mod tests {
             pool_free: 10,
             pool_used: 2,
             sites: 3,
+            webhooks_pending: 5,
         };
         let logins = PasswordCheckCounts {
             max: 4,
@@ -159,7 +197,9 @@ mod tests {
             total: 7,
             ..Default::default()
         };
-        let t = render(&c, 4, &logins);
+        let hooks = crate::webhooks::Stats::default();
+        hooks.failed.store(2, std::sync::atomic::Ordering::Relaxed);
+        let t = render(&c, 4, &logins, &hooks);
         for line in [
             "vpnnat_requests{state=\"waiting\"} 2",
             "vpnnat_requests{state=\"in_progress\"} 0",
@@ -173,6 +213,10 @@ mod tests {
             "vpnnat_login_password_checks_running_max 3",
             "vpnnat_login_password_checks_limit 4",
             "vpnnat_login_refused_total{reason=\"busy\"} 0",
+            "vpnnat_webhook_deliveries_pending 5",
+            "vpnnat_webhook_attempts_total{outcome=\"delivered\"} 0",
+            "vpnnat_webhook_attempts_total{outcome=\"failed\"} 2",
+            "vpnnat_webhook_deliveries_given_up_total 0",
         ] {
             assert!(t.lines().any(|l| l == line), "{line} missing in\n{t}");
         }

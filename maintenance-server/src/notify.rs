@@ -28,15 +28,18 @@ pub enum Topic {
     Gateway(GatewayId),
     /// The technician console's feed.
     Console,
+    /// New webhook deliveries are waiting (the delivery workers).
+    Outbox,
 }
 
 impl Topic {
-    /// `s:ID`, `g:ID` or `c`.
+    /// `s:ID`, `g:ID`, `c` or `o`.
     pub fn encode(&self) -> String {
         match self {
             Self::Site(s) => format!("s:{s}"),
             Self::Gateway(g) => format!("g:{g}"),
             Self::Console => "c".to_owned(),
+            Self::Outbox => "o".to_owned(),
         }
     }
 
@@ -46,6 +49,7 @@ impl Topic {
             Some(("s", id)) => id.parse().ok().map(Self::Site),
             Some(("g", id)) => id.parse().ok().map(Self::Gateway),
             None if s == "c" => Some(Self::Console),
+            None if s == "o" => Some(Self::Outbox),
             _ => None,
         }
     }
@@ -189,6 +193,7 @@ mod tests {
             Topic::Site(SiteId(3)),
             Topic::Gateway(GatewayId(12)),
             Topic::Console,
+            Topic::Outbox,
         ] {
             assert_eq!(Topic::decode(&t.encode()), Some(t));
         }

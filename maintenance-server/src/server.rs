@@ -90,6 +90,7 @@ pub async fn launch_with_listener(
     }
     let db = open_database(&settings).await?;
     let token = operator_token(&settings)?;
+    let webhook_sender = crate::webhooks::Sender::load(&settings)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let notifier = Arc::new(Notifier::default());
     let state = AppState::new(Inner {
@@ -106,6 +107,7 @@ pub async fn launch_with_listener(
             settings.password_checks(),
             crate::auth::PASSWORD_CHECK_WAIT,
         ),
+        webhook_stats: crate::webhooks::Stats::default(),
         settings: settings.clone(),
     });
     let mut background = Vec::new();
@@ -121,6 +123,13 @@ pub async fn launch_with_listener(
         let _ = tokio::time::timeout(Duration::from_secs(10), ready_rx).await;
     }
     background.push(tokio::spawn(tasks::run(state.clone(), stop_rx.clone())));
+    if !webhook_sender.is_empty() {
+        background.push(tokio::spawn(crate::webhooks::run(
+            state.clone(),
+            webhook_sender,
+            stop_rx.clone(),
+        )));
+    }
     let app = routes::router(state.clone());
     let local = listener.local_addr().context("listener address")?;
     let stop = async move {

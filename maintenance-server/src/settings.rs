@@ -44,6 +44,8 @@ pub struct Settings {
     pub quotas: Quotas,
     /// How long failure reports and audit rows are kept.
     pub retention: Retention,
+    /// Expiry warnings and webhooks.
+    pub notifications: Notifications,
 }
 
 /// `[http]`
@@ -337,6 +339,58 @@ impl Default for Retention {
     }
 }
 
+/// `[notifications]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Notifications {
+    /// An open request this many seconds before its expiry is announced
+    /// once (`request.expiring`); 0: never.
+    pub expiry_warning_s: u64,
+    /// The first retry of a failed webhook delivery comes after this many
+    /// milliseconds; each further one after twice as long (jittered).
+    pub retry_initial_ms: u64,
+    /// The longest pause between two attempts, ms.
+    pub retry_max_ms: u64,
+    /// Attempts before a delivery is given up.
+    pub max_attempts: u32,
+    /// How long one attempt may take, ms.
+    pub timeout_ms: u64,
+    /// Delivered and given-up deliveries are deleted after this many days.
+    pub keep_days: u32,
+    /// The receivers.
+    pub webhooks: Vec<Webhook>,
+}
+
+impl Default for Notifications {
+    fn default() -> Self {
+        Self {
+            expiry_warning_s: 900,
+            retry_initial_ms: 5_000,
+            retry_max_ms: 3_600_000,
+            max_attempts: 20,
+            timeout_ms: 10_000,
+            keep_days: 7,
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+/// `[[notifications.webhooks]]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Webhook {
+    /// A short name (letters, digits, `-`, `_`): the key of its deliveries.
+    pub name: String,
+    /// Where events are posted (`https://…`; `http://` only to loopback).
+    pub url: String,
+    /// A file holding the shared secret of the signature (at least 32
+    /// characters; surrounding whitespace is ignored).
+    pub secret_file: PathBuf,
+    /// The event types sent (`request.created`, `failure.reported`,
+    /// `request.expiring`); empty: all.
+    pub events: Vec<String>,
+}
+
 impl Settings {
     /// Loads the settings from `path` (or the default file when it exists) and the environment.
     ///
@@ -458,6 +512,7 @@ impl Settings {
                 "at least 30 (younger audit rows cannot be deleted)".into(),
             ));
         }
+        self.validate_notifications()?;
         if self.database.max_connections == 0 {
             return Err(("database.max_connections", "at least 1".into()));
         }
@@ -471,6 +526,64 @@ impl Settings {
                 "database.url",
                 "expected empty, sqlite://PATH or postgres://…".into(),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_notifications(&self) -> Result<(), (&'static str, String)> {
+        let n = &self.notifications;
+        if n.retry_initial_ms == 0 || n.retry_max_ms < n.retry_initial_ms {
+            return Err((
+                "notifications.retry_max_ms",
+                "retry_initial_ms at least 1 and retry_max_ms at least retry_initial_ms".into(),
+            ));
+        }
+        if n.max_attempts == 0 {
+            return Err(("notifications.max_attempts", "at least 1".into()));
+        }
+        if n.timeout_ms < 100 {
+            return Err(("notifications.timeout_ms", "at least 100".into()));
+        }
+        if n.keep_days == 0 {
+            return Err(("notifications.keep_days", "at least 1".into()));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, w) in n.webhooks.iter().enumerate() {
+            let which = |m: &str| format!("webhook #{} ({:?}): {m}", i + 1, w.name);
+            if w.name.is_empty()
+                || w.name.len() > 64
+                || !w
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err((
+                    "notifications.webhooks.name",
+                    which("1 to 64 letters, digits, - or _"),
+                ));
+            }
+            if !names.insert(w.name.as_str()) {
+                return Err(("notifications.webhooks.name", which("used twice")));
+            }
+            crate::webhooks::check_url(&w.url)
+                .map_err(|m| ("notifications.webhooks.url", which(&m)))?;
+            if w.secret_file.as_os_str().is_empty() {
+                return Err((
+                    "notifications.webhooks.secret_file",
+                    which("required: a file holding the signing secret"),
+                ));
+            }
+            for e in &w.events {
+                if !crate::webhooks::EVENT_TYPES.contains(&e.as_str()) {
+                    return Err((
+                        "notifications.webhooks.events",
+                        which(&format!(
+                            "unknown event {e:?}; known: {}",
+                            crate::webhooks::EVENT_TYPES.join(", ")
+                        )),
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -38,6 +38,8 @@ pub struct Inner {
     pub shutdown: watch::Receiver<bool>,
     /// The bound on concurrent password checks of logins.
     pub password_checks: crate::auth::PasswordChecks,
+    /// What this replica's webhook worker did.
+    pub webhook_stats: crate::webhooks::Stats,
 }
 
 impl AppState {

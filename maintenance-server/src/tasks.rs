@@ -45,6 +45,9 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
         if let Err(e) = expire(&state).await {
             tracing::warn!(error = %e, "lease expiry");
         }
+        if let Err(e) = warn_expiring(&state).await {
+            tracing::warn!(error = %e, "expiry warnings");
+        }
         if let Err(e) = failover(&state, started.elapsed() >= grace).await {
             tracing::warn!(error = %e, "gateway failover");
         }
@@ -102,6 +105,45 @@ pub async fn expire(state: &AppState) -> Result<usize, OpError> {
             // Ended meanwhile (by a technician or another replica).
             Err(OpError::InvalidState(_)) => {}
             Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Announces, once, every open request that reaches
+/// `[notifications] expiry_warning_s` before its expiry: the console shows
+/// it (and notifies the technicians' browsers), the webhooks get
+/// `request.expiring`. Returns how many were announced.
+///
+/// # Errors
+/// Database failures.
+pub async fn warn_expiring(state: &AppState) -> Result<usize, OpError> {
+    let window = state.policy.expiry_warning_ms;
+    if window <= 0 {
+        return Ok(0);
+    }
+    let now = now_ms();
+    let mut tx = state.db.begin().await?;
+    let due = ops::expiring_requests(&mut tx, now, window).await?;
+    drop(tx);
+    let routes = &state.policy.webhooks;
+    let mut n = 0;
+    for id in due {
+        let announced = state
+            .db
+            .transaction(&state.notifier, async |tx| {
+                if !ops::mark_expiry_warned(tx, id, now).await? {
+                    // Ended, or announced by another replica meanwhile.
+                    return Ok::<_, OpError>(false);
+                }
+                let view = crate::db::views::request(&mut tx.inner, id).await?;
+                crate::webhooks::request_expiring(tx, routes, &view, now).await?;
+                Ok(true)
+            })
+            .await?;
+        if announced {
+            tracing::info!(request.id = %id, "maintenance request nears its expiry");
+            n += 1;
         }
     }
     Ok(n)

@@ -249,6 +249,10 @@ pub struct MaintenanceRequestView {
     /// shows it); absent until started, and from servers that predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub technician: Option<String>,
+    /// When the server announced that the request nears its expiry
+    /// (`[notifications] expiry_warning_s`); absent until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry_warned_at: Option<UnixMillis>,
 }
 
 /// A failure code the agent reports.

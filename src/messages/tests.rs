@@ -46,6 +46,7 @@ fn request_view() -> MaintenanceRequestView {
         tunnel: TunnelKind::Wireguard,
         transport: Some(Transport::Tls),
         technician: None,
+        expiry_warned_at: None,
     }
 }
 

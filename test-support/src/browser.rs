@@ -64,6 +64,21 @@ impl Browser {
     /// Starts chromedriver and a headless session with a window of
     /// `width` × `height`.
     pub async fn start(width: u32, height: u32) -> Self {
+        Self::start_with(width, height, json!({})).await
+    }
+
+    /// [`Self::start`] with the profile's permission for desktop
+    /// notifications already given (as a technician who allowed them once).
+    pub async fn start_allowing_notifications(width: u32, height: u32) -> Self {
+        Self::start_with(
+            width,
+            height,
+            json!({ "profile.default_content_setting_values.notifications": 1 }),
+        )
+        .await
+    }
+
+    async fn start_with(width: u32, height: u32, prefs: serde_json::Value) -> Self {
         let port = free_port();
         let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
@@ -84,6 +99,7 @@ impl Browser {
                     "--disable-dev-shm-usage", format!("--window-size={width},{height}"),
                     format!("--user-data-dir={}", profile.path().display()),
                 ],
+                "prefs": prefs,
             }),
         );
         let url = format!("http://127.0.0.1:{port}");

@@ -266,6 +266,29 @@
     }
   }
 
+  // Desktop notifications (the browser's Notification API): offered with a
+  // button, since browsers ask for permission only after a user gesture.
+  // Each carries a tag per request or report, so that several open tabs
+  // show it once.
+  function notificationsAvailable() { return 'Notification' in window; }
+  function showNotifyButton() {
+    $('notify-on').hidden = !notificationsAvailable() || Notification.permission !== 'default';
+  }
+  function desktop(title, body, tag, requestId) {
+    if (!notificationsAvailable() || Notification.permission !== 'granted') return;
+    try {
+      const n = new Notification(title, { body, tag });
+      n.onclick = () => {
+        window.focus();
+        if (requestId !== undefined) openDetail(requestId, null);
+        n.close();
+      };
+    } catch (e) {
+      // Some browsers allow notifications only from a service worker; the
+      // in-page notice is shown all the same.
+    }
+  }
+
   // What changed between two feeds that a technician must notice.
   function announce(before, now) {
     for (const r of now.requests) {
@@ -277,8 +300,18 @@
       const p = prev.get(r.id);
       const label = r.acceptance_number + ' (' + r.site_name + ')';
       if (!p) {
-        if (isOpen(r)) toast('New request ' + label + ', ' + r.urgency);
+        if (isOpen(r)) {
+          toast('New request ' + label + ', ' + r.urgency);
+          desktop('New request ' + r.acceptance_number,
+            r.site_name + ', ' + r.urgency + ': ' + r.content.slice(0, 120), 'vpnnat-request-' + r.id, r.id);
+        }
         continue;
+      }
+      if (isOpen(r) && r.expiry_warned_at && !p.expiry_warned_at) {
+        const msg = 'Request ' + label + ' expires at ' + fmtClock(r.expires_at);
+        toast(msg, { sticky: true, key: 'x' + r.id });
+        desktop('Request ' + r.acceptance_number + ' expires soon',
+          r.site_name + ': access ends at ' + fmtClock(r.expires_at), 'vpnnat-expiring-' + r.id, r.id);
       }
       if (!isOpen(p) || isOpen(r)) continue;
       if (mine.has(r.id)) { mine.delete(r.id); continue; }
@@ -299,6 +332,8 @@
       if (known.has(f.id)) continue;
       toast('Failure report from ' + f.site_name + ': ' + (FAILURE_LABEL[f.code] || f.code),
         { sticky: true, bad: true, key: 'f' + f.id });
+      desktop('Failure report from ' + f.site_name, (FAILURE_LABEL[f.code] || f.code) + (f.detail ? ': ' + f.detail.slice(0, 120) : ''),
+        'vpnnat-failure-' + f.id, f.request_id === null || f.request_id === undefined ? undefined : f.request_id);
     }
   }
 
@@ -376,6 +411,7 @@
     const t = [];
     if (r.tunnel) t.push(el('span', { class: 'tag', text: r.tunnel === 'ipsec' ? 'IPsec' : 'WireGuard' }));
     if (r.transport) t.push(el('span', { class: 'tag', text: r.transport === 'udp' ? 'UDP' : r.transport === 'tls_proxy' ? 'TLS via proxy' : 'TLS' }));
+    if (isOpen(r) && r.expiry_warned_at) t.push(el('span', { class: 'tag expiring', text: 'expires ' + fmtClock(r.expires_at) }));
     return t;
   }
 
@@ -844,6 +880,13 @@
       } finally {
         btn.disabled = false;
       }
+    });
+    showNotifyButton();
+    $('notify-on').addEventListener('click', async () => {
+      try { await Notification.requestPermission(); } catch (e) { /* refused */ }
+      showNotifyButton();
+      if (Notification.permission === 'granted') toast('Desktop notifications are on.');
+      else if (Notification.permission === 'denied') toast('Notifications are blocked in this browser\'s site settings.');
     });
     $('logout').addEventListener('click', async () => {
       try { await api('POST', '/api/v1/logout'); } catch (_) { /* the session is gone either way */ }

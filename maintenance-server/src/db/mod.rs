@@ -20,6 +20,7 @@ pub mod addresses;
 mod error;
 mod gateways;
 pub mod ops;
+pub mod outbox;
 mod policy;
 mod requests;
 mod restore;
@@ -326,6 +327,8 @@ pub struct Changes {
     /// Gateways that got a site's tunnel (new or moved) in this transaction:
     /// its `ready_version` is set at the commit.
     pub tunnels_placed: BTreeSet<GatewayId>,
+    /// Whether webhook deliveries were queued (the delivery workers wake).
+    pub outbox: bool,
 }
 
 impl Changes {
@@ -334,6 +337,9 @@ impl Changes {
         t.extend(self.gateways.iter().map(|g| Topic::Gateway(*g)));
         if self.console {
             t.push(Topic::Console);
+        }
+        if self.outbox {
+            t.push(Topic::Outbox);
         }
         t
     }

@@ -18,8 +18,8 @@ pub use super::gateways::{
 };
 pub use super::policy::Policy;
 pub use super::requests::{
-    Origin, acknowledge_failure, apply_retention, close_request, due_requests, link_failure,
-    new_request, start_request, store_failure,
+    Origin, acknowledge_failure, apply_retention, close_request, due_requests, expiring_requests,
+    link_failure, mark_expiry_warned, new_request, start_request, store_failure,
 };
 pub use super::restore::advance_versions;
 pub use super::sites::{

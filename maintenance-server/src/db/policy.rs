@@ -23,6 +23,10 @@ pub struct Policy {
     pub persistent_keepalive_s: u16,
     /// Per-site limits.
     pub quotas: crate::settings::Quotas,
+    /// Where webhook events go.
+    pub webhooks: Vec<super::outbox::Route>,
+    /// How long before its expiry an open request is announced, ms (0: never).
+    pub expiry_warning_ms: i64,
 }
 
 impl Policy {
@@ -42,6 +46,9 @@ impl Policy {
             down_after_ms: i64::try_from(s.gateways.down_after_ms).unwrap_or(i64::MAX / 4),
             persistent_keepalive_s: s.gateways.persistent_keepalive_s,
             quotas: s.quotas.clone(),
+            webhooks: crate::webhooks::routes(s),
+            expiry_warning_ms: i64::try_from(s.notifications.expiry_warning_s.saturating_mul(1000))
+                .unwrap_or(i64::MAX / 4),
         }
     }
 }

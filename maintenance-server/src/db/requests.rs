@@ -139,6 +139,7 @@ pub async fn new_request(
         transport: col::<Option<String>>(&carried, "transport")?
             .and_then(|t| enum_parse::<Transport>(&t).ok()),
         technician: None,
+        expiry_warned_at: None,
     })
 }
 
@@ -340,6 +341,45 @@ pub async fn due_requests(tx: &mut Tx, now: i64) -> OpResult<Vec<RequestId>> {
     .fetch_all(&mut *tx.inner)
     .await?;
     Ok(ids_of(&rows, "id", RequestId)?)
+}
+
+/// Open requests that expire within `window_ms` of `now` and were not
+/// announced yet (oldest expiry first).
+///
+/// # Errors
+/// Database failures.
+pub async fn expiring_requests(tx: &mut Tx, now: i64, window_ms: i64) -> OpResult<Vec<RequestId>> {
+    let rows = sqlx::query(
+        "SELECT id FROM requests WHERE state IN ('waiting', 'in_progress') \
+         AND expiry_warned_at IS NULL AND expires_at > $1 AND expires_at <= $2 \
+         ORDER BY expires_at LIMIT 500",
+    )
+    .bind(now)
+    .bind(now.saturating_add(window_ms))
+    .fetch_all(&mut *tx.inner)
+    .await?;
+    Ok(ids_of(&rows, "id", RequestId)?)
+}
+
+/// Marks open request `id` as announced to near its expiry; false when it
+/// is no longer open or was announced already. The console learns of it.
+///
+/// # Errors
+/// Database failures.
+pub async fn mark_expiry_warned(tx: &mut Tx, id: RequestId, now: i64) -> OpResult<bool> {
+    let r = sqlx::query(
+        "UPDATE requests SET expiry_warned_at = $1 WHERE id = $2 \
+         AND expiry_warned_at IS NULL AND state IN ('waiting', 'in_progress')",
+    )
+    .bind(now)
+    .bind(id64(id.0))
+    .execute(&mut *tx.inner)
+    .await?;
+    if r.rows_affected() == 1 {
+        tx.touch_console();
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// Stores a failure report: at most `failure_reports_per_minute` per site

@@ -307,7 +307,7 @@ pub async fn requests(
     let mut sql = String::from(
         "SELECT r.id, r.site_id, s.name AS site_name, r.global_address, r.requester_name, r.level, \
          r.urgency, r.phone, r.content, r.state, t.gateway_id, r.received_at, r.started_at, \
-         r.ended_at, r.expires_at, s.tunnel, t.transport, r.started_by \
+         r.ended_at, r.expires_at, s.tunnel, t.transport, r.started_by, r.expiry_warned_at \
          FROM requests r JOIN sites s ON s.id = r.site_id \
          LEFT JOIN tunnels t ON t.site_id = r.site_id WHERE 1 = 1",
     );
@@ -421,6 +421,7 @@ fn request_from_row(
             .filter(|_| state.is_open())
             .and_then(|t| enum_parse::<Transport>(&t).ok()),
         technician: col(r, "started_by")?,
+        expiry_warned_at: opt_ms(col(r, "expiry_warned_at")?),
     })
 }
 

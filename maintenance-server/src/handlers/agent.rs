@@ -57,7 +57,9 @@ pub async fn open_request(
     let now = now_ms();
     let policy = state.policy.clone();
     let r = write(state, async |tx| {
-        ops::new_request(tx, site, body, origin, now, &policy).await
+        let view = ops::new_request(tx, site, body, origin, now, &policy).await?;
+        crate::webhooks::request_created(tx, &policy.webhooks, &view, now).await?;
+        Ok::<_, OpError>(view)
     })
     .await;
     match r {
@@ -140,8 +142,14 @@ pub async fn failure(
     let now = now_ms();
     let site = auth.site;
     let quotas = &state.policy.quotas;
+    let routes = &state.policy.webhooks;
     let failure_id = write(&state, async |tx| {
-        ops::store_failure(tx, site, &body, now, quotas).await
+        let id = ops::store_failure(tx, site, &body, now, quotas).await?;
+        if !routes.is_empty() {
+            let view = views::failure(&mut tx.inner, id).await?;
+            crate::webhooks::failure_reported(tx, routes, &view, now).await?;
+        }
+        Ok::<_, OpError>(id)
     })
     .await?;
     tracing::info!(site.id = %site, failure.id = failure_id, code = ?body.code, "failure reported");

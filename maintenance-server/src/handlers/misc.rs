@@ -36,6 +36,7 @@ pub async fn metrics(
             &counts,
             state.notifier.waiting(),
             &state.password_checks.counts(),
+            &state.webhook_stats,
         ),
     ))
 }
