@@ -550,14 +550,18 @@ impl Discovery {
         }
     }
 
-    /// Whether the page may offer the sweep, and whether one runs.
+    /// Whether the page may offer the sweep (on, and a LAN small enough),
+    /// and whether one runs.
     pub fn sweep_state(&self) -> (bool, bool) {
-        (self.settings.sweep, self.lock().sweeping)
+        let possible = self.settings.sweep
+            && self
+                .lan_prefix
+                .is_some_and(|p| p.prefix_len() >= MAX_SWEEP_PREFIX_LEN);
+        (possible, self.lock().sweeping)
     }
 
-    /// The addresses a sweep probes now, or why not. `forced` skips the
-    /// minimum interval check for a sweep the agent starts itself (it still
-    /// never runs two at once).
+    /// The addresses a sweep probes now, or why not (never two at once, nor
+    /// sooner than `sweep_min_interval_s` after the last).
     fn start_sweep(&self) -> Result<Vec<Ipv4Addr>, DiscoveryError> {
         if !self.settings.sweep {
             return Err(DiscoveryError::Sweep(
