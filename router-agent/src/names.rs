@@ -452,6 +452,53 @@ mod tests {
         assert!(none.resolve(&name("pc-1")).await.is_err());
     }
 
+    #[tokio::test]
+    async fn a_ticked_host_resolves_by_its_mac_wherever_it_moves() {
+        use crate::discovery::{Discovery, Mac};
+        let s = settings();
+        let lan = Prefix::new(Ipv4Addr::new(192, 168, 1, 0), 24).unwrap();
+        let d = Arc::new(Discovery::new(
+            &s,
+            Some(Ipv4Addr::new(192, 168, 1, 1)),
+            Some(lan),
+            None,
+        ));
+        let pc: Mac = "02:00:00:00:01:0a".parse().unwrap();
+        let other: Mac = "02:00:00:00:01:0b".parse().unwrap();
+        let now = vpnnat::messages::UnixMillis(1);
+        d.observe(
+            &[
+                (Ipv4Addr::new(192, 168, 1, 20), pc),
+                (Ipv4Addr::new(192, 168, 1, 21), other),
+            ],
+            &[],
+            now,
+        );
+        d.rename(other, "pc-1").unwrap();
+        let names = Names::new(&s, Some(Ipv4Addr::new(192, 168, 1, 1)), Some(lan), None)
+            .with_discovery(Some(d.clone()));
+        let (n, a) = names.resolve_input(" 02:00:00:00:01:0A ").await.unwrap();
+        assert_eq!((n.as_str(), a), ("lan-pc", Ipv4Addr::new(192, 168, 1, 20)));
+        // The customer's name would clash with a configured terminal.
+        let (n2, _) = names.resolve_input("02-00-00-00-01-0b").await.unwrap();
+        assert_eq!(n2.as_str(), "pc-1-2");
+        assert_eq!(
+            names.resolve(&name("pc-1")).await.unwrap(),
+            Ipv4Addr::new(192, 168, 1, 10),
+            "the table still wins"
+        );
+        // The host moves: its name follows.
+        d.observe(&[(Ipv4Addr::new(192, 168, 1, 44), pc)], &[], now);
+        assert_eq!(
+            names.resolve(&n).await.unwrap(),
+            Ipv4Addr::new(192, 168, 1, 44)
+        );
+        assert!(matches!(
+            names.resolve_input("02:00:00:00:09:09").await,
+            Err(NameError::Unresolved(_))
+        ));
+    }
+
     #[test]
     fn security_the_hosts_own_addresses_are_found() {
         let text = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 127.0.0.1\n        /32 host LOCAL\n     \

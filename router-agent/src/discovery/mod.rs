@@ -294,14 +294,14 @@ impl Discovery {
 
     /// Takes one round of observations: the neighbour table's entries (of
     /// the LAN interface) and the leases. Returns the terminals whose MAC
-    /// now has another address (their mappings must move), and whether a
-    /// bound MAC was not seen at all (a sweep may find where it went).
+    /// now has another address (their mappings must move), and the bound
+    /// terminals whose MAC was not seen at all (a sweep may find where it went).
     pub fn observe(
         &self,
         neighbours: &[(Ipv4Addr, Mac)],
         leases: &[parse::Lease],
         now: UnixMillis,
-    ) -> (Vec<(TerminalName, Ipv4Addr)>, bool) {
+    ) -> (Vec<(TerminalName, Ipv4Addr)>, Vec<TerminalName>) {
         let mut guard = self.lock();
         let g = &mut *guard;
         g.round += 1;
@@ -368,7 +368,7 @@ impl Discovery {
             }
         }
         let mut moves = Vec::new();
-        let mut missing = false;
+        let mut missing = Vec::new();
         let hosts = &g.hosts;
         let mut changed = false;
         let mut bindings = std::mem::take(&mut g.stored.bindings);
@@ -381,7 +381,7 @@ impl Discovery {
                         changed = true;
                     }
                 }
-                _ => missing = true,
+                _ => missing.push(name.clone()),
             }
         }
         g.stored.bindings = bindings;
@@ -813,7 +813,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                 }
             }
         }
-        if missing && has_open_mapping(&app).await {
+        if !missing.is_empty() && has_open_mapping(&app, &missing).await {
             // A ticked computer is open to a technician and gone from where
             // it was: a sweep finds its new address (not sooner than the
             // customer's own sweeps may run).
@@ -838,14 +838,14 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-async fn has_open_mapping(app: &App) -> bool {
-    let Some(d) = &app.discovery else {
-        return false;
-    };
+/// Whether one of `terminals` is mapped now (open to a technician).
+async fn has_open_mapping(app: &App, terminals: &[TerminalName]) -> bool {
     let Ok(snap) = app.dataplane.snapshot().await else {
         return false;
     };
-    snap.mappings.iter().any(|m| d.bound(&m.terminal).is_some())
+    snap.mappings
+        .iter()
+        .any(|m| terminals.contains(&m.terminal))
 }
 
 #[cfg(test)]
@@ -883,7 +883,7 @@ mod tests {
             &[],
             UnixMillis(1000),
         );
-        assert!(moves.is_empty() && !missing);
+        assert!(moves.is_empty() && missing.is_empty());
         let h = d.hosts();
         assert_eq!(
             h.iter().map(|h| h.address).collect::<Vec<_>>(),
@@ -953,7 +953,7 @@ mod tests {
         // DHCP gave the PC another address; the old entry lingers (stale).
         let (moves, missing) = d.observe(&[(ip(10), PC), (ip(77), PC)], &[], UnixMillis(3));
         assert_eq!(moves, vec![(name.clone(), ip(77))]);
-        assert!(missing, "the NAS is bound and not seen");
+        assert_eq!(missing, vec![nas.clone()], "the NAS is bound and not seen");
         assert_eq!(d.bound(&name), Some(ip(77)));
         // The next round with both entries keeps the new address.
         let (moves, _) = d.observe(&[(ip(10), PC), (ip(77), PC)], &[], UnixMillis(4));

@@ -247,7 +247,6 @@ async function sweep() {
 }
 
 async function refresh() {
-  refreshDiscovered();
   const r = await api("GET", "/api/overview");
   if (r.status === 0) { agentDown(true); return; }
   if (!r.ok) return;
@@ -274,6 +273,9 @@ async function refresh() {
   show("transport", transportText(o.transport));
   $("failure-requests").checked = !!o.failure_requests;
   renderTerminals(o.terminals);
+  // After the overview answered: a restarted router's 401 is told once,
+  // with its reason, by the overview's call.
+  refreshDiscovered();
   const open = o.requests.filter((q) => q.state === "waiting" || q.state === "in_progress");
   const closed = o.requests.filter((q) => !(q.state === "waiting" || q.state === "in_progress"));
   const box = $("open-requests");
