@@ -517,7 +517,13 @@ fn a_terminal_that_moves_between_documents_keeps_its_nat_address<K: TestKinds>()
         // Another terminal's real address is never taken over (1:1 NAT).
         p.agent
             .handle_desired_state(
-                &desired(2, &[(NAT, "pc-1", 3600), (Ipv4Addr::new(10, 64, 0, 6), "pc-2", 3600)]),
+                &desired(
+                    2,
+                    &[
+                        (NAT, "pc-1", 3600),
+                        (Ipv4Addr::new(10, 64, 0, 6), "pc-2", 3600),
+                    ],
+                ),
                 &names(),
                 p.now,
                 WALL,
