@@ -13,7 +13,8 @@
 //! another survives an agent restart; the host picked from the list by its
 //! MAC keeps its NAT address for the technician (ping and TCP) after it
 //! changed its address with a gratuitous ARP. The server never sees a MAC
-//! or a LAN address.
+//! or a LAN address. Once with the agent in packet mode, once in netstack
+//! mode (both on the router).
 //!
 //! Every address lives in namespaces created here; none has a default route.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
@@ -68,14 +69,24 @@ fn tech_pings(w: &AgentWorld, nat: &str) -> bool {
 }
 
 #[test]
-fn discovery_lan_hosts_names_and_a_terminal_that_moves() {
+fn discovery_lan_hosts_names_and_a_terminal_that_moves_packet_mode() {
+    lan_world("dsp", "packet");
+}
+
+#[test]
+fn discovery_lan_hosts_names_and_a_terminal_that_moves_netstack_mode() {
+    lan_world("dsn", "netstack");
+}
+
+/// The whole story with the agent in `mode` on the router.
+fn lan_world(tag: &str, mode: &str) {
     if !require(PREREQS) || !require(&[Prereq::Program("arping"), Prereq::Program("ping")]) {
         return;
     }
-    let mut w = AgentWorld::up("dsc");
-    let mut named = lan_host(&w, "dscn", "l-named", "192.168.1.21");
-    let anna = lan_host(&w, "dsca", "l-anna", "192.168.1.22");
-    let mut mover = lan_host(&w, "dscm", "l-mover", "192.168.1.23");
+    let mut w = AgentWorld::up(tag);
+    let mut named = lan_host(&w, &format!("{tag}n"), "l-named", "192.168.1.21");
+    let anna = lan_host(&w, &format!("{tag}a"), "l-anna", "192.168.1.22");
+    let mut mover = lan_host(&w, &format!("{tag}m"), "l-mover", "192.168.1.23");
     let mut cmd = named.command("python3");
     cmd.arg(repo_path("tests/fixtures/discovery_responder.py"))
         .args(["frontdesk", "192.168.1.21"]);
@@ -87,12 +98,18 @@ fn discovery_lan_hosts_names_and_a_terminal_that_moves() {
     // (docs/OPERATIONS.md, discovery).
     w.router
         .sh("echo 1 > /proc/sys/net/ipv4/conf/lan0/arp_accept && echo 1 > /proc/sys/net/ipv4/conf/all/arp_accept");
+    // Netstack mode relays pings through unprivileged ICMP sockets.
+    w.router
+        .sh("sysctl -qw net.ipv4.ping_group_range='0 2147483647'");
     let (named_mac, anna_mac, mover_mac) = (mac_of(&named), mac_of(&anna), mac_of(&mover));
 
     // Discovery with short rounds (the agent runs with the world's config).
     w.kill_agent();
     let config = w.dir.path().join("router-agent.toml");
-    let mut text = std::fs::read_to_string(&config).unwrap();
+    let mut text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("mode = \"packet\"", &format!("mode = \"{mode}\""));
+    assert!(text.contains(&format!("mode = \"{mode}\"")), "{text}");
     text.push_str(
         "[discovery]\nrefresh_s = 1\nsweep_min_interval_s = 5\nsweep_rate = 200\nname_timeout_ms = 800\n",
     );
