@@ -155,5 +155,26 @@ async fn discovery_browser_customer_ticks_a_discovered_pc_and_asks_for_help() {
         .cloned()
         .unwrap();
     assert_eq!(t["terminal"], "till-2", "{list}");
+    b.assert_accessible("discovered list").await;
     b.close().await;
+
+    // On a phone: the list fits without sideways scrolling.
+    let phone = Browser::start(390, 844).await;
+    phone
+        .c()
+        .goto(&format!("http://{}/", agent.web))
+        .await
+        .unwrap();
+    phone.type_into("#password", PASSWORD).await;
+    phone.visible("#login-button").await.click().await.unwrap();
+    phone
+        .wait_text(
+            "#discovered-list [data-mac='02:00:00:00:00:03']",
+            "Kitchen PC",
+        )
+        .await;
+    phone.assert_no_horizontal_overflow("discovered list").await;
+    phone.assert_accessible("discovered list on a phone").await;
+    phone.screenshot("discovery-3-phone").await;
+    phone.close().await;
 }
