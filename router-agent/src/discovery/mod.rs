@@ -326,11 +326,32 @@ impl Discovery {
                 lease_names.insert(l.mac, h);
             }
         }
+        for (mac, h) in &mut g.hosts {
+            if !present.contains_key(mac) {
+                h.present.clear();
+            }
+        }
         let max = self.settings.max_hosts;
         for (mac, addrs) in &present {
             if !g.hosts.contains_key(mac) && g.hosts.len() >= max {
-                Counters::add(&self.counters.table_full, 1);
-                continue;
+                // Full: the host seen least recently gives way, unless it
+                // is still there or bound to a terminal.
+                let bound: Vec<Mac> = g.stored.bindings.values().map(|b| b.mac).collect();
+                let oldest = g
+                    .hosts
+                    .iter()
+                    .filter(|(m, h)| h.present.is_empty() && !bound.contains(m))
+                    .min_by_key(|(_, h)| h.last_seen)
+                    .map(|(m, _)| *m);
+                match oldest {
+                    Some(m) => {
+                        g.hosts.remove(&m);
+                    }
+                    None => {
+                        Counters::add(&self.counters.table_full, 1);
+                        continue;
+                    }
+                }
             }
             let h = g.hosts.entry(*mac).or_insert_with(|| Host {
                 address: addrs[0],
@@ -360,11 +381,6 @@ impl Discovery {
             {
                 h.discovered_name = Some(n.clone());
                 h.name_source = Some("dhcp");
-            }
-        }
-        for (mac, h) in &mut g.hosts {
-            if !present.contains_key(mac) {
-                h.present.clear();
             }
         }
         let mut moves = Vec::new();
@@ -712,9 +728,10 @@ impl Discovery {
         }
     }
 
-    /// Reads the neighbour table and the leases file once.
+    /// Reads the neighbour table and the leases file once (each at most
+    /// [`MAX_READ`] bytes).
     fn read(&self) -> (Vec<(Ipv4Addr, Mac)>, Vec<parse::Lease>) {
-        let neighbours = match std::fs::read_to_string("/proc/net/arp") {
+        let neighbours = match read_bounded(std::path::Path::new("/proc/net/arp")) {
             Ok(text) => {
                 let p = parse::proc_net_arp(&text);
                 Counters::add(&self.counters.neighbour_malformed, p.malformed);
@@ -732,7 +749,7 @@ impl Discovery {
         let leases = if self.settings.leases_file.as_os_str().is_empty() {
             Vec::new()
         } else {
-            match std::fs::read_to_string(&self.settings.leases_file) {
+            match read_bounded(&self.settings.leases_file) {
                 Ok(text) => {
                     let p = parse::dnsmasq_leases(&text);
                     Counters::add(&self.counters.lease_malformed, p.malformed);
@@ -746,6 +763,19 @@ impl Discovery {
         };
         (neighbours, leases)
     }
+}
+
+/// The most of a neighbour table or leases file that is read (the rest of a
+/// larger file is ignored: a /22 LAN's table or leases are far smaller).
+const MAX_READ: u64 = 4 << 20;
+
+fn read_bounded(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_READ)
+        .read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 async fn recv(
@@ -892,6 +922,15 @@ mod tests {
         );
         assert_eq!(d.counters.table_full.load(Ordering::Relaxed), 1);
         assert_eq!(h[0].last_seen, UnixMillis(1000));
+        // Full: a host gone from the table gives way to a new one; a bound
+        // one does not.
+        d.bind(PC, |_| false).unwrap();
+        d.observe(&[(ip(30), Mac([2, 0, 0, 0, 1, 30]))], &[], UnixMillis(2000));
+        let h: Vec<Ipv4Addr> = d.hosts().iter().map(|h| h.address).collect();
+        assert_eq!(h, [ip(10), ip(30)], "the NAS went, the bound PC stayed");
+        d.observe(&[(ip(31), Mac([2, 0, 0, 0, 1, 31]))], &[], UnixMillis(3000));
+        assert_eq!(d.hosts().len(), 2);
+        assert!(d.hosts().iter().any(|h| h.address == ip(31)));
     }
 
     #[test]
