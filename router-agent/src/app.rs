@@ -69,6 +69,8 @@ pub struct App {
     pub revocations: tokio::sync::Notify,
     /// The tunnel's carrier: UDP or the TLS fallback.
     pub carrier: crate::carrier::Carrier,
+    /// The LAN's hosts (`None` when `discovery.enabled` is off).
+    pub discovery: Option<Arc<crate::discovery::Discovery>>,
 }
 
 impl App {
