@@ -27,6 +27,7 @@ pub mod server;
 pub mod settings;
 pub mod state;
 pub mod swanctl;
+pub mod wgquick;
 pub mod tasks;
 pub mod tls;
 

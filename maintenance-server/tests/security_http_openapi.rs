@@ -43,6 +43,7 @@ async fn security_http_every_documented_operation_answers_as_documented() {
             &NewSite {
                 name: "B".into(),
                 tunnel: TunnelKind::Wireguard,
+                ..Default::default()
             },
         )
         .await
@@ -83,6 +84,7 @@ async fn security_http_every_documented_operation_answers_as_documented() {
             &NewSite {
                 name: "ipsec".into(),
                 tunnel: TunnelKind::Ipsec,
+                ..Default::default()
             },
         )
         .await
