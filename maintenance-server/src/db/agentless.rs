@@ -266,7 +266,11 @@ pub async fn router_site(conn: &mut AnyConnection, site: SiteId) -> DbResult<Opt
         let key = col::<Option<String>>(&r, "public_key")?.and_then(|k| k.parse().ok());
         let prefixes: Vec<Prefix> =
             serde_json::from_str(&col::<String>(&r, "technician_prefixes")?).unwrap_or_default();
-        if let (Some(endpoint), Some(public_key)) = (endpoints.first(), key) {
+        // A gateway without technician prefixes would give the router a
+        // tunnel that carries nothing.
+        if let (Some(endpoint), Some(public_key), false) =
+            (endpoints.first(), key, prefixes.is_empty())
+        {
             gateways.push(RouterGateway {
                 id: GatewayId(u64_of(col(&r, "id")?)),
                 name: col(&r, "name")?,
