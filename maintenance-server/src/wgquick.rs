@@ -244,3 +244,148 @@ pub fn render(site: &RouterSite) -> WireguardSiteConfig {
         instructions,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use vpnnat::messages::{GatewayId, PublicKey, TerminalName};
+
+    fn gateway(id: u64) -> RouterGateway {
+        RouterGateway {
+            id: GatewayId(id),
+            name: format!("gw{id}\n[Peer]"),
+            endpoint: format!("203.0.113.{id}:51820").parse().unwrap(),
+            public_key: PublicKey([u8::try_from(id).unwrap(); 32]),
+            technician_prefixes: vec![
+                "172.16.0.0/24".parse().unwrap(),
+                "172.17.0.0/16".parse().unwrap(),
+            ],
+        }
+    }
+
+    fn site(private_key: Option<&str>, gateways: Vec<RouterGateway>) -> RouterSite {
+        RouterSite {
+            site: SiteId(7),
+            name: "Bakery\n[Interface]".into(),
+            public_key: PublicKey([9; 32]),
+            private_key: private_key.map(str::to_owned),
+            gateway: Some(GatewayId(2)),
+            gateways,
+            mappings: vec![
+                RouterMapping {
+                    terminal: TerminalName::new("till").unwrap(),
+                    nat_address: "10.64.0.5".parse().unwrap(),
+                    lan_address: "192.168.1.10".parse().unwrap(),
+                },
+                RouterMapping {
+                    terminal: TerminalName::new("nas").unwrap(),
+                    nat_address: "10.64.0.6".parse().unwrap(),
+                    lan_address: "192.168.1.20".parse().unwrap(),
+                },
+            ],
+        }
+    }
+
+    fn lines(text: &str) -> Vec<&str> {
+        text.lines().map(str::trim).collect()
+    }
+
+    #[test]
+    fn agentless_one_wg_quick_file_per_gateway_with_its_own_table() {
+        let key = "i/26TrDnOKLQ9fMc894INcNGjSEEBpOjh4WSmi2GNmo=";
+        let c = render(&site(Some(key), vec![gateway(1), gateway(2)]));
+        assert!(c.private_key_included);
+        assert_eq!(c.files.len(), 3);
+        for (f, id) in c.files.iter().zip([1u64, 2]) {
+            assert_eq!(f.name, format!("vpnnat-g{id}.conf"));
+            assert_eq!(f.gateway_id, Some(GatewayId(id)));
+            let l = lines(&f.content);
+            let n = 51_800 + id;
+            for want in [
+                "[Interface]".to_owned(),
+                format!("PrivateKey = {key}"),
+                "Table = off".to_owned(),
+                format!("PostUp = ip rule add fwmark {n} lookup {n} priority {n}"),
+                format!("PostUp = ip route add 172.16.0.0/24 dev %i table {n}"),
+                format!("PostUp = ip route add 172.17.0.0/16 dev %i table {n}"),
+                format!("PostDown = ip rule del fwmark {n} lookup {n} priority {n} || true"),
+                "[Peer]".to_owned(),
+                format!("PublicKey = {}", PublicKey([u8::try_from(id).unwrap(); 32])),
+                format!("Endpoint = 203.0.113.{id}:51820"),
+                "AllowedIPs = 172.16.0.0/24, 172.17.0.0/16".to_owned(),
+                "PersistentKeepalive = 25".to_owned(),
+            ] {
+                assert!(l.contains(&want.as_str()), "{want:?} missing:\n{}", f.content);
+            }
+            // Operator text cannot add a section: only two, both ours.
+            assert_eq!(
+                l.iter().filter(|l| l.starts_with('[')).count(),
+                2,
+                "{}",
+                f.content
+            );
+            assert!(f.qr_svg.as_deref().unwrap().contains("<svg"));
+        }
+    }
+
+    #[test]
+    fn agentless_without_the_private_key_the_file_has_a_placeholder() {
+        let c = render(&site(None, vec![gateway(1)]));
+        assert!(!c.private_key_included);
+        assert!(lines(&c.files[0].content).contains(&PRIVATE_KEY_PLACEHOLDER));
+        assert!(c.instructions.contains("placeholder"));
+    }
+
+    #[test]
+    fn agentless_nft_rules_map_every_nat_address_and_mark_by_interface() {
+        let c = render(&site(None, vec![gateway(1), gateway(2)]));
+        let nft = &c.files[2];
+        assert_eq!(nft.name, NFT_FILE);
+        assert!(nft.qr_svg.is_none());
+        let l = lines(&nft.content);
+        for want in [
+            "table ip vpnnat",
+            "flush table ip vpnnat",
+            "type filter hook prerouting priority mangle; policy accept;",
+            "iifname \"vpnnat-g1\" ct mark set 51801",
+            "iifname \"vpnnat-g2\" ct mark set 51802",
+            "ct mark { 51801, 51802 } meta mark set ct mark",
+            "type nat hook prerouting priority dstnat; policy accept;",
+            "iifname { \"vpnnat-g1\", \"vpnnat-g2\" } ip daddr 10.64.0.5 dnat to 192.168.1.10 comment \"till\"",
+            "iifname { \"vpnnat-g1\", \"vpnnat-g2\" } ip daddr 10.64.0.6 dnat to 192.168.1.20 comment \"nas\"",
+        ] {
+            assert!(l.contains(&want), "{want:?} missing:\n{}", nft.content);
+        }
+        // The flush comes before the table's body, so a re-apply replaces it.
+        let flush = l.iter().position(|x| *x == "flush table ip vpnnat").unwrap();
+        let body = l.iter().position(|x| *x == "table ip vpnnat {").unwrap();
+        assert!(flush < body);
+        // The site's name stays on the comment line.
+        assert!(nft.content.lines().next().unwrap().starts_with('#'));
+        assert_eq!(
+            nft.content.matches('{').count(),
+            nft.content.matches('}').count()
+        );
+    }
+
+    #[test]
+    fn agentless_nothing_open_or_no_gateway_renders_valid_empty_rules() {
+        let mut s = site(None, vec![gateway(1)]);
+        s.mappings.clear();
+        let nft = nft_rules(s.site, &s.name, &s.gateways, &s.mappings);
+        assert!(!nft.contains("dnat"), "{nft}");
+        assert!(nft.contains("no request is open"), "{nft}");
+        let c = render(&site(None, Vec::new()));
+        assert_eq!(c.files.len(), 1);
+        assert!(!c.files[0].content.contains("ct mark"), "{}", c.files[0].content);
+        assert!(c.instructions.contains("No gateway"));
+    }
+
+    #[test]
+    fn agentless_qr_code_is_svg_and_refuses_what_does_not_fit() {
+        let svg = qr_svg("[Interface]\nPrivateKey = x\n").unwrap();
+        assert!(svg.starts_with("<?xml") && svg.contains("<svg"), "{svg}");
+        assert!(qr_svg(&"x".repeat(8000)).is_none());
+    }
+}

@@ -152,3 +152,84 @@ pub struct WireguardSiteConfig {
     /// How to apply them (and when to apply them again).
     pub instructions: String,
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn request(terminals: &[(&str, &str)]) -> NewSiteRequest {
+        NewSiteRequest {
+            requester_name: "Anna".into(),
+            level: Level::General,
+            urgency: Urgency::High,
+            phone: String::new(),
+            content: String::new(),
+            terminals: terminals
+                .iter()
+                .map(|(n, a)| TerminalAddress {
+                    name: TerminalName::new(*n).unwrap(),
+                    lan_address: a.parse().unwrap(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn agentless_request_validation() {
+        let ok = request(&[("till", "192.168.1.10"), ("nas", "10.0.0.2")]);
+        ok.validate().unwrap();
+        assert_eq!(ok.request().terminals.len(), 2);
+        assert_eq!(ok.lan_addresses()[1].to_string(), "10.0.0.2");
+        for bad in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "169.254.1.1",
+            "224.0.0.5",
+            "240.0.0.1",
+            "255.255.255.255",
+        ] {
+            let e = request(&[("till", bad)]).validate().unwrap_err();
+            assert_eq!(e.field, "terminals", "{bad}");
+        }
+        let e = request(&[("till", "192.168.1.10"), ("nas", "192.168.1.10")])
+            .validate()
+            .unwrap_err();
+        assert!(e.message.contains("two terminals"), "{e}");
+        let e = request(&[("till", "192.168.1.10"), ("till", "192.168.1.11")])
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.field, "terminals");
+        assert_eq!(request(&[]).validate().unwrap_err().field, "terminals");
+        let mut r = request(&[("till", "192.168.1.10")]);
+        r.requester_name = String::new();
+        assert_eq!(r.validate().unwrap_err().field, "requester_name");
+        // Unknown fields are refused, not ignored.
+        assert!(
+            serde_json::from_str::<NewSiteRequest>(
+                r#"{"requester_name":"a","level":"general","urgency":"high","terminals":[],"x":1}"#
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn agentless_new_site_defaults_and_validation() {
+        use super::super::operator::NewSite;
+        let s: NewSite = serde_json::from_str(r#"{"name":"a"}"#).unwrap();
+        assert!(s.agent && s.public_key.is_none());
+        s.validate().unwrap();
+        let s: NewSite = serde_json::from_str(r#"{"name":"a","agent":false}"#).unwrap();
+        s.validate().unwrap();
+        // A plain site serializes as before (no new fields).
+        assert_eq!(
+            serde_json::to_string(&NewSite {
+                name: "a".into(),
+                ..Default::default()
+            })
+            .unwrap(),
+            r#"{"name":"a","tunnel":"wireguard"}"#
+        );
+    }
+}
