@@ -11,7 +11,7 @@ use rand::RngCore as _;
 use sqlx::AnyConnection;
 use vpnnat::ipv4::Prefix;
 use vpnnat::messages::{
-    GatewayId, PublicKey, RouterMapping, SiteCreated, SiteId, TerminalName, TunnelKind, UnixMillis,
+    AgentlessSite, GatewayId, PublicKey, RouterMapping, SiteCreated, SiteId, TerminalName, TunnelKind, UnixMillis,
 };
 use vpnnat::tunnel::PrivateKey;
 
@@ -79,6 +79,8 @@ pub async fn create_agentless_site(
     };
     tx.audit(now, actor, "site.create", &format!("site:{site}"), &detail)
         .await?;
+    // The console lists the sites without an agent.
+    tx.touch_console();
     Ok(SiteCreated {
         site_id: site,
         name: name.to_owned(),
@@ -87,6 +89,28 @@ pub async fn create_agentless_site(
         agent: false,
         public_key: Some(public),
     })
+}
+
+/// The sites without an agent, for the technicians' console.
+///
+/// # Errors
+/// Database failures.
+pub async fn console_sites(conn: &mut AnyConnection) -> DbResult<Vec<AgentlessSite>> {
+    let rows = sqlx::query(
+        "SELECT s.id, s.name, t.gateway_id FROM sites s LEFT JOIN tunnels t ON t.site_id = s.id \
+         WHERE s.agentless <> 0 AND s.disabled = 0 ORDER BY s.name, s.id",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(AgentlessSite {
+                site_id: SiteId(u64_of(col(r, "id")?)),
+                name: col(r, "name")?,
+                gateway_id: col::<Option<i64>>(r, "gateway_id")?.map(|g| GatewayId(u64_of(g))),
+            })
+        })
+        .collect()
 }
 
 fn key_taken() -> OpError {
