@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use vpnnat_test_support::echo::{ping_within, tcp_echo_transfer};
 use vpnnat_test_support::{
-    Netns, Prereq, bin, repo_path, require, rand_bytes, run_with_input, temp_dir, veth, wait_until,
+    Netns, Prereq, bin, rand_bytes, repo_path, require, run_with_input, temp_dir, veth, wait_until,
 };
 
 const PREREQS: &[Prereq] = &[
@@ -69,8 +69,8 @@ impl Drop for World {
         }
         if std::thread::panicking() {
             for name in ["server", "gw1", "gw2"] {
-                let log = std::fs::read_to_string(self.path(&format!("{name}.log")))
-                    .unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(30).collect();
                 eprintln!("---- {name}.log (last lines)");
                 for l in tail.iter().rev() {
@@ -91,10 +91,8 @@ impl World {
         let tech = Netns::new("altc");
         let router = Netns::new("alrt");
         let mut pc = Netns::new("alpc");
-        srv.sh(
-            "ip link add clan type bridge && ip link set clan up \
-             && ip link add inet type bridge && ip link set inet up",
-        );
+        srv.sh("ip link add clan type bridge && ip link set clan up \
+             && ip link add inet type bridge && ip link set inet up");
         // The server's own leg on the center LAN.
         srv.sh(
             "ip link add s-srv type veth peer name s-srv-br && ip link set s-srv-br master clan \
@@ -201,9 +199,8 @@ impl World {
             Duration::from_secs(20),
             || {
                 let (_, v) = w.operator("GET", "/api/v1/gateways", None);
-                v.as_array().is_some_and(|a| {
-                    a.len() == 2 && a.iter().all(|g| g["health"] == "healthy")
-                })
+                v.as_array()
+                    .is_some_and(|a| a.len() == 2 && a.iter().all(|g| g["health"] == "healthy"))
             },
         );
         w
@@ -389,7 +386,9 @@ impl World {
             .command("curl")
             .args(["-s", "--max-time", "3", &format!("http://{addr}/")])
             .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PC 192.168.1.10 at site bakery"))
+            .is_ok_and(|o| {
+                String::from_utf8_lossy(&o.stdout).contains("PC 192.168.1.10 at site bakery")
+            })
     }
 }
 
@@ -464,10 +463,7 @@ fn agentless_wireguard_router_reached_by_nat_address_fails_over_and_ends() {
     let first_gw = req["gateway_id"].as_u64().unwrap();
     // The audit log names the technician.
     let (_, audit) = w.technician("GET", "/api/v1/audit", None);
-    assert!(
-        audit.to_string().contains("technician:alice"),
-        "{audit}"
-    );
+    assert!(audit.to_string().contains("technician:alice"), "{audit}");
 
     // The NAT rules now map the NAT address onto the PC: re-applied verbatim.
     let config = w.wireguard_config(id);
@@ -502,9 +498,11 @@ fn agentless_wireguard_router_reached_by_nat_address_fails_over_and_ends() {
         ping_within(&w.tech, &nat, Duration::from_secs(60)),
         "ping {nat} after the failover failed"
     );
-    wait_until("the PC's page after the failover", Duration::from_secs(20), || {
-        w.tech_page(&nat)
-    });
+    wait_until(
+        "the PC's page after the failover",
+        Duration::from_secs(20),
+        || w.tech_page(&nat),
+    );
     tcp_echo_transfer(&w.tech, &nat, 256 << 10);
 
     // The technician ends the request: the NAT address leads nowhere.
@@ -515,9 +513,11 @@ fn agentless_wireguard_router_reached_by_nat_address_fails_over_and_ends() {
     let nft = ended["files"][2]["content"].as_str().unwrap();
     assert!(!nft.contains("dnat to"), "{nft}");
     w.apply_router_config(&ended, false);
-    wait_until("the NAT address to be unreachable", Duration::from_secs(20), || {
-        !w.tech.try_sh(&format!("ping -c 1 -W 1 {nat}"))
-    });
+    wait_until(
+        "the NAT address to be unreachable",
+        Duration::from_secs(20),
+        || !w.tech.try_sh(&format!("ping -c 1 -W 1 {nat}")),
+    );
     assert!(!ping_within(&w.tech, &nat, Duration::from_secs(3)));
     assert!(!w.tech_page(&nat));
 }

@@ -27,9 +27,9 @@ pub mod server;
 pub mod settings;
 pub mod state;
 pub mod swanctl;
-pub mod wgquick;
 pub mod tasks;
 pub mod tls;
+pub mod wgquick;
 
 pub use server::{launch_with_listener, open_database, operator_token};
 pub use state::{AppState, Inner, PeerAddr, RateLimiter};

@@ -813,7 +813,9 @@ pub fn document() -> Value {
             Auth::Metrics => json!([{ "operatorToken": [] }, { "metricsToken": [] }]),
             Auth::Session => json!([{ "technicianSession": [] }]),
             Auth::SessionCsrf => json!([{ "technicianSession": [], "csrfToken": [] }]),
-            Auth::OperatorOrSession => json!([{ "operatorToken": [] }, { "technicianSession": [] }]),
+            Auth::OperatorOrSession => {
+                json!([{ "operatorToken": [] }, { "technicianSession": [] }])
+            }
         };
         o.insert("security".into(), security);
         let entry = paths_obj

@@ -95,11 +95,11 @@ pub fn wg_quick_conf(
     let _ = writeln!(c, "Table = off");
     // Reverse-path filtering checks a technician's packet against the
     // table of its mark once marks count for source validation.
-    let _ = writeln!(c, "PostUp = sysctl -q -w net.ipv4.conf.all.src_valid_mark=1");
     let _ = writeln!(
         c,
-        "PostUp = ip rule add fwmark {n} lookup {n} priority {n}"
+        "PostUp = sysctl -q -w net.ipv4.conf.all.src_valid_mark=1"
     );
+    let _ = writeln!(c, "PostUp = ip rule add fwmark {n} lookup {n} priority {n}");
     for p in &gw.technician_prefixes {
         let _ = writeln!(c, "PostUp = ip route add {p} dev %i table {n}");
     }
@@ -316,7 +316,11 @@ mod tests {
                 "AllowedIPs = 172.16.0.0/24, 172.17.0.0/16".to_owned(),
                 "PersistentKeepalive = 25".to_owned(),
             ] {
-                assert!(l.contains(&want.as_str()), "{want:?} missing:\n{}", f.content);
+                assert!(
+                    l.contains(&want.as_str()),
+                    "{want:?} missing:\n{}",
+                    f.content
+                );
             }
             // Operator text cannot add a section: only two, both ours.
             assert_eq!(
@@ -358,7 +362,10 @@ mod tests {
             assert!(l.contains(&want), "{want:?} missing:\n{}", nft.content);
         }
         // The flush comes before the table's body, so a re-apply replaces it.
-        let flush = l.iter().position(|x| *x == "flush table ip vpnnat").unwrap();
+        let flush = l
+            .iter()
+            .position(|x| *x == "flush table ip vpnnat")
+            .unwrap();
         let body = l.iter().position(|x| *x == "table ip vpnnat {").unwrap();
         assert!(flush < body);
         // The site's name stays on the comment line.
@@ -378,7 +385,11 @@ mod tests {
         assert!(nft.contains("no request is open"), "{nft}");
         let c = render(&site(None, Vec::new()));
         assert_eq!(c.files.len(), 1);
-        assert!(!c.files[0].content.contains("ct mark"), "{}", c.files[0].content);
+        assert!(
+            !c.files[0].content.contains("ct mark"),
+            "{}",
+            c.files[0].content
+        );
         assert!(c.instructions.contains("No gateway"));
     }
 

@@ -43,7 +43,10 @@ async fn agentless_console_opens_a_request_and_shows_the_router_configuration() 
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let site: SiteCreated = op
-        .post(paths::SITES, &json!({ "name": "Bakery Schmidt", "agent": false }))
+        .post(
+            paths::SITES,
+            &json!({ "name": "Bakery Schmidt", "agent": false }),
+        )
         .await
         .json();
     add_technician(&db, "alice", "correct horse").await;
@@ -67,13 +70,19 @@ async fn agentless_console_opens_a_request_and_shows_the_router_configuration() 
         .await;
     b.type_into(&format!("{form} input[name=\"phone\"]"), "+49 30 1234 567")
         .await;
-    b.type_into(&format!("{form} textarea[name=\"content\"]"), "The till does not print.")
-        .await;
+    b.type_into(
+        &format!("{form} textarea[name=\"content\"]"),
+        "The till does not print.",
+    )
+    .await;
     b.type_into(&format!("{form} input[name=\"terminal-name\"]"), "till")
         .await;
     // A wrong address: the server's message, in the form.
-    b.type_into(&format!("{form} input[name=\"terminal-address\"]"), "127.0.0.1")
-        .await;
+    b.type_into(
+        &format!("{form} input[name=\"terminal-address\"]"),
+        "127.0.0.1",
+    )
+    .await;
     b.assert_accessible("the request form").await;
     b.screenshot("agentless-request-form").await;
     b.visible(&format!("{form} button[type=\"submit\"]"))
@@ -83,8 +92,11 @@ async fn agentless_console_opens_a_request_and_shows_the_router_configuration() 
         .unwrap();
     b.wait_text(&format!("{form} .error"), "not a LAN host's address")
         .await;
-    b.type_into(&format!("{form} input[name=\"terminal-address\"]"), "192.168.1.10")
-        .await;
+    b.type_into(
+        &format!("{form} input[name=\"terminal-address\"]"),
+        "192.168.1.10",
+    )
+    .await;
     b.visible(&format!("{form} button[type=\"submit\"]"))
         .await
         .click()
@@ -109,8 +121,11 @@ async fn agentless_console_opens_a_request_and_shows_the_router_configuration() 
         .await
         .unwrap();
     b.wait_text("#detail-body", "vpnnat-g1.conf").await;
-    b.wait_text("#detail-body", &format!("ip daddr {nat} dnat to 192.168.1.10"))
-        .await;
+    b.wait_text(
+        "#detail-body",
+        &format!("ip daddr {nat} dnat to 192.168.1.10"),
+    )
+    .await;
     let qr = b.visible("#detail-body svg.qr").await;
     assert!(qr.find(fantoccini::Locator::Css("path")).await.is_ok());
     b.assert_accessible("the router configuration").await;

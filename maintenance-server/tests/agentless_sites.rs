@@ -105,7 +105,10 @@ async fn agentless_sites_are_created_without_a_token_and_validated(b: Backend) {
         "{}",
         cfg.files[0].content
     );
-    let cfg: WireguardSiteConfig = op.get(&at(paths::SITE_WIREGUARD, generated.site_id)).await.json();
+    let cfg: WireguardSiteConfig = op
+        .get(&at(paths::SITE_WIREGUARD, generated.site_id))
+        .await
+        .json();
     assert!(cfg.private_key_included);
     assert_eq!(cfg.public_key, gen_key);
 
@@ -165,8 +168,12 @@ async fn agentless_sites_are_created_without_a_token_and_validated(b: Backend) {
             .status,
         200
     );
-    op.get(&at(paths::SITE_WIREGUARD, 999)).await.error(404, None);
-    op.get("/api/v1/sites/x/wireguard").await.error(400, Some("id"));
+    op.get(&at(paths::SITE_WIREGUARD, 999))
+        .await
+        .error(404, None);
+    op.get("/api/v1/sites/x/wireguard")
+        .await
+        .error(400, Some("id"));
     // A site with an agent has no rendered configuration.
     let with_agent = add_site(&server, "agent site", 9).await;
     op.get(&at(paths::SITE_WIREGUARD, with_agent.id))
@@ -282,7 +289,11 @@ async fn agentless_requests_are_opened_by_technicians_and_rendered(b: Backend) {
         ]
     );
     assert!(cfg.files[0].content.contains(&key(201).to_base64()));
-    assert!(cfg.files[1].content.contains("Endpoint = 203.0.113.2:51820"));
+    assert!(
+        cfg.files[1]
+            .content
+            .contains("Endpoint = 203.0.113.2:51820")
+    );
     assert!(cfg.files[0].qr_svg.as_deref().unwrap().contains("<svg"));
     assert!(
         cfg.files[2]
@@ -337,7 +348,10 @@ async fn agentless_requests_are_opened_by_technicians_and_rendered(b: Backend) {
     )
     .await;
     assert!(
-        matches!(refused, Err(maintenance_server::db::ops::OpError::InvalidState(_))),
+        matches!(
+            refused,
+            Err(maintenance_server::db::ops::OpError::InvalidState(_))
+        ),
         "{refused:?}"
     );
     drop(tx);

@@ -91,7 +91,10 @@ async fn security_http_every_documented_operation_answers_as_documented() {
         .json();
     let agentless: SiteCreated = server
         .operator()
-        .post(paths::SITES, &json!({ "name": "agentless", "agent": false }))
+        .post(
+            paths::SITES,
+            &json!({ "name": "agentless", "agent": false }),
+        )
         .await
         .json();
     let failure: FailureAccepted = site

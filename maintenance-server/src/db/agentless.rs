@@ -11,7 +11,8 @@ use rand::RngCore as _;
 use sqlx::AnyConnection;
 use vpnnat::ipv4::Prefix;
 use vpnnat::messages::{
-    AgentlessSite, GatewayId, PublicKey, RouterMapping, SiteCreated, SiteId, TerminalName, TunnelKind, UnixMillis,
+    AgentlessSite, GatewayId, PublicKey, RouterMapping, SiteCreated, SiteId, TerminalName,
+    TunnelKind, UnixMillis,
 };
 use vpnnat::tunnel::PrivateKey;
 
@@ -263,8 +264,8 @@ pub async fn router_site(conn: &mut AnyConnection, site: SiteId) -> DbResult<Opt
     if col::<i64>(&row, "agentless")? == 0 {
         return Ok(None);
     }
-    let Some(public_key) = col::<Option<String>>(&row, "public_key")?
-        .and_then(|k| k.parse::<PublicKey>().ok())
+    let Some(public_key) =
+        col::<Option<String>>(&row, "public_key")?.and_then(|k| k.parse::<PublicKey>().ok())
     else {
         return Ok(None);
     };
