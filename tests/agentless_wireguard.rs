@@ -504,6 +504,15 @@ fn agentless_wireguard_router_reached_by_nat_address_fails_over_and_ends() {
         || w.tech_page(&nat),
     );
     tcp_echo_transfer(&w.tech, &nat, 256 << 10);
+    // The traffic took the other gateway's tunnel, on its own interface.
+    let other = w.site_view(id)["gateway_id"].as_u64().unwrap();
+    let transfer = w.router.sh(&format!("wg show vpnnat-g{other} transfer"));
+    let rx: u64 = transfer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(rx > 256 << 10, "vpnnat-g{other}: {transfer}");
 
     // The technician ends the request: the NAT address leads nowhere.
     let (code, v) = w.technician("POST", &format!("/api/v1/requests/{rid}/end"), None);
