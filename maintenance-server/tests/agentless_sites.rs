@@ -15,6 +15,7 @@ use vpnnat::messages::*;
 both!(
     agentless_sites_are_created_without_a_token_and_validated,
     agentless_requests_are_opened_by_technicians_and_rendered,
+    agentless_cli_creates_sites_and_prints_or_writes_the_files,
 );
 
 /// A gateway registered with WireGuard and the technician prefix
@@ -368,4 +369,92 @@ async fn agentless_requests_are_opened_by_technicians_and_rendered(b: Backend) {
     assert!(cfg.mappings.is_empty());
     assert!(!cfg.files[2].content.contains("dnat"));
     assert_eq!(cfg.gateway_id, None);
+}
+
+async fn agentless_cli_creates_sites_and_prints_or_writes_the_files(b: Backend) {
+    let db = TestDb::new(b);
+    let state = db.dir.path().join("state");
+    let config = db.dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[state]\ndir = \"{}\"\n[database]\nurl = \"{}\"\n",
+            state.display(),
+            db.url
+        ),
+    )
+    .unwrap();
+    let cli = |args: &[&str]| {
+        let out = vpnnat_test_support::run_with_input(
+            std::process::Command::new(env!("CARGO_BIN_EXE_maintenance-server"))
+                .env_remove("RUST_LOG")
+                .arg("--config")
+                .arg(&config)
+                .args(args),
+            None,
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = cli(&["site", "add", "Bakery", "--agentless"]);
+    assert!(
+        out.starts_with("site 1: Bakery (no agent; router public key "),
+        "{out}"
+    );
+    assert!(!out.contains("vnenroll_"), "{out}");
+    let own = key(42).to_base64();
+    let out = cli(&[
+        "site",
+        "add",
+        "Florist",
+        "--agentless",
+        "--public-key",
+        &own,
+    ]);
+    assert!(out.contains(&own), "{out}");
+    // --public-key only with --agentless; a bad key is refused.
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_maintenance-server"))
+        .arg("--config")
+        .arg(&config)
+        .args(["site", "add", "x", "--public-key", &own])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_maintenance-server"))
+        .arg("--config")
+        .arg(&config)
+        .args(["site", "add", "x", "--agentless", "--public-key", "nope"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let list = cli(&["site", "list"]);
+    assert_eq!(list.matches("no agent").count(), 2, "{list}");
+
+    let out = cli(&["site", "wireguard-config", "1"]);
+    assert!(out.contains("# ---- vpnnat-nat.nft"), "{out}");
+    assert!(out.contains("flush table ip vpnnat"), "{out}");
+    let dir = db.dir.path().join("router");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = cli(&[
+        "site",
+        "wireguard-config",
+        "2",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(out.contains("wrote "), "{out}");
+    assert!(out.contains("placeholder"), "{out}");
+    let nft = std::fs::read_to_string(dir.join("vpnnat-nat.nft")).unwrap();
+    assert!(nft.contains("table ip vpnnat {"), "{nft}");
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_maintenance-server"))
+        .arg("--config")
+        .arg(&config)
+        .args(["site", "token", "1"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no agent"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }
