@@ -155,6 +155,13 @@ async fn agentless_sites_are_created_without_a_token_and_validated(b: Backend) {
     op.post_empty(&at(paths::SITE_ROTATE, generated.site_id))
         .await
         .error(409, None);
+    // It stays a WireGuard site.
+    op.post(
+        &at(paths::SITE_TUNNEL, generated.site_id),
+        &json!({ "tunnel": "ipsec" }),
+    )
+    .await
+    .error(409, None);
 
     // The configuration: the operator or a technician; nobody else.
     server
@@ -369,6 +376,21 @@ async fn agentless_requests_are_opened_by_technicians_and_rendered(b: Backend) {
     assert!(cfg.mappings.is_empty());
     assert!(!cfg.files[2].content.contains("dnat"));
     assert_eq!(cfg.gateway_id, None);
+
+    // A disabled site takes no request.
+    let disable = at(paths::SITE_DISABLE, site.site_id);
+    assert_eq!(
+        op.post(&disable, &json!({ "disabled": true })).await.status,
+        204
+    );
+    tech.post(&path, &body).await.error(409, None);
+    assert_eq!(
+        op.post(&disable, &json!({ "disabled": false }))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(tech.post(&path, &body).await.status, 201);
 }
 
 async fn agentless_cli_creates_sites_and_prints_or_writes_the_files(b: Backend) {

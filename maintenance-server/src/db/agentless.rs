@@ -159,7 +159,19 @@ pub(super) async fn check_origin(
     terminals: &[TerminalName],
     lan: &[Ipv4Addr],
 ) -> OpResult<()> {
-    let agentless = is_agentless(&mut tx.inner, site).await?;
+    let row = sqlx::query("SELECT agentless, disabled FROM sites WHERE id = $1")
+        .bind(id64(site.0))
+        .fetch_optional(&mut *tx.inner)
+        .await?
+        .ok_or(OpError::NotFound("site"))?;
+    let agentless = col::<i64>(&row, "agentless")? != 0;
+    // An agent's credential is refused at a disabled site; a technician
+    // needs the same refusal here.
+    if agentless && col::<i64>(&row, "disabled")? != 0 {
+        return Err(OpError::InvalidState(
+            "the site is disabled; the operator must enable it first".into(),
+        ));
+    }
     match (agentless, lan.is_empty()) {
         (false, true) => return Ok(()),
         (false, false) => {

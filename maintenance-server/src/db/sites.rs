@@ -99,6 +99,12 @@ pub async fn set_site_tunnel(
     if old == tunnel {
         return Ok(());
     }
+    if is_agentless(&mut tx.inner, site).await? {
+        return Err(OpError::InvalidState(
+            "a site without an agent is a WireGuard site (its router's files are wg-quick files)"
+                .into(),
+        ));
+    }
     if site_gateway(tx, site).await?.is_some() {
         return Err(OpError::InvalidState(
             "the site has a tunnel (open requests); its tunnel kind can change once they end"
