@@ -44,7 +44,7 @@ pub fn interface(gw: &RouterGateway) -> String {
 
 /// The fwmark and routing table of the tunnel to gateway `gw`.
 pub fn mark(gw: &RouterGateway) -> u64 {
-    MARK_BASE + gw.id.0
+    MARK_BASE.saturating_add(gw.id.0)
 }
 
 /// Operator text on a comment line of its own.
