@@ -24,6 +24,7 @@
 pub mod paths;
 
 mod agent;
+mod agentless;
 mod common;
 mod enrollment;
 mod gateway;
@@ -32,6 +33,7 @@ mod operator;
 mod technician;
 
 pub use agent::*;
+pub use agentless::*;
 pub use common::*;
 pub use enrollment::*;
 pub use gateway::*;
