@@ -275,6 +275,7 @@ pub async fn gateway_state(
     Ok(GatewayDesiredState {
         version: u64_of(version),
         gateway_id: gw,
+        allowed_sources: Vec::new(),
         peers,
     })
 }
