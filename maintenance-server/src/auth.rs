@@ -311,6 +311,8 @@ pub struct Technician {
     pub id: i64,
     /// Name.
     pub name: String,
+    /// The sites it sees and acts on (its team's and those without a team).
+    pub scope: crate::db::teams::TeamScope,
     /// The session's hash (for logout).
     pub session_hash: String,
     csrf_hash: String,
@@ -339,7 +341,7 @@ impl FromRequestParts<AppState> for Technician {
         }
         let hash = Secret::hash_of(cookie);
         let row = sqlx::query(
-            "SELECT t.id, t.name, s.csrf_hash, s.expires_at FROM technician_sessions s \
+            "SELECT t.id, t.name, t.team_id, s.csrf_hash, s.expires_at FROM technician_sessions s \
              JOIN technicians t ON t.id = s.technician_id WHERE s.token_hash = $1 AND t.disabled = 0",
         )
         .bind(&hash)
@@ -354,6 +356,9 @@ impl FromRequestParts<AppState> for Technician {
         Ok(Self {
             id: col(&row, "id").map_err(AppError::internal)?,
             name: col(&row, "name").map_err(AppError::internal)?,
+            scope: crate::db::teams::TeamScope {
+                team: col(&row, "team_id").map_err(AppError::internal)?,
+            },
             session_hash: hash,
             csrf_hash: col(&row, "csrf_hash").map_err(AppError::internal)?,
         })

@@ -29,6 +29,7 @@ mod enrollment;
 mod gateway;
 mod ipsec;
 mod operator;
+mod teams;
 mod technician;
 
 pub use agent::*;
@@ -37,6 +38,7 @@ pub use enrollment::*;
 pub use gateway::*;
 pub use ipsec::*;
 pub use operator::*;
+pub use teams::*;
 pub use technician::*;
 
 #[cfg(test)]
