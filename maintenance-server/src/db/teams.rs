@@ -44,7 +44,10 @@ fn prefixes_of(json: &str) -> DbResult<Vec<Prefix>> {
 }
 
 fn prefixes_text(p: &[Prefix]) -> String {
-    p.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    p.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Creates a team; returns its id.
@@ -181,12 +184,13 @@ pub async fn set_technician_team(
     if let Some(t) = team {
         team_exists(tx, t).await?;
     }
-    let r = sqlx::query("UPDATE technicians SET team_id = $1, source_prefixes = $2 WHERE name = $3")
-        .bind(team.map(id64))
-        .bind(sources.map(prefixes_json))
-        .bind(name)
-        .execute(&mut *tx.inner)
-        .await?;
+    let r =
+        sqlx::query("UPDATE technicians SET team_id = $1, source_prefixes = $2 WHERE name = $3")
+            .bind(team.map(id64))
+            .bind(sources.map(prefixes_json))
+            .bind(name)
+            .execute(&mut *tx.inner)
+            .await?;
     if r.rows_affected() == 0 {
         return Err(OpError::NotFound("technician"));
     }
@@ -332,10 +336,7 @@ pub async fn teams(conn: &mut AnyConnection) -> DbResult<Vec<TeamView>> {
 ///
 /// # Errors
 /// Database failures.
-pub async fn team_of(
-    conn: &mut AnyConnection,
-    technician: i64,
-) -> DbResult<Option<(i64, String)>> {
+pub async fn team_of(conn: &mut AnyConnection, technician: i64) -> DbResult<Option<(i64, String)>> {
     let row = sqlx::query(
         "SELECT tm.id, tm.name FROM technicians t JOIN teams tm ON tm.id = t.team_id WHERE t.id = $1",
     )

@@ -106,8 +106,7 @@ pub async fn technician_team(
     body.validate()?;
     let now = now_ms();
     write(&state, async |tx| {
-        teams::set_technician_team(tx, &name, body.team, body.sources.as_deref(), ACTOR, now)
-            .await
+        teams::set_technician_team(tx, &name, body.team, body.sources.as_deref(), ACTOR, now).await
     })
     .await
     .map_err(team_field)?;

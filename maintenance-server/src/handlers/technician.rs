@@ -285,7 +285,10 @@ pub async fn failures(
     only_params(&q, &["limit"])?;
     let limit = limit_param(&q, 200, 1000)?;
     Ok(Json(
-        read(&state, async |c| views::failures_in(c, limit, t.scope).await).await?,
+        read(&state, async |c| {
+            views::failures_in(c, limit, t.scope).await
+        })
+        .await?,
     ))
 }
 
