@@ -749,15 +749,16 @@ pub async fn audit(conn: &mut AnyConnection, filter: &AuditFilter) -> DbResult<V
         sql.push_str(&format!(" AND at < ${}", next()));
     }
     if filter.scope.is_some() {
+        // Uncorrelated subqueries: evaluated once per query, not per row.
         let t = next();
+        let hidden = format!("s.team_id IS NOT NULL AND s.team_id <> ${t}");
         sql.push_str(&format!(
-            " AND NOT EXISTS (SELECT 1 FROM sites hs WHERE hs.team_id IS NOT NULL \
-             AND hs.team_id <> ${t} AND (audit_log.actor = 'site:' || CAST(hs.id AS TEXT) \
-             OR audit_log.object = 'site:' || CAST(hs.id AS TEXT) \
-             OR audit_log.object IN (SELECT 'request:' || CAST(r.id AS TEXT) FROM requests r \
-             WHERE r.site_id = hs.id) \
-             OR audit_log.object IN (SELECT 'failure:' || CAST(f.id AS TEXT) FROM failures f \
-             WHERE f.site_id = hs.id)))"
+            " AND actor NOT IN (SELECT 'site:' || CAST(s.id AS TEXT) FROM sites s WHERE {hidden}) \
+             AND object NOT IN (SELECT 'site:' || CAST(s.id AS TEXT) FROM sites s WHERE {hidden} \
+             UNION ALL SELECT 'request:' || CAST(r.id AS TEXT) FROM requests r \
+             JOIN sites s ON s.id = r.site_id WHERE {hidden} \
+             UNION ALL SELECT 'failure:' || CAST(f.id AS TEXT) FROM failures f \
+             JOIN sites s ON s.id = f.site_id WHERE {hidden})"
         ));
     }
     sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", next()));
