@@ -23,6 +23,62 @@ both!(
     teams_refuse_bad_input,
 );
 
+/// The console shows the team's name next to the technician's, and only
+/// the requests of its team's sites and of sites without a team.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teams_console_shows_the_team_and_its_requests() {
+    use vpnnat_test_support::browser::{Browser, require_browser};
+    if !require_browser() {
+        return;
+    }
+    let w = world(Backend::Sqlite).await;
+    let [a, b, c] = &w.reqs;
+    let requests_text = async |br: &Browser| {
+        br.c()
+            .execute(
+                "return document.getElementById('requests').innerText;",
+                vec![],
+            )
+            .await
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let br = Browser::start(1366, 900).await;
+    br.c().goto(&w.server.base).await.unwrap();
+    br.type_into("#login-name", "alice").await;
+    br.type_into("#login-password", "correct horse").await;
+    br.visible("#login-submit").await.click().await.unwrap();
+    br.wait_text("#who", "alice").await;
+    br.wait_text("#team", "north").await;
+    br.wait_text("#requests", &a.acceptance_number).await;
+    br.wait_text("#requests", &c.acceptance_number).await;
+    let text = requests_text(&br).await;
+    assert!(!text.contains(&b.acceptance_number), "{text}");
+    br.close().await;
+
+    // Without a team: no label, only the site without a team.
+    let br = Browser::start(1366, 900).await;
+    br.c().goto(&w.server.base).await.unwrap();
+    br.type_into("#login-name", "carol").await;
+    br.type_into("#login-password", "correct horse").await;
+    br.visible("#login-submit").await.click().await.unwrap();
+    br.wait_text("#who", "carol").await;
+    br.wait_text("#requests", &c.acceptance_number).await;
+    let text = requests_text(&br).await;
+    assert!(!text.contains(&a.acceptance_number), "{text}");
+    assert!(!text.contains(&b.acceptance_number), "{text}");
+    let team_hidden = br
+        .c()
+        .execute("return document.getElementById('team').hidden;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(team_hidden, true);
+    br.close().await;
+    w.server.stop().await;
+}
+
 fn p(s: &str) -> Prefix {
     s.parse().unwrap()
 }
