@@ -322,7 +322,21 @@ async fn teams_scope_what_technicians_see_and_do(backend: Backend) {
     assert!(about(&alice_audit, sa, a.id, fa));
     assert!(about(&alice_audit, sc, c.id, fc));
     assert!(!about(&alice_audit, sb, b.id, fb), "{alice_audit:?}");
+    // Nor about the other team or its technicians.
+    assert!(
+        !alice_audit.iter().any(|e| e.actor == "technician:bob"
+            || e.object == "technician:bob"
+            || e.object == format!("team:{}", w.south.id)),
+        "{alice_audit:?}"
+    );
+    assert!(alice_audit.iter().any(|e| e.actor == "technician:alice"));
+    assert!(
+        alice_audit
+            .iter()
+            .any(|e| e.object == format!("team:{}", w.north.id))
+    );
     let bob_audit = audit_of(&w.bob).await;
+    assert!(!bob_audit.iter().any(|e| e.actor == "technician:alice"));
     assert!(about(&bob_audit, sb, b.id, fb));
     assert!(!about(&bob_audit, sa, a.id, fa));
     let carol_audit = audit_of(&w.carol).await;

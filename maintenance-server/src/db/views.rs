@@ -708,7 +708,8 @@ pub struct AuditFilter {
     /// Only entries before this time (ms since the epoch).
     pub until: Option<i64>,
     /// Without the entries about sites outside this technician's view (by
-    /// or on such a site, or on one of its requests or failure reports).
+    /// or on such a site, or on one of its requests or failure reports), and
+    /// about other teams and their technicians.
     pub scope: Option<TeamScope>,
 }
 
@@ -758,7 +759,10 @@ pub async fn audit(conn: &mut AnyConnection, filter: &AuditFilter) -> DbResult<V
              UNION ALL SELECT 'request:' || CAST(r.id AS TEXT) FROM requests r \
              JOIN sites s ON s.id = r.site_id WHERE {hidden} \
              UNION ALL SELECT 'failure:' || CAST(f.id AS TEXT) FROM failures f \
-             JOIN sites s ON s.id = f.site_id WHERE {hidden})"
+             JOIN sites s ON s.id = f.site_id WHERE {hidden} \
+             UNION ALL SELECT 'team:' || CAST(s.id AS TEXT) FROM teams s WHERE s.id <> ${t} \
+             UNION ALL SELECT 'technician:' || s.name FROM technicians s WHERE {hidden}) \
+             AND actor NOT IN (SELECT 'technician:' || s.name FROM technicians s WHERE {hidden})"
         ));
     }
     sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", next()));
