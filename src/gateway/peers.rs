@@ -139,6 +139,7 @@ impl<K: Kinds> GatewayState<K> {
             .iter()
             .map(|a| (a.nat_address, a.sources.as_slice()))
             .collect();
+        let mut set_index: BTreeMap<&[crate::ipv4::Prefix], u32> = BTreeMap::new();
         for p in &valid.peers {
             let owner = Shard::of(count, p.site_id);
             let slot = if owner == me {
@@ -158,14 +159,11 @@ impl<K: Kinds> GatewayState<K> {
             }
             for a in &p.nat_addresses {
                 let sources = match restricted.get(a) {
-                    // Addresses of one site usually share one set: reuse it.
-                    Some(set) => match self.source_sets.iter().position(|s| &**s == *set) {
-                        Some(i) => i as u32,
-                        None => {
-                            self.source_sets.push(set.to_vec().into_boxed_slice());
-                            (self.source_sets.len() - 1) as u32
-                        }
-                    },
+                    // Addresses of one site (or one starter) share one set.
+                    Some(set) => *set_index.entry(set).or_insert_with(|| {
+                        self.source_sets.push(set.to_vec().into_boxed_slice());
+                        (self.source_sets.len() - 1) as u32
+                    }),
                     None => ANY_SOURCE,
                 };
                 self.by_nat.insert(*a, Route { sources, ..route });
