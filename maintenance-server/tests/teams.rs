@@ -21,6 +21,7 @@ both!(
     teams_scope_what_technicians_see_and_do,
     teams_fill_the_gateways_allowed_sources,
     teams_refuse_bad_input,
+    teams_cli_manages_teams,
 );
 
 /// The console shows the team's name next to the technician's, and only
@@ -593,4 +594,86 @@ async fn teams_refuse_bad_input(backend: Backend) {
         "refused calls changed state"
     );
     w.server.stop().await;
+}
+
+/// The operator CLI on the database directly: teams, assignments, listing,
+/// refusals with a non-zero exit.
+async fn teams_cli_manages_teams(backend: Backend) {
+    use std::process::Output;
+    let db = TestDb::new(backend);
+    let config = db.dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[state]\ndir = \"{}\"\n[database]\nurl = \"{}\"\n",
+            db.dir.path().join("state").display(),
+            db.url
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| -> Output {
+        use std::io::Write as _;
+        use std::process::Stdio;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_maintenance-server"))
+            .env_remove("RUST_LOG")
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The password, for `technician add --password-stdin`.
+        let _ = child.stdin.take().unwrap().write_all(b"correct horse\n");
+        child.wait_with_output().unwrap()
+    };
+    let ok = |args: &[&str]| -> String {
+        let o = run(args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let fails = |args: &[&str]| -> String {
+        let o = run(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    ok(&["site", "add", "Bakery"]);
+    ok(&["technician", "add", "alice", "--password-stdin"]);
+    let out = ok(&["team", "add", "north", "--source", "172.16.0.48/30"]);
+    assert!(out.starts_with("team 1: north"), "{out}");
+    ok(&["team", "site", "1", "--team", "1"]);
+    ok(&[
+        "team",
+        "technician",
+        "alice",
+        "--team",
+        "1",
+        "--source",
+        "172.16.0.50/32",
+    ]);
+    let list = ok(&["team", "list"]);
+    let row = list.lines().nth(1).unwrap();
+    for want in ["north", "172.16.0.48/30", "alice"] {
+        assert!(row.contains(want), "{list}");
+    }
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM audit_log WHERE action IN ('team.create', 'site.team', 'technician.team')")
+            .await,
+        3
+    );
+    // Refusals: a bad prefix, a taken name, an unknown team, a team with sites.
+    assert!(fails(&["team", "add", "x", "--source", "10.0.0.0/33"]).contains("0 to 32"));
+    assert!(fails(&["team", "add", "north"]).contains("north"));
+    fails(&["team", "site", "1", "--team", "9"]);
+    fails(&["team", "site", "1"]);
+    fails(&["team", "delete", "1"]);
+    ok(&["team", "site", "1", "--none"]);
+    ok(&["team", "delete", "1"]);
+    let list = ok(&["team", "list"]);
+    assert_eq!(list.lines().count(), 1, "{list}");
 }
