@@ -267,7 +267,18 @@ async fn teams_scope_what_technicians_see_and_do(backend: Backend) {
     );
 
     // Acting on another team's request or failure: 404, as if it did not
-    // exist, and nothing changes.
+    // exist, and nothing changes. (The failure reports bump the console
+    // feed at the background task's next tick: wait for that first.)
+    let settled: ConsoleEvents = w
+        .alice
+        .get(&format!(
+            "{}?after={}&wait_ms=3000",
+            paths::CONSOLE_EVENTS,
+            ev.version
+        ))
+        .await
+        .json();
+    assert!(settled.version >= ev.version);
     let before = w.db.fingerprint().await;
     for (tech, req, fail) in [(&w.alice, b, fb), (&w.bob, a, fa), (&w.carol, a, fa)] {
         for path in [paths::REQUEST_START, paths::REQUEST_END] {
@@ -288,6 +299,33 @@ async fn teams_scope_what_technicians_see_and_do(backend: Backend) {
         before,
         "refused actions changed state"
     );
+
+    // The check other technician-facing handlers taking a site id use.
+    {
+        use maintenance_server::db::teams::{TeamScope, site_visible};
+        let d = maintenance_server::db::Database::connect(&w.db.url, 1)
+            .await
+            .unwrap();
+        let mut c = d.reader().acquire().await.unwrap();
+        let north = TeamScope {
+            team: Some(i64::try_from(w.north.id).unwrap()),
+        };
+        let none = TeamScope { team: None };
+        for (site, scope, want) in [
+            (w.sites[0].id, north, true),
+            (w.sites[1].id, north, false),
+            (w.sites[2].id, north, true),
+            (w.sites[0].id, none, false),
+            (w.sites[2].id, none, true),
+            (SiteId(99_999), north, false),
+        ] {
+            assert_eq!(
+                site_visible(&mut c, site, scope).await.unwrap(),
+                want,
+                "{site} {scope:?}"
+            );
+        }
+    }
 
     // Their own: allowed.
     let r = w.alice.post_empty(&at(paths::REQUEST_START, a.id)).await;

@@ -239,6 +239,28 @@ pub async fn check_request(tx: &mut Tx, id: RequestId, scope: TeamScope) -> OpRe
         .ok_or(OpError::NotFound("request"))
 }
 
+/// Whether site `site` exists and is visible in `scope` (for handlers that
+/// take a site id from a technician: answer 404 when not).
+///
+/// # Errors
+/// Database failures.
+pub async fn site_visible(
+    conn: &mut AnyConnection,
+    site: SiteId,
+    scope: TeamScope,
+) -> DbResult<bool> {
+    let sql = format!(
+        "SELECT s.id FROM sites s WHERE s.id = $1 AND {}",
+        TeamScope::sites_sql("s", 2)
+    );
+    Ok(sqlx::query(&sql)
+        .bind(id64(site.0))
+        .bind(scope.bind())
+        .fetch_optional(&mut *conn)
+        .await?
+        .is_some())
+}
+
 /// `NotFound("failure")` unless failure report `id` exists and is visible in `scope`.
 ///
 /// # Errors
