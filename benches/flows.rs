@@ -146,6 +146,7 @@ fn connected_gateway(now: Instant) -> GatewayState {
         &GatewayDesiredState {
             version: 1,
             gateway_id: GatewayId(1),
+            allowed_sources: Vec::new(),
             peers: vec![GatewayPeer {
                 site_id: SITE,
                 public_key: client_key.public_key(),

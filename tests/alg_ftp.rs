@@ -301,6 +301,7 @@ fn world(tag: &str, mode: Mode) -> (World, Site, String, PathBuf) {
     w.set_peers(&GatewayDesiredState {
         version: 1,
         gateway_id: GatewayId(1),
+        allowed_sources: Vec::new(),
         peers: vec![GatewayPeer {
             site_id: SITE,
             public_key: agent_key,

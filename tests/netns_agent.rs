@@ -380,6 +380,7 @@ fn standalone(tag: &str, mode: AgentMode) -> World {
     let peers = GatewayDesiredState {
         version: 1,
         gateway_id: GatewayId(1),
+        allowed_sources: Vec::new(),
         peers: vec![GatewayPeer {
             site_id: SiteId(1),
             public_key: agent_key,

@@ -30,6 +30,7 @@ fn desired(version: u64, peers: Vec<GatewayPeer>) -> GatewayDesiredState {
     GatewayDesiredState {
         version,
         gateway_id: GatewayId(1),
+        allowed_sources: Vec::new(),
         peers,
     }
 }

@@ -81,6 +81,7 @@ pub(super) fn desired(version: u64, peers: Vec<GatewayPeer>) -> GatewayDesiredSt
     GatewayDesiredState {
         version,
         gateway_id: GatewayId(1),
+        allowed_sources: Vec::new(),
         peers,
     }
 }

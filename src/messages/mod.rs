@@ -30,6 +30,7 @@ mod enrollment;
 mod gateway;
 mod ipsec;
 mod operator;
+mod teams;
 mod technician;
 
 pub use agent::*;
@@ -39,6 +40,7 @@ pub use enrollment::*;
 pub use gateway::*;
 pub use ipsec::*;
 pub use operator::*;
+pub use teams::*;
 pub use technician::*;
 
 #[cfg(test)]

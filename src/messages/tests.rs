@@ -101,6 +101,7 @@ fn every_message_round_trips_through_json() {
     round_trip(&GatewayDesiredState {
         version: 4,
         gateway_id: GatewayId(1),
+        allowed_sources: Vec::new(),
         peers: vec![GatewayPeer {
             site_id: SiteId(3),
             public_key: key(3),

@@ -234,6 +234,7 @@ impl World {
         GatewayDesiredState {
             version,
             gateway_id: GatewayId(1),
+            allowed_sources: Vec::new(),
             peers: sites
                 .iter()
                 .map(|(s, id)| GatewayPeer {
@@ -258,6 +259,7 @@ impl World {
         GatewayDesiredState {
             version: 1,
             gateway_id: GatewayId(1),
+            allowed_sources: Vec::new(),
             peers: vec![GatewayPeer {
                 site_id: site,
                 // Carried by every peer, unused by IPsec.

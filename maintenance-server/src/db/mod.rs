@@ -26,6 +26,7 @@ mod policy;
 mod requests;
 mod restore;
 mod sites;
+pub mod teams;
 mod technicians;
 mod tunnels;
 pub mod views;
