@@ -128,6 +128,24 @@ fn event(event_type: &'static str, now: i64, data: serde_json::Value) -> Event {
     }
 }
 
+/// Queues event `event_type` with `data` for every route that takes it
+/// (nothing when no webhook is configured).
+///
+/// # Errors
+/// Database failures.
+pub async fn queue(
+    tx: &mut Tx,
+    routes: &[Route],
+    event_type: &'static str,
+    data: serde_json::Value,
+    now: i64,
+) -> Result<(), DbError> {
+    if routes.is_empty() {
+        return Ok(());
+    }
+    outbox::enqueue(tx, routes, &event(event_type, now, data), now).await
+}
+
 /// Queues `request.created` for `view`.
 ///
 /// # Errors
@@ -138,11 +156,7 @@ pub async fn request_created(
     view: &MaintenanceRequestView,
     now: i64,
 ) -> Result<(), DbError> {
-    if routes.is_empty() {
-        return Ok(());
-    }
-    let e = event(REQUEST_CREATED, now, json!({ "request": view }));
-    outbox::enqueue(tx, routes, &e, now).await
+    queue(tx, routes, REQUEST_CREATED, json!({ "request": view }), now).await
 }
 
 /// Queues `failure.reported` for `view`.
@@ -155,11 +169,14 @@ pub async fn failure_reported(
     view: &FailureView,
     now: i64,
 ) -> Result<(), DbError> {
-    if routes.is_empty() {
-        return Ok(());
-    }
-    let e = event(FAILURE_REPORTED, now, json!({ "failure": view }));
-    outbox::enqueue(tx, routes, &e, now).await
+    queue(
+        tx,
+        routes,
+        FAILURE_REPORTED,
+        json!({ "failure": view }),
+        now,
+    )
+    .await
 }
 
 /// Queues `request.expiring` for `view`.
@@ -172,11 +189,14 @@ pub async fn request_expiring(
     view: &MaintenanceRequestView,
     now: i64,
 ) -> Result<(), DbError> {
-    if routes.is_empty() {
-        return Ok(());
-    }
-    let e = event(REQUEST_EXPIRING, now, json!({ "request": view }));
-    outbox::enqueue(tx, routes, &e, now).await
+    queue(
+        tx,
+        routes,
+        REQUEST_EXPIRING,
+        json!({ "request": view }),
+        now,
+    )
+    .await
 }
 
 /// The routes of `settings` (what [`crate::db::ops::Policy`] carries).
