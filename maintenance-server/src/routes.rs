@@ -15,7 +15,7 @@ use vpnnat::messages::paths;
 
 use crate::console;
 use crate::error::IntendedRefusal;
-use crate::handlers::{agent, gateway, lifecycle, misc, operator, technician};
+use crate::handlers::{agent, gateway, lifecycle, misc, operator, rotation, technician};
 use crate::openapi;
 use crate::state::AppState;
 
@@ -34,6 +34,14 @@ pub fn api_routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::POST, paths::AGENT_FAILURES, post(agent::failure)),
         (Method::GET, paths::AGENT_STATE, get(agent::state)),
         (Method::POST, paths::AGENT_APPLIED, post(agent::applied)),
+        (Method::POST, paths::AGENT_KEY, post(rotation::next_key)),
+        (Method::POST, paths::AGENT_KEY_COMMIT, post(rotation::commit_key)),
+        (Method::POST, paths::AGENT_CREDENTIAL, post(rotation::credential)),
+        (
+            Method::POST,
+            paths::SITE_PLANNED_ROTATION,
+            post(rotation::planned),
+        ),
         (
             Method::POST,
             paths::GATEWAY_REGISTER,

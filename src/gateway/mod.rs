@@ -59,6 +59,8 @@ mod tests;
 mod tests_flows;
 #[cfg(test)]
 mod tests_ipsec;
+#[cfg(test)]
+mod tests_rotation;
 mod validate;
 
 use std::collections::{BTreeMap, VecDeque};

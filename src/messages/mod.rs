@@ -29,6 +29,7 @@ mod enrollment;
 mod gateway;
 mod ipsec;
 mod operator;
+mod rotation;
 mod technician;
 
 pub use agent::*;
@@ -37,6 +38,7 @@ pub use enrollment::*;
 pub use gateway::*;
 pub use ipsec::*;
 pub use operator::*;
+pub use rotation::*;
 pub use technician::*;
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub mod outbox;
 mod policy;
 mod requests;
 mod restore;
+pub mod rotation;
 mod sites;
 mod technicians;
 mod tunnels;

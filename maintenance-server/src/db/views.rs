@@ -201,12 +201,14 @@ pub async fn agent_state(
         }
         None => None,
     };
+    let rotation = super::rotation::agent_rotation(conn, site).await?;
     Ok(AgentDesiredState {
         version,
         site_id: site,
         tunnel,
         mappings,
         problem,
+        rotation,
     })
 }
 
@@ -272,10 +274,12 @@ pub async fn gateway_state(
             ipsec.remote_ts = host_prefixes(&p.nat_addresses);
         }
     }
+    let next_keys = super::rotation::gateway_next_keys(conn, gw).await?;
     Ok(GatewayDesiredState {
         version: u64_of(version),
         gateway_id: gw,
         peers,
+        next_keys,
     })
 }
 

@@ -8,6 +8,7 @@ pub mod gateway;
 pub mod lifecycle;
 pub mod misc;
 pub mod operator;
+pub mod rotation;
 pub mod technician;
 
 use std::collections::HashMap;
