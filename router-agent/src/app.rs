@@ -69,6 +69,9 @@ pub struct App {
     pub revocations: tokio::sync::Notify,
     /// The tunnel's carrier: UDP or the TLS fallback.
     pub carrier: crate::carrier::Carrier,
+    /// The planned rotation of the last desired state, for the task that
+    /// carries it out ([`crate::rotation`]).
+    pub rotation: tokio::sync::watch::Sender<Option<vpnnat::messages::AgentRotation>>,
 }
 
 impl App {

@@ -23,6 +23,7 @@ mod names;
 mod netstack;
 mod probe;
 mod revocations;
+mod rotation;
 mod settings;
 mod status;
 mod web;
@@ -198,6 +199,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         server_url: String::new(),
                         credential: String::new(),
                         private_key: key.to_base64(),
+                        next_private_key: None,
                     };
                     id.store(path, false)?;
                     tracing::info!(path = %path.display(), "created a key-only identity for standalone mode");
@@ -370,6 +372,7 @@ async fn run(
                 server_url: String::new(),
                 credential: String::new(),
                 private_key: text.trim().to_owned(),
+                next_private_key: None,
             }
         }
         None => Identity::load(&settings.agent.identity_file)?,
@@ -513,6 +516,7 @@ async fn run(
         consent_gate: tokio::sync::Mutex::new(()),
         revocations: tokio::sync::Notify::new(),
         carrier: carrier::Carrier::new(streams, inbox_tx),
+        rotation: watch::channel(None).0,
     });
     tracing::info!(
         site.id = %site_id,
@@ -523,7 +527,19 @@ async fn run(
         "router agent started"
     );
 
-    let result = serve(app.clone(), &settings, lan_prefix, desired_file, initial).await;
+    // Planned rotations rewrite the enrolled identity file (not a bare
+    // --private-key-file of standalone mode).
+    let rotating = key_file
+        .is_none()
+        .then(|| (id.clone(), settings.agent.identity_file.clone()));
+    let result = serve(
+        app.clone(),
+        &settings,
+        lan_prefix,
+        (desired_file, initial),
+        rotating,
+    )
+    .await;
 
     if let Some(r) = routes.as_mut() {
         r.remove_all().await;
@@ -547,8 +563,8 @@ async fn serve(
     app: Arc<App>,
     settings: &Settings,
     lan_prefix: Option<Prefix>,
-    desired_file: Option<PathBuf>,
-    initial: Option<AgentDesiredState>,
+    (desired_file, initial): (Option<PathBuf>, Option<AgentDesiredState>),
+    rotating: Option<(Identity, PathBuf)>,
 ) -> anyhow::Result<()> {
     let listen = web_listen(settings, app.lan_address);
     let password = page_password(settings, true)?;
@@ -595,6 +611,15 @@ async fn serve(
     let health = tokio::spawn(health::run(app.clone(), shutdown_rx.clone()));
     let revocations = tokio::spawn(revocations::run(app.clone(), shutdown_rx.clone()));
     let carrier = tokio::spawn(carrier::run(app.clone(), shutdown_rx.clone()));
+    let rotation = rotating.map(|(id, path)| {
+        tokio::spawn(rotation::run(
+            app.clone(),
+            id,
+            path,
+            app.rotation.subscribe(),
+            shutdown_rx.clone(),
+        ))
+    });
     let mut signals = Signals::new()?;
     loop {
         tokio::select! {
@@ -622,6 +647,9 @@ async fn serve(
     let _ = health.await;
     let _ = revocations.await;
     let _ = carrier.await;
+    if let Some(r) = rotation {
+        let _ = r.await;
+    }
     Ok(())
 }
 
