@@ -140,6 +140,29 @@ fn open_maintenance(w: &mut AgentWorld) -> (String, PathBuf) {
     (nat, file)
 }
 
+/// Seconds of the day of a log line's timestamp (`…THH:MM:SS.ffffffZ`).
+fn log_time(line: &str) -> Option<f64> {
+    let t = line.split('T').nth(1)?.split('Z').next()?;
+    let mut parts = t.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// From the agent's log: how long after the key switch the handshake with
+/// the new key completed (the tunnel's interruption), seconds.
+fn switch_gap(w: &AgentWorld) -> f64 {
+    let log = w.agent_log();
+    let mut lines = log.lines().skip_while(|l| !l.contains("tunnel key replaced"));
+    let switched = lines.next().and_then(log_time).expect("the switch is logged");
+    let done = lines
+        .find(|l| l.contains("handshake completed"))
+        .and_then(log_time)
+        .expect("the handshake with the new key is logged");
+    done - switched
+}
+
 fn key_rotated(w: &AgentWorld, before: &Value) -> bool {
     let id = identity(w);
     id["private_key"] != before["private_key"]
@@ -170,7 +193,12 @@ fn rotation_live_on_demand_key_and_credential_keep_the_tcp_session() {
         gateway_log.contains("peer moved to its next key"),
         "{gateway_log}"
     );
-    let key_gap = still_flowing(&file, seq, "the site key rotation");
+    still_flowing(&file, seq, "the site key rotation");
+    let key_gap = switch_gap(&w);
+    println!(
+        "the site key rotation: handshake with the new key {:.1} ms after the switch",
+        key_gap * 1000.0
+    );
     assert!(ping_within(&w.tech, &nat, Duration::from_secs(5)));
 
     // The site credential, on demand: the old one is refused once the new
@@ -197,9 +225,12 @@ fn rotation_live_on_demand_key_and_credential_keep_the_tcp_session() {
     still_flowing(&file, seq, "the credential rotation");
     assert!(ping_within(&w.tech, &nat, Duration::from_secs(5)));
 
+    // One round trip and the handshake's crypto: far below TCP's initial
+    // retransmission timeout of 1 s (RFC 6298), so nothing but the segments
+    // in flight waits.
     assert!(
-        key_gap < 5.0,
-        "TCP retransmits across the switch: {key_gap} s"
+        key_gap < 1.0,
+        "the tunnel was down {key_gap} s across the switch"
     );
 }
 
