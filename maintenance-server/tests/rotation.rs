@@ -90,6 +90,12 @@ async fn rotation_site_key_reaches_the_gateway_first_and_is_committed_by_the_age
     );
     let s2 = agent_state(&site, 0, 0).await;
     assert!(!s2.rotation.as_ref().unwrap().next_key_ready);
+    let m = server.operator().get(paths::METRICS).await;
+    let text = m.body.as_str().unwrap().to_owned();
+    assert!(
+        text.contains("vpnnat_site_rotations_pending{what=\"key\"} 1"),
+        "{text}"
+    );
 
     // The gateway applies it: the agent's long-poll wakes with "ready".
     let poll = {
