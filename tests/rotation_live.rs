@@ -67,7 +67,10 @@ while True:
 /// The session's lines so far: (seq, time, round trip); panics on an error line.
 fn session(file: &Path) -> Vec<(u64, f64, f64)> {
     let text = std::fs::read_to_string(file).unwrap_or_default();
-    assert!(!text.contains("ERROR"), "the held TCP session broke:\n{text}");
+    assert!(
+        !text.contains("ERROR"),
+        "the held TCP session broke:\n{text}"
+    );
     text.lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
@@ -154,8 +157,13 @@ fn log_time(line: &str) -> Option<f64> {
 /// the new key completed (the tunnel's interruption), seconds.
 fn switch_gap(w: &AgentWorld) -> f64 {
     let log = w.agent_log();
-    let mut lines = log.lines().skip_while(|l| !l.contains("tunnel key replaced"));
-    let switched = lines.next().and_then(log_time).expect("the switch is logged");
+    let mut lines = log
+        .lines()
+        .skip_while(|l| !l.contains("tunnel key replaced"));
+    let switched = lines
+        .next()
+        .and_then(log_time)
+        .expect("the switch is logged");
     let done = lines
         .find(|l| l.contains("handshake completed"))
         .and_then(log_time)
@@ -217,9 +225,11 @@ fn rotation_live_on_demand_key_and_credential_keep_the_tcp_session() {
     wait_until("the credential rotated", Duration::from_secs(40), || {
         identity(&w)["credential"] != before["credential"]
     });
-    wait_until("the old credential refused", Duration::from_secs(40), || {
-        with_credential(&w, &old) == "401"
-    });
+    wait_until(
+        "the old credential refused",
+        Duration::from_secs(40),
+        || with_credential(&w, &old) == "401",
+    );
     let new = identity(&w)["credential"].as_str().unwrap().to_owned();
     assert_eq!(with_credential(&w, &new), "200");
     still_flowing(&file, seq, "the credential rotation");

@@ -125,7 +125,11 @@ pub fn render(
         Gauge,
         "Sites whose planned key or credential rotation is asked for or under way.",
     );
-    m.sample("site_rotations_pending", &[("what", "key")], c.site_rotations[0]);
+    m.sample(
+        "site_rotations_pending",
+        &[("what", "key")],
+        c.site_rotations[0],
+    );
     m.sample(
         "site_rotations_pending",
         &[("what", "credential")],

@@ -35,8 +35,16 @@ pub fn api_routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::GET, paths::AGENT_STATE, get(agent::state)),
         (Method::POST, paths::AGENT_APPLIED, post(agent::applied)),
         (Method::POST, paths::AGENT_KEY, post(rotation::next_key)),
-        (Method::POST, paths::AGENT_KEY_COMMIT, post(rotation::commit_key)),
-        (Method::POST, paths::AGENT_CREDENTIAL, post(rotation::credential)),
+        (
+            Method::POST,
+            paths::AGENT_KEY_COMMIT,
+            post(rotation::commit_key),
+        ),
+        (
+            Method::POST,
+            paths::AGENT_CREDENTIAL,
+            post(rotation::credential),
+        ),
         (
             Method::POST,
             paths::SITE_PLANNED_ROTATION,

@@ -472,7 +472,10 @@ impl Settings {
         }
         for (key, days) in [
             ("rotation.site_key_days", self.rotation.site_key_days),
-            ("rotation.site_credential_days", self.rotation.site_credential_days),
+            (
+                "rotation.site_credential_days",
+                self.rotation.site_credential_days,
+            ),
         ] {
             if !days.is_finite() || !(0.0..=36_500.0).contains(&days) {
                 return Err((key, "0 (off) to 36500 days".into()));

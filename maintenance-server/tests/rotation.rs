@@ -53,7 +53,10 @@ async fn rotation_site_key_reaches_the_gateway_first_and_is_committed_by_the_age
     // The operator asks; the flag is in the agent's document.
     let a = server
         .operator()
-        .post(&at(paths::SITE_PLANNED_ROTATION, site.id), &planned(true, false))
+        .post(
+            &at(paths::SITE_PLANNED_ROTATION, site.id),
+            &planned(true, false),
+        )
         .await;
     assert_eq!(a.status, 204, "{}", a.body);
     let s1 = agent_state(&site, s.version, 0).await;
@@ -66,7 +69,12 @@ async fn rotation_site_key_reaches_the_gateway_first_and_is_committed_by_the_age
     let g_before = gateway_state(&gw, 0, 0).await;
     let answer: AgentRotation = site
         .agent
-        .post(paths::AGENT_KEY, &SiteKey { public_key: key(50) })
+        .post(
+            paths::AGENT_KEY,
+            &SiteKey {
+                public_key: key(50),
+            },
+        )
         .await
         .json();
     assert_eq!(answer.next_key, Some(key(50)));
@@ -74,7 +82,12 @@ async fn rotation_site_key_reaches_the_gateway_first_and_is_committed_by_the_age
     // Repeated (an agent that restarted): the same answer, no new version.
     let again: AgentRotation = site
         .agent
-        .post(paths::AGENT_KEY, &SiteKey { public_key: key(50) })
+        .post(
+            paths::AGENT_KEY,
+            &SiteKey {
+                public_key: key(50),
+            },
+        )
         .await
         .json();
     assert_eq!(again, answer);
@@ -118,13 +131,23 @@ async fn rotation_site_key_reaches_the_gateway_first_and_is_committed_by_the_age
 
     // Confirming another key is refused; the next key commits, twice.
     site.agent
-        .post(paths::AGENT_KEY_COMMIT, &SiteKey { public_key: key(51) })
+        .post(
+            paths::AGENT_KEY_COMMIT,
+            &SiteKey {
+                public_key: key(51),
+            },
+        )
         .await
         .error(409, Some("public_key"));
     for _ in 0..2 {
         let c = site
             .agent
-            .post(paths::AGENT_KEY_COMMIT, &SiteKey { public_key: key(50) })
+            .post(
+                paths::AGENT_KEY_COMMIT,
+                &SiteKey {
+                    public_key: key(50),
+                },
+            )
             .await;
         assert_eq!(c.status, 204, "{}", c.body);
     }
@@ -159,11 +182,21 @@ async fn rotation_site_key_refuses_bad_and_taken_keys(b: Backend) {
     // B's next key is taken for A, and for enrollment.
     let ok = other
         .agent
-        .post(paths::AGENT_KEY, &SiteKey { public_key: key(60) })
+        .post(
+            paths::AGENT_KEY,
+            &SiteKey {
+                public_key: key(60),
+            },
+        )
         .await;
     assert_eq!(ok.status, 200, "{}", ok.body);
     a.agent
-        .post(paths::AGENT_KEY, &SiteKey { public_key: key(60) })
+        .post(
+            paths::AGENT_KEY,
+            &SiteKey {
+                public_key: key(60),
+            },
+        )
         .await
         .error(409, Some("public_key"));
     let bad = a
@@ -182,21 +215,36 @@ async fn rotation_site_key_refuses_bad_and_taken_keys(b: Backend) {
     // Without a tunnel there is no gateway to wait for: ready at once.
     let r: AgentRotation = a
         .agent
-        .post(paths::AGENT_KEY, &SiteKey { public_key: key(61) })
+        .post(
+            paths::AGENT_KEY,
+            &SiteKey {
+                public_key: key(61),
+            },
+        )
         .await
         .json();
     assert!(r.next_key_ready);
     // A replaced next key (an agent that lost its state) is accepted.
     let r: AgentRotation = a
         .agent
-        .post(paths::AGENT_KEY, &SiteKey { public_key: key(62) })
+        .post(
+            paths::AGENT_KEY,
+            &SiteKey {
+                public_key: key(62),
+            },
+        )
         .await
         .json();
     assert_eq!(r.next_key, Some(key(62)));
     // No credential: 401.
     server
         .client(None)
-        .post(paths::AGENT_KEY, &SiteKey { public_key: key(63) })
+        .post(
+            paths::AGENT_KEY,
+            &SiteKey {
+                public_key: key(63),
+            },
+        )
         .await
         .error(401, None);
     server.stop().await;
@@ -213,10 +261,15 @@ async fn rotation_site_credential_old_one_valid_until_the_new_one_is_used(b: Bac
         .await;
     assert_eq!(r.status, 201, "{}", r.body);
     report_applied(&gw).await;
-    let tls_before = gateway_state(&gw, 0, 0).await.peers[0].tls_token_sha256.clone();
+    let tls_before = gateway_state(&gw, 0, 0).await.peers[0]
+        .tls_token_sha256
+        .clone();
     server
         .operator()
-        .post(&at(paths::SITE_PLANNED_ROTATION, site.id), &planned(false, true))
+        .post(
+            &at(paths::SITE_PLANNED_ROTATION, site.id),
+            &planned(false, true),
+        )
         .await;
     assert!(
         agent_state(&site, 0, 0)
@@ -227,7 +280,10 @@ async fn rotation_site_credential_old_one_valid_until_the_new_one_is_used(b: Bac
     );
 
     let first: NewSiteCredential = site.agent.post_empty(paths::AGENT_CREDENTIAL).await.json();
-    assert!(first.credential.starts_with(&site.credential[..4]), "same kind");
+    assert!(
+        first.credential.starts_with(&site.credential[..4]),
+        "same kind"
+    );
     assert_ne!(first.credential, site.credential);
     // The answer was lost: asked again with the old credential, which
     // still works; the unused first one is replaced.
@@ -248,7 +304,9 @@ async fn rotation_site_credential_old_one_valid_until_the_new_one_is_used(b: Bac
     site.agent.get(paths::AGENT_REQUESTS).await.error(401, None);
     assert_eq!(new_api.get(paths::AGENT_REQUESTS).await.status, 200);
     // The gateway's TLS token follows the credential.
-    let tls_after = gateway_state(&gw, 0, 0).await.peers[0].tls_token_sha256.clone();
+    let tls_after = gateway_state(&gw, 0, 0).await.peers[0]
+        .tls_token_sha256
+        .clone();
     assert_ne!(tls_before, tls_after);
 
     assert_eq!(audit_count(&db, "site.credential.next").await, 2);
@@ -284,7 +342,12 @@ async fn rotation_immediate_rotate_revokes_a_pending_rotation(b: Backend) {
     report_applied(&gw).await;
     let ok = site
         .agent
-        .post(paths::AGENT_KEY, &SiteKey { public_key: key(50) })
+        .post(
+            paths::AGENT_KEY,
+            &SiteKey {
+                public_key: key(50),
+            },
+        )
         .await;
     assert_eq!(ok.status, 200, "{}", ok.body);
     let new: NewSiteCredential = site.agent.post_empty(paths::AGENT_CREDENTIAL).await.json();
@@ -333,7 +396,12 @@ async fn rotation_schedule_flags_old_keys_and_credentials(b: Backend) {
     );
     // A rotation under way is not flagged again.
     site.agent
-        .post(paths::AGENT_KEY, &SiteKey { public_key: key(50) })
+        .post(
+            paths::AGENT_KEY,
+            &SiteKey {
+                public_key: key(50),
+            },
+        )
         .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let r = agent_state(&site, 0, 0).await.rotation.unwrap();
@@ -353,12 +421,18 @@ async fn rotation_operator_request_is_validated(b: Backend) {
         .post(&at(paths::SITE_PLANNED_ROTATION, 999), &planned(true, true))
         .await;
     assert_eq!(unknown.status.as_u16(), 404, "{}", unknown.body);
-    op.post(&at(paths::SITE_PLANNED_ROTATION, site.id), &json!({"key": "yes"}))
-        .await
-        .error(422, None);
+    op.post(
+        &at(paths::SITE_PLANNED_ROTATION, site.id),
+        &json!({"key": "yes"}),
+    )
+    .await
+    .error(422, None);
     // The agent's credential is not the operator's.
     site.agent
-        .post(&at(paths::SITE_PLANNED_ROTATION, site.id), &planned(true, false))
+        .post(
+            &at(paths::SITE_PLANNED_ROTATION, site.id),
+            &planned(true, false),
+        )
         .await
         .error(403, None);
     server.stop().await;

@@ -286,14 +286,23 @@ mod tests {
         assert_eq!(step(&id, &server(None, false, true)), KeyStep::Generate);
         let with = with_next_key(&id, &key(2));
         let n = key(2).public_key();
-        assert_eq!(step(&with, &server(None, false, true)), KeyStep::Register(n));
+        assert_eq!(
+            step(&with, &server(None, false, true)),
+            KeyStep::Register(n)
+        );
         // The server holds another next key: this one replaces it.
         assert_eq!(
             step(&with, &server(Some(&key(3)), true, false)),
             KeyStep::Register(n)
         );
-        assert_eq!(step(&with, &server(Some(&key(2)), false, false)), KeyStep::Idle);
-        assert_eq!(step(&with, &server(Some(&key(2)), true, false)), KeyStep::Switch);
+        assert_eq!(
+            step(&with, &server(Some(&key(2)), false, false)),
+            KeyStep::Idle
+        );
+        assert_eq!(
+            step(&with, &server(Some(&key(2)), true, false)),
+            KeyStep::Switch
+        );
         let done = switched(&with).unwrap();
         assert_eq!(done.key().unwrap().public_key(), n);
         assert!(done.next_private_key.is_none());

@@ -61,11 +61,7 @@ fn rotation_gateway_accepts_both_keys_and_moves_to_the_next_at_its_first_handsha
     // The agent switches: its first initiation with the new key is answered.
     let later = now + Duration::from_millis(10);
     connect(&mut gw, &mut new, later);
-    assert!(
-        drain_events(&mut gw).contains(&GatewayEvent::PeerRekeyed {
-            site_id: SiteId(3)
-        })
-    );
+    assert!(drain_events(&mut gw).contains(&GatewayEvent::PeerRekeyed { site_id: SiteId(3) }));
     exchange(&mut gw, &mut new, later);
 
     // The same document again, and then the one that drops the old key,
@@ -74,9 +70,10 @@ fn rotation_gateway_accepts_both_keys_and_moves_to_the_next_at_its_first_handsha
     let committed = new.peer(3, &["10.64.0.5"]);
     gw.handle_control(&with_next(4, committed, None), later);
     assert!(
-        !drain_events(&mut gw)
-            .iter()
-            .any(|e| matches!(e, GatewayEvent::PeerRekeyed { .. } | GatewayEvent::PeerRemoved { .. })),
+        !drain_events(&mut gw).iter().any(|e| matches!(
+            e,
+            GatewayEvent::PeerRekeyed { .. } | GatewayEvent::PeerRemoved { .. }
+        )),
         "the session with the new key survives the documents"
     );
     exchange(&mut gw, &mut new, later);
@@ -93,7 +90,10 @@ fn rotation_gateway_refuses_a_next_key_that_belongs_to_another_site_or_no_peer()
     let mut gw = gateway::<Builtin>(now);
     let a = Client::<Builtin>::new(1, "198.51.100.7:40000");
     let b = Client::<Builtin>::new(2, "198.51.100.8:40000");
-    let mut d = desired(1, vec![a.peer(3, &["10.64.0.5"]), b.peer(4, &["10.64.0.9"])]);
+    let mut d = desired(
+        1,
+        vec![a.peer(3, &["10.64.0.5"]), b.peer(4, &["10.64.0.9"])],
+    );
     d.next_keys = vec![
         NextPeerKey {
             site_id: SiteId(3),

@@ -15,7 +15,9 @@
 //! `credential_grace_ms` after the first issue (a lost answer is asked for
 //! again with the old one meanwhile).
 
-use vpnnat::messages::{AgentRotation, NewSiteCredential, PlannedRotation, PublicKey, SiteId, UnixMillis};
+use vpnnat::messages::{
+    AgentRotation, NewSiteCredential, PlannedRotation, PublicKey, SiteId, UnixMillis,
+};
 
 use super::error::{OpError, OpResult};
 use super::tunnels::site_gateway;
@@ -148,10 +150,7 @@ pub async fn commit_key(tx: &mut Tx, site: SiteId, key: PublicKey, now: i64) -> 
         &format!("site:{site}"),
         "site.key.rotated",
         &format!("site:{site}"),
-        &format!(
-            "public key {key_b64} (was {})",
-            current.unwrap_or_default()
-        ),
+        &format!("public key {key_b64} (was {})", current.unwrap_or_default()),
     )
     .await?;
     Ok(())
@@ -186,7 +185,11 @@ pub async fn new_credential(
     let (keep, until, detail) = if previous.as_deref() == Some(presented) {
         // The answer to an earlier call was lost: the unused new credential
         // is replaced; the deadline of the old one stays.
-        (previous, until.unwrap_or(now), "new credential issued again")
+        (
+            previous,
+            until.unwrap_or(now),
+            "new credential issued again",
+        )
     } else {
         (current, now + grace_ms, "new credential issued")
     };
@@ -289,8 +292,14 @@ pub async fn request_rotation(
         (true, false) => "key",
         _ => "credential",
     };
-    tx.audit(now, actor, "site.rotation.requested", &format!("site:{site}"), detail)
-        .await?;
+    tx.audit(
+        now,
+        actor,
+        "site.rotation.requested",
+        &format!("site:{site}"),
+        detail,
+    )
+    .await?;
     Ok(())
 }
 
@@ -336,7 +345,11 @@ pub async fn schedule(tx: &mut Tx, now: i64, key_ms: i64, credential_ms: i64) ->
                 "schedule",
                 "site.rotation.requested",
                 &format!("site:{site}"),
-                if flag == "rotate_key" { "key" } else { "credential" },
+                if flag == "rotate_key" {
+                    "key"
+                } else {
+                    "credential"
+                },
             )
             .await?;
             flagged.push(site);
@@ -420,7 +433,12 @@ pub async fn gateway_next_keys(
 ///
 /// # Errors
 /// Database failures.
-pub async fn keys_ready(tx: &mut Tx, gw: vpnnat::messages::GatewayId, before: i64, version: i64) -> OpResult<Vec<SiteId>> {
+pub async fn keys_ready(
+    tx: &mut Tx,
+    gw: vpnnat::messages::GatewayId,
+    before: i64,
+    version: i64,
+) -> OpResult<Vec<SiteId>> {
     let rows = sqlx::query(
         "SELECT id FROM sites WHERE next_key_gateway = $1 AND next_key_version > $2 \
          AND next_key_version <= $3 AND next_public_key IS NOT NULL ORDER BY id",

@@ -238,10 +238,10 @@ pub async fn enroll(
     let other = sqlx::query(
         "SELECT id FROM sites WHERE (public_key = $1 OR next_public_key = $1) AND id <> $2",
     )
-        .bind(&key_b64)
-        .bind(id64(site.0))
-        .fetch_optional(&mut *tx.inner)
-        .await?;
+    .bind(&key_b64)
+    .bind(id64(site.0))
+    .fetch_optional(&mut *tx.inner)
+    .await?;
     if other.is_some() {
         return Err(OpError::Conflict {
             field: "public_key",
@@ -260,13 +260,11 @@ pub async fn enroll(
         return Err(OpError::BadToken);
     }
     let credential = Secret::generate(SecretKind::Site);
-    let row = sqlx::query(
-        &format!(
-            "UPDATE sites SET public_key = $1, credential_hash = $2, enrolled_at = $3, \
+    let row = sqlx::query(&format!(
+        "UPDATE sites SET public_key = $1, credential_hash = $2, enrolled_at = $3, \
              key_rotated_at = $3, credential_rotated_at = $3, {} WHERE id = $4 RETURNING name",
-            super::rotation::RESET_SQL
-        ),
-    )
+        super::rotation::RESET_SQL
+    ))
     .bind(&key_b64)
     .bind(credential.hash())
     .bind(now)
@@ -453,13 +451,12 @@ pub async fn rotate_site(
 ) -> OpResult<SiteCreated> {
     let name = tx.lock_site(site).await.map_err(site_not_found)?;
     let psk = psk_for(site_kind(tx, site).await?);
-    let had_next_key = sqlx::query(
-        "SELECT id FROM sites WHERE id = $1 AND next_public_key IS NOT NULL",
-    )
-    .bind(id64(site.0))
-    .fetch_optional(&mut *tx.inner)
-    .await?
-    .is_some();
+    let had_next_key =
+        sqlx::query("SELECT id FROM sites WHERE id = $1 AND next_public_key IS NOT NULL")
+            .bind(id64(site.0))
+            .fetch_optional(&mut *tx.inner)
+            .await?
+            .is_some();
     sqlx::query(
         // The previous credential of a planned rotation goes too.
         &format!(

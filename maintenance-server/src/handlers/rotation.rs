@@ -25,7 +25,10 @@ pub async fn next_key(
     })
     .await?;
     tracing::info!(site.id = %auth.site, next_key = %body.public_key, "site registered its next key");
-    let r = read(&state, async |c| rotation::agent_rotation(c, auth.site).await).await?;
+    let r = read(&state, async |c| {
+        rotation::agent_rotation(c, auth.site).await
+    })
+    .await?;
     Ok(Json(r.unwrap_or_default()))
 }
 
