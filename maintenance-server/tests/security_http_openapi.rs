@@ -120,7 +120,7 @@ async fn security_http_every_documented_operation_answers_as_documented() {
     for (method, path, op) in &operations {
         let id = match path.as_str() {
             paths::AGENT_REVOKE | paths::REQUEST_START | paths::REQUEST_END => request.id.0,
-            paths::SITE_TOKEN => site.id.0,
+            paths::SITE_TOKEN | paths::SITE_PLANNED_ROTATION => site.id.0,
             paths::FAILURE_ACK => failure.failure_id,
             paths::SITE_IPSEC => ipsec_site.site_id.0,
             paths::GATEWAY_DRAIN => gw.id.0,
@@ -171,6 +171,8 @@ async fn security_http_every_documented_operation_answers_as_documented() {
                 json!({ "disabled": true })
             }
             paths::TECHNICIANS => json!({ "name": "dave", "password": "dave's long password" }),
+            paths::AGENT_KEY | paths::AGENT_KEY_COMMIT => json!({ "public_key": key(70) }),
+            paths::SITE_PLANNED_ROTATION => json!({ "key": true }),
             _ => Value::Null,
         };
         let http_method: reqwest::Method = method.to_uppercase().parse().unwrap();
