@@ -242,6 +242,17 @@ fn rotation_live_on_demand_key_and_credential_keep_the_tcp_session() {
         key_gap < 1.0,
         "the tunnel was down {key_gap} s across the switch"
     );
+
+    // The rotated identity is what a restarted agent runs on: the gateway
+    // (which dropped the old key) accepts it and the server its credential.
+    w.kill_agent();
+    w.start_agent();
+    wait_until(
+        "the technician reaches the PC through the restarted agent",
+        Duration::from_secs(30),
+        || w.tech_http(&nat),
+    );
+    assert_eq!(with_credential(&w, &new), "200");
 }
 
 #[test]
