@@ -234,6 +234,14 @@ fn rotation_live_on_demand_key_and_credential_keep_the_tcp_session() {
     assert_eq!(with_credential(&w, &new), "200");
     still_flowing(&file, seq, "the credential rotation");
     assert!(ping_within(&w.tech, &nat, Duration::from_secs(5)));
+    let metrics = w.router.sh("curl -sf http://192.168.1.1:8088/metrics");
+    for line in [
+        "vpnnat_agent_rotations_total{what=\"key\"} 1",
+        "vpnnat_agent_rotations_total{what=\"credential\"} 1",
+        "vpnnat_agent_rotation_step_failures_total 0",
+    ] {
+        assert!(metrics.contains(line), "{line}:\n{metrics}");
+    }
 
     // One round trip and the handshake's crypto: far below TCP's initial
     // retransmission timeout of 1 s (RFC 6298), so nothing but the segments

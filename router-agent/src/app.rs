@@ -26,6 +26,12 @@ pub struct ControlState {
     pub apply_errors: Vec<String>,
     /// The site's requests as last fetched (shown when the server is unreachable).
     pub requests: Vec<MaintenanceRequestView>,
+    /// Planned key rotations completed since start.
+    pub key_rotations: u64,
+    /// Planned credential rotations completed since start.
+    pub credential_rotations: u64,
+    /// Rotation steps that failed (each is tried again).
+    pub rotation_failures: u64,
 }
 
 /// Counters of failure reporting.

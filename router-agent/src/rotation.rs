@@ -124,13 +124,18 @@ pub async fn run(
         let mut r = rotations.borrow_and_update().clone().unwrap_or_default();
         if let Err(e) = rotate_key(&app, &server, &mut identity, &path, &mut r).await {
             tracing::warn!(error = %format!("{e:#}"), "key rotation step failed; retrying");
+            app.update_control(|c| c.rotation_failures += 1);
             retry_at = Some(tokio::time::Instant::now() + RETRY);
         }
         let settled = credential_rotated.is_none_or(|t| t.elapsed() >= CREDENTIAL_SETTLE);
         if r.rotate_credential && settled {
             match rotate_credential(&server, &mut identity, &path).await {
-                Ok(()) => credential_rotated = Some(Instant::now()),
+                Ok(()) => {
+                    credential_rotated = Some(Instant::now());
+                    app.update_control(|c| c.credential_rotations += 1);
+                }
                 Err(e) => {
+                    app.update_control(|c| c.rotation_failures += 1);
                     tracing::warn!(error = %format!("{e:#}"), "credential rotation failed; retrying");
                     retry_at = Some(tokio::time::Instant::now() + RETRY);
                 }
@@ -187,6 +192,7 @@ async fn rotate_key(
                 server.commit_key(&SiteKey { public_key: key }).await?;
                 r.next_key = None;
                 r.next_key_ready = false;
+                app.update_control(|c| c.key_rotations += 1);
                 tracing::info!(key = %key, "key rotation: done, the old key is gone");
             }
         }
