@@ -109,3 +109,123 @@ fn rotation_gateway_refuses_a_next_key_that_belongs_to_another_site_or_no_peer()
     assert!(applied.errors[0].contains("site 3"), "{:?}", applied.errors);
     assert!(applied.errors[1].contains("site 9"), "{:?}", applied.errors);
 }
+
+/// Datagrams between the agent and the gateway until both are quiet.
+fn shuttle(a: &mut crate::agent::AgentState, gw: &mut GatewayState<Builtin>, now: Instant) {
+    let agent_at: std::net::SocketAddr = "198.51.100.11:40001".parse().unwrap();
+    let gw_at: std::net::SocketAddr = "203.0.113.1:51820".parse().unwrap();
+    for _ in 0..10 {
+        let mut moved = false;
+        while let Some(t) = a.poll_transmit() {
+            moved = true;
+            let mut out = vec![0; 70000];
+            let _ = gw.handle_network_input_into(agent_at, &t.payload, &mut out, now);
+        }
+        while let Some(t) = gw.poll_transmit() {
+            moved = true;
+            let mut out = vec![0; 70000];
+            let _ = a.handle_network_input_into(gw_at, &t.payload, &mut out, now);
+        }
+        if !moved {
+            break;
+        }
+    }
+}
+
+/// The agent's side (`AgentState::set_private_key`) against the real
+/// gateway state: the switch to a key the gateway holds as the site's next
+/// key is one new handshake, and the technician's packets reach the site
+/// again right after it.
+#[test]
+fn rotation_agent_switches_key_with_one_handshake_through_the_real_gateway() {
+    use crate::agent::{AgentConfig, AgentState, DataMode, NetworkOutcome};
+    use crate::messages::{AgentDesiredState, AgentMapping, AgentTunnel, GatewayId, RequestId};
+    use crate::messages::{TerminalName, TunnelKind, UnixMillis};
+
+    let now = Instant::now();
+    let gw_key = PrivateKey::from_bytes([0x42; 32]);
+    let (old, new) = (
+        PrivateKey::from_bytes([1; 32]),
+        PrivateKey::from_bytes([2; 32]),
+    );
+    let mut gw = gateway::<Builtin>(now);
+    let peer = crate::messages::GatewayPeer {
+        site_id: SiteId(3),
+        public_key: old.public_key(),
+        nat_addresses: vec!["10.64.0.5".parse().unwrap()],
+        tunnel: TunnelKind::Wireguard,
+        ipsec: None,
+        tls_token_sha256: None,
+    };
+    gw.handle_control(&desired(1, vec![peer.clone()]), now);
+    let mut a = AgentState::new(
+        AgentConfig {
+            site_id: SiteId(3),
+            private_key: old.clone(),
+            mode: DataMode::Packet { masquerade: None },
+            seed: 42,
+            center_prefixes: vec!["172.16.0.0/24".parse().unwrap()],
+        },
+        now,
+    );
+    let wall = UnixMillis(1_700_000_000_000);
+    let doc = AgentDesiredState {
+        version: 1,
+        site_id: SiteId(3),
+        tunnel: Some(AgentTunnel {
+            gateway_id: GatewayId(1),
+            kind: TunnelKind::Wireguard,
+            endpoint: "203.0.113.1:51820".parse().unwrap(),
+            public_key: gw_key.public_key(),
+            persistent_keepalive_s: 25,
+            ipsec: None,
+            tls: None,
+        }),
+        mappings: vec![AgentMapping {
+            nat_address: "10.64.0.5".parse().unwrap(),
+            terminal: TerminalName::new("pc-1").unwrap(),
+            request_id: RequestId(17),
+            expires_at: UnixMillis(wall.0 + 3_600_000),
+        }],
+        problem: None,
+        rotation: None,
+    };
+    let names = [(
+        TerminalName::new("pc-1").unwrap(),
+        "192.168.1.10".parse().unwrap(),
+    )]
+    .into_iter()
+    .collect();
+    a.handle_desired_state(&doc, &names, now, wall).unwrap();
+    shuttle(&mut a, &mut gw, now);
+    assert!(a.tunnel().unwrap().up);
+    let reaches_the_site = |a: &mut AgentState, gw: &mut GatewayState<Builtin>| {
+        gw.handle_tun_input(&udp("172.16.0.50", "10.64.0.5", b"x"), now)
+            .unwrap();
+        let t = gw.poll_transmit().expect("to the site");
+        let mut out = vec![0; 70000];
+        let gw_at = "203.0.113.1:51820".parse().unwrap();
+        matches!(
+            a.handle_network_input_into(gw_at, &t.payload, &mut out, now),
+            NetworkOutcome::Lan(_)
+        )
+    };
+    assert!(reaches_the_site(&mut a, &mut gw));
+
+    gw.handle_control(&with_next(2, peer, Some(new.public_key())), now);
+    assert!(
+        !a.set_private_key(old.clone(), now),
+        "the same key changes nothing"
+    );
+    assert!(a.set_private_key(new.clone(), now));
+    assert_eq!(a.public_key(), new.public_key());
+    let before = gw.peers().next().unwrap().stats.handshakes;
+    shuttle(&mut a, &mut gw, now);
+    assert!(a.tunnel().unwrap().up);
+    assert_eq!(
+        gw.peers().next().unwrap().stats.handshakes,
+        1,
+        "{before} then one"
+    );
+    assert!(reaches_the_site(&mut a, &mut gw));
+}
