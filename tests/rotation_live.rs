@@ -261,6 +261,33 @@ fn rotation_live_on_demand_key_and_credential_keep_the_tcp_session() {
         || w.tech_http(&nat),
     );
     assert_eq!(with_credential(&w, &new), "200");
+
+    // Asked for on the router itself: `router-agent rotate --key`.
+    let before = identity(&w);
+    let out = vpnnat_test_support::run(
+        w.router
+            .command(vpnnat_test_support::bin("router-agent"))
+            .arg("--config")
+            .arg(w.logs().join("router-agent.toml"))
+            .args(["rotate", "--key"]),
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("rotation asked for"),
+        "{out:?}"
+    );
+    wait_until(
+        "the key rotated from the router",
+        Duration::from_secs(40),
+        || {
+            let id = identity(&w);
+            id["private_key"] != before["private_key"] && id.get("next_private_key").is_none()
+        },
+    );
+    wait_until(
+        "the technician reaches the PC with the third key",
+        Duration::from_secs(30),
+        || w.tech_http(&nat),
+    );
 }
 
 #[test]

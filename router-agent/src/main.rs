@@ -127,6 +127,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the running agent to rotate its tunnel key and/or credential now,
+    /// without interrupting the tunnel (both when neither flag is given).
+    Rotate {
+        /// The agent's page; default: derived from the configuration.
+        #[arg(long, env = "VPNNAT_AGENT_URL", value_name = "URL")]
+        url: Option<String>,
+        /// Rotate the tunnel key.
+        #[arg(long)]
+        key: bool,
+        /// Rotate the credential.
+        #[arg(long)]
+        credential: bool,
+    },
     /// Print the customer page's password.
     Password,
     /// Print the tunnel public key (creating a key-only identity for
@@ -182,6 +195,24 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let password = page_password(&settings, false)?;
             let s = status::fetch(&url, &password).await?;
             print_status(json, &s, |s| status::render(s, dataplane::wall_now()))
+        }),
+        Some(Command::Rotate {
+            url,
+            key,
+            credential,
+        }) => runtime.block_on(async {
+            let url = match url {
+                Some(u) => u,
+                None => format!(
+                    "http://{}",
+                    web_listen(&settings, lan_info(&settings).await.0)
+                ),
+            };
+            let password = page_password(&settings, false)?;
+            let both = !key && !credential;
+            status::rotate(&url, &password, key || both, credential || both).await?;
+            println!("rotation asked for; the agent logs each step (key rotation: …, credential rotation: …)");
+            Ok(ExitCode::SUCCESS)
         }),
         Some(Command::Password) => {
             println!("{}", page_password(&settings, false)?);
