@@ -40,7 +40,7 @@ pub(super) async fn rotate(
             StatusCode::BAD_REQUEST,
             "invalid_field",
             &e.message,
-            Some(&e.field),
+            Some(e.field),
         );
     }
     if web.app.server.is_none() {
