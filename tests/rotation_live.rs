@@ -316,3 +316,53 @@ fn rotation_live_scheduled_with_a_tiny_period_keeps_the_tcp_session() {
     still_flowing(&file, seq, "the scheduled rotations");
     assert!(ping_within(&w.tech, &nat, Duration::from_secs(5)));
 }
+
+/// The agent is killed (`kill -9`) with its next key stored but not yet
+/// registered (the server unreachable), and started again with the server
+/// back: it resumes from its identity file, and the rotation completes with
+/// the key it stored, while the technician's traffic goes on.
+#[test]
+fn rotation_live_agent_killed_mid_rotation_resumes() {
+    if !require(PREREQS) {
+        return;
+    }
+    let mut w = AgentWorld::up("rlk");
+    let (nat, _file) = open_maintenance(&mut w);
+    let before = identity(&w);
+    w.cut_server_link();
+    let out = vpnnat_test_support::run(
+        w.router
+            .command(vpnnat_test_support::bin("router-agent"))
+            .arg("--config")
+            .arg(w.logs().join("router-agent.toml"))
+            .args(["rotate", "--key"]),
+    );
+    assert!(out.status.success(), "{out:?}");
+    wait_until("the next key stored", Duration::from_secs(20), || {
+        identity(&w).get("next_private_key").is_some()
+    });
+    let next = identity(&w)["next_private_key"].clone();
+    assert_eq!(identity(&w)["private_key"], before["private_key"]);
+    // The tunnel still runs on the old key meanwhile.
+    assert!(w.tech_http(&nat));
+    w.kill_agent();
+    w.restore_server_link();
+    w.start_agent();
+    wait_until(
+        "the rotation completed after the restart",
+        Duration::from_secs(40),
+        || {
+            let id = identity(&w);
+            id["private_key"] == next && id.get("next_private_key").is_none()
+        },
+    );
+    wait_until("the server knows it", Duration::from_secs(20), || {
+        w.agent_log().contains("key rotation: done")
+    });
+    wait_until(
+        "the technician reaches the PC with the new key",
+        Duration::from_secs(30),
+        || w.tech_http(&nat),
+    );
+    assert!(ping_within(&w.tech, &nat, Duration::from_secs(5)));
+}
