@@ -137,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
                     .json(&NewSite {
                         name: format!("bench-{pid}-{i}"),
                         tunnel: TunnelKind::Wireguard,
+                        ..Default::default()
                     })
                     .send()
                     .await?

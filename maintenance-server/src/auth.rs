@@ -405,6 +405,29 @@ impl FromRequestParts<AppState> for TechnicianWrite {
     }
 }
 
+/// The operator (bearer token) or a logged-in technician (session cookie),
+/// for reads both may make; the audit actor says which.
+#[derive(Debug, Clone)]
+pub struct OperatorOrTechnician {
+    /// `operator` or `technician:NAME`.
+    pub actor: String,
+}
+
+impl FromRequestParts<AppState> for OperatorOrTechnician {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        if session_cookie(&parts.headers).is_none() && bearer(&parts.headers).is_some() {
+            OperatorAuth::from_request_parts(parts, state).await?;
+            return Ok(Self {
+                actor: "operator".to_owned(),
+            });
+        }
+        let t = Technician::from_request_parts(parts, state).await?;
+        Ok(Self { actor: t.actor() })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -31,6 +31,7 @@ pub mod swanctl;
 pub mod tasks;
 pub mod tls;
 pub mod webhooks;
+pub mod wgquick;
 
 pub use server::{launch_with_listener, open_database, operator_token};
 pub use state::{AppState, Inner, PeerAddr, RateLimiter};

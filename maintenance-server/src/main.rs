@@ -68,6 +68,15 @@ enum SiteCmd {
         /// pre-shared key and identities; see `site ipsec-config`).
         #[arg(long, default_value = "wireguard")]
         tunnel: TunnelKind,
+        /// A site without a router agent: its router is a standard
+        /// WireGuard device configured from `site wireguard-config ID`
+        /// (no enrollment token; technicians open its requests).
+        #[arg(long)]
+        agentless: bool,
+        /// With --agentless: the router's own WireGuard public key
+        /// (default: the server generates the router's key pair).
+        #[arg(long, requires = "agentless")]
+        public_key: Option<vpnnat::messages::PublicKey>,
     },
     /// List sites.
     List,
@@ -123,6 +132,16 @@ enum SiteCmd {
     IpsecConfig {
         /// The site id.
         id: u64,
+    },
+    /// Print the router configuration of a site without an agent: one
+    /// wg-quick file per gateway and the nftables rules; `--dir DIR`
+    /// writes them there as files instead.
+    WireguardConfig {
+        /// The site id.
+        id: u64,
+        /// Write the files into this directory.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
     },
 }
 
@@ -337,12 +356,36 @@ async fn site(c: SiteCmd, settings: &Settings) -> anyhow::Result<()> {
     let notifier = maintenance_server::notify::Notifier::default();
     let policy = ops::Policy::new(settings);
     match c {
-        SiteCmd::Add { name, tunnel } => {
+        SiteCmd::Add {
+            name,
+            tunnel,
+            agentless,
+            public_key,
+        } => {
             vpnnat::messages::NewSite {
                 name: name.clone(),
                 tunnel,
+                agent: !agentless,
+                public_key,
             }
             .validate()?;
+            if agentless {
+                let now = now_ms();
+                let r = db
+                    .transaction(&notifier, async |tx| {
+                        ops::create_agentless_site(tx, name.trim(), public_key, "operator", now)
+                            .await
+                    })
+                    .await?;
+                return print_line(&format!(
+                    "site {}: {} (no agent; router public key {})
+                     its router's configuration: site wireguard-config {}",
+                    r.site_id,
+                    r.name,
+                    r.public_key.map(|k| k.to_base64()).unwrap_or_default(),
+                    r.site_id
+                ));
+            }
             let mut tx = db.begin().await?;
             let r = ops::create_site(&mut tx, name.trim(), tunnel, "operator", now_ms(), &policy)
                 .await?;
@@ -366,7 +409,13 @@ async fn site(c: SiteCmd, settings: &Settings) -> anyhow::Result<()> {
                     s.name,
                     s.tunnel,
                     s.transport.map_or("-", |t| t.as_str()),
-                    if s.enrolled { "yes" } else { "no" },
+                    if !s.agent {
+                        "no agent"
+                    } else if s.enrolled {
+                        "yes"
+                    } else {
+                        "no"
+                    },
                     s.gateway_id.map_or("-".into(), |g| g.to_string()),
                     s.nat_addresses
                         .iter()
@@ -448,6 +497,44 @@ async fn site(c: SiteCmd, settings: &Settings) -> anyhow::Result<()> {
             })
             .await?;
             print_line(&format!("site {id}: tunnel {kind}"))
+        }
+        SiteCmd::WireguardConfig { id, dir } => {
+            let now = now_ms();
+            let c = db
+                .transaction(&notifier, async |tx| {
+                    ops::read_wireguard_config(tx, SiteId(id), "operator", now).await
+                })
+                .await?;
+            let mut out = format!(
+                "site {}: {} (no agent)
+router public key: {}
+carried by gateway: {}
+",
+                c.site_id,
+                c.name,
+                c.public_key,
+                c.gateway_id.map_or("-".into(), |g| g.to_string())
+            );
+            for m in &c.mappings {
+                out.push_str(&format!(
+                    "NAT {} -> {} ({})\n",
+                    m.nat_address, m.lan_address, m.terminal
+                ));
+            }
+            out.push_str(&c.instructions);
+            out.push('\n');
+            for f in &c.files {
+                match &dir {
+                    Some(d) => {
+                        let path = d.join(&f.name);
+                        std::fs::write(&path, &f.content)
+                            .with_context(|| format!("writing {}", path.display()))?;
+                        out.push_str(&format!("wrote {}\n", path.display()));
+                    }
+                    None => out.push_str(&format!("\n# ---- {}\n{}", f.name, f.content)),
+                }
+            }
+            print_line(out.trim_end())
         }
         SiteCmd::IpsecConfig { id } => {
             let now = now_ms();

@@ -28,6 +28,8 @@ pub enum Auth {
     Session,
     /// A technician session and the CSRF header (changes).
     SessionCsrf,
+    /// The operator token or a technician session (reads).
+    OperatorOrSession,
 }
 
 /// Query parameters of an operation.
@@ -396,6 +398,7 @@ pub fn operations() -> Vec<Operation> {
         ),
     ];
     ops.extend(lifecycle_operations());
+    ops.extend(agentless_operations());
     ops.extend(rotation_operations());
     ops
 }
@@ -442,6 +445,32 @@ fn rotation_operations() -> Vec<Operation> {
             PlannedRotation,
             (),
             "Operator: ask a site's agent to rotate its key and/or credential without interruption"
+        ),
+    ]
+}
+
+/// Sites without a router agent (a standard WireGuard router).
+fn agentless_operations() -> Vec<Operation> {
+    vec![
+        op!(
+            "get",
+            paths::SITE_WIREGUARD,
+            OperatorOrSession,
+            None,
+            200,
+            (),
+            WireguardSiteConfig,
+            "Operator or technician: the wg-quick files (one per gateway, with QR codes) and nftables rules of a site without an agent (audited; 409 for a site with an agent)"
+        ),
+        op!(
+            "post",
+            paths::SITE_REQUESTS,
+            SessionCsrf,
+            None,
+            201,
+            NewSiteRequest,
+            MaintenanceRequestView,
+            "Technician: open a request on the customer's behalf for a site without an agent, naming each terminal's LAN address (409 for a site with an agent)"
         ),
     ]
 }
@@ -792,6 +821,24 @@ pub fn document() -> Value {
                 error_response("rate_limited: too many requests or failure reports from this site in the last minute"),
             );
         }
+        if matches!(op.path, paths::SITE_WIREGUARD | paths::SITE_REQUESTS) {
+            responses.insert(
+                "409".into(),
+                error_response(
+                    "invalid_state: the site has an agent; conflict: a terminal's LAN address disagrees with an open request; quota_exceeded",
+                ),
+            );
+        }
+        if op.path == paths::SITE_REQUESTS {
+            responses.insert(
+                "503".into(),
+                error_response("no_capacity or pool_exhausted: nothing was allocated"),
+            );
+            responses.insert(
+                "429".into(),
+                error_response("rate_limited: too many requests for this site in the last minute"),
+            );
+        }
         if op.path == paths::SITE_TUNNEL {
             responses.insert(
                 "409".into(),
@@ -813,6 +860,9 @@ pub fn document() -> Value {
             Auth::Metrics => json!([{ "operatorToken": [] }, { "metricsToken": [] }]),
             Auth::Session => json!([{ "technicianSession": [] }]),
             Auth::SessionCsrf => json!([{ "technicianSession": [], "csrfToken": [] }]),
+            Auth::OperatorOrSession => {
+                json!([{ "operatorToken": [] }, { "technicianSession": [] }])
+            }
         };
         o.insert("security".into(), security);
         let entry = paths_obj
@@ -906,6 +956,8 @@ mod tests {
             paths::SITE_ROTATE,
             paths::SITE_TUNNEL,
             paths::SITE_IPSEC,
+            paths::SITE_WIREGUARD,
+            paths::SITE_REQUESTS,
             paths::GATEWAY,
             paths::GATEWAY_DISABLE,
             paths::GATEWAY_ROTATE,
@@ -935,6 +987,8 @@ mod tests {
             "IpsecParams",
             "IpsecSiteConfig",
             "SiteTunnel",
+            "WireguardSiteConfig",
+            "NewSiteRequest",
         ] {
             assert!(
                 schemas.contains_key(name),

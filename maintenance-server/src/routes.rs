@@ -15,7 +15,7 @@ use vpnnat::messages::paths;
 
 use crate::console;
 use crate::error::IntendedRefusal;
-use crate::handlers::{agent, gateway, lifecycle, misc, operator, rotation, technician};
+use crate::handlers::{agent, agentless, gateway, lifecycle, misc, operator, rotation, technician};
 use crate::openapi;
 use crate::state::AppState;
 
@@ -89,6 +89,16 @@ pub fn api_routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
             post(operator::site_tunnel),
         ),
         (Method::GET, paths::SITE_IPSEC, get(operator::site_ipsec)),
+        (
+            Method::GET,
+            paths::SITE_WIREGUARD,
+            get(agentless::site_wireguard),
+        ),
+        (
+            Method::POST,
+            paths::SITE_REQUESTS,
+            post(agentless::create_site_request),
+        ),
         (
             Method::DELETE,
             paths::GATEWAY,

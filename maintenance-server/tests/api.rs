@@ -38,6 +38,7 @@ async fn enrollment_is_single_use_and_rotates_the_credential(b: Backend) {
             &NewSite {
                 name: "Bakery".into(),
                 tunnel: TunnelKind::Wireguard,
+                ..Default::default()
             },
         )
         .await
@@ -83,6 +84,7 @@ async fn enrollment_is_single_use_and_rotates_the_credential(b: Backend) {
             &NewSite {
                 name: "Other".into(),
                 tunnel: TunnelKind::Wireguard,
+                ..Default::default()
             },
         )
         .await
@@ -96,6 +98,7 @@ async fn enrollment_is_single_use_and_rotates_the_credential(b: Backend) {
         &NewSite {
             name: "Bakery".into(),
             tunnel: TunnelKind::Wireguard,
+            ..Default::default()
         },
     )
     .await
@@ -131,6 +134,7 @@ async fn enrollment_is_single_use_and_rotates_the_credential(b: Backend) {
             &NewSite {
                 name: "Late".into(),
                 tunnel: TunnelKind::Wireguard,
+                ..Default::default()
             },
         )
         .await

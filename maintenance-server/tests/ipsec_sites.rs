@@ -113,6 +113,7 @@ async fn create_site(server: &TestServer, name: &str, kind: TunnelKind) -> SiteC
             &NewSite {
                 name: name.into(),
                 tunnel: kind,
+                ..Default::default()
             },
         )
         .await;

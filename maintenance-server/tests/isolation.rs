@@ -491,6 +491,7 @@ async fn bad_input_is_a_4xx_naming_the_field(backend: Backend) {
         &NewSite {
             name: " ".into(),
             tunnel: TunnelKind::Wireguard,
+            ..Default::default()
         },
     )
     .await
@@ -500,6 +501,7 @@ async fn bad_input_is_a_4xx_naming_the_field(backend: Backend) {
         &NewSite {
             name: "x".repeat(101),
             tunnel: TunnelKind::Wireguard,
+            ..Default::default()
         },
     )
     .await

@@ -173,6 +173,7 @@ impl Server {
             actor: "test".into(),
             global_address: None,
             failure_id: None,
+            lan_addresses: Vec::new(),
         };
         let mut tx = self.tx().await;
         // On an error the transaction is dropped: rolled back, as in a handler.

@@ -130,6 +130,7 @@ async fn two_replicas_hand_out_every_address_once_and_wake_each_other() {
                 &NewSite {
                     name: format!("site-{i}"),
                     tunnel: TunnelKind::Wireguard,
+                    ..Default::default()
                 },
             )
             .await

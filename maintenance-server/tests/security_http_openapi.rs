@@ -43,6 +43,7 @@ async fn security_http_every_documented_operation_answers_as_documented() {
             &NewSite {
                 name: "B".into(),
                 tunnel: TunnelKind::Wireguard,
+                ..Default::default()
             },
         )
         .await
@@ -83,7 +84,16 @@ async fn security_http_every_documented_operation_answers_as_documented() {
             &NewSite {
                 name: "ipsec".into(),
                 tunnel: TunnelKind::Ipsec,
+                ..Default::default()
             },
+        )
+        .await
+        .json();
+    let agentless: SiteCreated = server
+        .operator()
+        .post(
+            paths::SITES,
+            &json!({ "name": "agentless", "agent": false }),
         )
         .await
         .json();
@@ -123,6 +133,7 @@ async fn security_http_every_documented_operation_answers_as_documented() {
             paths::SITE_TOKEN | paths::SITE_PLANNED_ROTATION => site.id.0,
             paths::FAILURE_ACK => failure.failure_id,
             paths::SITE_IPSEC => ipsec_site.site_id.0,
+            paths::SITE_WIREGUARD | paths::SITE_REQUESTS => agentless.site_id.0,
             paths::GATEWAY_DRAIN => gw.id.0,
             p if spare_gateways.iter().any(|(q, _)| *q == p) => {
                 spare_gateways.iter().find(|(q, _)| *q == p).unwrap().1
@@ -149,6 +160,10 @@ async fn security_http_every_documented_operation_answers_as_documented() {
         let body = match path.as_str() {
             paths::ENROLL => json!({ "token": fresh_site.enrollment_token, "public_key": key(50) }),
             paths::AGENT_REQUESTS => json!(new_request(&["pc-2"])),
+            paths::SITE_REQUESTS => json!({
+                "requester_name": "Anna", "level": "general", "urgency": "high",
+                "terminals": [{ "name": "till", "lan_address": "192.168.1.10" }],
+            }),
             paths::AGENT_FAILURES => json!({ "code": "other", "detail": "printer on fire" }),
             paths::AGENT_APPLIED => json!({ "version": agent_version, "errors": [] }),
             paths::GATEWAY_APPLIED => json!({ "version": gw_version, "errors": [] }),

@@ -699,6 +699,7 @@ async fn security_pool_usage_over_the_threshold_is_logged() {
             &NewSite {
                 name: "s".into(),
                 tunnel: TunnelKind::Wireguard,
+                ..Default::default()
             },
         )
         .await

@@ -75,6 +75,8 @@ pub struct App {
     pub revocations: tokio::sync::Notify,
     /// The tunnel's carrier: UDP or the TLS fallback.
     pub carrier: crate::carrier::Carrier,
+    /// The LAN's hosts (`None` when `discovery.enabled` is off).
+    pub discovery: Option<Arc<crate::discovery::Discovery>>,
     /// The planned rotation of the last desired state, for the task that
     /// carries it out ([`crate::rotation`]).
     pub rotation: tokio::sync::watch::Sender<Option<vpnnat::messages::AgentRotation>>,

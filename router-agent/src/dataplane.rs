@@ -86,6 +86,16 @@ pub enum Command {
         /// How many mappings were removed.
         reply: oneshot::Sender<usize>,
     },
+    /// The terminal's host moved to another LAN address (discovery saw its
+    /// MAC there): its mappings follow, under the same NAT addresses.
+    MoveTerminal {
+        /// The terminal.
+        terminal: TerminalName,
+        /// Its new real address.
+        real: Ipv4Addr,
+        /// How many mappings moved.
+        reply: oneshot::Sender<usize>,
+    },
     /// Install only mappings of requests given by [`Command::ConsentTo`].
     RequireConsent(bool),
     /// The customer made this request on this agent.
@@ -155,6 +165,24 @@ impl Dataplane {
             desired: Box::new(desired),
             names,
             reference,
+            reply,
+        })
+        .await
+    }
+
+    /// Points the mappings of `terminal` at its new real address
+    /// ([`Command::MoveTerminal`]); returns how many moved.
+    ///
+    /// # Errors
+    /// When the worker has stopped.
+    pub async fn move_terminal(
+        &self,
+        terminal: TerminalName,
+        real: Ipv4Addr,
+    ) -> anyhow::Result<usize> {
+        worker::request(&self.tx, |reply| Command::MoveTerminal {
+            terminal,
+            real,
             reply,
         })
         .await
@@ -548,6 +576,14 @@ fn command(
             let applied = state.handle_desired_state(&desired, &names, Instant::now(), reference);
             path.ipsec = IpsecGateway::of(&path.state);
             let _ = reply.send(applied);
+            true
+        }
+        Some(Command::MoveTerminal {
+            terminal,
+            real,
+            reply,
+        }) => {
+            let _ = reply.send(state.move_terminal(&terminal, real));
             true
         }
         Some(Command::RequireConsent(on)) => {

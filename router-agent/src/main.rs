@@ -6,7 +6,8 @@
 //! The packet logic is `vpnnat::agent` (sans-IO); this binary is the IO
 //! shell: the data-plane worker (`dataplane`, `netstack`), the kernel side
 //! of packet mode (`lan`), the control-plane client (`control`, `client`),
-//! the page and API (`web`), the `status` command (`status`), names (`names`), health checks and failure
+//! the page and API (`web`), the `status` command (`status`), names (`names`), the LAN's hosts
+//! (`discovery`), health checks and failure
 //! reports (`health`, `probe`).
 
 mod app;
@@ -15,6 +16,7 @@ mod client;
 mod consent;
 mod control;
 mod dataplane;
+mod discovery;
 mod fallback;
 mod health;
 mod identity;
@@ -448,12 +450,23 @@ async fn run(
 
     let consent = consent::Consent::load(Some(settings.agent.state_dir.join(consent::FILE)))?;
     let (lan_address, lan_prefix) = lan_info(&settings).await;
-    let names = Arc::new(names::Names::new(
-        &settings,
-        lan_address,
-        lan_prefix,
-        Some(settings.agent.state_dir.join("router-agent.aliases.json")),
-    ));
+    let discovery = settings.discovery.enabled.then(|| {
+        Arc::new(discovery::Discovery::new(
+            &settings,
+            lan_address,
+            lan_prefix,
+            Some(settings.agent.state_dir.join(discovery::FILE)),
+        ))
+    });
+    let names = Arc::new(
+        names::Names::new(
+            &settings,
+            lan_address,
+            lan_prefix,
+            Some(settings.agent.state_dir.join("router-agent.aliases.json")),
+        )
+        .with_discovery(discovery.clone()),
+    );
 
     let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, settings.tunnel.listen_port))
         .with_context(|| format!("binding tunnel.listen_port {}", settings.tunnel.listen_port))?;
@@ -547,6 +560,7 @@ async fn run(
         consent_gate: tokio::sync::Mutex::new(()),
         revocations: tokio::sync::Notify::new(),
         carrier: carrier::Carrier::new(streams, inbox_tx),
+        discovery,
         rotation: watch::channel(None).0,
     });
     tracing::info!(
@@ -642,6 +656,7 @@ async fn serve(
     let health = tokio::spawn(health::run(app.clone(), shutdown_rx.clone()));
     let revocations = tokio::spawn(revocations::run(app.clone(), shutdown_rx.clone()));
     let carrier = tokio::spawn(carrier::run(app.clone(), shutdown_rx.clone()));
+    let discovery = tokio::spawn(discovery::run(app.clone(), shutdown_rx.clone()));
     let rotation = rotating.map(|(id, path)| {
         tokio::spawn(rotation::run(
             app.clone(),
@@ -678,6 +693,7 @@ async fn serve(
     let _ = health.await;
     let _ = revocations.await;
     let _ = carrier.await;
+    let _ = discovery.await;
     if let Some(r) = rotation {
         let _ = r.await;
     }

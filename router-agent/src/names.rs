@@ -2,19 +2,21 @@
 //! Roles: the server never learns real addresses).
 //!
 //! Order: the configured `[[terminals]]` table, the agent itself (`router`),
-//! aliases of addresses the customer typed, then DNS. A typed address gets a
+//! terminals bound to a discovered host's MAC address (wherever it is now,
+//! `discovery`), aliases of addresses the customer typed, then DNS. A typed address gets a
 //! local alias name (`lan-host-N`, kept in the state directory so that it
 //! still resolves after a restart); the alias is what the server sees.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vpnnat::gateway::Prefix;
 use vpnnat::messages::TerminalName;
 
+use crate::discovery::{Discovery, DiscoveryError, Mac};
 use crate::settings::Settings;
 
 /// The name under which the agent's own LAN address is known.
@@ -62,6 +64,7 @@ pub struct Names {
     dns: bool,
     aliases: Mutex<BTreeMap<TerminalName, Ipv4Addr>>,
     alias_file: Option<PathBuf>,
+    discovery: Option<Arc<Discovery>>,
 }
 
 impl Names {
@@ -115,7 +118,15 @@ impl Names {
             dns: settings.lan.dns,
             aliases: Mutex::new(aliases),
             alias_file,
+            discovery: None,
         }
+    }
+
+    /// Also resolves terminals bound to discovered hosts (by MAC address),
+    /// and accepts a MAC address as input (a host ticked in the page's list).
+    pub fn with_discovery(mut self, discovery: Option<Arc<Discovery>>) -> Self {
+        self.discovery = discovery;
+        self
     }
 
     /// Whether a terminal may have `addr`: unicast, inside the allowed
@@ -160,6 +171,9 @@ impl Names {
         if name.as_str() == ROUTER
             && let Some(a) = self.router
         {
+            return Some(a);
+        }
+        if let Some(a) = self.discovery.as_ref().and_then(|d| d.bound(name)) {
             return Some(a);
         }
         self.aliases
@@ -216,6 +230,29 @@ impl Names {
             };
             self.check(input, addr)?;
             return Ok((self.alias_for(addr), addr));
+        }
+        if let Some(d) = &self.discovery
+            && let Ok(mac) = input.parse::<Mac>()
+        {
+            let taken = |n: &TerminalName| {
+                n.as_str() == ROUTER
+                    || self.table.contains_key(n)
+                    || self.dns_only.contains(n)
+                    || self
+                        .aliases
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .contains_key(n)
+            };
+            let (name, addr) = d.bind(mac, taken).map_err(|e| match e {
+                DiscoveryError::NotAllowed(addr) => NameError::NotAllowed {
+                    name: input.to_owned(),
+                    addr,
+                },
+                _ => NameError::Unresolved(input.to_owned()),
+            })?;
+            self.check(input, addr)?;
+            return Ok((name, addr));
         }
         let name = TerminalName::new(input).map_err(|_| NameError::Invalid(input.to_owned()))?;
         let addr = self.resolve(&name).await?;
@@ -413,6 +450,53 @@ mod tests {
         // Without a known LAN nothing resolves unless configured.
         let none = Names::new(&s, None, None, None);
         assert!(none.resolve(&name("pc-1")).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_ticked_host_resolves_by_its_mac_wherever_it_moves() {
+        use crate::discovery::{Discovery, Mac};
+        let s = settings();
+        let lan = Prefix::new(Ipv4Addr::new(192, 168, 1, 0), 24).unwrap();
+        let d = Arc::new(Discovery::new(
+            &s,
+            Some(Ipv4Addr::new(192, 168, 1, 1)),
+            Some(lan),
+            None,
+        ));
+        let pc: Mac = "02:00:00:00:01:0a".parse().unwrap();
+        let other: Mac = "02:00:00:00:01:0b".parse().unwrap();
+        let now = vpnnat::messages::UnixMillis(1);
+        d.observe(
+            &[
+                (Ipv4Addr::new(192, 168, 1, 20), pc),
+                (Ipv4Addr::new(192, 168, 1, 21), other),
+            ],
+            &[],
+            now,
+        );
+        d.rename(other, "pc-1").unwrap();
+        let names = Names::new(&s, Some(Ipv4Addr::new(192, 168, 1, 1)), Some(lan), None)
+            .with_discovery(Some(d.clone()));
+        let (n, a) = names.resolve_input(" 02:00:00:00:01:0A ").await.unwrap();
+        assert_eq!((n.as_str(), a), ("lan-pc", Ipv4Addr::new(192, 168, 1, 20)));
+        // The customer's name would clash with a configured terminal.
+        let (n2, _) = names.resolve_input("02-00-00-00-01-0b").await.unwrap();
+        assert_eq!(n2.as_str(), "pc-1-2");
+        assert_eq!(
+            names.resolve(&name("pc-1")).await.unwrap(),
+            Ipv4Addr::new(192, 168, 1, 10),
+            "the table still wins"
+        );
+        // The host moves: its name follows.
+        d.observe(&[(Ipv4Addr::new(192, 168, 1, 44), pc)], &[], now);
+        assert_eq!(
+            names.resolve(&n).await.unwrap(),
+            Ipv4Addr::new(192, 168, 1, 44)
+        );
+        assert!(matches!(
+            names.resolve_input("02:00:00:00:09:09").await,
+            Err(NameError::Unresolved(_))
+        ));
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct Settings {
     pub terminals: Vec<Terminal>,
     /// `[failures]`
     pub failures: Failures,
+    /// `[discovery]`
+    pub discovery: Discovery,
 }
 
 /// Packet or netstack mode.
@@ -320,6 +322,52 @@ impl Default for Failures {
     }
 }
 
+/// `[discovery]`: which hosts are on the LAN, for the page's list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Discovery {
+    /// Read the neighbour table of `lan.interface` and list its hosts.
+    pub enabled: bool,
+    /// Seconds between two reads of the neighbour table (and leases file).
+    pub refresh_s: u64,
+    /// Hosts kept at most; further ones are dropped and counted.
+    pub max_hosts: usize,
+    /// Allow the page's "search the network" button (an ARP sweep).
+    pub sweep: bool,
+    /// Addresses probed per second by a sweep.
+    pub sweep_rate: u32,
+    /// Seconds between two sweeps at least.
+    pub sweep_min_interval_s: u64,
+    /// A dnsmasq leases file to read names and addresses from; empty = none.
+    pub leases_file: PathBuf,
+    /// Ask hosts for their names by reverse mDNS.
+    pub mdns: bool,
+    /// Ask hosts for their names by NetBIOS node status.
+    pub netbios: bool,
+    /// How long a name query waits for its answers (milliseconds).
+    pub name_timeout_ms: u64,
+    /// Hosts asked for their names per round at most.
+    pub max_name_queries: usize,
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            refresh_s: 10,
+            max_hosts: 1024,
+            sweep: true,
+            sweep_rate: 100,
+            sweep_min_interval_s: 60,
+            leases_file: PathBuf::new(),
+            mdns: true,
+            netbios: true,
+            name_timeout_ms: 500,
+            max_name_queries: 32,
+        }
+    }
+}
+
 fn check<'de, D: Deserializer<'de>>(d: D) -> Result<Check, D::Error> {
     let s = String::deserialize(d)?;
     let s = s.trim();
@@ -399,6 +447,28 @@ impl Settings {
         }
         if self.failures.threshold == 0 {
             return err("failures.threshold", "must be at least 1");
+        }
+        let d = &self.discovery;
+        if d.refresh_s == 0 || d.refresh_s > 3600 {
+            return err("discovery.refresh_s", "must be 1 to 3600");
+        }
+        if d.max_hosts == 0 || d.max_hosts > 65_536 {
+            return err("discovery.max_hosts", "must be 1 to 65536");
+        }
+        if d.sweep_rate == 0 || d.sweep_rate > 1000 {
+            return err(
+                "discovery.sweep_rate",
+                "must be 1 to 1000 (addresses per second)",
+            );
+        }
+        if d.sweep_min_interval_s > 86_400 {
+            return err("discovery.sweep_min_interval_s", "must be 0 to 86400");
+        }
+        if d.name_timeout_ms < 50 || d.name_timeout_ms > 5000 {
+            return err("discovery.name_timeout_ms", "must be 50 to 5000");
+        }
+        if d.max_name_queries > 1024 {
+            return err("discovery.max_name_queries", "must be 0 to 1024");
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, t) in self.terminals.iter().enumerate() {
@@ -517,6 +587,25 @@ mod tests {
                 .unwrap_err()
                 .contains("terminals[0].address")
         );
+        for (toml, key) in [
+            ("[discovery]\nrefresh_s = 0\n", "discovery.refresh_s"),
+            ("[discovery]\nsweep_rate = 5000\n", "discovery.sweep_rate"),
+            (
+                "[discovery]\nname_timeout_ms = 1\n",
+                "discovery.name_timeout_ms",
+            ),
+            ("[discovery]\nmax_hosts = 0\n", "discovery.max_hosts"),
+        ] {
+            let s: Settings = vpnnat::config::load(Some(("d.toml", toml)), Vec::new()).unwrap();
+            let e = s.validate("d.toml").unwrap_err();
+            assert!(e.starts_with(&format!("d.toml: {key}: ")), "{e}");
+        }
+        let e = vpnnat::config::load::<Settings>(
+            Some(("d.toml", "[discovery]\nmdns = \"yes\"\n")),
+            Vec::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "discovery.mdns");
     }
 
     #[test]

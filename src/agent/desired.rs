@@ -201,6 +201,69 @@ impl<K: Kinds> AgentState<K> {
         gone.len()
     }
 
+    /// The LAN host behind `terminal` now has the address `real` (a DHCP
+    /// lease gave it another one; the router agent follows it by its MAC
+    /// address). Every mapping of `terminal` leads to `real` from now on,
+    /// under the same NAT address, expiry and request: the technician keeps
+    /// the address they were given. Connections to the old address end (in
+    /// netstack mode the relays are dropped with the old mapping).
+    ///
+    /// Refused (returns 0, nothing changes) when another terminal's mapping
+    /// already leads to `real`: the 1:1 NAT needs one NAT address per real
+    /// address. Returns how many mappings moved.
+    pub fn move_terminal(&mut self, terminal: &TerminalName, real: Ipv4Addr) -> usize {
+        if !is_unicast(real)
+            || self
+                .mappings
+                .values()
+                .any(|m| m.real == real && m.terminal != *terminal)
+        {
+            return 0;
+        }
+        let moving: Vec<Ipv4Addr> = self
+            .mappings
+            .iter()
+            .filter(|(_, m)| m.terminal == *terminal && m.real != real)
+            .map(|(nat, _)| *nat)
+            .collect();
+        let mut moved = 0;
+        for nat in moving {
+            let Some((old_real, request_id, expires_wall, expires_at)) = self
+                .mappings
+                .get(&nat)
+                .map(|m| (m.real, m.request_id, m.expires_wall, m.expires_at))
+            else {
+                continue;
+            };
+            self.remove_mapping(nat, RemovedBecause::Replaced);
+            if self.mode != DataMode::Netstack
+                && let Err(e) = self.nat.insert(nat, real, Some(expires_at))
+            {
+                tracing::warn!(nat = %nat, terminal = %terminal, error = %e, "mapping not moved; removed");
+                continue;
+            }
+            tracing::info!(nat = %nat, terminal = %terminal, "mapping follows its terminal to a new address");
+            tracing::debug!(nat = %nat, from = %old_real, to = %real, "mapping target moved");
+            self.push_event(AgentEvent::MappingInstalled {
+                nat,
+                real,
+                terminal: terminal.clone(),
+            });
+            self.mappings.insert(
+                nat,
+                Mapping {
+                    real,
+                    terminal: terminal.clone(),
+                    request_id,
+                    expires_wall,
+                    expires_at,
+                },
+            );
+            moved += 1;
+        }
+        moved
+    }
+
     /// Dials, re-dials or tears down the tunnel: up iff the server names a
     /// gateway and at least one mapping is in force.
     pub(super) fn reconcile_tunnel(&mut self, now: Instant) {

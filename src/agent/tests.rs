@@ -510,6 +510,67 @@ fn a_terminal_that_moves_is_remapped<K: TestKinds>() {
     assert!(a.tunnel().is_some());
 }
 
+fn a_terminal_that_moves_between_documents_keeps_its_nat_address<K: TestKinds>() {
+    let moved_to = Ipv4Addr::new(192, 168, 1, 50);
+    for mode in [DataMode::Packet { masquerade: None }, DataMode::Netstack] {
+        let mut p = Pair::<K>::new(mode);
+        let _ = events(&mut p.agent);
+        // Another terminal's real address is never taken over (1:1 NAT).
+        p.agent
+            .handle_desired_state(
+                &desired(
+                    2,
+                    &[
+                        (NAT, "pc-1", 3600),
+                        (Ipv4Addr::new(10, 64, 0, 6), "pc-2", 3600),
+                    ],
+                ),
+                &names(),
+                p.now,
+                WALL,
+            )
+            .unwrap();
+        let _ = events(&mut p.agent);
+        assert_eq!(
+            p.agent
+                .move_terminal(&name("pc-1"), Ipv4Addr::new(192, 168, 1, 11)),
+            0
+        );
+        assert_eq!(p.agent.move_terminal(&name("pc-1"), REAL), 0, "no change");
+        assert_eq!(p.agent.move_terminal(&name("pc-1"), moved_to), 1);
+        let ev = events(&mut p.agent);
+        assert!(matches!(
+            ev[0],
+            AgentEvent::MappingRemoved {
+                because: RemovedBecause::Replaced,
+                ..
+            }
+        ));
+        assert_eq!(
+            ev[1],
+            AgentEvent::MappingInstalled {
+                nat: NAT,
+                real: moved_to,
+                terminal: name("pc-1")
+            }
+        );
+        let m = p.agent.mappings().find(|m| m.nat == NAT).unwrap();
+        assert_eq!((m.real, m.request_id), (moved_to, RequestId(17)));
+        assert!(p.agent.tunnel().unwrap().up, "the tunnel stays");
+        if mode != DataMode::Netstack {
+            let lan = p.gateway_sends(&udp(TECH, NAT, 4000, 53, b"q")).unwrap();
+            assert_eq!(&lan[16..20], &moved_to.octets(), "to the new address");
+            let back = p.lan_sends(&udp(moved_to, TECH, 53, 4000, b"a")).unwrap();
+            assert_eq!(&back[12..16], &NAT.octets(), "the same NAT address");
+            assert_eq!(
+                p.lan_sends(&udp(REAL, TECH, 53, 4000, b"a")),
+                Err(DropReason::UnmappedSource),
+                "the old address no longer passes"
+            );
+        }
+    }
+}
+
 fn through_the_real_gateway_state<K: TestKinds>() {
     let now = Instant::now();
     let mut gw = GatewayState::<K>::with_kinds(GatewayConfig::new(keys().1), now);
@@ -959,6 +1020,7 @@ for_each_kind! {
     a_new_gateway_is_dialled_after_failover_and_mappings_stay,
     stale_foreign_and_broken_documents,
     a_terminal_that_moves_is_remapped,
+    a_terminal_that_moves_between_documents_keeps_its_nat_address,
     through_the_real_gateway_state,
     end_access_now_works_without_the_server_and_sticks,
     security_tunnel_sources_outside_the_center_prefixes_are_dropped,

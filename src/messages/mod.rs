@@ -24,6 +24,7 @@
 pub mod paths;
 
 mod agent;
+mod agentless;
 mod common;
 mod enrollment;
 mod gateway;
@@ -33,6 +34,7 @@ mod rotation;
 mod technician;
 
 pub use agent::*;
+pub use agentless::*;
 pub use common::*;
 pub use enrollment::*;
 pub use gateway::*;

@@ -20,13 +20,62 @@ pub struct NewSite {
     /// pre-shared key and identities from the server.
     #[serde(default)]
     pub tunnel: TunnelKind,
+    /// Whether a router agent runs at the site (absent: `true`). `false`:
+    /// the router is a standard WireGuard device the server renders a
+    /// configuration for; such a site has no enrollment token and no
+    /// credential, and technicians open its requests.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub agent: bool,
+    /// Only for a site without an agent: the router's own WireGuard public
+    /// key. Absent: the server generates the router's key pair (the
+    /// rendered configuration is then complete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<PublicKey>,
+}
+
+impl Default for NewSite {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            tunnel: TunnelKind::default(),
+            agent: true,
+            public_key: None,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
+fn is_zero(t: &UnixMillis) -> bool {
+    t.0 == 0
 }
 
 impl NewSite {
     /// # Errors
     /// A [`FieldError`] naming the first invalid field.
     pub fn validate(&self) -> Result<(), FieldError> {
-        check_text("name", &self.name, 100, true)
+        check_text("name", &self.name, 100, true)?;
+        if self.agent && self.public_key.is_some() {
+            return Err(FieldError::new(
+                "public_key",
+                "only a site without an agent (\"agent\": false) takes a public key; an agent enrolls with its own",
+            ));
+        }
+        if !self.agent && self.tunnel != TunnelKind::Wireguard {
+            return Err(FieldError::new(
+                "tunnel",
+                "a site without an agent is a WireGuard site (a hand-configured IPsec router: docs/OPERATIONS.md)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -38,10 +87,19 @@ pub struct SiteCreated {
     pub site_id: SiteId,
     /// Its name.
     pub name: String,
-    /// Shown once; the server keeps only a hash.
+    /// Shown once; the server keeps only a hash. Absent (empty) for a site
+    /// without an agent: nothing enrolls there.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub enrollment_token: String,
-    /// After this the token is refused.
+    /// After this the token is refused (absent with the token).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub token_expires_at: UnixMillis,
+    /// `false` for a site without an agent.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub agent: bool,
+    /// A site without an agent: its router's WireGuard public key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<PublicKey>,
 }
 
 /// A site as the operator sees it.
@@ -67,6 +125,10 @@ pub struct SiteView {
     /// `tls_proxy`); absent when not known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
+    /// Whether a router agent runs there (`false`: a standard WireGuard
+    /// router, see `GET /api/v1/sites/{id}/wireguard`).
+    #[serde(default = "yes")]
+    pub agent: bool,
 }
 
 /// Operator: create a gateway identity.

@@ -60,6 +60,14 @@ pub const SITE_TUNNEL: &str = "/api/v1/sites/{id}/tunnel";
 /// router needs (the pre-shared key included; audited without it). 404 for
 /// a WireGuard site.
 pub const SITE_IPSEC: &str = "/api/v1/sites/{id}/ipsec";
+/// Operator (bearer) or technician (session): `GET` →
+/// [`super::WireguardSiteConfig`]: the wg-quick files (one per gateway) and
+/// nftables rules of a site without an agent. 409 for a site with an agent.
+pub const SITE_WIREGUARD: &str = "/api/v1/sites/{id}/wireguard";
+/// Technician: `POST` [`super::NewSiteRequest`] → 201
+/// [`super::MaintenanceRequestView`]: a request opened on the customer's
+/// behalf for a site without an agent. 409 for a site with an agent.
+pub const SITE_REQUESTS: &str = "/api/v1/sites/{id}/requests";
 /// Operator: `DELETE` → 204 (refused while the gateway carries sites).
 pub const GATEWAY: &str = "/api/v1/gateways/{id}";
 /// Operator: `POST` [`super::SetDisabled`] → 204. A disabled gateway gets 401

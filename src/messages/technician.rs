@@ -5,7 +5,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::agent::{FailureView, MaintenanceRequestView};
-use super::common::UnixMillis;
+use super::common::{GatewayId, SiteId, UnixMillis};
 
 /// Technician login.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,4 +72,20 @@ pub struct ConsoleEvents {
     pub requests: Vec<MaintenanceRequestView>,
     /// Failures, newest first.
     pub failures: Vec<FailureView>,
+    /// The sites without an agent, whose requests technicians open on the
+    /// customer's behalf (by id).
+    #[serde(default)]
+    pub agentless_sites: Vec<AgentlessSite>,
+}
+
+/// A site without an agent as the console lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub struct AgentlessSite {
+    /// The site.
+    pub site_id: SiteId,
+    /// Its name.
+    pub name: String,
+    /// The gateway carrying it now, if one does.
+    pub gateway_id: Option<GatewayId>,
 }

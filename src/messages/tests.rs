@@ -167,6 +167,11 @@ fn every_message_round_trips_through_json() {
         version: 1,
         requests: vec![request_view()],
         failures: vec![],
+        agentless_sites: vec![AgentlessSite {
+            site_id: SiteId(3),
+            name: "Bakery".into(),
+            gateway_id: None,
+        }],
     });
     round_trip(&ApiError {
         error: "invalid_field".into(),

@@ -509,6 +509,7 @@
       if (matchesFilter(r)) rows.push(requestRow(r, fresh));
     }
     tbody.replaceChildren(...rows);
+    renderSites();
     $('requests-empty').hidden = rows.length > 0;
     $('requests-hint').textContent = rows.length + ' of ' + reqs.length + ' shown';
     // The feed carries the newest CLOSED_PAGE closed requests; fewer means there are no older ones.
@@ -820,7 +821,7 @@
 
   // ---------------------------------------------------------------- tabs
 
-  const TABS = ['requests', 'failures', 'audit'];
+  const TABS = ['requests', 'failures', 'audit', 'sites'];
   function selectTab(name, focus) {
     activeTab = name;
     for (const t of document.querySelectorAll('.tab')) {
@@ -844,6 +845,145 @@
     if (j === null) return;
     ev.preventDefault();
     selectTab(TABS[j], true);
+  }
+
+  // ------------------------------------------- sites without an agent
+
+  // Their routers are standard WireGuard devices: a technician opens their
+  // requests on the customer's behalf (naming each terminal's LAN address)
+  // and shows the rendered router configuration, with QR codes.
+
+  function renderSites() {
+    const sites = (events && events.agentless_sites) || [];
+    const rows = sites.map((s) => el('tr', null,
+      el('td', { 'data-label': 'Site' }, s.name, ' ', el('span', { class: 'mono muted', text: '#' + s.site_id })),
+      el('td', { 'data-label': 'Gateway', class: 'mono', text: s.gateway_id ? String(s.gateway_id) : '—' }),
+      el('td', { class: 'actions' },
+        el('button', { type: 'button', class: 'primary', 'data-site': s.site_id, onclick: (ev) => openSiteRequest(s, ev.currentTarget) }, 'Open a request'),
+        ' ',
+        el('button', { type: 'button', class: 'ghost', 'data-site-config': s.site_id, onclick: (ev) => openSiteConfig(s, ev.currentTarget) }, 'Router configuration'))));
+    document.querySelector('#sites tbody').replaceChildren(...rows);
+    $('sites-empty').hidden = rows.length > 0;
+  }
+
+  function siteDialog(title, opener, ...content) {
+    detailId = null;
+    detailOpener = opener || null;
+    $('detail-title').textContent = title;
+    $('detail-body').replaceChildren(...content);
+    const dlg = $('detail');
+    if (!dlg.open) dlg.showModal();
+  }
+
+  function terminalRow(n) {
+    return el('div', { class: 'terminal-row' },
+      el('label', null, 'Terminal name ', el('input', { name: 'terminal-name', required: 'required', maxlength: '63', placeholder: 'pc-' + n })),
+      el('label', null, 'LAN address ', el('input', { name: 'terminal-address', required: 'required', maxlength: '15', class: 'mono', placeholder: '192.168.1.' + (9 + n) })));
+  }
+
+  function openSiteRequest(site, opener) {
+    const err = el('p', { class: 'error', role: 'alert', hidden: 'hidden' });
+    const terms = el('div', { class: 'terminals' }, terminalRow(1));
+    const select = (name, options, chosen) => el('select', { name },
+      ...options.map(([v, label]) => el('option', v === chosen ? { value: v, selected: 'selected' } : { value: v }, label)));
+    const form = el('form', { class: 'site-request', novalidate: 'novalidate' },
+      el('label', null, 'Requester ', el('input', { name: 'requester', required: 'required', maxlength: '100' })),
+      el('label', null, 'Level ', select('level', [['general', 'general'], ['administrator', 'administrator']], 'general')),
+      el('label', null, 'Urgency ', select('urgency', [['low', 'low'], ['normal', 'normal'], ['high', 'high'], ['emergency', 'emergency']], 'normal')),
+      el('label', null, 'Phone ', el('input', { name: 'phone', type: 'tel', maxlength: '40' })),
+      el('label', null, 'Problem ', el('textarea', { name: 'content', maxlength: '4000', rows: '3' })),
+      terms,
+      el('button', { type: 'button', class: 'ghost', onclick: () => terms.append(terminalRow(terms.children.length + 1)) }, 'Add a terminal'),
+      err,
+      el('button', { type: 'submit', class: 'primary' }, 'Open the request'));
+    form.addEventListener('submit', async (ev) => {
+      ev.preventDefault();
+      const f = form.elements;
+      const names = [...form.querySelectorAll('input[name="terminal-name"]')];
+      const addrs = [...form.querySelectorAll('input[name="terminal-address"]')];
+      const body = {
+        requester_name: f.requester.value.trim(),
+        level: f.level.value,
+        urgency: f.urgency.value,
+        phone: f.phone.value.trim(),
+        content: f.content.value,
+        terminals: names.map((n, i) => ({ name: n.value.trim(), lan_address: addrs[i].value.trim() }))
+          .filter((t) => t.name || t.lan_address),
+      };
+      err.hidden = true;
+      try {
+        const view = await api('POST', '/api/v1/sites/' + site.site_id + '/requests', body);
+        $('detail').close();
+        toast('Opened ' + view.acceptance_number + ' for ' + site.name + ': ' +
+          view.terminals.map((t) => t.name + ' = ' + t.nat_address).join(', ') +
+          '. Apply the router configuration again.');
+      } catch (e) {
+        if (sessionLost(e)) return;
+        err.textContent = e.message;
+        err.hidden = false;
+      }
+    });
+    siteDialog('Open a request for ' + site.name, opener,
+      el('p', { class: 'hint', text: 'The customer phoned in. Their router has no agent: name each terminal with its address on the customer\'s LAN.' }),
+      form);
+    focusFirst(form);
+  }
+
+  function focusFirst(form) {
+    const first = form.querySelector('input');
+    if (first) first.focus();
+  }
+
+  // The QR code as an SVG element, keeping only the shapes the encoder
+  // draws (no script, no link, no style can come through).
+  function qrImage(svgText) {
+    const doc = new DOMParser().parseFromString(svgText, 'image/svg+xml');
+    const svg = doc.documentElement;
+    if (!svg || svg.localName !== 'svg') return null;
+    const NS = 'http://www.w3.org/2000/svg';
+    const out = document.createElementNS(NS, 'svg');
+    for (const a of ['viewBox', 'width', 'height', 'shape-rendering']) {
+      if (svg.hasAttribute(a)) out.setAttribute(a, svg.getAttribute(a));
+    }
+    for (const node of svg.querySelectorAll('rect, path')) {
+      const copy = document.createElementNS(NS, node.localName);
+      for (const a of ['x', 'y', 'width', 'height', 'd', 'fill']) {
+        if (node.hasAttribute(a)) copy.setAttribute(a, node.getAttribute(a));
+      }
+      out.append(copy);
+    }
+    out.setAttribute('role', 'img');
+    out.setAttribute('class', 'qr');
+    return out;
+  }
+
+  async function openSiteConfig(site, opener) {
+    siteDialog('Router configuration of ' + site.name, opener, el('p', { text: 'Loading…' }));
+    try {
+      const c = await api('GET', '/api/v1/sites/' + site.site_id + '/wireguard');
+      const parts = [
+        el('p', { text: c.instructions }),
+        el('p', null, 'Router public key: ', el('span', { class: 'mono', text: c.public_key })),
+      ];
+      if (c.mappings.length) {
+        parts.push(el('ul', { class: 'nat-list' }, ...c.mappings.map((m) =>
+          el('li', null, el('span', { class: 't', text: m.terminal }), ' ', el('span', { class: 'mono', text: m.nat_address + ' → ' + m.lan_address })))));
+      }
+      for (const f of c.files) {
+        const qr = f.qr_svg ? qrImage(f.qr_svg) : null;
+        if (qr) qr.setAttribute('aria-label', 'QR code of ' + f.name);
+        parts.push(el('section', { class: 'router-file' },
+          el('h3', { text: f.name }),
+          qr,
+          el('pre', { class: 'mono', tabindex: '0', 'aria-label': f.name, text: f.content })));
+      }
+      if ($('detail').open && $('detail-title').textContent === 'Router configuration of ' + site.name) {
+        $('detail-body').replaceChildren(...parts);
+      }
+    } catch (e) {
+      if (sessionLost(e)) return;
+      $('detail-body').replaceChildren(el('p', { class: 'error', role: 'alert', text: 'Could not load it: ' + e.message }));
+    }
   }
 
   // ---------------------------------------------------------------- wiring

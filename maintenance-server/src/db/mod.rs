@@ -17,6 +17,7 @@
 //! run again ([`TX_ATTEMPTS`], [`retry_pause`]) instead of failing.
 
 pub mod addresses;
+pub mod agentless;
 mod error;
 mod gateways;
 pub mod ops;

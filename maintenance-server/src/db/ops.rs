@@ -11,6 +11,7 @@
 //! [`technicians`](super::technicians) (console users and sessions) and
 //! [`restore`](super::restore).
 
+pub use super::agentless::{create_agentless_site, read_wireguard_config};
 pub use super::error::{OpError, OpResult};
 pub use super::gateways::{
     create_gateway, delete_gateway, drain, gateway_applied, heartbeat, mark_down, register_gateway,

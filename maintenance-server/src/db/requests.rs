@@ -1,7 +1,7 @@
 //! Maintenance requests and failure reports: opening, starting, closing
 //! and expiring requests; storing failures and linking them to requests.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use vpnnat::messages::{
     FailureReport, MaintenanceRequestView, NewMaintenanceRequest, RequestId, RequestState, SiteId,
@@ -9,6 +9,7 @@ use vpnnat::messages::{
 };
 
 use super::addresses::{address_for, held_by, release};
+use super::agentless::{check_origin, lan_column};
 use super::error::{OpError, OpResult};
 use super::policy::Policy;
 use super::tunnels::{ensure_tunnel, release_slot, site_gateway};
@@ -26,6 +27,10 @@ pub struct Origin {
     pub global_address: Option<IpAddr>,
     /// The failure report that caused it.
     pub failure_id: Option<u64>,
+    /// The terminals' LAN addresses, in their order: only for a site
+    /// without an agent, whose requests a technician opens on the
+    /// customer's behalf (empty for an agent's request).
+    pub lan_addresses: Vec<Ipv4Addr>,
 }
 
 /// Accepts a maintenance request: a gateway slot (sticky), one NAT address
@@ -44,6 +49,7 @@ pub async fn new_request(
     policy: &Policy,
 ) -> OpResult<MaintenanceRequestView> {
     let site_name = tx.lock_site(site).await?;
+    check_origin(tx, site, &req.terminals, &origin.lan_addresses).await?;
     // Under the site's lock: concurrent requests of one site are counted exactly.
     check_request_quotas(tx, site, now, &policy.quotas).await?;
     let (gw, _new_tunnel) = ensure_tunnel(tx, site, now).await?;
@@ -72,12 +78,14 @@ pub async fn new_request(
     for (pos, terminal) in req.terminals.iter().enumerate() {
         let addr = address_for(tx, site, terminal, now).await?;
         sqlx::query(
-            "INSERT INTO request_terminals (request_id, position, terminal, nat_address) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO request_terminals (request_id, position, terminal, nat_address, lan_address) \
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(id64(id.0))
         .bind(i64::try_from(pos).unwrap_or(0))
         .bind(terminal.as_str())
         .bind(addr_to_i64(addr))
+        .bind(lan_column(&origin.lan_addresses, pos))
         .execute(&mut *tx.inner)
         .await?;
         assigned.push(format!("{terminal}={addr}"));

@@ -265,6 +265,9 @@ pub async fn request_rotation(
     now: i64,
 ) -> OpResult<()> {
     tx.lock_site(site).await?;
+    if super::agentless::is_agentless(&mut tx.inner, site).await? {
+        return Err(super::agentless::no_agent());
+    }
     let row = tx
         .row_by_id(
             "SELECT credential_hash FROM sites WHERE id = $1",

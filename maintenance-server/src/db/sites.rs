@@ -6,6 +6,7 @@ use vpnnat::messages::{
     TunnelKind, UnixMillis,
 };
 
+use super::agentless::{is_agentless, no_agent};
 use super::error::{DbError, OpError, OpResult, is_unique_violation};
 use super::policy::Policy;
 use super::requests::close_request;
@@ -56,6 +57,8 @@ pub async fn create_site(
         name: name.to_owned(),
         enrollment_token: token,
         token_expires_at: UnixMillis(u64_of(expires)),
+        agent: true,
+        public_key: None,
     })
 }
 
@@ -95,6 +98,12 @@ pub async fn set_site_tunnel(
     let old = site_kind(tx, site).await?;
     if old == tunnel {
         return Ok(());
+    }
+    if is_agentless(&mut tx.inner, site).await? {
+        return Err(OpError::InvalidState(
+            "a site without an agent is a WireGuard site (its router's files are wg-quick files)"
+                .into(),
+        ));
     }
     if site_gateway(tx, site).await?.is_some() {
         return Err(OpError::InvalidState(
@@ -186,8 +195,15 @@ pub async fn new_site_token(
     policy: &Policy,
 ) -> OpResult<SiteCreated> {
     let row = tx
-        .row_by_id("SELECT name FROM sites WHERE id = $1", site.0, "site")
+        .row_by_id(
+            "SELECT name, agentless FROM sites WHERE id = $1",
+            site.0,
+            "site",
+        )
         .await?;
+    if col::<i64>(&row, "agentless")? != 0 {
+        return Err(no_agent());
+    }
     let name: String = col(&row, "name")?;
     let (token, expires) = insert_enrollment_token(tx, site, now, policy).await?;
     tx.audit(now, actor, "site.token", &format!("site:{site}"), "")
@@ -197,6 +213,8 @@ pub async fn new_site_token(
         name,
         enrollment_token: token,
         token_expires_at: UnixMillis(u64_of(expires)),
+        agent: true,
+        public_key: None,
     })
 }
 
@@ -450,6 +468,9 @@ pub async fn rotate_site(
     policy: &Policy,
 ) -> OpResult<SiteCreated> {
     let name = tx.lock_site(site).await.map_err(site_not_found)?;
+    if is_agentless(&mut tx.inner, site).await? {
+        return Err(no_agent());
+    }
     let psk = psk_for(site_kind(tx, site).await?);
     let had_next_key =
         sqlx::query("SELECT id FROM sites WHERE id = $1 AND next_public_key IS NOT NULL")
@@ -488,5 +509,7 @@ pub async fn rotate_site(
         name,
         enrollment_token: token,
         token_expires_at: UnixMillis(u64_of(expires)),
+        agent: true,
+        public_key: None,
     })
 }

@@ -453,7 +453,7 @@ pub async fn request(conn: &mut AnyConnection, id: RequestId) -> DbResult<Mainte
 /// Database failures.
 pub async fn sites(conn: &mut AnyConnection) -> DbResult<Vec<SiteView>> {
     let rows = sqlx::query(
-        "SELECT s.id, s.name, s.public_key, s.created_at, s.tunnel, t.gateway_id, t.transport \
+        "SELECT s.id, s.name, s.public_key, s.created_at, s.tunnel, s.agentless, t.gateway_id, t.transport \
          FROM sites s \
          LEFT JOIN tunnels t ON t.site_id = s.id ORDER BY s.id",
     )
@@ -476,16 +476,18 @@ pub async fn sites(conn: &mut AnyConnection) -> DbResult<Vec<SiteView>> {
             let id: i64 = col(r, "id")?;
             let key: Option<String> = col(r, "public_key")?;
             let gw: Option<i64> = col(r, "gateway_id")?;
+            let agent = col::<i64>(r, "agentless")? == 0;
             Ok(SiteView {
                 site_id: SiteId(u64_of(id)),
                 name: col(r, "name")?,
-                enrolled: key.is_some(),
+                enrolled: agent && key.is_some(),
                 gateway_id: gw.map(|g| GatewayId(u64_of(g))),
                 nat_addresses: addrs.remove(&id).unwrap_or_default(),
                 created_at: ms(col(r, "created_at")?),
                 tunnel: enum_parse(&col::<String>(r, "tunnel")?)?,
                 transport: col::<Option<String>>(r, "transport")?
                     .and_then(|t| enum_parse::<Transport>(&t).ok()),
+                agent,
             })
         })
         .collect()

@@ -90,6 +90,7 @@ pub async fn create(
         actor: format!("site:{}", auth.site),
         global_address: Some(state.client_address(peer.0, &headers)),
         failure_id: None,
+        lan_addresses: Vec::new(),
     };
     let view = open_request(&state, auth.site, &body, &origin).await?;
     Ok((StatusCode::CREATED, Json(view)))
@@ -177,6 +178,7 @@ pub async fn failure(
             actor: format!("site:{site}"),
             global_address: Some(state.client_address(peer.0, &headers)),
             failure_id: Some(failure_id),
+            lan_addresses: Vec::new(),
         };
         // The report is stored whatever happens to the request.
         match open_request(&state, site, &req, &origin).await {

@@ -4,6 +4,7 @@
 //! that lead to them are in [`crate::routes`].
 
 pub mod agent;
+pub mod agentless;
 pub mod gateway;
 pub mod lifecycle;
 pub mod misc;

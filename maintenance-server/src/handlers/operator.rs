@@ -30,10 +30,18 @@ pub async fn create_site(
     let policy = state.policy.clone();
     let name = body.name.trim().to_owned();
     let tunnel = body.tunnel;
-    let r = write(&state, async |tx| {
-        ops::create_site(tx, &name, tunnel, ACTOR, now, &policy).await
-    })
-    .await?;
+    let key = body.public_key;
+    let r = if body.agent {
+        write(&state, async |tx| {
+            ops::create_site(tx, &name, tunnel, ACTOR, now, &policy).await
+        })
+        .await?
+    } else {
+        write(&state, async |tx| {
+            ops::create_agentless_site(tx, &name, key, ACTOR, now).await
+        })
+        .await?
+    };
     Ok((StatusCode::CREATED, Json(r)))
 }
 

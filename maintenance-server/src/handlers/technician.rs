@@ -394,10 +394,12 @@ pub async fn events(
                     same
                 });
                 let failures = views::failures(c, CONSOLE_FAILURES).await?;
+                let agentless_sites = crate::db::agentless::console_sites(c).await?;
                 Ok(ConsoleEvents {
                     version,
                     requests,
                     failures,
+                    agentless_sites,
                 })
             })
             .await

@@ -375,6 +375,7 @@ pub async fn add_site(server: &TestServer, name: &str, key_byte: u8) -> Site {
             &NewSite {
                 name: name.into(),
                 tunnel: TunnelKind::Wireguard,
+                ..Default::default()
             },
         )
         .await

@@ -185,6 +185,67 @@ function renderTerminals(terminals) {
   }
 }
 
+// The LAN's computers as this router found them: a checkbox per host
+// (its value is the MAC address; the router binds it to a terminal name,
+// and only that name goes to the maintenance center), the customer's own
+// name for it, and when it was last seen.
+function renderDiscovered(d) {
+  const box = $("discovered-list");
+  $("discovered").hidden = !d.enabled;
+  $("sweep").hidden = !d.sweep;
+  if (d.sweeping) $("sweep-status").textContent = "Searching\u2026";
+  else if ($("sweep-status").textContent === "Searching\u2026") $("sweep-status").textContent = "";
+  // Never re-render under the customer's hands (a name being typed).
+  if (box.querySelector(".rename-form:not([hidden])")) return;
+  const key = JSON.stringify(d.hosts.map((h) => [h.mac, h.name, h.address, h.last_seen]));
+  if (key === state.discoveredKey) return;
+  state.discoveredKey = key;
+  const checked = new Set([...box.querySelectorAll("input.pick:checked")].map((i) => i.value));
+  box.replaceChildren();
+  for (const h of d.hosts) {
+    const id = "host-" + h.mac.replaceAll(":", "");
+    const input = el("input", { type: "checkbox", class: "pick", value: h.mac, id });
+    input.checked = checked.has(h.mac);
+    const name = h.name || "Unnamed computer";
+    const label = el("label", { for: id }, input,
+      el("span", { class: "host-name", text: name }),
+      el("span", { class: "meta", text: h.address + " \u00b7 " + h.mac + " \u00b7 seen " + time(h.last_seen) }));
+    const rename = el("button", { type: "button", class: "small rename", "aria-label": "Rename " + name, text: "Rename" });
+    const field = el("input", { class: "rename-input", maxlength: "63", "aria-label": "New name for " + h.address });
+    field.value = h.custom_name || "";
+    const save = el("button", { type: "button", class: "small primary save-name", text: "Save name" });
+    // Not a <form>: it sits inside the request form.
+    const form = el("div", { class: "rename-form" }, field, save);
+    form.hidden = true;
+    rename.addEventListener("click", () => { form.hidden = false; field.focus(); });
+    const store = async () => {
+      const r = await api("POST", "/api/discovery/hosts/" + encodeURIComponent(h.mac) + "/name", { name: field.value });
+      if (!r.ok) { $("sweep-status").textContent = (r.data && r.data.message) || "The name was not saved."; return; }
+      form.hidden = true;
+      state.discoveredKey = null;
+      await refreshDiscovered();
+    };
+    save.addEventListener("click", store);
+    field.addEventListener("keydown", (ev) => { if (ev.key === "Enter") { ev.preventDefault(); store(); } });
+    box.append(el("div", { class: "host", "data-mac": h.mac }, label, rename, form));
+  }
+  if (d.hosts.length === 0) {
+    box.append(el("p", { class: "muted", text: "No computers found yet. Press \u201cSearch the network\u201d, or type a name or address below." }));
+  }
+}
+
+async function refreshDiscovered() {
+  const r = await api("GET", "/api/discovery");
+  if (r.ok) renderDiscovered(r.data);
+}
+
+async function sweep() {
+  const r = await api("POST", "/api/discovery/sweep");
+  $("sweep-status").textContent = r.ok ? "Searching\u2026"
+    : ((r.data && r.data.message) || "The network cannot be searched right now.");
+  if (r.ok) setTimeout(refreshDiscovered, 3000);
+}
+
 async function refresh() {
   const r = await api("GET", "/api/overview");
   if (r.status === 0) { agentDown(true); return; }
@@ -212,6 +273,9 @@ async function refresh() {
   show("transport", transportText(o.transport));
   $("failure-requests").checked = !!o.failure_requests;
   renderTerminals(o.terminals);
+  // After the overview answered: a restarted router's 401 is told once,
+  // with its reason, by the overview's call.
+  refreshDiscovered();
   const open = o.requests.filter((q) => q.state === "waiting" || q.state === "in_progress");
   const closed = o.requests.filter((q) => !(q.state === "waiting" || q.state === "in_progress"));
   const box = $("open-requests");
@@ -253,7 +317,8 @@ function noticeEnded(requests) {
 }
 
 function chosenTerminals() {
-  const ticked = [...document.querySelectorAll("#terminal-list input:checked")].map((i) => i.value);
+  const ticked = [...document.querySelectorAll("#terminal-list input:checked, #discovered-list input.pick:checked")]
+    .map((i) => i.value);
   const typed = $("other_terminals").value.split(",").map((s) => s.trim()).filter((s) => s.length > 0);
   return ticked.concat(typed);
 }
@@ -415,6 +480,8 @@ document.addEventListener("DOMContentLoaded", async () => {
     if (ERROR_IDS[field]) $(id).addEventListener("input", () => fieldError(field, null));
   }
   $("terminal-list").addEventListener("change", () => fieldError("terminals", null));
+  $("discovered-list").addEventListener("change", () => fieldError("terminals", null));
+  $("sweep").addEventListener("click", sweep);
   $("request-form").addEventListener("submit", submitRequest);
   $("send-anyway").addEventListener("click", async () => {
     $("check-warning").hidden = true;

@@ -157,14 +157,24 @@ pub(super) async fn metrics(State(web): State<Arc<Web>>) -> Response {
         .failures
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
-    (
-        [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        render(
-            &snap,
-            &control,
-            failures,
-            (web.app.carrier.transport(), web.app.carrier.streams.stats()),
-        ),
-    )
-        .into_response()
+    let mut text = render(
+        &snap,
+        &control,
+        failures,
+        (web.app.carrier.transport(), web.app.carrier.streams.stats()),
+    );
+    if let Some(d) = &web.app.discovery {
+        let mut m = Exposition::new("vpnnat_agent_");
+        for (name, help, value) in d.counters.samples() {
+            m.single(name, Kind::Counter, help, value);
+        }
+        m.single(
+            "discovery_hosts",
+            Kind::Gauge,
+            "Hosts listed on the page.",
+            d.hosts().len() as u64,
+        );
+        text.push_str(&m.finish());
+    }
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
 }

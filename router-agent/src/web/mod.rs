@@ -13,7 +13,8 @@
 //! own LAN) and never in anything sent to the server.
 //!
 //! By concern: who may call (`auth`), the page's files (`assets`), the
-//! maintenance request flow (`requests`), the status document (`status`),
+//! maintenance request flow (`requests`), the LAN's computers (`discovery`),
+//! the status document (`status`),
 //! the Prometheus counters (`metrics`).
 
 // Handlers return a finished `Response` as their error: boxing it would
@@ -22,6 +23,7 @@
 
 mod assets;
 mod auth;
+mod discovery;
 mod metrics;
 mod requests;
 mod status;
@@ -88,6 +90,9 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/api/check", post(requests::check))
         .route("/api/requests", post(requests::create_request))
         .route("/api/requests/{id}/revoke", post(requests::revoke))
+        .route("/api/discovery", get(discovery::list))
+        .route("/api/discovery/sweep", post(discovery::sweep))
+        .route("/api/discovery/hosts/{mac}/name", post(discovery::rename))
         .route(
             "/api/preferences",
             get(requests::preferences).post(requests::set_preferences),

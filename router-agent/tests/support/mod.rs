@@ -113,6 +113,7 @@ impl Center {
                 &NewSite {
                     name: name.into(),
                     tunnel: TunnelKind::Wireguard,
+                    ..Default::default()
                 },
             )
             .await;

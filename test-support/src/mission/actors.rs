@@ -125,6 +125,60 @@ impl Mission {
         (r["id"].as_u64().unwrap(), nat)
     }
 
+    /// The customer of site `s` picks the PC from the list of computers
+    /// the agent found on the LAN (after the page's "Search the network"),
+    /// instead of typing a name: the request names the PC's MAC, the agent
+    /// binds it to a terminal name, and only that name reaches the server.
+    /// Returns (request id, NAT address, terminal name, MAC).
+    pub(super) fn request_discovered(&self, s: usize) -> (u64, String, String, String) {
+        let (code, v) = self.page(s, "POST", "/api/discovery/sweep", None);
+        assert!(
+            code == 202 || code == 429,
+            "site {s}'s network search: {code} {v}"
+        );
+        let mut found = Value::Null;
+        within(
+            &format!("site {s}'s page lists the PC {PC}"),
+            Duration::from_secs(20),
+            || {
+                let (code, v) = self.page(s, "GET", "/api/discovery", None);
+                assert_eq!(code, 200, "site {s}'s discovery list: {v}");
+                found = v["hosts"]
+                    .as_array()
+                    .and_then(|hs| hs.iter().find(|h| h["address"] == PC).cloned())
+                    .unwrap_or(Value::Null);
+                !found.is_null()
+            },
+        );
+        let mac = found["mac"].as_str().expect("a MAC").to_owned();
+        let (code, v) = self.page(
+            s,
+            "POST",
+            "/api/requests",
+            Some(&json!({
+                "requester_name": format!("Customer of site {s}"),
+                "level": "general",
+                "urgency": "high",
+                "phone": "+49 30 1234 567",
+                "content": "The till does not print.",
+                "terminals": [mac],
+            })),
+        );
+        assert_eq!(code, 201, "site {s}'s request for a discovered PC: {v}");
+        let r = &v["request"];
+        let t = &r["terminals"][0];
+        let nat = t["nat_address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no NAT address in {v}"))
+            .to_owned();
+        let name = t["name"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            !name.contains(':') && !name.contains("192.168."),
+            "the server sees a terminal name, not the MAC or LAN address: {name}"
+        );
+        (r["id"].as_u64().unwrap(), nat, name, mac)
+    }
+
     pub(super) fn agent_status(&self, s: usize) -> Value {
         let (code, v) = self.page(s, "GET", "/api/status", None);
         assert_eq!(code, 200, "site {s}'s status: {v}");

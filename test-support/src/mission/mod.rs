@@ -180,13 +180,15 @@ pub fn run(opts: Options) -> Outcome {
     // 2. Sites 1 and 2 press the button.
     say(
         "2",
-        "sites 1 and 2 press \"request maintenance\" for their PC",
+        "sites 1 and 2 press \"request maintenance\" for their PC: site 1 names it, site 2's customer ticks it in the list of computers the agent found on the LAN",
     );
     let (req1, nat1) = m.request(1);
-    let (req2, nat2) = m.request(2);
+    let (req2, nat2, name2, mac2) = m.request_discovered(2);
     assert_ne!(nat1, nat2, "two sites, two NAT addresses");
     detail(&format!("site 1: request {req1}, PC {PC} → {nat1}"));
-    detail(&format!("site 2: request {req2}, PC {PC} → {nat2}"));
+    detail(&format!(
+        "site 2: request {req2}, the discovered PC {PC} ({mac2}) as terminal \"{name2}\" → {nat2}"
+    ));
 
     // 3. The technician reaches both PCs at once.
     say(
