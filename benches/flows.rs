@@ -147,6 +147,7 @@ fn connected_gateway(now: Instant) -> GatewayState {
             next_keys: Vec::new(),
             version: 1,
             gateway_id: GatewayId(1),
+            allowed_sources: Vec::new(),
             peers: vec![GatewayPeer {
                 site_id: SITE,
                 public_key: client_key.public_key(),

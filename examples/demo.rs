@@ -62,6 +62,7 @@ fn main() {
         mission::Tunnel::WireguardTls,
         mission::Tunnel::IpsecAgent,
         mission::Tunnel::IpsecRouter,
+        mission::Tunnel::WireguardRouter,
     ] {
         let times: Vec<String> = outcome
             .failovers

@@ -2,9 +2,10 @@
 # The whole vpnnat system, for real, in network namespaces (the README's first
 # command). Installs the prerequisites, builds the three programs, builds the
 # world (scripts/world.sh: an internet, a center with the maintenance server,
-# two gateways and a technician, six customer sites that all use
+# two gateways and a technician, seven customer sites that all use
 # 192.168.1.0/24: WireGuard, WireGuard over TLS, IPsec by the agent, IPsec by a
-# strongSwan router configured by hand), plays the mission step by step, prints
+# strongSwan router configured by hand, WireGuard by a standard router without
+# an agent), plays the mission step by step, prints
 # the final table (site, tunnel, LAN address, NAT address, gateway, reached)
 # and the failover times, and tears everything down.
 #

@@ -4,7 +4,7 @@
 #   world.sh up      build the namespaces, links, firewalls and LAN PCs
 #   world.sh down    kill everything in them and delete them (idempotent)
 #   world.sh ns NAME print the namespace name of a host (inet, csw, server,
-#                    gw1, gw2, tech, r1..r6, pc1..pc6, ah3)
+#                    gw1, gw2, tech, r1..r7, pc1..pc7, ah3)
 #   world.sh list    print the namespaces of this world
 #
 # Every name carries the prefix $VPNNAT_WORLD (default "vnw"), so several
@@ -14,21 +14,24 @@
 #  "internet" (inet): 203.0.113.0/24 (center edge) and 198.51.100.0/24 (sites)
 #    server 203.0.113.10   gw1 203.0.113.11   gw2 203.0.113.12
 #    r1 198.51.100.11      r2 198.51.100.12   r3 198.51.100.13   r4 198.51.100.14
-#    r5 198.51.100.15      r6 198.51.100.16
+#    r5 198.51.100.15      r6 198.51.100.16   r7 198.51.100.17
 #  center LAN 172.16.0.0/24, a bridge in "csw":
 #    server .10  gw1 .11  gw2 .12  tech .50 (treats 10.64.0.0/16 as on-link)
-#  site i (i = 1..6): router ri (LAN bridge 192.168.1.1/24, stateful firewall,
+#  site i (i = 1..7): router ri (LAN bridge 192.168.1.1/24, stateful firewall,
 #    NAPT to its WAN), PC pci 192.168.1.10 (HTTP :80 naming the site, TCP echo :7);
 #    site 3 also has ah3 192.168.1.20, the host of its netstack agent;
 #    site 4's firewall drops all outbound UDP (its agent falls back to TLS);
 #    site 5 is an IPsec site (its agent dials IKEv2);
 #    site 6 is an IPsec site without an agent: the mission configures r6 by
-#    hand (strongSwan, the NAT address on lo, the 1:1 NAT in nftables).
+#    hand (strongSwan, the NAT address on lo, the 1:1 NAT in nftables);
+#    site 7 is a WireGuard site without an agent: the mission brings up the
+#    wg-quick files and the nftables file the server renders for it (Debian's
+#    wg-quick with the userspace wireguard-go).
 set -euo pipefail
 
 P=${VPNNAT_WORLD:-vnw}
 HERE=$(cd "$(dirname "$0")" && pwd)
-HOSTS=(inet csw server gw1 gw2 tech r1 r2 r3 r4 r5 r6 pc1 pc2 pc3 pc4 pc5 pc6 ah3)
+HOSTS=(inet csw server gw1 gw2 tech r1 r2 r3 r4 r5 r6 r7 pc1 pc2 pc3 pc4 pc5 pc6 pc7 ah3)
 
 ns() { echo "$P-$1"; }
 inns() { local h=$1; shift; ip netns exec "$(ns "$h")" "$@"; }
@@ -82,8 +85,8 @@ up() {
   # whichever gateway carries an address answers ARP for it.
   ip -n "$(ns tech)" route add 10.64.0.0/16 dev eth0
 
-  # Six customer sites, all 192.168.1.0/24.
-  for s in 1 2 3 4 5 6; do
+  # Seven customer sites, all 192.168.1.0/24.
+  for s in 1 2 3 4 5 6 7; do
     link inet "s-r$s" - "r$s" wan "198.51.100.1$s/24"
     port inet "s-r$s" sites
     ip -n "$(ns "r$s")" route add 203.0.113.0/24 via 198.51.100.1
@@ -134,10 +137,10 @@ NFT
   port r3 l-ah lan
   ip -n "$(ns ah3)" route add 203.0.113.0/24 via 192.168.1.1
 
-  for s in 1 2 3 4 5 6; do
+  for s in 1 2 3 4 5 6 7; do
     inns "pc$s" setsid python3 "$HERE/lan-pc.py" "site $s" </dev/null >/dev/null 2>&1 &
   done
-  for s in 1 2 3 4 5 6; do
+  for s in 1 2 3 4 5 6 7; do
     for _ in $(seq 100); do
       inns "pc$s" python3 -c 'import socket; socket.create_connection(("127.0.0.1", 80), 0.2)' 2>/dev/null && break
       sleep 0.05
@@ -147,6 +150,13 @@ NFT
 
 down() {
   local h n
+  # Site 7's wg-quick interfaces: wireguard-go's control sockets live in the
+  # host's /var/run/wireguard, outside the namespace.
+  if ip netns list | grep -qw "^$(ns r7)"; then
+    for n in $(ip -n "$(ns r7)" -o link show type tun 2>/dev/null | awk -F': ' '{print $2}'); do
+      rm -f "/var/run/wireguard/$n.sock"
+    done
+  fi
   for h in "${HOSTS[@]}"; do
     n=$(ns "$h")
     if ip netns list | grep -qw "^$n"; then

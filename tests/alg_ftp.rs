@@ -302,6 +302,7 @@ fn world(tag: &str, mode: Mode) -> (World, Site, String, PathBuf) {
         next_keys: Vec::new(),
         version: 1,
         gateway_id: GatewayId(1),
+        allowed_sources: Vec::new(),
         peers: vec![GatewayPeer {
             site_id: SITE,
             public_key: agent_key,

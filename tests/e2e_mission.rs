@@ -13,7 +13,7 @@
 use vpnnat_test_support::mission;
 
 #[test]
-fn e2e_mission_six_sites_two_gateways_failover_and_restart() {
+fn e2e_mission_seven_sites_two_gateways_failover_and_restart() {
     if !vpnnat_test_support::require(mission::PREREQS) {
         return;
     }
@@ -22,10 +22,15 @@ fn e2e_mission_six_sites_two_gateways_failover_and_restart() {
         keep: false,
         samples: 5,
     });
-    assert_eq!(outcome.rows.len(), 6);
+    assert_eq!(outcome.rows.len(), 7);
     assert!(outcome.rows.iter().all(|r| r.reached));
-    // Both IPsec sites failed over (the agent's and the strongSwan router's).
-    for kind in [mission::Tunnel::IpsecAgent, mission::Tunnel::IpsecRouter] {
+    // Both IPsec sites (the agent's and the strongSwan router's) and the
+    // WireGuard router without an agent failed over.
+    for kind in [
+        mission::Tunnel::IpsecAgent,
+        mission::Tunnel::IpsecRouter,
+        mission::Tunnel::WireguardRouter,
+    ] {
         assert!(
             outcome.failovers.iter().any(|f| f.tunnel == kind),
             "{kind:?} failed over"

@@ -382,6 +382,7 @@ fn standalone(tag: &str, mode: AgentMode) -> World {
         next_keys: Vec::new(),
         version: 1,
         gateway_id: GatewayId(1),
+        allowed_sources: Vec::new(),
         peers: vec![GatewayPeer {
             site_id: SiteId(1),
             public_key: agent_key,

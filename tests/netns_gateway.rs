@@ -31,6 +31,7 @@ fn desired(version: u64, peers: Vec<GatewayPeer>) -> GatewayDesiredState {
         next_keys: Vec::new(),
         version,
         gateway_id: GatewayId(1),
+        allowed_sources: Vec::new(),
         peers,
     }
 }

@@ -192,6 +192,7 @@ pub struct Center {
     /// Sources that may reach the sites and open connections to them (the
     /// technicians); default the center LAN of the address plan,
     /// 172.16.0.0/24. Packets from elsewhere are dropped (`not_technician`).
+    /// The server's `allowed_sources` may narrow them per NAT address (teams).
     #[serde(deserialize_with = "de::list")]
     pub technician_prefixes: Vec<Prefix>,
 }

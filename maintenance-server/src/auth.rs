@@ -333,6 +333,8 @@ pub struct Technician {
     pub id: i64,
     /// Name.
     pub name: String,
+    /// The sites it sees and acts on (its team's and those without a team).
+    pub scope: crate::db::teams::TeamScope,
     /// The session's hash (for logout).
     pub session_hash: String,
     csrf_hash: String,
@@ -361,7 +363,7 @@ impl FromRequestParts<AppState> for Technician {
         }
         let hash = Secret::hash_of(cookie);
         let row = sqlx::query(
-            "SELECT t.id, t.name, s.csrf_hash, s.expires_at FROM technician_sessions s \
+            "SELECT t.id, t.name, t.team_id, s.csrf_hash, s.expires_at FROM technician_sessions s \
              JOIN technicians t ON t.id = s.technician_id WHERE s.token_hash = $1 AND t.disabled = 0",
         )
         .bind(&hash)
@@ -376,6 +378,9 @@ impl FromRequestParts<AppState> for Technician {
         Ok(Self {
             id: col(&row, "id").map_err(AppError::internal)?,
             name: col(&row, "name").map_err(AppError::internal)?,
+            scope: crate::db::teams::TeamScope {
+                team: col(&row, "team_id").map_err(AppError::internal)?,
+            },
             session_hash: hash,
             csrf_hash: col(&row, "csrf_hash").map_err(AppError::internal)?,
         })
@@ -411,6 +416,8 @@ impl FromRequestParts<AppState> for TechnicianWrite {
 pub struct OperatorOrTechnician {
     /// `operator` or `technician:NAME`.
     pub actor: String,
+    /// The technician's team scope; `None` for the operator (sees all).
+    pub scope: Option<crate::db::teams::TeamScope>,
 }
 
 impl FromRequestParts<AppState> for OperatorOrTechnician {
@@ -421,10 +428,14 @@ impl FromRequestParts<AppState> for OperatorOrTechnician {
             OperatorAuth::from_request_parts(parts, state).await?;
             return Ok(Self {
                 actor: "operator".to_owned(),
+                scope: None,
             });
         }
         let t = Technician::from_request_parts(parts, state).await?;
-        Ok(Self { actor: t.actor() })
+        Ok(Self {
+            actor: t.actor(),
+            scope: Some(t.scope),
+        })
     }
 }
 

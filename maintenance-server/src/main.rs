@@ -38,6 +38,9 @@ enum Command {
     /// Technicians (console users).
     #[command(subcommand)]
     Technician(TechnicianCmd),
+    /// Teams of technicians: who sees which sites (docs/OPERATIONS.md "Teams").
+    #[command(subcommand)]
+    Team(TeamCmd),
     /// Print the operator token (generating it on first use).
     OperatorToken,
     /// Write a consistent copy of the SQLite database to PATH while the
@@ -214,6 +217,48 @@ enum TechnicianCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum TeamCmd {
+    /// Create a team with its technician subnets.
+    Add {
+        /// A unique name.
+        name: String,
+        /// A source prefix of the team (a.b.c.d/len); repeat for more.
+        #[arg(long = "source")]
+        sources: Vec<vpnnat::ipv4::Prefix>,
+    },
+    /// List teams with their sites and technicians.
+    List,
+    /// Delete a team (refused while sites belong to it).
+    Delete {
+        /// The team id.
+        id: u64,
+    },
+    /// Assign a site to a team, or with --none to no team (every technician sees it).
+    Site {
+        /// The site id.
+        site: u64,
+        /// The team id.
+        #[arg(long, conflicts_with = "none", required_unless_present = "none")]
+        team: Option<u64>,
+        /// No team.
+        #[arg(long)]
+        none: bool,
+    },
+    /// Set a technician's team (none without --team) and its own sources
+    /// (the team's without --source).
+    Technician {
+        /// The login name.
+        name: String,
+        /// The team id.
+        #[arg(long)]
+        team: Option<u64>,
+        /// An own source prefix of the technician (a.b.c.d/len); repeat for more.
+        #[arg(long = "source")]
+        sources: Vec<vpnnat::ipv4::Prefix>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -257,6 +302,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Site(c) => site(c, &settings).await,
         Command::Gateway(c) => gateway(c, &settings).await,
         Command::Technician(c) => technician(c, &settings).await,
+        Command::Team(c) => team(c, &settings).await,
         Command::Backup { path } => {
             let db = open(&settings).await?;
             db.backup_sqlite(&path).await?;
@@ -723,6 +769,104 @@ async fn technician(c: TechnicianCmd, settings: &Settings) -> anyhow::Result<()>
     ops::upsert_technician(&mut tx, name.trim(), &hash, "operator", now_ms()).await?;
     tx.commit(&notifier).await?;
     print_line(&format!("technician {}: password set", name.trim()))
+}
+
+async fn team(c: TeamCmd, settings: &Settings) -> anyhow::Result<()> {
+    use maintenance_server::db::teams;
+    let db = open(settings).await?;
+    let notifier = maintenance_server::notify::Notifier::default();
+    let now = now_ms();
+    let list = |p: &[vpnnat::ipv4::Prefix]| {
+        p.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    match c {
+        TeamCmd::Add { name, sources } => {
+            vpnnat::messages::NewTeam {
+                name: name.clone(),
+                source_prefixes: sources.clone(),
+            }
+            .validate()?;
+            let id = db
+                .transaction(&notifier, async |tx| {
+                    teams::create_team(tx, name.trim(), &sources, "operator", now).await
+                })
+                .await?;
+            print_line(&format!("team {id}: {} created", name.trim()))
+        }
+        TeamCmd::List => {
+            let mut c = db.reader().acquire().await?;
+            let all = teams::teams(&mut c).await?;
+            let mut out = format!(
+                "{:>6}  {:<20}  {:<30}  {:<20}  TECHNICIANS",
+                "ID", "NAME", "SOURCES", "SITES"
+            );
+            for t in all {
+                let sites: Vec<String> = t.sites.iter().map(ToString::to_string).collect();
+                out.push_str(&format!(
+                    "\n{:>6}  {:<20}  {:<30}  {:<20}  {}",
+                    t.id,
+                    t.name,
+                    list(&t.source_prefixes),
+                    sites.join(","),
+                    t.technicians.join(",")
+                ));
+            }
+            print_line(&out)
+        }
+        TeamCmd::Delete { id } => {
+            db.transaction(&notifier, async |tx| {
+                teams::delete_team(tx, id, "operator", now).await
+            })
+            .await?;
+            print_line(&format!("team {id}: deleted"))
+        }
+        TeamCmd::Site { site, team, none } => {
+            let team = team.filter(|_| !none);
+            db.transaction(&notifier, async |tx| {
+                teams::set_site_team(tx, SiteId(site), team, "operator", now).await
+            })
+            .await?;
+            print_line(&format!(
+                "site {site}: {}",
+                team.map_or_else(|| "no team".to_owned(), |t| format!("team {t}"))
+            ))
+        }
+        TeamCmd::Technician {
+            name,
+            team,
+            sources,
+        } => {
+            let sources = Some(sources).filter(|s| !s.is_empty());
+            vpnnat::messages::TechnicianTeam {
+                team,
+                sources: sources.clone(),
+            }
+            .validate()?;
+            db.transaction(&notifier, async |tx| {
+                teams::set_technician_team(
+                    tx,
+                    name.trim(),
+                    team,
+                    sources.as_deref(),
+                    "operator",
+                    now,
+                )
+                .await
+            })
+            .await?;
+            print_line(&format!(
+                "technician {}: {}, sources {}",
+                name.trim(),
+                team.map_or_else(|| "no team".to_owned(), |t| format!("team {t}")),
+                sources
+                    .as_deref()
+                    .map_or_else(|| "of the team".to_owned(), list)
+            ))
+        }
+    }
 }
 
 fn read_password(from_stdin: bool) -> anyhow::Result<String> {

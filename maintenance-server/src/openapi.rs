@@ -268,6 +268,56 @@ pub fn operations() -> Vec<Operation> {
         ),
         op!(
             "post",
+            paths::TEAMS,
+            Operator,
+            None,
+            201,
+            NewTeam,
+            TeamView,
+            "Operator: create a team of technicians with its source prefixes"
+        ),
+        op!(
+            "get",
+            paths::TEAMS,
+            Operator,
+            None,
+            200,
+            (),
+            Vec<TeamView>,
+            "Operator: list teams with their sites and technicians"
+        ),
+        op!(
+            "delete",
+            paths::TEAM,
+            Operator,
+            None,
+            204,
+            (),
+            (),
+            "Operator: delete a team (409 while sites belong to it)"
+        ),
+        op!(
+            "post",
+            paths::SITE_TEAM,
+            Operator,
+            None,
+            204,
+            SiteTeam,
+            (),
+            "Operator: assign a site to a team (null: none, seen by every technician)"
+        ),
+        op!(
+            "post",
+            paths::TECHNICIAN_TEAM,
+            Operator,
+            None,
+            204,
+            TechnicianTeam,
+            (),
+            "Operator: a technician's team and own source prefixes"
+        ),
+        op!(
+            "post",
             paths::LOGIN,
             Public,
             None,

@@ -15,7 +15,9 @@ use vpnnat::messages::paths;
 
 use crate::console;
 use crate::error::IntendedRefusal;
-use crate::handlers::{agent, agentless, gateway, lifecycle, misc, operator, rotation, technician};
+use crate::handlers::{
+    agent, agentless, gateway, lifecycle, misc, operator, rotation, teams, technician,
+};
 use crate::openapi;
 use crate::state::AppState;
 
@@ -128,6 +130,15 @@ pub fn api_routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
             Method::POST,
             paths::TECHNICIAN_DISABLE,
             post(lifecycle::disable_technician),
+        ),
+        (Method::POST, paths::TEAMS, post(teams::create_team)),
+        (Method::GET, paths::TEAMS, get(teams::list_teams)),
+        (Method::DELETE, paths::TEAM, delete(teams::delete_team)),
+        (Method::POST, paths::SITE_TEAM, post(teams::site_team)),
+        (
+            Method::POST,
+            paths::TECHNICIAN_TEAM,
+            post(teams::technician_team),
         ),
         (Method::POST, paths::LOGIN, post(technician::login)),
         (Method::POST, paths::LOGOUT, post(technician::logout)),

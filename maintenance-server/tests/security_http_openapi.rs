@@ -112,6 +112,14 @@ async fn security_http_every_documented_operation_answers_as_documented() {
         .json();
     add_technician(&db, "bob", "bob's long password").await;
     add_technician(&db, "carol", "carol's long password").await;
+    let spare_team: TeamView = server
+        .operator()
+        .post(
+            paths::TEAMS,
+            &json!({ "name": "spare", "source_prefixes": [] }),
+        )
+        .await
+        .json();
     let agent_version = agent_state(&site, 0, 0).await.version;
     let gw_version = gateway_state(&gw, 0, 0).await.version;
 
@@ -130,7 +138,8 @@ async fn security_http_every_documented_operation_answers_as_documented() {
     for (method, path, op) in &operations {
         let id = match path.as_str() {
             paths::AGENT_REVOKE | paths::REQUEST_START | paths::REQUEST_END => request.id.0,
-            paths::SITE_TOKEN | paths::SITE_PLANNED_ROTATION => site.id.0,
+            paths::SITE_TOKEN | paths::SITE_PLANNED_ROTATION | paths::SITE_TEAM => site.id.0,
+            paths::TEAM => spare_team.id,
             paths::FAILURE_ACK => failure.failure_id,
             paths::SITE_IPSEC => ipsec_site.site_id.0,
             paths::SITE_WIREGUARD | paths::SITE_REQUESTS => agentless.site_id.0,
@@ -141,7 +150,7 @@ async fn security_http_every_documented_operation_answers_as_documented() {
             p if spare_sites.iter().any(|(q, _)| *q == p) => {
                 spare_sites.iter().find(|(q, _)| *q == p).unwrap().1
             }
-            paths::TECHNICIAN | paths::TECHNICIAN_DISABLE => 0,
+            paths::TECHNICIAN | paths::TECHNICIAN_DISABLE | paths::TECHNICIAN_TEAM => 0,
             p => {
                 assert!(!p.contains('{'), "no id known for {p}");
                 0
@@ -188,6 +197,8 @@ async fn security_http_every_documented_operation_answers_as_documented() {
             paths::TECHNICIANS => json!({ "name": "dave", "password": "dave's long password" }),
             paths::AGENT_KEY | paths::AGENT_KEY_COMMIT => json!({ "public_key": key(70) }),
             paths::SITE_PLANNED_ROTATION => json!({ "key": true }),
+            paths::TEAMS => json!({ "name": "t2", "source_prefixes": ["172.16.0.0/28"] }),
+            paths::SITE_TEAM | paths::TECHNICIAN_TEAM => json!({ "team": null }),
             _ => Value::Null,
         };
         let http_method: reqwest::Method = method.to_uppercase().parse().unwrap();

@@ -19,13 +19,10 @@ use crate::app::App;
 use crate::client::{CallError, ServerClient};
 
 /// How a call to revoke went.
-// One value per revocation call, never stored in bulk: boxing the view
-// would buy nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Outcome {
     /// The server closed the request (its view).
-    Confirmed(MaintenanceRequestView),
+    Confirmed(Box<MaintenanceRequestView>),
     /// The server will never close it (it is closed or unknown there): done.
     Refused(CallError),
     /// Try again later.
@@ -43,7 +40,7 @@ pub fn definitive(e: &CallError) -> bool {
 /// Asks the server once; a confirmation (or a definitive refusal) is recorded.
 pub async fn tell(app: &App, server: &ServerClient, id: RequestId) -> Outcome {
     let outcome = match server.revoke(id).await {
-        Ok(view) => Outcome::Confirmed(view),
+        Ok(view) => Outcome::Confirmed(Box::new(view)),
         Err(e) if definitive(&e) => Outcome::Refused(e),
         Err(e) => Outcome::Later(e),
     };

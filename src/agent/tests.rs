@@ -579,6 +579,7 @@ fn through_the_real_gateway_state<K: TestKinds>() {
             next_keys: Vec::new(),
             version: 1,
             gateway_id: GatewayId(1),
+            allowed_sources: Vec::new(),
             peers: vec![GatewayPeer {
                 site_id: SiteId(3),
                 public_key: keys().0.public_key(),
@@ -784,6 +785,7 @@ fn security_active_ftp_through_the_real_gateway_state<K: TestKinds>() {
             next_keys: Vec::new(),
             version: 1,
             gateway_id: GatewayId(1),
+            allowed_sources: Vec::new(),
             peers: vec![GatewayPeer {
                 site_id: SiteId(3),
                 public_key: keys().0.public_key(),

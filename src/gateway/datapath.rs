@@ -2,11 +2,11 @@
 //! and back, through each peer's tunnel, its timers, and the output queues.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::icmp;
-use super::peers::Peer;
+use super::peers::{ANY_SOURCE, Peer, Route};
 use super::{
     DropReason, GatewayEvent, GatewayState, MAX_PACKET, MAX_QUEUE, NetworkOutcome, Transmit,
     TunOutcome,
@@ -302,6 +302,11 @@ impl<K: Kinds> GatewayState<K> {
             self.drop_packet(DropReason::NotTechnician, Some(route.slot));
             return TunOutcome::Dropped(DropReason::NotTechnician);
         }
+        if !self.source_allowed(route, src) {
+            tracing::trace!(%src, %dst, "source not allowed to reach this NAT address");
+            self.drop_packet(DropReason::SourceNotAllowed, Some(route.slot));
+            return TunOutcome::Dropped(DropReason::SourceNotAllowed);
+        }
         if let Err(r) = self.flows.center_to_site(&h, route.site, now) {
             self.drop_packet(r, Some(route.slot));
             return TunOutcome::Dropped(r);
@@ -334,6 +339,19 @@ impl<K: Kinds> GatewayState<K> {
                 TunOutcome::Dropped(r)
             }
         }
+    }
+
+    /// Whether `src` may reach the NAT address of `route`: one map lookup
+    /// was done already; this is a branch for an unrestricted address, and
+    /// a scan of a few prefixes otherwise.
+    #[inline]
+    fn source_allowed(&self, route: Route, src: Ipv4Addr) -> bool {
+        if route.sources == ANY_SOURCE {
+            return true;
+        }
+        self.source_sets
+            .get(route.sources as usize)
+            .is_some_and(|set| set.iter().any(|p| p.contains(src)))
     }
 
     fn unreachable(&mut self, packet: &[u8], now: Instant) {

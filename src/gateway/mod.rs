@@ -61,6 +61,8 @@ mod tests_flows;
 mod tests_ipsec;
 #[cfg(test)]
 mod tests_rotation;
+#[cfg(test)]
+mod tests_sources;
 mod validate;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -192,6 +194,10 @@ crate::drops::drop_reasons! {
     NoFlow = "no_flow",
     /// Toward a site: a source outside the technician prefixes.
     NotTechnician = "not_technician",
+    /// Toward a site: a technician source not among those allowed to reach
+    /// this NAT address (its site belongs to another team, or the request
+    /// was started by another technician).
+    SourceNotAllowed = "source_not_allowed",
     /// Toward a site: a new flow while the flow table is full.
     FlowTableFull = "flow_table_full",
     /// A TUN packet for a NAT address no peer holds (answered with ICMP).
@@ -357,6 +363,8 @@ pub struct GatewayState<K: Kinds = Builtin> {
     /// Every IPsec peer by the identity it authenticates with (all shards).
     by_identity: FastMap<String, Route>,
     by_nat: FastMap<Ipv4Addr, Route>,
+    /// The distinct source restrictions of the NAT addresses ([`Route::sources`]).
+    source_sets: Vec<Box<[Prefix]>>,
     applied_version: Option<u64>,
     counters: GatewayCounters,
     transmits: VecDeque<Transmit>,
@@ -411,6 +419,7 @@ impl<K: Kinds> GatewayState<K> {
             by_key: FastMap::default(),
             by_identity: FastMap::default(),
             by_nat: FastMap::default(),
+            source_sets: Vec::new(),
             applied_version: None,
             counters: GatewayCounters::default(),
             transmits: VecDeque::new(),

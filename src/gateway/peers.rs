@@ -15,13 +15,20 @@ use crate::messages::{
 use crate::tunnel::{Kinds, Responder, TunnelKind};
 
 /// Where a key or address leads: its site, the owning shard and, when the
-/// owner is this shard, the peer's slot.
+/// owner is this shard, the peer's slot; for a NAT address, which sources
+/// may reach it.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Route {
     pub(super) site: SiteId,
     pub(super) owner: u16,
     pub(super) slot: u32,
+    /// Index into [`GatewayState`]'s source sets, or [`ANY_SOURCE`]: every
+    /// technician prefix (no restriction).
+    pub(super) sources: u32,
 }
+
+/// [`Route::sources`] of an unrestricted NAT address (and of keys and identities).
+pub(super) const ANY_SOURCE: u32 = u32::MAX;
 
 /// One own peer: its identity, its tunnel and where it is.
 pub(super) struct Peer<T> {
@@ -136,6 +143,13 @@ impl<K: Kinds> GatewayState<K> {
         self.by_key.clear();
         self.by_identity.clear();
         self.by_nat.clear();
+        self.source_sets.clear();
+        let restricted: BTreeMap<Ipv4Addr, &[crate::ipv4::Prefix]> = valid
+            .allowed_sources
+            .iter()
+            .map(|a| (a.nat_address, a.sources.as_slice()))
+            .collect();
+        let mut set_index: BTreeMap<&[crate::ipv4::Prefix], u32> = BTreeMap::new();
         for p in &valid.peers {
             let owner = Shard::of(count, p.site_id);
             let slot = if owner == me {
@@ -147,6 +161,7 @@ impl<K: Kinds> GatewayState<K> {
                 site: p.site_id,
                 owner,
                 slot,
+                sources: ANY_SOURCE,
             };
             self.by_key.insert(p.public_key, route);
             if let Some(next) = valid.next_keys.get(&p.site_id) {
@@ -156,7 +171,15 @@ impl<K: Kinds> GatewayState<K> {
                 self.by_identity.insert(ipsec.remote_id.clone(), route);
             }
             for a in &p.nat_addresses {
-                self.by_nat.insert(*a, route);
+                let sources = match restricted.get(a) {
+                    // Addresses of one site (or one starter) share one set.
+                    Some(set) => *set_index.entry(set).or_insert_with(|| {
+                        self.source_sets.push(set.to_vec().into_boxed_slice());
+                        (self.source_sets.len() - 1) as u32
+                    }),
+                    None => ANY_SOURCE,
+                };
+                self.by_nat.insert(*a, Route { sources, ..route });
             }
         }
         // Flows go with the NAT address they lead to: closed, reassigned or

@@ -82,6 +82,7 @@ pub(super) fn desired(version: u64, peers: Vec<GatewayPeer>) -> GatewayDesiredSt
         next_keys: Vec::new(),
         version,
         gateway_id: GatewayId(1),
+        allowed_sources: Vec::new(),
         peers,
     }
 }

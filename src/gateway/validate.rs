@@ -4,7 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::Prefix;
-use crate::messages::{GatewayDesiredState, GatewayPeer, PublicKey, SiteId, TunnelKind};
+use crate::messages::{
+    AllowedSources, GatewayDesiredState, GatewayPeer, PublicKey, SiteId, TunnelKind,
+};
+
+/// The most source prefixes one NAT address may be restricted to (each
+/// packet toward it is checked against all of them).
+pub const MAX_ALLOWED_SOURCES: usize = 64;
 
 /// A validated desired state: what a gateway will actually run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,8 +21,61 @@ pub struct ValidatedState {
     pub peers: Vec<GatewayPeer>,
     /// The next keys of sites rotating theirs (WireGuard peers that passed).
     pub next_keys: BTreeMap<SiteId, PublicKey>,
+    /// The source restrictions that passed: each for an address of a peer
+    /// that passed, at most one per address.
+    pub allowed_sources: Vec<AllowedSources>,
     /// One line per refused peer or address.
     pub errors: Vec<String>,
+}
+
+/// The source restrictions of `desired` for addresses in `held` (those of
+/// the peers that passed). A restriction for an address no peer holds, a
+/// second one for the same address, or one with too many prefixes is
+/// refused; an address whose restriction was refused stays unreachable
+/// (empty list) rather than open to every technician, since the server
+/// meant to restrict it.
+fn validate_sources(
+    desired: &GatewayDesiredState,
+    held: &BTreeSet<std::net::Ipv4Addr>,
+    errors: &mut Vec<String>,
+) -> Vec<AllowedSources> {
+    let mut seen = BTreeSet::new();
+    let mut out: Vec<AllowedSources> = Vec::new();
+    for a in &desired.allowed_sources {
+        let nat = a.nat_address;
+        if !held.contains(&nat) {
+            errors.push(format!("allowed sources of {nat}: no peer holds it"));
+            continue;
+        }
+        if !seen.insert(nat) {
+            errors.push(format!("allowed sources of {nat}: listed twice"));
+            out.retain(|o| o.nat_address != nat);
+            out.push(AllowedSources {
+                nat_address: nat,
+                sources: Vec::new(),
+            });
+            continue;
+        }
+        if a.sources.len() > MAX_ALLOWED_SOURCES {
+            errors.push(format!(
+                "allowed sources of {nat}: more than {MAX_ALLOWED_SOURCES} prefixes"
+            ));
+            out.push(AllowedSources {
+                nat_address: nat,
+                sources: Vec::new(),
+            });
+            continue;
+        }
+        let mut sources = a.sources.clone();
+        sources.sort();
+        sources.dedup();
+        out.push(AllowedSources {
+            nat_address: nat,
+            sources,
+        });
+    }
+    out.sort_by_key(|a| a.nat_address);
+    out
 }
 
 /// Checks a desired state against this gateway: refuses a peer of a tunnel
@@ -135,10 +194,12 @@ pub fn validate_desired(
             errors.push(format!("site {site}: two next keys"));
         }
     }
+    let allowed_sources = validate_sources(desired, &addresses, &mut errors);
     ValidatedState {
         version: desired.version,
         peers,
         next_keys,
+        allowed_sources,
         errors,
     }
 }

@@ -230,6 +230,24 @@ pub struct GatewayDesiredState {
     /// the peer's `public_key` (absent: none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub next_keys: Vec<super::NextPeerKey>,
+    /// Per NAT address, the only technician sources that may reach it (a
+    /// site assigned to a team, docs/OPERATIONS.md "Teams"). A packet must
+    /// come from one of these and from the gateway's technician prefixes.
+    /// A NAT address not listed may be reached from any technician prefix
+    /// (absent altogether from older servers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_sources: Vec<AllowedSources>,
+}
+
+/// The sources allowed to reach one NAT address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AllowedSources {
+    /// The NAT address (one of a peer's `nat_addresses`).
+    pub nat_address: Ipv4Addr,
+    /// The source prefixes; empty: no technician may reach it.
+    pub sources: Vec<Prefix>,
 }
 
 /// What a gateway or agent reports after reconciling to a desired state.

@@ -31,6 +31,7 @@ mod gateway;
 mod ipsec;
 mod operator;
 mod rotation;
+mod teams;
 mod technician;
 
 pub use agent::*;
@@ -41,6 +42,7 @@ pub use gateway::*;
 pub use ipsec::*;
 pub use operator::*;
 pub use rotation::*;
+pub use teams::*;
 pub use technician::*;
 
 #[cfg(test)]

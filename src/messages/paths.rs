@@ -83,6 +83,15 @@ pub const TECHNICIANS: &str = "/api/v1/technicians";
 pub const TECHNICIAN: &str = "/api/v1/technicians/{name}";
 /// Operator: `POST` [`super::SetDisabled`] → 204. Disabling ends its sessions.
 pub const TECHNICIAN_DISABLE: &str = "/api/v1/technicians/{name}/disable";
+/// Operator: `POST` [`super::NewTeam`] → 201 [`super::TeamView`]; `GET` → `Vec<TeamView>`.
+pub const TEAMS: &str = "/api/v1/teams";
+/// Operator: `DELETE` → 204 (409 while sites are assigned to the team; its
+/// technicians are left without a team).
+pub const TEAM: &str = "/api/v1/teams/{id}";
+/// Operator: `POST` [`super::SiteTeam`] → 204: assigns the site to a team (or none).
+pub const SITE_TEAM: &str = "/api/v1/sites/{id}/team";
+/// Operator: `POST` [`super::TechnicianTeam`] → 204: a technician's team and own sources.
+pub const TECHNICIAN_TEAM: &str = "/api/v1/technicians/{name}/team";
 
 /// Technician: `POST` [`super::Login`] → [`super::LoginResponse`] + session cookie.
 pub const LOGIN: &str = "/api/v1/login";

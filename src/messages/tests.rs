@@ -102,6 +102,7 @@ fn every_message_round_trips_through_json() {
         next_keys: Vec::new(),
         version: 4,
         gateway_id: GatewayId(1),
+        allowed_sources: Vec::new(),
         peers: vec![GatewayPeer {
             site_id: SiteId(3),
             public_key: key(3),

@@ -235,6 +235,7 @@ impl World {
             next_keys: Vec::new(),
             version,
             gateway_id: GatewayId(1),
+            allowed_sources: Vec::new(),
             peers: sites
                 .iter()
                 .map(|(s, id)| GatewayPeer {
@@ -260,6 +261,7 @@ impl World {
             next_keys: Vec::new(),
             version: 1,
             gateway_id: GatewayId(1),
+            allowed_sources: Vec::new(),
             peers: vec![GatewayPeer {
                 site_id: site,
                 // Carried by every peer, unused by IPsec.

@@ -227,6 +227,12 @@
     $('app-view').hidden = false;
     $('session').hidden = false;
     $('who').textContent = name;
+    $('team').hidden = true;
+    // The team decides which sites the feed holds; the server scopes them.
+    api('GET', '/api/v1/me').then((me) => {
+      $('team').textContent = me.team ? 'team ' + me.team : '';
+      $('team').hidden = !me.team;
+    }).catch(() => {});
     version = 0;
     events = null;
     seen = null;

@@ -96,13 +96,19 @@ pub async fn create_agentless_site(
 ///
 /// # Errors
 /// Database failures.
-pub async fn console_sites(conn: &mut AnyConnection) -> DbResult<Vec<AgentlessSite>> {
-    let rows = sqlx::query(
+pub async fn console_sites(
+    conn: &mut AnyConnection,
+    scope: super::teams::TeamScope,
+) -> DbResult<Vec<AgentlessSite>> {
+    let sql = format!(
         "SELECT s.id, s.name, t.gateway_id FROM sites s LEFT JOIN tunnels t ON t.site_id = s.id \
-         WHERE s.agentless <> 0 AND s.disabled = 0 ORDER BY s.name, s.id",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
+         WHERE s.agentless <> 0 AND s.disabled = 0 AND {} ORDER BY s.name, s.id",
+        super::teams::TeamScope::sites_sql("s", 1)
+    );
+    let rows = sqlx::query(&sql)
+        .bind(scope.bind())
+        .fetch_all(&mut *conn)
+        .await?;
     rows.iter()
         .map(|r| {
             Ok(AgentlessSite {

@@ -27,6 +27,7 @@ mod requests;
 mod restore;
 pub mod rotation;
 mod sites;
+pub mod teams;
 mod technicians;
 mod tunnels;
 pub mod views;

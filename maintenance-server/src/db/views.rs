@@ -18,6 +18,7 @@ use vpnnat::messages::{
     TerminalAssignment, TerminalName, Transport, TunnelKind, UnixMillis,
 };
 
+use super::teams::TeamScope;
 use super::{DbError, DbResult, col, id64, u64_of};
 
 /// A serde unit-variant enum as its wire string (`"in_progress"` → `in_progress`).
@@ -37,7 +38,7 @@ pub fn enum_parse<T: DeserializeOwned>(s: &str) -> DbResult<T> {
         .map_err(|e| DbError::Other(sqlx::Error::Decode(Box::new(e))))
 }
 
-fn decode_err(e: impl std::error::Error + Send + Sync + 'static) -> DbError {
+pub(super) fn decode_err(e: impl std::error::Error + Send + Sync + 'static) -> DbError {
     DbError::Other(sqlx::Error::Decode(Box::new(e)))
 }
 
@@ -278,6 +279,7 @@ pub async fn gateway_state(
     Ok(GatewayDesiredState {
         version: u64_of(version),
         gateway_id: gw,
+        allowed_sources: super::teams::allowed_sources(conn, gw).await?,
         peers,
         next_keys,
     })
@@ -298,6 +300,8 @@ pub struct RequestFilter {
     pub before: Option<RequestId>,
     /// At most this many (newest first).
     pub limit: Option<u32>,
+    /// Only requests of sites visible to a technician (`None`: all).
+    pub scope: Option<TeamScope>,
 }
 
 /// Requests, newest first.
@@ -329,6 +333,9 @@ pub async fn requests(
     if filter.id.is_some() {
         sql.push_str(&format!(" AND r.id = ${}", next()));
     }
+    if filter.scope.is_some() {
+        sql.push_str(&format!(" AND {}", TeamScope::sites_sql("s", next())));
+    }
     match filter.open {
         Some(true) => sql.push_str(" AND r.state IN ('waiting', 'in_progress')"),
         Some(false) => sql.push_str(" AND r.state NOT IN ('waiting', 'in_progress')"),
@@ -350,6 +357,9 @@ pub async fn requests(
     }
     if let Some(id) = filter.id {
         q = q.bind(id64(id.0));
+    }
+    if let Some(scope) = filter.scope {
+        q = q.bind(scope.bind());
     }
     if let Some(b) = filter.before {
         q = q.bind(id64(b.0));
@@ -606,7 +616,19 @@ pub async fn gateways(
 /// # Errors
 /// Database failures.
 pub async fn failures(conn: &mut AnyConnection, limit: u32) -> DbResult<Vec<FailureView>> {
-    failure_rows(conn, None, limit).await
+    failure_rows(conn, None, limit, None).await
+}
+
+/// Failure reports of the sites visible in `scope`, newest first.
+///
+/// # Errors
+/// Database failures.
+pub async fn failures_in(
+    conn: &mut AnyConnection,
+    limit: u32,
+    scope: TeamScope,
+) -> DbResult<Vec<FailureView>> {
+    failure_rows(conn, None, limit, Some(scope)).await
 }
 
 /// One failure report.
@@ -614,7 +636,7 @@ pub async fn failures(conn: &mut AnyConnection, limit: u32) -> DbResult<Vec<Fail
 /// # Errors
 /// `NotFound` or database failures.
 pub async fn failure(conn: &mut AnyConnection, id: u64) -> DbResult<FailureView> {
-    failure_rows(conn, Some(id), 1)
+    failure_rows(conn, Some(id), 1, None)
         .await?
         .into_iter()
         .next()
@@ -625,16 +647,30 @@ async fn failure_rows(
     conn: &mut AnyConnection,
     id: Option<u64>,
     limit: u32,
+    scope: Option<TeamScope>,
 ) -> DbResult<Vec<FailureView>> {
+    let mut cond = String::new();
+    let mut n = 1;
+    if id.is_some() {
+        n += 1;
+        cond.push_str(&format!(" AND f.id = ${n}"));
+    }
+    if scope.is_some() {
+        n += 1;
+        cond.push_str(&format!(" AND {}", TeamScope::sites_sql("s", n)));
+    }
     let sql = format!(
         "SELECT f.id, f.site_id, s.name AS site_name, f.code, f.detail, f.terminal, f.received_at, \
          f.request_id, f.acknowledged_at, f.acknowledged_by \
-         FROM failures f JOIN sites s ON s.id = f.site_id {} ORDER BY f.id DESC LIMIT $1",
-        if id.is_some() { "WHERE f.id = $2" } else { "" }
+         FROM failures f JOIN sites s ON s.id = f.site_id WHERE 1 = 1{cond} \
+         ORDER BY f.id DESC LIMIT $1"
     );
     let mut q = sqlx::query(&sql).bind(i64::from(limit));
     if let Some(id) = id {
         q = q.bind(id64(id));
+    }
+    if let Some(scope) = scope {
+        q = q.bind(scope.bind());
     }
     let rows = q.fetch_all(&mut *conn).await?;
     rows.iter()
@@ -677,6 +713,10 @@ pub struct AuditFilter {
     pub since: Option<i64>,
     /// Only entries before this time (ms since the epoch).
     pub until: Option<i64>,
+    /// Without the entries about sites outside this technician's view (by
+    /// or on such a site, or on one of its requests or failure reports), and
+    /// about other teams and their technicians.
+    pub scope: Option<TeamScope>,
 }
 
 /// Audit entries matching `filter`, newest first, with their actors and
@@ -715,6 +755,22 @@ pub async fn audit(conn: &mut AnyConnection, filter: &AuditFilter) -> DbResult<V
     if filter.until.is_some() {
         sql.push_str(&format!(" AND at < ${}", next()));
     }
+    if filter.scope.is_some() {
+        // Uncorrelated subqueries: evaluated once per query, not per row.
+        let t = next();
+        let hidden = format!("s.team_id IS NOT NULL AND s.team_id <> ${t}");
+        sql.push_str(&format!(
+            " AND actor NOT IN (SELECT 'site:' || CAST(s.id AS TEXT) FROM sites s WHERE {hidden}) \
+             AND object NOT IN (SELECT 'site:' || CAST(s.id AS TEXT) FROM sites s WHERE {hidden} \
+             UNION ALL SELECT 'request:' || CAST(r.id AS TEXT) FROM requests r \
+             JOIN sites s ON s.id = r.site_id WHERE {hidden} \
+             UNION ALL SELECT 'failure:' || CAST(f.id AS TEXT) FROM failures f \
+             JOIN sites s ON s.id = f.site_id WHERE {hidden} \
+             UNION ALL SELECT 'team:' || CAST(s.id AS TEXT) FROM teams s WHERE s.id <> ${t} \
+             UNION ALL SELECT 'technician:' || s.name FROM technicians s WHERE {hidden}) \
+             AND actor NOT IN (SELECT 'technician:' || s.name FROM technicians s WHERE {hidden})"
+        ));
+    }
     sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", next()));
     let mut q = sqlx::query(&sql).bind(filter.before.map_or(i64::MAX, id64));
     if let Some(a) = &filter.actor {
@@ -737,6 +793,9 @@ pub async fn audit(conn: &mut AnyConnection, filter: &AuditFilter) -> DbResult<V
     }
     if let Some(t) = filter.until {
         q = q.bind(t);
+    }
+    if let Some(scope) = filter.scope {
+        q = q.bind(scope.bind());
     }
     let rows = q
         .bind(i64::from(filter.limit))

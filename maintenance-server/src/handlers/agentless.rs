@@ -13,7 +13,8 @@ use super::agent::open_request;
 use super::{only_params, path_id, write};
 use crate::auth::{OperatorOrTechnician, TechnicianWrite};
 use crate::db::now_ms;
-use crate::db::ops::{self, Origin};
+use crate::db::ops::{self, OpError, Origin};
+use crate::db::teams;
 use crate::error::{ApiJson, AppError};
 use crate::state::AppState;
 
@@ -28,6 +29,12 @@ pub async fn site_wireguard(
     let site = SiteId(path_id(&id)?);
     let now = now_ms();
     let r = write(&state, async |tx| {
+        // Another team's site is answered like one that does not exist.
+        if let Some(scope) = who.scope
+            && !teams::site_visible(&mut tx.inner, site, scope).await?
+        {
+            return Err(OpError::NotFound("site"));
+        }
         ops::read_wireguard_config(tx, site, &who.actor, now).await
     })
     .await?;
@@ -51,6 +58,11 @@ pub async fn create_site_request(
         failure_id: None,
         lan_addresses: body.lan_addresses(),
     };
+    let scope = t.scope;
+    let visible = super::read(&state, async |c| teams::site_visible(c, site, scope).await).await?;
+    if !visible {
+        return Err(OpError::NotFound("site").into());
+    }
     let view = open_request(&state, site, &body.request(), &origin).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }

@@ -10,6 +10,7 @@ pub mod lifecycle;
 pub mod misc;
 pub mod operator;
 pub mod rotation;
+pub mod teams;
 pub mod technician;
 
 use std::collections::HashMap;

@@ -21,7 +21,7 @@ use crate::auth::{
     SESSION_COOKIE, Secret, SecretKind, Technician, TechnicianWrite, client_key, hash_password,
     verify_password,
 };
-use crate::db::{now_ms, ops, views};
+use crate::db::{now_ms, ops, teams, views};
 use crate::error::{ApiJson, AppError};
 use crate::notify::Topic;
 use crate::state::{AppState, PeerAddr};
@@ -181,18 +181,25 @@ pub const ME: &str = "/api/v1/me";
 pub struct Me {
     /// The technician's name.
     pub name: String,
+    /// Its team's name (absent: no team; it sees only sites without a team).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
 }
 
 /// `GET /api/v1/me`
-pub async fn me(t: Technician) -> Json<Me> {
-    Json(Me { name: t.name })
+pub async fn me(State(state): State<AppState>, t: Technician) -> Result<Json<Me>, AppError> {
+    let team = read(&state, async |c| teams::team_of(c, t.id).await).await?;
+    Ok(Json(Me {
+        name: t.name,
+        team: team.map(|(_, name)| name),
+    }))
 }
 
 /// `GET /api/v1/requests?state=&site=&before=&limit=`; `state` is one
 /// request state, or `open` / `closed`.
 pub async fn requests(
     State(state): State<AppState>,
-    _t: Technician,
+    t: Technician,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Vec<MaintenanceRequestView>>, AppError> {
     only_params(&q, &["state", "site", "before", "limit"])?;
@@ -220,6 +227,7 @@ pub async fn requests(
         open,
         before,
         limit: Some(limit),
+        scope: Some(t.scope),
         ..Default::default()
     };
     Ok(Json(
@@ -236,8 +244,9 @@ pub async fn start(
     let id = RequestId(path_id(&id)?);
     let now = now_ms();
     let actor = t.actor();
+    let scope = t.scope;
     write(&state, async |tx| {
-        ops::start_request(tx, id, &t.name, &actor, now).await
+        teams::start_request(tx, id, scope, &t.name, &actor, now).await
     })
     .await?;
     tracing::info!(request.id = %id, technician = %t.name, "maintenance started");
@@ -255,7 +264,9 @@ pub async fn end(
     let id = RequestId(path_id(&id)?);
     let now = now_ms();
     let actor = t.actor();
+    let scope = t.scope;
     write(&state, async |tx| {
+        teams::check_request(tx, id, scope).await?;
         ops::close_request(tx, id, RequestState::Ended, None, &actor, now).await
     })
     .await?;
@@ -268,13 +279,16 @@ pub async fn end(
 /// `GET /api/v1/failures?limit=`
 pub async fn failures(
     State(state): State<AppState>,
-    _t: Technician,
+    t: Technician,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Vec<FailureView>>, AppError> {
     only_params(&q, &["limit"])?;
     let limit = limit_param(&q, 200, 1000)?;
     Ok(Json(
-        read(&state, async |c| views::failures(c, limit).await).await?,
+        read(&state, async |c| {
+            views::failures_in(c, limit, t.scope).await
+        })
+        .await?,
     ))
 }
 
@@ -287,7 +301,9 @@ pub async fn acknowledge_failure(
     let id = path_id(&id)?;
     let now = now_ms();
     let actor = t.actor();
+    let scope = t.scope;
     write(&state, async |tx| {
+        teams::check_failure(tx, id, scope).await?;
         ops::acknowledge_failure(tx, id, &t.name, &actor, now).await
     })
     .await?;
@@ -300,7 +316,7 @@ pub async fn acknowledge_failure(
 /// `GET /api/v1/audit?before=&limit=&actor=&object=&kind=&site=&since=&until=`
 pub async fn audit(
     State(state): State<AppState>,
-    _t: Technician,
+    t: Technician,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Vec<AuditEntry>>, AppError> {
     only_params(
@@ -343,6 +359,7 @@ pub async fn audit(
         site: query_u64(&q, "site")?.map(SiteId),
         since: time("since")?,
         until: time("until")?,
+        scope: Some(t.scope),
     };
     Ok(Json(
         read(&state, async |c| views::audit(c, &filter).await).await?,
@@ -352,7 +369,7 @@ pub async fn audit(
 /// `GET /api/v1/events?after=V&wait_ms=N` (long-poll for the console).
 pub async fn events(
     State(state): State<AppState>,
-    _t: Technician,
+    t: Technician,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<ConsoleEvents>, AppError> {
     only_params(&q, &["after", "wait_ms"])?;
@@ -368,6 +385,7 @@ pub async fn events(
                     c,
                     &views::RequestFilter {
                         open: Some(true),
+                        scope: Some(t.scope),
                         ..Default::default()
                     },
                 )
@@ -378,6 +396,7 @@ pub async fn events(
                         &views::RequestFilter {
                             open: Some(false),
                             limit: Some(CONSOLE_CLOSED_REQUESTS),
+                            scope: Some(t.scope),
                             ..Default::default()
                         },
                     )
@@ -393,8 +412,8 @@ pub async fn events(
                     }
                     same
                 });
-                let failures = views::failures(c, CONSOLE_FAILURES).await?;
-                let agentless_sites = crate::db::agentless::console_sites(c).await?;
+                let failures = views::failures_in(c, CONSOLE_FAILURES, t.scope).await?;
+                let agentless_sites = crate::db::agentless::console_sites(c, t.scope).await?;
                 Ok(ConsoleEvents {
                     version,
                     requests,

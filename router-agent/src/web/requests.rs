@@ -497,7 +497,7 @@ pub(super) async fn revoke(
     match revocations::tell(&web.app, &server, id).await {
         Outcome::Confirmed(view) => {
             let snap = web.app.dataplane.snapshot().await.ok();
-            let info = request_info(&web, view, snap.as_ref()).await;
+            let info = request_info(&web, *view, snap.as_ref()).await;
             axum::Json(serde_json::json!({ "ended_locally": true, "request": info }))
                 .into_response()
         }

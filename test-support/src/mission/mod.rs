@@ -1,10 +1,11 @@
 //! The whole mission, end to end: the world of `scripts/world.sh` (an
 //! internet, a center with the maintenance server, two gateways and a
-//! technician, six customer sites that all use 192.168.1.0/24: the fourth
+//! technician, seven customer sites that all use 192.168.1.0/24: the fourth
 //! behind a firewall that lets no UDP out, the fifth an IPsec site whose
 //! agent dials IKEv2, the sixth an IPsec site without an agent whose router
-//! is strongSwan configured by hand) and the scenario of the acceptance
-//! test, played by the real programs.
+//! is strongSwan configured by hand, the seventh a WireGuard site without an
+//! agent whose router runs the wg-quick files the server renders) and the
+//! scenario of the acceptance test, played by the real programs.
 //!
 //! One piece of code serves both the CI test (`tests/e2e_mission.rs`) and the
 //! demo (`examples/demo.rs`, run by `scripts/demo.sh`): every step is told
@@ -25,6 +26,7 @@ use crate::prereq::Prereq;
 use crate::process::bin;
 
 mod actors;
+mod agentless;
 mod ipsec;
 pub mod partition;
 mod world;
@@ -40,6 +42,8 @@ pub const PREREQS: &[Prereq] = &[
     Prereq::Program("python3"),
     Prereq::Program("arping"),
     Prereq::StrongSwan,
+    Prereq::Program("wireguard-go"),
+    Prereq::Program("wg-quick"),
 ];
 
 const PASSWORD: &str = "site page password";
@@ -47,10 +51,10 @@ const TECH: (&str, &str) = ("alice", "technician password 1");
 const SERVER_LAN: &str = "172.16.0.10:8080";
 const SERVER_WAN: &str = "203.0.113.10:8080";
 const PC: &str = "192.168.1.10";
-/// Gateways' tunnel slots (`max_tunnels = 5` each: the second gateway is
-/// needed once six sites connect, and a gateway that survives the other is
-/// full with the five sites still open then, step 7).
-const MAX_TUNNELS: u64 = 5;
+/// Gateways' tunnel slots (`max_tunnels = 6` each: the second gateway is
+/// needed once seven sites connect, and a gateway that survives the other is
+/// full with the six sites still open then, step 7).
+const MAX_TUNNELS: u64 = 6;
 /// The site whose router lets no UDP out: its tunnel runs over TLS.
 const UDP_BLOCKED_SITE: usize = 4;
 /// The IPsec site with a router agent (the operator sets its tunnel kind).
@@ -58,6 +62,11 @@ const IPSEC_AGENT_SITE: usize = 5;
 /// The IPsec site without an agent: its router is strongSwan, configured by
 /// hand from the server's parameters.
 const IPSEC_ROUTER_SITE: usize = 6;
+/// The WireGuard site without an agent: its router runs the wg-quick and
+/// nftables files the server renders; its requests are phoned in.
+const AGENTLESS_SITE: usize = 7;
+/// How many sites the world has.
+const SITES: usize = 7;
 /// The longest a site may take to be reached again after its gateway is
 /// killed (the server declares a gateway down after 3 s; the hand-configured
 /// router first needs its dead-peer detection).
@@ -74,6 +83,9 @@ pub enum Tunnel {
     IpsecAgent,
     /// IKEv2/IPsec, by a strongSwan router configured by hand (no agent).
     IpsecRouter,
+    /// WireGuard, by a standard router running the server's wg-quick files
+    /// (no agent).
+    WireguardRouter,
 }
 
 impl Tunnel {
@@ -84,6 +96,7 @@ impl Tunnel {
             Self::WireguardTls => "WireGuard/TLS",
             Self::IpsecAgent => "IPsec (agent)",
             Self::IpsecRouter => "IPsec (strongSwan)",
+            Self::WireguardRouter => "WireGuard (wg-quick)",
         }
     }
 }
@@ -160,7 +173,7 @@ pub fn run(opts: Options) -> Outcome {
     say(
         "world",
         &format!(
-            "building the world \"{world_name}\": an internet, a center (server, gw1, gw2, technician) and six sites (site 4 lets no UDP out, sites 5 and 6 run IPsec, site 6's router is strongSwan configured by hand), every PC at {PC}"
+            "building the world \"{world_name}\": an internet, a center (server, gw1, gw2, technician) and seven sites (site 4 lets no UDP out, sites 5 and 6 run IPsec, site 6's router is strongSwan configured by hand, site 7's router is a standard WireGuard box without an agent), every PC at {PC}"
         ),
     );
     let w = World::up(opts);
@@ -172,10 +185,11 @@ pub fn run(opts: Options) -> Outcome {
     // 1. Sites and enrollment.
     say(
         "1",
-        "the operator creates six sites; the router agents of sites 1 to 5 enroll with their one-time tokens (site 5 is switched to IPsec first); site 6 is an IPsec site without an agent",
+        "the operator creates seven sites; the router agents of sites 1 to 5 enroll with their one-time tokens (site 5 is switched to IPsec first); sites 6 (IPsec) and 7 (WireGuard) have no agent",
     );
     enroll_sites(&mut m, IPSEC_AGENT_SITE);
     let credential6 = m.add_hand_configured_site();
+    m.add_agentless_site();
 
     // 2. Sites 1 and 2 press the button.
     say(
@@ -334,7 +348,35 @@ pub fn run(opts: Options) -> Outcome {
     m.router = Some(router);
     m.reached_within(&nat6, IPSEC_ROUTER_SITE, Duration::from_secs(15));
 
-    // All six at once.
+    // 4e. A WireGuard site whose router has no agent.
+    say(
+        "4e",
+        "site 7 has no agent: its router runs the wg-quick files the server renders (one tunnel per gateway); the customer phones in and the technician opens the request in the console; the router re-applies the NAT rules",
+    );
+    let config = m.wireguard_config();
+    let interfaces = m.apply_router_files(&config, true);
+    assert_eq!(
+        interfaces.len(),
+        2,
+        "one wg-quick file per gateway: {config}"
+    );
+    let (req7, nat7) = m.phoned_in_request();
+    let config = m.wireguard_config();
+    assert_eq!(
+        config["mappings"][0]["nat_address"],
+        nat7.as_str(),
+        "{config}"
+    );
+    m.apply_router_files(&config, false);
+    m.reached_within(&nat7, AGENTLESS_SITE, Duration::from_secs(20));
+    detail(&format!(
+        "site 7: request {req7} opened by {} for the caller, PC {PC} → {nat7} on {}; router r7 runs {} (wg-quick + wireguard-go) and the NAT rules of vpnnat-nat.nft",
+        TECH.0,
+        m.gateway_name(m.gateway_of(AGENTLESS_SITE)),
+        interfaces.join(", ")
+    ));
+
+    // All seven at once.
     let held_ipsec = HeldEcho::start(&m.w, "held-ipsec", &[&nat5, &nat6]);
     for nat in [&nat5, &nat6] {
         assert!(
@@ -351,6 +393,7 @@ pub fn run(opts: Options) -> Outcome {
         (nat4.as_str(), UDP_BLOCKED_SITE),
         (nat5.as_str(), IPSEC_AGENT_SITE),
         (nat6.as_str(), IPSEC_ROUTER_SITE),
+        (nat7.as_str(), AGENTLESS_SITE),
     ]);
     assert!(all.iter().all(|ok| *ok), "every site open at once: {all:?}");
     detail(&format!(
@@ -375,7 +418,7 @@ pub fn run(opts: Options) -> Outcome {
         }
     }
     m.w.sh("tech", "ip route del 192.168.1.0/24");
-    let open_nats = [&nat1, &nat2, &nat3, &nat4, &nat5, &nat6];
+    let open_nats = [&nat1, &nat2, &nat3, &nat4, &nat5, &nat6, &nat7];
     for addr in ["10.64.255.254", "10.64.0.1", "10.64.128.7"] {
         if !open_nats.iter().any(|n| n.as_str() == addr) {
             assert!(
@@ -432,7 +475,7 @@ pub fn run(opts: Options) -> Outcome {
     ));
     let (req3b, nat3b) = m.request(3);
     assert!(
-        [&nat1, &nat2, &nat4, &nat5, &nat6]
+        [&nat1, &nat2, &nat4, &nat5, &nat6, &nat7]
             .iter()
             .all(|n| **n != nat3b),
         "{nat3b} is free"
@@ -450,6 +493,7 @@ pub fn run(opts: Options) -> Outcome {
         (UDP_BLOCKED_SITE, nat4.clone()),
         (IPSEC_AGENT_SITE, nat5.clone()),
         (IPSEC_ROUTER_SITE, nat6.clone()),
+        (AGENTLESS_SITE, nat7.clone()),
     ];
     let victim = m.gateway_name(m.gateway_of(2));
     say(
@@ -467,7 +511,7 @@ pub fn run(opts: Options) -> Outcome {
         .find(|f| f.site == m.sites[1].name)
         .map(|f| f.reached)
         .expect("site 2 failed over");
-    // Every remaining slot is taken now (sites 2 to 6): a new site gets a
+    // Every remaining slot is taken now (sites 2 to 7): a new site gets a
     // clear answer and nothing is allocated.
     let (code, v) = m.press(1);
     assert_eq!(code, 503, "no capacity: {v}");
@@ -486,14 +530,14 @@ pub fn run(opts: Options) -> Outcome {
     say(
         "7b",
         &format!(
-            "kill -9 {survivor}, which now carries all five open sites: they move to the restarted {victim}"
+            "kill -9 {survivor}, which now carries all six open sites: they move to the restarted {victim}"
         ),
     );
     let back = fail_over(&mut m, "7b", &survivor, &open, &sessions);
     assert_eq!(back.len(), open.len(), "every open site was on {survivor}");
     failovers.extend(back);
     restart_gateway(&mut m, &survivor);
-    for s in [IPSEC_AGENT_SITE, IPSEC_ROUTER_SITE] {
+    for s in [IPSEC_AGENT_SITE, IPSEC_ROUTER_SITE, AGENTLESS_SITE] {
         assert!(
             failovers.iter().any(|f| f.site == m.sites[s - 1].name),
             "site {s} failed over"
@@ -505,7 +549,7 @@ pub fn run(opts: Options) -> Outcome {
     let snapshot = |m: &Mission| {
         let (code, reqs) = m.technician("GET", "/api/v1/requests", None);
         assert_eq!(code, 200, "{reqs}");
-        let sites: Vec<Value> = (1..=IPSEC_ROUTER_SITE).map(|s| m.site_view(s)).collect();
+        let sites: Vec<Value> = (1..=SITES).map(|s| m.site_view(s)).collect();
         (reqs, sites)
     };
     let before = snapshot(&m);
@@ -523,7 +567,7 @@ pub fn run(opts: Options) -> Outcome {
             m.reaches(nat, *s),
             "site {s} still reached after the restart"
         );
-        if *s != IPSEC_ROUTER_SITE {
+        if *s != IPSEC_ROUTER_SITE && *s != AGENTLESS_SITE {
             let maps = m.agent_status(*s)["mappings"].clone();
             assert!(maps.to_string().contains(nat.as_str()), "{maps}");
         }
@@ -765,10 +809,13 @@ fn fail_over(
             f.reached.as_millis()
         ));
         // The agents follow the server at once (over TLS: after UDP's 2 s);
-        // the hand-configured router first needs its dead-peer detection.
+        // the WireGuard router without an agent holds a tunnel to each
+        // gateway and retries the handshake with the other one every 5 s
+        // (WireGuard's REKEY_TIMEOUT) until that gateway takes the site; the
+        // hand-configured IPsec router first needs its dead-peer detection.
         let limit = match f.tunnel {
             Tunnel::Wireguard | Tunnel::IpsecAgent => Duration::from_secs(10),
-            Tunnel::WireguardTls => Duration::from_secs(20),
+            Tunnel::WireguardTls | Tunnel::WireguardRouter => Duration::from_secs(20),
             Tunnel::IpsecRouter => FAILOVER_LIMIT,
         };
         assert!(
@@ -1028,6 +1075,16 @@ fn print_keep_help(m: &Mission, world: &str) {
                 ns("tech"),
                 ns("r6"),
                 ns("r6")
+            );
+            continue;
+        }
+        if s.tunnel == Tunnel::WireguardRouter {
+            println!(
+                "  {}: ip netns exec {} curl http://{nat}/    no agent: its router {} runs wg-quick (ip netns exec {} wg show)",
+                s.name,
+                ns("tech"),
+                ns("r7"),
+                ns("r7")
             );
             continue;
         }
