@@ -144,6 +144,7 @@ fn connected_gateway(now: Instant) -> GatewayState {
     let client_key = PrivateKey::from_bytes([7; 32]);
     gw.handle_control(
         &GatewayDesiredState {
+            next_keys: Vec::new(),
             version: 1,
             gateway_id: GatewayId(1),
             allowed_sources: Vec::new(),

@@ -299,6 +299,7 @@ fn world(tag: &str, mode: Mode) -> (World, Site, String, PathBuf) {
     );
     let agent_key = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     w.set_peers(&GatewayDesiredState {
+        next_keys: Vec::new(),
         version: 1,
         gateway_id: GatewayId(1),
         allowed_sources: Vec::new(),
@@ -331,6 +332,7 @@ fn world(tag: &str, mode: Mode) -> (World, Site, String, PathBuf) {
             expires_at: UnixMillis(wall_ms() + 3_600_000),
         }],
         problem: None,
+        rotation: None,
     };
     let desired_file = d.join("desired.json");
     std::fs::write(&desired_file, serde_json::to_vec(&desired).unwrap()).unwrap();

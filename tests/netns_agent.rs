@@ -367,6 +367,7 @@ fn desired_doc(version: u64, gw_key: &PrivateKey, mappings: &[(&str, &str)]) -> 
             })
             .collect(),
         problem: None,
+        rotation: None,
     }
 }
 
@@ -378,6 +379,7 @@ fn standalone(tag: &str, mode: AgentMode) -> World {
     let config = w.agent_config(None);
     let agent_key = w.agent_pubkey(&config);
     let peers = GatewayDesiredState {
+        next_keys: Vec::new(),
         version: 1,
         gateway_id: GatewayId(1),
         allowed_sources: Vec::new(),

@@ -28,6 +28,7 @@ fn peer(site: u64, nat: &[&str]) -> GatewayPeer {
 
 fn desired(version: u64, peers: Vec<GatewayPeer>) -> GatewayDesiredState {
     GatewayDesiredState {
+        next_keys: Vec::new(),
         version,
         gateway_id: GatewayId(1),
         allowed_sources: Vec::new(),

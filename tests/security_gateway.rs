@@ -46,6 +46,7 @@ fn security_gateway_pool_traffic_is_discarded_when_the_tun_device_disappears() {
     impostor.sh("ip addr add 10.64.0.5/32 dev lo && ip route add 172.16.0.0/24 via 192.0.2.1");
 
     w.set_peers(&GatewayDesiredState {
+        next_keys: Vec::new(),
         version: 1,
         gateway_id: GatewayId(1),
         allowed_sources: Vec::new(),

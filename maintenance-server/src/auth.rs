@@ -52,14 +52,36 @@ impl FromRequestParts<AppState> for SiteAuth {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        let id = credential_owner(
-            parts,
-            state,
-            SecretKind::Site,
-            "SELECT id FROM sites WHERE credential_hash = $1 AND disabled = 0",
+        let token = check_kind(bearer(&parts.headers), SecretKind::Site)?;
+        let hash = Secret::hash_of(token);
+        let now = crate::db::now_ms();
+        // The previous credential of a planned rotation is valid until the
+        // new one is first used or its deadline passes.
+        let row = sqlx::query(
+            "SELECT id, credential_hash, previous_credential_hash FROM sites \
+             WHERE (credential_hash = $1 \
+                    OR (previous_credential_hash = $1 AND previous_credential_until > $2)) \
+               AND disabled = 0",
         )
-        .await?;
-        Ok(Self { site: SiteId(id) })
+        .bind(&hash)
+        .bind(now)
+        .fetch_optional(state.db.reader())
+        .await
+        .map_err(AppError::internal)?
+        .ok_or_else(|| AppError::unauthorized("unknown credential"))?;
+        let site = SiteId(u64_of(col(&row, "id").map_err(AppError::internal)?));
+        let current: Option<String> = col(&row, "credential_hash").map_err(AppError::internal)?;
+        let previous: Option<String> =
+            col(&row, "previous_credential_hash").map_err(AppError::internal)?;
+        if previous.is_some() && current.as_deref() == Some(hash.as_str()) {
+            // The first use of the new credential ends the previous one.
+            crate::handlers::write(state, async |tx| {
+                crate::db::rotation::credential_in_use(tx, site, &hash, now).await
+            })
+            .await?;
+            tracing::info!(site.id = %site, "new site credential in use; the previous one ends");
+        }
+        Ok(Self { site })
     }
 }
 

@@ -94,6 +94,17 @@ enum SiteCmd {
         /// The site id.
         id: u64,
     },
+    /// Ask the site's agent to rotate its WireGuard key without
+    /// interruption (planned; `rotate` is the compromised-key path).
+    RotateKey {
+        /// The site id.
+        id: u64,
+    },
+    /// Ask the site's agent to rotate its credential without interruption.
+    RotateCredential {
+        /// The site id.
+        id: u64,
+    },
     /// Disable a site: its agent is refused, its open requests are revoked.
     Disable {
         /// The site id.
@@ -480,6 +491,29 @@ async fn site(c: SiteCmd, settings: &Settings) -> anyhow::Result<()> {
             print_line(&format!(
                 "site {}: {}: credential revoked\nenrollment token (shown once; enroll the agent again with it):\n{}",
                 r.site_id, r.name, r.enrollment_token
+            ))
+        }
+        SiteCmd::RotateKey { id } | SiteCmd::RotateCredential { id } => {
+            let key = matches!(c, SiteCmd::RotateKey { .. });
+            let what = vpnnat::messages::PlannedRotation {
+                key,
+                credential: !key,
+            };
+            let now = now_ms();
+            db.transaction(&notifier, async |tx| {
+                maintenance_server::db::rotation::request_rotation(
+                    tx,
+                    SiteId(id),
+                    what,
+                    "operator",
+                    now,
+                )
+                .await
+            })
+            .await?;
+            print_line(&format!(
+                "site {id}: planned {} rotation requested; the agent carries it out at its next poll",
+                if key { "key" } else { "credential" }
             ))
         }
         SiteCmd::Disable { id } | SiteCmd::Enable { id } => {

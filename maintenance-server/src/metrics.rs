@@ -34,6 +34,9 @@ pub struct Counts {
     pub sites: i64,
     /// Webhook deliveries not yet delivered nor given up.
     pub webhooks_pending: i64,
+    /// Sites with a planned key rotation, and credential rotation, under
+    /// way or asked for.
+    pub site_rotations: [i64; 2],
 }
 
 /// Reads the counts; `pool_size` is the number of addresses the configured
@@ -68,6 +71,17 @@ pub async fn counts(conn: &mut AnyConnection, pool_size: i64) -> DbResult<Counts
         .fetch_one(&mut *conn)
         .await?;
     c.sites = col(&r, "n")?;
+    for (i, pending) in [
+        "next_public_key IS NOT NULL OR rotate_key <> 0",
+        "previous_credential_hash IS NOT NULL OR rotate_credential <> 0",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sql = format!("SELECT COUNT(*) AS n FROM sites WHERE {pending}");
+        let r = sqlx::query(&sql).fetch_one(&mut *conn).await?;
+        c.site_rotations[i] = col(&r, "n")?;
+    }
     // Answered from the partial index of waiting deliveries.
     c.webhooks_pending = crate::db::outbox::pending(conn).await?;
     Ok(c)
@@ -106,6 +120,21 @@ pub fn render(
     m.sample("pool_addresses", &[("use", "free")], c.pool_free);
     m.sample("pool_addresses", &[("use", "used")], c.pool_used);
     m.single("sites", Gauge, "Sites.", c.sites);
+    m.family(
+        "site_rotations_pending",
+        Gauge,
+        "Sites whose planned key or credential rotation is asked for or under way.",
+    );
+    m.sample(
+        "site_rotations_pending",
+        &[("what", "key")],
+        c.site_rotations[0],
+    );
+    m.sample(
+        "site_rotations_pending",
+        &[("what", "credential")],
+        c.site_rotations[1],
+    );
     m.single(
         "long_polls_waiting",
         Gauge,
@@ -190,6 +219,7 @@ mod tests {
             pool_used: 2,
             sites: 3,
             webhooks_pending: 5,
+            site_rotations: [1, 0],
         };
         let logins = PasswordCheckCounts {
             max: 4,
@@ -208,6 +238,8 @@ mod tests {
             "vpnnat_pool_addresses{use=\"free\"} 10",
             "vpnnat_pool_addresses{use=\"used\"} 2",
             "vpnnat_sites 3",
+            "vpnnat_site_rotations_pending{what=\"key\"} 1",
+            "vpnnat_site_rotations_pending{what=\"credential\"} 0",
             "vpnnat_long_polls_waiting 4",
             "vpnnat_login_password_checks_total 7",
             "vpnnat_login_password_checks_running_max 3",

@@ -449,7 +449,54 @@ pub fn operations() -> Vec<Operation> {
     ];
     ops.extend(lifecycle_operations());
     ops.extend(agentless_operations());
+    ops.extend(rotation_operations());
     ops
+}
+
+/// Planned rotation of a site's key and credential.
+fn rotation_operations() -> Vec<Operation> {
+    vec![
+        op!(
+            "post",
+            paths::AGENT_KEY,
+            Site,
+            None,
+            200,
+            SiteKey,
+            AgentRotation,
+            "Agent: register the next WireGuard key (published to the site's gateway next to the current one; switch when next_key_ready)"
+        ),
+        op!(
+            "post",
+            paths::AGENT_KEY_COMMIT,
+            Site,
+            None,
+            204,
+            SiteKey,
+            (),
+            "Agent: the next key is in use; the old one is dropped"
+        ),
+        op!(
+            "post",
+            paths::AGENT_CREDENTIAL,
+            Site,
+            None,
+            200,
+            (),
+            NewSiteCredential,
+            "Agent: a new credential; the one presented stays valid until the new one is first used or [rotation] credential_grace_s passes"
+        ),
+        op!(
+            "post",
+            paths::SITE_PLANNED_ROTATION,
+            Operator,
+            None,
+            204,
+            PlannedRotation,
+            (),
+            "Operator: ask a site's agent to rotate its key and/or credential without interruption"
+        ),
+    ]
 }
 
 /// Sites without a router agent (a standard WireGuard router).
@@ -967,6 +1014,10 @@ mod tests {
             paths::TECHNICIANS,
             paths::TECHNICIAN,
             paths::TECHNICIAN_DISABLE,
+            paths::AGENT_KEY,
+            paths::AGENT_KEY_COMMIT,
+            paths::AGENT_CREDENTIAL,
+            paths::SITE_PLANNED_ROTATION,
         ] {
             assert!(paths_doc.contains_key(p), "{p} undocumented");
         }

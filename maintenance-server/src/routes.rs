@@ -15,7 +15,9 @@ use vpnnat::messages::paths;
 
 use crate::console;
 use crate::error::IntendedRefusal;
-use crate::handlers::{agent, agentless, gateway, lifecycle, misc, operator, teams, technician};
+use crate::handlers::{
+    agent, agentless, gateway, lifecycle, misc, operator, rotation, teams, technician,
+};
 use crate::openapi;
 use crate::state::AppState;
 
@@ -34,6 +36,22 @@ pub fn api_routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::POST, paths::AGENT_FAILURES, post(agent::failure)),
         (Method::GET, paths::AGENT_STATE, get(agent::state)),
         (Method::POST, paths::AGENT_APPLIED, post(agent::applied)),
+        (Method::POST, paths::AGENT_KEY, post(rotation::next_key)),
+        (
+            Method::POST,
+            paths::AGENT_KEY_COMMIT,
+            post(rotation::commit_key),
+        ),
+        (
+            Method::POST,
+            paths::AGENT_CREDENTIAL,
+            post(rotation::credential),
+        ),
+        (
+            Method::POST,
+            paths::SITE_PLANNED_ROTATION,
+            post(rotation::planned),
+        ),
         (
             Method::POST,
             paths::GATEWAY_REGISTER,

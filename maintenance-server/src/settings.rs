@@ -46,6 +46,41 @@ pub struct Settings {
     pub retention: Retention,
     /// Expiry warnings and webhooks.
     pub notifications: Notifications,
+    /// Planned rotation of sites' keys and credentials.
+    pub rotation: Rotation,
+}
+
+/// `[rotation]`: when sites rotate their WireGuard key and credential by
+/// themselves (without interruption; docs/OPERATIONS.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rotation {
+    /// A site's key older than this many days is rotated; 0: never
+    /// (fractions allowed).
+    pub site_key_days: f64,
+    /// A site's credential older than this many days is rotated; 0: never.
+    pub site_credential_days: f64,
+    /// How long the previous credential stays valid, at most, after a new
+    /// one was issued (its first use ends the previous one at once).
+    pub credential_grace_s: u64,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Self {
+            site_key_days: 90.0,
+            site_credential_days: 90.0,
+            credential_grace_s: 7 * 86_400,
+        }
+    }
+}
+
+impl Rotation {
+    /// Milliseconds of `days` (0: off).
+    pub fn period_ms(days: f64) -> i64 {
+        // Validated: finite and between 0 and 36500.
+        (days * 86_400_000.0) as i64
+    }
 }
 
 /// `[http]`
@@ -434,6 +469,21 @@ impl Settings {
                 "gateways.down_after_ms",
                 "must be greater than gateways.heartbeat_interval_ms (> 0)".into(),
             ));
+        }
+        for (key, days) in [
+            ("rotation.site_key_days", self.rotation.site_key_days),
+            (
+                "rotation.site_credential_days",
+                self.rotation.site_credential_days,
+            ),
+        ] {
+            if !days.is_finite() || !(0.0..=36_500.0).contains(&days) {
+                return Err((key, "0 (off) to 36500 days".into()));
+            }
+        }
+        if self.rotation.credential_grace_s == 0 || self.rotation.credential_grace_s > 365 * 86_400
+        {
+            return Err(("rotation.credential_grace_s", "1 to 31536000".into()));
         }
         if self.enrollment.token_lifetime_hours == 0 {
             return Err(("enrollment.token_lifetime_hours", "at least 1".into()));

@@ -37,6 +37,19 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
     let mut last_cleanup = 0i64;
     let mut last_pool_check = 0i64;
     let mut pool_warned = false;
+    // Ages are checked a few times per shortest period, at most once a minute.
+    let rotation_check_ms = {
+        use crate::settings::Rotation;
+        let r = &state.settings.rotation;
+        [r.site_key_days, r.site_credential_days]
+            .into_iter()
+            .map(Rotation::period_ms)
+            .filter(|p| *p > 0)
+            .map(|p| (p / 4).clamp(100, 60_000))
+            .min()
+            .unwrap_or(60_000)
+    };
+    let mut last_rotation_check = 0i64;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -50,6 +63,12 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
         }
         if let Err(e) = failover(&state, started.elapsed() >= grace).await {
             tracing::warn!(error = %e, "gateway failover");
+        }
+        if now_ms() - last_rotation_check >= rotation_check_ms {
+            last_rotation_check = now_ms();
+            if let Err(e) = schedule_rotations(&state).await {
+                tracing::warn!(error = %e, "scheduled rotations");
+            }
         }
         if state.notifier.take_console_pending()
             && let Err(e) = state
@@ -78,6 +97,32 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
             }
         }
     }
+}
+
+/// Asks the agents of sites whose key or credential is older than
+/// `[rotation]` allows for a planned rotation.
+///
+/// # Errors
+/// Database failures.
+pub async fn schedule_rotations(state: &AppState) -> Result<usize, OpError> {
+    use crate::settings::Rotation;
+    let r = &state.settings.rotation;
+    let key_ms = Rotation::period_ms(r.site_key_days);
+    let credential_ms = Rotation::period_ms(r.site_credential_days);
+    if key_ms <= 0 && credential_ms <= 0 {
+        return Ok(0);
+    }
+    let now = now_ms();
+    let n = state
+        .db
+        .transaction(&state.notifier, async |tx: &mut Tx| {
+            crate::db::rotation::schedule(tx, now, key_ms, credential_ms).await
+        })
+        .await?;
+    if n > 0 {
+        tracing::info!(sites = n, "planned rotations requested by the schedule");
+    }
+    Ok(n)
 }
 
 /// Expires every open request past its `expires_at`.

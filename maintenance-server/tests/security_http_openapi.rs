@@ -138,7 +138,7 @@ async fn security_http_every_documented_operation_answers_as_documented() {
     for (method, path, op) in &operations {
         let id = match path.as_str() {
             paths::AGENT_REVOKE | paths::REQUEST_START | paths::REQUEST_END => request.id.0,
-            paths::SITE_TOKEN | paths::SITE_TEAM => site.id.0,
+            paths::SITE_TOKEN | paths::SITE_PLANNED_ROTATION | paths::SITE_TEAM => site.id.0,
             paths::TEAM => spare_team.id,
             paths::FAILURE_ACK => failure.failure_id,
             paths::SITE_IPSEC => ipsec_site.site_id.0,
@@ -195,6 +195,8 @@ async fn security_http_every_documented_operation_answers_as_documented() {
                 json!({ "disabled": true })
             }
             paths::TECHNICIANS => json!({ "name": "dave", "password": "dave's long password" }),
+            paths::AGENT_KEY | paths::AGENT_KEY_COMMIT => json!({ "public_key": key(70) }),
+            paths::SITE_PLANNED_ROTATION => json!({ "key": true }),
             paths::TEAMS => json!({ "name": "t2", "source_prefixes": ["172.16.0.0/28"] }),
             paths::SITE_TEAM | paths::TECHNICIAN_TEAM => json!({ "team": null }),
             _ => Value::Null,

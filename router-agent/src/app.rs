@@ -26,6 +26,12 @@ pub struct ControlState {
     pub apply_errors: Vec<String>,
     /// The site's requests as last fetched (shown when the server is unreachable).
     pub requests: Vec<MaintenanceRequestView>,
+    /// Planned key rotations completed since start.
+    pub key_rotations: u64,
+    /// Planned credential rotations completed since start.
+    pub credential_rotations: u64,
+    /// Rotation steps that failed (each is tried again).
+    pub rotation_failures: u64,
 }
 
 /// Counters of failure reporting.
@@ -71,6 +77,9 @@ pub struct App {
     pub carrier: crate::carrier::Carrier,
     /// The LAN's hosts (`None` when `discovery.enabled` is off).
     pub discovery: Option<Arc<crate::discovery::Discovery>>,
+    /// The planned rotation of the last desired state, for the task that
+    /// carries it out ([`crate::rotation`]).
+    pub rotation: tokio::sync::watch::Sender<Option<vpnnat::messages::AgentRotation>>,
 }
 
 impl App {

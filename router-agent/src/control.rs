@@ -77,6 +77,9 @@ impl ControlCalls for AgentCalls {
                             c.desired_version = Some(desired.version);
                             c.problem = desired.problem.clone();
                         });
+                        // Every document, also an unchanged one: a step
+                        // that failed is tried again.
+                        self.app.rotation.send_replace(desired.rotation.clone());
                         Reply::Document(desired)
                     }
                     Err(e) => Reply::Failed(e.failure()),

@@ -103,6 +103,14 @@ pub enum Command {
     /// Test UDP while the tunnel is on the TLS stream: a handshake
     /// initiation leaves over UDP (the gateway answers the way it came).
     ProbeUdp,
+    /// Use this tunnel key from now on (planned key rotation): a tunnel in
+    /// use handshakes again with it at once.
+    SetKey {
+        /// The new key.
+        key: vpnnat::tunnel::PrivateKey,
+        /// Whether it changed.
+        reply: oneshot::Sender<bool>,
+    },
     /// Report the state.
     Snapshot(oneshot::Sender<Snapshot>),
     /// Stop the worker.
@@ -208,6 +216,14 @@ impl Dataplane {
     /// When the worker has stopped.
     pub async fn revoke(&self, id: RequestId) -> anyhow::Result<usize> {
         worker::request(&self.tx, |reply| Command::Revoke { id, reply }).await
+    }
+
+    /// Switches the tunnel key ([`Command::SetKey`]).
+    ///
+    /// # Errors
+    /// When the worker has stopped.
+    pub async fn set_key(&self, key: vpnnat::tunnel::PrivateKey) -> anyhow::Result<bool> {
+        worker::request(&self.tx, |reply| Command::SetKey { key, reply }).await
     }
 
     /// Probes UDP while on the TLS stream ([`Command::ProbeUdp`]).
@@ -587,6 +603,10 @@ fn command(
             if endpoint.is_some_and(|e| path.streams.probe_udp(e)) {
                 state.initiate_handshake(Instant::now());
             }
+            true
+        }
+        Some(Command::SetKey { key, reply }) => {
+            let _ = reply.send(state.set_private_key(key, Instant::now()));
             true
         }
         Some(Command::Snapshot(reply)) => {

@@ -30,6 +30,11 @@ pub struct Identity {
     pub credential: String,
     /// The tunnel private key (base64).
     pub private_key: String,
+    /// The next tunnel private key while a planned key rotation is under
+    /// way (base64): stored before its public key is sent to the server,
+    /// so that a restart at any step finds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_private_key: Option<String>,
 }
 
 impl fmt::Debug for Identity {
@@ -40,6 +45,10 @@ impl fmt::Debug for Identity {
             .field("server_url", &self.server_url)
             .field("credential", &"<redacted>")
             .field("private_key", &"<redacted>")
+            .field(
+                "next_private_key",
+                &self.next_private_key.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -53,6 +62,20 @@ impl Identity {
         self.private_key
             .parse()
             .map_err(|_| anyhow!("private_key: not a base64 WireGuard key"))
+    }
+
+    /// The next tunnel key of a planned rotation, if one is held.
+    ///
+    /// # Errors
+    /// When the stored key is not base64 of 32 bytes.
+    pub fn next_key(&self) -> anyhow::Result<Option<PrivateKey>> {
+        self.next_private_key
+            .as_deref()
+            .map(|k| {
+                k.parse()
+                    .map_err(|_| anyhow!("next_private_key: not a base64 WireGuard key"))
+            })
+            .transpose()
     }
 
     /// Reads the identity file.
@@ -71,6 +94,8 @@ impl Identity {
         let id: Identity = serde_json::from_str(&text)
             .map_err(|e| anyhow!("{}: not a site identity: {e}", path.display()))?;
         id.key().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        id.next_key()
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
         keys::warn_if_readable_by_others(path, "identity file");
         Ok(id)
     }
@@ -189,6 +214,7 @@ pub async fn enroll(
         server_url: server,
         credential: answer.credential,
         private_key: key.to_base64(),
+        next_private_key: None,
     };
     id.store(path, force)?;
     Ok(id)
@@ -207,6 +233,7 @@ mod tests {
             server_url: "http://127.0.0.1:8080".into(),
             credential: "secret-credential".into(),
             private_key: PrivateKey::from_bytes([9; 32]).to_base64(),
+            next_private_key: None,
         }
     }
 

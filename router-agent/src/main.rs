@@ -25,6 +25,7 @@ mod names;
 mod netstack;
 mod probe;
 mod revocations;
+mod rotation;
 mod settings;
 mod status;
 mod web;
@@ -128,6 +129,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the running agent to rotate its tunnel key and/or credential now,
+    /// without interrupting the tunnel (both when neither flag is given).
+    Rotate {
+        /// The agent's page; default: derived from the configuration.
+        #[arg(long, env = "VPNNAT_AGENT_URL", value_name = "URL")]
+        url: Option<String>,
+        /// Rotate the tunnel key.
+        #[arg(long)]
+        key: bool,
+        /// Rotate the credential.
+        #[arg(long)]
+        credential: bool,
+    },
     /// Print the customer page's password.
     Password,
     /// Print the tunnel public key (creating a key-only identity for
@@ -184,6 +198,24 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let s = status::fetch(&url, &password).await?;
             print_status(json, &s, |s| status::render(s, dataplane::wall_now()))
         }),
+        Some(Command::Rotate {
+            url,
+            key,
+            credential,
+        }) => runtime.block_on(async {
+            let url = match url {
+                Some(u) => u,
+                None => format!(
+                    "http://{}",
+                    web_listen(&settings, lan_info(&settings).await.0)
+                ),
+            };
+            let password = page_password(&settings, false)?;
+            let both = !key && !credential;
+            status::rotate(&url, &password, key || both, credential || both).await?;
+            println!("rotation asked for; the agent logs each step (key rotation: …, credential rotation: …)");
+            Ok(ExitCode::SUCCESS)
+        }),
         Some(Command::Password) => {
             println!("{}", page_password(&settings, false)?);
             Ok(ExitCode::SUCCESS)
@@ -200,6 +232,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         server_url: String::new(),
                         credential: String::new(),
                         private_key: key.to_base64(),
+                        next_private_key: None,
                     };
                     id.store(path, false)?;
                     tracing::info!(path = %path.display(), "created a key-only identity for standalone mode");
@@ -372,6 +405,7 @@ async fn run(
                 server_url: String::new(),
                 credential: String::new(),
                 private_key: text.trim().to_owned(),
+                next_private_key: None,
             }
         }
         None => Identity::load(&settings.agent.identity_file)?,
@@ -527,6 +561,7 @@ async fn run(
         revocations: tokio::sync::Notify::new(),
         carrier: carrier::Carrier::new(streams, inbox_tx),
         discovery,
+        rotation: watch::channel(None).0,
     });
     tracing::info!(
         site.id = %site_id,
@@ -537,7 +572,19 @@ async fn run(
         "router agent started"
     );
 
-    let result = serve(app.clone(), &settings, lan_prefix, desired_file, initial).await;
+    // Planned rotations rewrite the enrolled identity file (not a bare
+    // --private-key-file of standalone mode).
+    let rotating = key_file
+        .is_none()
+        .then(|| (id.clone(), settings.agent.identity_file.clone()));
+    let result = serve(
+        app.clone(),
+        &settings,
+        lan_prefix,
+        (desired_file, initial),
+        rotating,
+    )
+    .await;
 
     if let Some(r) = routes.as_mut() {
         r.remove_all().await;
@@ -561,8 +608,8 @@ async fn serve(
     app: Arc<App>,
     settings: &Settings,
     lan_prefix: Option<Prefix>,
-    desired_file: Option<PathBuf>,
-    initial: Option<AgentDesiredState>,
+    (desired_file, initial): (Option<PathBuf>, Option<AgentDesiredState>),
+    rotating: Option<(Identity, PathBuf)>,
 ) -> anyhow::Result<()> {
     let listen = web_listen(settings, app.lan_address);
     let password = page_password(settings, true)?;
@@ -610,6 +657,15 @@ async fn serve(
     let revocations = tokio::spawn(revocations::run(app.clone(), shutdown_rx.clone()));
     let carrier = tokio::spawn(carrier::run(app.clone(), shutdown_rx.clone()));
     let discovery = tokio::spawn(discovery::run(app.clone(), shutdown_rx.clone()));
+    let rotation = rotating.map(|(id, path)| {
+        tokio::spawn(rotation::run(
+            app.clone(),
+            id,
+            path,
+            app.rotation.subscribe(),
+            shutdown_rx.clone(),
+        ))
+    });
     let mut signals = Signals::new()?;
     loop {
         tokio::select! {
@@ -638,6 +694,9 @@ async fn serve(
     let _ = revocations.await;
     let _ = carrier.await;
     let _ = discovery.await;
+    if let Some(r) = rotation {
+        let _ = r.await;
+    }
     Ok(())
 }
 

@@ -31,6 +31,30 @@ pub async fn fetch(url: &str, password: &str) -> anyhow::Result<StatusView> {
     Ok(resp.json().await?)
 }
 
+/// Asks a running agent for a planned rotation (`router-agent rotate`).
+///
+/// # Errors
+/// When the agent cannot be reached or refuses.
+pub async fn rotate(url: &str, password: &str, key: bool, credential: bool) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let path = crate::web::ROTATE_PATH;
+    let resp = client
+        .post(format!("{}{path}", url.trim_end_matches('/')))
+        .bearer_auth(password)
+        .json(&vpnnat::messages::PlannedRotation { key, credential })
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the agent at {url}: {e}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        anyhow::bail!("{url}{path}: HTTP {status}: {body}");
+    }
+    Ok(())
+}
+
 /// Renders the status the way `wg show` renders an interface.
 pub fn render(s: &StatusView, now: UnixMillis) -> String {
     let mut o = String::new();

@@ -549,6 +549,30 @@ impl<K: Kinds> AgentState<K> {
         }
     }
 
+    /// Uses `key` from now on (planned key rotation): a tunnel in use is
+    /// replaced by one that handshakes with the new key at once, so that
+    /// the gap is one handshake round trip (TCP retransmits across it).
+    /// The gateway accepts the new key once its document lists it as the
+    /// site's next key. Returns whether the key changed.
+    pub fn set_private_key(&mut self, key: PrivateKey, now: Instant) -> bool {
+        if key.to_bytes() == self.private_key.to_bytes() {
+            return false;
+        }
+        self.private_key = key;
+        tracing::info!(public_key = %self.private_key.public_key(), "tunnel key replaced");
+        if let Some(p) = self.peer.as_ref() {
+            let desired = p.desired.clone();
+            self.close_tunnel();
+            self.dial(desired, now);
+        }
+        true
+    }
+
+    /// The public key of the key in use.
+    pub fn public_key(&self) -> crate::messages::PublicKey {
+        self.private_key.public_key()
+    }
+
     /// When [`Self::handle_timeout`] wants to run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let expiry = self.mappings.values().map(|m| m.expires_at).min();

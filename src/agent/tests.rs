@@ -83,6 +83,7 @@ fn desired(version: u64, mappings: &[(Ipv4Addr, &str, u64)]) -> AgentDesiredStat
             })
             .collect(),
         problem: None,
+        rotation: None,
     }
 }
 
@@ -575,6 +576,7 @@ fn through_the_real_gateway_state<K: TestKinds>() {
     let mut gw = GatewayState::<K>::with_kinds(GatewayConfig::new(keys().1), now);
     gw.handle_control(
         &GatewayDesiredState {
+            next_keys: Vec::new(),
             version: 1,
             gateway_id: GatewayId(1),
             allowed_sources: Vec::new(),
@@ -780,6 +782,7 @@ fn security_active_ftp_through_the_real_gateway_state<K: TestKinds>() {
     let mut gw = GatewayState::<K>::with_kinds(GatewayConfig::new(keys().1), now);
     gw.handle_control(
         &GatewayDesiredState {
+            next_keys: Vec::new(),
             version: 1,
             gateway_id: GatewayId(1),
             allowed_sources: Vec::new(),

@@ -70,6 +70,7 @@ fn desired(ipsec: Option<IpsecParams>) -> AgentDesiredState {
             expires_at: UnixMillis(WALL.0 + 3_600_000),
         }],
         problem: None,
+        rotation: None,
     }
 }
 

@@ -188,7 +188,11 @@ impl<K: Kinds> GatewayState<K> {
                     Err(NetworkOutcome::Dropped(DropReason::UnknownPeer))
                 }
                 Some(r) if r.owner != self.shard.index => Err(NetworkOutcome::Handoff(r.owner)),
-                Some(r) => Ok(r.slot),
+                Some(r) => {
+                    let slot = r.slot;
+                    self.adopt_next_key(slot, peer_public_key, now);
+                    Ok(slot)
+                }
             },
             Ok(Incoming::Reply(reply)) => {
                 if self.transmits.len() < MAX_QUEUE {

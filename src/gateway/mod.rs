@@ -60,6 +60,8 @@ mod tests_flows;
 #[cfg(test)]
 mod tests_ipsec;
 #[cfg(test)]
+mod tests_rotation;
+#[cfg(test)]
 mod tests_sources;
 mod validate;
 

@@ -34,6 +34,9 @@ pub(super) const ANY_SOURCE: u32 = u32::MAX;
 pub(super) struct Peer<T> {
     pub(super) site_id: SiteId,
     pub(super) public_key: PublicKey,
+    /// The site's next key while it rotates its key (planned rotation): an
+    /// initiation from it moves this peer's tunnel to it.
+    pub(super) next_key: Option<PublicKey>,
     pub(super) kind: TunnelKind,
     /// An IPsec peer's parameters (a change replaces its tunnel).
     pub(super) ipsec: Option<IpsecParams>,
@@ -104,14 +107,21 @@ impl<K: Kinds> GatewayState<K> {
         for (site, p) in &wanted {
             match self.by_site.get(site).copied() {
                 Some(slot) => {
+                    let next = valid.next_keys.get(site).copied();
+                    // A peer that moved to its next key already keeps its
+                    // tunnel while the document still lists the old key
+                    // (the server drops it once the agent confirms).
                     let same_key = self.slots[slot as usize].as_ref().is_some_and(|peer| {
-                        peer.public_key == p.public_key
+                        (peer.public_key == p.public_key || Some(peer.public_key) == next)
                             && peer.kind == p.tunnel
                             && peer.ipsec == p.ipsec
                     });
+                    if same_key && let Some(peer) = self.slots[slot as usize].as_mut() {
+                        peer.next_key = next.filter(|n| *n != peer.public_key);
+                    }
                     if !same_key {
                         self.remove_peer(*site);
-                        if self.add_peer(p, now) {
+                        if self.add_peer(p, valid.next_keys.get(site).copied(), now) {
                             tracing::info!(site.id = %site, key = %p.public_key, "peer re-keyed");
                             self.events
                                 .push_back(GatewayEvent::PeerRekeyed { site_id: *site });
@@ -121,7 +131,7 @@ impl<K: Kinds> GatewayState<K> {
                     }
                 }
                 None => {
-                    if self.add_peer(p, now) {
+                    if self.add_peer(p, valid.next_keys.get(site).copied(), now) {
                         tracing::info!(site.id = %site, key = %p.public_key, "peer added");
                         self.events
                             .push_back(GatewayEvent::PeerAdded { site_id: *site });
@@ -154,6 +164,9 @@ impl<K: Kinds> GatewayState<K> {
                 sources: ANY_SOURCE,
             };
             self.by_key.insert(p.public_key, route);
+            if let Some(next) = valid.next_keys.get(&p.site_id) {
+                self.by_key.insert(*next, route);
+            }
             if let Some(ipsec) = p.ipsec.as_ref().filter(|_| p.tunnel == TunnelKind::Ipsec) {
                 self.by_identity.insert(ipsec.remote_id.clone(), route);
             }
@@ -204,7 +217,7 @@ impl<K: Kinds> GatewayState<K> {
         })
     }
 
-    fn add_peer(&mut self, p: &GatewayPeer, now: Instant) -> bool {
+    fn add_peer(&mut self, p: &GatewayPeer, next_key: Option<PublicKey>, now: Instant) -> bool {
         let count = u32::from(self.shard.count);
         let slot = match self.free_slots.pop_front() {
             Some(s) => s,
@@ -237,6 +250,7 @@ impl<K: Kinds> GatewayState<K> {
         self.slots[slot as usize] = Some(Peer {
             site_id: p.site_id,
             public_key: p.public_key,
+            next_key,
             kind: p.tunnel,
             ipsec: p.ipsec.clone(),
             index,
@@ -247,6 +261,41 @@ impl<K: Kinds> GatewayState<K> {
         });
         self.by_site.insert(p.site_id, slot);
         true
+    }
+
+    /// A handshake initiation from `key` is for the peer in `slot`: when that
+    /// is the peer's next key, its tunnel is replaced by one for that key
+    /// (same slot and index) before the initiation reaches it. The agent
+    /// sends it only after it stored the new key, so the old session and
+    /// key are not needed any more.
+    pub(super) fn adopt_next_key(&mut self, slot: u32, key: PublicKey, now: Instant) {
+        let Some(Some(peer)) = self.slots.get(slot as usize) else {
+            return;
+        };
+        if peer.next_key != Some(key) {
+            return;
+        }
+        let spec = GatewayPeer {
+            site_id: peer.site_id,
+            public_key: key,
+            nat_addresses: Vec::new(),
+            tunnel: peer.kind,
+            ipsec: None,
+            tls_token_sha256: None,
+        };
+        let index = peer.index;
+        let Some(tunnel) = self.responder.tunnel(&spec, index, now) else {
+            return;
+        };
+        if let Some(Some(peer)) = self.slots.get_mut(slot as usize) {
+            tracing::info!(site.id = %peer.site_id, key = %key, "peer moved to its next key");
+            peer.public_key = key;
+            peer.next_key = None;
+            peer.tunnel = tunnel;
+            self.events.push_back(GatewayEvent::PeerRekeyed {
+                site_id: peer.site_id,
+            });
+        }
     }
 
     fn remove_peer(&mut self, site: SiteId) {

@@ -79,6 +79,7 @@ impl<K: TestKinds> Client<K> {
 
 pub(super) fn desired(version: u64, peers: Vec<GatewayPeer>) -> GatewayDesiredState {
     GatewayDesiredState {
+        next_keys: Vec::new(),
         version,
         gateway_id: GatewayId(1),
         allowed_sources: Vec::new(),

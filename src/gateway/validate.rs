@@ -1,10 +1,12 @@
 //! Validation of a gateway's desired state: what of a document this gateway
 //! will actually run.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::Prefix;
-use crate::messages::{AllowedSources, GatewayDesiredState, GatewayPeer, PublicKey, TunnelKind};
+use crate::messages::{
+    AllowedSources, GatewayDesiredState, GatewayPeer, PublicKey, SiteId, TunnelKind,
+};
 
 /// The most source prefixes one NAT address may be restricted to (each
 /// packet toward it is checked against all of them).
@@ -17,6 +19,8 @@ pub struct ValidatedState {
     pub version: u64,
     /// The peers that passed, by site id, with the addresses that passed.
     pub peers: Vec<GatewayPeer>,
+    /// The next keys of sites rotating theirs (WireGuard peers that passed).
+    pub next_keys: BTreeMap<SiteId, PublicKey>,
     /// The source restrictions that passed: each for an address of a peer
     /// that passed, at most one per address.
     pub allowed_sources: Vec<AllowedSources>,
@@ -169,10 +173,32 @@ pub fn validate_desired(
             tls_token_sha256: p.tls_token_sha256.clone(),
         });
     }
+    let mut next_keys = BTreeMap::new();
+    for n in &desired.next_keys {
+        let site = n.site_id;
+        let wireguard = peers
+            .iter()
+            .any(|p| p.site_id == site && p.tunnel == TunnelKind::Wireguard);
+        if !wireguard {
+            errors.push(format!(
+                "site {site}: a next key for a site that is no WireGuard peer here"
+            ));
+        } else if n.public_key == *own_key {
+            errors.push(format!("site {site}: next key is the gateway's own"));
+        } else if !keys.insert(n.public_key) {
+            errors.push(format!(
+                "site {site}: next key {} already belongs to a site",
+                n.public_key
+            ));
+        } else if next_keys.insert(site, n.public_key).is_some() {
+            errors.push(format!("site {site}: two next keys"));
+        }
+    }
     let allowed_sources = validate_sources(desired, &addresses, &mut errors);
     ValidatedState {
         version: desired.version,
         peers,
+        next_keys,
         allowed_sources,
         errors,
     }

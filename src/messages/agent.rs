@@ -87,6 +87,9 @@ pub struct AgentDesiredState {
     /// Set when the site asked for maintenance but no gateway had a free slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// A planned key or credential rotation (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<super::AgentRotation>,
 }
 
 /// The requester's authority at the customer (the patent's "level").

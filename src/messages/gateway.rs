@@ -226,6 +226,10 @@ pub struct GatewayDesiredState {
     pub gateway_id: GatewayId,
     /// Its peers, ordered by site id.
     pub peers: Vec<GatewayPeer>,
+    /// Sites rotating their key: the next key of each, accepted next to
+    /// the peer's `public_key` (absent: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub next_keys: Vec<super::NextPeerKey>,
     /// Per NAT address, the only technician sources that may reach it (a
     /// site assigned to a team, docs/OPERATIONS.md "Teams"). A packet must
     /// come from one of these and from the gateway's technician prefixes.

@@ -30,6 +30,7 @@ mod enrollment;
 mod gateway;
 mod ipsec;
 mod operator;
+mod rotation;
 mod teams;
 mod technician;
 
@@ -40,6 +41,7 @@ pub use enrollment::*;
 pub use gateway::*;
 pub use ipsec::*;
 pub use operator::*;
+pub use rotation::*;
 pub use teams::*;
 pub use technician::*;
 

@@ -12,6 +12,16 @@ pub const AGENT_FAILURES: &str = "/api/v1/agent/failures";
 pub const AGENT_STATE: &str = "/api/v1/agent/state";
 /// `POST` [`super::AppliedState`] → 204.
 pub const AGENT_APPLIED: &str = "/api/v1/agent/applied";
+/// `POST` [`super::SiteKey`] → [`super::AgentRotation`]: the agent's next
+/// WireGuard key, published to its gateway next to the current one.
+pub const AGENT_KEY: &str = "/api/v1/agent/key";
+/// `POST` [`super::SiteKey`] → 204: the agent now uses its next key; the
+/// old one is dropped.
+pub const AGENT_KEY_COMMIT: &str = "/api/v1/agent/key/commit";
+/// `POST` (empty body) → [`super::NewSiteCredential`]: a new credential;
+/// the one of this call stays valid until the new one is first used or
+/// `[rotation] credential_grace_s` passes.
+pub const AGENT_CREDENTIAL: &str = "/api/v1/agent/credential";
 
 /// `POST` [`super::GatewayRegistration`] → [`super::GatewayRegistered`].
 pub const GATEWAY_REGISTER: &str = "/api/v1/gateway/register";
@@ -39,6 +49,10 @@ pub const SITE_DISABLE: &str = "/api/v1/sites/{id}/disable";
 /// Operator: `POST` → [`super::SiteCreated`]: the site's credential is refused
 /// from now on; the new enrollment token enrolls the agent again.
 pub const SITE_ROTATE: &str = "/api/v1/sites/{id}/rotate";
+/// Operator: `POST` [`super::PlannedRotation`] → 204: asks the site's agent
+/// to rotate its key and/or credential without interruption (the old ones
+/// stay valid until the new ones are in use).
+pub const SITE_PLANNED_ROTATION: &str = "/api/v1/sites/{id}/planned-rotation";
 /// Operator: `POST` [`super::SiteTunnel`] → 204: the site's tunnel kind (an
 /// IPsec site gets a new pre-shared key). 409 while the site has a tunnel.
 pub const SITE_TUNNEL: &str = "/api/v1/sites/{id}/tunnel";

@@ -99,6 +99,7 @@ fn every_message_round_trips_through_json() {
         lease_ms: None,
     });
     round_trip(&GatewayDesiredState {
+        next_keys: Vec::new(),
         version: 4,
         gateway_id: GatewayId(1),
         allowed_sources: Vec::new(),
@@ -138,6 +139,7 @@ fn every_message_round_trips_through_json() {
             expires_at: UnixMillis(1_700_014_400_000),
         }],
         problem: None,
+        rotation: None,
     });
     round_trip(&NewMaintenanceRequest {
         requester_name: "A. Schmidt".into(),

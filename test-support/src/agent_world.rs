@@ -55,6 +55,12 @@ impl AgentWorld {
     /// Builds the namespaces, starts the server, the gateway, the PC's
     /// page, and enrolls and starts the agent.
     pub fn up(tag: &str) -> Self {
+        Self::up_with(tag, "")
+    }
+
+    /// [`Self::up`] with `server_toml` appended to the server's
+    /// configuration (sections it does not set otherwise).
+    pub fn up_with(tag: &str, server_toml: &str) -> Self {
         let gw = Netns::new(&format!("{tag}gw"));
         let tech = Netns::new(&format!("{tag}tc"));
         let router = Netns::new(&format!("{tag}rt"));
@@ -104,7 +110,7 @@ impl AgentWorld {
             agent_runs: 0,
             gateway_pid: None,
         };
-        w.start_center();
+        w.start_center(server_toml);
         w
     }
 
@@ -123,14 +129,15 @@ impl AgentWorld {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn start_center(&mut self) {
+    fn start_center(&mut self, server_toml: &str) {
         let d = self.dir.path().to_owned();
         std::fs::write(
             self.path("maintenance-server.toml"),
             format!(
                 "[http]\nlisten = \"0.0.0.0:8080\"\n[state]\ndir = \"{}\"\n\
                  [maintenance]\nexpiry_check_ms = 200\n\
-                 [gateways]\nheartbeat_interval_ms = 500\ndown_after_ms = 5000\npersistent_keepalive_s = 5\n",
+                 [gateways]\nheartbeat_interval_ms = 500\ndown_after_ms = 5000\npersistent_keepalive_s = 5\n\
+                 {server_toml}",
                 d.join("server").display()
             ),
         )

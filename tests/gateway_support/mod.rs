@@ -232,6 +232,7 @@ impl World {
     /// The desired state listing `sites` with their keys and NAT addresses.
     pub fn desired(&self, version: u64, sites: &[(&Site, u64)]) -> GatewayDesiredState {
         GatewayDesiredState {
+            next_keys: Vec::new(),
             version,
             gateway_id: GatewayId(1),
             allowed_sources: Vec::new(),
@@ -257,6 +258,7 @@ impl World {
         params: vpnnat::messages::IpsecParams,
     ) -> GatewayDesiredState {
         GatewayDesiredState {
+            next_keys: Vec::new(),
             version: 1,
             gateway_id: GatewayId(1),
             allowed_sources: Vec::new(),
@@ -404,6 +406,7 @@ impl StandaloneAgent {
                 expires_at: UnixMillis(now_ms + 3_600_000),
             }],
             problem: None,
+            rotation: None,
         };
         let desired_path = dir.join("desired.json");
         std::fs::write(&desired_path, serde_json::to_vec(&desired).unwrap()).unwrap();

@@ -275,7 +275,12 @@ pub async fn gateway_applied(
     .bind(id64(version))
     .fetch_all(&mut *tx.inner)
     .await?;
-    for site in ids_of(&ready, "site_id", SiteId)? {
+    let mut ready = ids_of(&ready, "site_id", SiteId)?;
+    // Sites whose next key this gateway now accepts: their agents switch.
+    ready.extend(super::rotation::keys_ready(tx, gw, before, id64(version)).await?);
+    ready.sort_unstable();
+    ready.dedup();
+    for site in ready {
         tx.bump_site(site).await?;
     }
     sqlx::query("UPDATE gateways SET applied_version = $1, applied_errors = $2 WHERE id = $3")

@@ -25,6 +25,7 @@ pub mod outbox;
 mod policy;
 mod requests;
 mod restore;
+pub mod rotation;
 mod sites;
 pub mod teams;
 mod technicians;

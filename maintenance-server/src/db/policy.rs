@@ -27,6 +27,8 @@ pub struct Policy {
     pub webhooks: Vec<super::outbox::Route>,
     /// How long before its expiry an open request is announced, ms (0: never).
     pub expiry_warning_ms: i64,
+    /// How long a site's previous credential stays valid at most, ms.
+    pub credential_grace_ms: i64,
 }
 
 impl Policy {
@@ -48,6 +50,8 @@ impl Policy {
             quotas: s.quotas.clone(),
             webhooks: crate::webhooks::routes(s),
             expiry_warning_ms: i64::try_from(s.notifications.expiry_warning_s.saturating_mul(1000))
+                .unwrap_or(i64::MAX / 4),
+            credential_grace_ms: i64::try_from(s.rotation.credential_grace_s.saturating_mul(1000))
                 .unwrap_or(i64::MAX / 4),
         }
     }

@@ -253,11 +253,13 @@ pub async fn enroll(
         ));
     }
     let key_b64 = key.to_base64();
-    let other = sqlx::query("SELECT id FROM sites WHERE public_key = $1 AND id <> $2")
-        .bind(&key_b64)
-        .bind(id64(site.0))
-        .fetch_optional(&mut *tx.inner)
-        .await?;
+    let other = sqlx::query(
+        "SELECT id FROM sites WHERE (public_key = $1 OR next_public_key = $1) AND id <> $2",
+    )
+    .bind(&key_b64)
+    .bind(id64(site.0))
+    .fetch_optional(&mut *tx.inner)
+    .await?;
     if other.is_some() {
         return Err(OpError::Conflict {
             field: "public_key",
@@ -276,9 +278,11 @@ pub async fn enroll(
         return Err(OpError::BadToken);
     }
     let credential = Secret::generate(SecretKind::Site);
-    let row = sqlx::query(
-        "UPDATE sites SET public_key = $1, credential_hash = $2, enrolled_at = $3 WHERE id = $4 RETURNING name",
-    )
+    let row = sqlx::query(&format!(
+        "UPDATE sites SET public_key = $1, credential_hash = $2, enrolled_at = $3, \
+             key_rotated_at = $3, credential_rotated_at = $3, {} WHERE id = $4 RETURNING name",
+        super::rotation::RESET_SQL
+    ))
     .bind(&key_b64)
     .bind(credential.hash())
     .bind(now)
@@ -468,15 +472,26 @@ pub async fn rotate_site(
         return Err(no_agent());
     }
     let psk = psk_for(site_kind(tx, site).await?);
+    let had_next_key =
+        sqlx::query("SELECT id FROM sites WHERE id = $1 AND next_public_key IS NOT NULL")
+            .bind(id64(site.0))
+            .fetch_optional(&mut *tx.inner)
+            .await?
+            .is_some();
     sqlx::query(
-        "UPDATE sites SET credential_hash = NULL, ipsec_psk = COALESCE($1, ipsec_psk) WHERE id = $2",
+        // The previous credential of a planned rotation goes too.
+        &format!(
+            "UPDATE sites SET credential_hash = NULL, ipsec_psk = COALESCE($1, ipsec_psk), {} \
+             WHERE id = $2",
+            super::rotation::RESET_SQL
+        ),
     )
     .bind(psk.as_ref().map(Psk::expose))
     .bind(id64(site.0))
     .execute(&mut *tx.inner)
     .await?;
     let (token, expires) = insert_enrollment_token(tx, site, now, policy).await?;
-    if psk.is_some() {
+    if psk.is_some() || had_next_key {
         tx.bump_site(site).await?;
         if let Some(gw) = site_gateway(tx, site).await? {
             tx.bump_gateway(gw).await?;

@@ -202,12 +202,14 @@ pub async fn agent_state(
         }
         None => None,
     };
+    let rotation = super::rotation::agent_rotation(conn, site).await?;
     Ok(AgentDesiredState {
         version,
         site_id: site,
         tunnel,
         mappings,
         problem,
+        rotation,
     })
 }
 
@@ -273,11 +275,13 @@ pub async fn gateway_state(
             ipsec.remote_ts = host_prefixes(&p.nat_addresses);
         }
     }
+    let next_keys = super::rotation::gateway_next_keys(conn, gw).await?;
     Ok(GatewayDesiredState {
         version: u64_of(version),
         gateway_id: gw,
         allowed_sources: super::teams::allowed_sources(conn, gw).await?,
         peers,
+        next_keys,
     })
 }
 

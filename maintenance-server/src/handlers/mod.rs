@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod lifecycle;
 pub mod misc;
 pub mod operator;
+pub mod rotation;
 pub mod teams;
 pub mod technician;
 

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use vpnnat_shell::metrics::{CONTENT_TYPE, Exposition, Kind};
 
 use super::{Web, error};
-use crate::app::FailureCounters;
+use crate::app::{ControlState, FailureCounters};
 use crate::dataplane::Snapshot;
 use vpnnat::messages::Transport;
 use vpnnat_dataplane::stream::StreamStats;
@@ -18,7 +18,7 @@ use vpnnat_dataplane::stream::StreamStats;
 /// and the failure reports.
 fn render(
     snap: &Snapshot,
-    control_connected: bool,
+    control: &ControlState,
     failures: FailureCounters,
     carrier: (Option<Transport>, StreamStats),
 ) -> String {
@@ -30,7 +30,7 @@ fn render(
     let basics: [(&str, Kind, &str, u64); 3] = [
         ("mappings", Gauge, "NAT mappings in force.", snap.mappings.len() as u64),
         ("tunnel_up", Gauge, "Whether the tunnel to the gateway has a session.", u64::from(up)),
-        ("control_connected", Gauge, "Whether the maintenance server answers.", u64::from(control_connected)),
+        ("control_connected", Gauge, "Whether the maintenance server answers.", u64::from(control.connected)),
     ];
     for (name, kind, help, value) in basics {
         m.single(name, kind, help, value);
@@ -112,6 +112,14 @@ fn render(
     ];
     #[rustfmt::skip]
     m.labelled("failure_reports_total", Counter, "Failure reports, by outcome.", "outcome", outcomes);
+    let rotations = [
+        ("key", control.key_rotations),
+        ("credential", control.credential_rotations),
+    ];
+    #[rustfmt::skip]
+    m.labelled("rotations_total", Counter, "Planned rotations completed, by what was rotated.", "what", rotations);
+    #[rustfmt::skip]
+    m.single("rotation_step_failures_total", Counter, "Planned-rotation steps that failed (tried again).", control.rotation_failures);
     let (transport, streams) = carrier;
     m.labelled(
         "transport",
@@ -151,7 +159,7 @@ pub(super) async fn metrics(State(web): State<Arc<Web>>) -> Response {
         .unwrap_or_else(PoisonError::into_inner);
     let mut text = render(
         &snap,
-        control.connected,
+        &control,
         failures,
         (web.app.carrier.transport(), web.app.carrier.streams.stats()),
     );

@@ -38,7 +38,7 @@ use axum::routing::{get, post};
 use vpnnat::gateway::Prefix;
 use vpnnat::messages::{ApiError, paths};
 
-pub use self::status::{STATUS_PATH, StatusView};
+pub use self::status::{ROTATE_PATH, STATUS_PATH, StatusView};
 use crate::app::App;
 use crate::client::CallError;
 use crate::settings::Mode;
@@ -98,6 +98,7 @@ pub fn router(web: Arc<Web>) -> Router {
             get(requests::preferences).post(requests::set_preferences),
         )
         .route(STATUS_PATH, get(status::status))
+        .route(ROTATE_PATH, post(status::rotate))
         .route(paths::METRICS, get(metrics::metrics))
         .route(paths::HEALTH, get(health))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))

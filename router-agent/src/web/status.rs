@@ -18,6 +18,57 @@ use crate::dataplane::Snapshot;
 /// The status document (`GET /api/status`, printed by `router-agent status`).
 pub const STATUS_PATH: &str = "/api/status";
 
+/// `POST` [`vpnnat::messages::PlannedRotation`] → 202: a planned rotation
+/// asked for here (`router-agent rotate`) instead of by the server.
+pub const ROTATE_PATH: &str = "/api/rotate";
+
+/// `POST /api/rotate`: hands a local request for a planned rotation to the
+/// task that carries out the server's ([`crate::rotation`]), as if the
+/// server had asked (the server's next document replaces it: a key rotation
+/// goes on from its registered next key, a credential is rotated once).
+pub(super) async fn rotate(
+    _: Authorized,
+    State(web): State<Arc<Web>>,
+    body: axum::body::Bytes,
+) -> Response {
+    let what: vpnnat::messages::PlannedRotation = match super::parse(&body) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    if let Err(e) = what.validate() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            &e.message,
+            Some(e.field),
+        );
+    }
+    if web.app.server.is_none() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standalone",
+            "this agent runs without a maintenance server; nothing to rotate with",
+            None,
+        );
+    }
+    web.app.rotation.send_modify(|r| {
+        let mut next = r.clone().unwrap_or_default();
+        next.rotate_key |= what.key;
+        next.rotate_credential |= what.credential;
+        *r = Some(next);
+    });
+    tracing::info!(
+        key = what.key,
+        credential = what.credential,
+        "planned rotation asked for on this router"
+    );
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({ "accepted": true })),
+    )
+        .into_response()
+}
+
 /// The status document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusView {

@@ -1,0 +1,231 @@
+//! Planned rotation of a site's key at the gateway: a peer listed with a
+//! next key accepts a handshake from either key, and moves its tunnel to
+//! the next key at the first initiation from it.
+
+use std::time::{Duration, Instant};
+
+use super::tests::{Client, connect, desired, drain_events, gateway, udp, udp_reply};
+use super::*;
+use crate::messages::{NextPeerKey, SiteId};
+use crate::tunnel::Builtin;
+use crate::tunnel::testing::TestClient as _;
+
+fn with_next(
+    version: u64,
+    peer: crate::messages::GatewayPeer,
+    next: Option<PublicKey>,
+) -> crate::messages::GatewayDesiredState {
+    let mut d = desired(version, vec![peer.clone()]);
+    d.next_keys = next
+        .map(|k| NextPeerKey {
+            site_id: peer.site_id,
+            public_key: k,
+        })
+        .into_iter()
+        .collect();
+    d
+}
+
+/// The technician's packet reaches the client, and the client's reply the center.
+fn exchange(gw: &mut GatewayState<Builtin>, c: &mut Client<Builtin>, now: Instant) {
+    let down = udp("172.16.0.50", "10.64.0.5", b"to the site");
+    gw.handle_tun_input(&down, now).unwrap();
+    let t = gw.poll_transmit().expect("encrypted to the site");
+    assert_eq!(c.receive(&t.payload).unwrap(), down);
+    let up = udp_reply("10.64.0.5", "172.16.0.50", b"to the center");
+    let d = c.send(&up);
+    gw.handle_network_input(c.endpoint, &d, now).unwrap();
+    assert_eq!(gw.poll_tun_output().expect("to the center"), up);
+}
+
+#[test]
+fn rotation_gateway_accepts_both_keys_and_moves_to_the_next_at_its_first_handshake() {
+    let now = Instant::now();
+    let mut gw = gateway::<Builtin>(now);
+    let mut old = Client::<Builtin>::new(1, "198.51.100.7:40000");
+    let mut new = Client::<Builtin>::new(2, "198.51.100.7:40000");
+    let peer = old.peer(3, &["10.64.0.5"]);
+    gw.handle_control(&desired(1, vec![peer.clone()]), now);
+    connect(&mut gw, &mut old, now);
+    exchange(&mut gw, &mut old, now);
+    drain_events(&mut gw);
+
+    // The next key is published: nothing changes for the running session.
+    let applied = gw
+        .handle_control(&with_next(2, peer.clone(), Some(new.public_key())), now)
+        .unwrap();
+    assert!(applied.errors.is_empty(), "{:?}", applied.errors);
+    assert!(drain_events(&mut gw).is_empty());
+    exchange(&mut gw, &mut old, now);
+
+    // The agent switches: its first initiation with the new key is answered.
+    let later = now + Duration::from_millis(10);
+    connect(&mut gw, &mut new, later);
+    assert!(drain_events(&mut gw).contains(&GatewayEvent::PeerRekeyed { site_id: SiteId(3) }));
+    exchange(&mut gw, &mut new, later);
+
+    // The same document again, and then the one that drops the old key,
+    // keep the new session.
+    gw.handle_control(&with_next(3, peer.clone(), Some(new.public_key())), later);
+    let committed = new.peer(3, &["10.64.0.5"]);
+    gw.handle_control(&with_next(4, committed, None), later);
+    assert!(
+        !drain_events(&mut gw).iter().any(|e| matches!(
+            e,
+            GatewayEvent::PeerRekeyed { .. } | GatewayEvent::PeerRemoved { .. }
+        )),
+        "the session with the new key survives the documents"
+    );
+    exchange(&mut gw, &mut new, later);
+
+    // The old key is no longer accepted.
+    let init = old.inner.initiation(true);
+    gw.handle_network_input(old.endpoint, &init, later).ok();
+    assert!(gw.poll_transmit().is_none(), "no answer to the old key");
+}
+
+#[test]
+fn rotation_gateway_refuses_a_next_key_that_belongs_to_another_site_or_no_peer() {
+    let now = Instant::now();
+    let mut gw = gateway::<Builtin>(now);
+    let a = Client::<Builtin>::new(1, "198.51.100.7:40000");
+    let b = Client::<Builtin>::new(2, "198.51.100.8:40000");
+    let mut d = desired(
+        1,
+        vec![a.peer(3, &["10.64.0.5"]), b.peer(4, &["10.64.0.9"])],
+    );
+    d.next_keys = vec![
+        NextPeerKey {
+            site_id: SiteId(3),
+            public_key: b.public_key(),
+        },
+        NextPeerKey {
+            site_id: SiteId(9),
+            public_key: Client::<Builtin>::new(5, "198.51.100.9:1").public_key(),
+        },
+    ];
+    let applied = gw.handle_control(&d, now).unwrap();
+    assert_eq!(applied.errors.len(), 2, "{:?}", applied.errors);
+    assert!(applied.errors[0].contains("site 3"), "{:?}", applied.errors);
+    assert!(applied.errors[1].contains("site 9"), "{:?}", applied.errors);
+}
+
+/// Datagrams between the agent and the gateway until both are quiet.
+fn shuttle(a: &mut crate::agent::AgentState, gw: &mut GatewayState<Builtin>, now: Instant) {
+    let agent_at: std::net::SocketAddr = "198.51.100.11:40001".parse().unwrap();
+    let gw_at: std::net::SocketAddr = "203.0.113.1:51820".parse().unwrap();
+    for _ in 0..10 {
+        let mut moved = false;
+        while let Some(t) = a.poll_transmit() {
+            moved = true;
+            let mut out = vec![0; 70000];
+            let _ = gw.handle_network_input_into(agent_at, &t.payload, &mut out, now);
+        }
+        while let Some(t) = gw.poll_transmit() {
+            moved = true;
+            let mut out = vec![0; 70000];
+            let _ = a.handle_network_input_into(gw_at, &t.payload, &mut out, now);
+        }
+        if !moved {
+            break;
+        }
+    }
+}
+
+/// The agent's side (`AgentState::set_private_key`) against the real
+/// gateway state: the switch to a key the gateway holds as the site's next
+/// key is one new handshake, and the technician's packets reach the site
+/// again right after it.
+#[test]
+fn rotation_agent_switches_key_with_one_handshake_through_the_real_gateway() {
+    use crate::agent::{AgentConfig, AgentState, DataMode, NetworkOutcome};
+    use crate::messages::{AgentDesiredState, AgentMapping, AgentTunnel, GatewayId, RequestId};
+    use crate::messages::{TerminalName, TunnelKind, UnixMillis};
+
+    let now = Instant::now();
+    let gw_key = PrivateKey::from_bytes([0x42; 32]);
+    let (old, new) = (
+        PrivateKey::from_bytes([1; 32]),
+        PrivateKey::from_bytes([2; 32]),
+    );
+    let mut gw = gateway::<Builtin>(now);
+    let peer = crate::messages::GatewayPeer {
+        site_id: SiteId(3),
+        public_key: old.public_key(),
+        nat_addresses: vec!["10.64.0.5".parse().unwrap()],
+        tunnel: TunnelKind::Wireguard,
+        ipsec: None,
+        tls_token_sha256: None,
+    };
+    gw.handle_control(&desired(1, vec![peer.clone()]), now);
+    let mut a = AgentState::new(
+        AgentConfig {
+            site_id: SiteId(3),
+            private_key: old.clone(),
+            mode: DataMode::Packet { masquerade: None },
+            seed: 42,
+            center_prefixes: vec!["172.16.0.0/24".parse().unwrap()],
+        },
+        now,
+    );
+    let wall = UnixMillis(1_700_000_000_000);
+    let doc = AgentDesiredState {
+        version: 1,
+        site_id: SiteId(3),
+        tunnel: Some(AgentTunnel {
+            gateway_id: GatewayId(1),
+            kind: TunnelKind::Wireguard,
+            endpoint: "203.0.113.1:51820".parse().unwrap(),
+            public_key: gw_key.public_key(),
+            persistent_keepalive_s: 25,
+            ipsec: None,
+            tls: None,
+        }),
+        mappings: vec![AgentMapping {
+            nat_address: "10.64.0.5".parse().unwrap(),
+            terminal: TerminalName::new("pc-1").unwrap(),
+            request_id: RequestId(17),
+            expires_at: UnixMillis(wall.0 + 3_600_000),
+        }],
+        problem: None,
+        rotation: None,
+    };
+    let names = [(
+        TerminalName::new("pc-1").unwrap(),
+        "192.168.1.10".parse().unwrap(),
+    )]
+    .into_iter()
+    .collect();
+    a.handle_desired_state(&doc, &names, now, wall).unwrap();
+    shuttle(&mut a, &mut gw, now);
+    assert!(a.tunnel().unwrap().up);
+    let reaches_the_site = |a: &mut AgentState, gw: &mut GatewayState<Builtin>| {
+        gw.handle_tun_input(&udp("172.16.0.50", "10.64.0.5", b"x"), now)
+            .unwrap();
+        let t = gw.poll_transmit().expect("to the site");
+        let mut out = vec![0; 70000];
+        let gw_at = "203.0.113.1:51820".parse().unwrap();
+        matches!(
+            a.handle_network_input_into(gw_at, &t.payload, &mut out, now),
+            NetworkOutcome::Lan(_)
+        )
+    };
+    assert!(reaches_the_site(&mut a, &mut gw));
+
+    gw.handle_control(&with_next(2, peer, Some(new.public_key())), now);
+    assert!(
+        !a.set_private_key(old.clone(), now),
+        "the same key changes nothing"
+    );
+    assert!(a.set_private_key(new.clone(), now));
+    assert_eq!(a.public_key(), new.public_key());
+    let before = gw.peers().next().unwrap().stats.handshakes;
+    shuttle(&mut a, &mut gw, now);
+    assert!(a.tunnel().unwrap().up);
+    assert_eq!(
+        gw.peers().next().unwrap().stats.handshakes,
+        1,
+        "{before} then one"
+    );
+    assert!(reaches_the_site(&mut a, &mut gw));
+}
