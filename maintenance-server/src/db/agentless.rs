@@ -46,13 +46,7 @@ pub async fn create_agentless_site(
         }
     };
     let key_b64 = public.to_base64();
-    let taken = sqlx::query("SELECT id FROM sites WHERE public_key = $1")
-        .bind(&key_b64)
-        .fetch_optional(&mut *tx.inner)
-        .await?;
-    if taken.is_some() {
-        return Err(key_taken());
-    }
+    tx.site_key_free(&key_b64, None).await?;
     let row = sqlx::query(
         "INSERT INTO sites (name, created_at, tunnel, public_key, agentless, router_private_key) \
          VALUES ($1, $2, $3, $4, 1, $5) RETURNING id",
@@ -118,13 +112,6 @@ pub async fn console_sites(
             })
         })
         .collect()
-}
-
-fn key_taken() -> OpError {
-    OpError::Conflict {
-        field: "public_key",
-        message: "another site uses this public key".into(),
-    }
 }
 
 /// Whether `site` has no agent (`NotFound` for an unknown site).

@@ -459,6 +459,29 @@ impl Tx {
         }
     }
 
+    /// Checks that no site other than `site` (any site when `None`) holds
+    /// the WireGuard public key `key_b64`, as its key or as the next key of a
+    /// rotation: gateways find a site's tunnel by key.
+    ///
+    /// # Errors
+    /// [`OpError::Conflict`] on `public_key` when one does.
+    pub async fn site_key_free(&mut self, key_b64: &str, site: Option<SiteId>) -> OpResult<()> {
+        let other = sqlx::query(
+            "SELECT id FROM sites WHERE (public_key = $1 OR next_public_key = $1) AND id <> $2",
+        )
+        .bind(key_b64)
+        .bind(site.map_or(-1, |s| id64(s.0)))
+        .fetch_optional(&mut *self.inner)
+        .await?;
+        match other {
+            Some(_) => Err(OpError::Conflict {
+                field: "public_key",
+                message: "another site uses this public key".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Appends to the audit log.
     ///
     /// # Errors

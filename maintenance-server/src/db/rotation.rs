@@ -65,19 +65,7 @@ pub async fn register_next_key(
     if next.as_deref() == Some(key_b64.as_str()) {
         return Ok(());
     }
-    let other = sqlx::query(
-        "SELECT id FROM sites WHERE (public_key = $1 OR next_public_key = $1) AND id <> $2",
-    )
-    .bind(&key_b64)
-    .bind(id64(site.0))
-    .fetch_optional(&mut *tx.inner)
-    .await?;
-    if other.is_some() {
-        return Err(OpError::Conflict {
-            field: "public_key",
-            message: "another site uses this public key".into(),
-        });
-    }
+    tx.site_key_free(&key_b64, Some(site)).await?;
     let gw = site_gateway(tx, site).await?;
     if let Some(gw) = gw {
         tx.bump_gateway(gw).await?;

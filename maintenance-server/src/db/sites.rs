@@ -253,19 +253,7 @@ pub async fn enroll(
         ));
     }
     let key_b64 = key.to_base64();
-    let other = sqlx::query(
-        "SELECT id FROM sites WHERE (public_key = $1 OR next_public_key = $1) AND id <> $2",
-    )
-    .bind(&key_b64)
-    .bind(id64(site.0))
-    .fetch_optional(&mut *tx.inner)
-    .await?;
-    if other.is_some() {
-        return Err(OpError::Conflict {
-            field: "public_key",
-            message: "another site uses this public key".into(),
-        });
-    }
+    tx.site_key_free(&key_b64, Some(site)).await?;
     // Single use even when two enrollments race: only one update matches.
     let claimed = sqlx::query(
         "UPDATE enrollment_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL",
