@@ -229,3 +229,129 @@ fn rotation_agent_switches_key_with_one_handshake_through_the_real_gateway() {
     );
     assert!(reaches_the_site(&mut a, &mut gw));
 }
+
+/// Planned rotation of the gateway's own key, with the real agent: while
+/// the gateway holds a next key it answers both, the agent told the new key
+/// re-dials it and keeps carrying traffic, and after the promotion the old
+/// key is no longer answered.
+#[test]
+fn rotation_gateway_key_both_answered_then_only_the_new_with_the_real_agent() {
+    use crate::agent::{AgentConfig, AgentState, DataMode, NetworkOutcome};
+    use crate::messages::{AgentDesiredState, AgentMapping, AgentTunnel, GatewayId, RequestId};
+    use crate::messages::{TerminalName, TunnelKind, UnixMillis};
+    use crate::tunnel::wireguard;
+
+    let now = Instant::now();
+    let gw_key = PrivateKey::from_bytes([0x42; 32]);
+    let gw_next = PrivateKey::from_bytes([0x43; 32]);
+    let site = PrivateKey::from_bytes([1; 32]);
+    let mut gw = gateway::<Builtin>(now);
+    assert_eq!(gw.public_key(), gw_key.public_key());
+    let peer = crate::messages::GatewayPeer {
+        site_id: SiteId(3),
+        public_key: site.public_key(),
+        nat_addresses: vec!["10.64.0.5".parse().unwrap()],
+        tunnel: TunnelKind::Wireguard,
+        ipsec: None,
+        tls_token_sha256: None,
+    };
+    gw.handle_control(&desired(1, vec![peer]), now);
+    let mut a = AgentState::new(
+        AgentConfig {
+            site_id: SiteId(3),
+            private_key: site.clone(),
+            mode: DataMode::Packet { masquerade: None },
+            seed: 42,
+            center_prefixes: vec!["172.16.0.0/24".parse().unwrap()],
+        },
+        now,
+    );
+    let wall = UnixMillis(1_700_000_000_000);
+    let doc = |version: u64, gateway_key: PublicKey| AgentDesiredState {
+        version,
+        site_id: SiteId(3),
+        tunnel: Some(AgentTunnel {
+            gateway_id: GatewayId(1),
+            kind: TunnelKind::Wireguard,
+            endpoint: "203.0.113.1:51820".parse().unwrap(),
+            public_key: gateway_key,
+            persistent_keepalive_s: 25,
+            ipsec: None,
+            tls: None,
+        }),
+        mappings: vec![AgentMapping {
+            nat_address: "10.64.0.5".parse().unwrap(),
+            terminal: TerminalName::new("pc-1").unwrap(),
+            request_id: RequestId(17),
+            expires_at: UnixMillis(wall.0 + 3_600_000),
+        }],
+        problem: None,
+        rotation: None,
+    };
+    let names = [(
+        TerminalName::new("pc-1").unwrap(),
+        "192.168.1.10".parse().unwrap(),
+    )]
+    .into_iter()
+    .collect();
+    let gw_at: std::net::SocketAddr = "203.0.113.1:51820".parse().unwrap();
+    let reaches_the_site = |a: &mut AgentState, gw: &mut GatewayState<Builtin>| {
+        gw.handle_tun_input(&udp("172.16.0.50", "10.64.0.5", b"x"), now)
+            .unwrap();
+        let Some(t) = gw.poll_transmit() else {
+            return false;
+        };
+        let mut out = vec![0; 70000];
+        matches!(
+            a.handle_network_input_into(gw_at, &t.payload, &mut out, now),
+            NetworkOutcome::Lan(_)
+        )
+    };
+    a.handle_desired_state(&doc(1, gw_key.public_key()), &names, now, wall)
+        .unwrap();
+    shuttle(&mut a, &mut gw, now);
+    assert!(reaches_the_site(&mut a, &mut gw));
+
+    // The rotation starts: the running session is untouched.
+    gw.set_next_key(Some(gw_next.clone()), now);
+    assert_eq!(gw.next_public_key(), Some(gw_next.public_key()));
+    assert_eq!(gw.peers_on_next_key(), (0, 1));
+    assert!(reaches_the_site(&mut a, &mut gw));
+
+    // The agent's document names the new key: it re-dials it, and the
+    // gateway answers with a tunnel holding the next key.
+    let handshakes = gw.peers().next().unwrap().stats.handshakes;
+    a.handle_desired_state(&doc(2, gw_next.public_key()), &names, now, wall)
+        .unwrap();
+    shuttle(&mut a, &mut gw, now);
+    assert!(a.tunnel().unwrap().up);
+    assert_eq!(gw.peers_on_next_key(), (1, 1));
+    assert_eq!(
+        gw.peers().next().unwrap().stats.handshakes,
+        1,
+        "{handshakes} then one handshake with the next key"
+    );
+    assert!(reaches_the_site(&mut a, &mut gw));
+
+    // The promotion keeps that session and drops the old key.
+    assert!(gw.promote_next_key(now));
+    assert!(!gw.promote_next_key(now));
+    assert_eq!(gw.public_key(), gw_next.public_key());
+    assert_eq!(gw.next_public_key(), None);
+    assert!(reaches_the_site(&mut a, &mut gw));
+    let mut stale = wireguard::Tunnel::new(
+        wireguard::TunnelConfig::initiator(site, gw_key.public_key(), 9, None),
+        now,
+    );
+    let mut buf = vec![0; 2048];
+    let init = stale
+        .initiate_handshake(&mut buf, true, now)
+        .unwrap()
+        .unwrap()
+        .to_vec();
+    let mut out = vec![0; 70000];
+    let _ =
+        gw.handle_network_input_into("198.51.100.11:40001".parse().unwrap(), &init, &mut out, now);
+    assert!(gw.poll_transmit().is_none(), "no answer to the old key");
+    assert!(reaches_the_site(&mut a, &mut gw), "nor harm to the session");
+}
