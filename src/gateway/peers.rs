@@ -37,9 +37,9 @@ pub(super) struct Peer<T> {
     /// The site's next key while it rotates its key (planned rotation): an
     /// initiation from it moves this peer's tunnel to it.
     pub(super) next_key: Option<PublicKey>,
-    /// Whether its tunnel holds the gateway's next key (during a rotation
-    /// of the gateway's key, after the agent's first initiation to it).
-    pub(super) on_next_gateway_key: bool,
+    /// The gateway's public key its tunnel holds: the current one, or during
+    /// a rotation of the gateway's key the key its agent last dialed.
+    pub(super) gateway_key: PublicKey,
     pub(super) kind: TunnelKind,
     /// An IPsec peer's parameters (a change replaces its tunnel).
     pub(super) ipsec: Option<IpsecParams>,
@@ -254,7 +254,7 @@ impl<K: Kinds> GatewayState<K> {
             site_id: p.site_id,
             public_key: p.public_key,
             next_key,
-            on_next_gateway_key: false,
+            gateway_key: self.public_key,
             kind: p.tunnel,
             ipsec: p.ipsec.clone(),
             index,
@@ -286,8 +286,11 @@ impl<K: Kinds> GatewayState<K> {
             return;
         };
         let site_rekeys = peer.next_key == Some(key);
-        let to_next_gateway_key = self.responder.addresses_next_key(datagram);
-        if !site_rekeys && to_next_gateway_key == peer.on_next_gateway_key {
+        let addressed = match self.next_public_key {
+            Some(next) if self.responder.addresses_next_key(datagram) => next,
+            _ => self.public_key,
+        };
+        if !site_rekeys && addressed == peer.gateway_key {
             return;
         }
         let spec = GatewayPeer {
@@ -299,7 +302,7 @@ impl<K: Kinds> GatewayState<K> {
             tls_token_sha256: None,
         };
         let index = peer.index;
-        let tunnel = if to_next_gateway_key {
+        let tunnel = if addressed != self.public_key {
             self.responder.next_key_tunnel(&spec, index, now)
         } else {
             self.responder.tunnel(&spec, index, now)
@@ -316,13 +319,13 @@ impl<K: Kinds> GatewayState<K> {
                     site_id: peer.site_id,
                 });
             }
-            if to_next_gateway_key != peer.on_next_gateway_key {
+            if addressed != peer.gateway_key {
                 tracing::info!(
                     site.id = %peer.site_id,
-                    next = to_next_gateway_key,
-                    "peer moved to the gateway's other key"
+                    key = %addressed,
+                    "peer moved to another key of the gateway"
                 );
-                peer.on_next_gateway_key = to_next_gateway_key;
+                peer.gateway_key = addressed;
             }
             peer.tunnel = tunnel;
         }
@@ -332,18 +335,23 @@ impl<K: Kinds> GatewayState<K> {
     /// static key at this worker (call it at every worker): initiations to
     /// `next` are answered beside those to the current key, each peer's
     /// tunnel holding the key its agent addressed.
-    pub fn set_next_key(&mut self, next: Option<PrivateKey>, now: Instant) {
-        let abandon = next.is_none();
-        self.next_public_key = next
+    pub fn set_next_key(&mut self, next: Option<PrivateKey>) {
+        let next_public_key = next
             .as_ref()
             .map(PrivateKey::public_key)
             .filter(|k| *k != self.public_key);
-        self.responder.set_next_key(next);
-        if abandon {
-            // Peers already on the abandoned key re-dial the current one:
-            // their tunnels go back to it at the next initiation.
-            self.reset_gateway_key_tunnels(|p| p.on_next_gateway_key, now);
+        if next_public_key == self.next_public_key {
+            return;
         }
+        tracing::info!(
+            next = ?next_public_key,
+            "rotation of the gateway's key: next key set"
+        );
+        self.next_public_key = next_public_key;
+        self.responder.set_next_key(next);
+        // A peer on an abandoned next key keeps its session (messages are
+        // routed by index); its agent, whose document names another key
+        // again, moves at its next initiation.
     }
 
     /// The next public key during a rotation of this gateway's key.
@@ -360,8 +368,9 @@ impl<K: Kinds> GatewayState<K> {
             .iter()
             .flatten()
             .filter(|p| p.kind == TunnelKind::Wireguard);
+        let next = self.next_public_key;
         wg.fold((0, 0), |(on, all), p| {
-            (on + usize::from(p.on_next_gateway_key), all + 1)
+            (on + usize::from(Some(p.gateway_key) == next), all + 1)
         })
     }
 
@@ -378,10 +387,8 @@ impl<K: Kinds> GatewayState<K> {
         }
         tracing::info!(key = %next, "gateway key rotated: the next key is current");
         self.public_key = next;
-        self.reset_gateway_key_tunnels(|p| !p.on_next_gateway_key, now);
-        for p in self.slots.iter_mut().flatten() {
-            p.on_next_gateway_key = false;
-        }
+        // The old key is dropped: sessions made with it end too.
+        self.reset_gateway_key_tunnels(|p| p.gateway_key != next, now);
         true
     }
 
@@ -412,7 +419,7 @@ impl<K: Kinds> GatewayState<K> {
             };
             if let Some(Some(p)) = self.slots.get_mut(slot) {
                 p.tunnel = tunnel;
-                p.on_next_gateway_key = false;
+                p.gateway_key = self.public_key;
             }
         }
     }

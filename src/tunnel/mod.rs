@@ -601,13 +601,12 @@ impl Responder for Responders {
     }
 
     fn addresses_next_key(&self, datagram: &[u8]) -> bool {
-        match (
-            self.wireguard.next_private_key(),
-            self.wireguard.addressed_key(datagram),
-        ) {
-            (Some(next), Some(addressed)) => next.public_key() == addressed.public_key(),
-            _ => false,
-        }
+        let Some(next) = self.wireguard.next_private_key() else {
+            return false;
+        };
+        self.wireguard
+            .addressed_key(datagram)
+            .is_some_and(|k| k.public_key() == next.public_key())
     }
 
     fn next_key_tunnel(&self, peer: &GatewayPeer, index: u32, now: Instant) -> Option<AnyTunnel> {
