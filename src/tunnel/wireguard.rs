@@ -1350,6 +1350,8 @@ mod tests {
             Err(Error::InvalidMac)
         );
         assert!(responder.addressed_key(&[4, 0, 0, 0]).is_none());
+        assert!(responder.addressed_key(&[1, 0, 0, 0]).is_none());
+        assert!(responder.addressed_key(&[]).is_none());
 
         // After it the old key is refused and the new one is current.
         assert!(responder.promote_next_key());
