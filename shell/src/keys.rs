@@ -16,7 +16,7 @@ pub enum KeyFileError {
     // The IO error is in the message, not a `source` (see `SettingsError`).
     #[error("{action} {path}: {error}")]
     Io {
-        /// `reading`, `creating` or `writing`.
+        /// `reading`, `creating`, `writing` or `removing`.
         action: &'static str,
         /// The file or directory.
         path: String,
@@ -139,6 +139,80 @@ pub fn load_or_create_private_key(path: &Path) -> Result<PrivateKey, KeyFileErro
     Ok(key)
 }
 
+/// Where the next private key waits during a planned rotation of the key
+/// in `current` (a gateway's WireGuard key): `<current>.next`, beside it, so
+/// that a restart in the middle of the rotation keeps answering both keys.
+pub fn next_key_path(current: &Path) -> std::path::PathBuf {
+    let mut name = current.as_os_str().to_owned();
+    name.push(".next");
+    std::path::PathBuf::from(name)
+}
+
+/// The next private key of `current` ([`next_key_path`]), if a rotation is
+/// under way. A next key equal to the current one (a crash after the
+/// promotion wrote the current file, before it removed the next one) is no
+/// rotation: the leftover file is removed.
+///
+/// # Errors
+/// When the file exists but cannot be read or holds no key.
+pub fn read_next_private_key(
+    current: &Path,
+    current_key: &PrivateKey,
+) -> Result<Option<PrivateKey>, KeyFileError> {
+    let path = next_key_path(current);
+    match read_private_key(&path) {
+        Err(KeyFileError::Io { error, .. }) if error.kind() == ErrorKind::NotFound => Ok(None),
+        Ok(key) if key.public_key() == current_key.public_key() => {
+            std::fs::remove_file(&path).map_err(io_error("removing", &path))?;
+            Ok(None)
+        }
+        other => other.map(Some),
+    }
+}
+
+/// Starts a planned rotation of the key in `current`: the next key
+/// ([`next_key_path`], mode 0600), new unless one is already waiting (a
+/// second request during a rotation keeps its key).
+///
+/// # Errors
+/// When the next key file cannot be read or created.
+pub fn create_next_private_key(
+    current: &Path,
+    current_key: &PrivateKey,
+) -> Result<PrivateKey, KeyFileError> {
+    if let Some(key) = read_next_private_key(current, current_key)? {
+        return Ok(key);
+    }
+    let path = next_key_path(current);
+    let key = generate_private_key();
+    let mut f = create_private_file(&path).map_err(io_error("creating", &path))?;
+    writeln!(f, "{}", key.to_base64()).map_err(io_error("writing", &path))?;
+    f.sync_all().map_err(io_error("writing", &path))?;
+    tracing::info!(path = %path.display(), public_key = %key.public_key(), "generated the next private key");
+    Ok(key)
+}
+
+/// Ends a planned rotation: the next key replaces the current file at once
+/// ([`replace_private_file`]), then its own file is removed. `None` when no
+/// rotation was under way.
+///
+/// # Errors
+/// When a file cannot be read, replaced or removed.
+pub fn promote_next_private_key(
+    current: &Path,
+    current_key: &PrivateKey,
+) -> Result<Option<PrivateKey>, KeyFileError> {
+    let Some(next) = read_next_private_key(current, current_key)? else {
+        return Ok(None);
+    };
+    let text = format!("{}\n", next.to_base64());
+    replace_private_file(current, text.as_bytes()).map_err(io_error("writing", current))?;
+    let path = next_key_path(current);
+    std::fs::remove_file(&path).map_err(io_error("removing", &path))?;
+    tracing::info!(path = %current.display(), public_key = %next.public_key(), "the next private key is current");
+    Ok(Some(next))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,5 +275,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("reading "), "{e}");
+    }
+
+    #[test]
+    fn rotation_next_key_file_is_private_survives_restarts_and_promotes() {
+        let dir = tempfile::tempdir().unwrap();
+        let current = dir.path().join("gateway.key");
+        let old = load_or_create_private_key(&current).unwrap();
+        assert!(read_next_private_key(&current, &old).unwrap().is_none());
+        assert!(promote_next_private_key(&current, &old).unwrap().is_none());
+
+        let next = create_next_private_key(&current, &old).unwrap();
+        let path = next_key_path(&current);
+        assert_eq!(path, dir.path().join("gateway.key.next"));
+        assert_eq!(mode(&path), 0o600);
+        assert_ne!(next.public_key(), old.public_key());
+        // A restart, or a second request, finds the same next key.
+        let again = create_next_private_key(&current, &old).unwrap();
+        assert_eq!(again.public_key(), next.public_key());
+        let read = read_next_private_key(&current, &old).unwrap().unwrap();
+        assert_eq!(read.public_key(), next.public_key());
+
+        let promoted = promote_next_private_key(&current, &old).unwrap().unwrap();
+        assert_eq!(promoted.public_key(), next.public_key());
+        assert_eq!(
+            read_private_key(&current).unwrap().public_key(),
+            next.public_key()
+        );
+        assert_eq!(mode(&current), 0o600);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn rotation_a_next_key_left_equal_to_the_current_one_is_no_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let current = dir.path().join("gateway.key");
+        let key = load_or_create_private_key(&current).unwrap();
+        let path = next_key_path(&current);
+        std::fs::copy(&current, &path).unwrap();
+        assert!(read_next_private_key(&current, &key).unwrap().is_none());
+        assert!(!path.exists());
+        std::fs::write(&path, "not a key\n").unwrap();
+        let err = read_next_private_key(&current, &key).unwrap_err();
+        assert!(err.to_string().contains("gateway.key.next"), "{err}");
     }
 }

@@ -190,7 +190,7 @@ impl<K: Kinds> GatewayState<K> {
                 Some(r) if r.owner != self.shard.index => Err(NetworkOutcome::Handoff(r.owner)),
                 Some(r) => {
                     let slot = r.slot;
-                    self.adopt_next_key(slot, peer_public_key, now);
+                    self.adopt_next_key(slot, peer_public_key, datagram, now);
                     Ok(slot)
                 }
             },

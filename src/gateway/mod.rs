@@ -345,6 +345,8 @@ pub struct PeerView {
 pub struct GatewayState<K: Kinds = Builtin> {
     responder: K::Responder,
     public_key: PublicKey,
+    /// During a rotation of the gateway's key, the next public key.
+    next_public_key: Option<PublicKey>,
     pool: Option<Prefix>,
     max_tunnels: u32,
     icmp_source: Option<Ipv4Addr>,
@@ -404,6 +406,7 @@ impl<K: Kinds> GatewayState<K> {
         };
         Self {
             public_key: config.private_key.public_key(),
+            next_public_key: None,
             responder: K::Responder::new(config.private_key, config.handshake_limit),
             pool: config.pool,
             max_tunnels: config.max_tunnels,

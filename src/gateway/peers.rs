@@ -12,7 +12,7 @@ use super::{
 use crate::messages::{
     AppliedState, GatewayDesiredState, GatewayPeer, IpsecParams, PublicKey, SiteId,
 };
-use crate::tunnel::{Kinds, Responder, TunnelKind};
+use crate::tunnel::{Kinds, PrivateKey, Responder, TunnelKind};
 
 /// Where a key or address leads: its site, the owning shard and, when the
 /// owner is this shard, the peer's slot; for a NAT address, which sources
@@ -37,6 +37,9 @@ pub(super) struct Peer<T> {
     /// The site's next key while it rotates its key (planned rotation): an
     /// initiation from it moves this peer's tunnel to it.
     pub(super) next_key: Option<PublicKey>,
+    /// The gateway's public key its tunnel holds: the current one, or during
+    /// a rotation of the gateway's key the key its agent last dialed.
+    pub(super) gateway_key: PublicKey,
     pub(super) kind: TunnelKind,
     /// An IPsec peer's parameters (a change replaces its tunnel).
     pub(super) ipsec: Option<IpsecParams>,
@@ -251,6 +254,7 @@ impl<K: Kinds> GatewayState<K> {
             site_id: p.site_id,
             public_key: p.public_key,
             next_key,
+            gateway_key: self.public_key,
             kind: p.tunnel,
             ipsec: p.ipsec.clone(),
             index,
@@ -267,12 +271,26 @@ impl<K: Kinds> GatewayState<K> {
     /// is the peer's next key, its tunnel is replaced by one for that key
     /// (same slot and index) before the initiation reaches it. The agent
     /// sends it only after it stored the new key, so the old session and
-    /// key are not needed any more.
-    pub(super) fn adopt_next_key(&mut self, slot: u32, key: PublicKey, now: Instant) {
+    /// key are not needed any more. Likewise when the initiation addresses
+    /// the gateway's other static key than the peer's tunnel holds (a
+    /// rotation of the gateway's key): the agent dials the key its document
+    /// names.
+    pub(super) fn adopt_next_key(
+        &mut self,
+        slot: u32,
+        key: PublicKey,
+        datagram: &[u8],
+        now: Instant,
+    ) {
         let Some(Some(peer)) = self.slots.get(slot as usize) else {
             return;
         };
-        if peer.next_key != Some(key) {
+        let site_rekeys = peer.next_key == Some(key);
+        let addressed = match self.next_public_key {
+            Some(next) if self.responder.addresses_next_key(datagram) => next,
+            _ => self.public_key,
+        };
+        if !site_rekeys && addressed == peer.gateway_key {
             return;
         }
         let spec = GatewayPeer {
@@ -284,17 +302,125 @@ impl<K: Kinds> GatewayState<K> {
             tls_token_sha256: None,
         };
         let index = peer.index;
-        let Some(tunnel) = self.responder.tunnel(&spec, index, now) else {
+        let tunnel = if addressed != self.public_key {
+            self.responder.next_key_tunnel(&spec, index, now)
+        } else {
+            self.responder.tunnel(&spec, index, now)
+        };
+        let Some(tunnel) = tunnel else {
             return;
         };
         if let Some(Some(peer)) = self.slots.get_mut(slot as usize) {
-            tracing::info!(site.id = %peer.site_id, key = %key, "peer moved to its next key");
-            peer.public_key = key;
-            peer.next_key = None;
+            if site_rekeys {
+                tracing::info!(site.id = %peer.site_id, key = %key, "peer moved to its next key");
+                peer.public_key = key;
+                peer.next_key = None;
+                self.events.push_back(GatewayEvent::PeerRekeyed {
+                    site_id: peer.site_id,
+                });
+            }
+            if addressed != peer.gateway_key {
+                tracing::info!(
+                    site.id = %peer.site_id,
+                    key = %addressed,
+                    "peer moved to another key of the gateway"
+                );
+                peer.gateway_key = addressed;
+            }
             peer.tunnel = tunnel;
-            self.events.push_back(GatewayEvent::PeerRekeyed {
-                site_id: peer.site_id,
-            });
+        }
+    }
+
+    /// Starts (`Some`) or abandons (`None`) a rotation of this gateway's
+    /// static key at this worker (call it at every worker): initiations to
+    /// `next` are answered beside those to the current key, each peer's
+    /// tunnel holding the key its agent addressed.
+    pub fn set_next_key(&mut self, next: Option<PrivateKey>) {
+        let next_public_key = next
+            .as_ref()
+            .map(PrivateKey::public_key)
+            .filter(|k| *k != self.public_key);
+        if next_public_key == self.next_public_key {
+            return;
+        }
+        tracing::info!(
+            next = ?next_public_key,
+            "rotation of the gateway's key: next key set"
+        );
+        self.next_public_key = next_public_key;
+        self.responder.set_next_key(next);
+        // A peer on an abandoned next key keeps its session (messages are
+        // routed by index); its agent, whose document names another key
+        // again, moves at its next initiation.
+    }
+
+    /// The next public key during a rotation of this gateway's key.
+    pub fn next_public_key(&self) -> Option<PublicKey> {
+        self.next_public_key
+    }
+
+    /// During a rotation of the gateway's key: this worker's peers that
+    /// have handshaken with the next key, and all of them (WireGuard peers
+    /// only; IPsec peers do not use the key).
+    pub fn peers_on_next_key(&self) -> (usize, usize) {
+        let wg = self
+            .slots
+            .iter()
+            .flatten()
+            .filter(|p| p.kind == TunnelKind::Wireguard);
+        let next = self.next_public_key;
+        wg.fold((0, 0), |(on, all), p| {
+            (on + usize::from(Some(p.gateway_key) == next), all + 1)
+        })
+    }
+
+    /// Ends a rotation of the gateway's key at this worker: the next key
+    /// becomes the current one and the old one is no longer answered. A
+    /// peer still on the old key gets a tunnel for the new one (its agent,
+    /// told the new key, re-dials). `false` when there was no rotation.
+    pub fn promote_next_key(&mut self, now: Instant) -> bool {
+        let Some(next) = self.next_public_key.take() else {
+            return false;
+        };
+        if !self.responder.promote_next_key() {
+            return false;
+        }
+        tracing::info!(key = %next, "gateway key rotated: the next key is current");
+        self.public_key = next;
+        // The old key is dropped: sessions made with it end too.
+        self.reset_gateway_key_tunnels(|p| p.gateway_key != next, now);
+        true
+    }
+
+    /// Gives the WireGuard peers `select` picks a fresh tunnel with the
+    /// current key (same index).
+    fn reset_gateway_key_tunnels(
+        &mut self,
+        select: impl Fn(&Peer<K::Tunnel>) -> bool,
+        now: Instant,
+    ) {
+        for slot in 0..self.slots.len() {
+            let Some(Some(p)) = self.slots.get(slot) else {
+                continue;
+            };
+            if p.kind != TunnelKind::Wireguard || !select(p) {
+                continue;
+            }
+            let spec = GatewayPeer {
+                site_id: p.site_id,
+                public_key: p.public_key,
+                nat_addresses: Vec::new(),
+                tunnel: p.kind,
+                ipsec: None,
+                tls_token_sha256: None,
+            };
+            let Some(tunnel) = self.responder.tunnel(&spec, p.index, now) else {
+                continue;
+            };
+            if let Some(Some(p)) = self.slots.get_mut(slot) {
+                p.tunnel = tunnel;
+                p.gateway_key = self.public_key;
+            }
         }
     }
 

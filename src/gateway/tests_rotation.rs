@@ -1,6 +1,8 @@
 //! Planned rotation of a site's key at the gateway: a peer listed with a
 //! next key accepts a handshake from either key, and moves its tunnel to
-//! the next key at the first initiation from it.
+//! the next key at the first initiation from it. Planned rotation of the
+//! gateway's own key: with a next key it answers initiations to either key,
+//! each peer's tunnel holding the key its agent dialed, until the promotion.
 
 use std::time::{Duration, Instant};
 
@@ -228,4 +230,213 @@ fn rotation_agent_switches_key_with_one_handshake_through_the_real_gateway() {
         "{before} then one"
     );
     assert!(reaches_the_site(&mut a, &mut gw));
+}
+
+/// A gateway (key `0x42`) and the real agent of site 3 (key 1) on it.
+struct Rig {
+    gw: GatewayState<Builtin>,
+    agent: crate::agent::AgentState,
+    names: std::collections::BTreeMap<crate::messages::TerminalName, std::net::Ipv4Addr>,
+    version: u64,
+    now: Instant,
+}
+
+impl Rig {
+    const WALL: crate::messages::UnixMillis = crate::messages::UnixMillis(1_700_000_000_000);
+
+    fn gw_key() -> PrivateKey {
+        PrivateKey::from_bytes([0x42; 32])
+    }
+
+    fn gw_next() -> PrivateKey {
+        PrivateKey::from_bytes([0x43; 32])
+    }
+
+    fn site_key() -> PrivateKey {
+        PrivateKey::from_bytes([1; 32])
+    }
+
+    /// Connected, with the agent dialing the gateway's current key.
+    fn new() -> Self {
+        use crate::agent::{AgentConfig, AgentState, DataMode};
+        use crate::messages::{TerminalName, TunnelKind};
+        let now = Instant::now();
+        let mut gw = gateway::<Builtin>(now);
+        assert_eq!(gw.public_key(), Self::gw_key().public_key());
+        let peer = crate::messages::GatewayPeer {
+            site_id: SiteId(3),
+            public_key: Self::site_key().public_key(),
+            nat_addresses: vec!["10.64.0.5".parse().unwrap()],
+            tunnel: TunnelKind::Wireguard,
+            ipsec: None,
+            tls_token_sha256: None,
+        };
+        gw.handle_control(&desired(1, vec![peer]), now);
+        let agent = AgentState::new(
+            AgentConfig {
+                site_id: SiteId(3),
+                private_key: Self::site_key(),
+                mode: DataMode::Packet { masquerade: None },
+                seed: 42,
+                center_prefixes: vec!["172.16.0.0/24".parse().unwrap()],
+            },
+            now,
+        );
+        let names = [(
+            TerminalName::new("pc-1").unwrap(),
+            "192.168.1.10".parse().unwrap(),
+        )]
+        .into_iter()
+        .collect();
+        let mut rig = Self {
+            gw,
+            agent,
+            names,
+            version: 0,
+            now,
+        };
+        rig.agent_dials(Self::gw_key().public_key());
+        assert!(rig.reaches_the_site());
+        rig
+    }
+
+    /// The agent's next document names `gateway_key`; the datagrams that
+    /// follow are exchanged.
+    fn agent_dials(&mut self, gateway_key: PublicKey) {
+        use crate::messages::{AgentDesiredState, AgentMapping, AgentTunnel, GatewayId};
+        use crate::messages::{RequestId, TerminalName, TunnelKind, UnixMillis};
+        self.version += 1;
+        let doc = AgentDesiredState {
+            version: self.version,
+            site_id: SiteId(3),
+            tunnel: Some(AgentTunnel {
+                gateway_id: GatewayId(1),
+                kind: TunnelKind::Wireguard,
+                endpoint: "203.0.113.1:51820".parse().unwrap(),
+                public_key: gateway_key,
+                persistent_keepalive_s: 25,
+                ipsec: None,
+                tls: None,
+            }),
+            mappings: vec![AgentMapping {
+                nat_address: "10.64.0.5".parse().unwrap(),
+                terminal: TerminalName::new("pc-1").unwrap(),
+                request_id: RequestId(17),
+                expires_at: UnixMillis(Self::WALL.0 + 3_600_000),
+            }],
+            problem: None,
+            rotation: None,
+        };
+        self.agent
+            .handle_desired_state(&doc, &self.names, self.now, Self::WALL)
+            .unwrap();
+        shuttle(&mut self.agent, &mut self.gw, self.now);
+    }
+
+    /// A technician's packet reaches the site's LAN.
+    fn reaches_the_site(&mut self) -> bool {
+        use crate::agent::NetworkOutcome;
+        self.gw
+            .handle_tun_input(&udp("172.16.0.50", "10.64.0.5", b"x"), self.now)
+            .unwrap();
+        let Some(t) = self.gw.poll_transmit() else {
+            return false;
+        };
+        let mut out = vec![0; 70000];
+        let gw_at = "203.0.113.1:51820".parse().unwrap();
+        matches!(
+            self.agent
+                .handle_network_input_into(gw_at, &t.payload, &mut out, self.now),
+            NetworkOutcome::Lan(_)
+        )
+    }
+
+    /// Whether the gateway answers an initiation of the site's key to `key`.
+    /// The probe takes over the agent's tunnel (same key, another address):
+    /// last in a test.
+    fn answers(&mut self, key: PublicKey) -> bool {
+        use crate::tunnel::wireguard;
+        let mut stale = wireguard::Tunnel::new(
+            wireguard::TunnelConfig::initiator(Self::site_key(), key, 9, None),
+            self.now,
+        );
+        let mut buf = vec![0; 2048];
+        let init = stale
+            .initiate_handshake(&mut buf, true, self.now)
+            .unwrap()
+            .unwrap()
+            .to_vec();
+        let mut out = vec![0; 70000];
+        let from = "198.51.100.99:40001".parse().unwrap();
+        let _ = self
+            .gw
+            .handle_network_input_into(from, &init, &mut out, self.now);
+        std::iter::from_fn(|| self.gw.poll_transmit()).any(|t| t.dst == from)
+    }
+}
+
+/// Planned rotation of the gateway's own key, with the real agent: while
+/// the gateway holds a next key it answers both, the agent told the new key
+/// re-dials it and keeps carrying traffic, and after the promotion the old
+/// key is no longer answered.
+#[test]
+fn rotation_gateway_key_both_answered_then_only_the_new_with_the_real_agent() {
+    let mut rig = Rig::new();
+    let (old, next) = (Rig::gw_key().public_key(), Rig::gw_next().public_key());
+
+    // The rotation starts: the running session is untouched.
+    rig.gw.set_next_key(Some(Rig::gw_next()));
+    assert_eq!(rig.gw.next_public_key(), Some(next));
+    assert_eq!(rig.gw.peers_on_next_key(), (0, 1));
+    assert!(rig.reaches_the_site());
+
+    // The agent's document names the new key: it re-dials it (one
+    // handshake), and the gateway answers with a tunnel holding that key.
+    let handshakes = rig.gw.peers().next().unwrap().stats.handshakes;
+    rig.agent_dials(next);
+    assert!(rig.agent.tunnel().unwrap().up);
+    assert_eq!(rig.gw.peers_on_next_key(), (1, 1));
+    assert_eq!(
+        rig.gw.peers().next().unwrap().stats.handshakes,
+        1,
+        "{handshakes} then one handshake with the next key"
+    );
+    assert!(rig.reaches_the_site());
+
+    // Abandoning the rotation keeps the session; the agent, told the
+    // current key again, re-dials it. Restarting the rotation is one more
+    // handshake with the next key.
+    rig.gw.set_next_key(None);
+    assert_eq!(rig.gw.next_public_key(), None);
+    assert_eq!(rig.gw.peers_on_next_key(), (0, 1));
+    assert!(rig.reaches_the_site());
+    rig.agent_dials(old);
+    assert!(rig.reaches_the_site());
+    rig.gw.set_next_key(Some(Rig::gw_next()));
+    rig.agent_dials(next);
+    assert_eq!(rig.gw.peers_on_next_key(), (1, 1));
+    assert!(rig.reaches_the_site());
+
+    // The promotion keeps that session and drops the old key.
+    assert!(rig.gw.promote_next_key(rig.now));
+    assert!(!rig.gw.promote_next_key(rig.now));
+    assert_eq!(rig.gw.public_key(), next);
+    assert_eq!(rig.gw.next_public_key(), None);
+    assert!(rig.reaches_the_site());
+    assert!(!rig.answers(old), "no answer to the old key");
+    assert!(rig.answers(next));
+}
+
+/// A promotion after the grace time, with an agent still on the old key:
+/// its session (made with the dropped key) ends, and the agent's re-dial to
+/// the key its document names restores it.
+#[test]
+fn rotation_promotion_ends_sessions_on_the_old_key() {
+    let mut rig = Rig::new();
+    rig.gw.set_next_key(Some(Rig::gw_next()));
+    assert_eq!(rig.gw.peers_on_next_key(), (0, 1));
+    assert!(rig.gw.promote_next_key(rig.now));
+    assert!(!rig.reaches_the_site(), "the old key's session ended");
+    rig.agent_dials(Rig::gw_next().public_key());
+    assert!(rig.reaches_the_site());
 }

@@ -326,6 +326,38 @@ pub trait Responder: fmt::Debug + Send + Sized {
         now: Instant,
     ) -> Result<Incoming<'b>, Error>;
 
+    /// Starts (or, with `None`, abandons) a rotation of the gateway's
+    /// static key: initiations addressed to `next` are answered as well as
+    /// those to the current key. Kinds without a static key ignore it.
+    fn set_next_key(&mut self, next: Option<PrivateKey>) {
+        let _ = next;
+    }
+
+    /// Ends a key rotation: the next key becomes the current one. `false`
+    /// when there is none.
+    fn promote_next_key(&mut self) -> bool {
+        false
+    }
+
+    /// Whether `datagram` is a handshake initiation addressed to the next
+    /// key (see [`Self::set_next_key`]).
+    fn addresses_next_key(&self, datagram: &[u8]) -> bool {
+        let _ = datagram;
+        false
+    }
+
+    /// [`Self::tunnel`] holding the next key instead of the current one;
+    /// `None` without a next key or for a kind without static keys.
+    fn next_key_tunnel(
+        &self,
+        peer: &GatewayPeer,
+        index: u32,
+        now: Instant,
+    ) -> Option<Self::Tunnel> {
+        let _ = (peer, index, now);
+        None
+    }
+
     /// [`Self::classify`] for a message that a responder sharing this one
     /// ([`Self::share`]) already classified and admitted (another worker
     /// received it and handed it over): routed without counting or checking
@@ -557,6 +589,39 @@ impl Responder for Responders {
             wireguard::Responder::proves_sender(datagram)
         } else {
             ipsec::Responder::proves_sender(datagram)
+        }
+    }
+
+    fn set_next_key(&mut self, next: Option<PrivateKey>) {
+        self.wireguard.set_next_key(next);
+    }
+
+    fn promote_next_key(&mut self) -> bool {
+        self.wireguard.promote_next_key()
+    }
+
+    fn addresses_next_key(&self, datagram: &[u8]) -> bool {
+        let Some(next) = self.wireguard.next_private_key() else {
+            return false;
+        };
+        self.wireguard
+            .addressed_key(datagram)
+            .is_some_and(|k| k.public_key() == next.public_key())
+    }
+
+    fn next_key_tunnel(&self, peer: &GatewayPeer, index: u32, now: Instant) -> Option<AnyTunnel> {
+        let next = self.wireguard.next_private_key()?;
+        match peer.tunnel {
+            TunnelKind::Wireguard => Some(AnyTunnel::Wireguard(wireguard::Tunnel::new(
+                wireguard::TunnelConfig {
+                    limiter: self.wireguard.limiter_for(&next.public_key()),
+                    ..wireguard::TunnelConfig::responder(next.clone(), peer.public_key, index)
+                },
+                now,
+            ))),
+            // IPsec peers authenticate with their own credentials, not the
+            // gateway's WireGuard key.
+            TunnelKind::Ipsec => None,
         }
     }
 

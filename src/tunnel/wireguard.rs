@@ -640,14 +640,35 @@ impl fmt::Debug for HandshakeLimiter {
     }
 }
 
-/// What every [`Responder`] of one gateway shares (one per worker's socket):
-/// the cookie secret, the load and the per-source buckets.
-struct Shared {
-    /// mac1 only (never under load): for the tunnels.
+/// What every [`Responder`] of one gateway shares for one of its static
+/// keys (one per worker's socket): the key, its mac1 check and its cookie
+/// secrets. mac1 and the cookie reply are keyed by the responder's static
+/// public key (WireGuard paper §5.4.4, §5.4.7), so a gateway answering two
+/// keys during a key rotation keeps these per key.
+struct KeyState {
+    private_key: PrivateKey,
+    public_key: x25519::PublicKey,
+    /// mac1 only (never under load): for the tunnels of this key.
     mac1_only: HandshakeLimiter,
-    /// The cookie secrets of this gateway.
+    /// The cookie secrets of this key.
     cookies: Mutex<CookieSecrets>,
-    admission: Mutex<Admission>,
+}
+
+impl KeyState {
+    fn new(private_key: PrivateKey) -> Self {
+        let public_key = x25519::PublicKey::from(&private_key.0);
+        Self {
+            mac1_only: HandshakeLimiter(Arc::new(RateLimiter::new(&public_key, u64::MAX))),
+            cookies: Mutex::new(CookieSecrets::new(public_key)),
+            private_key,
+            public_key,
+        }
+    }
+
+    /// Whether `datagram` (an initiation) carries a mac1 for this key.
+    fn has_mac1(&self, datagram: &[u8], buf: &mut [u8]) -> bool {
+        self.mac1_only.0.verify_packet(None, datagram, buf).is_ok()
+    }
 }
 
 /// How long a cookie secret is current (WireGuard paper §5.4.7: the
@@ -713,15 +734,24 @@ impl CookieSecrets {
 /// initiation needs a valid cookie for its source address, and each source
 /// address (IPv6: /64) then gets 20 initiations per second with a burst of 5.
 pub struct Responder {
-    private_key: PrivateKey,
-    public_key: x25519::PublicKey,
-    shared: Arc<Shared>,
+    /// The current static key.
+    key: Arc<KeyState>,
+    /// During a key rotation, the next static key: initiations addressed to
+    /// it are answered too (see [`Self::set_next_key`]).
+    next: Option<Arc<KeyState>>,
+    /// The load and the per-source buckets, shared by all keys: a rotation
+    /// must not double what a source may send.
+    admission: Arc<Mutex<Admission>>,
 }
 
 impl fmt::Debug for Responder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Responder")
-            .field("public_key", &self.private_key.public_key())
+            .field("public_key", &self.key.private_key.public_key())
+            .field(
+                "next_public_key",
+                &self.next.as_ref().map(|k| k.private_key.public_key()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -734,16 +764,10 @@ impl Responder {
     /// A responder for `private_key` that demands cookies above `handshake_limit`
     /// initiations per second.
     pub fn new(private_key: PrivateKey, handshake_limit: u64) -> Self {
-        let public_key = x25519::PublicKey::from(&private_key.0);
-        let shared = Shared {
-            mac1_only: HandshakeLimiter(Arc::new(RateLimiter::new(&public_key, u64::MAX))),
-            cookies: Mutex::new(CookieSecrets::new(public_key)),
-            admission: Mutex::new(Admission::new(handshake_limit)),
-        };
         Self {
-            private_key,
-            public_key,
-            shared: Arc::new(shared),
+            key: Arc::new(KeyState::new(private_key)),
+            next: None,
+            admission: Arc::new(Mutex::new(Admission::new(handshake_limit))),
         }
     }
 
@@ -751,21 +775,76 @@ impl Responder {
     /// same key, cookie secret, load and source buckets.
     pub fn share(&self) -> Self {
         Self {
-            private_key: self.private_key.clone(),
-            public_key: self.public_key,
-            shared: Arc::clone(&self.shared),
+            key: Arc::clone(&self.key),
+            next: self.next.clone(),
+            admission: Arc::clone(&self.admission),
         }
     }
 
-    /// Our private key.
+    /// Our (current) private key.
     pub fn private_key(&self) -> &PrivateKey {
-        &self.private_key
+        &self.key.private_key
+    }
+
+    /// The next private key during a key rotation.
+    pub fn next_private_key(&self) -> Option<&PrivateKey> {
+        self.next.as_ref().map(|k| &k.private_key)
+    }
+
+    /// Starts a key rotation (or, with `None`, abandons it): from now on
+    /// initiations addressed to `next` are answered as well as those to the
+    /// current key. Each peer's tunnel must use the key its initiation
+    /// addressed ([`Self::addressed_key`]). A share made before this call
+    /// does not see it: set the next key on every share.
+    pub fn set_next_key(&mut self, next: Option<PrivateKey>) {
+        self.next = match next {
+            Some(k) if k.public_key() == self.key.private_key.public_key() => None,
+            Some(k) => Some(Arc::new(KeyState::new(k))),
+            None => None,
+        };
+    }
+
+    /// Ends a key rotation: the next key becomes the current one and
+    /// initiations to the old key fail mac1 from now on. `false` (and no
+    /// change) when there is no next key.
+    pub fn promote_next_key(&mut self) -> bool {
+        match self.next.take() {
+            Some(next) => {
+                self.key = next;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The private key a handshake initiation is addressed to (its mac1,
+    /// WireGuard paper §5.4.4): the next key, else the current one; `None`
+    /// for anything else. The tunnel that answers it must hold that key.
+    pub fn addressed_key(&self, datagram: &[u8]) -> Option<&PrivateKey> {
+        if datagram.first() != Some(&TYPE_HANDSHAKE_INIT) {
+            return None;
+        }
+        let mut buf = [0u8; MIN_BUFFER_LEN];
+        self.next
+            .iter()
+            .chain(std::iter::once(&self.key))
+            .find(|k| k.has_mac1(datagram, &mut buf))
+            .map(|k| &k.private_key)
     }
 
     /// The limiter to pass to every [`TunnelConfig`] of this responder (a
-    /// mac1 check only, see [`HandshakeLimiter`]).
+    /// mac1 check only, see [`HandshakeLimiter`]) for the current key.
     pub fn limiter(&self) -> HandshakeLimiter {
-        self.shared.mac1_only.clone()
+        self.key.mac1_only.clone()
+    }
+
+    /// [`Self::limiter`] for the tunnels of `key` (the current or the next
+    /// one); `None` for another key.
+    pub fn limiter_for(&self, key: &PublicKey) -> Option<HandshakeLimiter> {
+        std::iter::once(&self.key)
+            .chain(self.next.iter())
+            .find(|k| k.private_key.public_key() == *key)
+            .map(|k| k.mac1_only.clone())
     }
 
     /// Works out which tunnel a datagram is for. Initiations are admitted
@@ -818,15 +897,20 @@ impl Responder {
         let packet = Tunn::parse_incoming_packet(datagram)?;
         match packet {
             Packet::HandshakeInit(_) => {
-                let shared = &*self.shared;
-                let mut packet = verified(shared.mac1_only.0.verify_packet(None, datagram, buf))?;
+                // The next key first: once agents have its document, most
+                // initiations address it.
+                let key = match &self.next {
+                    Some(next) if next.has_mac1(datagram, buf) => Arc::clone(next),
+                    _ => Arc::clone(&self.key),
+                };
+                let mut packet = verified(key.mac1_only.0.verify_packet(None, datagram, buf))?;
                 if let Some((from, now)) = admit {
-                    let under_load = lock(&shared.admission).note_initiation(now);
+                    let under_load = lock(&self.admission).note_initiation(now);
                     if under_load {
                         let Some(from) = from else {
                             return Err(Error::UnderLoad);
                         };
-                        let (current, previous) = lock(&shared.cookies).at(now);
+                        let (current, previous) = lock(&key.cookies).at(now);
                         // An initiator without a cookie sends a zero mac2.
                         let has_mac2 =
                             datagram.len() >= 16 && datagram[datagram.len() - 16..] != [0; 16];
@@ -842,7 +926,7 @@ impl Responder {
                                 other => verified(other)?,
                             },
                         };
-                        if lock(&shared.admission).allow_source(from, now).is_err() {
+                        if lock(&self.admission).allow_source(from, now).is_err() {
                             return Err(Error::RateLimited);
                         }
                     }
@@ -850,7 +934,7 @@ impl Responder {
                 let Packet::HandshakeInit(init) = packet else {
                     return Err(Error::Malformed);
                 };
-                let half = parse_handshake_anon(&self.private_key.0, &self.public_key, &init)?;
+                let half = parse_handshake_anon(&key.private_key.0, &key.public_key, &init)?;
                 Ok(Incoming::Initiation {
                     peer_public_key: PublicKey(half.peer_static_public),
                 })
@@ -1169,6 +1253,145 @@ mod tests {
             Err(Error::Malformed)
         );
         assert_eq!(Responder::data_receiver_index(&[4, 0, 0]), None);
+    }
+
+    /// A full handshake of `client` through `responder` to a gateway tunnel
+    /// built with the key the initiation addressed; `Err` when the responder
+    /// refuses the initiation.
+    fn rotation_handshake(
+        responder: &mut Responder,
+        client: &mut Tunnel,
+        client_key: u8,
+        now: Instant,
+    ) -> Result<PublicKey, Error> {
+        let mut out = vec![0; 2048];
+        let init = initiation(client, true, now);
+        assert_eq!(
+            responder.classify(None, &init, &mut out, now)?,
+            Incoming::Initiation {
+                peer_public_key: key(client_key).public_key()
+            }
+        );
+        let addressed = responder.addressed_key(&init).unwrap().clone();
+        let gw_public = addressed.public_key();
+        let mut gw = Tunnel::new(
+            TunnelConfig {
+                limiter: responder.limiter_for(&gw_public),
+                ..TunnelConfig::responder(addressed, key(client_key).public_key(), 7)
+            },
+            now,
+        );
+        let Decapsulated::Network(resp) = gw.decapsulate(None, &init, &mut out, now).unwrap()
+        else {
+            panic!("no handshake response")
+        };
+        let resp = resp.to_vec();
+        let mut buf = vec![0; 2048];
+        // The client confirms the session with a keepalive, which the
+        // gateway's tunnel decrypts: both hold the addressed key.
+        let Decapsulated::Network(ka) = client.decapsulate(None, &resp, &mut buf, now).unwrap()
+        else {
+            panic!("no keepalive")
+        };
+        assert_eq!(
+            gw.decapsulate(None, ka, &mut out, now).unwrap(),
+            Decapsulated::Nothing
+        );
+        assert!(client.has_session() && gw.has_session());
+        Ok(gw_public)
+    }
+
+    #[test]
+    fn rotation_both_keys_are_answered_then_only_the_next() {
+        let now = Instant::now();
+        let (old, new) = (key(9), key(11));
+        let mut responder = Responder::new(old.clone(), Responder::DEFAULT_HANDSHAKE_LIMIT);
+        let mut worker = responder.share();
+        let mut to_old = Tunnel::new(
+            TunnelConfig::initiator(key(3), old.public_key(), 5, None),
+            now,
+        );
+        let mut to_new = Tunnel::new(
+            TunnelConfig::initiator(key(4), new.public_key(), 6, None),
+            now,
+        );
+        // Before the rotation only the current key is answered.
+        assert_eq!(
+            rotation_handshake(&mut responder, &mut to_new, 4, now),
+            Err(Error::InvalidMac)
+        );
+        assert_eq!(
+            responder.next_private_key().map(PrivateKey::public_key),
+            None
+        );
+        assert!(responder.limiter_for(&new.public_key()).is_none());
+
+        // During it both are, each tunnel with the key its agent addressed,
+        // at every worker that was told.
+        responder.set_next_key(Some(new.clone()));
+        worker.set_next_key(Some(new.clone()));
+        for r in [&mut responder, &mut worker] {
+            assert_eq!(
+                rotation_handshake(r, &mut to_old, 3, now),
+                Ok(old.public_key())
+            );
+            assert_eq!(
+                rotation_handshake(r, &mut to_new, 4, now),
+                Ok(new.public_key())
+            );
+        }
+        // A third key is still refused, and data is not an initiation.
+        let mut stranger = Tunnel::new(
+            TunnelConfig::initiator(key(5), key(12).public_key(), 8, None),
+            now,
+        );
+        assert_eq!(
+            rotation_handshake(&mut responder, &mut stranger, 5, now),
+            Err(Error::InvalidMac)
+        );
+        assert!(responder.addressed_key(&[4, 0, 0, 0]).is_none());
+        assert!(responder.addressed_key(&[1, 0, 0, 0]).is_none());
+        assert!(responder.addressed_key(&[]).is_none());
+
+        // After it the old key is refused and the new one is current.
+        assert!(responder.promote_next_key());
+        assert!(!responder.promote_next_key());
+        assert_eq!(responder.private_key().public_key(), new.public_key());
+        assert_eq!(
+            rotation_handshake(&mut responder, &mut to_old, 3, now),
+            Err(Error::InvalidMac)
+        );
+        assert_eq!(
+            rotation_handshake(&mut responder, &mut to_new, 4, now),
+            Ok(new.public_key())
+        );
+        // Setting the current key as the next one is no rotation.
+        responder.set_next_key(Some(new.clone()));
+        assert!(responder.next_private_key().is_none());
+    }
+
+    #[test]
+    fn rotation_under_load_the_next_key_gives_its_own_cookies() {
+        let now = Instant::now();
+        let (old, new) = (key(9), key(11));
+        let from: IpAddr = "198.51.100.7".parse().unwrap();
+        let mut responder = Responder::new(old, 0);
+        responder.set_next_key(Some(new.clone()));
+        // The cookie reply is keyed by the addressed (next) key: the
+        // client can open it, and its retry with mac2 is admitted.
+        let mut client = cookie_holder(&mut responder, &new, from, now);
+        let init = initiation(&mut client, true, now);
+        let mut out = vec![0; 2048];
+        assert_eq!(
+            responder.classify(Some(from), &init, &mut out, now),
+            Ok(Incoming::Initiation {
+                peer_public_key: key(3).public_key()
+            })
+        );
+        assert_eq!(
+            responder.addressed_key(&init).map(PrivateKey::public_key),
+            Some(new.public_key())
+        );
     }
 
     #[test]
