@@ -148,6 +148,7 @@ fn connected_gateway(now: Instant) -> GatewayState {
             version: 1,
             gateway_id: GatewayId(1),
             allowed_sources: Vec::new(),
+            key_rotation: None,
             peers: vec![GatewayPeer {
                 site_id: SITE,
                 public_key: client_key.public_key(),

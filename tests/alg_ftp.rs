@@ -303,6 +303,7 @@ fn world(tag: &str, mode: Mode) -> (World, Site, String, PathBuf) {
         version: 1,
         gateway_id: GatewayId(1),
         allowed_sources: Vec::new(),
+        key_rotation: None,
         peers: vec![GatewayPeer {
             site_id: SITE,
             public_key: agent_key,

@@ -383,6 +383,7 @@ fn standalone(tag: &str, mode: AgentMode) -> World {
         version: 1,
         gateway_id: GatewayId(1),
         allowed_sources: Vec::new(),
+        key_rotation: None,
         peers: vec![GatewayPeer {
             site_id: SiteId(1),
             public_key: agent_key,

@@ -32,6 +32,7 @@ fn desired(version: u64, peers: Vec<GatewayPeer>) -> GatewayDesiredState {
         version,
         gateway_id: GatewayId(1),
         allowed_sources: Vec::new(),
+        key_rotation: None,
         peers,
     }
 }

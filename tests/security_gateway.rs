@@ -50,6 +50,7 @@ fn security_gateway_pool_traffic_is_discarded_when_the_tun_device_disappears() {
         version: 1,
         gateway_id: GatewayId(1),
         allowed_sources: Vec::new(),
+        key_rotation: None,
         peers: vec![GatewayPeer {
             site_id: SiteId(3),
             public_key: PrivateKey::from_bytes(rand_bytes()).public_key(),

@@ -50,6 +50,7 @@ pub async fn run(
         software_version: env!("CARGO_PKG_VERSION").to_owned(),
         technician_prefixes: settings.center.technician_prefixes.clone(),
         tls: app.tls.clone(),
+        next_public_key: None,
     };
     let seed = u64::from_le_bytes(app.public_key.0[..8].try_into().unwrap_or([1; 8]));
     let follower = Follower::new(
@@ -212,5 +213,7 @@ async fn heartbeat(app: &App) -> anyhow::Result<GatewayHeartbeat> {
         health: app.health(),
         applied_version: snap.applied_version.unwrap_or(0),
         peers,
+        public_key: None,
+        next_public_key: None,
     })
 }

@@ -81,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
                 software_version: "bench".into(),
                 technician_prefixes: Vec::new(),
                 tls: None,
+                next_public_key: None,
             })
             .send()
             .await?
@@ -102,6 +103,8 @@ async fn main() -> anyhow::Result<()> {
                         health: Health::Healthy,
                         applied_version: 0,
                         peers: vec![],
+                        public_key: None,
+                        next_public_key: None,
                     })
                     .send()
                     .await;

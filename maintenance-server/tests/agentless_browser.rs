@@ -38,6 +38,7 @@ async fn agentless_console_opens_a_request_and_shows_the_router_configuration() 
                 software_version: "test".into(),
                 technician_prefixes: vec!["172.16.0.0/24".parse().unwrap()],
                 tls: None,
+                next_public_key: None,
             },
         )
         .await;

@@ -38,6 +38,7 @@ async fn wireguard_gateway(server: &TestServer, name: &str, n: u8) -> Gw {
                 software_version: "test".into(),
                 technician_prefixes: vec!["172.16.0.0/24".parse().unwrap()],
                 tls: None,
+                next_public_key: None,
             },
         )
         .await;

@@ -107,6 +107,7 @@ async fn subcommands_work_directly_on_the_database(b: Backend) {
                 software_version: "t".into(),
                 technician_prefixes: Vec::new(),
                 tls: None,
+                next_public_key: None,
             },
         )
         .await;

@@ -93,6 +93,7 @@ async fn add_ipsec_gateway(server: &TestServer, name: &str, max_tunnels: u32, n:
                 software_version: "test".into(),
                 technician_prefixes: vec![TECHNICIANS.parse().unwrap()],
                 tls: None,
+                next_public_key: None,
             },
         )
         .await;
@@ -466,6 +467,7 @@ async fn desired_states_carry_the_ipsec_parameters(b: Backend) {
                     "172.16.9.0/24".parse().unwrap(),
                 ],
                 tls: None,
+                next_public_key: None,
             },
         )
         .await;

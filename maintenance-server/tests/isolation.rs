@@ -78,6 +78,7 @@ fn endpoints(w: &World) -> Vec<(Scope, Method, String, Option<serde_json::Value>
         software_version: "x".into(),
         technician_prefixes: Vec::new(),
         tls: None,
+        next_public_key: None,
     })
     .unwrap();
     let applied = serde_json::to_value(AppliedState {
@@ -451,6 +452,7 @@ async fn bad_input_is_a_4xx_naming_the_field(backend: Backend) {
             software_version: "x".into(),
             technician_prefixes: Vec::new(),
             tls: None,
+            next_public_key: None,
         })
         .unwrap();
         for (k, val) in patch.as_object().unwrap() {

@@ -130,6 +130,7 @@ impl Server {
             software_version: "test".into(),
             technician_prefixes: Vec::new(),
             tls: None,
+            next_public_key: None,
         };
         ops::register_gateway(&mut tx, gw, &reg, now, &self.policy)
             .await

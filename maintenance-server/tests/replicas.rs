@@ -114,6 +114,7 @@ async fn two_replicas_hand_out_every_address_once_and_wake_each_other() {
                 software_version: "test".into(),
                 technician_prefixes: Vec::new(),
                 tls: None,
+                next_public_key: None,
             },
         )
         .await;

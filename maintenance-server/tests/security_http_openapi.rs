@@ -184,6 +184,7 @@ async fn security_http_every_documented_operation_answers_as_documented() {
                 software_version: "test".into(),
                 technician_prefixes: Vec::new(),
                 tls: None,
+                next_public_key: None,
             }),
             paths::GATEWAY_HEARTBEAT => json!(heartbeat(10)),
             paths::SITES => json!({ "name": "C" }),

@@ -308,6 +308,7 @@ async fn security_every_stranded_site_is_told() {
                 software_version: "test".into(),
                 technician_prefixes: Vec::new(),
                 tls: None,
+                next_public_key: None,
             },
         )
         .await;
@@ -689,6 +690,7 @@ async fn security_pool_usage_over_the_threshold_is_logged() {
                 software_version: "test".into(),
                 technician_prefixes: Vec::new(),
                 tls: None,
+                next_public_key: None,
             },
         )
         .await;

@@ -39,6 +39,7 @@ async fn the_tls_offer_reaches_the_agent_and_the_token_hash_the_gateway(b: Backe
                 software_version: "test".into(),
                 technician_prefixes: Vec::new(),
                 tls: Some(tls.clone()),
+                next_public_key: None,
             },
         )
         .await;

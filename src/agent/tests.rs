@@ -580,6 +580,7 @@ fn through_the_real_gateway_state<K: TestKinds>() {
             version: 1,
             gateway_id: GatewayId(1),
             allowed_sources: Vec::new(),
+            key_rotation: None,
             peers: vec![GatewayPeer {
                 site_id: SiteId(3),
                 public_key: keys().0.public_key(),
@@ -786,6 +787,7 @@ fn security_active_ftp_through_the_real_gateway_state<K: TestKinds>() {
             version: 1,
             gateway_id: GatewayId(1),
             allowed_sources: Vec::new(),
+            key_rotation: None,
             peers: vec![GatewayPeer {
                 site_id: SiteId(3),
                 public_key: keys().0.public_key(),

@@ -83,6 +83,7 @@ pub(super) fn desired(version: u64, peers: Vec<GatewayPeer>) -> GatewayDesiredSt
         version,
         gateway_id: GatewayId(1),
         allowed_sources: Vec::new(),
+        key_rotation: None,
         peers,
     }
 }

@@ -34,6 +34,10 @@ pub struct GatewayRegistration {
     /// Its TLS fallback port, when it listens on one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<GatewayTls>,
+    /// During a rotation of its WireGuard key: the next key, which it
+    /// already answers beside `public_key` (docs/DESIGN.md, "Key rotation").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<PublicKey>,
 }
 
 /// A gateway's TLS fallback (the tunnel datagrams over TCP, docs/DESIGN.md "Tunnels").
@@ -105,6 +109,12 @@ impl GatewayRegistration {
             ));
         }
         check_text("software_version", &self.software_version, 64, false)?;
+        if self.next_public_key == Some(self.public_key) {
+            return Err(FieldError::new(
+                "next_public_key",
+                "the next key must differ from public_key",
+            ));
+        }
         self.tls.as_ref().map_or(Ok(()), GatewayTls::validate)
     }
 }
@@ -154,6 +164,14 @@ pub struct GatewayHeartbeat {
     /// Per-peer counters.
     #[serde(default)]
     pub peers: Vec<PeerStatus>,
+    /// Its WireGuard key now: changes when a rotation of its key ends
+    /// (absent from older gateways).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<PublicKey>,
+    /// During a rotation of its key: the next key, which it already
+    /// answers beside `public_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<PublicKey>,
 }
 
 impl GatewayHeartbeat {
@@ -171,6 +189,12 @@ impl GatewayHeartbeat {
         }
         if self.peers.len() > 1_000_000 {
             return Err(FieldError::new("peers", "too many peers"));
+        }
+        if self.next_public_key.is_some() && self.next_public_key == self.public_key {
+            return Err(FieldError::new(
+                "next_public_key",
+                "the next key must differ from public_key",
+            ));
         }
         Ok(())
     }
@@ -237,6 +261,30 @@ pub struct GatewayDesiredState {
     /// (absent altogether from older servers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_sources: Vec<AllowedSources>,
+    /// A rotation of the gateway's own WireGuard key (absent: none asked
+    /// for and none under way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_rotation: Option<GatewayKeyRotation>,
+}
+
+/// A rotation of a gateway's WireGuard key as the server drives it. The
+/// gateway makes the next key and announces it (heartbeat
+/// `next_public_key`); the server records it and tells the gateway's sites'
+/// agents to dial it; the gateway, answering both keys meanwhile, makes it
+/// its only key once every site dialed it or a grace time passed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct GatewayKeyRotation {
+    /// The operator or the schedule asks for a new key (true until the
+    /// server has recorded the gateway's next key).
+    #[serde(default)]
+    pub requested: bool,
+    /// The next key as the server recorded it and publishes it to the
+    /// agents: until the gateway sees its own next key here, no agent dials
+    /// it, so it does not end the rotation before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<PublicKey>,
 }
 
 /// The sources allowed to reach one NAT address.

@@ -69,6 +69,7 @@ fn every_message_round_trips_through_json() {
         software_version: "0.1.0".into(),
         technician_prefixes: Vec::new(),
         tls: None,
+        next_public_key: None,
     });
     round_trip(&GatewayRegistered {
         gateway_id: GatewayId(1),
@@ -87,6 +88,8 @@ fn every_message_round_trips_through_json() {
             tx_bytes: 2,
             transport: None,
         }],
+        public_key: None,
+        next_public_key: None,
     });
     round_trip(&HeartbeatAck {
         desired_version: 4,
@@ -103,6 +106,7 @@ fn every_message_round_trips_through_json() {
         version: 4,
         gateway_id: GatewayId(1),
         allowed_sources: Vec::new(),
+        key_rotation: None,
         peers: vec![GatewayPeer {
             site_id: SiteId(3),
             public_key: key(3),
@@ -341,6 +345,7 @@ fn gateway_registration_validation() {
         software_version: "0.1.0".into(),
         technician_prefixes: Vec::new(),
         tls: None,
+        next_public_key: None,
     };
     assert_eq!(good.validate(), Ok(()));
     let bad = GatewayRegistration {
@@ -618,6 +623,7 @@ fn ipsec_parameter_validation_names_the_field() {
         software_version: "0.1.0".into(),
         technician_prefixes: vec!["172.16.0.0/24".parse().unwrap(); 64],
         tls: None,
+        next_public_key: None,
     };
     assert_eq!(reg.validate(), Ok(()));
     reg.technician_prefixes

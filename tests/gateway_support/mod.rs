@@ -236,6 +236,7 @@ impl World {
             version,
             gateway_id: GatewayId(1),
             allowed_sources: Vec::new(),
+            key_rotation: None,
             peers: sites
                 .iter()
                 .map(|(s, id)| GatewayPeer {
@@ -262,6 +263,7 @@ impl World {
             version: 1,
             gateway_id: GatewayId(1),
             allowed_sources: Vec::new(),
+            key_rotation: None,
             peers: vec![GatewayPeer {
                 site_id: site,
                 // Carried by every peer, unused by IPsec.

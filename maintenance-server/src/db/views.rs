@@ -280,6 +280,7 @@ pub async fn gateway_state(
         version: u64_of(version),
         gateway_id: gw,
         allowed_sources: super::teams::allowed_sources(conn, gw).await?,
+        key_rotation: None,
         peers,
         next_keys,
     })

@@ -424,6 +424,7 @@ pub async fn add_gateway(server: &TestServer, name: &str, max_tunnels: u32, n: u
                 software_version: "test".into(),
                 technician_prefixes: Vec::new(),
                 tls: None,
+                next_public_key: None,
             },
         )
         .await
@@ -443,6 +444,8 @@ pub fn heartbeat(max_tunnels: u32) -> GatewayHeartbeat {
         health: Health::Healthy,
         applied_version: 0,
         peers: vec![],
+        public_key: None,
+        next_public_key: None,
     }
 }
 

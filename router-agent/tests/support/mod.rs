@@ -139,6 +139,7 @@ impl Center {
                 software_version: "test".into(),
                 technician_prefixes: Vec::new(),
                 tls: None,
+                next_public_key: None,
             })
             .send()
             .await
@@ -162,6 +163,8 @@ impl Center {
                         health: Health::Healthy,
                         applied_version: applied,
                         peers: vec![],
+                        public_key: None,
+                        next_public_key: None,
                     })
                     .send()
                     .await;
