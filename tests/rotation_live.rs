@@ -6,7 +6,10 @@
 //! site credential, and (a second world) both by the schedule with a tiny
 //! period. After each the same connection still carries data (no reset, no
 //! lost line) and the technician still pings the NAT address. The longest
-//! echo round trip, which holds the interruption, is printed.
+//! echo round trip, which holds the interruption, is printed. The gateway's
+//! own key rotates the same way (on demand with the session held; then with
+//! the agent away, a `kill -9` of the gateway mid-rotation and the grace
+//! time ending it).
 //!
 //! Network safety: everything lives in the world's namespaces (no default
 //! route anywhere).
@@ -361,6 +364,104 @@ fn rotation_live_agent_killed_mid_rotation_resumes() {
     });
     wait_until(
         "the technician reaches the PC with the new key",
+        Duration::from_secs(30),
+        || w.tech_http(&nat),
+    );
+    assert!(ping_within(&w.tech, &nat, Duration::from_secs(5)));
+}
+
+/// The running gateway's status document.
+fn gateway_status(w: &AgentWorld) -> Value {
+    serde_json::from_str(&w.gw.sh("curl -sf http://127.0.0.1:9101/api/v1/status")).unwrap()
+}
+
+/// Every log of the gateway's runs.
+fn gateway_log(w: &AgentWorld) -> String {
+    (1..=4)
+        .map(|n| match n {
+            1 => w.logs().join("gateway.log"),
+            n => w.logs().join(format!("gateway{n}.log")),
+        })
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect()
+}
+
+fn gateway_key_file(w: &AgentWorld) -> String {
+    std::fs::read_to_string(w.logs().join("gw.key")).unwrap()
+}
+
+/// The gateway's own key, rotated on demand while the technician's TCP
+/// session is held: the gateway answers both keys, the agent re-dials the
+/// next one, the gateway makes it its only key as soon as the site moved
+/// (long before the default grace of 15 minutes) and the session goes on.
+/// Then, with the agent away, a second rotation waits for the site; the
+/// gateway is killed (`kill -9`) in the middle, comes back answering both
+/// keys from its files, and ends the rotation after a short grace time; the
+/// agent, started again, reaches the gateway's new key.
+#[test]
+fn rotation_live_gateway_key_keeps_the_tcp_session() {
+    if !require(PREREQS) {
+        return;
+    }
+    let mut w = AgentWorld::up("rlg");
+    let (nat, file) = open_maintenance(&mut w);
+    let first = gateway_status(&w)["public_key"].clone();
+    let first_file = gateway_key_file(&w);
+
+    let seq = session(&file).last().unwrap().0;
+    assert_eq!(operator(&w, "/api/v1/gateways/1/rotate-key", "{}"), "200");
+    wait_until("the gateway's key rotated", Duration::from_secs(40), || {
+        let s = gateway_status(&w);
+        s["public_key"] != first && s.get("next_public_key").is_none()
+    });
+    let log = gateway_log(&w);
+    assert!(
+        log.contains("rotation of the gateway's key done") && log.contains("sites_moved=1 sites=1"),
+        "promoted because the site moved:\n{log}"
+    );
+    assert_ne!(
+        gateway_key_file(&w),
+        first_file,
+        "the key file holds the new key"
+    );
+    assert!(!w.logs().join("gw.key.next").exists());
+    still_flowing(&file, seq, "the gateway key rotation");
+    assert!(ping_within(&w.tech, &nat, Duration::from_secs(5)));
+    let second = gateway_status(&w)["public_key"].clone();
+
+    // With the agent away the site cannot move: the rotation waits.
+    w.kill_agent();
+    assert_eq!(operator(&w, "/api/v1/gateways/1/rotate-key", "{}"), "200");
+    wait_until("the next key answered", Duration::from_secs(20), || {
+        gateway_status(&w).get("next_public_key").is_some()
+    });
+    let next = gateway_status(&w)["next_public_key"].clone();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        gateway_status(&w)["public_key"],
+        second,
+        "waits for the site"
+    );
+    assert!(w.logs().join("gw.key.next").exists());
+
+    // A crash in the middle: the gateway comes back with both keys and
+    // ends the rotation after the grace time.
+    w.kill_gateway();
+    w.start_gateway(&[("VPNNAT_WIREGUARD__KEY_ROTATION_GRACE_S", "2")]);
+    wait_until(
+        "the rotation ended by the grace time",
+        Duration::from_secs(40),
+        || gateway_status(&w)["public_key"] == next,
+    );
+    let log = gateway_log(&w);
+    assert!(
+        log.contains("rotation of the gateway's key under way")
+            && log.contains("sites_moved=0 sites=1"),
+        "{log}"
+    );
+    w.start_agent();
+    wait_until(
+        "the technician reaches the PC through the gateway's third key",
         Duration::from_secs(30),
         || w.tech_http(&nat),
     );

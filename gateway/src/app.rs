@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use vpnnat::control::{Lease, LeaseAction};
 use vpnnat::gateway::GatewayEvent;
 use vpnnat::messages::{
-    AppliedState, GatewayDesiredState, GatewayId, Health, PublicKey, Transport, UnixMillis,
+    AppliedState, GatewayDesiredState, GatewayId, Health, Transport, UnixMillis,
 };
 
 use crate::dataplane::{self, Snapshot};
@@ -36,8 +36,8 @@ pub struct App {
     pub dataplane: dataplane::Dataplane,
     /// Routes and proxy-ARP entries.
     pub routes: tokio::sync::Mutex<Routes>,
-    /// The gateway's WireGuard public key.
-    pub public_key: PublicKey,
+    /// The gateway's WireGuard key, and its next key during a rotation.
+    pub key: crate::key::GatewayKey,
     /// The UDP port of the WireGuard socket.
     pub listen_port: u16,
     /// The tunnel kinds the data plane runs (registered with the server).
@@ -71,9 +71,17 @@ impl App {
         desired: GatewayDesiredState,
     ) -> anyhow::Result<Option<AppliedState>> {
         let tokens: Vec<_> = desired.peers.clone();
+        let rotation = desired.key_rotation.clone();
         let result = self.dataplane.apply(desired).await?;
         if result.applied.is_some() {
             self.tls_tokens.set(tokens.iter());
+            if let Err(e) = self
+                .key
+                .follow(rotation.as_ref(), &self.dataplane, Instant::now())
+                .await
+            {
+                tracing::error!(error = %format!("{e:#}"), "rotation of the gateway's key");
+            }
         }
         // Net change per address over all workers: one that moves between
         // sites of two workers is removed by one and added by the other.
@@ -110,6 +118,14 @@ impl App {
             a.errors.extend(route_errors);
             a
         }))
+    }
+
+    /// Starts or ends a rotation of the gateway's key when due (called
+    /// periodically).
+    pub async fn key_tick(&self) {
+        if let Err(e) = self.key.tick(&self.dataplane, Instant::now()).await {
+            tracing::error!(error = %format!("{e:#}"), "rotation of the gateway's key");
+        }
     }
 
     /// Retries routes that failed (called periodically).

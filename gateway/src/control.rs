@@ -40,9 +40,10 @@ pub async fn run(
             return;
         }
     };
+    let keys = app.key.public_keys().await;
     let registration = GatewayRegistration {
         endpoints: settings.wireguard.endpoints.clone(),
-        public_key: app.public_key,
+        public_key: keys.current,
         // Only the kinds its data plane runs: the server places a site of
         // another kind elsewhere.
         tunnel_kinds: app.tunnel_kinds.clone(),
@@ -52,7 +53,7 @@ pub async fn run(
         tls: app.tls.clone(),
         next_public_key: None,
     };
-    let seed = u64::from_le_bytes(app.public_key.0[..8].try_into().unwrap_or([1; 8]));
+    let seed = u64::from_le_bytes(keys.current.0[..8].try_into().unwrap_or([1; 8]));
     let follower = Follower::new(
         FollowerConfig {
             wait,
@@ -80,9 +81,16 @@ struct GatewayCalls {
 
 impl GatewayCalls {
     async fn register(&self) -> Reply<GatewayDesiredState> {
+        // The keys of now: a rotation may have started or ended since.
+        let keys = self.app.key.public_keys().await;
+        let registration = GatewayRegistration {
+            public_key: keys.current,
+            next_public_key: keys.next,
+            ..self.registration.clone()
+        };
         let answer: Result<GatewayRegistered, _> = self
             .server
-            .post_json("register", paths::GATEWAY_REGISTER, &self.registration)
+            .post_json("register", paths::GATEWAY_REGISTER, &registration)
             .await;
         match answer {
             Ok(r) => {
@@ -195,6 +203,7 @@ impl ControlCalls for GatewayCalls {
 
 async fn heartbeat(app: &App) -> anyhow::Result<GatewayHeartbeat> {
     let snap = app.snapshot().await?;
+    let keys = app.key.public_keys().await;
     let peers: Vec<PeerStatus> = snap
         .peers
         .iter()
@@ -213,7 +222,7 @@ async fn heartbeat(app: &App) -> anyhow::Result<GatewayHeartbeat> {
         health: app.health(),
         applied_version: snap.applied_version.unwrap_or(0),
         peers,
-        public_key: None,
-        next_public_key: None,
+        public_key: Some(keys.current),
+        next_public_key: keys.next,
     })
 }

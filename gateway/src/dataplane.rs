@@ -48,8 +48,8 @@ use vpnnat::gateway::{
     GatewayCounters, GatewayEvent, GatewayState, NetworkOutcome, PeerView, TunOutcome,
 };
 use vpnnat::messages::{AppliedState, GatewayDesiredState, TunnelKind};
-use vpnnat::tunnel::Kinds;
 use vpnnat::tunnel::ipsec::{IKE_500_TAG, looks_like_wireguard};
+use vpnnat::tunnel::{Kinds, PrivateKey};
 use vpnnat_dataplane::pump::{BUDGET, Pump};
 use vpnnat_dataplane::stream::{Inbox, StreamTable};
 use vpnnat_dataplane::tun::SEGMENT_BUF;
@@ -65,6 +65,10 @@ pub enum Command {
     Apply(Box<GatewayDesiredState>, oneshot::Sender<ApplyResult>),
     /// Report counters and peers.
     Snapshot(oneshot::Sender<Snapshot>),
+    /// Start (`Some`) or abandon (`None`) a rotation of the gateway's key.
+    SetNextKey(Option<PrivateKey>, oneshot::Sender<()>),
+    /// End a rotation of the gateway's key: the next key becomes the only one.
+    PromoteNextKey(oneshot::Sender<bool>),
     /// Stop the worker.
     Shutdown,
 }
@@ -91,6 +95,9 @@ pub struct Snapshot {
     pub applied_version: Option<u64>,
     /// IO batching counters.
     pub io: IoCounters,
+    /// During a rotation of the gateway's key: the WireGuard peers that
+    /// handshook with the next key, and all WireGuard peers.
+    pub on_next_key: (usize, usize),
 }
 
 /// The handle of one worker.
@@ -114,6 +121,16 @@ impl Handle {
     /// When the worker has stopped.
     async fn snapshot(&self) -> anyhow::Result<Snapshot> {
         worker::request(&self.tx, Command::Snapshot).await
+    }
+
+    /// Starts or abandons a rotation of the gateway's key at this worker.
+    async fn set_next_key(&self, next: Option<PrivateKey>) -> anyhow::Result<()> {
+        worker::request(&self.tx, |reply| Command::SetNextKey(next, reply)).await
+    }
+
+    /// Ends a rotation of the gateway's key at this worker.
+    async fn promote_next_key(&self) -> anyhow::Result<bool> {
+        worker::request(&self.tx, Command::PromoteNextKey).await
     }
 
     /// Asks the worker to stop.
@@ -169,12 +186,40 @@ impl Dataplane {
                         .merge(&s.counters.ftp_expectations);
                     a.io.merge(&s.io);
                     a.applied_version = a.applied_version.min(s.applied_version);
+                    a.on_next_key.0 += s.on_next_key.0;
+                    a.on_next_key.1 += s.on_next_key.1;
                 }
             }
         }
         let mut all = all.context("no data-plane workers")?;
         all.peers.sort_by_key(|p| p.site_id);
         Ok(all)
+    }
+
+    /// Starts (`Some`) or abandons (`None`) a rotation of the gateway's key
+    /// at every worker: initiations to either key are answered, each peer's
+    /// tunnel holding the key its agent dialed.
+    ///
+    /// # Errors
+    /// When a worker has stopped.
+    pub async fn set_next_key(&self, next: Option<PrivateKey>) -> anyhow::Result<()> {
+        for w in &self.workers {
+            w.set_next_key(next.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends a rotation of the gateway's key at every worker; `false` when
+    /// none was under way.
+    ///
+    /// # Errors
+    /// When a worker has stopped.
+    pub async fn promote_next_key(&self) -> anyhow::Result<bool> {
+        let mut promoted = false;
+        for w in &self.workers {
+            promoted |= w.promote_next_key().await?;
+        }
+        Ok(promoted)
     }
 
     /// Stops every worker.
@@ -539,7 +584,15 @@ impl<K: Kinds> Worker<K> {
                     counters: state.counters(),
                     applied_version: state.applied_version(),
                     io: self.pump.io,
+                    on_next_key: state.peers_on_next_key(),
                 });
+            }
+            Some(Command::SetNextKey(next, reply)) => {
+                state.set_next_key(next);
+                let _ = reply.send(());
+            }
+            Some(Command::PromoteNextKey(reply)) => {
+                let _ = reply.send(state.promote_next_key(Instant::now()));
             }
         }
         true

@@ -29,6 +29,9 @@ pub const STATUS_PATH: &str = "/api/v1/status";
 pub struct StatusView {
     /// The gateway's public key.
     pub public_key: PublicKey,
+    /// During a rotation of its key, the next key (answered too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<PublicKey>,
     /// Its UDP port.
     pub listen_port: u16,
     /// Its TUN device.
@@ -135,8 +138,10 @@ async fn status_view(app: &App) -> anyhow::Result<StatusView> {
             .map(|(r, n)| (r.as_str().to_owned(), n))
             .collect()
     };
+    let keys = app.key.public_keys().await;
     Ok(StatusView {
-        public_key: app.public_key,
+        public_key: keys.current,
+        next_public_key: keys.next,
         listen_port: app.listen_port,
         tun: app.tun_name.clone(),
         health: app.health(),

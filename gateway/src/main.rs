@@ -12,6 +12,7 @@ mod control;
 mod dataplane;
 mod garp;
 mod http;
+mod key;
 mod routes;
 mod settings;
 mod status;
@@ -125,6 +126,10 @@ fn read_peers(path: &Path) -> anyhow::Result<GatewayDesiredState> {
 async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let key = load_or_create_key(&settings.wireguard.private_key_file)?;
     let public_key = key.public_key();
+    // A rotation of the key that was under way before a restart goes on.
+    let next_key =
+        vpnnat_shell::keys::read_next_private_key(&settings.wireguard.private_key_file, &key)
+            .context("wireguard.private_key_file: the next key")?;
     let credential = if settings.server.url.is_empty() {
         None
     } else {
@@ -159,6 +164,12 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
         flows: settings.flows.limits(),
         ..GatewayConfig::new(key.clone())
     };
+    let gateway_key = key::GatewayKey::new(
+        settings.wireguard.private_key_file.clone(),
+        Duration::from_secs(settings.wireguard.key_rotation_grace_s),
+        key,
+        next_key.clone(),
+    );
     let streams = StreamTable::new();
     let (inboxes, inbox_rx): (Vec<_>, Vec<_>) = (0..workers)
         .map(|_| tokio::sync::mpsc::channel(stream::INBOX_QUEUE))
@@ -180,6 +191,10 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
     } else {
         start_workers::<Builtin>(config, io)?
     };
+    if let Some(next) = &next_key {
+        tracing::info!(next = %next.public_key(), "rotation of the gateway's key under way: answering the next key too");
+        dataplane.set_next_key(Some(next.clone())).await?;
+    }
     let routes =
         routes::Routes::new(&tun_name, &settings.center.interface, settings.center.pool).await?;
     let mode = match (&peers_file, &credential) {
@@ -190,7 +205,7 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
     let app = Arc::new(App {
         dataplane,
         routes: tokio::sync::Mutex::new(routes),
-        public_key,
+        key: gateway_key,
         listen_port,
         tunnel_kinds,
         tun_name,
@@ -361,9 +376,11 @@ async fn serve(
             // Fine-grained: the lease runs out at the same moment the server
             // may move the sites; the server's failover tick comes later.
             let mut lease = tokio::time::interval(Duration::from_millis(100));
+            let mut key = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
                     _ = retry.tick() => app.retry_routes().await,
+                    _ = key.tick() => app.key_tick().await,
                     _ = lease.tick() => app.lease_tick().await,
                     _ = rx.changed() => return,
                 }

@@ -158,6 +158,9 @@ pub struct Wireguard {
     pub handshake_limit: u64,
     /// Data-plane workers; 0 = one per core.
     pub workers: usize,
+    /// During a rotation of the gateway's key, how long the old key is
+    /// still answered for sites that have not dialed the next one.
+    pub key_rotation_grace_s: u64,
 }
 
 impl Default for Wireguard {
@@ -169,6 +172,7 @@ impl Default for Wireguard {
             max_tunnels: 1000,
             handshake_limit: vpnnat::tunnel::wireguard::Responder::DEFAULT_HANDSHAKE_LIMIT,
             workers: 0,
+            key_rotation_grace_s: 900,
         }
     }
 }
@@ -297,6 +301,13 @@ impl Settings {
         let err = |key: &str, msg: &str| Err(format!("{source}: {key}: {msg}"));
         if self.wireguard.max_tunnels == 0 || self.wireguard.max_tunnels > 1_000_000 {
             return err("wireguard.max_tunnels", "must be 1 to 1000000");
+        }
+        if self.wireguard.key_rotation_grace_s == 0 || self.wireguard.key_rotation_grace_s > 604_800
+        {
+            return err(
+                "wireguard.key_rotation_grace_s",
+                "must be 1 to 604800 seconds",
+            );
         }
         if self.wireguard.workers > 64 {
             return err("wireguard.workers", "must be 0 (one per core) to 64");

@@ -31,6 +31,9 @@ pub fn render(s: &StatusView, now: SystemTime) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "interface: {}", s.tun);
     let _ = writeln!(o, "  public key: {}", s.public_key);
+    if let Some(next) = &s.next_public_key {
+        let _ = writeln!(o, "  next public key: {next} (rotation under way)");
+    }
     let _ = writeln!(o, "  listening port: {}", s.listen_port);
     let _ = writeln!(o, "  health: {:?}", s.health);
     let control = if s.connected {
@@ -166,6 +169,7 @@ mod tests {
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_100);
         let s = StatusView {
             public_key: PublicKey([0; 32]),
+            next_public_key: None,
             listen_port: 51820,
             tun: "vpnnat0".into(),
             health: Health::Healthy,

@@ -35,7 +35,7 @@ pub struct GatewayRegistration {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<GatewayTls>,
     /// During a rotation of its WireGuard key: the next key, which it
-    /// already answers beside `public_key` (docs/DESIGN.md, "Key rotation").
+    /// already answers beside `public_key` (docs/DESIGN.md, "Control plane").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_public_key: Option<PublicKey>,
 }

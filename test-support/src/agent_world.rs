@@ -49,6 +49,7 @@ pub struct AgentWorld {
     agent_pid: Option<u32>,
     agent_runs: usize,
     gateway_pid: Option<u32>,
+    gateway_runs: usize,
 }
 
 impl AgentWorld {
@@ -109,6 +110,7 @@ impl AgentWorld {
             agent_pid: None,
             agent_runs: 0,
             gateway_pid: None,
+            gateway_runs: 0,
         };
         w.start_center(server_toml);
         w
@@ -177,16 +179,7 @@ impl AgentWorld {
             ),
         )
         .unwrap();
-        let mut cmd = self.gw.command(bin("gateway"));
-        cmd.arg("--config")
-            .arg(self.path("gateway.toml"))
-            .env("RUST_LOG", "info");
-        let log = self.path("gateway.log");
-        self.gateway_pid = Some(self.gw.spawn(&mut cmd, Some(&log)));
-        let gw_ns = &self.gw;
-        wait_until("the gateway", Duration::from_secs(15), || {
-            gw_ns.try_sh("curl -sf http://127.0.0.1:9101/healthz")
-        });
+        self.start_gateway(&[]);
 
         std::fs::write(
             self.path("router-agent.toml"),
@@ -239,6 +232,27 @@ impl AgentWorld {
                 );
             }
             ok
+        });
+    }
+
+    /// Starts the gateway (again: same configuration and key files) with
+    /// `env` added; waits for its listener. The first run logs to
+    /// `gateway.log`, later ones to `gateway2.log`, ….
+    pub fn start_gateway(&mut self, env: &[(&str, &str)]) {
+        self.gateway_runs += 1;
+        let mut cmd = self.gw.command(bin("gateway"));
+        cmd.arg("--config")
+            .arg(self.path("gateway.toml"))
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied());
+        let log = match self.gateway_runs {
+            1 => self.path("gateway.log"),
+            n => self.path(&format!("gateway{n}.log")),
+        };
+        self.gateway_pid = Some(self.gw.spawn(&mut cmd, Some(&log)));
+        let gw_ns = &self.gw;
+        wait_until("the gateway", Duration::from_secs(15), || {
+            gw_ns.try_sh("curl -sf http://127.0.0.1:9101/healthz")
         });
     }
 
