@@ -216,7 +216,7 @@ pub async fn heartbeat(
 
 /// What a registration or heartbeat changes about a gateway's keys.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(super) struct KeyChange {
+struct KeyChange {
     /// The current key is now this one (base64): a rotation ended, or the
     /// gateway came with a new key.
     key: Option<String>,
@@ -227,7 +227,7 @@ pub(super) struct KeyChange {
 impl KeyChange {
     /// The change from the stored keys to the reported ones (`key`
     /// `None`: the gateway did not say, nothing changes).
-    pub(super) fn of(
+    fn of(
         stored_key: Option<&str>,
         stored_next: Option<&str>,
         key: Option<PublicKey>,
@@ -244,7 +244,7 @@ impl KeyChange {
     }
 
     /// Whether nothing changes.
-    pub(super) fn is_none(&self) -> bool {
+    fn is_none(&self) -> bool {
         self.key.is_none() && self.next.is_none()
     }
 }
