@@ -171,6 +171,13 @@ enum GatewayCmd {
         /// The gateway id.
         id: u64,
     },
+    /// Ask a gateway to rotate its own WireGuard key without interrupting
+    /// its sites (it makes the next key; agents follow; it drops the old
+    /// one after). Repeating it while a rotation is under way changes nothing.
+    RotateKey {
+        /// The gateway id.
+        id: u64,
+    },
     /// Disable a gateway: its credential is refused, it is marked down and
     /// its sites move to other gateways.
     Disable {
@@ -688,6 +695,26 @@ async fn gateway(c: GatewayCmd, settings: &Settings) -> anyhow::Result<()> {
                 "gateway {}: {}\nnew credential (shown once; put it into the gateway's credential file):\n{}",
                 r.gateway_id, r.name, r.credential
             ))
+        }
+        GatewayCmd::RotateKey { id } => {
+            let now = now_ms();
+            let r = db
+                .transaction(&notifier, async |tx| {
+                    ops::request_key_rotation(tx, GatewayId(id), "operator", now).await
+                })
+                .await?;
+            print_line(&match r.next_public_key {
+                Some(next) => format!(
+                    "gateway {id}: key rotation under way: current key {}, next key {next} \
+                     (its sites dial the next key)",
+                    r.public_key
+                ),
+                None => format!(
+                    "gateway {id}: key rotation asked for (current key {}); the gateway announces \
+                     its next key in its heartbeats once it made one",
+                    r.public_key
+                ),
+            })
         }
         GatewayCmd::Disable { id } | GatewayCmd::Enable { id } => {
             let disabled = matches!(c, GatewayCmd::Disable { .. });

@@ -611,6 +611,16 @@ fn lifecycle_operations() -> Vec<Operation> {
         ),
         op!(
             "post",
+            paths::GATEWAY_ROTATE_KEY,
+            Operator,
+            None,
+            200,
+            (),
+            GatewayKeyRotationStatus,
+            "Operator: ask a gateway to rotate its WireGuard key without interrupting its sites (idempotent while one is under way; 409 for a disabled or never registered gateway)"
+        ),
+        op!(
+            "post",
             paths::TECHNICIANS,
             Operator,
             None,
@@ -1011,6 +1021,7 @@ mod tests {
             paths::GATEWAY,
             paths::GATEWAY_DISABLE,
             paths::GATEWAY_ROTATE,
+            paths::GATEWAY_ROTATE_KEY,
             paths::TECHNICIANS,
             paths::TECHNICIAN,
             paths::TECHNICIAN_DISABLE,

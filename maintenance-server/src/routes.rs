@@ -118,6 +118,11 @@ pub fn api_routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         ),
         (
             Method::POST,
+            paths::GATEWAY_ROTATE_KEY,
+            post(lifecycle::rotate_gateway_key),
+        ),
+        (
+            Method::POST,
             paths::TECHNICIANS,
             post(lifecycle::set_technician),
         ),

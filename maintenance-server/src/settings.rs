@@ -60,6 +60,9 @@ pub struct Rotation {
     pub site_key_days: f64,
     /// A site's credential older than this many days is rotated; 0: never.
     pub site_credential_days: f64,
+    /// A gateway's own WireGuard key older than this many days is rotated
+    /// (its sites' agents follow without interruption); 0: never.
+    pub gateway_key_days: f64,
     /// How long the previous credential stays valid, at most, after a new
     /// one was issued (its first use ends the previous one at once).
     pub credential_grace_s: u64,
@@ -70,6 +73,7 @@ impl Default for Rotation {
         Self {
             site_key_days: 90.0,
             site_credential_days: 90.0,
+            gateway_key_days: 90.0,
             credential_grace_s: 7 * 86_400,
         }
     }
@@ -476,6 +480,7 @@ impl Settings {
                 "rotation.site_credential_days",
                 self.rotation.site_credential_days,
             ),
+            ("rotation.gateway_key_days", self.rotation.gateway_key_days),
         ] {
             if !days.is_finite() || !(0.0..=36_500.0).contains(&days) {
                 return Err((key, "0 (off) to 36500 days".into()));

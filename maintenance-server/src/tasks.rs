@@ -41,7 +41,7 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
     let rotation_check_ms = {
         use crate::settings::Rotation;
         let r = &state.settings.rotation;
-        [r.site_key_days, r.site_credential_days]
+        [r.site_key_days, r.site_credential_days, r.gateway_key_days]
             .into_iter()
             .map(Rotation::period_ms)
             .filter(|p| *p > 0)
@@ -99,8 +99,9 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Asks the agents of sites whose key or credential is older than
-/// `[rotation]` allows for a planned rotation.
+/// Asks the agents of sites whose key or credential, and the gateways
+/// whose own key, is older than `[rotation]` allows for a planned
+/// rotation. Returns how many sites and gateways were asked.
 ///
 /// # Errors
 /// Database failures.
@@ -109,18 +110,32 @@ pub async fn schedule_rotations(state: &AppState) -> Result<usize, OpError> {
     let r = &state.settings.rotation;
     let key_ms = Rotation::period_ms(r.site_key_days);
     let credential_ms = Rotation::period_ms(r.site_credential_days);
-    if key_ms <= 0 && credential_ms <= 0 {
-        return Ok(0);
-    }
+    let gateway_ms = Rotation::period_ms(r.gateway_key_days);
     let now = now_ms();
-    let n = state
-        .db
-        .transaction(&state.notifier, async |tx: &mut Tx| {
-            crate::db::rotation::schedule(tx, now, key_ms, credential_ms).await
-        })
-        .await?;
-    if n > 0 {
-        tracing::info!(sites = n, "planned rotations requested by the schedule");
+    let mut n = 0;
+    if key_ms > 0 || credential_ms > 0 {
+        let sites = state
+            .db
+            .transaction(&state.notifier, async |tx: &mut Tx| {
+                crate::db::rotation::schedule(tx, now, key_ms, credential_ms).await
+            })
+            .await?;
+        if sites > 0 {
+            tracing::info!(sites, "planned rotations requested by the schedule");
+        }
+        n += sites;
+    }
+    if gateway_ms > 0 {
+        let gateways = state
+            .db
+            .transaction(&state.notifier, async |tx: &mut Tx| {
+                ops::schedule_key_rotations(tx, now, gateway_ms).await
+            })
+            .await?;
+        if gateways > 0 {
+            tracing::info!(gateways, "gateway key rotations requested by the schedule");
+        }
+        n += gateways;
     }
     Ok(n)
 }

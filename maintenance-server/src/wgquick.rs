@@ -81,6 +81,13 @@ pub fn wg_quick_conf(
         c,
         "# wg-quick up ./{iface}.conf; apply {NFT_FILE} too (one file per gateway, all up at once)"
     );
+    if gw.rotating {
+        let _ = writeln!(
+            c,
+            "# The gateway rotates its key: this file names its next key. Apply it again now; \
+             the previous key stops working when the rotation ends."
+        );
+    }
     let _ = writeln!(c, "[Interface]");
     match private_key {
         Some(k) => {
@@ -233,6 +240,16 @@ pub fn render(site: &RouterSite) -> WireguardSiteConfig {
     if site.gateways.is_empty() {
         instructions.push_str(" No gateway that runs WireGuard is registered yet.");
     }
+    for gw in site.gateways.iter().filter(|g| g.rotating) {
+        // The router cannot follow the rotation by itself; the gateway
+        // answers both keys only until it ends the rotation.
+        let _ = write!(
+            instructions,
+            " Gateway {} rotates its key: bring {}.conf up again now, before the rotation ends.",
+            gw.id,
+            interface(gw)
+        );
+    }
     WireguardSiteConfig {
         site_id: site.site,
         name: site.name.clone(),
@@ -257,6 +274,7 @@ mod tests {
             name: format!("gw{id}\n[Peer]"),
             endpoint: format!("203.0.113.{id}:51820").parse().unwrap(),
             public_key: PublicKey([u8::try_from(id).unwrap(); 32]),
+            rotating: false,
             technician_prefixes: vec![
                 "172.16.0.0/24".parse().unwrap(),
                 "172.17.0.0/16".parse().unwrap(),
@@ -331,6 +349,26 @@ mod tests {
             );
             assert!(f.qr_svg.as_deref().unwrap().contains("<svg"));
         }
+    }
+
+    #[test]
+    fn agentless_a_gateway_rotating_its_key_is_named_by_its_next_key() {
+        let mut rotating = gateway(2);
+        rotating.rotating = true;
+        let c = render(&site(None, vec![gateway(1), rotating]));
+        assert!(!c.files[0].content.contains("rotates its key"));
+        let conf = &c.files[1].content;
+        assert!(conf.contains("# The gateway rotates its key"), "{conf}");
+        assert!(
+            conf.contains(&format!("PublicKey = {}", PublicKey([2; 32]))),
+            "{conf}"
+        );
+        assert!(
+            c.instructions.contains("Gateway 2 rotates its key")
+                && !c.instructions.contains("Gateway 1 "),
+            "{}",
+            c.instructions
+        );
     }
 
     #[test]

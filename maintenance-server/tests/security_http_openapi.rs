@@ -55,6 +55,7 @@ async fn security_http_every_documented_operation_answers_as_documented() {
         paths::GATEWAY,
         paths::GATEWAY_DISABLE,
         paths::GATEWAY_ROTATE,
+        paths::GATEWAY_ROTATE_KEY,
     ]
     .into_iter()
     .enumerate()

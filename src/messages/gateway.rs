@@ -287,6 +287,21 @@ pub struct GatewayKeyRotation {
     pub published: Option<PublicKey>,
 }
 
+/// Where a rotation of a gateway's key stands, as the operator sees it
+/// (the answer to `POST` [`super::paths::GATEWAY_ROTATE_KEY`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub struct GatewayKeyRotationStatus {
+    /// The gateway.
+    pub gateway_id: GatewayId,
+    /// Its current WireGuard key.
+    pub public_key: PublicKey,
+    /// The next key, once the gateway announced it (null until then).
+    pub next_public_key: Option<PublicKey>,
+    /// Whether the server still waits for the gateway to announce a next key.
+    pub requested: bool,
+}
+
 /// The sources allowed to reach one NAT address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]

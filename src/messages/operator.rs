@@ -255,4 +255,8 @@ pub struct GatewayView {
     /// Its TLS fallback (endpoints and pin), once registered with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<GatewayTls>,
+    /// During a rotation of its WireGuard key: the next key it announced
+    /// (its sites' agents dial that one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<PublicKey>,
 }

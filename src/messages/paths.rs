@@ -76,6 +76,11 @@ pub const GATEWAY_DISABLE: &str = "/api/v1/gateways/{id}/disable";
 /// Operator: `POST` → [`super::GatewayCreated`] with a new credential; the old
 /// one is refused from now on. Id, key and sites stay.
 pub const GATEWAY_ROTATE: &str = "/api/v1/gateways/{id}/rotate";
+/// Operator: `POST` → [`super::GatewayKeyRotationStatus`]: asks the gateway
+/// to rotate its WireGuard key without interrupting its sites (idempotent
+/// while one is asked for or under way). 409 for a disabled gateway or one
+/// that never registered.
+pub const GATEWAY_ROTATE_KEY: &str = "/api/v1/gateways/{id}/rotate-key";
 /// Operator: `POST` [`super::NewTechnician`] → 204: adds a technician or sets
 /// its password (ending its sessions).
 pub const TECHNICIANS: &str = "/api/v1/technicians";

@@ -228,8 +228,11 @@ pub struct RouterGateway {
     pub name: String,
     /// Its first WireGuard endpoint.
     pub endpoint: SocketAddr,
-    /// Its public key.
+    /// Its public key: during a rotation of its key, the next one (which
+    /// it answers already; the current one ends with the rotation).
     pub public_key: PublicKey,
+    /// Whether it rotates its key (`public_key` is the next key).
+    pub rotating: bool,
     /// The technician prefixes it registered (the router's `AllowedIPs`).
     pub technician_prefixes: Vec<Prefix>,
 }
@@ -283,7 +286,11 @@ pub async fn router_site(conn: &mut AnyConnection, site: SiteId) -> DbResult<Opt
             .transpose()?
             .map(|g| GatewayId(u64_of(g)));
     let rows = sqlx::query(
-        "SELECT id, name, endpoints, public_key, technician_prefixes FROM gateways \
+        // A router without an agent cannot follow a rotation of the
+        // gateway's key by itself: its file names the next key as soon as
+        // there is one, and the operator applies it again meanwhile.
+        "SELECT id, name, endpoints, COALESCE(next_public_key, public_key) AS public_key, \
+         next_public_key, technician_prefixes FROM gateways \
          WHERE tunnel_kinds LIKE $1 AND disabled = 0 AND public_key IS NOT NULL ORDER BY id",
     )
     .bind(format!("%\"{}\"%", TunnelKind::Wireguard))
@@ -306,6 +313,7 @@ pub async fn router_site(conn: &mut AnyConnection, site: SiteId) -> DbResult<Opt
                 name: col(&r, "name")?,
                 endpoint: *endpoint,
                 public_key,
+                rotating: col::<Option<String>>(&r, "next_public_key")?.is_some(),
                 technician_prefixes: prefixes,
             });
         }

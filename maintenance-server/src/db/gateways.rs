@@ -2,8 +2,8 @@
 //! and marking silent ones down.
 
 use vpnnat::messages::{
-    GatewayCreated, GatewayHeartbeat, GatewayId, GatewayRegistered, GatewayRegistration,
-    HeartbeatAck, SiteId,
+    GatewayCreated, GatewayHeartbeat, GatewayId, GatewayKeyRotationStatus, GatewayRegistered,
+    GatewayRegistration, HeartbeatAck, PublicKey, SiteId,
 };
 
 use super::error::{OpError, OpResult};
@@ -58,14 +58,23 @@ pub async fn register_gateway(
 ) -> OpResult<GatewayRegistered> {
     let row = tx
         .row_by_id(
-            "SELECT endpoints, public_key, health, technician_prefixes, tls FROM gateways \
-             WHERE id = $1",
+            "SELECT endpoints, public_key, next_public_key, health, technician_prefixes, tls \
+             FROM gateways WHERE id = $1",
             gw.0,
             "gateway",
         )
         .await?;
     let old_endpoints: String = col(&row, "endpoints")?;
     let old_key: Option<String> = col(&row, "public_key")?;
+    let old_next: Option<String> = col(&row, "next_public_key")?;
+    // A registration always names the key: one equal to the stored next
+    // key ends a rotation (a gateway that restarted after promoting it).
+    let keys = KeyChange::of(
+        old_key.as_deref(),
+        old_next.as_deref(),
+        Some(reg.public_key),
+        reg.next_public_key,
+    );
     let old_tls: Option<String> = col(&row, "tls")?;
     let tls = reg.tls.as_ref().and_then(|t| serde_json::to_string(t).ok());
     let endpoints = serde_json::to_string(&reg.endpoints).unwrap_or_else(|_| "[]".into());
@@ -74,20 +83,23 @@ pub async fn register_gateway(
     let old_prefixes: String = col(&row, "technician_prefixes")?;
     let key = reg.public_key.to_base64();
     // Sites first, then the gateway row: the lock order of every other transaction.
-    // A gateway that restarts registers before its first heartbeat.
-    if col::<String>(&row, "health")? == "down" {
-        clear_stranded(tx, gw).await?;
-    }
     // The technician prefixes are the traffic selectors of its IPsec sites.
     let new_prefixes = old_prefixes != prefixes;
     if new_prefixes
         || old_endpoints != endpoints
         || old_key.as_deref() != Some(key.as_str())
         || old_tls != tls
+        || !keys.is_none()
     {
         for site in gateway_sites(tx, gw).await? {
             tx.bump_site(site).await?;
         }
+    }
+    // A gateway that restarts registers before its first heartbeat. Its
+    // site rows are locked (ascending) above when they were bumped; these
+    // are some of them.
+    if col::<String>(&row, "health")? == "down" {
+        clear_stranded(tx, gw).await?;
     }
     let sql = format!(
         "UPDATE gateways SET endpoints = $1, public_key = $2, tunnel_kinds = $3, max_tunnels = $4, \
@@ -106,7 +118,8 @@ pub async fn register_gateway(
         .bind(&tls)
         .execute(&mut *tx.inner)
         .await?;
-    if new_prefixes {
+    record_keys(tx, gw, &keys, old_key.is_some(), now).await?;
+    if new_prefixes && keys.is_none() {
         tx.bump_gateway(gw).await?;
     }
     tx.audit(
@@ -135,19 +148,38 @@ pub async fn heartbeat(
 ) -> OpResult<HeartbeatAck> {
     let row = tx
         .row_by_id(
-            "SELECT public_key, health FROM gateways WHERE id = $1",
+            "SELECT public_key, next_public_key, health FROM gateways WHERE id = $1",
             gw.0,
             "gateway",
         )
         .await?;
-    if col::<Option<String>>(&row, "public_key")?.is_none() {
+    let Some(old_key) = col::<Option<String>>(&row, "public_key")? else {
         return Err(OpError::NotRegistered);
-    }
+    };
+    let old_next: Option<String> = col(&row, "next_public_key")?;
+    // An older gateway names no key: nothing about keys changes.
+    let keys = match hb.public_key {
+        Some(k) => KeyChange::of(
+            Some(&old_key),
+            old_next.as_deref(),
+            Some(k),
+            hb.next_public_key,
+        ),
+        None => KeyChange::default(),
+    };
     let old: String = col(&row, "health")?;
     let health = enum_str(&hb.health);
+    // Sites first (ascending), then the gateway row.
+    if !keys.is_none() {
+        for site in gateway_sites(tx, gw).await? {
+            tx.bump_site(site).await?;
+        }
+    }
     if old == "down" && health != "down" {
         clear_stranded(tx, gw).await?;
     }
+    // Before the update below, whose answer carries the version.
+    record_keys(tx, gw, &keys, true, now).await?;
     // The database's clock, not this replica's: see `mark_down`. A heartbeat
     // that passed authentication just before the gateway was disabled does
     // not bring it back up.
@@ -180,6 +212,224 @@ pub async fn heartbeat(
         drain: col::<i64>(&row, "drain")? != 0,
         lease_ms: None,
     })
+}
+
+/// What a registration or heartbeat changes about a gateway's keys.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct KeyChange {
+    /// The current key is now this one (base64): a rotation ended, or the
+    /// gateway came with a new key.
+    key: Option<String>,
+    /// The next key is now this one (`Some(None)`: none any more).
+    next: Option<Option<String>>,
+}
+
+impl KeyChange {
+    /// The change from the stored keys to the reported ones (`key`
+    /// `None`: the gateway did not say, nothing changes).
+    fn of(
+        stored_key: Option<&str>,
+        stored_next: Option<&str>,
+        key: Option<PublicKey>,
+        next: Option<PublicKey>,
+    ) -> Self {
+        let Some(key) = key.map(|k| k.to_base64()) else {
+            return Self::default();
+        };
+        let next = next.map(|k| k.to_base64());
+        Self {
+            next: (stored_next != next.as_deref()).then(|| next.clone()),
+            key: (stored_key != Some(key.as_str())).then_some(key),
+        }
+    }
+
+    /// Whether nothing changes.
+    fn is_none(&self) -> bool {
+        self.key.is_none() && self.next.is_none()
+    }
+}
+
+/// Writes a [`KeyChange`] to the gateway row, bumps the gateway's document
+/// (its `key_rotation` changes with either key) and audits it. The caller
+/// has bumped the gateway's sites (their agents' documents name the next
+/// key, or the current one when there is none) before: the lock order.
+/// `had_key`: the gateway had registered before (its first key is no
+/// change worth a `gateway.key` row).
+async fn record_keys(
+    tx: &mut Tx,
+    gw: GatewayId,
+    change: &KeyChange,
+    had_key: bool,
+    now: i64,
+) -> OpResult<()> {
+    if change.is_none() {
+        return Ok(());
+    }
+    let object = format!("gateway:{gw}");
+    let actor = object.as_str();
+    if let Some(key) = &change.key {
+        // A new current key answers a request for one as well.
+        sqlx::query(
+            "UPDATE gateways SET public_key = $1, key_since = $2, rotate_key = 0 WHERE id = $3",
+        )
+        .bind(key)
+        .bind(now)
+        .bind(id64(gw.0))
+        .execute(&mut *tx.inner)
+        .await?;
+        if had_key {
+            tx.audit(now, actor, "gateway.key", &object, key).await?;
+        }
+    }
+    if let Some(next) = &change.next {
+        sqlx::query(
+            "UPDATE gateways SET next_public_key = $1, \
+             rotate_key = CASE WHEN $2 = 1 THEN 0 ELSE rotate_key END WHERE id = $3",
+        )
+        .bind(next.as_deref())
+        .bind(i64::from(next.is_some()))
+        .bind(id64(gw.0))
+        .execute(&mut *tx.inner)
+        .await?;
+        match next {
+            Some(k) => tx.audit(now, actor, "gateway.next_key", &object, k).await?,
+            // Promoted: `gateway.key` says it. Otherwise the gateway gave
+            // the rotation up (its next key was lost): the agents go back
+            // to its current key.
+            None if change.key.is_none() => {
+                tx.audit(
+                    now,
+                    actor,
+                    "gateway.next_key.dropped",
+                    &object,
+                    "the gateway abandoned the rotation; its current key stays",
+                )
+                .await?;
+            }
+            None => {}
+        }
+    }
+    tx.bump_gateway(gw).await?;
+    Ok(())
+}
+
+/// The operator or the schedule (`actor`) asks gateway `gw` for a new
+/// WireGuard key: a flag of its desired state until it announces its next
+/// key. Idempotent while a rotation is asked for or under way.
+///
+/// # Errors
+/// `NotFound`; `InvalidState` for a disabled gateway or one that never
+/// registered (it has no key to replace).
+pub async fn request_key_rotation(
+    tx: &mut Tx,
+    gw: GatewayId,
+    actor: &str,
+    now: i64,
+) -> OpResult<GatewayKeyRotationStatus> {
+    let row = tx
+        .row_by_id(
+            "SELECT public_key, disabled FROM gateways WHERE id = $1",
+            gw.0,
+            "gateway",
+        )
+        .await?;
+    if col::<i64>(&row, "disabled")? != 0 {
+        return Err(OpError::InvalidState(format!(
+            "gateway {gw} is disabled: enable it first"
+        )));
+    }
+    if col::<Option<String>>(&row, "public_key")?.is_none() {
+        return Err(OpError::InvalidState(format!(
+            "gateway {gw} never registered: it has no key to rotate yet"
+        )));
+    }
+    // Conditional: a rotation asked for or under way is left as it is
+    // (also when another replica asked at the same moment).
+    let r = sqlx::query(
+        "UPDATE gateways SET rotate_key = 1 \
+         WHERE id = $1 AND rotate_key = 0 AND next_public_key IS NULL AND disabled = 0",
+    )
+    .bind(id64(gw.0))
+    .execute(&mut *tx.inner)
+    .await?;
+    if r.rows_affected() == 1 {
+        tx.bump_gateway(gw).await?;
+        tx.audit(
+            now,
+            actor,
+            "gateway.rotate_key",
+            &format!("gateway:{gw}"),
+            "",
+        )
+        .await?;
+    }
+    key_rotation_status(tx, gw).await
+}
+
+/// Where the rotation of gateway `gw`'s key stands.
+///
+/// # Errors
+/// `NotFound`; `InvalidState` when it has no key.
+pub async fn key_rotation_status(tx: &mut Tx, gw: GatewayId) -> OpResult<GatewayKeyRotationStatus> {
+    let row = tx
+        .row_by_id(
+            "SELECT public_key, next_public_key, rotate_key FROM gateways WHERE id = $1",
+            gw.0,
+            "gateway",
+        )
+        .await?;
+    let parse = |k: Option<String>| k.and_then(|k| k.parse::<PublicKey>().ok());
+    let public_key = parse(col(&row, "public_key")?)
+        .ok_or_else(|| OpError::InvalidState(format!("gateway {gw} has no key")))?;
+    Ok(GatewayKeyRotationStatus {
+        gateway_id: gw,
+        public_key,
+        next_public_key: parse(col(&row, "next_public_key")?),
+        requested: col::<i64>(&row, "rotate_key")? != 0,
+    })
+}
+
+/// Asks every registered, enabled gateway whose key is older than
+/// `period_ms` (0: off) for a new one, unless a rotation is asked for or
+/// under way. Returns how many were asked.
+///
+/// # Errors
+/// Database failures.
+pub async fn schedule_key_rotations(tx: &mut Tx, now: i64, period_ms: i64) -> OpResult<usize> {
+    if period_ms <= 0 {
+        return Ok(0);
+    }
+    let rows = sqlx::query(
+        "SELECT id FROM gateways WHERE public_key IS NOT NULL AND disabled = 0 \
+         AND rotate_key = 0 AND next_public_key IS NULL \
+         AND COALESCE(key_since, created_at) <= $1 ORDER BY id",
+    )
+    .bind(now - period_ms)
+    .fetch_all(&mut *tx.inner)
+    .await?;
+    let mut n = 0;
+    for gw in ids_of(&rows, "id", GatewayId)? {
+        let r = sqlx::query(
+            "UPDATE gateways SET rotate_key = 1 \
+             WHERE id = $1 AND rotate_key = 0 AND next_public_key IS NULL AND disabled = 0",
+        )
+        .bind(id64(gw.0))
+        .execute(&mut *tx.inner)
+        .await?;
+        if r.rows_affected() == 1 {
+            tx.bump_gateway(gw).await?;
+            tx.audit(
+                now,
+                "schedule",
+                "gateway.rotate_key",
+                &format!("gateway:{gw}"),
+                "key older than [rotation] gateway_key_days",
+            )
+            .await?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// How each site's tunnel travels, as the heartbeat reports it; written
@@ -441,4 +691,59 @@ pub async fn rotate_gateway(
         name: col(&row, "name")?,
         credential: credential.expose().to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(b: u8) -> PublicKey {
+        PublicKey([b; 32])
+    }
+
+    fn b64(b: u8) -> String {
+        k(b).to_base64()
+    }
+
+    #[test]
+    fn key_change_follows_the_rotation() {
+        let (c, n) = (b64(1), b64(2));
+        // Nothing new.
+        assert!(KeyChange::of(Some(&c), None, Some(k(1)), None).is_none());
+        assert!(KeyChange::of(Some(&c), Some(&n), Some(k(1)), Some(k(2))).is_none());
+        // An older gateway says nothing about keys.
+        assert!(KeyChange::of(Some(&c), Some(&n), None, None).is_none());
+        // The next key announced.
+        assert_eq!(
+            KeyChange::of(Some(&c), None, Some(k(1)), Some(k(2))),
+            KeyChange {
+                key: None,
+                next: Some(Some(n.clone()))
+            }
+        );
+        // Promoted.
+        assert_eq!(
+            KeyChange::of(Some(&c), Some(&n), Some(k(2)), None),
+            KeyChange {
+                key: Some(n.clone()),
+                next: Some(None)
+            }
+        );
+        // Abandoned.
+        assert_eq!(
+            KeyChange::of(Some(&c), Some(&n), Some(k(1)), None),
+            KeyChange {
+                key: None,
+                next: Some(None)
+            }
+        );
+        // The first registration.
+        assert_eq!(
+            KeyChange::of(None, None, Some(k(1)), None),
+            KeyChange {
+                key: Some(c),
+                next: None
+            }
+        );
+    }
 }

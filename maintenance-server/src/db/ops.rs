@@ -14,8 +14,9 @@
 pub use super::agentless::{create_agentless_site, read_wireguard_config};
 pub use super::error::{OpError, OpResult};
 pub use super::gateways::{
-    create_gateway, delete_gateway, drain, gateway_applied, heartbeat, mark_down, register_gateway,
-    rotate_gateway, set_gateway_disabled,
+    create_gateway, delete_gateway, drain, gateway_applied, heartbeat, key_rotation_status,
+    mark_down, register_gateway, request_key_rotation, rotate_gateway, schedule_key_rotations,
+    set_gateway_disabled,
 };
 pub use super::policy::Policy;
 pub use super::requests::{

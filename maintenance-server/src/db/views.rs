@@ -13,9 +13,10 @@ use sqlx::any::AnyRow;
 use vpnnat::ipv4::Prefix;
 use vpnnat::messages::{
     AgentDesiredState, AgentMapping, AgentTls, AgentTunnel, AuditEntry, FailureView,
-    GatewayDesiredState, GatewayId, GatewayPeer, GatewayTls, GatewayView, IKE_PORT, IpsecParams,
-    IpsecSiteConfig, MaintenanceRequestView, PublicKey, RequestId, RequestState, SiteId, SiteView,
-    TerminalAssignment, TerminalName, Transport, TunnelKind, UnixMillis,
+    GatewayDesiredState, GatewayId, GatewayKeyRotation, GatewayPeer, GatewayTls, GatewayView,
+    IKE_PORT, IpsecParams, IpsecSiteConfig, MaintenanceRequestView, PublicKey, RequestId,
+    RequestState, SiteId, SiteView, TerminalAssignment, TerminalName, Transport, TunnelKind,
+    UnixMillis,
 };
 
 use super::teams::TeamScope;
@@ -151,7 +152,10 @@ pub async fn agent_state(
     let tunnel = sqlx::query(
         // Only once the gateway has applied a document holding this peer:
         // a handshake that arrived earlier would be dropped (unknown key).
-        "SELECT g.id, g.endpoints, g.public_key, g.technician_prefixes, g.tls, s.credential_hash \
+        // During a rotation of the gateway's key the agent dials its next
+        // key, which the gateway answers from the moment it announced it.
+        "SELECT g.id, g.endpoints, COALESCE(g.next_public_key, g.public_key) AS public_key, \
+         g.technician_prefixes, g.tls, s.credential_hash \
          FROM tunnels t JOIN gateways g ON g.id = t.gateway_id JOIN sites s ON s.id = t.site_id \
          WHERE t.site_id = $1 AND t.ready_version >= 0 AND t.ready_version <= g.applied_version",
     )
@@ -229,12 +233,24 @@ pub async fn gateway_state(
     conn: &mut AnyConnection,
     gw: GatewayId,
 ) -> DbResult<GatewayDesiredState> {
-    let row = sqlx::query("SELECT version, technician_prefixes FROM gateways WHERE id = $1")
-        .bind(id64(gw.0))
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or(DbError::NotFound)?;
+    let row = sqlx::query(
+        "SELECT version, technician_prefixes, rotate_key, next_public_key FROM gateways \
+         WHERE id = $1",
+    )
+    .bind(id64(gw.0))
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(DbError::NotFound)?;
     let version: i64 = col(&row, "version")?;
+    let requested = col::<i64>(&row, "rotate_key")? != 0;
+    let published: Option<PublicKey> = col::<Option<String>>(&row, "next_public_key")?
+        .map(|k| k.parse())
+        .transpose()
+        .map_err(decode_err)?;
+    let key_rotation = (requested || published.is_some()).then_some(GatewayKeyRotation {
+        requested,
+        published,
+    });
     let center: Vec<Prefix> =
         serde_json::from_str(&col::<String>(&row, "technician_prefixes")?).map_err(decode_err)?;
     let rows = sqlx::query(
@@ -280,7 +296,7 @@ pub async fn gateway_state(
         version: u64_of(version),
         gateway_id: gw,
         allowed_sources: super::teams::allowed_sources(conn, gw).await?,
-        key_rotation: None,
+        key_rotation,
         peers,
         next_keys,
     })
@@ -585,7 +601,8 @@ pub async fn gateways(
     only: Option<GatewayId>,
 ) -> DbResult<Vec<GatewayView>> {
     let sql = "SELECT id, name, endpoints, public_key, tunnel_kinds, max_tunnels, tunnels, health, \
-               drain, last_heartbeat, tls FROM gateways WHERE ($1 = 0 OR id = $1) ORDER BY id";
+               drain, last_heartbeat, tls, next_public_key FROM gateways \
+               WHERE ($1 = 0 OR id = $1) ORDER BY id";
     let rows = sqlx::query(sql)
         .bind(only.map_or(0, |g| id64(g.0)))
         .fetch_all(&mut *conn)
@@ -607,6 +624,8 @@ pub async fn gateways(
                 drain: col::<i64>(r, "drain")? != 0,
                 last_heartbeat: opt_ms(col(r, "last_heartbeat")?),
                 tls: col::<Option<String>>(r, "tls")?.and_then(|t| serde_json::from_str(&t).ok()),
+                next_public_key: col::<Option<String>>(r, "next_public_key")?
+                    .and_then(|k| k.parse().ok()),
             })
         })
         .collect()

@@ -6,7 +6,8 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use vpnnat::messages::{
-    GatewayCreated, GatewayId, NewTechnician, SetDisabled, SiteCreated, SiteId,
+    GatewayCreated, GatewayId, GatewayKeyRotationStatus, NewTechnician, SetDisabled, SiteCreated,
+    SiteId,
 };
 
 use super::{path_id, write};
@@ -113,6 +114,28 @@ pub async fn rotate_gateway(
     })
     .await?;
     tracing::info!(gateway.id = %gw, "gateway credential rotated");
+    Ok(Json(r))
+}
+
+/// `POST /api/v1/gateways/{id}/rotate-key`: asks the gateway for a new
+/// WireGuard key (the credential is `rotate`).
+pub async fn rotate_gateway_key(
+    State(state): State<AppState>,
+    _op: OperatorAuth,
+    Path(id): Path<String>,
+) -> Result<Json<GatewayKeyRotationStatus>, AppError> {
+    let gw = GatewayId(path_id(&id)?);
+    let now = now_ms();
+    let r = write(&state, async |tx| {
+        ops::request_key_rotation(tx, gw, ACTOR, now).await
+    })
+    .await?;
+    tracing::info!(
+        gateway.id = %gw,
+        requested = r.requested,
+        next_key = ?r.next_public_key,
+        "gateway key rotation asked for"
+    );
     Ok(Json(r))
 }
 

@@ -1,0 +1,11 @@
+-- Rotation of a gateway's own WireGuard key (docs/DESIGN.md, "Key rotation").
+-- rotate_key: the operator or the schedule asked for a new key (a flag of
+-- the gateway's desired state, cleared once its next key is recorded).
+-- next_public_key: the next key the gateway announced and already answers
+-- beside public_key; agents are told to dial it.
+-- key_since: when the current key was first seen (the schedule's age).
+ALTER TABLE gateways ADD COLUMN next_public_key TEXT;
+ALTER TABLE gateways ADD COLUMN rotate_key INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE gateways ADD COLUMN key_since INTEGER;
+-- Existing keys count from the gateway's creation (a restart keeps a key).
+UPDATE gateways SET key_since = created_at WHERE public_key IS NOT NULL;
