@@ -383,6 +383,14 @@ fn gateway_log(w: &AgentWorld) -> String {
             n => w.logs().join(format!("gateway{n}.log")),
         })
         .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect::<String>()
+        // Without the terminal colours around the fields' names.
+        .split('\x1b')
+        .enumerate()
+        .map(|(i, part)| match i {
+            0 => part,
+            _ => part.split_once('m').map_or(part, |(_, rest)| rest),
+        })
         .collect()
 }
 
