@@ -37,6 +37,8 @@ pub struct Counts {
     /// Sites with a planned key rotation, and credential rotation, under
     /// way or asked for.
     pub site_rotations: [i64; 2],
+    /// Gateways whose key rotation is asked for or under way.
+    pub gateway_key_rotations: i64,
 }
 
 /// Reads the counts; `pool_size` is the number of addresses the configured
@@ -82,6 +84,12 @@ pub async fn counts(conn: &mut AnyConnection, pool_size: i64) -> DbResult<Counts
         let r = sqlx::query(&sql).fetch_one(&mut *conn).await?;
         c.site_rotations[i] = col(&r, "n")?;
     }
+    let r = sqlx::query(
+        "SELECT COUNT(*) AS n FROM gateways WHERE next_public_key IS NOT NULL OR rotate_key <> 0",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    c.gateway_key_rotations = col(&r, "n")?;
     // Answered from the partial index of waiting deliveries.
     c.webhooks_pending = crate::db::outbox::pending(conn).await?;
     Ok(c)
@@ -134,6 +142,12 @@ pub fn render(
         "site_rotations_pending",
         &[("what", "credential")],
         c.site_rotations[1],
+    );
+    m.single(
+        "gateway_key_rotations_pending",
+        Gauge,
+        "Gateways whose key rotation is asked for or under way.",
+        c.gateway_key_rotations,
     );
     m.single(
         "long_polls_waiting",
@@ -220,6 +234,7 @@ mod tests {
             sites: 3,
             webhooks_pending: 5,
             site_rotations: [1, 0],
+            gateway_key_rotations: 1,
         };
         let logins = PasswordCheckCounts {
             max: 4,
@@ -240,6 +255,7 @@ mod tests {
             "vpnnat_sites 3",
             "vpnnat_site_rotations_pending{what=\"key\"} 1",
             "vpnnat_site_rotations_pending{what=\"credential\"} 0",
+            "vpnnat_gateway_key_rotations_pending 1",
             "vpnnat_long_polls_waiting 4",
             "vpnnat_login_password_checks_total 7",
             "vpnnat_login_password_checks_running_max 3",

@@ -104,6 +104,16 @@ async fn gateway_view(server: &TestServer, gw: GatewayId) -> GatewayView {
     all.into_iter().find(|g| g.gateway_id == gw).unwrap()
 }
 
+/// The `/metrics` gauge of gateways whose key rotation is pending.
+async fn pending_gauge(server: &TestServer) -> i64 {
+    let m = server.operator().get(paths::METRICS).await;
+    let text = m.body.as_str().unwrap_or_default().to_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("vpnnat_gateway_key_rotations_pending "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no gauge:\n{text}"))
+}
+
 async fn rotation_gateway_key_is_asked_published_to_agents_and_promoted(b: Backend) {
     let db = TestDb::new(b);
     let mut settings = db.settings();
@@ -112,6 +122,7 @@ async fn rotation_gateway_key_is_asked_published_to_agents_and_promoted(b: Backe
     let (gw, site) = gateway_with_site(&server).await;
     let g0 = gateway_state(&gw, 0, 0).await;
     assert_eq!(g0.key_rotation, None);
+    assert_eq!(pending_gauge(&server).await, 0);
 
     // The operator asks: the gateway's document says so, the agent's does
     // not change.
@@ -136,6 +147,7 @@ async fn rotation_gateway_key_is_asked_published_to_agents_and_promoted(b: Backe
         })
     );
     assert_eq!(agent_state(&site, 0, 0).await.version, a0.version);
+    assert_eq!(pending_gauge(&server).await, 1);
     // Asked again: the same answer, no new version, one audit row.
     assert_eq!(ask(&server, gw.id).await, asked);
     assert_eq!(gateway_state(&gw, 0, 0).await.version, g1.version);
@@ -213,6 +225,7 @@ async fn rotation_gateway_key_is_asked_published_to_agents_and_promoted(b: Backe
     let g3 = gateway_state(&gw, g2.version, 0).await;
     assert!(g3.version > g2.version);
     assert_eq!(g3.key_rotation, None);
+    assert_eq!(pending_gauge(&server).await, 0);
     assert_eq!(
         audit_count(&db, "gateway.key", &key(90).to_base64()).await,
         1
