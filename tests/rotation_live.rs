@@ -3,13 +3,13 @@
 //! in network namespaces (the world of `vpnnat_test_support::agent_world`).
 //! The technician holds one TCP connection to the PC's NAT address that
 //! echoes a line every 100 ms; the site key is rotated on demand, then the
-//! site credential, and (a second world) both by the schedule with a tiny
-//! period. After each the same connection still carries data (no reset, no
-//! lost line) and the technician still pings the NAT address. The longest
-//! echo round trip, which holds the interruption, is printed. The gateway's
-//! own key rotates the same way (on demand with the session held; then with
-//! the agent away, a `kill -9` of the gateway mid-rotation and the grace
-//! time ending it).
+//! site credential, and (a second world) both and the gateway's key by the
+//! schedule with a tiny period, overlapping. After each the same connection
+//! still carries data (no reset, no lost line) and the technician still
+//! pings the NAT address. The longest echo round trip, which holds the
+//! interruption, is printed. The gateway's own key rotates the same way (on
+//! demand with the session held; then with the agent away, a `kill -9` of
+//! the gateway mid-rotation and the grace time ending it).
 //!
 //! Network safety: everything lives in the world's namespaces (no default
 //! route anywhere).
@@ -298,18 +298,24 @@ fn rotation_live_scheduled_with_a_tiny_period_keeps_the_tcp_session() {
     if !require(PREREQS) {
         return;
     }
-    // About 9 s for both.
+    // About 9 s for each, the gateway's key too: they overlap.
     let mut w = AgentWorld::up_with(
         "rls",
-        "[rotation]\nsite_key_days = 0.0001\nsite_credential_days = 0.0001\n",
+        "[rotation]\nsite_key_days = 0.0001\nsite_credential_days = 0.0001\n\
+         gateway_key_days = 0.0001\n",
     );
     let (nat, file) = open_maintenance(&mut w);
     let before = identity(&w);
+    let gateway_key = gateway_status(&w)["public_key"].clone();
     let seq = session(&file).last().unwrap().0;
     wait_until(
-        "the schedule rotated the key and the credential",
+        "the schedule rotated the site's key and credential and the gateway's key",
         Duration::from_secs(60),
-        || key_rotated(&w, &before) && identity(&w)["credential"] != before["credential"],
+        || {
+            key_rotated(&w, &before)
+                && identity(&w)["credential"] != before["credential"]
+                && gateway_status(&w)["public_key"] != gateway_key
+        },
     );
     let server_log = std::fs::read_to_string(w.logs().join("server.log")).unwrap();
     assert!(
