@@ -168,14 +168,7 @@ async fn a_request_reaches_the_agent_and_the_gateway_and_ends_cleanly(b: Backend
     assert!(g0.peers.is_empty());
 
     // Both long-polls are waiting when the request arrives.
-    let agent_poll = {
-        let site = Site {
-            id: site.id,
-            agent: site.agent.clone(),
-            credential: site.credential.clone(),
-        };
-        tokio::spawn(async move { agent_state(&site, s0.version, 30_000).await })
-    };
+    let agent_poll = spawn_agent_poll(&site, s0.version, 30_000);
     let gw_poll = {
         let gw = Gw {
             id: gw.id,
@@ -244,15 +237,7 @@ async fn a_request_reaches_the_agent_and_the_gateway_and_ends_cleanly(b: Backend
     assert_eq!(g1.peers[0].nat_addresses, sorted);
     // The gateway reports it applied that document: the agent's long-poll
     // answers with the tunnel to dial.
-    let agent_poll = {
-        let site = Site {
-            id: site.id,
-            agent: site.agent.clone(),
-            credential: site.credential.clone(),
-        };
-        let after = s1.version;
-        tokio::spawn(async move { agent_state(&site, after, 30_000).await })
-    };
+    let agent_poll = spawn_agent_poll(&site, s1.version, 30_000);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(report_applied(&gw).await, g1.version);
     let s1 = tokio::time::timeout(Duration::from_secs(10), agent_poll)

@@ -111,15 +111,7 @@ async fn rotation_site_key_reaches_the_gateway_first_and_is_committed_by_the_age
     );
 
     // The gateway applies it: the agent's long-poll wakes with "ready".
-    let poll = {
-        let site = Site {
-            id: site.id,
-            agent: site.agent.clone(),
-            credential: site.credential.clone(),
-        };
-        let after = s2.version;
-        tokio::spawn(async move { agent_state(&site, after, 10_000).await })
-    };
+    let poll = spawn_agent_poll(&site, s2.version, 10_000);
     tokio::time::sleep(Duration::from_millis(100)).await;
     report_applied(&gw).await;
     let s3 = tokio::time::timeout(Duration::from_secs(5), poll)

@@ -165,15 +165,7 @@ async fn rotation_gateway_key_is_asked_published_to_agents_and_promoted(b: Backe
 
     // The gateway announces its next key: the agent's long-poll wakes with
     // the next key as the gateway's key, the request is answered.
-    let poll = {
-        let site = Site {
-            id: site.id,
-            agent: site.agent.clone(),
-            credential: site.credential.clone(),
-        };
-        let after = a0.version;
-        tokio::spawn(async move { agent_state(&site, after, 10_000).await })
-    };
+    let poll = spawn_agent_poll(&site, a0.version, 10_000);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let ack = send_beat(&gw, &beat(gw_key(1), Some(key(90)))).await;
     let a1 = tokio::time::timeout(Duration::from_secs(5), poll)

@@ -343,8 +343,21 @@ pub async fn request_key_rotation(
             "gateway {gw} never registered: it has no key to rotate yet"
         )));
     }
-    // Conditional: a rotation asked for or under way is left as it is
-    // (also when another replica asked at the same moment).
+    ask_key_rotation(tx, gw, actor, "", now).await?;
+    key_rotation_status(tx, gw).await
+}
+
+/// Sets gateway `gw`'s flag asking for a new key, bumps its document and
+/// audits it (`why`); `false` when a rotation is asked for or under way
+/// already. Conditional, so that a rotation asked for by two replicas (or
+/// the operator and the schedule) at the same moment is asked once.
+async fn ask_key_rotation(
+    tx: &mut Tx,
+    gw: GatewayId,
+    actor: &str,
+    why: &str,
+    now: i64,
+) -> OpResult<bool> {
     let r = sqlx::query(
         "UPDATE gateways SET rotate_key = 1 \
          WHERE id = $1 AND rotate_key = 0 AND next_public_key IS NULL AND disabled = 0",
@@ -352,18 +365,19 @@ pub async fn request_key_rotation(
     .bind(id64(gw.0))
     .execute(&mut *tx.inner)
     .await?;
-    if r.rows_affected() == 1 {
-        tx.bump_gateway(gw).await?;
-        tx.audit(
-            now,
-            actor,
-            "gateway.rotate_key",
-            &format!("gateway:{gw}"),
-            "",
-        )
-        .await?;
+    if r.rows_affected() != 1 {
+        return Ok(false);
     }
-    key_rotation_status(tx, gw).await
+    tx.bump_gateway(gw).await?;
+    tx.audit(
+        now,
+        actor,
+        "gateway.rotate_key",
+        &format!("gateway:{gw}"),
+        why,
+    )
+    .await?;
+    Ok(true)
 }
 
 /// Where the rotation of gateway `gw`'s key stands.
@@ -409,25 +423,8 @@ pub async fn schedule_key_rotations(tx: &mut Tx, now: i64, period_ms: i64) -> Op
     .await?;
     let mut n = 0;
     for gw in ids_of(&rows, "id", GatewayId)? {
-        let r = sqlx::query(
-            "UPDATE gateways SET rotate_key = 1 \
-             WHERE id = $1 AND rotate_key = 0 AND next_public_key IS NULL AND disabled = 0",
-        )
-        .bind(id64(gw.0))
-        .execute(&mut *tx.inner)
-        .await?;
-        if r.rows_affected() == 1 {
-            tx.bump_gateway(gw).await?;
-            tx.audit(
-                now,
-                "schedule",
-                "gateway.rotate_key",
-                &format!("gateway:{gw}"),
-                "key older than [rotation] gateway_key_days",
-            )
-            .await?;
-            n += 1;
-        }
+        let why = "key older than [rotation] gateway_key_days";
+        n += usize::from(ask_key_rotation(tx, gw, "schedule", why, now).await?);
     }
     Ok(n)
 }

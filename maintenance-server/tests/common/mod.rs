@@ -361,6 +361,7 @@ pub fn new_request(terminals: &[&str]) -> NewMaintenanceRequest {
 }
 
 /// An enrolled site: its id and an agent client.
+#[derive(Clone)]
 pub struct Site {
     pub id: SiteId,
     pub agent: Api,
@@ -501,6 +502,17 @@ pub async fn agent_state(site: &Site, after: u64, wait_ms: u64) -> AgentDesiredS
         ))
         .await
         .json()
+}
+
+/// An agent's long-poll for a document newer than `after`, held in the
+/// background while the test changes something (up to `wait_ms`).
+pub fn spawn_agent_poll(
+    site: &Site,
+    after: u64,
+    wait_ms: u64,
+) -> tokio::task::JoinHandle<AgentDesiredState> {
+    let site = site.clone();
+    tokio::spawn(async move { agent_state(&site, after, wait_ms).await })
 }
 
 /// The gateway reports that it applied its current document (as a real
