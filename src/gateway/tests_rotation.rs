@@ -141,7 +141,6 @@ fn shuttle(a: &mut crate::agent::AgentState, gw: &mut GatewayState<Builtin>, now
 #[test]
 fn rotation_agent_switches_key_with_one_handshake_through_the_real_gateway() {
     use crate::agent::{AgentConfig, AgentState, DataMode, NetworkOutcome};
-    use crate::messages::{AgentDesiredState, AgentMapping, AgentTunnel, GatewayId, RequestId};
     use crate::messages::{TerminalName, TunnelKind, UnixMillis};
 
     let now = Instant::now();
@@ -171,27 +170,7 @@ fn rotation_agent_switches_key_with_one_handshake_through_the_real_gateway() {
         now,
     );
     let wall = UnixMillis(1_700_000_000_000);
-    let doc = AgentDesiredState {
-        version: 1,
-        site_id: SiteId(3),
-        tunnel: Some(AgentTunnel {
-            gateway_id: GatewayId(1),
-            kind: TunnelKind::Wireguard,
-            endpoint: "203.0.113.1:51820".parse().unwrap(),
-            public_key: gw_key.public_key(),
-            persistent_keepalive_s: 25,
-            ipsec: None,
-            tls: None,
-        }),
-        mappings: vec![AgentMapping {
-            nat_address: "10.64.0.5".parse().unwrap(),
-            terminal: TerminalName::new("pc-1").unwrap(),
-            request_id: RequestId(17),
-            expires_at: UnixMillis(wall.0 + 3_600_000),
-        }],
-        problem: None,
-        rotation: None,
-    };
+    let doc = agent_document(1, gw_key.public_key(), wall);
     let names = [(
         TerminalName::new("pc-1").unwrap(),
         "192.168.1.10".parse().unwrap(),
@@ -230,6 +209,38 @@ fn rotation_agent_switches_key_with_one_handshake_through_the_real_gateway() {
         "{before} then one"
     );
     assert!(reaches_the_site(&mut a, &mut gw));
+}
+
+/// Site 3's agent document: a tunnel to gateway 1 with `gateway_key`, and
+/// pc-1 on 10.64.0.5 for an hour from `wall`.
+fn agent_document(
+    version: u64,
+    gateway_key: PublicKey,
+    wall: crate::messages::UnixMillis,
+) -> crate::messages::AgentDesiredState {
+    use crate::messages::{AgentDesiredState, AgentMapping, AgentTunnel, GatewayId};
+    use crate::messages::{RequestId, TerminalName, TunnelKind, UnixMillis};
+    AgentDesiredState {
+        version,
+        site_id: SiteId(3),
+        tunnel: Some(AgentTunnel {
+            gateway_id: GatewayId(1),
+            kind: TunnelKind::Wireguard,
+            endpoint: "203.0.113.1:51820".parse().unwrap(),
+            public_key: gateway_key,
+            persistent_keepalive_s: 25,
+            ipsec: None,
+            tls: None,
+        }),
+        mappings: vec![AgentMapping {
+            nat_address: "10.64.0.5".parse().unwrap(),
+            terminal: TerminalName::new("pc-1").unwrap(),
+            request_id: RequestId(17),
+            expires_at: UnixMillis(wall.0 + 3_600_000),
+        }],
+        problem: None,
+        rotation: None,
+    }
 }
 
 /// A gateway (key `0x42`) and the real agent of site 3 (key 1) on it.
@@ -303,30 +314,8 @@ impl Rig {
     /// The agent's next document names `gateway_key`; the datagrams that
     /// follow are exchanged.
     fn agent_dials(&mut self, gateway_key: PublicKey) {
-        use crate::messages::{AgentDesiredState, AgentMapping, AgentTunnel, GatewayId};
-        use crate::messages::{RequestId, TerminalName, TunnelKind, UnixMillis};
         self.version += 1;
-        let doc = AgentDesiredState {
-            version: self.version,
-            site_id: SiteId(3),
-            tunnel: Some(AgentTunnel {
-                gateway_id: GatewayId(1),
-                kind: TunnelKind::Wireguard,
-                endpoint: "203.0.113.1:51820".parse().unwrap(),
-                public_key: gateway_key,
-                persistent_keepalive_s: 25,
-                ipsec: None,
-                tls: None,
-            }),
-            mappings: vec![AgentMapping {
-                nat_address: "10.64.0.5".parse().unwrap(),
-                terminal: TerminalName::new("pc-1").unwrap(),
-                request_id: RequestId(17),
-                expires_at: UnixMillis(Self::WALL.0 + 3_600_000),
-            }],
-            problem: None,
-            rotation: None,
-        };
+        let doc = agent_document(self.version, gateway_key, Self::WALL);
         self.agent
             .handle_desired_state(&doc, &self.names, self.now, Self::WALL)
             .unwrap();
