@@ -659,7 +659,7 @@ async fn gateway(c: GatewayCmd, settings: &Settings) -> anyhow::Result<()> {
             );
             for g in gws {
                 out.push_str(&format!(
-                    "\n{:>4}  {:<20}  {:<8}  {:<5}  {:>7}  {:<24}  {}",
+                    "\n{:>4}  {:<20}  {:<8}  {:<5}  {:>7}  {:<24}  {}{}",
                     g.gateway_id,
                     g.name,
                     views::enum_str(&g.health),
@@ -667,6 +667,8 @@ async fn gateway(c: GatewayCmd, settings: &Settings) -> anyhow::Result<()> {
                     format!("{}/{}", g.tunnels, g.max_tunnels),
                     g.endpoints.first().map_or("-".into(), ToString::to_string),
                     g.last_heartbeat.map_or("-".into(), |t| t.0.to_string()),
+                    g.next_public_key
+                        .map_or(String::new(), |k| format!("  (key rotating to {k})")),
                 ));
             }
             print_line(&out)

@@ -709,6 +709,12 @@ async fn rotation_gateway_key_cli_asks_and_reports(b: Backend) {
     let line = out(&o);
     assert!(line.contains("under way"), "{line}");
     assert!(line.contains(&key(90).to_base64()), "{line}");
+    let o = cli(&config, &["gateway", "list"]);
+    let list = out(&o);
+    assert!(
+        list.contains(&format!("(key rotating to {})", key(90).to_base64())),
+        "{list}"
+    );
 
     // Unknown gateway: a failure with a reason, not a panic.
     let o = cli(&config, &["gateway", "rotate-key", "999"]);
