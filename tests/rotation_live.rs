@@ -457,6 +457,13 @@ fn rotation_live_gateway_key_keeps_the_tcp_session() {
         "waits for the site"
     );
     assert!(w.logs().join("gw.key.next").exists());
+    let metrics = w.gw.sh("curl -sf http://127.0.0.1:9101/metrics");
+    for line in [
+        "vpnnat_gateway_key_rotating 1",
+        "vpnnat_gateway_key_rotation_sites_waiting 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
+    }
 
     // A crash in the middle: the gateway comes back with both keys and
     // ends the rotation after the grace time.

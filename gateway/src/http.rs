@@ -207,6 +207,23 @@ async fn render_metrics(app: &App) -> anyhow::Result<String> {
         "1 while NAT addresses are withdrawn because no heartbeat was acknowledged within the lease.",
         u8::from(withdrawn),
     );
+    let rotating = app.key.public_keys().await.next.is_some();
+    m.single(
+        "key_rotation_sites_waiting",
+        Gauge,
+        "WireGuard sites still on the old key during a rotation of the gateway's key.",
+        if rotating {
+            snap.on_next_key.1 - snap.on_next_key.0.min(snap.on_next_key.1)
+        } else {
+            0
+        },
+    );
+    m.single(
+        "key_rotating",
+        Gauge,
+        "1 while the gateway answers a next key beside its key (a rotation under way).",
+        u8::from(rotating),
+    );
     m.single(
         "applied_version",
         Gauge,
