@@ -700,11 +700,17 @@ async fn gateway(c: GatewayCmd, settings: &Settings) -> anyhow::Result<()> {
         }
         GatewayCmd::RotateKey { id } => {
             let now = now_ms();
-            let r = db
+            let (r, without_agent) = db
                 .transaction(&notifier, async |tx| {
-                    ops::request_key_rotation(tx, GatewayId(id), "operator", now).await
+                    let r = ops::request_key_rotation(tx, GatewayId(id), "operator", now).await?;
+                    Ok::<_, ops::OpError>((r, ops::wireguard_sites_without_agent(tx).await?))
                 })
                 .await?;
+            if without_agent > 0 {
+                eprintln!(
+                    "note: {without_agent} WireGuard site(s) without an agent name this gateway's                      key in their router's files: apply their new files (`site wireguard-config                      ID`) before the gateway's key_rotation_grace_s ends"
+                );
+            }
             print_line(&match r.next_public_key {
                 Some(next) => format!(
                     "gateway {id}: key rotation under way: current key {}, next key {next} \

@@ -126,14 +126,22 @@ pub async fn schedule_rotations(state: &AppState) -> Result<usize, OpError> {
         n += sites;
     }
     if gateway_ms > 0 {
-        let gateways = state
+        let (gateways, held_back) = state
             .db
             .transaction(&state.notifier, async |tx: &mut Tx| {
-                ops::schedule_key_rotations(tx, now, gateway_ms).await
+                let asked = ops::schedule_key_rotations(tx, now, gateway_ms).await?;
+                Ok::<_, OpError>((asked, ops::wireguard_sites_without_agent(tx).await?))
             })
             .await?;
         if gateways > 0 {
             tracing::info!(gateways, "gateway key rotations requested by the schedule");
+        }
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if held_back > 0 && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                sites = held_back,
+                "[rotation] gateway_key_days: gateway keys are not rotated by the schedule while                  WireGuard sites without an agent exist (their routers cannot follow); rotate with                  `gateway rotate-key ID` and apply those sites' new files"
+            );
         }
         n += gateways;
     }

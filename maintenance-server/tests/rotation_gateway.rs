@@ -23,6 +23,7 @@ both!(
     rotation_gateway_key_survives_a_server_restart,
     rotation_gateway_key_schedule_asks_old_keys_only,
     rotation_gateway_key_schedule_runs_in_the_background,
+    rotation_gateway_key_schedule_spares_routers_without_an_agent,
     rotation_gateway_key_endpoint_refuses_other_callers_and_bad_gateways,
     rotation_gateway_key_agentless_files_name_the_next_key,
     rotation_gateway_key_cli_asks_and_reports,
@@ -466,6 +467,45 @@ async fn rotation_gateway_key_schedule_asks_old_keys_only(b: Backend) {
     send_beat(&gw1, &beat(key(91), None)).await;
     let now = maintenance_server::db::now_ms();
     assert_eq!(schedule_at(&db, now + 10 * DAY_MS, 90 * DAY_MS).await, 0);
+    server.stop().await;
+}
+
+/// A router without an agent names the gateways' keys in its own files and
+/// cannot follow a rotation: while such a WireGuard site exists the schedule
+/// asks no gateway (the operator still can, on demand).
+async fn rotation_gateway_key_schedule_spares_routers_without_an_agent(b: Backend) {
+    const DAY_MS: i64 = 86_400_000;
+    let db = TestDb::new(b);
+    let mut settings = db.settings();
+    settings.rotation.gateway_key_days = 0.0;
+    let server = TestServer::start(settings).await;
+    let op = server.operator();
+    let gw = add_gateway(&server, "gw1", 10, 1).await;
+    let site: SiteCreated = op
+        .post(
+            paths::SITES,
+            &json!({ "name": "Florist", "agent": false, "public_key": key(77) }),
+        )
+        .await
+        .json();
+    let now = maintenance_server::db::now_ms();
+    assert_eq!(schedule_at(&db, now + 100 * DAY_MS, 90 * DAY_MS).await, 0);
+    assert_eq!(gateway_state(&gw, 0, 0).await.key_rotation, None);
+    assert!(ask(&server, gw.id).await.requested, "on demand it is asked");
+    send_beat(&gw, &beat(gw_key(1), Some(key(90)))).await;
+    send_beat(&gw, &beat(key(90), None)).await;
+
+    // Without such a site the schedule asks again.
+    let d = op
+        .raw(
+            reqwest::Method::DELETE,
+            &at(paths::SITE, site.site_id),
+            None,
+        )
+        .await;
+    assert_eq!(d.status, 204, "{}", d.body);
+    let now = maintenance_server::db::now_ms();
+    assert_eq!(schedule_at(&db, now + 100 * DAY_MS, 90 * DAY_MS).await, 1);
     server.stop().await;
 }
 

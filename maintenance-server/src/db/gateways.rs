@@ -410,7 +410,11 @@ pub async fn key_rotation_status(tx: &mut Tx, gw: GatewayId) -> OpResult<Gateway
 /// # Errors
 /// Database failures.
 pub async fn schedule_key_rotations(tx: &mut Tx, now: i64, period_ms: i64) -> OpResult<usize> {
-    if period_ms <= 0 {
+    // A router without an agent holds every gateway's key in its own
+    // configuration and cannot follow a rotation: the schedule would cut
+    // it off after the grace time. The operator rotates on demand then,
+    // and re-applies those routers' files.
+    if period_ms <= 0 || wireguard_sites_without_agent(tx).await? > 0 {
         return Ok(0);
     }
     let rows = sqlx::query(
@@ -427,6 +431,19 @@ pub async fn schedule_key_rotations(tx: &mut Tx, now: i64, period_ms: i64) -> Op
         n += usize::from(ask_key_rotation(tx, gw, "schedule", why, now).await?);
     }
     Ok(n)
+}
+
+/// WireGuard sites without an agent: their routers name the gateways' keys
+/// in their own configuration.
+///
+/// # Errors
+/// Database failures.
+pub async fn wireguard_sites_without_agent(tx: &mut Tx) -> OpResult<i64> {
+    let r = sqlx::query("SELECT COUNT(*) AS n FROM sites WHERE agentless = 1 AND tunnel = $1")
+        .bind(enum_str(&vpnnat::messages::TunnelKind::Wireguard))
+        .fetch_one(&mut *tx.inner)
+        .await?;
+    Ok(col(&r, "n")?)
 }
 
 /// How each site's tunnel travels, as the heartbeat reports it; written

@@ -16,7 +16,7 @@ pub use super::error::{OpError, OpResult};
 pub use super::gateways::{
     create_gateway, delete_gateway, drain, gateway_applied, heartbeat, key_rotation_status,
     mark_down, register_gateway, request_key_rotation, rotate_gateway, schedule_key_rotations,
-    set_gateway_disabled,
+    set_gateway_disabled, wireguard_sites_without_agent,
 };
 pub use super::policy::Policy;
 pub use super::requests::{
