@@ -411,7 +411,8 @@ fn gateway_key_file(w: &AgentWorld) -> String {
 /// Then, with the agent away, a second rotation waits for the site; the
 /// gateway is killed (`kill -9`) in the middle, comes back answering both
 /// keys from its files, and ends the rotation after a short grace time; the
-/// agent, started again, reaches the gateway's new key.
+/// agent, started again, reaches the gateway's new key. Last, a rotation
+/// whose next key file is removed is given up, and the key kept.
 #[test]
 fn rotation_live_gateway_key_keeps_the_tcp_session() {
     if !require(PREREQS) {
@@ -487,4 +488,29 @@ fn rotation_live_gateway_key_keeps_the_tcp_session() {
         || w.tech_http(&nat),
     );
     assert!(ping_within(&w.tech, &nat, Duration::from_secs(5)));
+
+    // The next key file removed during a rotation (the agent away again):
+    // the gateway gives the rotation up instead of promoting a key it no
+    // longer has, and keeps its key; the agent comes back to that key.
+    w.kill_agent();
+    assert_eq!(operator(&w, "/api/v1/gateways/1/rotate-key", "{}"), "200");
+    wait_until("the fourth key answered", Duration::from_secs(20), || {
+        gateway_status(&w).get("next_public_key").is_some()
+    });
+    std::fs::remove_file(w.logs().join("gw.key.next")).unwrap();
+    wait_until("the rotation given up", Duration::from_secs(20), || {
+        gateway_status(&w).get("next_public_key").is_none()
+    });
+    assert_eq!(gateway_status(&w)["public_key"], next);
+    assert!(
+        gateway_log(&w).contains("rotation of the gateway's key abandoned"),
+        "{}",
+        gateway_log(&w)
+    );
+    w.start_agent();
+    wait_until(
+        "the technician reaches the PC through the gateway's kept key",
+        Duration::from_secs(30),
+        || w.tech_http(&nat),
+    );
 }

@@ -38,6 +38,8 @@ pub struct App {
     pub routes: tokio::sync::Mutex<Routes>,
     /// The gateway's WireGuard key, and its next key during a rotation.
     pub key: crate::key::GatewayKey,
+    /// The last error of a step of the key's rotation (logged once).
+    pub key_error: Mutex<Option<String>>,
     /// The UDP port of the WireGuard socket.
     pub listen_port: u16,
     /// The tunnel kinds the data plane runs (registered with the server).
@@ -123,8 +125,18 @@ impl App {
     /// Starts or ends a rotation of the gateway's key when due (called
     /// periodically).
     pub async fn key_tick(&self) {
-        if let Err(e) = self.key.tick(&self.dataplane, Instant::now()).await {
-            tracing::error!(error = %format!("{e:#}"), "rotation of the gateway's key");
+        let result = self.key.tick(&self.dataplane, Instant::now()).await;
+        let mut last = self.key_error.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(_) => *last = None,
+            Err(e) => {
+                // Tried every second: logged when it starts failing, or fails otherwise.
+                let e = format!("{e:#}");
+                if last.as_deref() != Some(e.as_str()) {
+                    tracing::error!(error = %e, "rotation of the gateway's key (tried again every second)");
+                    *last = Some(e);
+                }
+            }
         }
     }
 

@@ -143,14 +143,22 @@ impl GatewayKey {
         }
         let next_public = next.public_key();
         // The file first: from here a restart runs the new key alone.
-        let promoted = keys::promote_next_private_key(&self.file, &s.current)
+        let Some(promoted) = keys::promote_next_private_key(&self.file, &s.current)
             .context("wireguard.private_key_file: promoting the next key")?
-            .with_context(|| {
-                format!(
-                    "{}: the next key file disappeared during the rotation",
-                    keys::next_key_path(&self.file).display()
-                )
-            })?;
+        else {
+            // Someone removed the next key file: the key stays as it is, and
+            // the heartbeat, naming no next key, tells the server, which
+            // sends the agents back to the current key.
+            tracing::warn!(
+                path = %keys::next_key_path(&self.file).display(),
+                "the next key file is gone: rotation of the gateway's key abandoned"
+            );
+            dataplane.set_next_key(None).await?;
+            s.next = None;
+            s.published_since = None;
+            s.requested = false;
+            return Ok(false);
+        };
         dataplane.promote_next_key().await?;
         tracing::info!(
             public_key = %next_public,

@@ -206,6 +206,7 @@ async fn run(settings: Settings, peers_file: Option<PathBuf>) -> anyhow::Result<
         dataplane,
         routes: tokio::sync::Mutex::new(routes),
         key: gateway_key,
+        key_error: Mutex::new(None),
         listen_port,
         tunnel_kinds,
         tun_name,
