@@ -466,10 +466,14 @@ fn rotation_live_gateway_key_keeps_the_tcp_session() {
         assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
     }
 
-    // A crash in the middle: the gateway comes back with both keys and
-    // ends the rotation after the grace time.
+    // A crash in the middle: the gateway comes back with both keys (on two
+    // workers now, which share the next key) and ends the rotation after
+    // the grace time.
     w.kill_gateway();
-    w.start_gateway(&[("VPNNAT_WIREGUARD__KEY_ROTATION_GRACE_S", "2")]);
+    w.start_gateway(&[
+        ("VPNNAT_WIREGUARD__KEY_ROTATION_GRACE_S", "2"),
+        ("VPNNAT_WIREGUARD__WORKERS", "2"),
+    ]);
     wait_until(
         "the rotation ended by the grace time",
         Duration::from_secs(40),

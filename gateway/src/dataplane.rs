@@ -45,7 +45,7 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot};
 use tun_rs::{AsyncDevice, SyncDevice};
 use vpnnat::gateway::{
-    GatewayCounters, GatewayEvent, GatewayState, NetworkOutcome, PeerView, TunOutcome,
+    GatewayCounters, GatewayEvent, GatewayState, NetworkOutcome, NextKeyShare, PeerView, TunOutcome,
 };
 use vpnnat::messages::{AppliedState, GatewayDesiredState, TunnelKind};
 use vpnnat::tunnel::ipsec::{IKE_500_TAG, looks_like_wireguard};
@@ -65,13 +65,21 @@ pub enum Command {
     Apply(Box<GatewayDesiredState>, oneshot::Sender<ApplyResult>),
     /// Report counters and peers.
     Snapshot(oneshot::Sender<Snapshot>),
-    /// Start (`Some`) or abandon (`None`) a rotation of the gateway's key.
-    SetNextKey(Option<PrivateKey>, oneshot::Sender<()>),
+    /// Start (`Some`) or abandon (`None`) a rotation of the gateway's key
+    /// at this worker; answers that many copies of what the other workers
+    /// take ([`Command::ShareNextKey`]).
+    SetNextKey(Option<PrivateKey>, usize, oneshot::Sender<Vec<NextKey>>),
+    /// Take the next key another worker set, with its cookie secrets.
+    ShareNextKey(NextKey, oneshot::Sender<()>),
     /// End a rotation of the gateway's key: the next key becomes the only one.
     PromoteNextKey(oneshot::Sender<bool>),
     /// Stop the worker.
     Shutdown,
 }
+
+/// A worker's next key for the others ([`vpnnat::gateway::NextKeyShare`] of
+/// the workers' tunnel kinds, which this command type does not name).
+pub type NextKey = Box<dyn std::any::Any + Send>;
 
 /// What applying a desired state did.
 #[derive(Debug)]
@@ -123,9 +131,19 @@ impl Handle {
         worker::request(&self.tx, Command::Snapshot).await
     }
 
-    /// Starts or abandons a rotation of the gateway's key at this worker.
-    async fn set_next_key(&self, next: Option<PrivateKey>) -> anyhow::Result<()> {
-        worker::request(&self.tx, |reply| Command::SetNextKey(next, reply)).await
+    /// Starts or abandons a rotation of the gateway's key at this worker;
+    /// `copies` of its next key for the other workers.
+    async fn set_next_key(
+        &self,
+        next: Option<PrivateKey>,
+        copies: usize,
+    ) -> anyhow::Result<Vec<NextKey>> {
+        worker::request(&self.tx, |reply| Command::SetNextKey(next, copies, reply)).await
+    }
+
+    /// Takes the next key another worker set.
+    async fn share_next_key(&self, share: NextKey) -> anyhow::Result<()> {
+        worker::request(&self.tx, |reply| Command::ShareNextKey(share, reply)).await
     }
 
     /// Ends a rotation of the gateway's key at this worker.
@@ -203,8 +221,20 @@ impl Dataplane {
     /// # Errors
     /// When a worker has stopped.
     pub async fn set_next_key(&self, next: Option<PrivateKey>) -> anyhow::Result<()> {
-        for w in &self.workers {
-            w.set_next_key(next.clone()).await?;
+        let Some((first, rest)) = self.workers.split_first() else {
+            return Ok(());
+        };
+        if next.is_none() {
+            for w in &self.workers {
+                w.set_next_key(None, 0).await?;
+            }
+            return Ok(());
+        }
+        // Made once, then shared: one cookie secret per key for the whole
+        // gateway, as for the current key.
+        let shares = first.set_next_key(next, rest.len()).await?;
+        for (w, share) in rest.iter().zip(shares) {
+            w.share_next_key(share).await?;
         }
         Ok(())
     }
@@ -587,8 +617,19 @@ impl<K: Kinds> Worker<K> {
                     on_next_key: state.peers_on_next_key(),
                 });
             }
-            Some(Command::SetNextKey(next, reply)) => {
+            Some(Command::SetNextKey(next, copies, reply)) => {
                 state.set_next_key(next);
+                let shares = (0..copies)
+                    .map(|_| Box::new(state.next_key_share()) as NextKey)
+                    .collect();
+                let _ = reply.send(shares);
+            }
+            Some(Command::ShareNextKey(share, reply)) => {
+                match share.downcast::<NextKeyShare<K>>() {
+                    Ok(share) => state.share_next_key(&share),
+                    // Every worker runs the same kinds.
+                    Err(_) => tracing::error!("a next key of other tunnel kinds: ignored"),
+                }
                 let _ = reply.send(());
             }
             Some(Command::PromoteNextKey(reply)) => {

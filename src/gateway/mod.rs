@@ -70,6 +70,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use self::flows::{FlowLimits, FlowTable};
+pub use self::peers::NextKeyShare;
 use self::peers::{Peer, Route};
 pub use self::validate::{ValidatedState, validate_desired};
 use crate::ipv4::FastMap;

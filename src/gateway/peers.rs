@@ -55,6 +55,30 @@ pub(super) struct Peer<T> {
 const INDEX_GENERATION_SHIFT: u32 = 20;
 const INDEX_BASE_MASK: u32 = (1 << INDEX_GENERATION_SHIFT) - 1;
 
+/// One worker's next key, for the other workers of the same gateway to
+/// take ([`GatewayState::next_key_share`], [`GatewayState::share_next_key`]).
+pub struct NextKeyShare<K: Kinds> {
+    responder: K::Responder,
+    public_key: Option<PublicKey>,
+}
+
+impl<K: Kinds> Clone for NextKeyShare<K> {
+    fn clone(&self) -> Self {
+        Self {
+            responder: self.responder.share(),
+            public_key: self.public_key,
+        }
+    }
+}
+
+impl<K: Kinds> std::fmt::Debug for NextKeyShare<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NextKeyShare")
+            .field("public_key", &self.public_key)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<K: Kinds> GatewayState<K> {
     /// Reconciles to `desired`. Returns what was applied (errors name refused
     /// peers and addresses), or `None` for a document older than the one
@@ -352,6 +376,28 @@ impl<K: Kinds> GatewayState<K> {
         // A peer on an abandoned next key keeps its session (messages are
         // routed by index); its agent, whose document names another key
         // again, moves at its next initiation.
+    }
+
+    /// What the other workers of this gateway take
+    /// ([`Self::share_next_key`]) after [`Self::set_next_key`] at this one.
+    pub fn next_key_share(&self) -> NextKeyShare<K> {
+        NextKeyShare {
+            responder: self.responder.share(),
+            public_key: self.next_public_key,
+        }
+    }
+
+    /// Starts or abandons at this worker the rotation another worker of
+    /// this gateway started ([`Self::next_key_share`]), with the same next
+    /// key state: one cookie secret per key for the whole gateway, as
+    /// [`GatewayState::shards`] gives the current key.
+    pub fn share_next_key(&mut self, share: &NextKeyShare<K>) {
+        let next = share.public_key.filter(|k| *k != self.public_key);
+        if next != self.next_public_key {
+            tracing::info!(next = ?next, "rotation of the gateway's key: next key set");
+        }
+        self.next_public_key = next;
+        self.responder.adopt_next_key(&share.responder);
     }
 
     /// The next public key during a rotation of this gateway's key.

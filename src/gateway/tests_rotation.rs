@@ -429,3 +429,61 @@ fn rotation_promotion_ends_sessions_on_the_old_key() {
     rig.agent_dials(Rig::gw_next().public_key());
     assert!(rig.reaches_the_site());
 }
+
+/// The next key of a gateway with two workers: set at one, shared with the
+/// other, it has one cookie secret for both. Under load a cookie worker 0
+/// gave for the next key proves the client's address at worker 1 too, as
+/// for the current key (a retry may reach either worker), and keeps doing
+/// so once the next key is current.
+#[test]
+fn rotation_gateway_next_key_cookies_are_shared_by_the_workers() {
+    let now = Instant::now();
+    // The clients dial `Client`'s gateway key, which is the next key here.
+    let next = PrivateKey::from_bytes([0x42; 32]);
+    let mut config = super::tests::gw_config();
+    config.private_key = PrivateKey::from_bytes([0x43; 32]);
+    // Every initiation needs a cookie.
+    config.handshake_limit = 0;
+    let mut shards = GatewayState::<Builtin>::shards(config, 2, now);
+    let (mut s1, mut s0) = (shards.pop().unwrap(), shards.pop().unwrap());
+    s0.set_next_key(Some(next.clone()));
+    s1.share_next_key(&s0.next_key_share());
+    assert_eq!(s1.next_public_key(), Some(next.public_key()));
+    let mut c = Client::<Builtin>::new(1, "198.51.100.7:40000");
+    // Site 3 belongs to worker 1; worker 0 gives the cookie.
+    let d = desired(1, vec![c.peer(3, &["10.64.0.5"])]);
+    s0.handle_control(&d, now);
+    s1.handle_control(&d, now);
+    let mut out = vec![0; 2048];
+    let init = c.inner.initiation(false);
+    assert_eq!(
+        s0.handle_network_input_into(c.endpoint, &init, &mut out, now),
+        NetworkOutcome::Consumed
+    );
+    let cookie = s0.poll_transmit().unwrap();
+    assert_eq!(cookie.payload[0], 3, "a cookie reply");
+    assert!(c.receive(&cookie.payload).is_none());
+    // The retry reaches worker 1 directly, with worker 0's cookie.
+    let init = c.inner.initiation(true);
+    assert_eq!(
+        s1.handle_network_input_into(c.endpoint, &init, &mut out, now),
+        NetworkOutcome::Consumed
+    );
+    assert_eq!(
+        s1.poll_transmit().unwrap().payload[0],
+        2,
+        "a handshake response, not another cookie reply"
+    );
+    assert_eq!(s1.counters().cookie_replies_sent, 0);
+
+    // Promoted at both: the cookie worker 0 gave is still the gateway's.
+    assert!(s0.promote_next_key(now));
+    assert!(s1.promote_next_key(now));
+    let init = c.inner.initiation(true);
+    assert_eq!(
+        s1.handle_network_input_into(c.endpoint, &init, &mut out, now),
+        NetworkOutcome::Consumed
+    );
+    assert_eq!(s1.poll_transmit().unwrap().payload[0], 2);
+    assert_eq!(s1.counters().cookie_replies_sent, 0);
+}

@@ -333,6 +333,14 @@ pub trait Responder: fmt::Debug + Send + Sized {
         let _ = next;
     }
 
+    /// Takes the next key of `from`, a responder of the same gateway
+    /// ([`Self::share`]), with its cookie secrets: how every other worker
+    /// gets a next key one worker set, so that a cookie one gave for it is
+    /// valid at all (as for the current key).
+    fn adopt_next_key(&mut self, from: &Self) {
+        let _ = from;
+    }
+
     /// Ends a key rotation: the next key becomes the current one. `false`
     /// when there is none.
     fn promote_next_key(&mut self) -> bool {
@@ -594,6 +602,10 @@ impl Responder for Responders {
 
     fn set_next_key(&mut self, next: Option<PrivateKey>) {
         self.wireguard.set_next_key(next);
+    }
+
+    fn adopt_next_key(&mut self, from: &Self) {
+        self.wireguard.adopt_next_key(&from.wireguard);
     }
 
     fn promote_next_key(&mut self) -> bool {

@@ -804,6 +804,14 @@ impl Responder {
         };
     }
 
+    /// Takes the next key of `from`, a share of this gateway's responder,
+    /// with its cookie secrets (not new ones, as [`Self::set_next_key`] on
+    /// each share would make): a cookie one worker gave for the next key is
+    /// then valid at every worker, and stays so after the promotion.
+    pub fn adopt_next_key(&mut self, from: &Responder) {
+        self.next = from.next.clone();
+    }
+
     /// Ends a key rotation: the next key becomes the current one and
     /// initiations to the old key fail mac1 from now on. `false` (and no
     /// change) when there is no next key.
