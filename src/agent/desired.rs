@@ -274,7 +274,9 @@ impl<K: Kinds> AgentState<K> {
         match (&self.peer, want) {
             (Some(p), Some(w))
                 if p.desired.endpoint == w.endpoint
-                    && p.desired.public_key == w.public_key
+                    // An IPsec tunnel does not use the gateway's WireGuard
+                    // key: its rotation must not re-dial it.
+                    && (p.desired.public_key == w.public_key || w.kind == TunnelKind::Ipsec)
                     && p.desired.persistent_keepalive_s == w.persistent_keepalive_s
                     && p.desired.kind == w.kind
                     && p.desired.ipsec == w.ipsec =>

@@ -225,3 +225,33 @@ fn an_ipsec_tunnel_without_usable_parameters_is_refused_with_an_error() {
         assert!(transmits(&mut a).is_empty());
     }
 }
+
+/// A rotation of the gateway's WireGuard key changes the key its sites'
+/// documents name; an IPsec tunnel does not use it and is not dialed again
+/// (its IKE SA goes on), while a real change (the endpoint) still re-dials.
+#[test]
+fn an_ipsec_tunnel_ignores_a_new_gateway_wireguard_key() {
+    let now = Instant::now();
+    let mut a = agent::<BuiltinIpsec>(now);
+    let mut d = desired(Some(site_params()));
+    a.handle_desired_state(&d, &names(), now, WALL).unwrap();
+    assert_eq!(transmits(&mut a).len(), 1, "IKE_SA_INIT");
+
+    d.version = 2;
+    if let Some(t) = d.tunnel.as_mut() {
+        t.public_key = PrivateKey::from_bytes([9; 32]).public_key();
+    }
+    a.handle_desired_state(&d, &names(), now, WALL).unwrap();
+    assert!(transmits(&mut a).is_empty(), "not dialed again");
+
+    d.version = 3;
+    if let Some(t) = d.tunnel.as_mut() {
+        t.endpoint = "198.51.100.2:500".parse().unwrap();
+    }
+    a.handle_desired_state(&d, &names(), now, WALL).unwrap();
+    assert_eq!(
+        transmits(&mut a).len(),
+        1,
+        "a new gateway address is dialed"
+    );
+}

@@ -74,7 +74,14 @@ impl<K: Kinds> GatewayState<K> {
             return NetworkOutcome::Dropped(DropReason::UnknownIndex);
         };
         let authenticated_kind = K::Responder::proves_sender(datagram);
-        match peer.tunnel.decapsulate(Some(from), datagram, out, now) {
+        let result = peer.tunnel.decapsulate(Some(from), datagram, out, now);
+        if self.swapped.is_some() {
+            self.settle_swap(result.is_ok());
+        }
+        let Some(Some(peer)) = self.slots.get_mut(slot as usize) else {
+            return NetworkOutcome::Dropped(DropReason::UnknownIndex);
+        };
+        match result {
             Ok(Decapsulated::Tunnel(p)) => {
                 roam(peer, from, &mut self.events);
                 let site = peer.site_id;

@@ -375,6 +375,8 @@ pub struct GatewayState<K: Kinds = Builtin> {
     events: VecDeque<GatewayEvent>,
     free_bufs: Vec<Vec<u8>>,
     scratch: Vec<u8>,
+    /// A peer's tunnel replaced for the initiation being handled.
+    swapped: Option<peers::Swapped<K::Tunnel>>,
     next_tick: Instant,
     icmp_tokens: u32,
     icmp_refill_at: Instant,
@@ -431,6 +433,7 @@ impl<K: Kinds> GatewayState<K> {
             events: VecDeque::new(),
             free_bufs: Vec::new(),
             scratch: vec![0; K::buffer_len(MAX_PACKET)],
+            swapped: None,
             next_tick: now + K::TIMER_TICK,
             icmp_tokens: config.icmp_rate_per_s,
             icmp_refill_at: now + Duration::from_secs(1),

@@ -50,6 +50,19 @@ pub(super) struct Peer<T> {
     pub(super) drops: DropCounters,
 }
 
+/// A peer's tunnel replaced for a handshake initiation to another key
+/// ([`GatewayState::adopt_next_key`]), kept until that initiation proved
+/// itself: anyone who knows a site's public key and the gateway's can make
+/// an initiation that names them (only its static key is checked before
+/// the tunnel sees it), and must not end the site's session by it.
+pub(super) struct Swapped<T> {
+    slot: u32,
+    tunnel: T,
+    public_key: PublicKey,
+    next_key: Option<PublicKey>,
+    gateway_key: PublicKey,
+}
+
 /// A tunnel index (24 bits, [`Kinds::MAX_INDEX`]) is a 4-bit slot generation
 /// above `slot * shards + shard` (20 bits: about a million tunnels).
 const INDEX_GENERATION_SHIFT: u32 = 20;
@@ -335,23 +348,52 @@ impl<K: Kinds> GatewayState<K> {
             return;
         };
         if let Some(Some(peer)) = self.slots.get_mut(slot as usize) {
+            let old = std::mem::replace(&mut peer.tunnel, tunnel);
+            self.swapped = Some(Swapped {
+                slot,
+                tunnel: old,
+                public_key: peer.public_key,
+                next_key: peer.next_key,
+                gateway_key: peer.gateway_key,
+            });
             if site_rekeys {
-                tracing::info!(site.id = %peer.site_id, key = %key, "peer moved to its next key");
                 peer.public_key = key;
                 peer.next_key = None;
-                self.events.push_back(GatewayEvent::PeerRekeyed {
-                    site_id: peer.site_id,
-                });
             }
-            if addressed != peer.gateway_key {
-                tracing::info!(
-                    site.id = %peer.site_id,
-                    key = %addressed,
-                    "peer moved to another key of the gateway"
-                );
-                peer.gateway_key = addressed;
-            }
-            peer.tunnel = tunnel;
+            peer.gateway_key = addressed;
+        }
+    }
+
+    /// Settles a tunnel [`Self::adopt_next_key`] replaced, once the
+    /// initiation went through it: `accepted`, the peer stays on the new
+    /// key; otherwise (a forged or broken initiation) its old tunnel, with
+    /// its session, is back.
+    pub(super) fn settle_swap(&mut self, accepted: bool) {
+        let Some(old) = self.swapped.take() else {
+            return;
+        };
+        let Some(Some(peer)) = self.slots.get_mut(old.slot as usize) else {
+            return;
+        };
+        if !accepted {
+            peer.tunnel = old.tunnel;
+            peer.public_key = old.public_key;
+            peer.next_key = old.next_key;
+            peer.gateway_key = old.gateway_key;
+            return;
+        }
+        if peer.public_key != old.public_key {
+            tracing::info!(site.id = %peer.site_id, key = %peer.public_key, "peer moved to its next key");
+            self.events.push_back(GatewayEvent::PeerRekeyed {
+                site_id: peer.site_id,
+            });
+        }
+        if peer.gateway_key != old.gateway_key {
+            tracing::info!(
+                site.id = %peer.site_id,
+                key = %peer.gateway_key,
+                "peer moved to another key of the gateway"
+            );
         }
     }
 

@@ -487,3 +487,49 @@ fn rotation_gateway_next_key_cookies_are_shared_by_the_workers() {
     assert_eq!(s1.poll_transmit().unwrap().payload[0], 2);
     assert_eq!(s1.counters().cookie_replies_sent, 0);
 }
+
+/// An initiation to the gateway's next key that names a site's key but
+/// does not come from it (its encrypted timestamp broken, its mac1 made
+/// right again, as anyone who knows both public keys can) does not move
+/// the site: it is dropped, and the site's running session goes on.
+#[test]
+fn rotation_gateway_a_forged_initiation_does_not_move_a_site() {
+    use crate::tunnel::testing::{BoringtunClient, TestClient as _};
+    use blake2::digest::{Digest as _, FixedOutput as _, KeyInit as _, Update as _};
+    let now = Instant::now();
+    let mut gw = gateway::<Builtin>(now);
+    let mut c = Client::<Builtin>::new(1, "198.51.100.7:40000");
+    gw.handle_control(&desired(1, vec![c.peer(3, &["10.64.0.5"])]), now);
+    connect(&mut gw, &mut c, now);
+    exchange(&mut gw, &mut c, now);
+    let next = PrivateKey::from_bytes([0x44; 32]);
+    gw.set_next_key(Some(next.clone()));
+
+    // A real initiation of the site's key to the next key, then broken.
+    let mut forged = BoringtunClient::new(1, &next).initiation(true);
+    assert_eq!(forged.len(), 148);
+    forged[100] ^= 0x55; // inside the encrypted timestamp
+    // mac1 = MAC(HASH("mac1----" || next public key), message up to mac1)
+    // (WireGuard paper §5.4.4).
+    let mac1_key = blake2::Blake2s256::new()
+        .chain_update(b"mac1----")
+        .chain_update(next.public_key().0)
+        .finalize();
+    let mut mac =
+        blake2::Blake2sMac::<blake2::digest::consts::U16>::new_from_slice(&mac1_key).unwrap();
+    mac.update(&forged[..116]);
+    let mac1 = mac.finalize_fixed();
+    forged[116..132].copy_from_slice(&mac1);
+    assert!(gw.handle_network_input(c.endpoint, &forged, now).is_err());
+    assert!(gw.poll_transmit().is_none(), "not answered");
+    assert_eq!(gw.peers_on_next_key(), (0, 1), "the site did not move");
+    // The session on the current key still carries traffic both ways.
+    exchange(&mut gw, &mut c, now);
+
+    // The site's own initiation to the next key moves it.
+    let mut moved = Client::<Builtin>::new(1, "198.51.100.7:40000");
+    moved.inner = BoringtunClient::new(1, &next);
+    connect(&mut gw, &mut moved, now + Duration::from_millis(10));
+    assert_eq!(gw.peers_on_next_key(), (1, 1));
+    exchange(&mut gw, &mut moved, now + Duration::from_millis(10));
+}

@@ -613,20 +613,16 @@ impl Responder for Responders {
     }
 
     fn addresses_next_key(&self, datagram: &[u8]) -> bool {
-        let Some(next) = self.wireguard.next_private_key() else {
-            return false;
-        };
-        self.wireguard
-            .addressed_key(datagram)
-            .is_some_and(|k| k.public_key() == next.public_key())
+        self.wireguard.addresses_next_key(datagram)
     }
 
     fn next_key_tunnel(&self, peer: &GatewayPeer, index: u32, now: Instant) -> Option<AnyTunnel> {
         let next = self.wireguard.next_private_key()?;
+        let next_public_key = self.wireguard.next_public_key()?;
         match peer.tunnel {
             TunnelKind::Wireguard => Some(AnyTunnel::Wireguard(wireguard::Tunnel::new(
                 wireguard::TunnelConfig {
-                    limiter: self.wireguard.limiter_for(&next.public_key()),
+                    limiter: self.wireguard.limiter_for(&next_public_key),
                     ..wireguard::TunnelConfig::responder(next.clone(), peer.public_key, index)
                 },
                 now,

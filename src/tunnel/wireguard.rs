@@ -840,6 +840,27 @@ impl Responder {
             .map(|k| &k.private_key)
     }
 
+    /// Whether `datagram` is a handshake initiation addressed to the next
+    /// key (its mac1 is the next key's). A mac1 check only: no public key
+    /// is derived (a scalar multiplication, about a sixth of a whole
+    /// handshake's cost, `benches/handshake.rs`).
+    pub fn addresses_next_key(&self, datagram: &[u8]) -> bool {
+        if datagram.first() != Some(&TYPE_HANDSHAKE_INIT) {
+            return false;
+        }
+        let mut buf = [0u8; MIN_BUFFER_LEN];
+        self.next
+            .as_ref()
+            .is_some_and(|k| k.has_mac1(datagram, &mut buf))
+    }
+
+    /// The next public key during a key rotation (kept, not derived).
+    pub fn next_public_key(&self) -> Option<PublicKey> {
+        self.next
+            .as_ref()
+            .map(|k| PublicKey(k.public_key.to_bytes()))
+    }
+
     /// The limiter to pass to every [`TunnelConfig`] of this responder (a
     /// mac1 check only, see [`HandshakeLimiter`]) for the current key.
     pub fn limiter(&self) -> HandshakeLimiter {
@@ -851,7 +872,7 @@ impl Responder {
     pub fn limiter_for(&self, key: &PublicKey) -> Option<HandshakeLimiter> {
         std::iter::once(&self.key)
             .chain(self.next.iter())
-            .find(|k| k.private_key.public_key() == *key)
+            .find(|k| k.public_key.as_bytes() == &key.0)
             .map(|k| k.mac1_only.clone())
     }
 
