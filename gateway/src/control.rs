@@ -222,7 +222,7 @@ async fn heartbeat(app: &App) -> anyhow::Result<GatewayHeartbeat> {
         health: app.health(),
         applied_version: snap.applied_version.unwrap_or(0),
         peers,
-        public_key: Some(keys.current),
+        public_key: keys.in_heartbeats.then_some(keys.current),
         next_public_key: keys.next,
     })
 }

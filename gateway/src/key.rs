@@ -45,6 +45,8 @@ struct KeyState {
     requested: bool,
     /// Since when the server publishes our next key to the agents.
     published_since: Option<Instant>,
+    /// A rotation started, ended or was given up since the start.
+    rotated: bool,
 }
 
 /// The public keys a registration and a heartbeat announce.
@@ -54,6 +56,10 @@ pub struct PublicKeys {
     pub current: PublicKey,
     /// During a rotation, the key agents move to.
     pub next: Option<PublicKey>,
+    /// Whether heartbeats name the keys: during a rotation and once one
+    /// ran. Otherwise they leave them out, so that a server older than the
+    /// rotation (which refuses unknown fields) still takes them.
+    pub in_heartbeats: bool,
 }
 
 impl GatewayKey {
@@ -74,6 +80,7 @@ impl GatewayKey {
                 next,
                 requested: false,
                 published_since: None,
+                rotated: false,
             }),
         }
     }
@@ -84,6 +91,7 @@ impl GatewayKey {
         PublicKeys {
             current: s.current.public_key(),
             next: s.next.as_ref().map(PrivateKey::public_key),
+            in_heartbeats: s.rotated || s.next.is_some(),
         }
     }
 
@@ -131,6 +139,7 @@ impl GatewayKey {
                 "rotation of the gateway's key: answering the next key beside the current one"
             );
             s.next = Some(next);
+            s.rotated = true;
             return Ok(false);
         }
         let (Some(next), Some(since)) = (s.next.as_ref(), s.published_since) else {
@@ -155,6 +164,7 @@ impl GatewayKey {
             );
             dataplane.set_next_key(None).await?;
             s.next = None;
+            s.rotated = true;
             s.published_since = None;
             s.requested = false;
             return Ok(false);
@@ -169,6 +179,7 @@ impl GatewayKey {
         );
         s.current = promoted;
         s.next = None;
+        s.rotated = true;
         s.requested = false;
         s.published_since = None;
         Ok(true)

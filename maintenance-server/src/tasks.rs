@@ -140,7 +140,9 @@ pub async fn schedule_rotations(state: &AppState) -> Result<usize, OpError> {
         if held_back > 0 && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(
                 sites = held_back,
-                "[rotation] gateway_key_days: gateway keys are not rotated by the schedule while                  WireGuard sites without an agent exist (their routers cannot follow); rotate with                  `gateway rotate-key ID` and apply those sites' new files"
+                "[rotation] gateway_key_days: gateway keys are not rotated by the schedule while \
+                 WireGuard sites without an agent exist (their routers cannot follow); rotate \
+                 with `gateway rotate-key ID` and apply those sites' new files"
             );
         }
         n += gateways;

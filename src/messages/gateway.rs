@@ -165,7 +165,8 @@ pub struct GatewayHeartbeat {
     #[serde(default)]
     pub peers: Vec<PeerStatus>,
     /// Its WireGuard key now: changes when a rotation of its key ends
-    /// (absent from older gateways).
+    /// (absent from older gateways, and until a rotation ran since the
+    /// gateway started: its registration named the key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<PublicKey>,
     /// During a rotation of its key: the next key, which it already

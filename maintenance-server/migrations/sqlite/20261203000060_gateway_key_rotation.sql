@@ -1,4 +1,4 @@
--- Rotation of a gateway's own WireGuard key (docs/DESIGN.md, "Key rotation").
+-- Rotation of a gateway's own WireGuard key (docs/DESIGN.md, "Control plane").
 -- rotate_key: the operator or the schedule asked for a new key (a flag of
 -- the gateway's desired state, cleared once its next key is recorded).
 -- next_public_key: the next key the gateway announced and already answers
@@ -7,5 +7,7 @@
 ALTER TABLE gateways ADD COLUMN next_public_key TEXT;
 ALTER TABLE gateways ADD COLUMN rotate_key INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE gateways ADD COLUMN key_since INTEGER;
--- Existing keys count from the gateway's creation (a restart keeps a key).
-UPDATE gateways SET key_since = created_at WHERE public_key IS NOT NULL;
+-- Existing keys count from this upgrade, not from the gateways' creation:
+-- otherwise the schedule would rotate every older gateway at once, some of
+-- them perhaps not upgraded yet to follow it.
+UPDATE gateways SET key_since = CAST(strftime('%s', 'now') AS INTEGER) * 1000 WHERE public_key IS NOT NULL;
