@@ -408,13 +408,20 @@ async fn schedule_at(db: &TestDb, now: i64, period_ms: i64) -> usize {
     n
 }
 
-async fn rotation_gateway_key_schedule_asks_old_keys_only(b: Backend) {
-    const DAY_MS: i64 = 86_400_000;
+const DAY_MS: i64 = 86_400_000;
+
+/// A server whose background schedule stays out of the test (which calls
+/// the schedule itself, [`schedule_at`]).
+async fn server_without_schedule(b: Backend) -> (TestDb, TestServer) {
     let db = TestDb::new(b);
     let mut settings = db.settings();
-    // The background task stays out of this test.
     settings.rotation.gateway_key_days = 0.0;
     let server = TestServer::start(settings).await;
+    (db, server)
+}
+
+async fn rotation_gateway_key_schedule_asks_old_keys_only(b: Backend) {
+    let (db, server) = server_without_schedule(b).await;
     let op = server.operator();
     let gw1 = add_gateway(&server, "gw1", 10, 1).await;
     let gw2 = add_gateway(&server, "gw2", 10, 2).await;
@@ -474,11 +481,7 @@ async fn rotation_gateway_key_schedule_asks_old_keys_only(b: Backend) {
 /// cannot follow a rotation: while such a WireGuard site exists the schedule
 /// asks no gateway (the operator still can, on demand).
 async fn rotation_gateway_key_schedule_spares_routers_without_an_agent(b: Backend) {
-    const DAY_MS: i64 = 86_400_000;
-    let db = TestDb::new(b);
-    let mut settings = db.settings();
-    settings.rotation.gateway_key_days = 0.0;
-    let server = TestServer::start(settings).await;
+    let (db, server) = server_without_schedule(b).await;
     let op = server.operator();
     let gw = add_gateway(&server, "gw1", 10, 1).await;
     let site: SiteCreated = op
