@@ -56,8 +56,8 @@ async fn agentless_console_opens_a_request_and_shows_the_router_configuration() 
     b.c().goto(&server.base).await.unwrap();
     b.type_into("#login-name", "alice").await;
     b.type_into("#login-password", "correct horse").await;
-    b.visible("#login-submit").await.click().await.unwrap();
-    b.visible("#tab-sites").await.click().await.unwrap();
+    b.click("#login-submit").await;
+    b.click("#tab-sites").await;
     b.wait_text("#sites tbody", "Bakery Schmidt").await;
     b.visible(&format!("button[data-site=\"{}\"]", site.site_id))
         .await

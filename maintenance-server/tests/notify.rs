@@ -495,7 +495,7 @@ mod browser {
         plain.c().goto(&server.base).await.unwrap();
         plain.type_into("#login-name", "alice").await;
         plain.type_into("#login-password", "correct horse").await;
-        plain.visible("#login-submit").await.click().await.unwrap();
+        plain.click("#login-submit").await;
         plain.visible("#notify-on").await;
         plain.close().await;
 
@@ -503,7 +503,7 @@ mod browser {
         b.c().goto(&server.base).await.unwrap();
         b.type_into("#login-name", "alice").await;
         b.type_into("#login-password", "correct horse").await;
-        b.visible("#login-submit").await.click().await.unwrap();
+        b.click("#login-submit").await;
         b.wait_text("#who", "alice").await;
         let permission = b.c().execute(RECORD, vec![]).await.unwrap();
         assert_eq!(permission, "granted");

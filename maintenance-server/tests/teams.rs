@@ -52,7 +52,7 @@ async fn teams_console_shows_the_team_and_its_requests() {
     br.c().goto(&w.server.base).await.unwrap();
     br.type_into("#login-name", "alice").await;
     br.type_into("#login-password", "correct horse").await;
-    br.visible("#login-submit").await.click().await.unwrap();
+    br.click("#login-submit").await;
     br.wait_text("#who", "alice").await;
     br.wait_text("#team", "north").await;
     br.wait_text("#requests", &a.acceptance_number).await;
@@ -66,7 +66,7 @@ async fn teams_console_shows_the_team_and_its_requests() {
     br.c().goto(&w.server.base).await.unwrap();
     br.type_into("#login-name", "carol").await;
     br.type_into("#login-password", "correct horse").await;
-    br.visible("#login-submit").await.click().await.unwrap();
+    br.click("#login-submit").await;
     br.wait_text("#who", "carol").await;
     br.wait_text("#requests", &c.acceptance_number).await;
     let text = requests_text(&br).await;

@@ -45,7 +45,7 @@ async fn browser_customer_requests_maintenance_and_ends_access() {
 
     // A wrong password is refused.
     b.type_into("#password", "not the password").await;
-    b.visible("#login-button").await.click().await.unwrap();
+    b.click("#login-button").await;
     b.wait_text("#login-error", "wrong password").await;
     assert!(
         !b.c()
@@ -59,7 +59,7 @@ async fn browser_customer_requests_maintenance_and_ends_access() {
 
     // The right one opens the page.
     b.type_into("#password", PASSWORD).await;
-    b.visible("#login-button").await.click().await.unwrap();
+    b.click("#login-button").await;
     b.visible("#request-form").await;
     b.wait_text("#site-name", "Bakery Schmidt").await;
     b.screenshot("agent-1-form").await;
@@ -71,8 +71,8 @@ async fn browser_customer_requests_maintenance_and_ends_access() {
     b.select("#urgency", "high").await;
     b.type_into("#content", "The till does not print receipts.")
         .await;
-    b.visible("#terminal-pc-1").await.click().await.unwrap();
-    b.visible("#submit-request").await.click().await.unwrap();
+    b.click("#terminal-pc-1").await;
+    b.click("#submit-request").await;
 
     // The acceptance number and the NAT address appear.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -116,7 +116,7 @@ async fn browser_customer_requests_maintenance_and_ends_access() {
     assert_eq!(s["mappings"][0]["nat"], nat.trim());
 
     // End access now.
-    b.visible(".end-access").await.click().await.unwrap();
+    b.click(".end-access").await;
     b.wait_text("#notice", "has ended").await;
     b.wait_text("#history", "Ended by you").await;
     let current = b.c().find(Locator::Css("#current")).await.unwrap();
@@ -154,7 +154,7 @@ async fn customer_page_at(width: u32, height: u32, tag: &str) {
     b.assert_accessible("log-in").await;
     b.screenshot(&format!("agent-{tag}-login")).await;
     b.type_into("#password", PASSWORD).await;
-    b.visible("#login-button").await.click().await.unwrap();
+    b.click("#login-button").await;
     b.visible("#request-form").await;
     b.wait_text("#site-name", "Bakery Schmidt").await;
     b.assert_no_horizontal_overflow("form").await;
@@ -162,7 +162,7 @@ async fn customer_page_at(width: u32, height: u32, tag: &str) {
 
     // A missing name: the error next to the field, which gets the focus;
     // typing clears it.
-    b.visible("#submit-request").await.click().await.unwrap();
+    b.click("#submit-request").await;
     b.wait_text("#err-requester_name", "Please enter your name")
         .await;
     assert_eq!(b.focused().await, "requester_name");
@@ -192,7 +192,7 @@ async fn customer_page_at(width: u32, height: u32, tag: &str) {
     // An address outside the LAN: refused in plain words, next to the field.
     b.type_into("#phone", "+49 30 1234 567").await;
     b.type_into("#other_terminals", "8.8.8.8").await;
-    b.visible("#submit-request").await.click().await.unwrap();
+    b.click("#submit-request").await;
     let err = b.wait_text("#err-terminals", "8.8.8.8").await;
     assert!(!err.starts_with("terminals:"), "a raw message: {err}");
     assert_eq!(b.focused().await, "other_terminals");
@@ -200,8 +200,8 @@ async fn customer_page_at(width: u32, height: u32, tag: &str) {
 
     // A request: the table fits the phone.
     b.type_into("#other_terminals", "").await;
-    b.visible("#terminal-pc-1").await.click().await.unwrap();
-    b.visible("#submit-request").await.click().await.unwrap();
+    b.click("#terminal-pc-1").await;
+    b.click("#submit-request").await;
     b.wait_text("td.nat-address", "10.64.").await;
     b.wait_text("tr[data-terminal='pc-1'] td.active", "Ready here")
         .await;
@@ -367,7 +367,7 @@ async fn customer_sees_the_work(width: u32, height: u32, tag: &str) {
     let b = Browser::start(width, height).await;
     b.c().goto(&format!("http://{}/", agent.web)).await.unwrap();
     b.type_into("#password", PASSWORD).await;
-    b.visible("#login-button").await.click().await.unwrap();
+    b.click("#login-button").await;
     b.visible("#request-form").await;
 
     // A request this page did not make: the router refuses its terminal,
@@ -414,8 +414,8 @@ async fn customer_sees_the_work(width: u32, height: u32, tag: &str) {
     b.type_into("#phone", "+49 30 1234 567").await;
     b.type_into("#content", "The till does not print receipts.")
         .await;
-    b.visible("#terminal-pc-1").await.click().await.unwrap();
-    b.visible("#submit-request").await.click().await.unwrap();
+    b.click("#terminal-pc-1").await;
+    b.click("#submit-request").await;
     b.wait_text("tr[data-terminal='pc-1'] td.active", "Ready here")
         .await;
     let mine = tech

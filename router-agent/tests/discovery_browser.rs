@@ -48,7 +48,7 @@ async fn discovery_browser_customer_ticks_a_discovered_pc_and_asks_for_help() {
     let b = Browser::start(1100, 1400).await;
     b.c().goto(&format!("http://{}/", agent.web)).await.unwrap();
     b.type_into("#password", PASSWORD).await;
-    b.visible("#login-button").await.click().await.unwrap();
+    b.click("#login-button").await;
     b.visible("#request-form").await;
 
     // The list: name, address, MAC, last seen.
@@ -102,8 +102,8 @@ async fn discovery_browser_customer_ticks_a_discovered_pc_and_asks_for_help() {
     b.type_into("#phone", "+49 30 1234 567").await;
     b.type_into("#content", "The till does not print receipts.")
         .await;
-    b.visible("#host-020000000002").await.click().await.unwrap();
-    b.visible("#submit-request").await.click().await.unwrap();
+    b.click("#host-020000000002").await;
+    b.click("#submit-request").await;
     // The pre-request check may find the loopback host silent; send anyway.
     let deadline = Instant::now() + Duration::from_secs(20);
     let number = loop {
@@ -166,7 +166,7 @@ async fn discovery_browser_customer_ticks_a_discovered_pc_and_asks_for_help() {
         .await
         .unwrap();
     phone.type_into("#password", PASSWORD).await;
-    phone.visible("#login-button").await.click().await.unwrap();
+    phone.click("#login-button").await;
     phone
         .wait_text(
             "#discovered-list [data-mac='02:00:00:00:00:03']",

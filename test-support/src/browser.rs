@@ -160,6 +160,21 @@ impl Browser {
         }
     }
 
+    /// Clicks `css` once it is displayed. The pages re-render what they
+    /// poll, so the element found may be replaced before the click lands
+    /// ("stale element reference"): then it is found and clicked again. A
+    /// click that failed did not happen, so nothing is clicked twice.
+    pub async fn click(&self, css: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.visible(css).await.click().await {
+                Ok(()) => return,
+                Err(e) => assert!(Instant::now() < deadline, "{css} could not be clicked: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The text of `css` once it contains `want`.
     pub async fn wait_text(&self, css: &str, want: &str) -> String {
         let deadline = Instant::now() + WAIT;
