@@ -43,6 +43,18 @@ impl Database {
         let hosts = prefix.hosts();
         let (first, last) = (addr_to_i64(*hosts.start()), addr_to_i64(*hosts.end()));
         let mut tx = self.begin().await?;
+        // The write first: SQLite then takes the write lock at once (waiting
+        // for it, busy_timeout), instead of turning a read snapshot into a
+        // write after a running server committed, which fails at once
+        // ("database is locked", SQLITE_BUSY_SNAPSHOT) and broke a CLI
+        // command run beside the server.
+        sqlx::query(
+            "DELETE FROM nat_addresses WHERE site_id IS NULL AND (address < $1 OR address > $2)",
+        )
+        .bind(first)
+        .bind(last)
+        .execute(&mut *tx.inner)
+        .await?;
         let count: i64 =
             sqlx::query("SELECT COUNT(*) FROM nat_addresses WHERE address >= $1 AND address <= $2")
                 .bind(first)
@@ -67,13 +79,6 @@ impl Database {
                 .execute(&mut *tx.inner)
                 .await?;
         }
-        sqlx::query(
-            "DELETE FROM nat_addresses WHERE site_id IS NULL AND (address < $1 OR address > $2)",
-        )
-        .bind(first)
-        .bind(last)
-        .execute(&mut *tx.inner)
-        .await?;
         tx.inner.commit().await?;
         Ok(())
     }

@@ -20,8 +20,11 @@ impl DbError {
     /// deadlock `40P01` or serialization failure `40001`): running it again
     /// from the start is safe and will most likely succeed.
     pub fn is_retryable(&self) -> bool {
+        // PostgreSQL's deadlock and serialization failures, and SQLite's
+        // SQLITE_BUSY_SNAPSHOT (517): a read snapshot another writer made
+        // stale before this transaction wrote; rolled back, it can run again.
         matches!(self, Self::Other(sqlx::Error::Database(d))
-            if matches!(d.code().as_deref(), Some("40P01" | "40001")))
+            if matches!(d.code().as_deref(), Some("40P01" | "40001" | "517")))
     }
 }
 
