@@ -90,7 +90,15 @@ fn lan_world(tag: &str, mode: &str) {
     let mut cmd = named.command("python3");
     cmd.arg(repo_path("tests/fixtures/discovery_responder.py"))
         .args(["frontdesk", "192.168.1.21"]);
-    named.spawn(&mut cmd, Some(&w.dir.path().join("responder.log")));
+    let responder_log = w.dir.path().join("responder.log");
+    named.spawn(&mut cmd, Some(&responder_log));
+    // The agent asks a host for its name once (again only minutes later):
+    // the responder must listen before the sweep finds its host.
+    wait_until(
+        "the name responder listens",
+        Duration::from_secs(20),
+        || std::fs::read_to_string(&responder_log).is_ok_and(|t| t.contains("ready")),
+    );
     let mut cmd = mover.command("python3");
     cmd.arg(repo_path("scripts/lan-pc.py")).arg("mover host");
     mover.spawn(&mut cmd, Some(&w.dir.path().join("mover.log")));
